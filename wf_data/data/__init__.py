@@ -1,0 +1,1 @@
+"""Everything from shards to batches: sources, tokenization, packing, mixing, loader."""
