@@ -1,0 +1,179 @@
+"""Tests for wf_data.data.tokenization: the TokenizerWrapper and the tokenize transform."""
+
+import multiprocessing
+import pickle
+import shutil
+
+import grain
+import numpy as np
+import pytest
+
+from wf_data.data.tokenization import (
+    DEMO_TOKENIZER_NAME,
+    DEMO_TOKENIZER_PATH,
+    TokenizeDataset,
+    TokenizerWrapper,
+    tokenize,
+)
+
+TEXTS = [
+    "Hello world, this is wf-data.",
+    "def f(x):\n    return x * 2\n",
+    "Question: 3 apples at $2 each?\nAnswer: 3 * 2 = $6.",
+    "",
+    "unicode: naïve café ∑ 😀",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return TokenizerWrapper.from_pretrained(DEMO_TOKENIZER_NAME)
+
+
+def test_demo_tokenizer_identity(tokenizer):
+    assert (DEMO_TOKENIZER_PATH / "tokenizer.json").is_file()
+    assert tokenizer.name == DEMO_TOKENIZER_NAME
+    assert TokenizerWrapper.from_pretrained(None).name == DEMO_TOKENIZER_NAME
+    assert tokenizer.vocab_size == len(tokenizer.hf_tokenizer) == 8192
+    assert tokenizer.eos_id == tokenizer.bos_id == tokenizer.pad_id == 0
+    assert tokenizer.hf_tokenizer.is_fast
+    assert "{% generation %}" in tokenizer.chat_template
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_encode_decode_round_trip(tokenizer, text):
+    plain = TokenizerWrapper.from_pretrained(add_eos=False)
+    ids = plain.encode(text)
+    assert ids.dtype == np.int32 and ids.ndim == 1
+    assert plain.decode(ids) == text
+    assert np.all((ids >= 0) & (ids < tokenizer.vocab_size))
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+@pytest.mark.parametrize("add_eos", [False, True])
+def test_bos_eos_flags(add_bos, add_eos):
+    tok = TokenizerWrapper.from_pretrained(add_bos=add_bos, add_eos=add_eos)
+    body = TokenizerWrapper.from_pretrained(add_eos=False).encode("some text")
+    ids = tok.encode("some text")
+    assert len(ids) == len(body) + add_bos + add_eos
+    assert (ids[0] == tok.bos_id) == add_bos
+    assert (ids[-1] == tok.eos_id) == add_eos
+    np.testing.assert_array_equal(ids[int(add_bos):len(ids) - int(add_eos)], body)
+
+
+def test_no_special_tokens_besides_flags(tokenizer):
+    ids = TokenizerWrapper.from_pretrained(add_eos=False).encode("plain words")
+    assert not np.isin(ids, [0, 1, 2]).any()
+
+
+@pytest.mark.parametrize("add_bos", [False, True])
+def test_batch_equals_single(add_bos):
+    tok = TokenizerWrapper.from_pretrained(add_bos=add_bos)
+    batch = tok.encode_batch(TEXTS)
+    assert len(batch) == len(TEXTS)
+    for text, ids in zip(TEXTS, batch, strict=True):
+        assert ids.dtype == np.int32
+        np.testing.assert_array_equal(ids, tok.encode(text))
+    assert tok.encode_batch([]) == []
+
+
+def test_encode_rejects_non_str(tokenizer):
+    with pytest.raises(TypeError, match="bytes"):
+        tokenizer.encode(b"bytes")
+    with pytest.raises(TypeError, match="text 1"):
+        tokenizer.encode_batch(["ok", 3])
+
+
+def test_pickle_round_trip(tokenizer):
+    data = pickle.dumps(tokenizer)
+    assert len(data) < 1000  # the name and flags travel, not the vocabulary
+    restored = pickle.loads(data)
+    assert restored.fingerprint() == tokenizer.fingerprint()
+    np.testing.assert_array_equal(restored.encode(TEXTS[1]), tokenizer.encode(TEXTS[1]))
+
+
+def test_pickle_round_trip_from_path(tmp_path):
+    shutil.copytree(DEMO_TOKENIZER_PATH, tmp_path / "tok")
+    tok = TokenizerWrapper.from_pretrained(tmp_path / "tok", add_bos=True, add_eos=False)
+    restored = pickle.loads(pickle.dumps(tok))
+    assert restored.name == str(tmp_path / "tok")
+    assert (restored.add_bos, restored.add_eos) == (True, False)
+    np.testing.assert_array_equal(restored.encode("abc"), tok.encode("abc"))
+
+
+def _encode_in_worker(tok, text):
+    return tok.encode(text).tolist(), tok.fingerprint()
+
+
+@pytest.mark.slow
+def test_pickle_into_spawn_worker(tokenizer):
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        ids, fingerprint = pool.apply(_encode_in_worker, (tokenizer, TEXTS[0]))
+    assert ids == tokenizer.encode(TEXTS[0]).tolist()
+    assert fingerprint == tokenizer.fingerprint()
+
+
+def test_fingerprint_stable_and_flag_sensitive(tmp_path):
+    base = TokenizerWrapper.from_pretrained().fingerprint()
+    assert base == TokenizerWrapper.from_pretrained().fingerprint()
+    assert len(base) == 64
+    assert TokenizerWrapper.from_pretrained(add_bos=True).fingerprint() != base
+    assert TokenizerWrapper.from_pretrained(add_eos=False).fingerprint() != base
+    # Same files elsewhere: same fingerprint. Changed files: different fingerprint.
+    shutil.copytree(DEMO_TOKENIZER_PATH, tmp_path / "tok")
+    assert TokenizerWrapper.from_pretrained(tmp_path / "tok").fingerprint() == base
+    config = tmp_path / "tok" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace('"model_max_length": 1048576',
+                                                 '"model_max_length": 2048'))
+    assert TokenizerWrapper.from_pretrained(tmp_path / "tok").fingerprint() != base
+
+
+def test_non_fast_tokenizer_rejected():
+    class SlowTokenizer:
+        is_fast = False
+
+    with pytest.raises(ValueError, match="not a fast tokenizer"):
+        TokenizerWrapper(SlowTokenizer(), name="slow", name_or_path="slow")
+
+
+def test_missing_tokenizer_is_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="offline"):
+        TokenizerWrapper.from_pretrained(tmp_path / "does-not-exist")
+
+
+def test_tokenize_dataset(tokenizer):
+    ds = tokenize(TEXTS, tokenizer)
+    assert isinstance(ds, TokenizeDataset) and isinstance(ds, grain.MapDataset)
+    assert len(ds) == len(TEXTS)
+    for index, text in enumerate(TEXTS):
+        np.testing.assert_array_equal(ds[index], tokenizer.encode(text))
+    batch = ds._getitems([4, 0, 2])
+    for got, index in zip(batch, [4, 0, 2], strict=True):
+        np.testing.assert_array_equal(got, tokenizer.encode(TEXTS[index]))
+    np.testing.assert_array_equal(list(ds[1:3])[1], tokenizer.encode(TEXTS[2]))
+    assert [len(x) for x in ds.to_iter_dataset()] == [len(tokenizer.encode(t)) for t in TEXTS]
+
+
+def test_tokenize_accepts_name_and_map_dataset():
+    ds = tokenize(grain.MapDataset.source(TEXTS), DEMO_TOKENIZER_NAME)
+    assert ds.tokenizer.name == DEMO_TOKENIZER_NAME
+    assert ds[0][-1] == ds.tokenizer.eos_id
+
+
+def test_tokenize_dataset_type_error_names_index(tokenizer):
+    ds = TokenizeDataset(grain.MapDataset.source(["fine", {"text": "dict"}]), tokenizer)
+    with pytest.raises(TypeError, match="element 1 is dict"):
+        ds[1]
+    with pytest.raises(TypeError, match="element 1 is dict"):
+        ds._getitems([0, 1])
+    with pytest.raises(TypeError, match="TokenizerWrapper"):
+        TokenizeDataset(grain.MapDataset.source(["x"]), "wf-data-demo")
+
+
+def test_tokenize_dataset_passes_none_through(tokenizer):
+    ds = TokenizeDataset(grain.MapDataset.source(["a", "b", "c"]).filter(lambda t: t != "b"),
+                         tokenizer)
+    assert ds[1] is None
+    got = ds._getitems([0, 1, 2])
+    assert got[1] is None
+    np.testing.assert_array_equal(got[2], tokenizer.encode("c"))
