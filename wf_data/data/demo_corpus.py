@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import pathlib
+import shutil
 import sysconfig
 from collections.abc import Callable
 
@@ -240,3 +241,42 @@ def write_demo_jsonl(out_dir: str | os.PathLike, *, split: str = "all", seed: in
         os.replace(tmp_path, path)
         paths[domain] = path
     return paths
+
+
+def demo_cache_dir() -> pathlib.Path:
+    """Where the prepared demo corpus lives: ``$WF_DATA_CACHE/demo``, default ~/.cache/wf-data."""
+    root = os.environ.get("WF_DATA_CACHE") or os.path.join("~", ".cache", "wf-data")
+    return pathlib.Path(root).expanduser() / "demo"
+
+
+def ensure_demo_data(root: str | os.PathLike | None = None, *, progress: bool = True
+                     ) -> pathlib.Path:
+    """Prepare the demo corpus as token shards once (cached) and return their root directory.
+
+    Writes ``root/{prose,code,math}`` (training split) and ``root/validation/{...}``, the
+    layout ``configs/data/demo.yaml`` reads. A stamp of the corpus and tokenizer fingerprints
+    makes a changed corpus (another Python) or tokenizer prepare again.
+    """
+    from wf_data.data.prepare import prepare
+    from wf_data.data.tokenization import TokenizerWrapper
+
+    root = demo_cache_dir() if root is None else pathlib.Path(root)
+    tokenizer = TokenizerWrapper.from_pretrained(None)
+    corpus = build_demo_corpus()
+    stamp = {"corpus": corpus_fingerprint(corpus), "tokenizer": tokenizer.fingerprint()}
+    stamp_path = root / "demo-stamp.json"
+    if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+        return root
+    jsonl_dir = root / "jsonl"
+    for split, out_root in (("train", root), ("validation", root / "validation")):
+        paths = write_demo_jsonl(jsonl_dir, split=split, corpus=corpus)
+        for domain, path in paths.items():
+            if (out_root / domain).exists():
+                shutil.rmtree(out_root / domain)
+            prepare([path], out_root / domain, tokenizer=tokenizer, name=domain, num_shards=2,
+                    progress=progress)
+    stamp_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = stamp_path.with_name(stamp_path.name + ".tmp")
+    tmp_path.write_text(json.dumps(stamp))
+    os.replace(tmp_path, stamp_path)
+    return root

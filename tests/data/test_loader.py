@@ -1,0 +1,202 @@
+"""DataLoader: rank sharding, elastic and exact resume, workers, finite epochs, checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+
+from wf_data.data.loader import DataLoader, LoaderStateError, check_fingerprint
+from wf_data.data.mixing import Exp3Mixing, MixedDataset
+from wf_data.data.packing import pack
+from wf_data.data.sources import InMemorySource
+
+SEQ_LEN = 32
+GLOBAL_BATCH = 4
+WEIGHTS = {"a": 0.5, "b": 0.3, "c": 0.2}
+
+
+def domain_source(domain: int, num_docs: int = 80) -> InMemorySource:
+    rng = np.random.default_rng([11, domain])
+    lengths = rng.integers(4, 70, size=num_docs)
+    return InMemorySource(
+        [(domain * 100_000 + doc * 100 + np.arange(n) % 100).astype(np.uint32)
+         for doc, n in enumerate(lengths)],
+        format="tokens",
+    )
+
+
+def mixing(kind="static", num_epochs=None, names=("a", "b", "c"), weights=WEIGHTS):
+    datasets = {
+        name: pack(domain_source(i), SEQ_LEN, "best_fit", window_size=16, seed=i,
+                   num_epochs=num_epochs)
+        for i, name in enumerate(names)
+    }
+    weights = {name: weights[name] for name in names}
+    stop = "stop" if num_epochs is not None else "restart"
+    if kind == "exp3":
+        return Exp3Mixing(datasets, weights, seed=1, on_exhausted=stop)
+    return MixedDataset(datasets, weights, seed=1, on_exhausted=stop)
+
+
+def make_loader(kind="static", rank=0, world=1, **kwargs):
+    options = {k: kwargs.pop(k) for k in ("num_epochs",) if k in kwargs}
+    return DataLoader(
+        mixing(kind, **options), global_batch_size=GLOBAL_BATCH, dp_rank=rank,
+        dp_world_size=world, framework="numpy", **kwargs,
+    )
+
+
+def losses_for(step):
+    return np.array([3.0, 1.0, 0.2]) + 0.05 * (step % 5)
+
+
+def run(loaders, steps, feed=True, start_step=0):
+    """Steps every rank's loader in lockstep; returns per step the concatenated global batch."""
+    out = []
+    for step in range(start_step, start_step + steps):
+        parts = [next(loader) for loader in loaders]
+        out.append({key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
+        if feed and isinstance(loaders[0].mixing, Exp3Mixing):
+            for loader in loaders:
+                loader.update_mixture(losses_for(step))
+    return out
+
+
+def assert_batches_equal(got, expected):
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(got, expected)):
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"step {step} {key}")
+
+
+@pytest.mark.parametrize("kind", ["static", "exp3"])
+@pytest.mark.parametrize("world", [2, 4])
+def test_ranks_partition_the_global_batch(kind, world):
+    single = run([make_loader(kind)], 12)
+    ranks = run([make_loader(kind, rank=r, world=world) for r in range(world)], 12)
+    assert_batches_equal(ranks, single)
+    first = [make_loader(kind, rank=r, world=world) for r in range(world)]
+    shapes = {next(loader)["input_ids"].shape for loader in first}
+    assert shapes == {(GLOBAL_BATCH // world, SEQ_LEN)}
+
+
+@pytest.mark.parametrize("kind", ["static", "exp3"])
+@pytest.mark.parametrize("prefetch", [0, 2])
+@pytest.mark.parametrize("cut", [1, 5, 13])
+def test_exact_resume_through_state_dict(kind, prefetch, cut):
+    loader = make_loader(kind, prefetch=prefetch)
+    run([loader], cut)
+    state = json.loads(json.dumps(loader.state_dict()))
+    expected = run([loader], 10, start_step=cut)
+    restored = make_loader(kind, prefetch=prefetch)
+    restored.load_state_dict(state)
+    assert restored.step == cut
+    assert_batches_equal(run([restored], 10, start_step=cut), expected)
+
+
+@pytest.mark.parametrize("kind", ["static", "exp3"])
+@pytest.mark.parametrize("world_before, world_after", [(2, 1), (1, 2), (2, 4)])
+def test_elastic_resume_repeats_and_skips_no_row(kind, world_before, world_after):
+    single = run([make_loader(kind)], 14)
+    before = [make_loader(kind, rank=r, world=world_before) for r in range(world_before)]
+    run(before, 6)
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in before]
+    assert all(state == states[0] for state in states), "the state is global, alike on ranks"
+    after = [make_loader(kind, rank=r, world=world_after) for r in range(world_after)]
+    for loader in after:
+        loader.load_state_dict(states[0])
+    assert_batches_equal(run(after, 8, start_step=6), single[6:])
+
+
+def test_finite_epochs_every_rank_stops_at_the_same_step():
+    ranks = [make_loader("static", rank=r, world=2, num_epochs=1) for r in range(2)]
+    counts = [sum(1 for _ in loader) for loader in ranks]
+    assert counts[0] == counts[1] > 0
+    single = sum(1 for _ in make_loader("static", num_epochs=1))
+    assert single == counts[0]
+
+
+def test_mixture_and_update():
+    loader = make_loader("exp3")
+    assert loader.mixture == pytest.approx(WEIGHTS)
+    for step in range(30):
+        next(loader)
+        loader.update_mixture({"a": 5.0, "b": 1.0, "c": 0.1})
+    assert loader.mixture["a"] > WEIGHTS["a"]
+    with pytest.raises(TypeError, match="exp3"):
+        make_loader("static").update_mixture({"a": 1.0})
+
+
+def test_stats_are_flat_data_floats():
+    loader = make_loader("static")
+    run([loader], 20)
+    stats = loader.stats()
+    assert all(key.startswith("data/") and isinstance(v, float) for key, v in stats.items())
+    assert 0.5 < stats["data/fill"] <= 1.0
+    shares = [stats[f"data/row_share/{n}"] for n in WEIGHTS]
+    assert sum(shares) == pytest.approx(1.0)
+    assert stats["data/weight/a"] == pytest.approx(0.5)
+
+
+def test_state_size_is_bounded():
+    loader = make_loader("exp3", prefetch=2)
+    run([loader], 5)
+    small = len(json.dumps(loader.state_dict()))
+    run([loader], 300, start_step=5)
+    assert len(json.dumps(loader.state_dict())) < small + 256
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["static", "exp3"])
+def test_batches_identical_for_0_1_2_workers(kind):
+    results = []
+    for workers in (0, 1, 2):
+        with make_loader(kind, num_workers=workers, prefetch=2) as loader:
+            results.append(run([loader], 8))
+    assert_batches_equal(results[1], results[0])
+    assert_batches_equal(results[2], results[0])
+
+
+def test_torch_framework_and_torch_dataloader():
+    torch = pytest.importorskip("torch")
+    loader = DataLoader(mixing(), global_batch_size=GLOBAL_BATCH, framework="torch")
+    batch = next(loader)
+    assert batch["input_ids"].dtype == torch.int32
+    assert batch["domain_ids"].shape == (GLOBAL_BATCH,)
+    dataset = make_loader("static").as_torch_dataset()
+    assert isinstance(dataset, torch.utils.data.IterableDataset)
+    wrapped = torch.utils.data.DataLoader(dataset, batch_size=None)
+    first = next(iter(wrapped))
+    expected = next(make_loader("static"))
+    np.testing.assert_array_equal(first["input_ids"].numpy(), expected["input_ids"])
+
+
+def test_torchtitan_base_dataloader_interface():
+    loader = make_loader("static")
+    for name in ("__iter__", "state_dict", "load_state_dict", "close"):
+        assert callable(getattr(loader, name))
+    loader.close()
+    assert loader.state_dict()["step"] == 0
+
+
+def test_fingerprint_difference_is_named():
+    saved = {"seq_len": 256, "seed": 0, "sources": {"a": {"data": "x"}, "b": {"data": "y"}}}
+    check_fingerprint(saved, {**saved, "sources": {"a": {"data": "x"}, "c": {"data": "z"}}})
+    with pytest.raises(LoaderStateError, match="seq_len: state has 256, loader has 512"):
+        check_fingerprint(saved, {**saved, "seq_len": 512})
+    with pytest.raises(LoaderStateError, match="source 'b'"):
+        check_fingerprint(saved, {**saved, "sources": {"a": {"data": "x"}, "b": {"data": "q"}}})
+
+
+def test_not_a_state_is_refused():
+    with pytest.raises(LoaderStateError, match="not a wf-data loader state"):
+        make_loader().load_state_dict({"foo": 1})
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="not divisible"):
+        make_loader(world=3)
+    with pytest.raises(ValueError, match="framework"):
+        DataLoader(mixing(), global_batch_size=4, framework="tf")
+    with pytest.raises(ValueError, match="dp_rank 2"):
+        make_loader(rank=2, world=2)
