@@ -1,1 +1,50 @@
-"""Everything from shards to batches: sources, tokenization, packing, mixing, loader."""
+"""Everything from shards to batches: sources, tokenization, packing, mixing, loader.
+
+Public names are imported lazily, so that ``import wf_data.data`` stays cheap and a
+numpy-only user never imports torch or JAX.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "open_dataset": "wf_data.data.sources",
+    "DocumentSource": "wf_data.data.sources",
+    "InMemorySource": "wf_data.data.sources",
+    "TokenizerWrapper": "wf_data.data.tokenization",
+    "tokenize": "wf_data.data.tokenization",
+    "pack": "wf_data.data.packing",
+    "PretrainDataset": "wf_data.data.datasets.pretrain",
+    "SFTDataset": "wf_data.data.datasets.sft",
+    "render_with_mask": "wf_data.data.chat",
+    "to_messages": "wf_data.data.chat",
+    "MixedDataset": "wf_data.data.mixing",
+    "Exp3Mixing": "wf_data.data.mixing",
+    "Exp3": "wf_data.data.odm",
+    "DataLoader": "wf_data.data.loader",
+    "get_loader": "wf_data.data.loader",
+    "get_eval_loaders": "wf_data.data.loader",
+    "LoaderStateError": "wf_data.data.loader",
+    "to_torch": "wf_data.data.interop",
+    "to_jax": "wf_data.data.interop",
+    "save_with_orbax": "wf_data.data.checkpoint",
+    "restore_with_orbax": "wf_data.data.checkpoint",
+    "save_with_dcp": "wf_data.data.checkpoint",
+    "load_with_dcp": "wf_data.data.checkpoint",
+    "build_demo_corpus": "wf_data.data.demo_corpus",
+    "ensure_demo_data": "wf_data.data.demo_corpus",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'wf_data.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,386 @@
+"""Tests for wf_data.data.prepare: inputs, determinism, resume, bad input, dtypes."""
+
+import gzip
+import importlib
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from wf_data.data import sources
+from wf_data.data.prepare import BadInputError, prepare
+
+# The module, not the `prepare` function that `wf_data.data` exports under the same name.
+prepare_module = importlib.import_module("wf_data.data.prepare")
+
+
+class SimulatedKill(BaseException):
+    """Stands in for kill -9: nothing after the raise point runs (not even except Exception)."""
+
+
+WORDS = "the a cat dog sat on mat ran far away big small red".split()
+
+
+def _make_tokenizer(directory: pathlib.Path, extra_words: int = 0) -> pathlib.Path:
+    """A WordLevel tokenizer over WORDS (+ `extra_words` filler entries), saved offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "</s>": 1}
+    for word in WORDS + [f"w{i}" for i in range(extra_words)]:
+        vocab[word] = len(vocab)
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="</s>", unk_token="[UNK]"
+    ).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    return _make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="session")
+def loaded_tokenizer(tiny_tokenizer):
+    from wf_data.data.tokenization import TokenizerWrapper
+
+    return TokenizerWrapper.from_pretrained(tiny_tokenizer, add_bos=False, add_eos=False)
+
+
+def _texts(seed: int, n: int) -> list[str]:
+    rng = np.random.default_rng([seed, 0])
+    return [" ".join(rng.choice(WORDS, rng.integers(1, 25))) for _ in range(n)]
+
+
+def _write_jsonl(path: pathlib.Path, rows, opener=open) -> pathlib.Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with opener(path, "wt", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """Three jsonl files (60 docs each) in a directory; returns (dir, texts in order)."""
+    texts = []
+    for i in range(3):
+        docs = _texts(i, 60)
+        _write_jsonl(
+            tmp_path / "in" / f"part{i}.jsonl", [{"text": t, "id": j} for j, t in enumerate(docs)]
+        )
+        texts += docs
+    return tmp_path / "in", texts
+
+
+def _files(out_dir: pathlib.Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir()) if p.is_file()}
+
+
+def _run(inputs, out_dir, **kwargs):
+    kwargs.setdefault("progress", False)
+    return prepare(inputs, out_dir, **kwargs)
+
+
+def test_tokens_round_trip(corpus, tmp_path, tiny_tokenizer, loaded_tokenizer):
+    in_dir, texts = corpus
+    manifest = _run(
+        [in_dir], tmp_path / "out", tokenizer=tiny_tokenizer, num_shards=4, piece_bytes=1500
+    )
+    source = sources.open_dataset(tmp_path / "out")
+    assert manifest["format"] == "tokens" and manifest["token_dtype"] == "uint16"
+    assert manifest["tokenizer"]["sha256"] == loaded_tokenizer.fingerprint()
+    assert len(source) == len(texts) == manifest["totals"]["records"]
+    assert [s["records"] for s in manifest["shards"]] == [45, 45, 45, 45]
+    expected = loaded_tokenizer.encode_batch(texts)
+    for i in (0, 44, 45, 100, 179):
+        np.testing.assert_array_equal(source[i], expected[i])
+    np.testing.assert_array_equal(source.lengths, [len(e) for e in expected])
+    assert manifest["totals"]["tokens"] == sum(len(e) for e in expected)
+    assert not (tmp_path / "out" / ".wf-prepare" / "part-000000.array_record").exists()
+
+
+def test_deterministic_and_independent_of_workers(corpus, tmp_path, tiny_tokenizer):
+    in_dir, _ = corpus
+    options = dict(tokenizer=tiny_tokenizer, num_shards=3, piece_bytes=1500, append_eos=True)
+    _run([in_dir], tmp_path / "a", workers=1, **options)
+    _run([in_dir], tmp_path / "b", workers=1, **options)
+    _run([in_dir], tmp_path / "c", workers=2, **options)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b") == _files(tmp_path / "c")
+    assert len(_files(tmp_path / "a")) == 5  # 3 shards, lengths.npy, manifest.json
+
+
+def test_backend_encoder_matches_encode_batch(tiny_tokenizer):
+    from wf_data.data.tokenization import TokenizerWrapper
+
+    texts = _texts(5, 20) + ["zebra unknown the"]
+    for add_bos, add_eos in [(False, False), (False, True)]:
+        wrapper = TokenizerWrapper.from_pretrained(tiny_tokenizer, add_bos=add_bos, add_eos=add_eos)
+        encoder = prepare_module._BackendEncoder(wrapper)
+        for ours, theirs in zip(
+            encoder.encode_batch(texts), wrapper.encode_batch(texts), strict=True
+        ):
+            np.testing.assert_array_equal(ours, theirs)
+
+
+def test_input_types_and_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    root = tmp_path / "in"
+    _write_jsonl(root / "a.jsonl", [{"text": "one"}, {"text": "two"}])
+    _write_jsonl(root / "b" / "c.jsonl.gz", [{"text": "three"}], opener=gzip.open)
+    (root / "b" / "d.jsonl.zst").write_bytes(
+        zstandard.ZstdCompressor().compress(b'{"text": "four"}\n{"text": "five"}\n')
+    )
+    table = pa.table({"text": ["six", "seven", "eight"]})
+    pq.write_table(table, root / "e.parquet", row_group_size=2)
+    (root / "f.txt").write_text("nine\nstill nine\n")
+    (root / "ignored.csv").write_text("x")
+    (root / ".hidden.jsonl").write_text('{"text": "hidden"}\n')
+    _run([root, root / "a.jsonl"], tmp_path / "out", num_shards=2)
+    source = sources.open_dataset(tmp_path / "out")
+    assert source.format == "text" and source.lengths is None
+    assert list(source.__getitems__(range(len(source)))) == [
+        "one",
+        "two",
+        "three",
+        "four",
+        "five",
+        "six",
+        "seven",
+        "eight",
+        "nine\nstill nine\n",
+        "one",
+        "two",
+    ]
+
+
+def test_chat_records(tmp_path):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages, "x": 1}, {"messages": []}])
+    manifest = _run([path], tmp_path / "out", chat_key="messages", num_shards=1)
+    assert manifest["format"] == "chat" and manifest["totals"]["dropped_empty"] == 1
+    assert sources.open_dataset(tmp_path / "out")[0] == {"messages": messages}
+    with pytest.raises(ValueError, match="not both"):
+        _run([path], tmp_path / "x", chat_key="messages", tokenizer="wf-data-demo")
+
+
+BAD_CASES = [
+    ('{"text": "ok"}\n{"text": broken}\n', r"bad\.jsonl:2: malformed JSON"),
+    (
+        '{"text": "ok"}\n\n{"body": "x"}\n',
+        r"bad\.jsonl:3: missing key 'text' \(record keys: \['body'\]\)",
+    ),
+    ('{"text": 5}\n', r"bad\.jsonl:1: field 'text' must be a string, got int"),
+    ('{"text": null}\n', r"bad\.jsonl:1: field 'text' must be a string, got NoneType"),
+    ('["text"]\n', r"bad\.jsonl:1: expected a JSON object, got list"),
+    (
+        b'{"text": "ok"}\n{"text": "caf\xe9"}\n',
+        r"bad\.jsonl:2: not valid UTF-8 \(byte 0xe9 at column 14\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), BAD_CASES)
+def test_bad_input_names_file_and_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(BadInputError, match=message):
+        _run([path], tmp_path / "out", num_shards=1)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    manifest = _run([path], tmp_path / "skip", num_shards=1, skip_bad=True)
+    assert manifest["totals"]["skipped_bad"] == 1
+    assert manifest["totals"]["records"] == content.count(
+        b'"ok"' if isinstance(content, bytes) else '"ok"'
+    )
+
+
+@pytest.mark.parametrize(
+    ("messages", "message"),
+    [
+        ("hi", r"chat\.jsonl:1: field 'messages': chat messages must be a list, got str"),
+        ([{"role": "user"}], r"chat\.jsonl:1: field 'messages': message 0 is missing .*content"),
+        ([{"role": "user", "content": 3}], r"message 0 field 'content' must be a string, got int"),
+    ],
+)
+def test_bad_chat(tmp_path, messages, message):
+    path = _write_jsonl(tmp_path / "chat.jsonl", [{"messages": messages}])
+    with pytest.raises(BadInputError, match=message):
+        _run([path], tmp_path / "out", chat_key="messages", num_shards=1)
+
+
+def test_bad_parquet_and_txt(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "t.parquet")
+    with pytest.raises(BadInputError, match=r"t\.parquet: row 2: field 'text' must be a string"):
+        _run([tmp_path / "t.parquet"], tmp_path / "o1", num_shards=1)
+    with pytest.raises(BadInputError, match=r"t\.parquet: no column 'body' \(columns: \['text'\]"):
+        _run([tmp_path / "t.parquet"], tmp_path / "o2", num_shards=1, text_key="body")
+    (tmp_path / "t.txt").write_bytes(b"fine\nalso fine\nbad \xff here\n")
+    with pytest.raises(BadInputError, match=r"t\.txt:3: not valid UTF-8 \(byte 0xff at column 5\)"):
+        _run([tmp_path / "t.txt"], tmp_path / "o3", num_shards=1)
+    with pytest.raises(ValueError, match="unsupported input type"):
+        _run(
+            [tmp_path / "x.csv"] if (tmp_path / "x.csv").write_text("") == 0 else [],
+            tmp_path / "o4",
+        )
+
+
+def test_error_line_numbers_in_later_pieces(tmp_path):
+    rows = [{"text": f"doc {i} " + "pad " * 20} for i in range(100)]
+    rows[77] = "{oops"
+    path = _write_jsonl(tmp_path / "big.jsonl", rows)
+    tasks = prepare_module.plan_tasks([path], piece_bytes=1000)
+    assert len(tasks) > 5 and tasks[0].start == 0 and tasks[-1].stop == path.stat().st_size
+    assert all(a.stop == b.start for a, b in zip(tasks, tasks[1:], strict=False))
+    with pytest.raises(BadInputError, match=r"big\.jsonl:78: malformed JSON"):
+        _run([path], tmp_path / "out", num_shards=2, piece_bytes=1000)
+
+
+def test_empty_documents_dropped_and_counted(tmp_path, tiny_tokenizer):
+    path = _write_jsonl(tmp_path / "e.jsonl", [{"text": ""}, {"text": "cat"}, {"text": "  \n"}])
+    manifest = _run([path], tmp_path / "out", tokenizer=tiny_tokenizer, num_shards=1)
+    assert manifest["totals"]["dropped_empty"] == 2 and manifest["totals"]["records"] == 1
+
+
+def test_append_eos(corpus, tmp_path, tiny_tokenizer, loaded_tokenizer):
+    in_dir, texts = corpus
+    _run([in_dir], tmp_path / "out", tokenizer=tiny_tokenizer, num_shards=2, append_eos=True)
+    source = sources.open_dataset(tmp_path / "out")
+    assert source.manifest["append_eos"] is True
+    eos = loaded_tokenizer.eos_id
+    assert all(doc[-1] == eos for doc in source.__getitems__(range(len(source))))
+    np.testing.assert_array_equal(source[3][:-1], loaded_tokenizer.encode(texts[3]))
+
+
+def test_uint32_for_large_vocab(tmp_path):
+    big = _make_tokenizer(tmp_path / "big", extra_words=70_000)
+    path = _write_jsonl(tmp_path / "in.jsonl", [{"text": "cat w69999 dog"}])
+    manifest = _run([path], tmp_path / "out", tokenizer=big, num_shards=1)
+    assert manifest["token_dtype"] == "uint32" and manifest["tokenizer"]["vocab_size"] > 65536
+    doc = sources.open_dataset(tmp_path / "out")[0]
+    assert doc.dtype == np.uint32 and doc[1] == 70_000 + len(WORDS) + 1
+
+
+def _shard_stats(out_dir):
+    return {
+        p.name: (p.stat().st_ino, p.stat().st_mtime_ns)
+        for p in sorted(out_dir.glob("*.array_record"))
+    }
+
+
+def test_resume_after_kill_between_shards(corpus, tmp_path, tiny_tokenizer, monkeypatch):
+    in_dir, _ = corpus
+    options = dict(tokenizer=tiny_tokenizer, num_shards=4, piece_bytes=1500)
+    _run([in_dir], tmp_path / "clean", **options)
+
+    real_assemble = prepare_module.assemble_shard
+
+    def killed_at_shard_2(out_dir, shard):
+        if shard == 2:
+            raise SimulatedKill()
+        return real_assemble(out_dir, shard)
+
+    monkeypatch.setattr(prepare_module, "assemble_shard", killed_at_shard_2)
+    out = tmp_path / "out"
+    with pytest.raises(SimulatedKill):
+        _run([in_dir], out, **options)
+    assert not (out / "manifest.json").exists()
+    finished = _shard_stats(out)
+    assert sorted(finished) == [
+        "data-00000-of-00004.array_record",
+        "data-00001-of-00004.array_record",
+    ]
+    # a half-written shard from the killed process must not count as finished
+    (out / "data-00002-of-00004.array_record.tmp").write_bytes(b"half")
+    (out / "data-00003-of-00004.array_record").write_bytes(b"garbage, no marker")
+
+    monkeypatch.setattr(prepare_module, "assemble_shard", real_assemble)
+    calls = []
+    real_prepare_file = prepare_module.prepare_file
+    monkeypatch.setattr(
+        prepare_module,
+        "prepare_file",
+        lambda *a, **k: calls.append(a) or real_prepare_file(*a, **k),
+    )
+    manifest = _run([in_dir], out, **options)
+    assert calls == []  # every part was finished: no input is read again
+    assert manifest["summary"]["shards_written"] == 2
+    after = _shard_stats(out)
+    for name, stat in finished.items():
+        assert after[name] == stat  # not rewritten: same inode and mtime
+    assert _files(out) == _files(tmp_path / "clean")
+    assert sources.open_dataset(out).fingerprint == manifest["fingerprint"]
+
+
+def test_resume_after_kill_between_parts(corpus, tmp_path, tiny_tokenizer, monkeypatch):
+    in_dir, _ = corpus
+    options = dict(tokenizer=tiny_tokenizer, num_shards=2, piece_bytes=1500)
+    real_prepare_file = prepare_module.prepare_file
+    calls, killed = [], []
+
+    def killed_at_third_part(task, part_path, **kwargs):
+        calls.append(pathlib.Path(part_path).name)
+        if len(calls) == 3 and not killed:
+            killed.append(True)
+            raise SimulatedKill()
+        return real_prepare_file(task, part_path, **kwargs)
+
+    monkeypatch.setattr(prepare_module, "prepare_file", killed_at_third_part)
+    with pytest.raises(SimulatedKill):
+        _run([in_dir], tmp_path / "out", **options)
+    total_parts = len(prepare_module.plan_tasks(prepare_module.expand_inputs([in_dir]), 1500))
+    calls.clear()
+    _run([in_dir], tmp_path / "out", **options)
+    assert calls[0] == "part-000002.array_record" and len(calls) == total_parts - 2
+    _run([in_dir], tmp_path / "clean", **options)
+    assert _files(tmp_path / "out") == _files(tmp_path / "clean")
+
+
+def test_rerun_finished_and_after_losing_a_shard(corpus, tmp_path, tiny_tokenizer):
+    in_dir, _ = corpus
+    options = dict(tokenizer=tiny_tokenizer, num_shards=3)
+    out = tmp_path / "out"
+    _run([in_dir], out, **options)
+    reference, stats = _files(out), _shard_stats(out)
+    manifest = _run([in_dir], out, **options)
+    assert manifest["summary"]["shards_written"] == 0 and _shard_stats(out) == stats
+    (out / "manifest.json").unlink()
+    (out / ".wf-prepare" / "data-00001-of-00003.array_record.done.json").unlink()
+    manifest = _run([in_dir], out, **options)
+    assert manifest["summary"]["shards_written"] == 1
+    after = _shard_stats(out)
+    assert after["data-00000-of-00003.array_record"] == stats["data-00000-of-00003.array_record"]
+    assert after["data-00002-of-00003.array_record"] == stats["data-00002-of-00003.array_record"]
+    assert _files(out) == reference
+
+
+def test_changed_options_redo_the_work(corpus, tmp_path, tiny_tokenizer):
+    in_dir, _ = corpus
+    out = tmp_path / "out"
+    first = _run([in_dir], out, tokenizer=tiny_tokenizer, num_shards=2)
+    second = _run([in_dir], out, tokenizer=tiny_tokenizer, num_shards=2, append_eos=True)
+    assert second["summary"]["shards_written"] == 2
+    assert second["fingerprint"] != first["fingerprint"]
+    assert second["totals"]["tokens"] == first["totals"]["tokens"] + first["totals"]["records"]
+
+
+def test_manifest_written_last(corpus, tmp_path, monkeypatch):
+    in_dir, _ = corpus
+    order = []
+    real_write = sources.write_json_atomic
+    monkeypatch.setattr(
+        sources,
+        "write_json_atomic",
+        lambda path, obj: order.append(os.path.basename(path)) or real_write(path, obj),
+    )
+    _run([in_dir], tmp_path / "out", num_shards=2)
+    assert order[-1] == "manifest.json" and order.count("manifest.json") == 1

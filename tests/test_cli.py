@@ -1,0 +1,157 @@
+"""Tests for the `wf-data` command: prepare, inspect, and a real kill -9 resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from wf_data import cli
+from wf_data.data import sources
+
+
+def _corpus(directory, files=3, docs=40):
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng([11, 0])
+    words = "the cat sat on a mat while dogs ran in the park".split()
+    for i in range(files):
+        with open(directory / f"f{i}.jsonl", "w") as f:
+            for _ in range(docs):
+                f.write(json.dumps({"body": " ".join(rng.choice(words, rng.integers(1, 30)))}))
+                f.write("\n")
+    return directory
+
+
+def test_prepare_and_inspect_tokens(tmp_path, capsys):
+    inputs = _corpus(tmp_path / "in")
+    out = tmp_path / "out"
+    status = cli.main(
+        [
+            "prepare",
+            str(inputs),
+            "--out",
+            str(out),
+            "--tokenizer",
+            "wf-data-demo",
+            "--text-key",
+            "body",
+            "--shards",
+            "3",
+            "--append-eos",
+            "--quiet",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "records 120" in printed and "tokens/s" in printed and "fingerprint" in printed
+    source = sources.open_dataset(out)
+    assert len(source) == 120 and source.manifest["append_eos"]
+
+    assert cli.main(["inspect", str(out), "--verify", "--samples", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "format tokens" in printed and "records 120" in printed
+    assert "p50" in printed and "p99" in printed and "#" in printed  # percentiles, histogram
+    assert "integrity: OK, 3 shards (record counts and sha256)" in printed
+    assert "samples (2 evenly spaced):" in printed and "#119: [" in printed
+    assert "the" in printed.split("samples")[1]  # decoded text, not ids
+
+
+def test_inspect_verify_detects_corruption(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert (
+        cli.main(
+            [
+                "prepare",
+                str(_corpus(tmp_path / "in")),
+                "--out",
+                str(out),
+                "--text-key",
+                "body",
+                "--shards",
+                "2",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    shard = out / "data-00001-of-00002.array_record"
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert cli.main(["inspect", str(out), "--verify", "--samples", "0"]) == 1
+    printed = capsys.readouterr().out
+    assert "integrity: FAILED" in printed
+    assert "data-00001-of-00002.array_record: sha256 does not match the manifest" in printed
+    assert "data-00000-of-00002.array_record" not in printed.split("FAILED")[1]
+
+
+def test_prepare_bad_input_message(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": 3}\n')
+    assert cli.main(["prepare", str(bad), "--out", str(tmp_path / "o"), "--quiet"]) == 1
+    error = capsys.readouterr().err
+    assert (
+        "wf-data prepare: error:" in error and "bad.jsonl:2: field 'text' must be a string" in error
+    )
+    assert (
+        cli.main(["prepare", str(bad), "--out", str(tmp_path / "o"), "--quiet", "--skip-bad"]) == 0
+    )
+    assert "skipped bad 1" in capsys.readouterr().out
+
+
+def test_inspect_missing_dataset(tmp_path, capsys):
+    assert cli.main(["inspect", str(tmp_path)]) == 1
+    assert "no manifest" in capsys.readouterr().err
+
+
+def test_subcommands_listed():
+    parser = cli.build_parser()
+    assert {"prepare", "inspect"} <= set(parser._subparsers._group_actions[0].choices)
+
+
+SLOW_RUN = """
+import importlib, sys, time
+from wf_data.data import sources
+prepare_module = importlib.import_module("wf_data.data.prepare")
+real = sources.write_shard
+def slow(*args, **kwargs):
+    time.sleep(0.04)
+    return real(*args, **kwargs)
+sources.write_shard = slow
+prepare_module.prepare(sys.argv[1], sys.argv[2], num_shards=4, piece_bytes=600, progress=False,
+                       text_key="body", name="docs")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", ["parts", "shards"])
+def test_resume_after_real_kill_9(tmp_path, phase):
+    from wf_data.data.prepare import expand_inputs, plan_tasks, prepare
+
+    inputs = _corpus(tmp_path / "in", files=4, docs=30)
+    num_parts = len(plan_tasks(expand_inputs([inputs]), piece_bytes=600))
+    assert num_parts > 8
+    # done markers: one per part, then one per shard
+    kill_after_markers = 3 if phase == "parts" else num_parts + 2
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(inputs), str(out)])
+    deadline = time.monotonic() + 60
+    work = out / ".wf-prepare"
+    while time.monotonic() < deadline and process.poll() is None:
+        if work.exists() and len(list(work.glob("*.done.json"))) >= kill_after_markers:
+            break
+        time.sleep(0.005)
+    assert process.poll() is None, "prepare finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists()
+    options = dict(num_shards=4, piece_bytes=600, progress=False, text_key="body", name="docs")
+    prepare(inputs, out, **options)
+    prepare(inputs, tmp_path / "clean", **options)
+    names = ["manifest.json"] + [sources.shard_name("docs", k, 4) for k in range(4)]
+    for name in names:
+        assert (out / name).read_bytes() == (tmp_path / "clean" / name).read_bytes()

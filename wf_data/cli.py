@@ -1,0 +1,314 @@
+"""The `wf-data` command: `prepare` shards, `inspect` a prepared dataset.
+
+Each subcommand is a pair of functions: `add_NAME_parser(subparsers)` declares its arguments and
+`run_NAME(args) -> int` does the work, so subcommands are added without touching the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+PERCENTILES = (0, 10, 50, 90, 99, 100)
+HISTOGRAM_WIDTH = 40
+LENGTH_SAMPLE = 10_000  # text/chat: lengths measured on this many evenly spaced records
+
+
+class CommandError(Exception):
+    """A user-facing failure: printed as `wf-data CMD: error: MESSAGE`, exit status 1."""
+
+
+# --------------------------------------------------------------------------- prepare
+
+
+def add_prepare_parser(subparsers: Any) -> None:
+    """`wf-data prepare INPUT... --out DIR`: inputs -> ArrayRecord shards + manifest."""
+    parser = subparsers.add_parser(
+        "prepare",
+        help="write ArrayRecord shards + manifest.json from jsonl/parquet/txt inputs",
+        description="Prepare jsonl, jsonl.gz, jsonl.zst, parquet and txt files (or directories "
+        "of them) into a dataset directory. Deterministic and resumable: re-run the same "
+        "command after an interruption and only unfinished shards are redone.",
+    )
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="NAME_OR_PATH",
+        help="store token arrays (format tokens); 'wf-data-demo' is the shipped tokenizer. "
+        "Without it, text is stored for on-the-fly tokenization",
+    )
+    parser.add_argument("--text-key", default="text", help="jsonl/parquet field holding the text")
+    parser.add_argument(
+        "--chat-key", metavar="KEY", help="store chat records from this field (e.g. messages)"
+    )
+    parser.add_argument(
+        "--shards", type=int, default=None, help="number of shards (default: one per 256 MiB)"
+    )
+    parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    parser.add_argument("--append-eos", action="store_true", help="end every document with eos")
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="skip and count bad records instead of failing"
+    )
+    parser.add_argument("--name", default="data", help="shard file name prefix (default data)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run_prepare)
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """Run `prepare` and print a closing summary."""
+    from wf_data.data.prepare import prepare
+
+    manifest = prepare(
+        args.inputs,
+        args.out,
+        tokenizer=args.tokenizer,
+        text_key=args.text_key,
+        chat_key=args.chat_key,
+        num_shards=args.shards,
+        workers=args.workers,
+        append_eos=args.append_eos,
+        skip_bad=args.skip_bad,
+        name=args.name,
+        progress=not args.quiet,
+    )
+    totals, summary = manifest["totals"], manifest["summary"]
+    print(f"prepared {args.out}: format {manifest['format']}, {len(manifest['shards'])} shards")
+    print(
+        f"  records {totals['records']:,}  tokens {totals['tokens']:,}  "
+        f"dropped empty {totals['dropped_empty']:,}  skipped bad {totals['skipped_bad']:,}"
+    )
+    print(
+        f"  {summary['elapsed_s']:.1f} s  {summary['documents_per_s']:,.0f} docs/s  "
+        f"{summary['tokens_per_s']:,.0f} tokens/s  "
+        f"(parts run {summary['parts_run']}, shards written {summary['shards_written']})"
+    )
+    print(f"  fingerprint {manifest['fingerprint']}")
+    return 0
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def add_inspect_parser(subparsers: Any) -> None:
+    """`wf-data inspect DIR`: counts, length percentiles and histogram, integrity, samples."""
+    parser = subparsers.add_parser(
+        "inspect",
+        help="summarise a prepared dataset directory",
+        description="Records, tokens, length percentiles and histogram, shard integrity "
+        "(--verify checks every sha256) and decoded samples.",
+    )
+    parser.add_argument("path", metavar="DIR", help="dataset directory (with manifest.json)")
+    parser.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    parser.add_argument("--samples", type=int, default=3, help="decoded samples to print")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="NAME_OR_PATH",
+        help="decode with this tokenizer (default: the one named in the manifest)",
+    )
+    parser.set_defaults(func=run_inspect)
+
+
+def _lengths(source: Any) -> tuple[np.ndarray, str, bool]:
+    """(lengths, unit, sampled): token counts, or characters on an even sample for text/chat."""
+    if source.lengths is not None:
+        return np.asarray(source.lengths), "tokens", False
+    count = min(len(source), LENGTH_SAMPLE)
+    indices = np.linspace(0, len(source) - 1, count).astype(np.int64) if count else []
+    records = source.__getitems__(list(indices))
+    if source.format == "chat":
+        sizes = [sum(len(m["content"]) for m in record["messages"]) for record in records]
+    else:
+        sizes = [len(record) for record in records]
+    return np.asarray(sizes, dtype=np.int64), "characters", count < len(source)
+
+
+def length_histogram(lengths: np.ndarray, width: int = HISTOGRAM_WIDTH) -> list[str]:
+    """Text histogram of `lengths` ((N,) ints) over power-of-two buckets, one line a bucket."""
+    if lengths.size == 0:
+        return ["  (no records)"]
+    buckets = np.floor(np.log2(np.maximum(lengths, 1))).astype(np.int64)
+    counts = np.bincount(buckets - buckets.min())
+    lines = []
+    for offset, count in enumerate(counts):
+        low = 1 << (int(buckets.min()) + offset)
+        bar = "#" * int(round(width * count / counts.max()))
+        lines.append(f"  [{low:>9,}, {2 * low:>9,})  {count:>10,}  {bar}")
+    return lines
+
+
+def _verify_shards(source: Any, check_sha: bool) -> list[str]:
+    """Problems found: missing files, record counts, and (check_sha) sha256 mismatches."""
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    from wf_data.data import sources
+
+    problems = []
+    for shard, path in zip(source.manifest["shards"], source.shard_paths, strict=True):
+        if not path.exists():
+            problems.append(f"{shard['file']}: missing")
+            continue
+        if check_sha and sources.file_sha256(path) != shard["sha256"]:
+            problems.append(f"{shard['file']}: sha256 does not match the manifest")
+            continue
+        try:
+            reader = ArrayRecordReader(str(path))
+            records = reader.num_records()
+            reader.close()
+        except RuntimeError as error:  # riegeli reports corrupt files this way
+            problems.append(f"{shard['file']}: unreadable: {error}")
+            continue
+        if records != shard["records"]:
+            problems.append(f"{shard['file']}: {records} records, manifest says {shard['records']}")
+    return problems
+
+
+def _decoder(manifest: dict, tokenizer_name: str | None):
+    """A `ids -> str` decoder for token samples, or None when no tokenizer can be loaded."""
+    name = tokenizer_name or (manifest.get("tokenizer") or {}).get("name")
+    if name is None:
+        return None
+    try:
+        from wf_data.data.tokenization import TokenizerWrapper
+
+        tokenizer = TokenizerWrapper.from_pretrained(name, add_bos=False, add_eos=False)
+    except (ImportError, OSError, ValueError) as error:
+        print(f"  (cannot load tokenizer {name!r} to decode samples: {error})")
+        return None
+    return tokenizer.decode
+
+
+def _show(record: Any, decode: Any, limit: int = 300) -> str:
+    if isinstance(record, np.ndarray):
+        text = decode(record) if decode else f"ids {record[:40].tolist()}"
+        text = f"[{record.size} tokens] {text}"
+    elif isinstance(record, dict):
+        text = " | ".join(f"{m['role']}: {m['content']}" for m in record["messages"])
+    else:
+        text = record
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    """Print the summary of a dataset directory; exit status 1 when integrity checks fail."""
+    from wf_data.data.sources import open_dataset
+
+    source = open_dataset(args.path)
+    manifest, totals = source.manifest, source.manifest["totals"]
+    tokenizer = manifest.get("tokenizer") or {}
+    print(f"dataset {source.path}  name {manifest['name']}  format {manifest['format']}")
+    if manifest["format"] == "tokens":
+        print(
+            f"  tokenizer {tokenizer.get('name')} (vocab {tokenizer.get('vocab_size')}, "
+            f"eos {tokenizer.get('eos_id')})  dtype {manifest['token_dtype']}  "
+            f"append_eos {manifest['append_eos']}"
+        )
+    print(
+        f"  records {totals['records']:,}  tokens {totals['tokens']:,}  shards "
+        f"{len(manifest['shards'])}  dropped empty {totals['dropped_empty']:,}  "
+        f"skipped bad {totals['skipped_bad']:,}"
+    )
+    print(f"  fingerprint {manifest['fingerprint']}")
+    problems = _verify_shards(source, check_sha=args.verify)
+    checked = "record counts and sha256" if args.verify else "record counts (--verify: sha256)"
+    if problems:
+        print(f"integrity: FAILED ({checked})")
+        print("\n".join(f"  {problem}" for problem in problems))
+        return 1  # reading records of a corrupt shard would only fail further down
+    print(f"integrity: OK, {len(source.shard_paths)} shards ({checked})")
+    lengths, unit, sampled = _lengths(source)
+    if lengths.size:
+        values = np.percentile(lengths, PERCENTILES).round().astype(np.int64)
+        cells = "  ".join(f"p{p} {v:,}" for p, v in zip(PERCENTILES, values, strict=True))
+        suffix = f" (sample of {lengths.size:,})" if sampled else ""
+        print(f"length in {unit}{suffix}: mean {lengths.mean():,.1f}  {cells}")
+    print(f"histogram of length in {unit}:")
+    print("\n".join(length_histogram(lengths)))
+    if args.samples > 0 and len(source):
+        decode = _decoder(manifest, args.tokenizer) if source.format == "tokens" else None
+        indices = np.linspace(0, len(source) - 1, min(args.samples, len(source))).astype(int)
+        print(f"samples ({len(indices)} evenly spaced):")
+        for index, record in zip(indices, source.__getitems__(indices.tolist()), strict=True):
+            print(f"  #{index}: {_show(record, decode)}")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def add_demo_parser(subparsers: Any) -> None:
+    """Registers `wf-data demo`; torch is imported only when the demo runs."""
+    parser = subparsers.add_parser(
+        "demo",
+        help="the main job on the embedded corpus: train a tiny model with EXP3, save, resume",
+        description="Prepares the embedded three-domain corpus (cached), trains a tiny "
+        "random-init Llama on CPU with the EXP3 mixture fed by the per-domain loss, shows the "
+        "weights move, saves and restores model + optimizer + loader, checks that the next "
+        "batches are identical, and prints a summary.",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 120)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 256)")
+    parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 8)")
+    parser.add_argument("--out", default=None, help="checkpoint directory (default: a temp dir)")
+    parser.set_defaults(func=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from wf_data.demo import DemoOptions, run_demo
+
+    given = {
+        "steps": args.steps,
+        "seq_len": args.seq_len,
+        "global_batch_size": args.batch_size,
+        "out_dir": args.out,
+    }
+    summary = run_demo(DemoOptions(**{k: v for k, v in given.items() if v is not None}))
+    return 0 if summary["resume_identical"] else 1
+
+
+def add_stream_parser(subparsers: Any) -> None:
+    """Registers `wf-data stream` (implemented in wf_data.stream)."""
+    from wf_data.stream import add_stream_parser as add
+
+    add(subparsers)
+
+
+# --------------------------------------------------------------------------- the command
+
+# Subcommand registry: (name, add-parser function), in the order `wf-data --help` lists them.
+SUBCOMMANDS = [
+    ("prepare", add_prepare_parser),
+    ("inspect", add_inspect_parser),
+    ("demo", add_demo_parser),
+    ("stream", add_stream_parser),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `wf-data` argument parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="wf-data", description="Deterministic, resumable data loading for LLM training."
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for _, add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `wf-data` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CommandError, ValueError, FileNotFoundError) as error:
+        print(f"wf-data {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,894 @@
+"""`wf-data prepare`: jsonl / parquet / txt inputs -> ArrayRecord shards + manifest.json.
+
+The work is a map over input pieces and a reduce into shards, so it can later run on a
+distributed engine:
+
+1. `plan_tasks` splits the inputs into tasks: one per input file, large plain `.jsonl` files cut
+   at line boundaries every `piece_bytes` and parquet files at row-group boundaries. The split
+   depends only on the input files, never on the number of workers.
+2. `prepare_file` turns one task into a *part* (an ArrayRecord file of encoded records plus,
+   for tokens, its `(n,) int64` lengths) under `OUT/.wf-prepare/`.
+3. `assemble_shard` copies the global record sequence (parts in task order) into shard k of N:
+   records `[k * R // N, (k + 1) * R // N)`.
+4. `finalize(out_dir)` writes `lengths.npy`, then `manifest.json`, from the per-shard results.
+
+Every file is written to `*.tmp` and renamed; a part or shard counts as finished only once its
+done-marker JSON (written atomically after the rename) exists and carries the key of the
+current options, so a run killed at any moment and re-run redoes only unfinished work, and
+the output is byte-identical whatever `workers` is.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as futures
+import dataclasses
+import glob
+import gzip
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import pathlib
+import queue as queue_lib
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from wf_data.data import sources
+
+SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
+WORK_DIR_NAME = ".wf-prepare"
+PIECE_BYTES = 64 << 20  # large plain jsonl / parquet inputs split into tasks of about this size
+AUTO_SHARD_BYTES = 256 << 20  # num_shards=None: one shard per this many input bytes
+MAX_AUTO_SHARDS = 1024
+BATCH_DOCS = 512  # documents per encode_batch call
+PART_WRITER_OPTIONS = "group_size:1,uncompressed"  # parts are temporary: favour speed
+COPY_CHUNK = 4096  # records per read when copying parts into shards
+
+__all__ = [
+    "BadInputError",
+    "BadTypeError",
+    "PrepareTask",
+    "assemble_shard",
+    "expand_inputs",
+    "finalize",
+    "iter_documents",
+    "plan_tasks",
+    "prepare",
+    "prepare_file",
+]
+
+
+class BadInputError(ValueError):
+    """An input record that cannot be prepared; the message names file and line."""
+
+
+class BadTypeError(BadInputError, TypeError):
+    """An input field of the wrong type (e.g. `text` not a string)."""
+
+
+# --------------------------------------------------------------------------- inputs and tasks
+
+
+def _suffix(path: pathlib.Path) -> str | None:
+    name = path.name.lower()
+    return next((suffix for suffix in SUFFIXES if name.endswith(suffix)), None)
+
+
+def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
+    """Input files in a deterministic order: as given, directories walked recursively, sorted.
+
+    Hidden files and files with other suffixes inside directories are ignored; a file named
+    explicitly must have one of `SUFFIXES`.
+    """
+    if isinstance(inputs, str | os.PathLike):
+        inputs = [inputs]
+    files: list[pathlib.Path] = []
+    for item in inputs:
+        path = pathlib.Path(item)
+        if path.is_dir():
+            found = sorted(
+                child
+                for child in path.rglob("*")
+                if child.is_file()
+                and _suffix(child)
+                and not any(part.startswith(".") for part in child.relative_to(path).parts)
+            )
+            if not found:
+                raise ValueError(f"{path}: directory holds no input files with suffix {SUFFIXES}")
+            files += found
+        elif path.is_file():
+            if not _suffix(path):
+                raise ValueError(f"{path}: unsupported input type; valid suffixes: {SUFFIXES}")
+            files.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: input does not exist")
+    if not files:
+        raise ValueError("no inputs given")
+    return files
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareTask:
+    """One independent unit of work: a whole input file or a piece of one.
+
+    `start`/`stop` are byte offsets at line starts for `.jsonl`, row-group indices for
+    `.parquet`, and `0`/`None` (whole file) otherwise. `first_row` is the 0-based row of the
+    first parquet row group (for error messages).
+    """
+
+    path: str
+    kind: str
+    start: int = 0
+    stop: int | None = None
+    first_row: int = 0
+
+    def key(self) -> str:
+        """Identity of the task's input: path, size, mtime and range (for resume checks)."""
+        stat = os.stat(self.path)
+        text = f"{os.path.abspath(self.path)}|{stat.st_size}|{stat.st_mtime_ns}|{self}"
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _line_boundaries(path: pathlib.Path, piece_bytes: int) -> list[int]:
+    """Byte offsets of line starts about every `piece_bytes` (first 0, last the file size)."""
+    size = path.stat().st_size
+    bounds = [0]
+    with open(path, "rb") as f:
+        target = piece_bytes
+        while target < size:
+            f.seek(target - 1)
+            f.readline()  # skip to the start of the next line
+            position = f.tell()
+            if position >= size:
+                break
+            if position > bounds[-1]:
+                bounds.append(position)
+            target = max(position, target) + piece_bytes
+    bounds.append(size)
+    return bounds
+
+
+def plan_tasks(files: Sequence[pathlib.Path], piece_bytes: int = PIECE_BYTES) -> list[PrepareTask]:
+    """Split input files into tasks; depends only on the files and `piece_bytes`."""
+    tasks: list[PrepareTask] = []
+    for path in files:
+        kind = _suffix(path)
+        if kind == ".jsonl" and path.stat().st_size > piece_bytes:
+            bounds = _line_boundaries(path, piece_bytes)
+            tasks += [
+                PrepareTask(str(path), kind, a, b) for a, b in zip(bounds, bounds[1:], strict=False)
+            ]
+        elif kind == ".parquet":
+            tasks += _parquet_tasks(path, piece_bytes)
+        else:
+            tasks.append(PrepareTask(str(path), kind))
+    return tasks
+
+
+def _parquet_tasks(path: pathlib.Path, piece_bytes: int) -> list[PrepareTask]:
+    import pyarrow.parquet as pq
+
+    metadata = pq.ParquetFile(path).metadata
+    tasks, start, first_row, rows, size = [], 0, 0, 0, 0
+    for group in range(metadata.num_row_groups):
+        rows += metadata.row_group(group).num_rows
+        size += metadata.row_group(group).total_byte_size
+        if size >= piece_bytes or group == metadata.num_row_groups - 1:
+            tasks.append(PrepareTask(str(path), ".parquet", start, group + 1, first_row))
+            start, first_row, size = group + 1, first_row + rows, 0
+            rows = 0
+    return tasks or [PrepareTask(str(path), ".parquet", 0, 0)]
+
+
+# --------------------------------------------------------------------------- reading documents
+
+
+def _extract(obj: Any, where: str, text_key: str, chat_key: str | None) -> Any:
+    """The document of one parsed record: the text str, or {"messages": [...]} for chat."""
+    if not isinstance(obj, dict):
+        raise BadTypeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    key = chat_key or text_key
+    if key not in obj:
+        flag = "--chat-key" if chat_key else "--text-key"
+        raise BadInputError(
+            f"{where}: missing key {key!r} (record keys: {sorted(obj)[:10]}); choose with {flag}"
+        )
+    value = obj[key]
+    if chat_key:
+        try:
+            messages = sources.validate_chat_messages(value, f"{where}: field {key!r}")
+        except TypeError as error:
+            raise BadTypeError(str(error)) from None
+        except ValueError as error:
+            raise BadInputError(str(error)) from None
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+    if not isinstance(value, str):
+        raise BadTypeError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _open_lines(task: PrepareTask) -> io.BufferedIOBase:
+    if task.kind == ".jsonl.gz":
+        return gzip.open(task.path, "rb")
+    if task.kind == ".jsonl.zst":
+        import zstandard
+
+        raw = open(task.path, "rb")  # noqa: SIM115 - closed with the wrapping reader
+        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
+    return open(task.path, "rb")
+
+
+def _iter_jsonl(task: PrepareTask, text_key: str, chat_key: str | None):
+    """(where, document) for each non-blank line of a jsonl task; raises BadInputError."""
+    line_base: list[int] = []
+
+    def where(relative_line: int) -> str:
+        if not line_base:  # count the lines before this piece only when a message needs it
+            line_base.append(_count_lines(task.path, task.start) + 1)
+        return f"{task.path}:{line_base[0] + relative_line}"
+
+    with _open_lines(task) as f:
+        if task.start:
+            f.seek(task.start)
+        position = task.start
+        for relative_line, raw in enumerate(f):
+            if task.stop is not None and position >= task.stop:
+                break
+            position += len(raw)
+            if not raw.strip():
+                continue
+            yield (lambda r=relative_line: where(r)), raw
+
+
+def _count_lines(path: str, stop: int) -> int:
+    count = 0
+    with open(path, "rb") as f:
+        while stop > 0 and (chunk := f.read(min(stop, 1 << 20))):
+            count += chunk.count(b"\n")
+            stop -= len(chunk)
+    return count
+
+
+def _parse_jsonl_line(raw: bytes, where: str, text_key: str, chat_key: str | None) -> Any:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise BadInputError(
+            f"{where}: not valid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+        ) from None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise BadInputError(
+            f"{where}: malformed JSON: {error.msg} at column {error.colno}"
+        ) from None
+    return _extract(obj, where, text_key, chat_key)
+
+
+def _iter_parquet(task: PrepareTask, text_key: str, chat_key: str | None):
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(task.path)
+    key = chat_key or text_key
+    names = parquet.schema_arrow.names
+    if key not in names:
+        flag = "--chat-key" if chat_key else "--text-key"
+        raise BadInputError(
+            f"{task.path}: no column {key!r} (columns: {names}); choose with {flag}"
+        )
+    row = task.first_row
+    groups = list(range(task.start, task.stop or 0))
+    for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=[key]):
+        for value in batch.column(0).to_pylist():
+            row += 1
+            yield f"{task.path}: row {row}", value
+
+
+def _parquet_value(value: Any, where: str, text_key: str, chat_key: str | None) -> Any:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise BadInputError(
+                f"{where}: not valid UTF-8 (byte 0x{value[error.start]:02x} at offset "
+                f"{error.start})"
+            ) from None
+    return _extract({chat_key or text_key: value}, where, text_key, chat_key)
+
+
+def _read_txt(task: PrepareTask, chat_key: str | None) -> str:
+    if chat_key:
+        raise BadInputError(f"{task.path}: a .txt file holds plain text, not chat (--chat-key)")
+    data = pathlib.Path(task.path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise BadInputError(
+            f"{task.path}:{line}: not valid UTF-8 (byte 0x{data[error.start]:02x} at column "
+            f"{column})"
+        ) from None
+
+
+def iter_documents(
+    task: PrepareTask,
+    *,
+    text_key: str = "text",
+    chat_key: str | None = None,
+    skip_bad: bool = False,
+    stats: dict | None = None,
+) -> Iterator[Any]:
+    """Documents of one task in input order: text `str`, or `{"messages": [...]}` for chat.
+
+    Bad records raise `BadInputError` naming file and line, or with `skip_bad` are counted in
+    `stats["skipped_bad"]`; empty (whitespace-only) documents are counted in
+    `stats["dropped_empty"]` and not yielded.
+    """
+    stats = stats if stats is not None else {}
+    stats.setdefault("skipped_bad", 0)
+    stats.setdefault("dropped_empty", 0)
+    if task.kind == ".txt":
+        items: Iterator = iter([(task.path, None)])
+    elif task.kind == ".parquet":
+        items = _iter_parquet(task, text_key, chat_key)
+    else:
+        items = _iter_jsonl(task, text_key, chat_key)
+    for where, raw in items:
+        try:
+            if task.kind == ".txt":
+                document = _read_txt(task, chat_key)
+            elif task.kind == ".parquet":
+                document = _parquet_value(raw, where, text_key, chat_key)
+            else:
+                document = _parse_jsonl_line(raw, where(), text_key, chat_key)
+        except BadInputError:
+            if not skip_bad:
+                raise
+            stats["skipped_bad"] += 1
+            continue
+        empty = not document["messages"] if chat_key else not document.strip()
+        if empty:
+            stats["dropped_empty"] += 1
+            continue
+        yield document
+
+
+# --------------------------------------------------------------------------- one task -> one part
+
+
+def prepare_file(
+    task: PrepareTask | str | os.PathLike,
+    part_path: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    text_key: str = "text",
+    chat_key: str | None = None,
+    append_eos: bool = False,
+    skip_bad: bool = False,
+    token_dtype: Any = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    """Encode one input file (or task piece) into the ArrayRecord file `part_path`, atomically.
+
+    With a `tokenizer` (a `TokenizerWrapper`) records are token arrays of `token_dtype` and
+    their `(n,) int64` lengths go to `PART_PATH.lengths.npy`; else text or chat JSON records.
+    `progress(documents, tokens)` is called after each batch. Returns
+    {"records", "tokens", "dropped_empty", "skipped_bad", "sha256"}.
+    """
+    if not isinstance(task, PrepareTask):
+        path = pathlib.Path(task)
+        if not _suffix(path):
+            raise ValueError(f"{path}: unsupported input type; valid suffixes: {SUFFIXES}")
+        task = PrepareTask(str(path), _suffix(path), 0, None)
+        if task.kind == ".parquet":
+            import pyarrow.parquet as pq
+
+            task = dataclasses.replace(task, stop=pq.ParquetFile(path).metadata.num_row_groups)
+    if tokenizer is not None and chat_key:
+        raise ValueError(
+            "chat records are stored untokenized: give chat_key or tokenizer, not both"
+        )
+    tokenizer = _load_tokenizer(tokenizer)
+    part_path = pathlib.Path(part_path)
+    stats = {"skipped_bad": 0, "dropped_empty": 0}
+    documents = iter_documents(
+        task, text_key=text_key, chat_key=chat_key, skip_bad=skip_bad, stats=stats
+    )
+    lengths: list[int] = []
+    if tokenizer is None:
+        format = "chat" if chat_key else "text"
+        records = _encode_untokenized(documents, format, lengths, progress)
+    else:
+        dtype = np.dtype(token_dtype or sources.token_dtype_for_vocab(tokenizer.vocab_size))
+        records = _encode_tokens(
+            documents, tokenizer, dtype, append_eos, lengths, stats, task, progress
+        )
+    written = sources.write_shard(part_path, records, options=PART_WRITER_OPTIONS)
+    if tokenizer is not None:
+        _save_npy_atomic(part_path.with_name(part_path.name + ".lengths.npy"), lengths)
+    return {
+        "records": written["records"],
+        "tokens": int(sum(lengths)) if tokenizer is not None else 0,
+        "dropped_empty": stats["dropped_empty"],
+        "skipped_bad": stats["skipped_bad"],
+        "sha256": written["sha256"],
+    }
+
+
+def _batches(documents: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for document in documents:
+        batch.append(document)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _encode_untokenized(documents, format, lengths, progress) -> Iterator[bytes]:
+    for batch in _batches(documents, BATCH_DOCS):
+        for document in batch:
+            yield sources.encode_record(document, format)
+        if progress:
+            progress(len(batch), 0)
+
+
+def _encode_tokens(
+    documents, tokenizer, dtype, append_eos, lengths, stats, task, progress
+) -> Iterator[bytes]:
+    eos_id = tokenizer.eos_id
+    if append_eos and eos_id is None:
+        raise ValueError(f"append_eos needs an eos token; tokenizer {tokenizer.name} has none")
+    limit = np.iinfo(dtype).max
+    for batch in _batches(documents, BATCH_DOCS):
+        encoded = tokenizer.encode_batch(batch)
+        batch_tokens = 0
+        for ids in encoded:
+            ids = np.asarray(ids)
+            if append_eos and (ids.size == 0 or ids[-1] != eos_id):
+                ids = np.append(ids, eos_id)
+            if ids.size == 0:
+                stats["dropped_empty"] += 1
+                continue
+            if ids.max() > limit or ids.min() < 0:
+                raise ValueError(
+                    f"{task.path}: token id {int(ids.max())} does not fit {dtype.name} "
+                    f"(tokenizer {tokenizer.name} vocab_size {tokenizer.vocab_size})"
+                )
+            lengths.append(int(ids.size))
+            batch_tokens += int(ids.size)
+            yield ids.astype(dtype).tobytes()
+        if progress:
+            progress(len(batch), batch_tokens)
+
+
+def _save_npy_atomic(path: pathlib.Path, values: Any, dtype=np.int64) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, np.asarray(values, dtype=dtype))
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- parts -> shards
+
+
+def _work_dir(out_dir: pathlib.Path) -> pathlib.Path:
+    return out_dir / WORK_DIR_NAME
+
+
+def _part_path(out_dir: pathlib.Path, index: int) -> pathlib.Path:
+    return _work_dir(out_dir) / f"part-{index:06d}.array_record"
+
+
+def _marker_path(path: pathlib.Path) -> pathlib.Path:
+    return path.with_name(path.name + ".done.json")
+
+
+def _read_marker(path: pathlib.Path, key: str) -> dict | None:
+    """The done-marker of `path` if it exists and was written for `key` (else unfinished)."""
+    marker = _marker_path(path)
+    try:
+        result = json.loads(marker.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return result if result.get("key") == key else None
+
+
+def _shard_lengths_path(out_dir: pathlib.Path, shard: int) -> pathlib.Path:
+    return _work_dir(out_dir) / f"shard-{shard:05d}.lengths.npy"
+
+
+def assemble_shard(out_dir: str | os.PathLike, shard: int) -> dict:
+    """Copy shard `shard`'s slice of the global record order from the parts into its shard file.
+
+    Reads the plan and part markers under `OUT/.wf-prepare/`; writes the shard atomically, its
+    lengths, then its done marker. Returns the shard entry {file, records, tokens, sha256}.
+    """
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    out_dir = pathlib.Path(out_dir)
+    plan = json.loads((_work_dir(out_dir) / "plan.json").read_text())
+    counts = [plan["part_records"][i] for i in range(len(plan["parts"]))]
+    starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    total, num_shards = int(starts[-1]), plan["num_shards"]
+    lo, hi = shard * total // num_shards, (shard + 1) * total // num_shards
+    tokens = plan["format"] == "tokens"
+    shard_lengths: list[np.ndarray] = []
+
+    def records() -> Iterator[bytes]:
+        for part in range(len(counts)):
+            a, b = max(lo, int(starts[part])), min(hi, int(starts[part + 1]))
+            if a >= b:
+                continue
+            part_path = _part_path(out_dir, part)
+            if tokens:
+                part_lengths = np.load(part_path.with_name(part_path.name + ".lengths.npy"))
+                shard_lengths.append(part_lengths[a - starts[part] : b - starts[part]])
+            reader = ArrayRecordReader(os.fspath(part_path))
+            try:
+                for begin in range(a, b, COPY_CHUNK):
+                    end = min(b, begin + COPY_CHUNK)
+                    yield from reader.read(int(begin - starts[part]), int(end - starts[part]))
+            finally:
+                reader.close()
+
+    file_name = plan["shards"][shard]
+    _marker_path(_work_dir(out_dir) / file_name).unlink(missing_ok=True)
+    written = sources.write_shard(out_dir / file_name, records())
+    lengths = np.concatenate(shard_lengths) if shard_lengths else np.zeros(0, np.int64)
+    _save_npy_atomic(_shard_lengths_path(out_dir, shard), lengths)
+    entry = {
+        "file": file_name,
+        "records": written["records"],
+        "tokens": int(lengths.sum()),
+        "sha256": written["sha256"],
+    }
+    sources.write_json_atomic(
+        _marker_path(_work_dir(out_dir) / file_name),
+        dict(entry, key=plan["shard_keys"][shard], size=(out_dir / file_name).stat().st_size),
+    )
+    return entry
+
+
+def _shard_done(out_dir: pathlib.Path, plan: dict, shard: int) -> dict | None:
+    file_name = plan["shards"][shard]
+    marker = _read_marker(_work_dir(out_dir) / file_name, plan["shard_keys"][shard])
+    path = out_dir / file_name
+    if marker is None or not path.exists() or path.stat().st_size != marker["size"]:
+        return None
+    if not _shard_lengths_path(out_dir, shard).exists():
+        return None
+    return marker
+
+
+def finalize(out_dir: str | os.PathLike) -> dict:
+    """Write `lengths.npy` then `manifest.json` (atomically, last) from the per-shard results.
+
+    Needs every shard's done marker under `OUT/.wf-prepare/`; deletes the temporary part files
+    afterwards. Returns the manifest.
+    """
+    out_dir = pathlib.Path(out_dir)
+    plan = json.loads((_work_dir(out_dir) / "plan.json").read_text())
+    entries, missing = [], []
+    for shard in range(plan["num_shards"]):
+        marker = _shard_done(out_dir, plan, shard)
+        if marker is None:
+            missing.append(plan["shards"][shard])
+        else:
+            entries.append({key: marker[key] for key in ("file", "records", "tokens", "sha256")})
+    if missing:
+        raise ValueError(f"{out_dir}: cannot finalize, unfinished shards: {missing}")
+    if plan["format"] == "tokens":
+        lengths = [np.load(_shard_lengths_path(out_dir, k)) for k in range(plan["num_shards"])]
+        _save_npy_atomic(out_dir / sources.LENGTHS_NAME, np.concatenate(lengths))
+    manifest = {
+        "version": sources.MANIFEST_VERSION,
+        "name": plan["name"],
+        "format": plan["format"],
+        "token_dtype": plan["token_dtype"],
+        "tokenizer": plan["tokenizer"],
+        "append_eos": plan["append_eos"],
+        "shards": entries,
+        "totals": {
+            "records": sum(entry["records"] for entry in entries),
+            "tokens": sum(entry["tokens"] for entry in entries),
+            "dropped_empty": plan["dropped_empty"],
+            "skipped_bad": plan["skipped_bad"],
+        },
+    }
+    manifest = sources.write_manifest(out_dir, manifest)
+    # Shards of an earlier run with another shard count, and temp files of killed writers.
+    current = set(plan["shards"])
+    for path in out_dir.glob(f"{glob.escape(plan['name'])}-?????-of-?????.array_record*"):
+        if path.name not in current:
+            path.unlink(missing_ok=True)
+    for part in range(len(plan["parts"])):
+        part_path = _part_path(out_dir, part)
+        for path in (part_path, part_path.with_name(part_path.name + ".lengths.npy")):
+            path.unlink(missing_ok=True)
+    return manifest
+
+
+# --------------------------------------------------------------------------- orchestration
+
+_WORKER: dict[str, Any] = {}
+
+
+class _BackendEncoder:
+    """`TokenizerWrapper.encode_batch` for worker processes, over the bare `tokenizers` backend.
+
+    It pickles as the backend's JSON, so a spawned worker starts in a fraction of a second
+    instead of importing transformers (and torch) to reload a `TokenizerWrapper`. It applies
+    the wrapper's bos/eos flags the same way; the tests check it equals `encode_batch`.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.backend = tokenizer.hf_tokenizer.backend_tokenizer
+        self.name, self.vocab_size = tokenizer.name, tokenizer.vocab_size
+        self.bos_id, self.eos_id = tokenizer.bos_id, tokenizer.eos_id
+        self.add_bos = bool(getattr(tokenizer, "add_bos", False))
+        self.add_eos = bool(getattr(tokenizer, "add_eos", False))
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """One `(n_i,) int32` array per text, bos/eos added per the flags."""
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        head = [self.bos_id] if self.add_bos else []
+        tail = [self.eos_id] if self.add_eos else []
+        return [
+            np.array(head + encoding.ids + tail, dtype=np.int32)
+            for encoding in encode(texts, add_special_tokens=False)
+        ]
+
+
+def _init_worker(tokenizer: Any, progress_queue: Any) -> None:
+    # One tokenizer thread per worker process: the processes are the parallelism.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER["tokenizer"] = tokenizer
+    _WORKER["queue"] = progress_queue
+
+
+def _run_part(part_path: str, task: PrepareTask, key: str, options: dict) -> dict:
+    """Worker entry: prepare one part, then write its done marker."""
+    # A stale marker must not vouch for the file about to be rewritten.
+    _marker_path(pathlib.Path(part_path)).unlink(missing_ok=True)
+    tokenizer = _WORKER.get("tokenizer", options.pop("tokenizer", None))
+    progress_queue = _WORKER.get("queue")
+    progress = options.pop("progress", None)
+    if progress is None and progress_queue is not None:
+        progress = lambda docs, tokens: progress_queue.put((docs, tokens))  # noqa: E731
+    result = prepare_file(task, part_path, tokenizer=tokenizer, progress=progress, **options)
+    sources.write_json_atomic(_marker_path(pathlib.Path(part_path)), dict(result, key=key))
+    return result
+
+
+def _load_tokenizer(tokenizer: Any) -> Any:
+    if tokenizer is None or not isinstance(tokenizer, str | os.PathLike):
+        return tokenizer
+    from wf_data.data.tokenization import TokenizerWrapper
+
+    return TokenizerWrapper.from_pretrained(os.fspath(tokenizer), add_bos=False, add_eos=False)
+
+
+def _tokenizer_identity(tokenizer: Any) -> dict | None:
+    if tokenizer is None:
+        return None
+    return {
+        "name": str(tokenizer.name),
+        "vocab_size": int(tokenizer.vocab_size),
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "sha256": tokenizer.fingerprint(),
+    }
+
+
+class _Progress:
+    """tqdm bar over documents with documents/s and tokens/s."""
+
+    def __init__(self, enabled: bool):
+        self.documents = self.tokens = self.parts_run = 0
+        self.queue = None  # worker processes report (documents, tokens) here
+        self.start = time.perf_counter()
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc="prepare", unit="doc", unit_scale=True, file=sys.stderr)
+
+    def update(self, documents: int, tokens: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        if self.bar is not None:
+            self.bar.update(documents)
+            elapsed = max(time.perf_counter() - self.start, 1e-9)
+            self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def prepare(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    text_key: str = "text",
+    chat_key: str | None = None,
+    num_shards: int | None = None,
+    workers: int = 1,
+    append_eos: bool = False,
+    skip_bad: bool = False,
+    name: str = "data",
+    progress: bool = True,
+    piece_bytes: int = PIECE_BYTES,
+) -> dict:
+    """Prepare `inputs` into the dataset directory `out_dir`; returns the manifest.
+
+    `tokenizer` (name, path or `TokenizerWrapper`) gives format `tokens`, `chat_key` gives
+    `chat`, neither gives `text`. `num_shards=None` picks one shard per 256 MiB of input.
+    `workers` processes share the tasks; the output does not depend on it. A re-run into the
+    same `out_dir` with the same inputs and options redoes only unfinished parts and shards.
+    The returned manifest carries `summary` (elapsed seconds in all, and documents/s and
+    tokens/s from the first document on, tokenizer loading excluded), which is not on disk.
+    """
+    started = time.perf_counter()
+    if tokenizer is not None and chat_key:
+        raise ValueError(
+            "chat records are stored untokenized (tokenized by SFTDataset): give chat_key "
+            "(--chat-key) or tokenizer (--tokenizer), not both"
+        )
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out_dir = pathlib.Path(out_dir)
+    files = expand_inputs(inputs)
+    tasks = plan_tasks(files, piece_bytes)
+    if num_shards is None:
+        total_bytes = sum(path.stat().st_size for path in files)
+        num_shards = min(MAX_AUTO_SHARDS, max(1, -(-total_bytes // AUTO_SHARD_BYTES)))
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    shard_files = [sources.shard_name(name, k, num_shards) for k in range(num_shards)]
+    tokenizer = _load_tokenizer(tokenizer)
+    identity = _tokenizer_identity(tokenizer)
+    format = "tokens" if tokenizer is not None else ("chat" if chat_key else "text")
+    token_dtype = sources.token_dtype_for_vocab(identity["vocab_size"]).name if identity else None
+    options = {
+        "text_key": text_key,
+        "chat_key": chat_key,
+        "append_eos": append_eos,
+        "skip_bad": skip_bad,
+        "token_dtype": token_dtype,
+    }
+    options_key = json.dumps([format, identity, options], sort_keys=True)
+    part_keys = [
+        hashlib.sha256(f"{options_key}|{task.key()}".encode()).hexdigest() for task in tasks
+    ]
+    plan_key = hashlib.sha256(f"{options_key}|{part_keys}|{shard_files}".encode()).hexdigest()
+    plan = {
+        "name": name,
+        "format": format,
+        "token_dtype": token_dtype,
+        "tokenizer": identity,
+        "append_eos": bool(append_eos or getattr(tokenizer, "add_eos", False)),
+        "num_shards": num_shards,
+        "shards": shard_files,
+        "shard_keys": [
+            hashlib.sha256(f"{plan_key}|{k}".encode()).hexdigest() for k in range(num_shards)
+        ],
+        "parts": part_keys,
+    }
+    work_dir = _work_dir(out_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    todo_shards = [k for k in range(num_shards) if _shard_done(out_dir, plan, k) is None]
+    (out_dir / sources.MANIFEST_NAME).unlink(missing_ok=True)  # the manifest comes last
+
+    bar = _Progress(progress)
+    pool = None
+    try:
+        pool = _make_pool(workers, tokenizer, bar)
+        part_results = _run_parts(
+            out_dir, tasks, part_keys, tokenizer, options, pool, bar, bool(todo_shards)
+        )
+        plan.update(
+            part_records=[result["records"] for result in part_results],
+            dropped_empty=sum(result["dropped_empty"] for result in part_results),
+            skipped_bad=sum(result["skipped_bad"] for result in part_results),
+        )
+        sources.write_json_atomic(work_dir / "plan.json", plan)
+        if pool is None or len(todo_shards) <= 1:
+            for shard in todo_shards:
+                assemble_shard(out_dir, shard)
+        else:
+            list(pool.map(assemble_shard, [out_dir] * len(todo_shards), todo_shards))
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        bar.close()
+    manifest = finalize(out_dir)
+    now = time.perf_counter()
+    processing = max(now - bar.start, 1e-9)  # rates exclude loading the tokenizer
+    manifest["summary"] = {
+        "elapsed_s": now - started,
+        "documents_per_s": bar.documents / processing,
+        "tokens_per_s": bar.tokens / processing,
+        "parts_run": bar.parts_run,
+        "shards_written": len(todo_shards),
+    }
+    return manifest
+
+
+def _run_parts(out_dir, tasks, part_keys, tokenizer, options, pool, bar, need_files):
+    """Run the unfinished part tasks; returns every part's result, in task order.
+
+    A part is finished when its marker carries the current key and, if a shard still has to be
+    assembled from it (`need_files`), its files are still there (finalize deletes them).
+    """
+    results: list[dict | None] = [None] * len(tasks)
+    todo = []
+    for index, key in enumerate(part_keys):
+        part_path = _part_path(out_dir, index)
+        marker = _read_marker(part_path, key)
+        has_files = part_path.exists() and (
+            options["token_dtype"] is None
+            or part_path.with_name(part_path.name + ".lengths.npy").exists()
+        )
+        if marker is not None and (has_files or not need_files):
+            results[index] = marker
+        else:
+            todo.append(index)
+    bar.parts_run = len(todo)
+    if todo:
+        jobs = [(os.fspath(_part_path(out_dir, i)), tasks[i], part_keys[i]) for i in todo]
+        _execute(jobs, tokenizer, options, pool, bar, results, todo)
+    return results
+
+
+def _make_pool(workers: int, tokenizer: Any, bar: _Progress):
+    """A spawn-context process pool of `workers` (None for 1: everything runs in-process)."""
+    if workers <= 1:
+        return None
+    context = multiprocessing.get_context("spawn")
+    bar.queue = context.Queue()
+    return futures.ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=context,
+        initializer=_init_worker,
+        initargs=(_BackendEncoder(tokenizer) if tokenizer else None, bar.queue),
+    )
+
+
+def _execute(jobs, tokenizer, options, pool, bar, results, todo) -> None:
+    if pool is None or len(jobs) == 1:
+        for index, job in zip(todo, jobs, strict=True):
+            results[index] = _run_part(
+                *job, dict(options, tokenizer=tokenizer, progress=bar.update)
+            )
+        return
+    pending = {
+        pool.submit(_run_part, *job, dict(options)): index
+        for index, job in zip(todo, jobs, strict=True)
+    }
+    waiting = set(pending)
+    while waiting:
+        done, waiting = futures.wait(waiting, timeout=0.2)
+        _drain(bar)
+        for future in done:
+            results[pending[future]] = future.result()
+    _drain(bar)
+
+
+def _drain(bar: _Progress) -> None:
+    while True:
+        try:
+            documents, tokens = bar.queue.get_nowait()
+        except queue_lib.Empty:
+            return
+        bar.update(documents, tokens)

@@ -1,0 +1,457 @@
+"""Prepared dataset directories: manifest, ArrayRecord shards and random access over them.
+
+A dataset directory holds `manifest.json`, shards `NAME-00000-of-00008.array_record` and, for the
+`tokens` format, `lengths.npy` ((N,) int64 token count per record, in global record order). Records:
+
+- tokens: raw little-endian bytes of a uint16 or uint32 array (manifest `token_dtype`);
+- text:   UTF-8 bytes of the document text;
+- chat:   UTF-8 JSON object with at least `"messages": [{"role": str, "content": str}, ...]`.
+
+`open_dataset(path)` returns a `DocumentSource`, a Grain `RandomAccessDataSource` (by protocol)
+over all shards.
+The small writer helpers here (`write_shard`, `write_json_atomic`, `file_sha256`) are what
+`wf_data.data.prepare` uses, so that reading and writing agree on one encoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+MANIFEST_NAME = "manifest.json"
+LENGTHS_NAME = "lengths.npy"
+MANIFEST_VERSION = 1
+FORMATS = ("tokens", "text", "chat")
+TOKEN_DTYPES = ("uint16", "uint32")
+# group_size:1 makes every record its own chunk: fast random access (what Grain recommends).
+WRITER_OPTIONS = "group_size:1"
+# Random access: no readahead (the Grain ArrayRecordDataSource choice).
+READER_OPTIONS = "readahead_buffer_size:0"
+
+__all__ = [
+    "DocumentSource",
+    "InMemorySource",
+    "LENGTHS_NAME",
+    "MANIFEST_NAME",
+    "compute_fingerprint",
+    "decode_record",
+    "encode_record",
+    "file_sha256",
+    "open_dataset",
+    "read_manifest",
+    "shard_name",
+    "token_dtype_for_vocab",
+    "validate_chat_messages",
+    "validate_manifest",
+    "write_json_atomic",
+    "write_manifest",
+    "write_shard",
+]
+
+
+# --------------------------------------------------------------------------- naming and hashing
+
+
+def shard_name(name: str, index: int, num_shards: int) -> str:
+    """File name of shard `index` of `num_shards`: `NAME-00003-of-00008.array_record`."""
+    if not name or "/" in name or os.sep in name:
+        raise ValueError(f"dataset name must be a non-empty file-name part, got {name!r}")
+    if num_shards < 1 or not 0 <= index < num_shards:
+        raise ValueError(f"shard index {index} out of range for {num_shards} shards")
+    return f"{name}-{index:05d}-of-{num_shards:05d}.array_record"
+
+
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def token_dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """uint16 when every token id fits (vocab_size <= 65536), else uint32."""
+    if vocab_size < 1:
+        raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+def compute_fingerprint(manifest: dict) -> str:
+    """sha256 hex over format, token dtype, tokenizer sha256 and the shard sha256s, in order."""
+    tokenizer = manifest.get("tokenizer") or {}
+    parts = [
+        f"format={manifest['format']}",
+        f"token_dtype={manifest.get('token_dtype')}",
+        f"tokenizer={tokenizer.get('sha256')}",
+    ]
+    parts += [f"shard={shard['sha256']}" for shard in manifest["shards"]]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- record encoding
+
+
+def validate_chat_messages(messages: Any, where: str) -> list[dict]:
+    """Check `messages` is a list of {"role": str, "content": str}; `where` names file and line."""
+    if not isinstance(messages, list):
+        raise TypeError(f"{where}: chat messages must be a list, got {type(messages).__name__}")
+    for turn, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise TypeError(
+                f"{where}: message {turn} must be an object with 'role' and 'content', "
+                f"got {type(message).__name__}"
+            )
+        for field in ("role", "content"):
+            if field not in message:
+                raise ValueError(f"{where}: message {turn} is missing field {field!r}")
+            if not isinstance(message[field], str):
+                raise TypeError(
+                    f"{where}: message {turn} field {field!r} must be a string, "
+                    f"got {type(message[field]).__name__}"
+                )
+    return messages
+
+
+def encode_record(document: Any, format: str, token_dtype: np.dtype | None = None) -> bytes:
+    """Bytes stored in a shard for one document (tokens array, text str or chat dict)."""
+    if format == "tokens":
+        dtype = np.dtype(token_dtype).newbyteorder("<")
+        return np.ascontiguousarray(document, dtype=dtype).tobytes()
+    if format == "text":
+        return document.encode("utf-8")
+    if format == "chat":
+        return json.dumps(document, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    raise ValueError(f"unknown format {format!r}; valid: {FORMATS}")
+
+
+def decode_record(
+    record: bytes, format: str, token_dtype: np.dtype | None = None, where: str = "record"
+) -> Any:
+    """Inverse of `encode_record`: (n,) read-only token array, str or chat dict."""
+    if format == "tokens":
+        dtype = np.dtype(token_dtype).newbyteorder("<")
+        if len(record) % dtype.itemsize:
+            raise ValueError(
+                f"{where}: expected {dtype.name} tokens, got {len(record)} bytes "
+                f"(not a multiple of {dtype.itemsize})"
+            )
+        return np.frombuffer(record, dtype=dtype)
+    if format == "text":
+        return record.decode("utf-8")
+    if format == "chat":
+        return json.loads(record)
+    raise ValueError(f"unknown format {format!r}; valid: {FORMATS}")
+
+
+# --------------------------------------------------------------------------- atomic writers
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+    """Write `obj` as deterministic JSON (sorted keys, indented) via `*.tmp` + fsync + rename."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_shard(
+    path: str | os.PathLike, records: Iterable[bytes], options: str = WRITER_OPTIONS
+) -> dict:
+    """Write records to an ArrayRecord shard atomically; returns {"records", "sha256"}.
+
+    The shard is written to `PATH.tmp` and renamed into place only once closed, so a killed run
+    never leaves a file at `path` that looks finished.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    writer = ArrayRecordWriter(os.fspath(tmp), options)
+    count = 0
+    try:
+        for record in records:
+            writer.write(record)
+            count += 1
+    finally:
+        writer.close()
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    sha256 = file_sha256(tmp)
+    os.replace(tmp, path)
+    return {"records": count, "sha256": sha256}
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
+    """Check keys, types and totals of a manifest dict; raises ValueError naming `where`."""
+
+    def fail(message: str) -> None:
+        raise ValueError(f"{where}: {message}")
+
+    if not isinstance(manifest, dict):
+        fail(f"expected a JSON object, got {type(manifest).__name__}")
+    required = (
+        "version",
+        "name",
+        "format",
+        "token_dtype",
+        "tokenizer",
+        "shards",
+        "totals",
+        "fingerprint",
+    )
+    missing = [key for key in required if key not in manifest]
+    if missing:
+        fail(f"missing keys {missing}")
+    if manifest["version"] != MANIFEST_VERSION:
+        fail(f"unsupported version {manifest['version']!r}; this wf-data reads {MANIFEST_VERSION}")
+    if manifest["format"] not in FORMATS:
+        fail(f"format {manifest['format']!r} is not one of {FORMATS}")
+    if manifest["format"] == "tokens":
+        if manifest["token_dtype"] not in TOKEN_DTYPES:
+            fail(f"token_dtype {manifest['token_dtype']!r} is not one of {TOKEN_DTYPES}")
+    elif manifest["token_dtype"] is not None:
+        fail(f"token_dtype must be null for format {manifest['format']!r}")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards:
+        fail("shards must be a non-empty list")
+    for i, shard in enumerate(shards):
+        if not isinstance(shard, dict):
+            fail(f"shards[{i}] must be an object")
+        for key, kind in (("file", str), ("records", int), ("tokens", int), ("sha256", str)):
+            if not isinstance(shard.get(key), kind):
+                fail(f"shards[{i}].{key} must be {kind.__name__}, got {shard.get(key)!r}")
+        if os.path.basename(shard["file"]) != shard["file"]:
+            fail(f"shards[{i}].file must be a bare file name, got {shard['file']!r}")
+    totals = manifest["totals"]
+    if not isinstance(totals, dict):
+        fail("totals must be an object")
+    for key, shard_key in (("records", "records"), ("tokens", "tokens")):
+        expected = sum(shard[shard_key] for shard in shards)
+        if totals.get(key) != expected:
+            fail(f"totals.{key} = {totals.get(key)!r} but the shards sum to {expected}")
+    if manifest["fingerprint"] != compute_fingerprint(manifest):
+        fail("fingerprint does not match the manifest contents (edited or corrupt manifest)")
+    return manifest
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    """Load and validate `DIR/manifest.json` (or a manifest file path)."""
+    path = pathlib.Path(path)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path}: no manifest; is {path.parent} a dataset prepared by `wf-data prepare`?"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON: {error}") from error
+    return validate_manifest(manifest, where=str(path))
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> dict:
+    """Fill in the fingerprint, validate and write `out_dir/manifest.json` atomically."""
+    manifest = dict(manifest, fingerprint=compute_fingerprint(manifest))
+    path = pathlib.Path(out_dir) / MANIFEST_NAME
+    validate_manifest(manifest, where=str(path))
+    write_json_atomic(path, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class DocumentSource:
+    """Random access over the records of a prepared dataset directory (all shards, in order).
+
+    Items are (n,) uint16/uint32 read-only token arrays (`tokens`), `str` (`text`) or `dict`
+    (`chat`). Readers open lazily, per process, so the source pickles as just its path.
+    It implements Grain's `RandomAccessDataSource` protocol (`isinstance` holds); it does not
+    inherit from it so that this module, and `prepare`'s worker processes, never import grain
+    (and with it jax): a worker then starts in about a second instead of several.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self.manifest = read_manifest(self.path)
+        self.format: str = self.manifest["format"]
+        self.fingerprint: str = self.manifest["fingerprint"]
+        dtype = self.manifest["token_dtype"]
+        self.token_dtype = np.dtype(dtype) if dtype else None
+        self.shard_paths = [self.path / shard["file"] for shard in self.manifest["shards"]]
+        for shard_path in self.shard_paths:
+            if not shard_path.exists():
+                raise FileNotFoundError(f"{self.path / MANIFEST_NAME}: shard {shard_path} missing")
+        counts = np.array([shard["records"] for shard in self.manifest["shards"]], dtype=np.int64)
+        # starts[k] = global index of shard k's first record; starts[-1] = total records.
+        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        self.lengths = self._load_lengths() if self.format == "tokens" else None
+        self._readers: list[Any] = [None] * len(self.shard_paths)
+        self._lock = threading.Lock()
+
+    def _load_lengths(self) -> np.ndarray:
+        lengths_path = self.path / LENGTHS_NAME
+        if not lengths_path.exists():
+            raise FileNotFoundError(f"{lengths_path}: missing (required for format 'tokens')")
+        lengths = np.load(lengths_path)
+        if lengths.dtype != np.int64 or lengths.shape != (len(self),):
+            raise ValueError(
+                f"{lengths_path}: expected ({len(self)},) int64, "
+                f"got {lengths.shape} {lengths.dtype}"
+            )
+        if int(lengths.sum()) != self.manifest["totals"]["tokens"]:
+            raise ValueError(f"{lengths_path}: lengths do not sum to the manifest's token total")
+        lengths.setflags(write=False)
+        return lengths
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def __repr__(self) -> str:
+        return f"DocumentSource(path={str(self.path)!r}, fingerprint={self.fingerprint[:16]!r})"
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_readers"] = [None] * len(self.shard_paths)
+        del state["_lock"]
+        # lengths can be large (8 bytes a record): the new process memory-maps the file instead.
+        state["lengths"] = None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        if self.format == "tokens":
+            self.lengths = np.load(self.path / LENGTHS_NAME, mmap_mode="r")
+
+    def _reader(self, shard: int):
+        reader = self._readers[shard]
+        if reader is None:
+            from array_record.python.array_record_module import ArrayRecordReader
+
+            with self._lock:
+                reader = self._readers[shard]
+                if reader is None:
+                    reader = ArrayRecordReader(os.fspath(self.shard_paths[shard]), READER_OPTIONS)
+                    self._readers[shard] = reader
+        return reader
+
+    def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Global record indices -> (shard index, index within the shard)."""
+        n = len(self)
+        if indices.size and (indices.min() < -n or indices.max() >= n):
+            bad = indices[(indices < -n) | (indices >= n)][0]
+            raise IndexError(f"record {bad} out of range for {self.path} with {n} records")
+        indices = np.where(indices < 0, indices + n, indices)
+        shards = np.searchsorted(self._starts, indices, side="right") - 1
+        return shards, indices - self._starts[shards]
+
+    def _decode(self, record: bytes, shard: int, local: int) -> Any:
+        where = f"shard {self.shard_paths[shard].name} record {local}"
+        return decode_record(record, self.format, self.token_dtype, where)
+
+    def __getitem__(self, index: int) -> Any:
+        shards, locals_ = self._locate(np.array([int(index)], dtype=np.int64))
+        shard, local = int(shards[0]), int(locals_[0])
+        record = self._reader(shard).read([local])[0]
+        return self._decode(record, shard, local)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """Batched read in the order of `indices`: one `ArrayRecordReader.read` call per shard."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        shards, locals_ = self._locate(indices)
+        out: list[Any] = [None] * len(indices)
+        for shard in np.unique(shards):
+            positions = np.flatnonzero(shards == shard)
+            shard_locals = locals_[positions].tolist()
+            records = self._reader(int(shard)).read(shard_locals)
+            for position, local, record in zip(positions, shard_locals, records, strict=True):
+                out[position] = self._decode(record, int(shard), local)
+        return out
+
+    def close(self) -> None:
+        """Close the open shard readers (they reopen lazily on the next read)."""
+        for i, reader in enumerate(self._readers):
+            if reader is not None:
+                reader.close()
+                self._readers[i] = None
+
+
+class InMemorySource:
+    """The `DocumentSource` interface over a Python list of documents (tests, demo).
+
+    `format="tokens"` stores each document as a read-only (n,) `token_dtype` array and computes
+    `lengths` ((N,) int64); `fingerprint` is the sha256 of the encoded content.
+    """
+
+    def __init__(self, docs: Sequence[Any], format: str = "tokens", token_dtype=np.uint32):
+        if format not in FORMATS:
+            raise ValueError(f"unknown format {format!r}; valid: {FORMATS}")
+        self.format = format
+        self.path = None
+        self.token_dtype = np.dtype(token_dtype) if format == "tokens" else None
+        digest = hashlib.sha256(f"format={format},dtype={self.token_dtype}".encode())
+        self._docs: list[Any] = []
+        for i, doc in enumerate(docs):
+            if format == "tokens":
+                doc = np.array(doc, dtype=self.token_dtype).reshape(-1)
+                doc.setflags(write=False)
+            elif format == "text" and not isinstance(doc, str):
+                raise TypeError(f"document {i}: text format needs str, got {type(doc).__name__}")
+            elif format == "chat":
+                if not isinstance(doc, dict) or "messages" not in doc:
+                    raise TypeError(f"document {i}: chat format needs a dict with 'messages'")
+                validate_chat_messages(doc["messages"], f"document {i}")
+            record = encode_record(doc, format, self.token_dtype)
+            digest.update(len(record).to_bytes(8, "little"))
+            digest.update(record)
+            self._docs.append(doc)
+        self.fingerprint = digest.hexdigest()
+        self.lengths = None
+        if format == "tokens":
+            self.lengths = np.array([len(doc) for doc in self._docs], dtype=np.int64)
+            self.lengths.setflags(write=False)
+        self.manifest = {
+            "version": MANIFEST_VERSION,
+            "name": "in-memory",
+            "format": format,
+            "token_dtype": self.token_dtype.name if self.token_dtype else None,
+            "fingerprint": self.fingerprint,
+        }
+
+    def __len__(self) -> int:
+        return len(self._docs)
+
+    def __repr__(self) -> str:
+        return (
+            f"InMemorySource(n={len(self)}, format={self.format!r}, "
+            f"fingerprint={self.fingerprint[:16]!r})"
+        )
+
+    def __getitem__(self, index: int) -> Any:
+        return self._docs[int(index)]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[Any]:
+        """Documents at `indices`, in that order."""
+        return [self._docs[int(i)] for i in indices]
+
+
+def open_dataset(path: str | os.PathLike) -> DocumentSource:
+    """Open a dataset directory written by `wf-data prepare` as a `DocumentSource`."""
+    return DocumentSource(path)
