@@ -1,0 +1,362 @@
+"""Tests for wf_data.data.odm.Exp3 and the tools/simulate_odm.py simulation."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wf_data.data.odm import Exp3
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def reference_run(k, alpha, prior, loss_rows, warmup_steps=0):
+    """The issue's formulas step by step in plain Python: (policies before each update, R)."""
+    prior = [p / sum(prior) for p in prior]
+
+    def eps(s):
+        return 1.0 / k if s == 0 else min(1.0 / k, math.sqrt(math.log(k) / (k * s)))
+
+    rewards = [0.0] * k
+    policies = []
+    for n, row in enumerate(loss_rows):
+        t = n + 1
+        if n < warmup_steps:
+            pi = list(prior)
+        else:
+            exps = [math.exp(eps(t - 1) * r) for r in rewards]
+            total = sum(exps)
+            pi = [
+                (1 - k * eps(t)) * e / total + k * eps(t) * p
+                for e, p in zip(exps, prior, strict=True)
+            ]
+        policies.append(pi)
+        for i, loss in enumerate(row):
+            if loss is not None:
+                rewards[i] = alpha * rewards[i] + (1 - alpha) * loss / pi[i]
+    return policies, rewards
+
+
+def fixed_losses(k, steps, seed=0, observe_prob=0.7):
+    """A fixed (steps, K) loss sequence with None for unobserved domains."""
+    rng = np.random.default_rng([seed, 7])
+    losses = rng.uniform(0.5, 4.0, size=(steps, k)) * (1 + np.arange(k)) / k
+    observed = rng.random((steps, k)) < observe_prob
+    return [
+        [float(v) if o else None for v, o in zip(r, m, strict=True)]
+        for r, m in zip(losses, observed, strict=True)
+    ]
+
+
+def as_array(row):
+    return np.array([np.nan if v is None else v for v in row])
+
+
+def as_mapping(row):
+    return {i: v for i, v in enumerate(row) if v is not None}
+
+
+@pytest.mark.parametrize(
+    "k, alpha, prior",
+    [(4, 0.9, None), (3, 0.5, [3.0, 1.0, 2.0]), (22, 0.9, None), (6, 0.0, [1, 2, 3, 4, 5, 6])],
+)
+@pytest.mark.parametrize("form", ["array", "mapping"])
+def test_matches_step_by_step_formulas(k, alpha, prior, form):
+    steps = 120
+    rows = fixed_losses(k, steps, seed=k)
+    prior_list = [1.0] * k if prior is None else [float(p) for p in prior]
+    expected_policies, expected_rewards = reference_run(k, alpha, prior_list, rows)
+    bandit = Exp3(k, alpha=alpha, prior=prior)
+    for n, row in enumerate(rows):
+        np.testing.assert_allclose(bandit.policy(), expected_policies[n], rtol=0, atol=1e-12)
+        assert bandit.step == n
+        bandit.update(as_array(row) if form == "array" else as_mapping(row))
+    np.testing.assert_allclose(bandit.rewards, expected_rewards, rtol=1e-12, atol=1e-12)
+    assert abs(bandit.policy().sum() - 1.0) < 1e-12
+
+
+def test_policy_equals_prior_until_exploration_decays():
+    k = 4  # eps_t = 1/K while t <= K ln K = 5.55: the first 5 policies are the prior
+    prior = [0.4, 0.3, 0.2, 0.1]
+    bandit = Exp3(k, prior=prior)
+    for _ in range(5):
+        np.testing.assert_allclose(bandit.policy(), prior, atol=1e-15)
+        bandit.update([1.0, 2.0, 3.0, 4.0])
+    assert bandit.step == 5
+    assert bandit.rewards[3] > bandit.rewards[0] > 0
+    assert np.abs(bandit.policy() - prior).max() > 1e-3  # t = 6 > K ln K: the rewards count
+
+
+def test_policy_moves_toward_high_loss_domain():
+    bandit = Exp3(3)
+    for _ in range(300):
+        bandit.update([1.0, 1.0, 3.0])
+    policy = bandit.policy()
+    assert policy[2] > 1 / 3 > policy[0]
+    assert policy[0] == pytest.approx(policy[1], abs=1e-12)
+
+
+def test_policy_is_cached_read_only_and_recomputed_after_update():
+    bandit = Exp3(5)
+    first = bandit.policy()
+    assert bandit.policy() is first
+    assert first.dtype == np.float64 and first.shape == (5,)
+    with pytest.raises(ValueError):
+        first[0] = 1.0
+    bandit.update({0: 2.0})
+    assert bandit.policy() is not first
+
+
+def test_prior_is_normalised_and_validated():
+    bandit = Exp3(3, prior=[2, 1, 1])
+    np.testing.assert_allclose(bandit.prior, [0.5, 0.25, 0.25])
+    np.testing.assert_allclose(bandit.policy(), [0.5, 0.25, 0.25])
+    for bad, match in [
+        ([1, 2], "shape"),
+        ([1, -1, 1], ">= 0"),
+        ([1, np.nan, 1], "finite"),
+        ([1, np.inf, 1], "finite"),
+        ([0, 0, 0], "positive sum"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Exp3(3, prior=bad)
+    with pytest.raises(TypeError, match="mapping"):
+        Exp3(3, prior={0: 1.0})
+
+
+def test_prior_with_zero_weight_warns_instead_of_dividing_by_zero():
+    bandit = Exp3(3, prior=[1, 1, 0], warmup_steps=2)
+    assert bandit.policy()[2] == 0.0
+    with pytest.warns(RuntimeWarning, match="domain 2 has policy weight 0"):
+        bandit.update([1.0, 2.0, 5.0])
+    assert np.isfinite(bandit.rewards).all() and bandit.rewards[2] == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"alpha": 1.5}, "alpha"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"min_weight": 0.5}, "infeasible"),
+        ({"max_weight": 0.2}, "infeasible"),
+        ({"min_weight": 0.3, "max_weight": 0.2}, "exceeds"),
+        ({"min_weight": -0.1}, "min_weight"),
+    ],
+)
+def test_constructor_validates(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Exp3(3, **kwargs)
+
+
+def test_constructor_validates_num_domains():
+    with pytest.raises(ValueError, match="num_domains"):
+        Exp3(0)
+    with pytest.raises(TypeError, match="num_domains"):
+        Exp3(2.0)
+
+
+def test_update_validates_indices_and_shape():
+    bandit = Exp3(3)
+    with pytest.raises(ValueError, match=r"out of range, valid: 0\.\.2"):
+        bandit.update({3: 1.0})
+    with pytest.raises(ValueError, match="out of range"):
+        bandit.update({-1: 1.0})
+    with pytest.raises(TypeError, match="ints"):
+        bandit.update({"web": 1.0})
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        bandit.update([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        bandit.update(np.ones((3, 1)))
+    assert bandit.step == 0  # nothing was applied
+    bandit.update({np.int64(2): np.float32(1.5)})
+    assert bandit.step == 1
+
+
+def test_nan_and_inf_losses_are_ignored_with_a_warning():
+    bandit = Exp3(3, alpha=0.5)
+    bandit.update([1.0, 1.0, 1.0])
+    before = bandit.rewards
+    with pytest.warns(RuntimeWarning, match="domain 1 loss is nan"):
+        bandit.update({0: 2.0, 1: float("nan")})
+    with pytest.warns(RuntimeWarning, match="domain 2 loss is inf"):
+        bandit.update(np.array([np.nan, 1.0, np.inf]))
+    with pytest.warns(RuntimeWarning, match="domain 0 loss is -inf"):
+        bandit.update({0: -math.inf})
+    rewards = bandit.rewards
+    assert np.isfinite(rewards).all() and np.isfinite(bandit.policy()).all()
+    assert rewards[2] == before[2]  # inf never reached R
+    assert rewards[0] != before[0] and rewards[1] != before[1]
+    assert bandit.step == 4
+    # NaN in the array form means "unobserved": silent, R unchanged.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bandit.update(np.full(3, np.nan))
+    np.testing.assert_array_equal(bandit.rewards, rewards)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_reward_overflow_is_ignored_with_a_warning():
+    bandit = Exp3(2, alpha=0.0)  # R_1 = 1.7e308 / 0.5 overflows
+    with pytest.warns(RuntimeWarning, match="domain 1 loss .* overflows"):
+        bandit.update(np.array([1.0, 1.7e308]))
+    assert np.isfinite(bandit.rewards).all() and bandit.rewards[0] > 0
+
+
+def test_update_accepts_torch_and_jax_arrays():
+    torch = pytest.importorskip("torch")
+    jnp = pytest.importorskip("jax.numpy")
+    losses = [1.5, float("nan"), 3.0]
+    reference = Exp3(3)
+    reference.update(np.array(losses))
+    for converted in (torch.tensor(losses, dtype=torch.float64), jnp.asarray(losses)):
+        bandit = Exp3(3)
+        bandit.update(converted)
+        np.testing.assert_allclose(bandit.rewards, reference.rewards, rtol=1e-6)
+
+
+@pytest.mark.parametrize("min_weight, max_weight", [(0.1, None), (None, 0.3), (0.05, 0.4)])
+def test_bounds_hold_and_rescale_the_unclipped_entries(min_weight, max_weight):
+    k = 5
+    prior = [0.02, 0.08, 0.2, 0.3, 0.4]  # outside the bounds at first: clipping is exercised
+    bounded = Exp3(k, alpha=0.5, prior=prior, min_weight=min_weight, max_weight=max_weight)
+    free = Exp3(k, alpha=0.5, prior=prior)
+    lo = min_weight or 0.0
+    hi = max_weight or 1.0
+    saw_clipping = False
+    for step in range(200):
+        losses = np.array([0.2, 0.5, 1.0, 4.0, 9.0]) * (1 + 0.1 * np.sin(step))
+        policy = bounded.policy()
+        assert abs(policy.sum() - 1.0) < 1e-12
+        assert policy.min() >= lo - 1e-12 and policy.max() <= hi + 1e-12
+        # Same rewards -> the bounded policy is clip(c * unbounded policy, lo, hi).
+        free.load_state_dict({**free.state_dict(), "rewards": bounded.rewards.tolist()})
+        free_policy = free.policy()
+        inside = (policy > lo + 1e-12) & (policy < hi - 1e-12)
+        if inside.sum() < k:
+            saw_clipping = True
+        if inside.any():
+            ratio = policy[inside] / free_policy[inside]
+            np.testing.assert_allclose(ratio, ratio[0], rtol=1e-10)
+            assert np.all(free_policy[policy <= lo + 1e-12] * ratio[0] <= lo + 1e-12)
+            assert np.all(free_policy[policy >= hi - 1e-12] * ratio[0] >= hi - 1e-12)
+        bounded.update(losses)
+        free.update(losses)
+    assert saw_clipping
+
+
+def test_bounds_equal_to_one_over_k_force_uniform():
+    bandit = Exp3(4, min_weight=0.25, max_weight=0.25, prior=[5, 1, 1, 1])
+    for _ in range(20):
+        np.testing.assert_allclose(bandit.policy(), 0.25, atol=1e-15)
+        bandit.update([1.0, 2.0, 3.0, 4.0])
+
+
+def test_warmup_keeps_the_prior_while_rewards_accumulate():
+    k, warmup = 3, 40
+    prior = [0.5, 0.3, 0.2]
+    rows = fixed_losses(k, 80, seed=3, observe_prob=1.0)
+    expected_policies, expected_rewards = reference_run(k, 0.9, prior, rows, warmup)
+    bandit = Exp3(k, prior=prior, warmup_steps=warmup)
+    for n, row in enumerate(rows):
+        if n < warmup:
+            np.testing.assert_array_equal(bandit.policy(), bandit.prior)
+        np.testing.assert_allclose(bandit.policy(), expected_policies[n], atol=1e-12)
+        bandit.update(as_array(row))
+    np.testing.assert_allclose(bandit.rewards, expected_rewards, rtol=1e-12)
+    assert np.abs(bandit.policy() - np.array(prior)).max() > 1e-3
+
+
+def test_state_round_trip_through_json():
+    rows = fixed_losses(6, 50, seed=11)
+    bandit = Exp3(6, alpha=0.8, prior=[1, 2, 3, 4, 5, 6], min_weight=0.05, warmup_steps=3)
+    for row in rows[:30]:
+        bandit.update(as_mapping(row))
+    state = json.loads(json.dumps(bandit.state_dict()))
+    assert state["step"] == 30 and len(state["rewards"]) == 6
+    restored = Exp3(6, alpha=0.8, prior=[1, 2, 3, 4, 5, 6], min_weight=0.05, warmup_steps=3)
+    restored.load_state_dict(state)
+    np.testing.assert_array_equal(restored.policy(), bandit.policy())
+    for row in rows[30:]:
+        bandit.update(as_mapping(row))
+        restored.update(as_mapping(row))
+        np.testing.assert_array_equal(restored.policy(), bandit.policy())
+    assert restored.step == bandit.step == 50
+
+
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        (Exp3(5, alpha=0.8), "num_domains=4"),
+        (Exp3(4, alpha=0.7), "alpha=0.8"),
+        (Exp3(4, alpha=0.8, prior=[1, 1, 1, 2]), "prior="),
+    ],
+)
+def test_load_state_refuses_a_different_configuration(other, match):
+    state = Exp3(4, alpha=0.8).state_dict()
+    with pytest.raises(ValueError, match=match):
+        other.load_state_dict(state)
+
+
+def test_load_state_validates_values():
+    bandit = Exp3(2)
+    state = bandit.state_dict()
+    with pytest.raises(ValueError, match="finite"):
+        bandit.load_state_dict({**state, "rewards": [0.0, float("nan")]})
+    with pytest.raises(ValueError, match="lacks"):
+        bandit.load_state_dict({"num_domains": 2})
+
+
+def test_single_domain_is_trivial():
+    bandit = Exp3(1)
+    for _ in range(3):
+        np.testing.assert_array_equal(bandit.policy(), [1.0])
+        bandit.update([2.0])
+
+
+# --- tools/simulate_odm.py ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def simulate_odm():
+    spec = importlib.util.spec_from_file_location("simulate_odm", REPO / "tools/simulate_odm.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["simulate_odm"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("simulate_odm", None)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_simulation_moves_weight_to_the_slow_learning_domain(simulate_odm, seed):
+    domains = simulate_odm.default_domains()
+    slow = domains.names.index("math")
+    fast = domains.names.index("code")
+    assert domains.rate[slow] == domains.rate.min() and domains.rate[fast] == domains.rate.max()
+    exp3 = simulate_odm.simulate(domains, mixer="exp3", steps=300, seed=seed)
+    static = simulate_odm.simulate(domains, mixer="static", steps=300, seed=seed)
+    assert exp3.policy.shape == exp3.loss.shape == (300, 5)
+    final = exp3.final_policy
+    assert final.argmax() == slow and final.argmin() == fast
+    assert final[slow] > 0.2 + 0.005 and final[fast] < 0.2 - 0.005
+    np.testing.assert_allclose(static.policy, 0.2)
+    # More rows for the slow domain lowers its loss below the static run's.
+    assert exp3.rows_seen[-1, slow] > static.rows_seen[-1, slow]
+    again = simulate_odm.simulate(domains, mixer="exp3", steps=300, seed=seed)
+    np.testing.assert_array_equal(again.policy, exp3.policy)
+
+
+@pytest.mark.slow
+def test_simulation_main_prints_table_and_writes_png(simulate_odm, tmp_path, capsys):
+    out = tmp_path / "plots" / "odm.png"
+    assert simulate_odm.main(["--steps", "60", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "final EXP3 weights: web=" in printed and "static" in printed
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.parent.glob(".*.tmp"))
