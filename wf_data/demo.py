@@ -27,7 +27,7 @@ from wf_data.influence import InfluenceAwareOptimizer, per_domain_loss, row_loss
 class DemoOptions:
     """Knobs of the demo run; the defaults finish in a few minutes on 2 cores."""
 
-    steps: int = 120
+    steps: int = 80
     resume_check_steps: int = 5
     seq_len: int = 256
     global_batch_size: int = 8
@@ -35,6 +35,7 @@ class DemoOptions:
     num_layers: int = 2
     learning_rate: float = 3e-3
     eval_batches: int = 4
+    eval_batch_size: int = 2
     seed: int = 0
     out_dir: str | None = None
 
@@ -85,9 +86,13 @@ def _train_steps(model, optimizer, batches, steps, bar=None, record=None):
 
 @torch.no_grad()
 def evaluate(model, eval_loaders, max_batches: int) -> dict[str, float]:
-    """Mean validation loss per domain over at most ``max_batches`` held-out batches."""
+    """Mean validation loss per domain over the first ``max_batches`` held-out batches.
+
+    Each eval loader is reset first, so every evaluation sees the same rows.
+    """
     losses = {}
     for name, loader in eval_loaders.items():
+        loader.reset()
         values = []
         for index, batch in enumerate(loader):
             if index >= max_batches:
@@ -95,6 +100,30 @@ def evaluate(model, eval_loaders, max_batches: int) -> dict[str, float]:
             values.append(row_losses(model, batch).mean().item())
         losses[name] = float(np.mean(values)) if values else float("nan")
     return losses
+
+
+def training_state(model, optimizer) -> dict:
+    """Model, optimizer (moments initialised, as DCP loads in place) and EXP3 accumulators."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer.optimizer)
+    return {
+        "model": model_state,
+        "optimizer": optimizer_state,
+        "influence": optimizer.influence_state_dict(),
+    }
+
+
+def load_training_state(model, optimizer, state: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer.optimizer,
+        model_state_dict=state["model"],
+        optim_state_dict=state["optimizer"],
+    )
+    optimizer.load_influence_state_dict(state["influence"])
 
 
 def _make_run(options: DemoOptions):
@@ -133,7 +162,8 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     print(f"  shards in {data_root}")
 
     loader, model, optimizer, overrides = _make_run(options)
-    eval_loaders = get_eval_loaders("demo", framework="torch", overrides=overrides)
+    eval_overrides = [*overrides, f"global_batch_size={options.eval_batch_size}"]
+    eval_loaders = get_eval_loaders("demo", framework="torch", overrides=eval_overrides)
     eval_before = evaluate(model, eval_loaders, options.eval_batches)
     history = [(0, loader.mixture)]
     batches = iter(loader)
@@ -151,9 +181,7 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     checkpoint = out_dir / f"step-{options.steps}"
     if checkpoint.exists():
         shutil.rmtree(checkpoint)
-    save_with_dcp(
-        checkpoint, loader, {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    )
+    save_with_dcp(checkpoint, loader, training_state(model, optimizer))
     stats = loader.stats()
     tokens_served = stats["data/tokens_served"]
     expected: list[torch.Tensor] = []
@@ -161,10 +189,9 @@ def run_demo(options: DemoOptions | None = None) -> dict:
 
     # A fresh process would do exactly this: new loader, model and optimizer, then restore.
     loader2, model2, optimizer2, _ = _make_run(options)
-    model_state, optimizer_state = model2.state_dict(), optimizer2.state_dict()
-    load_with_dcp(checkpoint, loader2, {"model": model_state, "optimizer": optimizer_state})
-    model2.load_state_dict(model_state)
-    optimizer2.load_state_dict(optimizer_state)
+    state = training_state(model2, optimizer2)
+    load_with_dcp(checkpoint, loader2, state)
+    load_training_state(model2, optimizer2, state)
     resumed: list[torch.Tensor] = []
     _train_steps(model2, optimizer2, iter(loader2), options.resume_check_steps, record=resumed)
     identical = all(torch.equal(a, b) for a, b in zip(expected, resumed))
@@ -211,3 +238,4 @@ def _print_summary(summary: dict, names) -> None:
         f"{'identical' if summary['resume_identical'] else 'DIFFERENT'}, checkpoint "
         f"{summary['checkpoint']}, {summary['seconds']:.0f} s in all"
     )
+

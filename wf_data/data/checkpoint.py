@@ -68,7 +68,7 @@ class DCPLoaderState:
         self.loader = loader
 
     def state_dict(self) -> dict[str, Any]:
-        return {"json": json.dumps(self.loader.state_dict(), sort_keys=True)}
+        return {"json": json.dumps(self.loader.state_dict())}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(json.loads(state["json"]))

@@ -136,19 +136,31 @@ class DataLoader:
         self.prefetch = int(prefetch)
         self.max_steps = max_steps
         self._fingerprint = dict(fingerprint or {"mixing": mixing.fingerprint()})
-        self._planner = iter(mixing)
-        self._pending: collections.deque[list[MixedPlan]] = collections.deque()
         self._in_flight: collections.deque[concurrent.futures.Future] = collections.deque()
         self._materializer: _Materializer | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Starts over from the first batch (an eval loader is reset before each evaluation).
+
+        The EXP3 bandit is not reset: it belongs to the training run, not to the stream.
+        """
+        self._close_materializer()
+        self._planner = iter(self.mixing)
+        self._pending: collections.deque[list[MixedPlan]] = collections.deque()
         self._step = 0
         self._ended = False
-        self._stats = _Stats(mixing.names)
+        self._stats = _Stats(self.mixing.names)
 
     # ------------------------------------------------------------------ iteration
 
     @property
     def domain_names(self) -> tuple[str, ...]:
         return self.mixing.names
+
+    @property
+    def num_domains(self) -> int:
+        return len(self.mixing.names)
 
     @property
     def step(self) -> int:
@@ -391,8 +403,8 @@ class _Stats:
         }
         for index, name in enumerate(self._names):
             out[f"data/weight/{name}"] = float(mixture[name])
-            out[f"data/row_share/{name}"] = self._rows[index] / rows_total
-            out[f"data/token_share/{name}"] = self._tokens[index] / max(tokens_total, 1)
+            out[f"data/row_share/{name}"] = float(self._rows[index] / rows_total)
+            out[f"data/token_share/{name}"] = float(self._tokens[index] / max(tokens_total, 1))
         return out
 
 

@@ -365,6 +365,7 @@ class MixingIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         return {
+            "names": list(self._mixing.names),
             "row": self._row,
             "stopped": self._stopped,
             "domains": {
@@ -395,7 +396,7 @@ class MixingIterator(grain.DatasetIterator):
         bandit = state.get("bandit")
         if bandit is not None and isinstance(self._mixing, Exp3Mixing):
             self._mixing._load_bandit_state(
-                _remap_bandit_state(bandit, list(saved_domains), self._mixing)
+                _remap_bandit_state(bandit, list(state["names"]), self._mixing)
             )
 
     def __str__(self) -> str:
