@@ -8,8 +8,10 @@ with Orbax's JSON handler, written by the primary host only.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import warnings
 from typing import Any
 
 LOADER_KEY = "loader"
@@ -74,15 +76,29 @@ class DCPLoaderState:
         self.loader.load_state_dict(json.loads(state["json"]))
 
 
+@contextlib.contextmanager
+def _single_process_ok():
+    # DCP warns when used without a process group; a single-process run is a supported use.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def save_with_dcp(path: str | os.PathLike, loader, state: dict[str, Any] | None = None) -> None:
     """``torch.distributed.checkpoint.save`` of ``state`` plus the loader under ``"loader"``."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.save({**(state or {}), LOADER_KEY: DCPLoaderState(loader)}, checkpoint_id=os.fspath(path))
+    with _single_process_ok():
+        dcp.save(
+            {**(state or {}), LOADER_KEY: DCPLoaderState(loader)}, checkpoint_id=os.fspath(path)
+        )
 
 
 def load_with_dcp(path: str | os.PathLike, loader, state: dict[str, Any] | None = None) -> None:
     """Loads what ``save_with_dcp`` wrote: ``state`` in place, and the loader's state."""
     import torch.distributed.checkpoint as dcp
 
-    dcp.load({**(state or {}), LOADER_KEY: DCPLoaderState(loader)}, checkpoint_id=os.fspath(path))
+    with _single_process_ok():
+        dcp.load(
+            {**(state or {}), LOADER_KEY: DCPLoaderState(loader)}, checkpoint_id=os.fspath(path)
+        )
