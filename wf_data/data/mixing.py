@@ -115,13 +115,14 @@ def decode_plans(encoded: Sequence, names: Sequence[str]) -> list[MixedPlan]:
 
 
 def draw_domains(probabilities: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
-    """Domain index per uniform by inverse CDF: ``(n,)`` int64, never a zero-probability domain."""
+    """Domain index per uniform by inverse CDF: ``(n,)`` int64, never a zero-probability domain.
+
+    The CDF ends at exactly 1.0 and every uniform is < 1, so a zero-probability domain (an
+    empty CDF step) can never be returned, trailing ones included.
+    """
     cdf = np.cumsum(probabilities)
     cdf /= cdf[-1]
-    domains = np.searchsorted(cdf, uniforms, side="right")
-    # Rounding can leave u just above the last positive bin: map it to the last positive domain.
-    last_positive = int(np.flatnonzero(probabilities > 0)[-1])
-    return np.minimum(domains, last_positive)
+    return np.searchsorted(cdf, uniforms, side="right")
 
 
 class _MixingDataset(grain.IterDataset):
