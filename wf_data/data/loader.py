@@ -52,7 +52,11 @@ class _Materializer:
         self._inline = iter(mixing) if num_workers == 0 else None
         self._pool = None
         if num_workers > 0:
-            context = multiprocessing.get_context("spawn")
+            # forkserver: workers fork from one server that imported the packers once, so a
+            # pool starts in well under a second after the first; plain fork is unsafe beside
+            # the threads torch and grain start in this process.
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(["wf_data.data.loader"])
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=num_workers,
                 mp_context=context,
