@@ -54,6 +54,9 @@ def build_tiny_llama(vocab_size: int, options: DemoOptions) -> torch.nn.Module:
         num_key_value_heads=2,
         max_position_embeddings=options.seq_len,
         tie_word_embeddings=True,
+        # Without a KV cache transformers builds the packed-document mask from position_ids;
+        # with one it silently attends across the documents packed in a row.
+        use_cache=False,
     )
     return LlamaForCausalLM(config)
 
@@ -61,10 +64,12 @@ def build_tiny_llama(vocab_size: int, options: DemoOptions) -> torch.nn.Module:
 def row_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean token loss per row, ``(B,)`` float32, over the tokens whose label is not -100.
 
-    ``position_ids`` restart per packed document; with ``labels`` masking the first token of
-    each document no loss crosses a document boundary.
+    ``position_ids`` restart per packed document, from which the model masks attention to
+    each document; ``labels`` mask the first token of each, so no loss crosses a boundary.
     """
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    logits = model(
+        input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False
+    ).logits
     return row_loss_from_logits(logits, batch["labels"])
 
 
