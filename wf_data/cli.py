@@ -251,7 +251,7 @@ def add_demo_parser(subparsers: Any) -> None:
         "weights move, saves and restores model + optimizer + loader, checks that the next "
         "batches are identical, and prints a summary.",
     )
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 120)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 150)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 256)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 8)")
     parser.add_argument("--out", default=None, help="checkpoint directory (default: a temp dir)")

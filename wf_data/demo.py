@@ -27,7 +27,7 @@ from wf_data.influence import InfluenceAwareOptimizer, per_domain_loss, row_loss
 class DemoOptions:
     """Knobs of the demo run; the defaults finish in a few minutes on 2 cores."""
 
-    steps: int = 80
+    steps: int = 150
     resume_check_steps: int = 5
     seq_len: int = 256
     global_batch_size: int = 8
