@@ -176,7 +176,8 @@ def bench_exp3_overhead(args, corpus) -> list[dict]:
             draw_domains(bandit.policy(), uniforms.take(step * args.batch_size, args.batch_size))
             bandit.update(losses)
         best = min(best, (time.perf_counter() - start) / repeats)
-    return [{"name": f"EXP3 draw {args.batch_size} rows + update, K=22", "us_per_batch": 1e6 * best}]
+    name = f"EXP3 draw {args.batch_size} rows + update, K=22"
+    return [{"name": name, "us_per_batch": 1e6 * best}]
 
 
 def format_rows(title: str, rows: list[dict]) -> str:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from wf_data.data.checkpoint import load_with_dcp, save_with_dcp
 from wf_data.data.demo_corpus import ensure_demo_data
 from wf_data.data.loader import get_eval_loaders, get_loader
-from wf_data.influence import InfluenceAwareOptimizer, per_domain_loss, row_loss_from_logits
+from wf_data.influence import InfluenceAwareOptimizer, row_loss_from_logits
 
 
 @dataclasses.dataclass
@@ -199,7 +199,7 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     load_training_state(model2, optimizer2, state)
     resumed: list[torch.Tensor] = []
     _train_steps(model2, optimizer2, iter(loader2), options.resume_check_steps, record=resumed)
-    identical = all(torch.equal(a, b) for a, b in zip(expected, resumed))
+    identical = all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=True))
     print(
         f"\nResume check: {options.resume_check_steps} batches after restoring step "
         f"{options.steps}: {'IDENTICAL' if identical else 'DIFFERENT'}"

@@ -111,7 +111,7 @@ def test_reweighted_and_added_source_continue_unchanged_sources(shards):
     assert new.mixture == pytest.approx({"prose": 1 / 6, "code": 1 / 6, "math": 4 / 6})
     rows = {name: [] for name in DOMAINS}
     for batch in take(new, 12):
-        for row, domain in zip(batch["input_ids"], batch["domain_ids"]):
+        for row, domain in zip(batch["input_ids"], batch["domain_ids"], strict=True):
             rows[DOMAINS[domain]].append(row)
     assert rows["code"], "the added source is drawn"
     for name in names:
@@ -129,7 +129,7 @@ def test_exp3_update_and_resume(shards):
     restored = get_loader(config(shards, mixing="exp3"), framework="numpy")
     restored.load_state_dict(state)
     assert restored.mixture == pytest.approx(loader.mixture)
-    for a, b in zip(take(restored, 4), expected):
+    for a, b in zip(take(restored, 4), expected, strict=True):
         np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
 
 
@@ -143,7 +143,7 @@ def test_eval_loaders_are_finite_and_deterministic(shards):
         loader.reset()
         second = [b["input_ids"] for b in loader]
         assert len(first) == len(second)
-        for a, b in zip(first, second):
+        for a, b in zip(first, second, strict=True):
             np.testing.assert_array_equal(a, b)
 
 

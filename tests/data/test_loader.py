@@ -64,7 +64,7 @@ def run(loaders, steps, feed=True, start_step=0):
 
 def assert_batches_equal(got, expected):
     assert len(got) == len(expected)
-    for step, (a, b) in enumerate(zip(got, expected)):
+    for step, (a, b) in enumerate(zip(got, expected, strict=True)):
         for key in b:
             np.testing.assert_array_equal(a[key], b[key], err_msg=f"step {step} {key}")
 
@@ -119,7 +119,7 @@ def test_finite_epochs_every_rank_stops_at_the_same_step():
 def test_mixture_and_update():
     loader = make_loader("exp3")
     assert loader.mixture == pytest.approx(WEIGHTS)
-    for step in range(30):
+    for _step in range(30):
         next(loader)
         loader.update_mixture({"a": 5.0, "b": 1.0, "c": 0.1})
     assert loader.mixture["a"] > WEIGHTS["a"]

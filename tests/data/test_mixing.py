@@ -51,7 +51,7 @@ def take(iterator, n):
 
 def assert_rows_equal(rows_a, rows_b):
     assert len(rows_a) == len(rows_b)
-    for a, b in zip(rows_a, rows_b):
+    for a, b in zip(rows_a, rows_b, strict=True):
         assert a.keys() == b.keys()
         for key in a:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -320,7 +320,7 @@ def test_exp3_reweighted_restore_keeps_rewards_by_name():
     iterator = iter(mixing)
     drive(iterator, mixing, 20, skewed_losses)
     state = iterator.get_state()
-    rewards = dict(zip(mixing.names, state["bandit"]["rewards"]))
+    rewards = dict(zip(mixing.names, state["bandit"]["rewards"], strict=True))
     datasets = packed_domains(3)
     reordered = Exp3Mixing(
         {"d2": datasets["d2"], "d0": datasets["d0"], "d1": datasets["d1"]},

@@ -6,6 +6,9 @@ the same on every rank, ranks receive disjoint rows whose concatenation is the s
 global batch, a state restores with any number of ranks that divides the global batch, and
 with finite epochs all ranks stop at the same step. Mixture weights live in this process only:
 worker processes (``num_workers``) read rows from plans they are handed and hold no weights.
+Grain's ``mp_prefetch`` is not used for that on purpose: it runs a copy of the whole pipeline,
+mixture included, in every worker, which is how the library we replace ended up with one set
+of EXP3 weights per worker, none of them the trainer's.
 """
 
 from __future__ import annotations
@@ -114,7 +117,6 @@ class DataLoader:
         num_workers: int = 0,
         prefetch: int = 0,
         fingerprint: Mapping[str, Any] | None = None,
-        max_steps: int | None = None,
     ):
         if framework not in FRAMEWORKS:
             raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
@@ -138,7 +140,6 @@ class DataLoader:
         self.jax_sharding = jax_sharding
         self.num_workers = int(num_workers)
         self.prefetch = int(prefetch)
-        self.max_steps = max_steps
         self._fingerprint = dict(fingerprint or {"mixing": mixing.fingerprint()})
         self._in_flight: collections.deque[concurrent.futures.Future] = collections.deque()
         self._materializer: _Materializer | None = None
@@ -179,8 +180,6 @@ class DataLoader:
                 return
 
     def __next__(self) -> Any:
-        if self.max_steps is not None and self._step >= self.max_steps:
-            raise StopIteration
         self._fill_pipeline()
         if not self._pending:
             raise StopIteration
@@ -348,7 +347,9 @@ def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any]) -> N
         if key == "sources":
             continue
         if saved.get(key) != current.get(key):
-            differences.append(f"{key}: state has {saved.get(key)!r}, loader has {current.get(key)!r}")
+            differences.append(
+                f"{key}: state has {saved.get(key)!r}, loader has {current.get(key)!r}"
+            )
     saved_sources = saved.get("sources", {})
     current_sources = current.get("sources", {})
     for name in sorted(set(saved_sources) & set(current_sources)):
@@ -390,7 +391,8 @@ class _Stats:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        saved = dict(zip(state["names"], zip(state["rows"], state["tokens"])))
+        counts = zip(state["rows"], state["tokens"], strict=True)
+        saved = dict(zip(state["names"], counts, strict=True))
         for index, name in enumerate(self._names):
             rows, tokens = saved.get(name, (0, 0))
             self._rows[index] = rows

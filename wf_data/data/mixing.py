@@ -55,7 +55,8 @@ def validate_weights(names: Sequence[str], weights: Mapping[str, float]) -> np.n
         values[index] = value
     total = values.sum()
     if total <= 0:
-        raise ValueError(f"weights must have a positive sum, got {dict(zip(names, values))}")
+        given = dict(zip(names, values.tolist(), strict=True))
+        raise ValueError(f"weights must have a positive sum, got {given}")
     return values / total
 
 
@@ -130,7 +131,9 @@ class _MixingDataset(grain.IterDataset):
 
     def __init__(self, datasets: Mapping[str, Any], *, seed: int, on_exhausted: str):
         if not isinstance(datasets, Mapping) or not datasets:
-            raise ValueError(f"datasets must be a non-empty mapping name -> dataset, got {datasets!r}")
+            raise ValueError(
+                f"datasets must be a non-empty mapping name -> dataset, got {datasets!r}"
+            )
         if on_exhausted not in ON_EXHAUSTED:
             raise ValueError(f"on_exhausted must be one of {ON_EXHAUSTED}, got {on_exhausted!r}")
         super().__init__(list(datasets.values()))
@@ -150,7 +153,7 @@ class _MixingDataset(grain.IterDataset):
     @property
     def mixture(self) -> dict[str, float]:
         """Current weights by domain name."""
-        return dict(zip(self.names, self.probabilities().tolist()))
+        return dict(zip(self.names, self.probabilities().tolist(), strict=True))
 
     def _bandit_state(self) -> dict | None:
         return None
@@ -170,7 +173,10 @@ class _MixingDataset(grain.IterDataset):
 
     def __str__(self) -> str:
         weights = ", ".join(f"{n}={w:.3f}" for n, w in self.mixture.items())
-        return f"{type(self).__name__}({weights}, seed={self.seed}, on_exhausted={self.on_exhausted})"
+        return (
+            f"{type(self).__name__}({weights}, seed={self.seed}, "
+            f"on_exhausted={self.on_exhausted})"
+        )
 
 
 def _dataset_fingerprint(dataset: Any) -> Any:
@@ -275,7 +281,7 @@ def _remap_bandit_state(saved: dict, saved_names: list[str], mixing: Exp3Mixing)
     current = mixing.bandit.state_dict()
     if saved_names == list(mixing.names) and saved["prior"] == current["prior"]:
         return saved
-    rewards = dict(zip(saved_names, saved["rewards"]))
+    rewards = dict(zip(saved_names, saved["rewards"], strict=True))
     warnings.warn(
         f"restoring the EXP3 state of domains {saved_names} into {list(mixing.names)} with "
         "the new prior: rewards carried over by name, new domains start at 0",
@@ -372,7 +378,7 @@ class MixingIterator(grain.DatasetIterator):
             "domains": {
                 name: {"restarts": restarts, "state": it.get_state()}
                 for name, restarts, it in zip(
-                    self._mixing.names, self._restarts, self._domain_iters
+                    self._mixing.names, self._restarts, self._domain_iters, strict=True
                 )
             },
             "bandit": self._mixing._bandit_state(),
