@@ -19,6 +19,8 @@ from wf_data.data.odm import Exp3
 from wf_data.data.sources import DocumentSource
 
 DOMAINS = ("web", "code", "math")
+# The data configs' default: batches planned and read in groups of 3.
+LOADER_PREFETCH = 2
 
 
 def _rss_bytes() -> int:
@@ -56,7 +58,7 @@ def make_loader(corpus, args, framework="torch") -> DataLoader:
     }
     mixing = Exp3Mixing(datasets, {"web": 0.5, "code": 0.2, "math": 0.3}, seed=args.seed)
     return DataLoader(
-        mixing, global_batch_size=args.batch_size, framework=framework, prefetch=0
+        mixing, global_batch_size=args.batch_size, framework=framework, prefetch=getattr(args, "prefetch", LOADER_PREFETCH)
     )
 
 

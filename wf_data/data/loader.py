@@ -99,8 +99,8 @@ class DataLoader:
     int32 and ``domain_ids`` ``(b,)`` int32, ``b = global_batch_size / dp_world_size``) as numpy
     arrays, torch tensors or JAX arrays (``framework``). ``state_dict`` / ``load_state_dict``
     follow torchdata's ``StatefulDataLoader``; the state is the same on every rank.
-    ``prefetch`` global batches are planned ahead: with EXP3 a mixture update applies to
-    batches planned after it, i.e. ``prefetch`` batches later (0 = the very next batch).
+    Batches are planned in groups of ``prefetch + 1``: with EXP3 a mixture update applies
+    to the batches planned after it, at most ``prefetch`` batches later (0 = the very next).
     """
 
     def __init__(
@@ -141,7 +141,10 @@ class DataLoader:
         self.num_workers = int(num_workers)
         self.prefetch = int(prefetch)
         self._fingerprint = dict(fingerprint or {"mixing": mixing.fingerprint()})
-        self._in_flight: collections.deque[concurrent.futures.Future] = collections.deque()
+        # (future, part): part indexes this batch's rows in a grouped read, None if alone.
+        self._in_flight: collections.deque[tuple[concurrent.futures.Future, int | None]] = (
+            collections.deque()
+        )
         self._materializer: _Materializer | None = None
         self.reset()
 
@@ -184,7 +187,11 @@ class DataLoader:
         if not self._pending:
             raise StopIteration
         plans = self._pending.popleft()
-        batch = self._in_flight.popleft().result()
+        future, part = self._in_flight.popleft()
+        batch = future.result()
+        if part is not None:
+            rows = slice(part * self.local_batch_size, (part + 1) * self.local_batch_size)
+            batch = {key: value[rows] for key, value in batch.items()}
         self._step += 1
         self._stats.record(plans, self.mixing.datasets[self.domain_names[0]].seq_len)
         return self._convert(batch)
@@ -194,20 +201,42 @@ class DataLoader:
         return slice(start, start + self.local_batch_size)
 
     def _fill_pipeline(self) -> None:
+        """Plans the next group of ``prefetch + 1`` batches once the previous group is used up.
+
+        Planning in groups lets one read serve several batches (a domain's rows of the group
+        come from one ``__getitems__`` call), which is what keeps the loader near the packers'
+        speed; the price is that an EXP3 update reaches the next group, 0 to ``prefetch``
+        batches later, at a lag fixed by the step count alone.
+        """
         if self._materializer is None:
             self._materializer = _Materializer(self.mixing, self.num_workers)
             # Batches planned before a restore are read again from their saved plans.
-            for plans in self._pending:
-                self._in_flight.append(self._materializer.submit(plans[self._local_slice()]))
-        while not self._ended and len(self._pending) <= self.prefetch:
+            self._submit(list(self._pending))
+        if self._pending or self._ended:
+            return
+        group = []
+        while len(group) <= self.prefetch:
             plans = self._planner.next_plans(self.global_batch_size)
             if len(plans) < self.global_batch_size:
                 # A partial global batch is dropped on every rank alike: no rank waits for
                 # a batch another rank never gets.
                 self._ended = True
                 break
-            self._pending.append(plans)
-            self._in_flight.append(self._materializer.submit(plans[self._local_slice()]))
+            group.append(plans)
+        self._pending.extend(group)
+        self._submit(group)
+
+    def _submit(self, group: list[list[MixedPlan]]) -> None:
+        local = [plans[self._local_slice()] for plans in group]
+        if not local:
+            return
+        if self.num_workers:
+            # One task per batch, so that workers read batches in parallel.
+            for plans in local:
+                self._in_flight.append((self._materializer.submit(plans), None))
+            return
+        future = self._materializer.submit([plan for plans in local for plan in plans])
+        self._in_flight.extend((future, part) for part in range(len(local)))
 
     def _convert(self, batch: dict[str, np.ndarray]) -> Any:
         if self.framework == "torch":
@@ -312,7 +341,7 @@ class DataLoader:
         return _LoaderDataset()
 
     def _close_materializer(self) -> None:
-        for future in self._in_flight:
+        for future, _ in self._in_flight:
             future.cancel()
         self._in_flight.clear()
         if self._materializer is not None:
