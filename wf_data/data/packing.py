@@ -16,14 +16,23 @@ Work is split in two so that data-parallel ranks can share one plan:
 lengths of its epoch's document order). `best_fit` is an `IterDataset`: best-fit-decreasing over
 windows of `window_size` documents; its state is `(epoch, window, row)`, and a resume replans a
 single window.
+
+Row layout (all `(L,)` int32): `labels` are the tokens with -100 on padding and on the first
+token of every segment (and, for dict documents with a `loss_mask`, wherever the mask is 0);
+`position_ids` restart at 0 per segment and are 0 on padding; `segment_ids` number the row's
+segments 1, 2, ... and are 0 on padding, which always ends the row.
 """
 
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
+import itertools
 import json
+import operator
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -34,12 +43,16 @@ METHODS = ("best_fit", "concat")
 # Documents per best-fit window: >= 99% fill on lognormal document lengths with seq_len 2048
 # (see tools/bench.py); planning cost grows only linearly with it.
 DEFAULT_WINDOW_SIZE = 4096
-# Rows materialized per read when iterating row by row: batched reads amortise the per-call
-# cost of the record reader.
-CHUNK_ROWS = 64
-# Documents longer than seq_len feed several rows; keep up to this many of their tokens in
-# memory so each is read once per window rather than once per piece.
-LONG_DOC_CACHE_TOKENS = 1 << 23
+# Iterating row by row reads the documents of READ_TOKENS worth of rows in one batched call
+# (amortising the record reader's per-call cost: ArrayRecord's batched read dispatches to a
+# thread pool) and builds rows BUILD_TOKENS at a time into reused buffers (~0.5 MiB per array:
+# they stay in cache, and fresh allocations of that size cost page faults).
+READ_TOKENS = 1 << 21
+BUILD_TOKENS = 1 << 17
+# Documents longer than seq_len feed several rows; an iterator keeps up to this many of their
+# tokens so each is read once per window rather than once per piece. Same bound for the
+# documents that planning read from a source without lengths (beyond the last two windows).
+CACHE_TOKENS = 1 << 23
 IGNORE_INDEX = -100
 ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
 
@@ -126,7 +139,9 @@ class PackedDataset:
         if seed is not None and (not isinstance(seed, int | np.integer) or seed < 0):
             raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
         if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
-            raise ValueError(f"num_epochs must be None (forever) or an int >= 1, got {num_epochs!r}")
+            raise ValueError(
+                f"num_epochs must be None (forever) or an int >= 1, got {num_epochs!r}"
+            )
         if not hasattr(docs, "__len__") or not hasattr(docs, "__getitem__"):
             raise TypeError(
                 f"docs must be a random-access source (__len__, __getitem__), got {type(docs)}"
@@ -149,19 +164,26 @@ class PackedDataset:
                 raise ValueError("docs.lengths has negative entries")
         self.lengths = lengths
         self._orders: dict[int, np.ndarray] = {}
+        self._cache_lock = threading.Lock()  # Grain may read a MapDataset from threads
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """(N,) int64 document indices in the order epoch `epoch` visits them."""
+        """(N,) int32 (int64 beyond 2**31 documents) document indices in epoch `epoch`'s order.
+
+        `seed=None`: the source order; else `default_rng([seed, epoch]).permutation(N)`.
+        """
         order = self._orders.get(epoch)
         if order is None:
             if self.seed is None:
                 order = np.arange(self.num_docs, dtype=np.int64)
             else:
                 order = np.random.default_rng([self.seed, epoch]).permutation(self.num_docs)
+            if self.num_docs < 2**31:
+                order = order.astype(np.int32)  # half the memory for big corpora
             order.setflags(write=False)
-            if len(self._orders) >= 4:
-                self._orders.pop(next(iter(self._orders)))
-            self._orders[epoch] = order
+            with self._cache_lock:
+                if len(self._orders) >= 2:
+                    self._orders.pop(next(iter(self._orders)))
+                self._orders[epoch] = order
         return order
 
     def fingerprint(self) -> dict:
@@ -180,11 +202,18 @@ class PackedDataset:
         }
 
     def _state_check(self) -> dict:
-        """The part of an iterator state that must match on restore (a few short fields)."""
-        fingerprint = self.fingerprint()
-        fingerprint.pop("pad_id")
-        digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode())
-        return {"method": self.method, "config": digest.hexdigest()[:16]}
+        """The part of an iterator state that must match on restore (a few short fields).
+
+        A hash of the fingerprint without `pad_id` (which does not move rows around).
+        """
+        check = self.__dict__.get("_state_check_cache")
+        if check is None:
+            fingerprint = self.fingerprint()
+            fingerprint.pop("pad_id")
+            digest = hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode())
+            check = {"method": self.method, "config": digest.hexdigest()[:16]}
+            self._state_check_cache = check
+        return dict(check)
 
     def __iter__(self) -> PackedRowsIterator:
         return PackedRowsIterator(self)
@@ -192,8 +221,13 @@ class PackedDataset:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_orders"] = {}
+        del state["_cache_lock"]
         state.pop("_stats", None)
         return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._cache_lock = threading.Lock()
 
 
 class ConcatPackedDataset(PackedDataset, grain.MapDataset):
@@ -228,7 +262,7 @@ class ConcatPackedDataset(PackedDataset, grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        return _row(self._getitems([index]), 0)
+        return self._getitems([index])[0]
 
     def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
         batch = self.materialize_rows(indices)
@@ -252,9 +286,10 @@ class ConcatPackedDataset(PackedDataset, grain.MapDataset):
         if cumsum is None:
             cumsum = np.zeros(self.num_docs + 1, dtype=np.int64)
             np.cumsum(self.lengths[self.epoch_order(epoch)], out=cumsum[1:])
-            if len(self._cumsums) >= 2:
-                self._cumsums.pop(next(iter(self._cumsums)))
-            self._cumsums[epoch] = cumsum
+            with self._cache_lock:
+                if len(self._cumsums) >= 2:
+                    self._cumsums.pop(next(iter(self._cumsums)))
+                self._cumsums[epoch] = cumsum
         return cumsum
 
     def plan_rows(self, indices: Sequence[int]) -> list[RowPlan]:
@@ -264,6 +299,8 @@ class ConcatPackedDataset(PackedDataset, grain.MapDataset):
         if wanted.size and (wanted.min() < 0 or wanted.max() >= length):
             bad = wanted[(wanted < 0) | (wanted >= length)][0]
             raise IndexError(f"row {bad} out of range for {self} with {length} rows")
+        if not wanted.size:
+            return []
         rows, wanted_at = np.unique(wanted, return_inverse=True)
         tokens, seq_len = self.tokens_per_epoch, self.seq_len
         span_start = rows * seq_len
@@ -280,7 +317,9 @@ class ConcatPackedDataset(PackedDataset, grain.MapDataset):
             spans.append((span_rows, epoch, span_start - base, cut - base))
             more = cut < span_stop
             span_rows, span_start, span_stop = span_rows[more], cut[more], span_stop[more]
-        span_rows, span_epochs, span_lo, span_hi = (np.concatenate(part) for part in zip(*spans))
+        span_rows, span_epochs, span_lo, span_hi = (
+            np.concatenate(part) for part in zip(*spans, strict=True)
+        )
         piece_rows, piece_docs, piece_starts, piece_stops = [], [], [], []
         for epoch in np.unique(span_epochs).tolist():
             select = np.flatnonzero(span_epochs == epoch)
@@ -432,27 +471,32 @@ def best_fit_decreasing(item_lengths: np.ndarray, capacity: int) -> np.ndarray:
 class PackedRowsIterator(grain.DatasetIterator):
     """Iterator over packed rows with cheap planning and batched materialization.
 
-    `__next__` returns one row dict of (L,) int32 arrays; internally rows are planned and read
-    `CHUNK_ROWS` at a time. `next_plans(n)` / `materialize(plans)` expose the two halves for
-    mixing and the multi-rank loader. `get_state()` is a small dict of ints (position plus a
-    configuration check); `set_state` costs at most one window's planning.
+    `__next__` returns one row dict of (L,) int32 arrays (its own copies); internally it plans
+    and reads `READ_TOKENS` worth of rows at a time and builds them `BUILD_TOKENS` at a time.
+    `next_plans(n)` / `materialize(plans)` expose the two halves for mixing and the multi-rank
+    loader (rows planned ahead by `__next__` come first). `get_state()` is a small JSON-able
+    dict (the position of the next row to return, plus a configuration check); `set_state`
+    costs at most one window's planning.
     """
 
-    def __init__(self, packed: PackedDataset, chunk_rows: int = CHUNK_ROWS):
+    def __init__(self, packed: PackedDataset):
         super().__init__()
         self._packed = packed
-        self._chunk_rows = chunk_rows
         self._reader = _DocumentReader(packed, cache=True)
         if isinstance(packed, ConcatPackedDataset):
             self._planner: _Planner = _ConcatPlanner(packed)
         else:
             self._planner = _WindowPlanner(packed, self._reader)
-        # Planned (and possibly materialized) rows not yet returned, with the planner position
-        # before each: get_state reports the position of the first one.
+        # Rows planned by `__next__` but not yet returned, the planner position before each
+        # (get_state reports the first one's), their documents, and the built block of rows.
         self._pending_plans: list[RowPlan] = []
         self._pending_positions: list[tuple] = []
-        self._pending_rows: dict[str, np.ndarray] | None = None
+        self._pending_docs: _Fetched | None = None
         self._pending_index = 0
+        self._block_start = self._block_end = 0
+        self._build_rows = min(max(1, BUILD_TOKENS // packed.seq_len), 256)
+        self._read_rows = min(max(self._build_rows, READ_TOKENS // packed.seq_len), 4096)
+        self._buffers: np.ndarray | None = None  # (4, build rows, L) int32: the rows to return
 
     def __str__(self) -> str:
         return f"PackedRowsIterator({self._packed})"
@@ -460,8 +504,9 @@ class PackedRowsIterator(grain.DatasetIterator):
     def next_plans(self, n: int) -> list[RowPlan]:
         """Advances by up to `n` rows and returns their plans; fewer (or []) at the end."""
         plans = self._pending_plans[self._pending_index : self._pending_index + n]
-        self._pending_index += len(plans)
-        self._drop_consumed()
+        if plans:
+            self._pending_index += len(plans)
+            self._drop_consumed()
         if len(plans) < n:
             more, _ = self._planner.next_plans(n - len(plans))
             plans.extend(more)
@@ -472,22 +517,38 @@ class PackedRowsIterator(grain.DatasetIterator):
         return self._reader.materialize(plans)
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._pending_rows is None:
-            plans, positions = self._planner.next_plans(self._chunk_rows)
-            if not plans:
-                raise StopIteration
-            self._pending_rows = self._reader.materialize(plans)
-            self._pending_plans, self._pending_positions = plans, positions
-            self._pending_index = 0
-        row = _row(self._pending_rows, self._pending_index)
-        self._pending_index += 1
-        self._drop_consumed()
-        return row
+        index = self._pending_index
+        if index >= self._block_end:
+            if index >= len(self._pending_plans):
+                plans, positions = self._planner.next_plans(self._read_rows)
+                if not plans:
+                    raise StopIteration
+                self._pending_plans, self._pending_positions = plans, positions
+                self._pending_docs = self._reader.fetch(needed_documents(plans))
+                index = self._pending_index = 0
+            block_end = min(index + self._build_rows, len(self._pending_plans))
+            if self._buffers is None:
+                shape = (len(ROW_KEYS), self._build_rows, self._packed.seq_len)
+                self._buffers = np.empty(shape, dtype=np.int32)
+            self._reader.build(
+                self._pending_plans[index:block_end], self._pending_docs,
+                out=dict(zip(ROW_KEYS, self._buffers, strict=True)),
+            )
+            self._block_start, self._block_end = index, block_end
+        row = index - self._block_start
+        self._pending_index = index + 1
+        # A copy (one (4, L) block per row): the buffers are rebuilt in place for the next block.
+        result = dict(zip(ROW_KEYS, self._buffers[:, row].copy(), strict=True))
+        if self._pending_index >= len(self._pending_plans):
+            self._drop_consumed()
+        return result
 
     def _drop_consumed(self) -> None:
         if self._pending_index >= len(self._pending_plans):
-            self._pending_plans, self._pending_positions = [], []
-            self._pending_rows, self._pending_index = None, 0
+            self._pending_plans, self._pending_positions, self._pending_docs = [], [], None
+            self._pending_index = self._block_end = 0
+        elif self._pending_index > self._block_end:
+            self._block_end = 0  # next_plans skipped past the built block
 
     def get_state(self) -> dict[str, Any]:
         if self._pending_index < len(self._pending_plans):
@@ -505,8 +566,8 @@ class PackedRowsIterator(grain.DatasetIterator):
                     f"{state.get(key)!r} in the state, {value!r} here ({self._packed}); the "
                     "method, seq_len, window_size, seed and source must be unchanged"
                 )
-        self._pending_plans, self._pending_positions = [], []
-        self._pending_rows, self._pending_index = None, 0
+        self._pending_index = len(self._pending_plans)
+        self._drop_consumed()
         self._planner.seek(state)
 
 
@@ -553,7 +614,9 @@ class _ConcatPlanner(_Planner):
     def seek(self, state):
         row = int(state["row"])
         if not 0 <= row <= len(self._packed):
-            raise ValueError(f"row {row} out of range for {self._packed} ({len(self._packed)} rows)")
+            raise ValueError(
+                f"row {row} out of range for {self._packed} ({len(self._packed)} rows)"
+            )
         self._row = row
 
 
@@ -632,9 +695,9 @@ class _WindowPlanner(_Planner):
 class _DocumentReader:
     """Reads documents in batches and builds rows from plans (vectorised over whole rows).
 
-    With `cache=True` it keeps the documents of the last two planned windows (sources without
-    lengths: they were read to plan) and, up to `LONG_DOC_CACHE_TOKENS`, documents longer than
-    `seq_len` (they feed several rows, possibly in different reads).
+    With `cache=True` it keeps the documents of recently planned windows (sources without
+    lengths: they were read to plan) and, up to `CACHE_TOKENS`, documents longer than `seq_len`
+    (they feed several rows, possibly in different reads).
     """
 
     def __init__(self, packed: PackedDataset, cache: bool):
@@ -642,23 +705,30 @@ class _DocumentReader:
         self._docs = packed.docs
         self._seq_len = seq_len = packed.seq_len
         self._cache = cache
-        self._window_docs: dict[tuple[int, int], dict[int, tuple]] = {}
-        self._long_docs: dict[int, tuple] = {}
+        # Caches map document index -> tokens; loss masks (SFT documents) sit in `.masks`.
+        self._window_docs: dict[tuple[int, int], _Fetched] = {}
+        self._window_tokens: dict[tuple[int, int], int] = {}
+        self._long_docs = _Fetched({}, {})
         self._long_tokens = 0
-        # Rows are assembled by concatenating views of these (L,) blocks: one copy per output.
         self._pad_tokens = np.full(seq_len, packed.pad_id, dtype=np.int32)
-        self._zeros = np.zeros(seq_len, dtype=np.int32)
         self._ones = np.ones(seq_len, dtype=np.uint8)
-        self._arange = np.arange(seq_len, dtype=np.int32)
-        self._segment_blocks = self._make_segment_blocks(64)
 
-    def _make_segment_blocks(self, count: int) -> list[np.ndarray]:
-        """Block k is (L,) int32 filled with k: the segment ids of the k-th piece of a row."""
-        return list(np.repeat(np.arange(count, dtype=np.int32)[:, None], self._seq_len, axis=1))
+    @functools.cached_property
+    def _name(self) -> str:
+        """The source, for error messages: its path when it has one."""
+        docs = self._docs
+        path = getattr(docs, "path", None)
+        if path is not None:
+            return f"{type(docs).__name__}({path})"
+        if isinstance(docs, list | tuple):
+            return f"{type(docs).__name__} of {len(docs)} documents"
+        text = repr(docs)
+        return text if len(text) <= 160 else text[:157] + "..."
 
-    def _read(self, indices: list[int]) -> list[tuple]:
+    def _read(self, indices: list[int]) -> _Fetched:
+        """One batched read of `indices` (validated and normalised)."""
         if not indices:
-            return []
+            return _Fetched({}, {})
         getitems = getattr(self._docs, "__getitems__", None)
         raw = getitems(indices) if getitems is not None else [self._docs[i] for i in indices]
         if len(raw) != len(indices):
@@ -666,148 +736,232 @@ class _DocumentReader:
                 f"{type(self._docs).__name__}.__getitems__ returned {len(raw)} documents for "
                 f"{len(indices)} indices"
             )
-        return [_as_document(doc, index) for doc, index in zip(raw, indices, strict=True)]
+        if _plain_token_arrays(raw):
+            return _Fetched(dict(zip(indices, raw, strict=True)), {})
+        fetched = _Fetched({}, {})
+        for index, doc in zip(indices, raw, strict=True):
+            tokens, mask = _as_document(doc, index, self._name)
+            fetched.tokens[index] = tokens
+            if mask is not None:
+                fetched.masks[index] = mask
+        return fetched
 
     def window_lengths(self, key: tuple[int, int], doc_ids: np.ndarray) -> np.ndarray:
         """(n,) int64 lengths of a window's documents; reads (and keeps) them if needed."""
         lengths = self._packed.lengths
         if lengths is not None:
             return lengths[doc_ids]
-        doc_list = doc_ids.tolist()
-        documents = self._read(doc_list)
-        if len(self._window_docs) >= 2:
-            self._window_docs.pop(next(iter(self._window_docs)))
-        self._window_docs[key] = dict(zip(doc_list, documents, strict=True))
-        return np.fromiter((len(doc[0]) for doc in documents), np.int64, len(documents))
+        fetched = self._read(doc_ids.tolist())
+        lengths = np.fromiter(map(len, fetched.tokens.values()), np.int64, len(doc_ids))
+        self._window_docs[key] = fetched
+        self._window_tokens[key] = int(lengths.sum())
+        # Keep the last two windows, and more while they are small: rows planned ahead of
+        # their materialization (a read-ahead spanning windows) then need no second read.
+        while len(self._window_docs) > 2 and sum(self._window_tokens.values()) > CACHE_TOKENS:
+            oldest = next(iter(self._window_docs))
+            del self._window_docs[oldest], self._window_tokens[oldest]
+        return lengths
 
-    def fetch(self, indices: list[int]) -> dict[int, tuple]:
-        """Documents by index: cached ones plus one batched read of the rest."""
-        caches = [self._long_docs, *self._window_docs.values()]
-        found: dict[int, tuple] = {}
+    def fetch(self, indices: list[int]) -> _Fetched:
+        """Documents `indices`: cached ones plus one batched read of the rest."""
+        found = _Fetched({}, {})
         missing = indices
-        for cache in caches:
-            if cache:
-                hits = [i for i in missing if i in cache]
+        for cache in (self._long_docs, *self._window_docs.values()):
+            if cache.tokens and missing:
+                hits = [i for i in missing if i in cache.tokens]
                 if hits:
-                    found.update((i, cache[i]) for i in hits)
-                    missing = [i for i in missing if i not in found]
-        seq_len = self._seq_len
-        for index, doc in zip(missing, self._read(missing), strict=True):
-            found[index] = doc
-            if self._cache and len(doc[0]) > seq_len:
-                self._keep_long(index, doc)
+                    found.tokens.update((i, cache.tokens[i]) for i in hits)
+                    found.masks.update((i, cache.masks[i]) for i in hits if i in cache.masks)
+                    missing = [i for i in missing if i not in found.tokens]
+        read = self._read(missing)
+        found.tokens.update(read.tokens)
+        found.masks.update(read.masks)
+        if self._cache and read.tokens:
+            lengths = self._packed.lengths
+            if lengths is not None:
+                is_long = lengths[np.asarray(missing)] > self._seq_len
+                long_docs = np.asarray(missing)[is_long].tolist()
+            else:
+                long_docs = [i for i in missing if len(read.tokens[i]) > self._seq_len]
+            for index in long_docs:
+                self._keep_long(index, read)
         return found
 
-    def _keep_long(self, index: int, doc: tuple) -> None:
-        self._long_docs[index] = doc
-        self._long_tokens += len(doc[0])
-        while self._long_tokens > LONG_DOC_CACHE_TOKENS and len(self._long_docs) > 1:
-            oldest = next(iter(self._long_docs))
-            self._long_tokens -= len(self._long_docs.pop(oldest)[0])
+    def _keep_long(self, index: int, read: _Fetched) -> None:
+        cache = self._long_docs
+        cache.tokens[index] = read.tokens[index]
+        if index in read.masks:
+            cache.masks[index] = read.masks[index]
+        self._long_tokens += len(read.tokens[index])
+        while self._long_tokens > CACHE_TOKENS and len(cache.tokens) > 1:
+            oldest = next(iter(cache.tokens))
+            self._long_tokens -= len(cache.tokens.pop(oldest))
+            cache.masks.pop(oldest, None)
 
     def materialize(self, plans: Sequence[RowPlan]) -> dict[str, np.ndarray]:
-        """Batch dict of (n, L) int32 arrays for `plans` (the keys of `ROW_KEYS`).
+        """Batch dict of (n, L) int32 arrays for `plans` (the keys of `ROW_KEYS`)."""
+        return self.build(plans, self.fetch(needed_documents(plans)))
 
-        Per piece, Python only appends views (token slice, position and segment-id blocks);
-        each output array is then one `np.concatenate`, and labels one copy plus fixes.
+    def build(
+        self,
+        plans: Sequence[RowPlan],
+        fetched: _Fetched,
+        out: dict[str, np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Rows of `plans` from `fetched` documents: whole-batch numpy, Python per piece/row.
+
+        Tokens are one `np.concatenate` of piece slices (and padding blocks); positions and
+        segment ids are in-place row-wise cumulative sums of increments scattered at segment
+        starts. `out` (arrays of >= len(plans) rows) receives the rows instead of new arrays:
+        reusing memory avoids the page faults of fresh allocations.
         """
         seq_len, n = self._seq_len, len(plans)
-        docs = self.fetch(list(dict.fromkeys(d for plan in plans for d, _, _ in plan.pieces)))
-        with_mask = any(doc[1] is not None for doc in docs.values())
-        most_pieces = max((len(plan.pieces) for plan in plans), default=0)
-        if most_pieces >= len(self._segment_blocks):
-            self._segment_blocks = self._make_segment_blocks(2 * most_pieces)
-        arange, segment_blocks = self._arange, self._segment_blocks
-        token_parts, position_parts, segment_parts, mask_parts = [], [], [], []
-        first_tokens: list[int] = []  # flat index of every segment's first token
-        padded: list[tuple[int, int]] = []  # (row, real tokens) of rows with padding
-        row_start = 0
-        for row, plan in enumerate(plans):
-            used = 0
-            for segment, (d, start, stop) in enumerate(plan.pieces, 1):
-                tokens, mask = docs[d]
-                size = stop - start
-                token_parts.append(tokens[start:stop])
-                position_parts.append(arange[:size])
-                segment_parts.append(segment_blocks[segment][:size])
-                if with_mask:
-                    mask_parts.append(self._ones[:size] if mask is None else mask[start:stop])
-                first_tokens.append(row_start + used)
-                used += size
-            if used != seq_len:
-                if used > seq_len:
-                    self._raise_bad_plan(plan, docs)
-                token_parts.append(self._pad_tokens[: seq_len - used])
-                position_parts.append(self._zeros[: seq_len - used])
-                segment_parts.append(self._zeros[: seq_len - used])
-                if with_mask:
-                    mask_parts.append(self._zeros[: seq_len - used])
-                padded.append((row, used))
-            row_start += seq_len
-        if not n:
-            empty = np.empty((0, seq_len), dtype=np.int32)
-            return {key: empty.copy() for key in ROW_KEYS}
-        input_ids = np.concatenate(token_parts, dtype=np.int32, casting="unsafe")
-        if input_ids.size != n * seq_len:  # a document shorter than its plan says
+        docs = fetched.tokens
+        counts = np.fromiter((len(plan.pieces) for plan in plans), np.int64, n)
+        pieces = np.fromiter(
+            itertools.chain.from_iterable(itertools.chain.from_iterable(
+                plan.pieces for plan in plans)),
+            np.int64,
+        ).reshape(-1, 3)
+        sizes = pieces[:, 2] - pieces[:, 1]
+        ends = np.cumsum(sizes)
+        row_first = np.cumsum(counts) - counts  # index of each row's first piece
+        row_ends = np.concatenate([[0], ends])
+        used = row_ends[row_first + counts] - row_ends[row_first]
+        if n and (used.max() > seq_len or (sizes.size and sizes.min() < 1)):
             for plan in plans:
                 self._raise_bad_plan(plan, docs)
-            raise ValueError("the documents do not match their plans")
-        labels = input_ids.copy()
-        labels[first_tokens] = IGNORE_INDEX
-        input_ids = input_ids.reshape(n, seq_len)
-        labels = labels.reshape(n, seq_len)
-        for row, used in padded:
-            labels[row, used:] = IGNORE_INDEX
-        if with_mask:
-            labels[np.concatenate(mask_parts).reshape(n, seq_len) == 0] = IGNORE_INDEX
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": np.concatenate(position_parts).reshape(n, seq_len),
-            "segment_ids": np.concatenate(segment_parts).reshape(n, seq_len),
-        }
+        piece_rows = np.repeat(np.arange(n), counts)
+        in_row = ends - sizes - row_ends[row_first][piece_rows]
+        first_tokens = piece_rows * seq_len + in_row
 
-    def _raise_bad_plan(self, plan: RowPlan, docs: dict[int, tuple]) -> None:
+        if out is None:
+            rows = {key: np.empty((n, seq_len), dtype=np.int32) for key in ROW_KEYS}
+        else:
+            rows = {key: out[key][:n] for key in ROW_KEYS}
+        input_ids, labels = rows["input_ids"], rows["labels"]
+        position_ids, segment_ids = rows["position_ids"], rows["segment_ids"]
+        token_parts: list[np.ndarray] = [self._pad_tokens[:0]]
+        append, pad_tokens = token_parts.append, self._pad_tokens
+        used_list = used.tolist()
+        for plan, row_used in zip(plans, used_list, strict=True):
+            for d, start, stop in plan.pieces:
+                append(docs[d][start:stop])
+            if row_used != seq_len:
+                append(pad_tokens[: seq_len - row_used])
+        try:
+            np.concatenate(token_parts, out=input_ids.reshape(-1), casting="unsafe")
+        except ValueError:  # a document is shorter than its plan says
+            for plan in plans:
+                self._raise_bad_plan(plan, docs)
+            raise
+        np.copyto(labels, input_ids)
+        flat_labels = labels.reshape(-1)
+        flat_labels[first_tokens] = IGNORE_INDEX
+
+        position_ids.fill(1)
+        position_ids[:, 0] = 0
+        continuing = in_row > 0  # a segment start after another segment of the same row
+        position_ids.reshape(-1)[first_tokens[continuing]] = (
+            1 - sizes[np.flatnonzero(continuing) - 1]
+        )
+        np.cumsum(position_ids, axis=1, out=position_ids)
+        segment_ids.fill(0)
+        segment_ids.reshape(-1)[first_tokens] = 1
+        np.cumsum(segment_ids, axis=1, out=segment_ids)
+        for row in np.flatnonzero(used != seq_len).tolist():
+            row_used = used_list[row]
+            labels[row, row_used:] = IGNORE_INDEX
+            position_ids[row, row_used:] = 0
+            segment_ids[row, row_used:] = 0
+        if fetched.masks:
+            self._mask_labels(plans, fetched.masks, used_list, flat_labels)
+        return rows
+
+    def _mask_labels(self, plans, masks, used_list, flat_labels) -> None:
+        """labels = -100 where a dict document's loss_mask is 0 (padding is already -100)."""
+        seq_len, ones = self._seq_len, self._ones
+        mask_parts = []
+        for plan, row_used in zip(plans, used_list, strict=True):
+            for d, start, stop in plan.pieces:
+                mask = masks.get(d)
+                mask_parts.append(ones[: stop - start] if mask is None else mask[start:stop])
+            if row_used != seq_len:
+                mask_parts.append(ones[: seq_len - row_used])
+        flat_labels[np.concatenate(mask_parts) == 0] = IGNORE_INDEX
+
+    def _raise_bad_plan(self, plan: RowPlan, docs: dict[int, np.ndarray]) -> None:
         for d, start, stop in plan.pieces:
-            if not 0 <= start < stop <= len(docs[d][0]):
+            if not 0 <= start < stop <= len(docs[d]):
                 raise ValueError(
-                    f"document {d} has {len(docs[d][0])} tokens but the plan needs "
-                    f"[{start}, {stop}): the source's lengths do not match its records"
+                    f"{self._name} document {d} has {len(docs[d])} tokens but the plan "
+                    f"needs [{start}, {stop}): the source's lengths do not match its records"
                 )
         if plan.num_tokens > self._seq_len:
             raise ValueError(f"{plan} holds more than seq_len={self._seq_len} tokens")
 
 
-def _as_document(doc: Any, index: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(tokens (n,) int, loss_mask (n,) or None) from a token array or an SFT dict."""
+class _Fetched(NamedTuple):
+    """Documents read for some rows: index -> (n,) tokens, and index -> (n,) loss mask."""
+
+    tokens: dict[int, np.ndarray]
+    masks: dict[int, np.ndarray]
+
+
+def needed_documents(plans: Sequence[RowPlan]) -> list[int]:
+    """Distinct document indices the rows of `plans` read, in first-use order."""
+    return list(dict.fromkeys(d for plan in plans for d, _, _ in plan.pieces))
+
+
+def _plain_token_arrays(docs: list) -> bool:
+    """Whether every document is a 1-D integer numpy array (checked with C-level maps)."""
+    if set(map(type, docs)) != {np.ndarray} or set(map(_NDIM, docs)) != {1}:
+        return False
+    return set(map(_DTYPE_KIND, docs)) <= {"i", "u"}  # kinds: hashing dtypes is slow
+
+
+_NDIM, _DTYPE_KIND = operator.attrgetter("ndim"), operator.attrgetter("dtype.kind")
+
+
+def _as_document(doc: Any, index: int, source: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens (n,) int, loss_mask (n,) or None) from a token array or an SFT dict.
+
+    `source` and `index` name the document in errors.
+    """
     if type(doc) is np.ndarray and doc.ndim == 1 and doc.dtype.kind in "iu":
         return doc, None
+    where = f"{source} document {index}"
     if isinstance(doc, dict):
         if "input_ids" not in doc:
             raise ValueError(
-                f"document {index}: dict without 'input_ids' (keys: {sorted(doc)}); expected "
+                f"{where}: dict without 'input_ids' (keys: {sorted(doc)}); expected "
                 "{'input_ids': ..., 'loss_mask': ...}"
             )
-        tokens, _ = _as_document(doc["input_ids"], index)
+        tokens = np.asarray(doc["input_ids"])
+        if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+            raise TypeError(
+                f"{where}: field 'input_ids' must be a 1-D integer array, got shape "
+                f"{tokens.shape} and dtype {tokens.dtype}"
+            )
         mask = doc.get("loss_mask")
         if mask is not None:
             mask = np.asarray(mask)
             if mask.shape != tokens.shape:
                 raise ValueError(
-                    f"document {index}: loss_mask has shape {mask.shape}, input_ids "
+                    f"{where}: field 'loss_mask' has shape {mask.shape}, 'input_ids' "
                     f"{tokens.shape}"
                 )
         return tokens, mask
     if isinstance(doc, str | bytes):
         raise TypeError(
-            f"document {index} is text ({type(doc).__name__}), packing needs token ids: "
+            f"{where} is text ({type(doc).__name__}), packing needs token ids: "
             "tokenize it (PretrainDataset(..., tokenizer=...)) or pre-tokenize with "
             "`wf-data prepare --tokenizer ...`"
         )
     array = np.asarray(doc)
     if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
         raise TypeError(
-            f"document {index}: expected a 1-D integer token array or a dict with 'input_ids', "
+            f"{where}: expected a 1-D integer token array or a dict with 'input_ids', "
             f"got {type(doc).__name__} with shape {array.shape} and dtype {array.dtype}"
         )
     return array.astype(np.int64, copy=False) if array.dtype.kind not in "iu" else array, None

@@ -1,0 +1,562 @@
+"""Tests for wf_data.data.packing: lossless coverage, row schema, resume, epochs and errors.
+
+Token values encode (document, position): `doc * 2**16 + position`, so every real token of a
+row says where it came from and coverage is checked exactly.
+"""
+
+import json
+import pickle
+import sys
+
+import grain
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from wf_data.data import packing
+from wf_data.data.packing import (
+    IGNORE_INDEX,
+    BestFitPackedDataset,
+    ConcatPackedDataset,
+    RowPlan,
+    best_fit_decreasing,
+    pack,
+)
+from wf_data.data.sources import InMemorySource
+
+SHIFT = 1 << 16
+METHODS = ["concat", "best_fit"]
+
+
+def encoded_docs(lengths):
+    return [np.arange(n, dtype=np.uint32) + i * SHIFT for i, n in enumerate(lengths)]
+
+
+def source_of(lengths):
+    return InMemorySource(encoded_docs(lengths))
+
+
+class NoLengths:
+    """A source without `.lengths` (like text tokenized on the fly); counts reads."""
+
+    def __init__(self, docs):
+        self.docs = docs
+        self.reads = 0
+
+    def __len__(self):
+        return len(self.docs)
+
+    def __getitem__(self, index):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices):
+        self.reads += len(indices)
+        return [self.docs[i] for i in indices]
+
+
+class CountingSource(InMemorySource):
+    """InMemorySource that records every batched read."""
+
+    def __init__(self, docs):
+        super().__init__(docs)
+        self.calls = []
+
+    def __getitems__(self, indices):
+        self.calls.append(list(indices))
+        return super().__getitems__(indices)
+
+
+def all_rows(dataset):
+    return list(iter(dataset))
+
+
+def stack(rows, key):
+    return np.stack([row[key] for row in rows]) if rows else np.zeros((0, 0), np.int32)
+
+
+def check_row_schema(row, seq_len, pad_id):
+    """Schema rules for one row; returns its segments as (doc, first position, length)."""
+    ids, labels = row["input_ids"], row["labels"]
+    positions, segments = row["position_ids"], row["segment_ids"]
+    for key in packing.ROW_KEYS:
+        assert row[key].dtype == np.int32 and row[key].shape == (seq_len,), key
+    real = segments > 0
+    used = int(real.sum())
+    assert real[:used].all() and not real[used:].any(), "padding must be a suffix"
+    assert (ids[used:] == pad_id).all()
+    assert (labels[used:] == IGNORE_INDEX).all()
+    assert (positions[used:] == 0).all()
+    found = []
+    starts = np.flatnonzero(np.diff(segments[:used], prepend=0) != 0)
+    bounds = list(starts) + [used]
+    assert list(segments[starts]) == list(range(1, len(starts) + 1))
+    for k, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        piece = ids[start:stop].astype(np.int64)
+        doc, first = divmod(int(piece[0]), SHIFT)
+        assert (piece == piece[0] + np.arange(stop - start)).all(), "one piece, in order"
+        assert (positions[start:stop] == np.arange(stop - start)).all()
+        assert labels[start] == IGNORE_INDEX
+        assert (labels[start + 1 : stop] == ids[start + 1 : stop]).all()
+        assert (segments[start:stop] == k + 1).all()
+        found.append((doc, first, stop - start))
+    return found
+
+
+def token_counts(rows):
+    """Multiset of real token values over `rows`: (values, counts)."""
+    ids = stack(rows, "input_ids")
+    real = ids[stack(rows, "segment_ids") > 0] if rows else np.zeros(0, np.int32)
+    return np.unique(real, return_counts=True)
+
+
+def expected_tokens(lengths):
+    docs = encoded_docs(lengths)
+    return np.sort(np.concatenate(docs).astype(np.int32)) if docs else np.zeros(0, np.int32)
+
+
+# --------------------------------------------------------------------------- coverage
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    lengths=st.lists(st.integers(0, 90), max_size=40),
+    seq_len=st.integers(1, 64),
+    method=st.sampled_from(METHODS),
+    seed=st.one_of(st.none(), st.integers(0, 2**31)),
+    window_size=st.integers(1, 12),
+    num_epochs=st.integers(1, 3),
+    pad_id=st.integers(0, 5),
+)
+def test_every_token_exactly_once_per_epoch(
+    lengths, seq_len, method, seed, window_size, num_epochs, pad_id
+):
+    docs = source_of(lengths)
+    packed = pack(docs, seq_len, method, pad_id=pad_id, window_size=window_size, seed=seed,
+                  num_epochs=num_epochs)
+    rows = all_rows(packed)
+    values, counts = token_counts(rows)
+    expected = np.unique(expected_tokens(lengths))
+    assert np.array_equal(values, expected)
+    assert (counts == num_epochs).all()
+    for row in rows:
+        for doc, first, size in check_row_schema(row, seq_len, pad_id):
+            if method == "best_fit":
+                # documents are cut only at multiples of seq_len, so short ones stay whole
+                assert first % seq_len == 0 and size == min(seq_len, lengths[doc] - first)
+    total = num_epochs * sum(lengths)
+    if method == "concat":
+        assert len(rows) == len(packed) == -(-total // seq_len)
+        # 100% fill: only the very last row may hold padding
+        assert all((row["segment_ids"] > 0).all() for row in rows[:-1])
+    assert sum(int((row["segment_ids"] > 0).sum()) for row in rows) == total
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 60), min_size=1, max_size=30),
+    seq_len=st.integers(1, 40),
+    seed=st.one_of(st.none(), st.integers(0, 1000)),
+    window_size=st.integers(1, 8),
+)
+def test_best_fit_windows_never_cross_epochs(lengths, seq_len, seed, window_size):
+    packed = pack(source_of(lengths), seq_len, "best_fit", window_size=window_size, seed=seed,
+                  num_epochs=3)
+    iterator = iter(packed)
+    plans = iterator.next_plans(10**6)
+    per_epoch = {epoch: [] for epoch in range(3)}
+    for plan in plans:
+        docs = {d for d, _, _ in plan.pieces}
+        windows = {
+            int(np.flatnonzero(packed.epoch_order(plan.epoch) == d)[0]) // window_size
+            for d in docs
+        }
+        assert len(windows) == 1, "a row mixes documents of two windows"
+        per_epoch[plan.epoch].extend(plan.pieces)
+    for pieces in per_epoch.values():
+        tokens = sorted((d, p) for d, a, b in pieces for p in range(a, b))
+        assert tokens == [(d, p) for d, n in enumerate(lengths) for p in range(n)]
+
+
+def test_no_lengths_source_best_fit_reads_each_window_once():
+    lengths = [5, 0, 17, 3, 40, 9, 1, 12]
+    docs = NoLengths(encoded_docs(lengths))
+    packed = pack(docs, 16, "best_fit", window_size=3, seed=4, num_epochs=2)
+    assert packed.lengths is None
+    rows = all_rows(packed)
+    values, counts = token_counts(rows)
+    assert np.array_equal(values, np.unique(expected_tokens(lengths))) and (counts == 2).all()
+    # planning read every window once; materializing used those reads
+    assert docs.reads == 2 * len(lengths)
+
+
+def test_concat_needs_lengths():
+    with pytest.raises(ValueError, match="wf-data prepare --tokenizer"):
+        pack(NoLengths(encoded_docs([3, 4])), 8, "concat")
+
+
+# --------------------------------------------------------------------------- schema
+
+
+def test_row_schema_by_hand():
+    docs = source_of([3, 5, 2])
+    (row,) = all_rows(pack(docs, 12, "best_fit", pad_id=7))
+    # best-fit-decreasing: 5 tokens of doc 1, then doc 0 (3), then doc 2 (2), then 2 pads
+    d = [SHIFT * 1 + i for i in range(5)] + [i for i in range(3)] + [SHIFT * 2, SHIFT * 2 + 1]
+    assert row["input_ids"].tolist() == d + [7, 7]
+    assert row["labels"].tolist() == (
+        [IGNORE_INDEX] + d[1:5] + [IGNORE_INDEX] + d[6:8] + [IGNORE_INDEX, d[9]] + [-100, -100]
+    )
+    assert row["position_ids"].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 0, 1, 0, 0]
+    assert row["segment_ids"].tolist() == [1] * 5 + [2] * 3 + [3] * 2 + [0, 0]
+
+
+def test_concat_continuation_is_a_new_segment():
+    rows = all_rows(pack(source_of([6, 4]), 4, "concat"))
+    assert [r["segment_ids"].tolist() for r in rows] == [[1, 1, 1, 1], [1, 1, 2, 2], [1, 1, 0, 0]]
+    assert rows[1]["labels"][0] == IGNORE_INDEX  # piece continuing doc 0: not predicted
+    assert rows[1]["position_ids"].tolist() == [0, 1, 0, 1]
+    assert rows[2]["labels"].tolist() == [IGNORE_INDEX, SHIFT + 3, IGNORE_INDEX, IGNORE_INDEX]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_overlong_documents_are_split_not_truncated(method):
+    lengths = [50, 3, 21]
+    rows = all_rows(pack(source_of(lengths), 8, method, seed=1))
+    values, counts = token_counts(rows)
+    assert np.array_equal(values, expected_tokens(lengths)) and (counts == 1).all()
+    pieces = [seg for row in rows for seg in check_row_schema(row, 8, 0)]
+    if method == "best_fit":
+        assert sorted(p for p in pieces if p[0] == 0) == [(0, 8 * k, 8) for k in range(6)] + [
+            (0, 48, 2)
+        ]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_loss_mask_documents(method):
+    docs = [
+        {"input_ids": np.arange(6, dtype=np.int32) + 100,
+         "loss_mask": np.array([0, 0, 1, 1, 0, 1])},
+        {"input_ids": np.arange(3, dtype=np.int32) + 200, "loss_mask": np.ones(3, dtype=bool)},
+        np.arange(4, dtype=np.int32) + 300,  # a plain document: loss everywhere
+    ]
+    lengths = np.array([6, 3, 4])
+
+    class Docs(list):
+        pass
+
+    source = Docs(docs)
+    source.lengths = lengths
+    rows = all_rows(pack(source, 16, method))
+    (row,) = rows
+    by_token = dict(zip(row["input_ids"].tolist(), row["labels"].tolist(), strict=True))
+    assert [by_token[100 + i] for i in range(6)] == [-100, -100, 102, 103, -100, 105]
+    assert [by_token[200 + i] for i in range(3)] == [-100, 201, 202]
+    assert [by_token[300 + i] for i in range(4)] == [-100, 301, 302, 303]
+
+
+def test_best_fit_fill_on_lognormal_lengths():
+    rng = np.random.default_rng(0)
+    lengths = np.clip(np.rint(rng.lognormal(6, 1.1, 20_000)), 8, 32768).astype(np.int64)
+
+    class LengthsOnly:
+        def __len__(self):
+            return len(lengths)
+
+        def __getitem__(self, index):
+            raise AssertionError("planning must not read documents")
+
+    source = LengthsOnly()
+    source.lengths = lengths
+    iterator = iter(pack(source, 2048, "best_fit", window_size=4096, seed=0))
+    plans = iterator.next_plans(10**6)
+    fill = lengths.sum() / (len(plans) * 2048)
+    assert fill >= 0.99
+
+
+# --------------------------------------------------------------------------- best fit
+
+
+def naive_best_fit_decreasing(items, capacity):
+    order = sorted(range(len(items)), key=lambda i: -items[i])
+    room, bins = [], [0] * len(items)
+    for i in order:
+        fits = [b for b in range(len(room)) if room[b] >= items[i]]
+        if fits:
+            b = min(fits, key=lambda b: (room[b], b))
+        else:
+            b = len(room)
+            room.append(capacity)
+        room[b] -= items[i]
+        bins[i] = b
+    return bins
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 50).flatmap(
+    lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=60))
+))
+def test_best_fit_decreasing_matches_reference(case):
+    capacity, items = case
+    bins = best_fit_decreasing(np.array(items, dtype=np.int64), capacity)
+    assert bins.tolist() == naive_best_fit_decreasing(items, capacity)
+    if items:
+        assert np.bincount(bins, weights=items).max() <= capacity
+
+
+def test_best_fit_decreasing_rejects_oversized_items():
+    with pytest.raises(ValueError, match=r"\[1, 4\]"):
+        best_fit_decreasing(np.array([5]), 4)
+
+
+# --------------------------------------------------------------------------- plans and reads
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_next_plans_and_materialize_match_iteration(method):
+    lengths = np.random.default_rng(3).integers(0, 70, 60).tolist()
+    packed = pack(source_of(lengths), 32, method, seed=5, window_size=7, num_epochs=2)
+    expected = all_rows(packed)
+    planner = iter(packed)
+    plans = []
+    while batch := planner.next_plans(5):
+        assert all(isinstance(plan, RowPlan) for plan in batch)
+        plans.extend(batch)
+    assert planner.next_plans(3) == []
+    assert len(plans) == len(expected)
+    # materialize on a fresh iterator (a worker process), in an arbitrary order
+    worker = iter(pickle.loads(pickle.dumps(packed)))
+    order = np.random.default_rng(0).permutation(len(plans))
+    batch = worker.materialize([pickle.loads(pickle.dumps(plans[i])) for i in order])
+    for key in packing.ROW_KEYS:
+        assert batch[key].shape == (len(plans), 32) and batch[key].dtype == np.int32
+        assert np.array_equal(batch[key], stack(expected, key)[order])
+
+
+def test_materialize_reads_only_needed_documents_in_one_call():
+    lengths = [10] * 40
+    docs = CountingSource(encoded_docs(lengths))
+    iterator = iter(pack(docs, 16, "concat"))
+    plans = iterator.next_plans(25)
+    assert docs.calls == []  # planning reads nothing when lengths are known
+    rows = iterator.materialize(plans[20:23])
+    assert len(docs.calls) == 1
+    needed = sorted({d for plan in plans[20:23] for d, _, _ in plan.pieces})
+    assert sorted(docs.calls[0]) == needed
+    assert rows["input_ids"].shape == (3, 16)
+
+
+def test_concat_is_a_random_access_map_dataset():
+    lengths = np.random.default_rng(1).integers(0, 50, 30).tolist()
+    packed = pack(source_of(lengths), 16, "concat", seed=2, num_epochs=2)
+    assert isinstance(packed, grain.MapDataset) and isinstance(packed, ConcatPackedDataset)
+    rows = all_rows(packed)
+    assert len(packed) == len(rows)
+    for i in (len(rows) - 1, 0, 17, 3):
+        for key in packing.ROW_KEYS:
+            assert np.array_equal(packed[i][key], rows[i][key])
+    sliced = packed[5:8]
+    assert len(sliced) == 3 and np.array_equal(sliced[0]["input_ids"], rows[5]["input_ids"])
+    with pytest.raises(IndexError):
+        packed[len(rows)]
+
+
+def test_best_fit_is_an_iter_dataset():
+    packed = pack(source_of([3, 4]), 8, "best_fit")
+    assert isinstance(packed, grain.IterDataset) and isinstance(packed, BestFitPackedDataset)
+    assert isinstance(iter(packed), packing.PackedRowsIterator)
+
+
+# --------------------------------------------------------------------------- state
+
+
+def consume(iterator, steps):
+    """Advance by a mix of row reads and plan-only steps (like mixing does)."""
+    rows = []
+    for kind, count in steps:
+        if kind == "rows":
+            for _ in range(count):
+                try:
+                    rows.append(next(iterator))
+                except StopIteration:
+                    return rows
+        else:
+            iterator.next_plans(count)
+    return rows
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 80), min_size=1, max_size=50),
+    seq_len=st.integers(1, 48),
+    method=st.sampled_from(METHODS),
+    seed=st.one_of(st.none(), st.integers(0, 100)),
+    window_size=st.integers(1, 9),
+    steps=st.lists(st.tuples(st.sampled_from(["rows", "plans"]), st.integers(0, 70)),
+                   max_size=4),
+)
+def test_resume_equality_at_random_points(lengths, seq_len, method, seed, window_size, steps):
+    packed = pack(source_of(lengths), seq_len, method, seed=seed, window_size=window_size,
+                  num_epochs=2)
+    iterator = iter(packed)
+    consume(iterator, steps)
+    state = json.loads(json.dumps(iterator.get_state()))
+    rest = all_rows_from(iterator)
+    restored = iter(packed)
+    restored.set_state(state)
+    again = all_rows_from(restored)
+    assert len(rest) == len(again)
+    for a, b in zip(rest, again, strict=True):
+        for key in packing.ROW_KEYS:
+            assert np.array_equal(a[key], b[key])
+
+
+def all_rows_from(iterator):
+    return list(iterator)
+
+
+def test_resume_mid_window_replans_one_window():
+    lengths = np.random.default_rng(2).integers(1, 200, 300)
+    source = CountingSource(encoded_docs(lengths.tolist()))
+    packed = pack(source, 64, "best_fit", window_size=50, seed=9)
+    iterator = iter(packed)
+    for _ in range(123):
+        next(iterator)
+    state = iterator.get_state()
+    assert 0 < state["row"] and state["window"] > 0  # mid-window
+    expected = next(iterator)
+    restored = iter(packed)
+    plan_calls = []
+    original = packed.plan_window
+    packed.plan_window = lambda *args: plan_calls.append(args[:2]) or original(*args)
+    restored.set_state(state)
+    plans = restored.next_plans(1)
+    assert plan_calls == [(state["epoch"], state["window"])]
+    row = restored.materialize(plans)
+    assert np.array_equal(row["input_ids"][0], expected["input_ids"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_is_small_and_does_not_grow(method):
+    packed = pack(source_of([37] * 50), 16, method, seed=1, window_size=8, num_epochs=None)
+    iterator = iter(packed)
+    sizes = [len(json.dumps(iterator.get_state()))]
+    for _ in range(10):
+        iterator.next_plans(97)
+        next(iterator)
+        sizes.append(len(json.dumps(iterator.get_state())))
+    assert max(sizes) < 160
+    assert max(sizes) - min(sizes) <= 6  # only the digits of the counters change
+    assert all(isinstance(v, int | str) for v in iterator.get_state().values())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_from_another_configuration_is_refused(method):
+    docs = source_of([5, 9, 13])
+    state = iter(pack(docs, 8, method, seed=1)).get_state()
+    for other in (
+        pack(docs, 16, method, seed=1),
+        pack(docs, 8, method, seed=2),
+        pack(source_of([5, 9, 14]), 8, method, seed=1),
+        pack(docs, 8, "best_fit" if method == "concat" else "concat", seed=1),
+    ):
+        with pytest.raises(ValueError, match="does not match"):
+            iter(other).set_state(state)
+    iter(pack(docs, 8, method, seed=1, pad_id=3)).set_state(state)  # pad_id may change
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_state_at_the_end_stays_exhausted(method):
+    packed = pack(source_of([4, 9, 2]), 4, method)
+    iterator = iter(packed)
+    all_rows_from(iterator)
+    restored = iter(packed)
+    restored.set_state(iterator.get_state())
+    assert list(restored) == [] and restored.next_plans(4) == []
+
+
+# --------------------------------------------------------------------------- epochs
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_epoch_reshuffle_is_deterministic(method):
+    lengths = [7] * 40
+
+    def first_docs(seed):
+        iterator = iter(pack(source_of(lengths), 7, method, seed=seed, num_epochs=None))
+        plans = iterator.next_plans(120)  # three epochs of one-document rows
+        return [[plan.pieces[0][0] for plan in plans[e * 40 : (e + 1) * 40]] for e in range(3)]
+
+    epochs = first_docs(11)
+    assert epochs == first_docs(11)
+    assert epochs != first_docs(12)
+    assert epochs[0] != epochs[1] != epochs[2]
+    assert all(sorted(docs) == list(range(40)) for docs in epochs)
+    expected = np.random.default_rng([11, 1]).permutation(40)
+    if method == "concat":
+        assert epochs[1] == expected.tolist()
+    assert first_docs(None)[0] == list(range(40)) and first_docs(None)[1] == list(range(40))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_num_epochs_none_repeats_forever(method):
+    lengths = [3, 8, 5]
+    packed = pack(source_of(lengths), 8, method, seed=0, num_epochs=None)
+    if method == "concat":
+        assert len(packed) == sys.maxsize
+        assert packed[10**12]["segment_ids"].sum() > 0
+    iterator = iter(packed)
+    rows = [next(iterator) for _ in range(40)]  # 20 epochs of 16 tokens
+    values, counts = token_counts(rows)
+    assert np.array_equal(values, expected_tokens(lengths)) and (counts == 20).all()
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_argument_errors():
+    docs = source_of([3])
+    with pytest.raises(ValueError, match="unknown packing method 'greedy'.*best_fit"):
+        pack(docs, 8, "greedy")
+    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+        pack(docs, 0)
+    with pytest.raises(ValueError, match="window_size"):
+        pack(docs, 8, window_size=0)
+    with pytest.raises(ValueError, match="num_epochs"):
+        pack(docs, 8, num_epochs=0)
+    with pytest.raises(ValueError, match="seed"):
+        pack(docs, 8, seed=-1)
+    with pytest.raises(TypeError, match="random-access"):
+        pack(iter([np.arange(3)]), 8)
+
+
+def test_text_documents_are_refused_with_a_hint():
+    texts = ["hello", "world"]
+    with pytest.raises(TypeError, match="NoLengths.* document 0 is text.*tokenize"):
+        all_rows(pack(NoLengths(texts), 8, "best_fit"))
+
+
+@pytest.mark.parametrize(
+    "doc, match",
+    [
+        ({"tokens": np.arange(3)}, "without 'input_ids'"),
+        ({"input_ids": np.arange(3), "loss_mask": np.ones(2)}, "document 1: field 'loss_mask'"),
+        (np.zeros((2, 2), np.int32), "1-D integer"),
+        ({"input_ids": ["a", "b"]}, "document 1: field 'input_ids' must be a 1-D integer"),
+        (np.zeros(3, np.float32), "1-D integer"),
+    ],
+)
+def test_bad_documents_are_named(doc, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        all_rows(pack(NoLengths([np.arange(2), doc]), 8, "best_fit"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_lengths_that_do_not_match_records_are_named(method):
+    docs = [np.arange(4), np.arange(3)]
+
+    class Lying(list):
+        lengths = np.array([4, 5])
+
+    with pytest.raises(ValueError, match="Lying.*document 1 has 3 tokens.*do not match"):
+        all_rows(pack(Lying(docs), 16, method))
