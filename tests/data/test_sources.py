@@ -137,22 +137,29 @@ def test_getitems_keeps_order(token_dataset, token_docs):
     assert source.__getitems__([]) == []
 
 
-def test_one_read_call_per_shard(token_dataset):
+def test_reads_seek_record_by_record_in_request_order(token_dataset, token_docs):
     source = sources.open_dataset(token_dataset)
     calls = []
     source[0], source[10], source[20]  # open all readers
 
     class CountingReader:
-        def __init__(self, reader):
-            self.reader = reader
+        def __init__(self, shard, reader):
+            self.shard, self.reader = shard, reader
 
-        def read(self, indices):
-            calls.append(list(indices))
-            return self.reader.read(indices)
+        def seek(self, local):
+            calls.append((self.shard, local))
+            self.reader.seek(local)
 
-    source._readers = [CountingReader(r) if r else r for r in source._readers]
-    source.__getitems__([20, 1, 12, 2, 19, 10])
-    assert calls == [[1, 2], [3, 1], [3, 2]]  # shards 0, 2, 3; order within shard kept
+        def read(self):
+            return self.reader.read()
+
+    source._readers = [CountingReader(k, r) if r else r for k, r in enumerate(source._readers)]
+    wanted = [20, 1, 12, 2, 19, 10]
+    got = source.__getitems__(wanted)
+    # (shard, record within shard) of each request, in request order; no thread-pool batch.
+    assert calls == [(3, 3), (0, 1), (2, 3), (0, 2), (3, 2), (2, 1)]
+    for index, doc in zip(wanted, got, strict=True):
+        np.testing.assert_array_equal(doc, token_docs[index])
 
 
 def test_pickle_is_cheap_and_reopens(token_dataset, token_docs):
