@@ -8,7 +8,8 @@ Data: document lengths lognormal(mean 6, sigma 1.1) rounded and clipped to [8, 3
 random token ids (vocab 32000: uint16), written once as a `tokens` dataset (ArrayRecord shards,
 manifest, lengths; `wf_data.data.sources` writers) under `--cache-dir`, read back through
 `open_dataset`. Sections are functions `section(args, corpus) -> list[dict]` in `SECTIONS`,
-printed with the `COLUMNS` their rows have; add one to add a table.
+printed with the `COLUMNS` their rows have; add one to add a table. The loader sections
+(`loader`, `memory`, `state`, `exp3`) live in `tools/bench_loader.py`.
 
 packing columns: real (non-padding) tokens per wall second and per CPU second of this process,
 fill (real / row capacity), tokens truncated (read but never emitted), state size (JSON bytes
@@ -39,6 +40,9 @@ if str(ROOT) not in sys.path:
 
 from wf_data.data import packing, sources  # noqa: E402
 from wf_data.data.packing import needed_documents, pack  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "tools"))
+import bench_loader  # noqa: E402
 
 FULL_TOKENS = 44_000_000
 QUICK_TOKENS = 1_500_000
@@ -208,34 +212,6 @@ def _reads_only(source, packed, read_rows: int):
         del docs
 
 
-class SeekReadSource(sources.DocumentSource):
-    """A `DocumentSource` reading record by record (`seek` + `read`, no reader thread pool).
-
-    Not part of wf-data: it measures what this reading strategy would give `DocumentSource`
-    (ArrayRecord's batched `read(indices)` dispatches to a thread pool on every call).
-    """
-
-    def _reader(self, shard: int):
-        from array_record.python.array_record_module import ArrayRecordReader
-
-        if self._readers[shard] is None:
-            path = os.fspath(self.shard_paths[shard])
-            options = "readahead_buffer_size:0,max_parallelism:0"
-            self._readers[shard] = ArrayRecordReader(path, options)
-        return self._readers[shard]
-
-    def __getitems__(self, indices):
-        shards, locals_ = self._locate(np.asarray(indices, dtype=np.int64).reshape(-1))
-        readers = [self._reader(k) for k in range(len(self.shard_paths))]
-        dtype = self.token_dtype.newbyteorder("<")
-        documents = []
-        for shard, local in zip(shards.tolist(), locals_.tolist(), strict=True):
-            reader = readers[shard]
-            reader.seek(local)
-            documents.append(np.frombuffer(reader.read(), dtype=dtype))
-        return documents
-
-
 class _CountingMap:
     """Grain map to a feature dict that counts the tokens read and those it truncates.
 
@@ -284,9 +260,9 @@ def bench_packing(args: argparse.Namespace, corpus: Corpus) -> list[dict]:
     """Packing throughput, fill, truncation and state size: ours beside Grain's packers."""
     seq_len, batch, repeat = args.seq_len, args.batch_size, args.repeat
 
-    def ours(label, method, batch_size=1, source_cls=sources.DocumentSource, **kwargs):
+    def ours(label, method, batch_size=1, **kwargs):
         def make_run():
-            packed = pack(source_cls(corpus.path), seq_len, method, seed=args.seed, **kwargs)
+            packed = pack(corpus.source(), seq_len, method, seed=args.seed, **kwargs)
             iterator = iter(packed)
             return Run(_row_batches(iterator, batch_size), iterator.get_state)
 
@@ -294,9 +270,9 @@ def bench_packing(args: argparse.Namespace, corpus: Corpus) -> list[dict]:
         row["compare"] = "ConcatThenSplit" if method == "concat" else "BestFit"
         return row
 
-    def reads_only(label, source_cls):
+    def reads_only(label):
         def make_run():
-            source = source_cls(corpus.path)
+            source = corpus.source()
             concat = pack(source, seq_len, "concat", seed=args.seed)
             rows_per_read = max(1, packing.READ_TOKENS // seq_len)
             return Run(_reads_only(source, concat, rows_per_read), packs=False)
@@ -307,7 +283,7 @@ def bench_packing(args: argparse.Namespace, corpus: Corpus) -> list[dict]:
     results = [
         measure("numpy memmap bound",
                 lambda: Run(_memmap_rows(corpus, seq_len, batch), packs=False), repeat),
-        reads_only("DocumentSource reads alone (concat's)", sources.DocumentSource),
+        reads_only("DocumentSource reads alone (concat's)"),
         ours("wf-data concat", "concat"),
         ours(f"wf-data concat, materialize batch {batch}", "concat", batch),
     ]
@@ -315,15 +291,6 @@ def bench_packing(args: argparse.Namespace, corpus: Corpus) -> list[dict]:
                 for w in args.window_sizes]
     results.append(ours(f"wf-data best_fit w={largest}, materialize batch {batch}",
                         "best_fit", batch, window_size=largest))
-    if not args.no_seek:
-        results += [
-            reads_only("SeekReadSource reads alone (concat's)", SeekReadSource),
-            ours("wf-data concat on SeekReadSource", "concat", source_cls=SeekReadSource),
-            ours(f"wf-data concat on SeekReadSource, materialize batch {batch}", "concat", batch,
-                 source_cls=SeekReadSource),
-            ours(f"wf-data best_fit w={largest} on SeekReadSource", "best_fit",
-                 source_cls=SeekReadSource, window_size=largest),
-        ]
     for kind in ("ConcatThenSplit", "FirstFit", "BestFit"):
         bins = "" if kind == "ConcatThenSplit" else f" ({args.grain_bins} bins)"
         label = f"grain {kind}{bins}"
@@ -343,6 +310,7 @@ def bench_packing(args: argparse.Namespace, corpus: Corpus) -> list[dict]:
 
 SECTIONS: dict[str, Callable[[argparse.Namespace, Corpus], list[dict]]] = {
     "packing": bench_packing,
+    **bench_loader.SECTIONS,
 }
 
 
@@ -355,7 +323,7 @@ def _millions(value: float) -> str:
 
 # (header, result key, format): a section's rows may leave any key out ("-").
 COLUMNS = [
-    ("packer", "name", str),
+    ("run", "name", str),
     ("real tokens/s", "tokens_per_s", _millions),
     ("per CPU-s", "tokens_per_cpu_s", _millions),
     ("fill", "fill", lambda fill: f"{100 * fill:.2f}%"),
@@ -363,6 +331,12 @@ COLUMNS = [
     ("state size", "state_bytes", lambda size: f"{size} B" if size else "-"),
     ("vs Grain", "vs_grain", lambda ratio: f"{ratio:.1f}x"),
     ("rows", "rows", lambda count: f"{count:,}"),
+    ("batches", "batches", lambda count: f"{count:,}"),
+    ("RSS before", "rss_before_mb", lambda mb: f"{mb:.1f} MB"),
+    ("RSS after", "rss_after_mb", lambda mb: f"{mb:.1f} MB"),
+    ("RSS growth", "growth", lambda growth: f"{100 * growth:+.2f}%"),
+    ("restore + first batch", "restore_ms", lambda ms: f"{ms:.1f} ms"),
+    ("per batch", "us_per_batch", lambda us: f"{us:.1f} us"),
 ]
 
 
@@ -396,10 +370,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="stop each Grain packer after this long (default: full data)")
     parser.add_argument("--repeat", type=int, default=None,
                         help="passes per wf-data row, best kept (default 3, --quick 1)")
-    parser.add_argument("--no-seek", action="store_true",
-                        help="skip the rows that read through SeekReadSource")
     parser.add_argument("--cache-dir", type=pathlib.Path,
                         default=pathlib.Path(tempfile.gettempdir()) / "wf-data-bench")
+    parser.add_argument("--prefetch", type=int, default=bench_loader.LOADER_PREFETCH,
+                        help="loader sections: batches planned and read per group, minus one")
     parser.add_argument("--only", choices=sorted(SECTIONS), action="append",
                         help="run only this section (repeatable)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the results here")

@@ -58,7 +58,7 @@ def make_loader(corpus, args, framework="torch") -> DataLoader:
     }
     mixing = Exp3Mixing(datasets, {"web": 0.5, "code": 0.2, "math": 0.3}, seed=args.seed)
     return DataLoader(
-        mixing, global_batch_size=args.batch_size, framework=framework, prefetch=getattr(args, "prefetch", LOADER_PREFETCH)
+        mixing, global_batch_size=args.batch_size, framework=framework, prefetch=args.prefetch
     )
 
 
@@ -102,8 +102,8 @@ def _grain_best_fit(corpus, args, batches: int, seconds: float = 20.0) -> tuple[
     next(iterator)
     start = time.perf_counter()
     real = 0
-    for _ in range(batches):
-        batch = next(iterator)
+    # Grain's mix ends with its first exhausted domain: a small corpus may end the run early.
+    for batch, _ in zip(iterator, range(batches), strict=False):
         real += int((batch["tokens_segment_ids"] > 0).sum())
         if time.perf_counter() - start > seconds:
             break
@@ -180,29 +180,6 @@ def bench_exp3_overhead(args, corpus) -> list[dict]:
         best = min(best, (time.perf_counter() - start) / repeats)
     name = f"EXP3 draw {args.batch_size} rows + update, K=22"
     return [{"name": name, "us_per_batch": 1e6 * best}]
-
-
-def format_rows(title: str, rows: list[dict]) -> str:
-    """A markdown table of whatever columns the rows of a loader section have."""
-    columns = [key for key in rows[0] if key != "name"]
-    lines = [f"### {title}", "", "| | " + " | ".join(columns) + " |",
-             "| --- |" + " ---: |" * len(columns)]
-    for row in rows:
-        cells = []
-        for key in columns:
-            value = row[key]
-            if key == "tokens_per_s":
-                cells.append(f"{value / 1e6:.2f}M")
-            elif key in ("vs_grain",):
-                cells.append(f"{value:.1f}x")
-            elif key == "growth":
-                cells.append(f"{100 * value:+.2f}%")
-            elif isinstance(value, float):
-                cells.append(f"{value:.2f}")
-            else:
-                cells.append(f"{value:,}")
-        lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 SECTIONS = {
