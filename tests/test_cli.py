@@ -59,6 +59,11 @@ def test_prepare_and_inspect_tokens(tmp_path, capsys):
     assert "samples (2 evenly spaced):" in printed and "#119: [" in printed
     assert "the" in printed.split("samples")[1]  # decoded text, not ids
 
+    plot = tmp_path / "plots" / "lengths.png"
+    assert cli.main(["inspect", str(out), "--samples", "0", "--plot", str(plot)]) == 0
+    assert f"plot: {plot}" in capsys.readouterr().out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
 
 def test_inspect_verify_detects_corruption(tmp_path, capsys):
     out = tmp_path / "out"

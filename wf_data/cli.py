@@ -110,6 +110,9 @@ def add_inspect_parser(subparsers: Any) -> None:
         metavar="NAME_OR_PATH",
         help="decode with this tokenizer (default: the one named in the manifest)",
     )
+    parser.add_argument(
+        "--plot", metavar="FILE.png", help="also save the length histogram and totals as a PNG"
+    )
     parser.set_defaults(func=run_inspect)
 
 
@@ -229,6 +232,11 @@ def run_inspect(args: argparse.Namespace) -> int:
         print(f"length in {unit}{suffix}: mean {lengths.mean():,.1f}  {cells}")
     print(f"histogram of length in {unit}:")
     print("\n".join(length_histogram(lengths)))
+    if args.plot and lengths.size:
+        from wf_data import viz
+
+        title = f"{manifest['name']}: length in {unit}" + (" (sample)" if sampled else "")
+        print(f"plot: {viz.save_figure(viz.plot_dataset_summary(lengths, title), args.plot)}")
     if args.samples > 0 and len(source):
         decode = _decoder(manifest, args.tokenizer) if source.format == "tokens" else None
         indices = np.linspace(0, len(source) - 1, min(args.samples, len(source))).astype(int)
