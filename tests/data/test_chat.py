@@ -276,7 +276,7 @@ def test_unknown_role_lists_valid_roles():
     [
         ("plain text", TypeError, r"record 0: expected a chat record.*got str.*text record"),
         (np.arange(4), TypeError, r"got ndarray.*token record"),
-        ({"messages": "hi"}, TypeError, r"'messages' must be a list"),
+        ({"messages": "hi"}, TypeError, r"chat messages must be a list"),
         ({"messages": []}, ValueError, r"'messages' is empty"),
         ({"messages": ["hi"]}, TypeError, r"message 0: expected a dict"),
         ({"messages": [{"role": "user"}]}, TypeError, r"message 0 \(role 'user'\).*content"),

@@ -204,9 +204,11 @@ def test_bad_input_names_file_and_line(tmp_path, content, message):
 @pytest.mark.parametrize(
     ("messages", "message"),
     [
-        ("hi", r"chat\.jsonl:1: field 'messages': chat messages must be a list, got str"),
-        ([{"role": "user"}], r"chat\.jsonl:1: field 'messages': message 0 is missing .*content"),
-        ([{"role": "user", "content": 3}], r"message 0 field 'content' must be a string, got int"),
+        ("hi", r"chat\.jsonl:1: field 'messages': chat messages must be a list of .* got str"),
+        ([{"role": "user"}], r"chat\.jsonl:1: field 'messages' message 0 .*'content' must be a str"),
+        ([{"role": "user", "content": 3}],
+         r"message 0 \(role 'user'\): field 'content' must be a string, got int"),
+        ([{"role": "robot", "content": "hi"}], r"message 0: unknown role 'robot'; valid roles"),
     ],
 )
 def test_bad_chat(tmp_path, messages, message):

@@ -54,10 +54,18 @@ def validate_messages(messages: Any, *, record_index: int | None = None) -> list
 
     Extra keys (e.g. `name`, `tool_calls`) are kept for the template. Returns the list unchanged.
     """
-    where = _where(record_index)
+    return check_messages(messages, _where(record_index))
+
+
+def check_messages(messages: Any, where: str) -> list[dict]:
+    """`validate_messages` with errors prefixed by `where` (a file and line, a record index).
+
+    The one chat validator: `wf-data prepare` uses it too, so a bad conversation fails when it
+    is prepared, naming its file and line, not later in training.
+    """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
         raise TypeError(
-            f"{where}: 'messages' must be a list of {{'role', 'content'}} dicts, "
+            f"{where}: chat messages must be a list of {{'role', 'content'}} dicts, "
             f"got {type(messages).__name__}"
         )
     if len(messages) == 0:
@@ -76,7 +84,7 @@ def validate_messages(messages: Any, *, record_index: int | None = None) -> list
         content = message.get("content")
         if not isinstance(content, str):
             raise TypeError(
-                f"{where} message {j} (role {role!r}): 'content' must be str, "
+                f"{where} message {j} (role {role!r}): field 'content' must be a string, "
                 f"got {type(content).__name__}"
             )
     return list(messages)
