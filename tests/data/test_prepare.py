@@ -205,7 +205,8 @@ def test_bad_input_names_file_and_line(tmp_path, content, message):
     ("messages", "message"),
     [
         ("hi", r"chat\.jsonl:1: field 'messages': chat messages must be a list of .* got str"),
-        ([{"role": "user"}], r"chat\.jsonl:1: field 'messages' message 0 .*'content' must be a str"),
+        ([{"role": "user"}],
+         r"chat\.jsonl:1: field 'messages' message 0 .*'content' must be a str"),
         ([{"role": "user", "content": 3}],
          r"message 0 \(role 'user'\): field 'content' must be a string, got int"),
         ([{"role": "robot", "content": "hi"}], r"message 0: unknown role 'robot'; valid roles"),
