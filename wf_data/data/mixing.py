@@ -158,9 +158,6 @@ class _MixingDataset(grain.IterDataset):
     def _bandit_state(self) -> dict | None:
         return None
 
-    def _load_bandit_state(self, state: dict | None) -> None:
-        del state
-
     def fingerprint(self) -> dict:
         """What produced this stream, per domain, for refusing a foreign state."""
         return {
@@ -263,10 +260,6 @@ class Exp3Mixing(_MixingDataset):
 
     def _bandit_state(self) -> dict:
         return self.bandit.state_dict()
-
-    def _load_bandit_state(self, state: dict | None) -> None:
-        if state is not None:
-            self.bandit.load_state_dict(state)
 
     def fingerprint(self) -> dict:
         return {**super().fingerprint(), "mixing": "exp3"}
@@ -402,7 +395,7 @@ class MixingIterator(grain.DatasetIterator):
                 self._domain_iters[index].set_state(saved["state"])
         bandit = state.get("bandit")
         if bandit is not None and isinstance(self._mixing, Exp3Mixing):
-            self._mixing._load_bandit_state(
+            self._mixing.bandit.load_state_dict(
                 _remap_bandit_state(bandit, list(state["names"]), self._mixing)
             )
 
