@@ -7,6 +7,7 @@ Each subcommand is a pair of functions: `add_NAME_parser(subparsers)` declares i
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -42,9 +43,43 @@ def add_prepare_parser(subparsers: Any) -> None:
         help="store token arrays (format tokens); 'wf-data-demo' is the shipped tokenizer. "
         "Without it, text is stored for on-the-fly tokenization",
     )
-    parser.add_argument("--text-key", default="text", help="jsonl/parquet field holding the text")
     parser.add_argument(
-        "--chat-key", metavar="KEY", help="store chat records from this field (e.g. messages)"
+        "--text-key",
+        action="extend",
+        type=_field_names,
+        metavar="KEY",
+        help="jsonl/parquet field holding the text (default text); repeat it or give KEY,KEY "
+        "to join several fields with --text-separator, empty fields left out",
+    )
+    parser.add_argument(
+        "--text-separator",
+        default="\n\n",
+        type=_unescape,
+        metavar="SEP",
+        help="between joined --text-key fields (default: a blank line); \\n, \\t, \\r and "
+        "\\\\ are read as escapes, so '\\n\\n' is a blank line",
+    )
+    parser.add_argument(
+        "--chat-key",
+        metavar="KEY",
+        help="store chat records {messages: [...]} from this field of [{role, content}] "
+        "(e.g. messages); with --input-key/--output-key the default is messages",
+    )
+    parser.add_argument(
+        "--input-key",
+        metavar="KEY",
+        help="Nemotron-style chat: records without --chat-key are [system, *KEY, assistant: "
+        "--output-key], KEY a user string or a list of messages (default input)",
+    )
+    parser.add_argument(
+        "--output-key",
+        metavar="KEY",
+        help="Nemotron-style chat: the assistant answer (default output)",
+    )
+    parser.add_argument(
+        "--system-prompt-key",
+        metavar="KEY",
+        help="Nemotron-style chat: optional system prompt field (default system_prompt)",
     )
     parser.add_argument(
         "--shards", type=int, default=None, help="number of shards (default: one per 256 MiB)"
@@ -59,6 +94,22 @@ def add_prepare_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run_prepare)
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def _unescape(value: str) -> str:
+    """`--text-separator` value with backslash escapes read: a shell passes '\\n' verbatim."""
+    return re.sub(r"\\(.)", lambda match: _ESCAPES.get(match[1], match[0]), value)
+
+
+def _field_names(value: str) -> list[str]:
+    """`--text-key a,b` -> ["a", "b"]; an empty name is a usage error."""
+    names = [name.strip() for name in value.split(",")]
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"empty field name in {value!r}")
+    return names
+
+
 def run_prepare(args: argparse.Namespace) -> int:
     """Run `prepare` and print a closing summary."""
     from wf_data.data.prepare import prepare
@@ -67,8 +118,12 @@ def run_prepare(args: argparse.Namespace) -> int:
         args.inputs,
         args.out,
         tokenizer=args.tokenizer,
-        text_key=args.text_key,
+        text_key=args.text_key or "text",
+        text_separator=args.text_separator,
         chat_key=args.chat_key,
+        input_key=args.input_key,
+        output_key=args.output_key,
+        system_prompt_key=args.system_prompt_key,
         num_shards=args.shards,
         workers=args.workers,
         append_eos=args.append_eos,

@@ -387,3 +387,224 @@ def test_manifest_written_last(corpus, tmp_path, monkeypatch):
     )
     _run([in_dir], tmp_path / "out", num_shards=2)
     assert order[-1] == "manifest.json" and order.count("manifest.json") == 1
+
+
+# --------------------------------------------------------------------------- several text fields
+
+SYNTH_ROWS = [
+    {"query": "q0", "reasoning": "r0", "answer": "a0"},
+    {"query": "q1", "reasoning": "", "answer": "a1"},  # empty field: left out of the join
+    {"query": "q2", "reasoning": " \n", "answer": "a2"},  # whitespace-only counts as empty
+    {"query": "", "reasoning": "", "answer": ""},  # every field empty: dropped as empty
+]
+SYNTH_JOINED = ["q0\n\nr0\n\na0", "q1\n\na1", "q2\n\na2"]
+
+
+def test_several_text_keys_joined_jsonl_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _write_jsonl(tmp_path / "in" / "a.jsonl", SYNTH_ROWS)
+    table = pa.table({key: [row[key] for row in SYNTH_ROWS] for key in SYNTH_ROWS[0]})
+    pq.write_table(table, tmp_path / "in" / "b.parquet", row_group_size=3)
+    keys = ["query", "reasoning", "answer"]
+    manifest = _run([tmp_path / "in"], tmp_path / "out", text_key=keys, num_shards=2)
+    source = sources.open_dataset(tmp_path / "out")
+    assert list(source.__getitems__(range(len(source)))) == SYNTH_JOINED * 2
+    assert manifest["totals"]["dropped_empty"] == 2
+    assert manifest["input_fields"] == {"text_key": keys, "text_separator": "\n\n"}
+    assert sources.read_manifest(tmp_path / "out")["input_fields"] == manifest["input_fields"]
+
+    _run([tmp_path / "in" / "a.jsonl"], tmp_path / "sep", text_key=keys[::-1], text_separator=" | ")
+    assert sources.open_dataset(tmp_path / "sep")[0] == "a0 | r0 | q0"
+    # one key: the value is kept as it is (no stripping), as before
+    _write_jsonl(tmp_path / "one.jsonl", [{"text": "  spaced \n"}])
+    _run([tmp_path / "one.jsonl"], tmp_path / "one", text_key=["text"])
+    assert sources.open_dataset(tmp_path / "one")[0] == "  spaced \n"
+
+
+@pytest.mark.parametrize(
+    ("row", "message", "error"),
+    [
+        ({"query": "q", "answer": "a"}, r"m\.jsonl:2: missing key 'reasoning' \(record keys: "
+         r"\['answer', 'query'\]\); choose with --text-key", BadInputError),
+        ({"query": "q", "reasoning": ["r"], "answer": "a"},
+         r"m\.jsonl:2: field 'reasoning' must be a string, got list", TypeError),
+        ({"query": "q", "reasoning": "r", "answer": None},
+         r"m\.jsonl:2: field 'answer' must be a string, got NoneType", TypeError),
+    ],
+)
+def test_several_text_keys_bad_records(tmp_path, row, message, error):
+    path = _write_jsonl(tmp_path / "m.jsonl", [SYNTH_ROWS[0], row])
+    keys = ["query", "reasoning", "answer"]
+    with pytest.raises(error, match=message):
+        _run([path], tmp_path / "out", text_key=keys)
+    manifest = _run([path], tmp_path / "skip", text_key=keys, skip_bad=True)
+    assert manifest["totals"]["skipped_bad"] == 1 and manifest["totals"]["records"] == 1
+
+
+def test_several_text_keys_parquet_missing_column(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"query": ["q"], "answer": ["a"]}), tmp_path / "t.parquet")
+    with pytest.raises(BadInputError, match=r"t\.parquet: no column 'reasoning' \(columns: "
+                                            r"\['query', 'answer'\]\); choose with --text-key"):
+        _run([tmp_path / "t.parquet"], tmp_path / "o", text_key=["query", "reasoning", "answer"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (dict(text_key=[]), "at least one field name"),
+        (dict(text_key=["a", "b", "a"]), r"text_key names \['a'\] more than once"),
+        (dict(text_key=["a", ""]), "text_key must be a non-empty field name, got ''"),
+        (dict(text_separator=None), "text_separator must be a str, got NoneType"),
+        (dict(system_prompt_key="system"), "give input_key/output_key"),
+        (dict(chat_key="messages", text_key="body"), "apply to text records"),
+        (dict(input_key="input", tokenizer="wf-data-demo"), "not both"),
+    ],
+)
+def test_field_options_validated(tmp_path, options, message):
+    path = _write_jsonl(tmp_path / "a.jsonl", [{"text": "x"}])
+    with pytest.raises((ValueError, TypeError), match=message):
+        _run([path], tmp_path / "out", **options)
+
+
+# --------------------------------------------------------------------------- Nemotron-style chat
+
+NEMOTRON_ROWS = [
+    {"input": [{"role": "user", "content": "hi"}], "output": "hello",
+     "system_prompt": "detailed thinking on"},
+    {"input": "2+2?", "output": "4", "system_prompt": ""},  # empty system prompt: no system turn
+    {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+    {"input": [{"role": "system", "content": "own"}, {"role": "user", "content": "q"}],
+     "output": "ans", "system_prompt": "ignored: the input has a system turn"},
+    {"messages": None, "input": "x", "output": "y"},  # null messages (e.g. parquet): the columns
+]
+NEMOTRON_MESSAGES = [
+    [{"role": "system", "content": "detailed thinking on"}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "hello"}],
+    [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+    [{"role": "system", "content": "own"}, {"role": "user", "content": "q"},
+     {"role": "assistant", "content": "ans"}],
+    [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
+]
+NEMOTRON_OPTIONS = dict(
+    chat_key="messages", input_key="input", output_key="output", system_prompt_key="system_prompt"
+)
+
+
+def test_nemotron_records_become_messages(tmp_path):
+    from wf_data.data.chat import to_messages
+
+    path = _write_jsonl(tmp_path / "n.jsonl", NEMOTRON_ROWS)
+    manifest = _run([path], tmp_path / "out", num_shards=2, **NEMOTRON_OPTIONS)
+    assert manifest["format"] == "chat" and manifest["input_fields"] == NEMOTRON_OPTIONS
+    source = sources.open_dataset(tmp_path / "out")
+    records = list(source.__getitems__(range(len(source))))
+    assert records == [{"messages": messages} for messages in NEMOTRON_MESSAGES]
+    # what SFTDataset calls on each record, with its default keys
+    assert [to_messages(record) for record in records] == NEMOTRON_MESSAGES
+    assert [to_messages(row) for row in NEMOTRON_ROWS[:4]] == NEMOTRON_MESSAGES[:4]
+    # --input-key alone: the other keys take to_messages' defaults, the same dataset
+    _run([path], tmp_path / "defaults", num_shards=2, input_key="input")
+    assert _files(tmp_path / "defaults") == _files(tmp_path / "out")
+
+
+def test_nemotron_renamed_columns_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"prompt": "p0", "answer": "a0", "sys": "s0"}, {"prompt": "p1", "answer": "a1"}]
+    expected = [
+        {"messages": [{"role": "system", "content": "s0"}, {"role": "user", "content": "p0"},
+                      {"role": "assistant", "content": "a0"}]},
+        {"messages": [{"role": "user", "content": "p1"}, {"role": "assistant", "content": "a1"}]},
+    ]
+    options = dict(input_key="prompt", output_key="answer", system_prompt_key="sys")
+    _run([_write_jsonl(tmp_path / "r.jsonl", rows)], tmp_path / "json", **options)
+    assert list(sources.open_dataset(tmp_path / "json").__getitems__([0, 1])) == expected
+    table = pa.table({
+        "prompt": [[{"role": "user", "content": "p0"}], [{"role": "user", "content": "p1"}]],
+        "answer": ["a0", "a1"],
+        "sys": ["s0", None],
+        "unused": [1, 2],
+    })
+    pq.write_table(table, tmp_path / "r.parquet")
+    _run([tmp_path / "r.parquet"], tmp_path / "pq", **options)
+    assert list(sources.open_dataset(tmp_path / "pq").__getitems__([0, 1])) == expected
+    with pytest.raises(BadInputError, match=r"r\.parquet: no column 'messages' or columns "
+                                            r"'input' \+ 'output' \(columns: \['prompt'"):
+        _run([tmp_path / "r.parquet"], tmp_path / "bad", input_key="input")
+
+
+@pytest.mark.parametrize(
+    ("row", "message", "error"),
+    [
+        ({"input": "q"}, r"n\.jsonl:2: missing key 'output' \(record keys: \['input'\]\); a "
+         r"chat record needs 'messages' or 'input' \+ 'output'", BadInputError),
+        ({"prompt": "q", "answer": "a"}, r"n\.jsonl:2: missing key 'input'", BadInputError),
+        ({"input": "q", "output": 5}, r"n\.jsonl:2: field 'output' must be a string, got int",
+         TypeError),
+        ({"input": [], "output": "a"}, r"n\.jsonl:2: field 'input' is an empty list",
+         BadInputError),
+        ({"input": 3, "output": "a"}, r"n\.jsonl:2: field 'input': chat messages must be a list",
+         TypeError),
+        ({"input": [{"role": "bot", "content": "x"}], "output": "a"},
+         r"n\.jsonl:2: field 'input' message 0: unknown role 'bot'", BadInputError),
+        ({"input": "q", "output": "a", "system_prompt": ["s"]},
+         r"n\.jsonl:2: field 'system_prompt' must be a string, got list", TypeError),
+        ({"messages": "hi", "input": "q", "output": "a"},
+         r"n\.jsonl:2: field 'messages': chat messages must be a list", TypeError),
+    ],
+)
+def test_nemotron_bad_records(tmp_path, row, message, error):
+    path = _write_jsonl(tmp_path / "n.jsonl", [NEMOTRON_ROWS[1], row])
+    with pytest.raises(error, match=message):
+        _run([path], tmp_path / "out", **NEMOTRON_OPTIONS)
+    manifest = _run([path], tmp_path / "skip", skip_bad=True, **NEMOTRON_OPTIONS)
+    assert manifest["totals"]["skipped_bad"] == 1 and manifest["totals"]["records"] == 1
+
+
+def test_nemotron_empty_messages_dropped(tmp_path):
+    path = _write_jsonl(tmp_path / "n.jsonl", [{"messages": []}, NEMOTRON_ROWS[1]])
+    manifest = _run([path], tmp_path / "out", input_key="input")
+    assert manifest["totals"]["dropped_empty"] == 1 and manifest["totals"]["records"] == 1
+
+
+# --------------------------------------------------------------------------- options and resume
+
+
+def test_field_options_redo_the_work_and_change_the_manifest(tmp_path):
+    path = _write_jsonl(tmp_path / "in.jsonl", SYNTH_ROWS)
+    out = tmp_path / "out"
+    keys = ["query", "reasoning", "answer"]
+    first = _run([path], out, text_key=keys)
+    again = _run([path], out, text_key=keys)
+    assert again["summary"]["parts_run"] == again["summary"]["shards_written"] == 0
+    for changed in (dict(text_separator="\n"), dict(text_key=keys[:2])):
+        second = _run([path], out, **dict(dict(text_key=keys), **changed))
+        assert second["summary"]["parts_run"] == 1 and second["summary"]["shards_written"] == 1
+        assert second["fingerprint"] != first["fingerprint"]
+        assert second["input_fields"] != first["input_fields"]
+    # chat: the Nemotron keys are part of the key too
+    chat = _write_jsonl(tmp_path / "chat.jsonl", NEMOTRON_ROWS)
+    with_system = _run([chat], tmp_path / "chat", **NEMOTRON_OPTIONS)
+    without = _run([chat], tmp_path / "chat", input_key="input", system_prompt_key="none")
+    assert without["summary"]["parts_run"] == 1
+    assert without["input_fields"]["system_prompt_key"] == "none"
+    assert without["fingerprint"] != with_system["fingerprint"]
+    assert sources.open_dataset(tmp_path / "chat")[0]["messages"][0]["role"] == "user"
+
+
+def test_fields_independent_of_workers(tmp_path):
+    rows = SYNTH_ROWS[:3] * 40
+    _write_jsonl(tmp_path / "in" / "a.jsonl", rows)
+    _write_jsonl(tmp_path / "in" / "b.jsonl", rows[::-1])
+    options = dict(text_key=["query", "reasoning"], num_shards=3, piece_bytes=1200)
+    _run([tmp_path / "in"], tmp_path / "one", workers=1, **options)
+    _run([tmp_path / "in"], tmp_path / "two", workers=2, **options)
+    assert _files(tmp_path / "one") == _files(tmp_path / "two")
+    assert sources.open_dataset(tmp_path / "one")[1] == "q1"

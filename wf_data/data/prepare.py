@@ -53,6 +53,7 @@ __all__ = [
     "BadInputError",
     "BadTypeError",
     "PrepareTask",
+    "RecordFields",
     "assemble_shard",
     "expand_inputs",
     "finalize",
@@ -185,31 +186,215 @@ def _parquet_tasks(path: pathlib.Path, piece_bytes: int) -> list[PrepareTask]:
     return tasks or [PrepareTask(str(path), ".parquet", 0, 0)]
 
 
-# --------------------------------------------------------------------------- reading documents
+# --------------------------------------------------------------------------- record fields
 
 
-def _extract(obj: Any, where: str, text_key: str, chat_key: str | None) -> Any:
-    """The document of one parsed record: the text str, or {"messages": [...]} for chat."""
-    if not isinstance(obj, dict):
-        raise BadTypeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    key = chat_key or text_key
-    if key not in obj:
-        flag = "--chat-key" if chat_key else "--text-key"
-        raise BadInputError(
-            f"{where}: missing key {key!r} (record keys: {sorted(obj)[:10]}); choose with {flag}"
-        )
-    value = obj[key]
-    if chat_key:
+def _check_name(value: Any, option: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{option} must be a non-empty field name, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordFields:
+    """Which fields of a jsonl/parquet record make its document (build with `from_options`).
+
+    Text (`chat_key` None): the string fields `text_keys`, joined by `text_separator`. Empty or
+    whitespace-only values are left out of the join (no doubled separators); a record whose
+    every value is empty is dropped and counted as empty. One key keeps its value unchanged.
+    Chat: the `[{role, content}]` list in `chat_key`; with `input_key` set (Nemotron style),
+    a record without `chat_key` is converted from `input_key` (user string or messages so far),
+    `output_key` (assistant answer) and optional `system_prompt_key` by
+    `wf_data.data.chat.to_messages`. Stored chat records are `{"messages": [...]}` either way.
+    """
+
+    text_keys: tuple[str, ...] = ("text",)
+    text_separator: str = "\n\n"
+    chat_key: str | None = None
+    input_key: str | None = None
+    output_key: str | None = None
+    system_prompt_key: str | None = None
+
+    @classmethod
+    def from_options(
+        cls,
+        text_key: str | Sequence[str] = "text",
+        text_separator: str = "\n\n",
+        chat_key: str | None = None,
+        input_key: str | None = None,
+        output_key: str | None = None,
+        system_prompt_key: str | None = None,
+    ) -> RecordFields:
+        """Validated, normalised fields: any of `input_key`/`output_key` gives Nemotron-style
+        chat, the missing ones taking `to_messages`' defaults (`messages`, `input`, `output`,
+        `system_prompt`)."""
+        keys = (text_key,) if isinstance(text_key, str) else tuple(text_key)
+        if not keys:
+            raise ValueError("text_key: give at least one field name")
+        for key in keys:
+            _check_name(key, "text_key")
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        if repeated:
+            raise ValueError(f"text_key names {repeated} more than once: {list(keys)}")
+        if not isinstance(text_separator, str):
+            raise TypeError(f"text_separator must be a str, got {type(text_separator).__name__}")
+        for value, option in (
+            (chat_key, "chat_key"),
+            (input_key, "input_key"),
+            (output_key, "output_key"),
+            (system_prompt_key, "system_prompt_key"),
+        ):
+            if value is not None:
+                _check_name(value, option)
+        if input_key is None and output_key is None:
+            if system_prompt_key is not None:
+                raise ValueError(
+                    "system_prompt_key (--system-prompt-key) applies to Nemotron-style records: "
+                    "give input_key/output_key (--input-key/--output-key) too"
+                )
+            fields = cls(keys, text_separator, chat_key)
+        else:
+            fields = cls(
+                keys,
+                text_separator,
+                chat_key or "messages",
+                input_key or "input",
+                output_key or "output",
+                system_prompt_key or "system_prompt",
+            )
+        if fields.chat and (keys != ("text",) or text_separator != "\n\n"):
+            raise ValueError(
+                "text_key/text_separator (--text-key/--text-separator) apply to text records; "
+                "chat records are read from chat_key/input_key/output_key"
+            )
+        return fields
+
+    @property
+    def chat(self) -> bool:
+        """Whether records are chat conversations (else text)."""
+        return self.chat_key is not None
+
+    def describe(self) -> dict:
+        """The options that shape the records, as JSON (manifest `input_fields`, resume keys)."""
+        if self.chat:
+            return {
+                "chat_key": self.chat_key,
+                "input_key": self.input_key,
+                "output_key": self.output_key,
+                "system_prompt_key": self.system_prompt_key,
+            }
+        return {"text_key": list(self.text_keys), "text_separator": self.text_separator}
+
+    def parquet_columns(self, names: Sequence[str], path: str) -> list[str]:
+        """The columns of a parquet file (schema `names`) to read; BadInputError if any lack."""
+        if not self.chat:
+            missing = [key for key in self.text_keys if key not in names]
+            if missing:
+                raise BadInputError(
+                    f"{path}: no column {missing[0]!r} (columns: {list(names)}); "
+                    "choose with --text-key"
+                )
+            return list(self.text_keys)
+        if self.chat_key in names:
+            wanted = [self.chat_key, self.input_key, self.output_key, self.system_prompt_key]
+        elif self.input_key is not None and self.input_key in names and self.output_key in names:
+            wanted = [self.input_key, self.output_key, self.system_prompt_key]
+        else:
+            needs = f"{self.chat_key!r}" + (
+                f" or columns {self.input_key!r} + {self.output_key!r}" if self.input_key else ""
+            )
+            raise BadInputError(
+                f"{path}: no column {needs} (columns: {list(names)}); choose with --chat-key"
+                + (", --input-key, --output-key" if self.input_key else "")
+            )
+        return [name for name in wanted if name is not None and name in names]
+
+    def extract(self, obj: Any, where: str) -> Any:
+        """The document of one parsed record: the text str, or {"messages": [...]} for chat."""
+        if not isinstance(obj, dict):
+            raise BadTypeError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        if not self.chat:
+            return self._text(obj, where)
+        if self.input_key is None or obj.get(self.chat_key) is not None:
+            return self._messages(obj, where)
+        return self._nemotron(obj, where)
+
+    def _text(self, obj: dict, where: str) -> str:
+        values = [_string_field(obj, key, where, "--text-key") for key in self.text_keys]
+        if len(values) == 1:
+            return values[0]
+        return self.text_separator.join(value for value in values if value.strip())
+
+    def _messages(self, obj: dict, where: str) -> dict:
+        if self.chat_key not in obj:
+            raise BadInputError(
+                f"{where}: missing key {self.chat_key!r} (record keys: {sorted(obj)[:10]}); "
+                "choose with --chat-key"
+            )
         try:
-            messages = sources.validate_chat_messages(value, f"{where}: field {key!r}")
+            messages = sources.validate_chat_messages(
+                obj[self.chat_key], f"{where}: field {self.chat_key!r}"
+            )
         except TypeError as error:
             raise BadTypeError(str(error)) from None
         except ValueError as error:
             raise BadInputError(str(error)) from None
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+
+    def _nemotron(self, obj: dict, where: str) -> dict:
+        from wf_data.data import chat
+
+        for key in (self.input_key, self.output_key):
+            if key not in obj:
+                raise BadInputError(
+                    f"{where}: missing key {key!r} (record keys: {sorted(obj)[:10]}); a chat "
+                    f"record needs {self.chat_key!r} or {self.input_key!r} + "
+                    f"{self.output_key!r} (--chat-key, --input-key, --output-key)"
+                )
+        prompt = obj[self.input_key]
+        if not isinstance(prompt, str):
+            if isinstance(prompt, list) and not prompt:
+                raise BadInputError(f"{where}: field {self.input_key!r} is an empty list")
+            try:
+                sources.validate_chat_messages(prompt, f"{where}: field {self.input_key!r}")
+            except TypeError as error:
+                raise BadTypeError(str(error)) from None
+            except ValueError as error:
+                raise BadInputError(str(error)) from None
+        _string_field(obj, self.output_key, where, "--output-key")
+        system = obj.get(self.system_prompt_key)
+        if system is not None and not isinstance(system, str):
+            raise BadTypeError(
+                f"{where}: field {self.system_prompt_key!r} must be a string, got "
+                f"{type(system).__name__}"
+            )
+        record = {key: value for key, value in obj.items() if key != self.chat_key}  # it is null
+        try:
+            messages = chat.to_messages(
+                record,
+                messages_key=self.chat_key,
+                input_key=self.input_key,
+                output_key=self.output_key,
+                system_key=self.system_prompt_key,
+            )
+        except (TypeError, ValueError) as error:  # to_messages names no file: prefix it
+            kind = BadTypeError if isinstance(error, TypeError) else BadInputError
+            raise kind(f"{where}: {str(error).removeprefix('conversation: ')}") from None
+        return {"messages": [{"role": m["role"], "content": m["content"]} for m in messages]}
+
+
+def _string_field(obj: dict, key: str, where: str, flag: str) -> str:
+    if key not in obj:
+        raise BadInputError(
+            f"{where}: missing key {key!r} (record keys: {sorted(obj)[:10]}); choose with {flag}"
+        )
+    value = obj[key]
     if not isinstance(value, str):
         raise BadTypeError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
     return value
+
+
+# --------------------------------------------------------------------------- reading documents
 
 
 def _open_lines(task: PrepareTask) -> io.BufferedIOBase:
@@ -223,8 +408,8 @@ def _open_lines(task: PrepareTask) -> io.BufferedIOBase:
     return open(task.path, "rb")
 
 
-def _iter_jsonl(task: PrepareTask, text_key: str, chat_key: str | None):
-    """(where, document) for each non-blank line of a jsonl task; raises BadInputError."""
+def _iter_jsonl(task: PrepareTask):
+    """(where, raw line) for each non-blank line of a jsonl task; `where()` names file:line."""
     line_base: list[int] = []
 
     def where(relative_line: int) -> str:
@@ -254,7 +439,7 @@ def _count_lines(path: str, stop: int) -> int:
     return count
 
 
-def _parse_jsonl_line(raw: bytes, where: str, text_key: str, chat_key: str | None) -> Any:
+def _parse_jsonl_line(raw: bytes, where: str, fields: RecordFields) -> Any:
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -267,42 +452,38 @@ def _parse_jsonl_line(raw: bytes, where: str, text_key: str, chat_key: str | Non
         raise BadInputError(
             f"{where}: malformed JSON: {error.msg} at column {error.colno}"
         ) from None
-    return _extract(obj, where, text_key, chat_key)
+    return fields.extract(obj, where)
 
 
-def _iter_parquet(task: PrepareTask, text_key: str, chat_key: str | None):
+def _iter_parquet(task: PrepareTask, fields: RecordFields):
+    """(where, {column: value}) for each row of a parquet task, the columns `fields` reads."""
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(task.path)
-    key = chat_key or text_key
-    names = parquet.schema_arrow.names
-    if key not in names:
-        flag = "--chat-key" if chat_key else "--text-key"
-        raise BadInputError(
-            f"{task.path}: no column {key!r} (columns: {names}); choose with {flag}"
-        )
+    columns = fields.parquet_columns(parquet.schema_arrow.names, task.path)
     row = task.first_row
     groups = list(range(task.start, task.stop or 0))
-    for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=[key]):
-        for value in batch.column(0).to_pylist():
+    for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=columns):
+        for values in batch.to_pylist():
             row += 1
-            yield f"{task.path}: row {row}", value
+            yield f"{task.path}: row {row}", values
 
 
-def _parquet_value(value: Any, where: str, text_key: str, chat_key: str | None) -> Any:
-    if isinstance(value, bytes):
-        try:
-            value = value.decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise BadInputError(
-                f"{where}: not valid UTF-8 (byte 0x{value[error.start]:02x} at offset "
-                f"{error.start})"
-            ) from None
-    return _extract({chat_key or text_key: value}, where, text_key, chat_key)
+def _parquet_value(values: dict, where: str, fields: RecordFields) -> Any:
+    for column, value in values.items():
+        if isinstance(value, bytes):  # binary columns hold UTF-8 text
+            try:
+                values[column] = value.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise BadInputError(
+                    f"{where}: field {column!r} not valid UTF-8 (byte "
+                    f"0x{value[error.start]:02x} at offset {error.start})"
+                ) from None
+    return fields.extract(values, where)
 
 
-def _read_txt(task: PrepareTask, chat_key: str | None) -> str:
-    if chat_key:
+def _read_txt(task: PrepareTask, fields: RecordFields) -> str:
+    if fields.chat:
         raise BadInputError(f"{task.path}: a .txt file holds plain text, not chat (--chat-key)")
     data = pathlib.Path(task.path).read_bytes()
     try:
@@ -319,12 +500,13 @@ def _read_txt(task: PrepareTask, chat_key: str | None) -> str:
 def iter_documents(
     task: PrepareTask,
     *,
-    text_key: str = "text",
-    chat_key: str | None = None,
+    fields: RecordFields | None = None,
     skip_bad: bool = False,
     stats: dict | None = None,
 ) -> Iterator[Any]:
     """Documents of one task in input order: text `str`, or `{"messages": [...]}` for chat.
+
+    `fields` says which record fields make a document (default: the string field `text`).
 
     Bad records raise `BadInputError` naming file and line, or with `skip_bad` are counted in
     `stats["skipped_bad"]`; empty (whitespace-only) documents are counted in
@@ -333,26 +515,27 @@ def iter_documents(
     stats = stats if stats is not None else {}
     stats.setdefault("skipped_bad", 0)
     stats.setdefault("dropped_empty", 0)
+    fields = fields or RecordFields()
     if task.kind == ".txt":
         items: Iterator = iter([(task.path, None)])
     elif task.kind == ".parquet":
-        items = _iter_parquet(task, text_key, chat_key)
+        items = _iter_parquet(task, fields)
     else:
-        items = _iter_jsonl(task, text_key, chat_key)
+        items = _iter_jsonl(task)
     for where, raw in items:
         try:
             if task.kind == ".txt":
-                document = _read_txt(task, chat_key)
+                document = _read_txt(task, fields)
             elif task.kind == ".parquet":
-                document = _parquet_value(raw, where, text_key, chat_key)
+                document = _parquet_value(raw, where, fields)
             else:
-                document = _parse_jsonl_line(raw, where(), text_key, chat_key)
+                document = _parse_jsonl_line(raw, where(), fields)
         except BadInputError:
             if not skip_bad:
                 raise
             stats["skipped_bad"] += 1
             continue
-        empty = not document["messages"] if chat_key else not document.strip()
+        empty = not document["messages"] if fields.chat else not document.strip()
         if empty:
             stats["dropped_empty"] += 1
             continue
@@ -367,8 +550,7 @@ def prepare_file(
     part_path: str | os.PathLike,
     *,
     tokenizer: Any = None,
-    text_key: str = "text",
-    chat_key: str | None = None,
+    fields: RecordFields | None = None,
     append_eos: bool = False,
     skip_bad: bool = False,
     token_dtype: Any = None,
@@ -378,6 +560,7 @@ def prepare_file(
 
     With a `tokenizer` (a `TokenizerWrapper`) records are token arrays of `token_dtype` and
     their `(n,) int64` lengths go to `PART_PATH.lengths.npy`; else text or chat JSON records.
+    `fields` (default: the string field `text`) says which record fields make a document.
     `progress(documents, tokens)` is called after each batch. Returns
     {"records", "tokens", "dropped_empty", "skipped_bad", "sha256"}.
     """
@@ -390,19 +573,18 @@ def prepare_file(
             import pyarrow.parquet as pq
 
             task = dataclasses.replace(task, stop=pq.ParquetFile(path).metadata.num_row_groups)
-    if tokenizer is not None and chat_key:
+    fields = fields or RecordFields()
+    if tokenizer is not None and fields.chat:
         raise ValueError(
             "chat records are stored untokenized: give chat_key or tokenizer, not both"
         )
     tokenizer = _load_tokenizer(tokenizer)
     part_path = pathlib.Path(part_path)
     stats = {"skipped_bad": 0, "dropped_empty": 0}
-    documents = iter_documents(
-        task, text_key=text_key, chat_key=chat_key, skip_bad=skip_bad, stats=stats
-    )
+    documents = iter_documents(task, fields=fields, skip_bad=skip_bad, stats=stats)
     lengths: list[int] = []
     if tokenizer is None:
-        format = "chat" if chat_key else "text"
+        format = "chat" if fields.chat else "text"
         records = _encode_untokenized(documents, format, lengths, progress)
     else:
         dtype = np.dtype(token_dtype or sources.token_dtype_for_vocab(tokenizer.vocab_size))
@@ -595,6 +777,7 @@ def finalize(out_dir: str | os.PathLike) -> dict:
         "token_dtype": plan["token_dtype"],
         "tokenizer": plan["tokenizer"],
         "append_eos": plan["append_eos"],
+        "input_fields": plan.get("input_fields"),
         "shards": entries,
         "totals": {
             "records": sum(entry["records"] for entry in entries),
@@ -720,8 +903,12 @@ def prepare(
     out_dir: str | os.PathLike,
     *,
     tokenizer: Any = None,
-    text_key: str = "text",
+    text_key: str | Sequence[str] = "text",
+    text_separator: str = "\n\n",
     chat_key: str | None = None,
+    input_key: str | None = None,
+    output_key: str | None = None,
+    system_prompt_key: str | None = None,
     num_shards: int | None = None,
     workers: int = 1,
     append_eos: bool = False,
@@ -732,18 +919,26 @@ def prepare(
 ) -> dict:
     """Prepare `inputs` into the dataset directory `out_dir`; returns the manifest.
 
-    `tokenizer` (name, path or `TokenizerWrapper`) gives format `tokens`, `chat_key` gives
-    `chat`, neither gives `text`. `num_shards=None` picks one shard per 256 MiB of input.
+    `tokenizer` (name, path or `TokenizerWrapper`) gives format `tokens`; `chat_key`, or the
+    Nemotron-style columns `input_key`/`output_key`/`system_prompt_key`, give `chat`
+    (records `{"messages": [...]}`); else `text`. A text document is the fields `text_key`
+    (one name or several) joined by `text_separator`, empty values left out (`RecordFields`).
+    The manifest's `input_fields` records these options; changing them redoes the work.
+    `num_shards=None` picks one shard per 256 MiB of input.
     `workers` processes share the tasks; the output does not depend on it. A re-run into the
     same `out_dir` with the same inputs and options redoes only unfinished parts and shards.
     The returned manifest carries `summary` (elapsed seconds in all, and documents/s and
     tokens/s from the first document on, tokenizer loading excluded), which is not on disk.
     """
     started = time.perf_counter()
-    if tokenizer is not None and chat_key:
+    fields = RecordFields.from_options(
+        text_key, text_separator, chat_key, input_key, output_key, system_prompt_key
+    )
+    if tokenizer is not None and fields.chat:
         raise ValueError(
             "chat records are stored untokenized (tokenized by SFTDataset): give chat_key "
-            "(--chat-key) or tokenizer (--tokenizer), not both"
+            "(--chat-key) or input_key/output_key (--input-key/--output-key), or tokenizer "
+            "(--tokenizer), not both"
         )
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
@@ -758,16 +953,17 @@ def prepare(
     shard_files = [sources.shard_name(name, k, num_shards) for k in range(num_shards)]
     tokenizer = _load_tokenizer(tokenizer)
     identity = _tokenizer_identity(tokenizer)
-    format = "tokens" if tokenizer is not None else ("chat" if chat_key else "text")
+    format = "tokens" if tokenizer is not None else ("chat" if fields.chat else "text")
     token_dtype = sources.token_dtype_for_vocab(identity["vocab_size"]).name if identity else None
     options = {
-        "text_key": text_key,
-        "chat_key": chat_key,
+        "fields": fields,
         "append_eos": append_eos,
         "skip_bad": skip_bad,
         "token_dtype": token_dtype,
     }
-    options_key = json.dumps([format, identity, options], sort_keys=True)
+    options_key = json.dumps(
+        [format, identity, dict(options, fields=fields.describe())], sort_keys=True
+    )
     part_keys = [
         hashlib.sha256(f"{options_key}|{task.key()}".encode()).hexdigest() for task in tasks
     ]
@@ -778,6 +974,7 @@ def prepare(
         "token_dtype": token_dtype,
         "tokenizer": identity,
         "append_eos": bool(append_eos or getattr(tokenizer, "add_eos", False)),
+        "input_fields": fields.describe(),
         "num_shards": num_shards,
         "shards": shard_files,
         "shard_keys": [
