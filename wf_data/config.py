@@ -151,8 +151,9 @@ class DataConfig:
     domain name to its held-out data. ``tokenizer`` ``"wf-data-demo"`` is the tokenizer shipped
     with the package. ``window_size`` ``None`` keeps the packer's default; ``pad_id`` ``None``
     takes the tokenizer's. ``num_epochs`` ``None`` repeats forever. ``num_workers`` is
-    overridden by ``resolve_num_workers``. A ``DataConfig`` built in Python is checked by
-    passing it through ``load_data_config``.
+    overridden by ``resolve_num_workers``. ``prefetch``: batches are planned and read in
+    groups of ``prefetch + 1`` (an EXP3 update reaches the next group). A ``DataConfig`` built
+    in Python is checked by passing it through ``load_data_config``.
     """
 
     sources: dict[str, SourceConfig]
