@@ -158,7 +158,8 @@ class DataLoader:
         self._pending: collections.deque[list[MixedPlan]] = collections.deque()
         self._step = 0
         self._ended = False
-        self._stats = _Stats(self.mixing.names)
+        seq_len = self.mixing.datasets[self.domain_names[0]].seq_len
+        self._stats = _Stats(self.mixing.names, seq_len)
 
     # ------------------------------------------------------------------ iteration
 
@@ -193,7 +194,7 @@ class DataLoader:
             rows = slice(part * self.local_batch_size, (part + 1) * self.local_batch_size)
             batch = {key: value[rows] for key, value in batch.items()}
         self._step += 1
-        self._stats.record(plans, self.mixing.datasets[self.domain_names[0]].seq_len)
+        self._stats.record(plans)
         return self._convert(batch)
 
     def _local_slice(self) -> slice:
@@ -399,17 +400,18 @@ class _Stats:
     Counted from plans, so the numbers (and the state) are the same on every rank.
     """
 
-    def __init__(self, names: Sequence[str]):
+    def __init__(self, names: Sequence[str], seq_len: int):
         self._names = tuple(names)
+        self._seq_len = int(seq_len)
         self._rows = np.zeros(len(names), dtype=np.int64)
         self._tokens = np.zeros(len(names), dtype=np.int64)
         self._slots = 0
 
-    def record(self, plans: Sequence[MixedPlan], seq_len: int) -> None:
+    def record(self, plans: Sequence[MixedPlan]) -> None:
         for plan in plans:
             self._rows[plan.domain] += 1
             self._tokens[plan.domain] += plan.row.num_tokens
-        self._slots += len(plans) * seq_len
+        self._slots += len(plans) * self._seq_len
 
     def state_dict(self) -> dict:
         return {
