@@ -1,0 +1,224 @@
+"""`wf-data prepare --runner beam`: the same map/reduce as `prepare`, on Apache Beam.
+
+`build_pipeline` plans on the launching machine with `prepare.plan_prepare` (so tasks, part
+names and shard names are the local ones), then builds:
+
+    Start (clear manifest) -> one element per task -> Reshuffle -> PreparePart (prepare_file)
+      -> all parts (ToList) -> WritePlan (plan.json) -> one element per shard -> Reshuffle
+      -> AssembleShard (assemble_shard) -> all shards (ToList) -> Finalize (finalize, once)
+
+The per-file and per-shard work is `prepare.prepare_file` / `assemble_shard` / `finalize`, so
+the output is byte-identical to a local run whatever the runner's parallelism. Beam re-runs
+failed bundles, so every step is idempotent: a part is written under a name unique to the
+attempt and renamed over the part's deterministic name; shards, plan and manifest are written
+to a temp file and renamed. Input and output paths must be visible to every worker (a local
+disk for the DirectRunner, a shared filesystem on a cluster).
+
+Needs the optional extra: `pip install 'wf-data[beam]'`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import shlex
+import time
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from wf_data.data import prepare as prepare_lib
+from wf_data.data import sources
+
+__all__ = ["build_pipeline", "run"]
+
+
+def build_pipeline(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    pipeline_options: PipelineOptions | Sequence[str] | str | None = None,
+    **options: Any,
+) -> beam.Pipeline:
+    """A Beam pipeline that prepares `inputs` into `out_dir` exactly as `prepare.prepare` does.
+
+    `options` are `prepare_lib.plan_prepare`'s (text_key, chat_key, num_shards, append_eos,
+    skip_bad, name, piece_bytes, ...). `tokenizer` is a name or path: each worker loads it in
+    `setup` and checks its fingerprint against the one planned here. `pipeline_options` are
+    Beam's (a `PipelineOptions`, an argv list, or one string such as
+    "--runner=DirectRunner --direct_num_workers=2"); default: the in-process DirectRunner.
+    Nothing is written until the pipeline runs.
+    """
+    return _build(inputs, out_dir, tokenizer, pipeline_options, options)[0]
+
+
+def _build(inputs, out_dir, tokenizer, pipeline_options, options):
+    """(pipeline, the plan it runs): `build_pipeline`, with the plan for `run`'s summary."""
+    if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
+        raise TypeError(
+            f"prepare on Beam loads the tokenizer on each worker by name: pass its name or "
+            f"path, not a {type(tokenizer).__name__}"
+        )
+    planned = prepare_lib.plan_prepare(inputs, out_dir, tokenizer=tokenizer, **options)
+    fingerprint = (planned.plan["tokenizer"] or {}).get("sha256")
+    # Workers get the plan without the loaded tokenizer (they load their own by name).
+    planned = prepare_lib.PreparePlan(**{**vars(planned), "tokenizer": None})
+    jobs = [
+        (index, task, os.fspath(path), os.fspath(planned.part_marker_path(index)), key)
+        for index, (task, path, key) in enumerate(
+            zip(planned.tasks, planned.part_paths, planned.part_keys, strict=True)
+        )
+    ]
+    pipeline = beam.Pipeline(options=_pipeline_options(pipeline_options))
+    _ = (
+        pipeline
+        | "Start" >> beam.Create([None])
+        | "ClearManifest" >> beam.FlatMap(_start, planned.out_dir, jobs)
+        | "SpreadTasks" >> beam.Reshuffle()
+        | "PrepareParts"
+        >> beam.ParDo(
+            _PreparePart(tokenizer and os.fspath(tokenizer), fingerprint, planned.options)
+        )
+        | "AllParts" >> beam.combiners.ToList()
+        | "WritePlan" >> beam.FlatMap(_write_plan, planned)
+        | "SpreadShards" >> beam.Reshuffle()
+        | "AssembleShards" >> beam.Map(_assemble_shard, os.fspath(planned.out_dir))
+        | "AllShards" >> beam.combiners.ToList()
+        | "Finalize" >> beam.Map(_finalize, planned)
+    )
+    return pipeline, planned
+
+
+def run(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    pipeline_options: PipelineOptions | Sequence[str] | str | None = None,
+    **options: Any,
+) -> dict:
+    """Build the pipeline (`build_pipeline`'s arguments), run it to the end; returns the manifest.
+
+    The manifest carries `summary` (elapsed seconds including the runner's start-up, records/s
+    and tokens/s over that time, parts run, shards written), as `prepare` returns it.
+    """
+    started = time.perf_counter()
+    pipeline, planned = _build(inputs, out_dir, tokenizer, pipeline_options, options)
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    if state != beam.runners.runner.PipelineState.DONE:
+        raise RuntimeError(f"{out_dir}: Beam prepare pipeline ended in state {state}")
+    manifest = sources.read_manifest(out_dir)
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    manifest["summary"] = {
+        "elapsed_s": elapsed,
+        "documents_per_s": manifest["totals"]["records"] / elapsed,
+        "tokens_per_s": manifest["totals"]["tokens"] / elapsed,
+        "parts_run": len(planned.tasks),
+        "shards_written": len(manifest["shards"]),
+    }
+    return manifest
+
+
+def _pipeline_options(value: PipelineOptions | Sequence[str] | str | None) -> PipelineOptions:
+    if isinstance(value, PipelineOptions):
+        return value
+    if value is None:
+        value = ["--runner=DirectRunner"]
+    elif isinstance(value, str):
+        value = shlex.split(value)
+    return PipelineOptions(list(value))
+
+
+def _start(_: None, out_dir: pathlib.Path, jobs: list) -> list:
+    """Create the work folder and remove an old manifest (it is written last); emit the jobs."""
+    (out_dir / prepare_lib.WORK_DIR_NAME).mkdir(parents=True, exist_ok=True)
+    (out_dir / sources.MANIFEST_NAME).unlink(missing_ok=True)
+    return jobs
+
+
+class _PreparePart(beam.DoFn):
+    """One task -> its part file (`prepare_file`), renamed into place; emits (index, result)."""
+
+    def __init__(self, tokenizer: str | None, fingerprint: str | None, options: dict):
+        self._tokenizer_name = tokenizer
+        self._fingerprint = fingerprint
+        self._options = options
+        self._tokenizer = None
+
+    def setup(self) -> None:
+        if self._tokenizer_name is None:
+            return
+        from wf_data.data.tokenization import TokenizerWrapper
+
+        # The same flags as the local path; a worker seeing other tokenizer files under the same
+        # name would write other tokens: refuse rather than mix two tokenizers in one dataset.
+        tokenizer = TokenizerWrapper.from_pretrained(
+            self._tokenizer_name, add_bos=False, add_eos=False
+        )
+        if tokenizer.fingerprint() != self._fingerprint:
+            raise ValueError(
+                f"tokenizer {self._tokenizer_name!r} on this worker has fingerprint "
+                f"{tokenizer.fingerprint()}, the launcher planned with {self._fingerprint}: "
+                "give every worker the same tokenizer files (a path on shared storage)"
+            )
+        self._tokenizer = tokenizer
+
+    def process(self, job: tuple):
+        index, task, part_path, marker_path, key = job
+        part_path, marker_path = pathlib.Path(part_path), pathlib.Path(marker_path)
+        # As the local runner: a stale marker must not vouch for a part about to change, and the
+        # new one (written last) lets a later local run resume from this one's parts.
+        marker_path.unlink(missing_ok=True)
+        # A name unique to this attempt: a retried or duplicated bundle never writes into a file
+        # another attempt is writing; the finished part is renamed over the deterministic name.
+        attempt = part_path.with_name(f"{part_path.name}.attempt-{uuid.uuid4().hex}")
+        files = [(attempt, part_path)]
+        if self._tokenizer is not None:
+            files.insert(0, (_lengths_path(attempt), _lengths_path(part_path)))
+        try:
+            result = prepare_lib.prepare_file(
+                task, attempt, tokenizer=self._tokenizer, **self._options
+            )
+            for written, final in files:  # lengths first: the part's presence vouches for both
+                os.replace(written, final)
+        finally:
+            for written, _ in files:
+                for leftover in (written, written.with_name(written.name + ".tmp")):
+                    leftover.unlink(missing_ok=True)
+        sources.write_json_atomic(marker_path, dict(result, key=key))
+        yield index, result
+
+
+def _lengths_path(part_path: pathlib.Path) -> pathlib.Path:
+    return part_path.with_name(part_path.name + ".lengths.npy")
+
+
+def _write_plan(results: list[tuple[int, dict]], planned: prepare_lib.PreparePlan) -> range:
+    """Record every part's result in plan.json (in task order); emit the shard indices."""
+    by_index = dict(results)
+    if sorted(by_index) != list(range(len(planned.tasks))):
+        missing = sorted(set(range(len(planned.tasks))) - set(by_index))
+        raise RuntimeError(f"{planned.out_dir}: parts {missing} produced no result")
+    planned.write([by_index[index] for index in range(len(planned.tasks))])
+    return range(planned.plan["num_shards"])
+
+
+def _assemble_shard(shard: int, out_dir: str) -> int:
+    prepare_lib.assemble_shard(out_dir, shard)
+    return shard
+
+
+def _finalize(shards: list[int], planned: prepare_lib.PreparePlan) -> dict:
+    """Write lengths.npy and manifest.json once every shard is done; drop attempt leftovers."""
+    if sorted(shards) != list(range(planned.plan["num_shards"])):
+        raise RuntimeError(f"{planned.out_dir}: shards {sorted(shards)} assembled, not all")
+    manifest = prepare_lib.finalize(planned.out_dir)
+    for part_path in planned.part_paths:  # attempts killed before their own cleanup ran
+        for leftover in part_path.parent.glob(f"{part_path.name}.attempt-*"):
+            leftover.unlink(missing_ok=True)
+    return manifest
