@@ -2,6 +2,7 @@
 
 import itertools
 import math
+import pickle
 from collections import Counter
 
 import numpy as np
@@ -51,6 +52,15 @@ def test_take_spanning_many_chunks_equals_chunkwise_take():
     whole = perm.take(positions)
     pieces = [perm.take(positions[i : i + 1000]) for i in range(0, positions.size, 1000)]
     np.testing.assert_array_equal(whole, np.concatenate(pieces))
+
+
+@pytest.mark.parametrize("size", [10, 2**16 + 3])
+def test_pickles_to_the_same_permutation(size):
+    # Worker processes receive the permutation pickled (or rebuild it from size and seed).
+    perm = LazyPermutation(size, seed=9)
+    clone = pickle.loads(pickle.dumps(perm))
+    assert clone == perm
+    np.testing.assert_array_equal(clone.take(np.arange(size)), perm.take(np.arange(size)))
 
 
 @pytest.mark.parametrize("size", [10, 2**16 + 3])
