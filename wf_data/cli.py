@@ -171,7 +171,7 @@ def _prepare_on_beam(args: argparse.Namespace, options: dict) -> dict:
     if args.workers != 1:
         raise CommandError(
             "--workers applies to --runner local; Beam sets its own parallelism "
-            "(--beam-options '--direct_num_workers=N', or the cluster runner's worker options)"
+            "(--beam-options='--direct_num_workers=N', or the cluster runner's worker options)"
         )
     try:
         from wf_data.data import prepare_beam

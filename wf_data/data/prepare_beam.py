@@ -19,6 +19,7 @@ Needs the optional extra: `pip install 'wf-data[beam]'`.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import shlex
@@ -66,7 +67,7 @@ def _build(inputs, out_dir, tokenizer, pipeline_options, options):
     planned = prepare_lib.plan_prepare(inputs, out_dir, tokenizer=tokenizer, **options)
     fingerprint = (planned.plan["tokenizer"] or {}).get("sha256")
     # Workers get the plan without the loaded tokenizer (they load their own by name).
-    planned = prepare_lib.PreparePlan(**{**vars(planned), "tokenizer": None})
+    planned = dataclasses.replace(planned, tokenizer=None)
     jobs = [
         (index, task, os.fspath(path), os.fspath(planned.part_marker_path(index)), key)
         for index, (task, path, key) in enumerate(
@@ -174,8 +175,9 @@ class _PreparePart(beam.DoFn):
         # As the local runner: a stale marker must not vouch for a part about to change, and the
         # new one (written last) lets a later local run resume from this one's parts.
         marker_path.unlink(missing_ok=True)
-        # A name unique to this attempt: a retried or duplicated bundle never writes into a file
-        # another attempt is writing; the finished part is renamed over the deterministic name.
+        # A name unique to this attempt (random, but only a name: the bytes are the task's): a
+        # retried or duplicated bundle never writes into a file another attempt is writing; the
+        # finished part is renamed over the deterministic name.
         attempt = part_path.with_name(f"{part_path.name}.attempt-{uuid.uuid4().hex}")
         files = [(attempt, part_path)]
         if self._tokenizer is not None:
