@@ -919,6 +919,7 @@ class PreparePlan:
 
     @property
     def part_paths(self) -> list[pathlib.Path]:
+        """Each task's part file under `OUT/.wf-prepare/`: named by the task's index alone."""
         return [_part_path(self.out_dir, index) for index in range(len(self.tasks))]
 
     def part_marker_path(self, index: int) -> pathlib.Path:
