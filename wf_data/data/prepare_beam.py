@@ -11,7 +11,9 @@ The per-file and per-shard work is `prepare.prepare_file` / `assemble_shard` / `
 the output is byte-identical to a local run whatever the runner's parallelism. Beam re-runs
 failed bundles, so every step is idempotent: a part is written under a name unique to the
 attempt and renamed over the part's deterministic name; shards, plan and manifest are written
-to a temp file and renamed. Input and output paths must be visible to every worker (a local
+to a temp file and renamed. As locally, a part whose done marker (same inputs and options) and
+files exist is not encoded again, so re-running a failed job redoes only unfinished parts
+(shards are always assembled again). Input and output paths must be visible to every worker (a local
 disk for the DirectRunner, a shared filesystem on a cluster).
 
 Needs the optional extra: `pip install 'wf-data[beam]'`.
@@ -20,6 +22,7 @@ Needs the optional extra: `pip install 'wf-data[beam]'`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import shlex
@@ -29,12 +32,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import apache_beam as beam
+from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from wf_data.data import prepare as prepare_lib
 from wf_data.data import sources
 
 __all__ = ["build_pipeline", "run"]
+
+# Parts actually encoded (not found finished from an earlier run), summed over the workers.
+PARTS_RUN = Metrics.counter("wf_data.prepare_beam", "parts_run")
 
 
 def build_pipeline(
@@ -105,7 +112,8 @@ def run(
     """Build the pipeline (`build_pipeline`'s arguments), run it to the end; returns the manifest.
 
     The manifest carries `summary` (elapsed seconds including the runner's start-up, records/s
-    and tokens/s over that time, parts run, shards written), as `prepare` returns it.
+    and tokens/s over that time, parts encoded, shards written), as `prepare` returns it. As
+    locally, a re-run after a failure re-encodes only the parts that were not finished.
     """
     started = time.perf_counter()
     pipeline, planned = _build(inputs, out_dir, tokenizer, pipeline_options, options)
@@ -119,10 +127,17 @@ def run(
         "elapsed_s": elapsed,
         "documents_per_s": manifest["totals"]["records"] / elapsed,
         "tokens_per_s": manifest["totals"]["tokens"] / elapsed,
-        "parts_run": len(planned.tasks),
+        "parts_run": _committed_count(result, PARTS_RUN),
         "shards_written": len(manifest["shards"]),
     }
     return manifest
+
+
+def _committed_count(result: beam.runners.runner.PipelineResult, counter: Any) -> int:
+    """A counter's total over successful bundles (a retried bundle counts once)."""
+    query = MetricsFilter().with_namespace(counter.metric_name.namespace)
+    query = query.with_name(counter.metric_name.name)
+    return sum(found.committed for found in result.metrics().query(query)["counters"])
 
 
 def _pipeline_options(value: PipelineOptions | Sequence[str] | str | None) -> PipelineOptions:
@@ -172,9 +187,6 @@ class _PreparePart(beam.DoFn):
     def process(self, job: tuple):
         index, task, part_path, marker_path, key = job
         part_path, marker_path = pathlib.Path(part_path), pathlib.Path(marker_path)
-        # As the local runner: a stale marker must not vouch for a part about to change, and the
-        # new one (written last) lets a later local run resume from this one's parts.
-        marker_path.unlink(missing_ok=True)
         # A name unique to this attempt (random, but only a name: the bytes are the task's): a
         # retried or duplicated bundle never writes into a file another attempt is writing; the
         # finished part is renamed over the deterministic name.
@@ -182,6 +194,14 @@ class _PreparePart(beam.DoFn):
         files = [(attempt, part_path)]
         if self._tokenizer is not None:
             files.insert(0, (_lengths_path(attempt), _lengths_path(part_path)))
+        finished = _finished_part(marker_path, key, [final for _, final in files])
+        if finished is not None:  # a re-run after a failure redoes only unfinished parts
+            yield index, finished
+            return
+        # As the local runner: a stale marker must not vouch for a part about to change, and the
+        # new one (written last) lets a later run, local or Beam, resume from this one's parts.
+        marker_path.unlink(missing_ok=True)
+        PARTS_RUN.inc()
         try:
             result = prepare_lib.prepare_file(
                 task, attempt, tokenizer=self._tokenizer, **self._options
@@ -194,6 +214,17 @@ class _PreparePart(beam.DoFn):
                     leftover.unlink(missing_ok=True)
         sources.write_json_atomic(marker_path, dict(result, key=key))
         yield index, result
+
+
+def _finished_part(marker_path: pathlib.Path, key: str, files: list[pathlib.Path]) -> dict | None:
+    """The part's result if its marker is for `key` and its files are all there, else None."""
+    try:
+        marker = json.loads(marker_path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if marker.get("key") != key or not all(path.exists() for path in files):
+        return None
+    return {name: value for name, value in marker.items() if name != "key"}
 
 
 def _lengths_path(part_path: pathlib.Path) -> pathlib.Path:
