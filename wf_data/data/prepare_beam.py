@@ -133,11 +133,21 @@ def run(
     return manifest
 
 
-def _committed_count(result: beam.runners.runner.PipelineResult, counter: Any) -> int:
-    """A counter's total over successful bundles (a retried bundle counts once)."""
+def _committed_count(result: beam.runners.runner.PipelineResult, counter: Any) -> int | None:
+    """A counter's total over successful bundles (a retried bundle counts once).
+
+    Runners that do not commit metrics report attempts; None where a runner reports neither.
+    """
     query = MetricsFilter().with_namespace(counter.metric_name.namespace)
     query = query.with_name(counter.metric_name.name)
-    return sum(found.committed for found in result.metrics().query(query)["counters"])
+    try:
+        found = result.metrics().query(query)["counters"]
+    except NotImplementedError:
+        return None
+    if not found:  # never incremented: every part was found finished
+        return 0
+    values = [c.committed if c.committed is not None else c.attempted for c in found]
+    return None if None in values else sum(values)
 
 
 def _pipeline_options(value: PipelineOptions | Sequence[str] | str | None) -> PipelineOptions:
