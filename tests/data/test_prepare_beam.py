@@ -132,7 +132,7 @@ def test_cli_runner_beam_text_matches_local_and_replaces_a_previous_dataset(
 
 
 class _FailOnce:
-    """prepare_file that, on its first call for task `index`, writes the part and then fails."""
+    """prepare_file that, on its first call for `task`, writes the part and then fails."""
 
     def __init__(self, real, task, flag: pathlib.Path):
         self.real, self.task, self.flag = real, task, flag
