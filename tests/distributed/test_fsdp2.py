@@ -96,9 +96,10 @@ def test_interrupted_save_is_never_picked_up(tmp_path, monkeypatch):
     torch.testing.assert_close(_outputs(restored), expected, atol=0, rtol=0)
 
     monkeypatch.undo()
+    (tmp_path / "step-1.tmp").mkdir()  # as a kill -9 mid-save leaves it
     save_checkpoint(tmp_path, step=3, model=model, optimizer=optimizer)
     assert latest_checkpoint(tmp_path) == tmp_path / "step-3"
-    assert not (tmp_path / "step-3.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-3", "step-9"]
 
 
 def test_saving_a_step_again_replaces_it_and_an_old_copy_counts(tmp_path):

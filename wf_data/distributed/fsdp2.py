@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 _STEP_DIR = re.compile(r"^step-(\d+)(?:\.old)?$")
+_LEFTOVER = re.compile(r"^step-(\d+)\.(?:tmp|old)$")
 _META_FILE = "meta.json"
 _async_group = None
 
@@ -155,10 +156,10 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[
     `model`/`optimizer` may be lists (pipeline stages on this rank, one optimizer each). The data
     loader (a JSON-safe dict, anything with `state_dict()`, or Grain's `get_state()`) must hold
     the same state on every rank: rank 0 stores it once, as JSON. `extra` (JSON-safe: config,
-    metrics) is stored once too. `parallel_dims` is accepted for symmetry with
-    `load_checkpoint`; the layout is not needed to save. With `async_save` the state is staged
-    to CPU, written in the background, and a `Future` is returned that completes after the
-    rename; wait on it before the next save.
+    metrics) is stored once too. Leftovers of saves killed earlier are cleaned up first.
+    `parallel_dims` is accepted for symmetry with `load_checkpoint`; saving needs no layout.
+    With `async_save` the state is staged to CPU, written in the background, and a `Future` is
+    returned that completes after the rename; wait on it before the next save.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -174,9 +175,11 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[
         "model": _model_state(parts),
         "optimizer": _optimizer_state(parts, _as_list(optimizer)),
     }
+    primary = _rank() == 0
+    if primary:
+        _recover_steps(final.parent)
     if not async_save:
         return atomic.save_dcp(final, state, documents)
-    primary = _rank() == 0
     tmp = atomic.start_staging(final) if primary else None
     if _distributed():
         dist.barrier()
@@ -198,6 +201,15 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[
 
     written.add_done_callback(finish)
     return done
+
+
+def _recover_steps(root: Path) -> None:
+    # Saves killed earlier left step-N.tmp (never complete: removed) or step-N.old (restored
+    # if step-N is missing): clean them up before writing more.
+    leftovers = {match.group(1) for child in (root.iterdir() if root.is_dir() else ())
+                 if (match := _LEFTOVER.match(child.name))}
+    for step in leftovers:
+        atomic.recover(root / f"step-{step}")
 
 
 def _checkpoint_group():
