@@ -34,8 +34,9 @@ def _wf_data_imports(package: str) -> dict[str, set[str]]:
     }
 
 
-@pytest.mark.parametrize(("package", "forbidden"), [("data", "distributed"),
-                                                    ("distributed", "data")])
+@pytest.mark.parametrize(
+    ("package", "forbidden"), [("data", "distributed"), ("distributed", "data")]
+)
 def test_data_and_distributed_do_not_import_each_other(package, forbidden):
     offending = {
         file: sorted(name for name in names if name.startswith(f"wf_data.{forbidden}"))

@@ -28,14 +28,15 @@ from typing import Any
 __all__ = [
     "LOADER_STATE_FILE",
     "CheckpointFormatError",
+    "dcp_call",
+    "finish_staging",
+    "json_text",
     "load_dcp",
     "publish_directory",
     "read_json",
     "readable",
     "recover",
     "save_dcp",
-    "finish_staging",
-    "json_text",
     "staging_directory",
     "start_staging",
     "write_json",
@@ -163,8 +164,9 @@ def start_staging(path: str | os.PathLike) -> Path:
     return tmp
 
 
-def finish_staging(tmp: str | os.PathLike, path: str | os.PathLike,
-                   documents: Mapping[str, Any] | None = None) -> None:
+def finish_staging(
+    tmp: str | os.PathLike, path: str | os.PathLike, documents: Mapping[str, Any] | None = None
+) -> None:
     """Write the JSON ``documents`` (``{file name: value}``) into ``tmp``, then publish it as
     ``path`` (``publish_directory``)."""
     for name, value in (documents or {}).items():
@@ -173,8 +175,9 @@ def finish_staging(tmp: str | os.PathLike, path: str | os.PathLike,
 
 
 @contextlib.contextmanager
-def staging_directory(path: str | os.PathLike, documents: Mapping[str, Any] | None = None, *,
-                      primary: bool = True) -> Iterator[Path]:
+def staging_directory(
+    path: str | os.PathLike, documents: Mapping[str, Any] | None = None, *, primary: bool = True
+) -> Iterator[Path]:
     """Yield an empty ``path.tmp/`` to fill; on a clean exit the JSON ``documents`` are added
     and it replaces ``path`` atomically (``finish_staging``).
 
@@ -225,8 +228,9 @@ def dcp_call() -> Iterator[bool]:
         yield not _distributed()
 
 
-def save_dcp(path: str | os.PathLike, state: Mapping[str, Any],
-             documents: Mapping[str, Any] | None = None) -> Path:
+def save_dcp(
+    path: str | os.PathLike, state: Mapping[str, Any], documents: Mapping[str, Any] | None = None
+) -> Path:
     """Save ``state`` with ``torch.distributed.checkpoint`` and the JSON ``documents``
     (``{file name: JSON-safe value}``, written by rank 0 only) as directory ``path``, atomically.
 
@@ -258,11 +262,13 @@ def load_dcp(path: str | os.PathLike, state: dict[str, Any]) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
 
-    read_dcp_metadata(path)  # refuse a crafted .metadata here, before DCP's own error handling
+    reader, planner = _safe_dcp_types()
+    reader(os.fspath(path)).read_metadata()  # refuse a crafted .metadata before DCP wraps errors
     try:
         with dcp_call() as no_dist:
-            dcp.load(state, storage_reader=safe_dcp_reader(path), planner=_safe_load_planner(),
-                     no_dist=no_dist)
+            dcp.load(
+                state, storage_reader=reader(os.fspath(path)), planner=planner(), no_dist=no_dist
+            )
     except CheckpointException as error:
         for failure in error.failures.values():
             cause = failure[0] if isinstance(failure, tuple) else failure  # (error, traceback)
@@ -271,22 +277,8 @@ def load_dcp(path: str | os.PathLike, state: dict[str, Any]) -> None:
         raise
 
 
-def read_dcp_metadata(path: str | os.PathLike) -> Any:
-    """DCP's ``Metadata`` of the checkpoint at ``path``, read with the restricted unpickler."""
-    return safe_dcp_reader(path).read_metadata()
-
-
-def safe_dcp_reader(path: str | os.PathLike) -> Any:
-    """A ``FileSystemReader`` over ``path`` whose metadata unpickling admits only DCP's classes."""
-    return _safe_dcp_types()[0](os.fspath(path))
-
-
-def _safe_load_planner() -> Any:
-    return _safe_dcp_types()[1]()
-
-
-# DCP's .metadata pickle references these globals and nothing else (torch 2.x); dtypes are
-# checked by type in _RestrictedUnpickler.
+# DCP's .metadata pickle references these globals and nothing else (torch 2.x); torch dtypes
+# are admitted by type in RestrictedUnpickler.
 _DCP_METADATA_GLOBALS = {
     "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
     "collections": {"OrderedDict"},
@@ -294,8 +286,14 @@ _DCP_METADATA_GLOBALS = {
     "torch.serialization": {"_get_layout"},
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
     "torch.distributed.checkpoint.metadata": {
-        "BytesStorageMetadata", "ChunkStorageMetadata", "Metadata", "MetadataIndex",
-        "StorageMeta", "TensorProperties", "TensorStorageMetadata", "_MEM_FORMAT_ENCODING",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
     },
 }
 
@@ -334,7 +332,8 @@ def _safe_dcp_types() -> tuple[type, type]:
         def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
             rank = kwargs.get("rank")
             path = Path(os.fspath(self.path)) / (
-                ".metadata" if rank is None else f"__{rank}.metadata")
+                ".metadata" if rank is None else f"__{rank}.metadata"
+            )
             with open(path, "rb") as file:
                 try:
                     metadata = RestrictedUnpickler(file, str(path)).load()
@@ -343,7 +342,8 @@ def _safe_dcp_types() -> tuple[type, type]:
                 except Exception as error:
                     raise CheckpointFormatError(
                         f"{path}: unreadable DCP metadata ({type(error).__name__}: {error}); "
-                        "the checkpoint is corrupt: restore from an earlier one") from error
+                        "the checkpoint is corrupt: restore from an earlier one"
+                    ) from error
             if getattr(metadata, "storage_meta", None) is None:
                 metadata.storage_meta = StorageMeta()
             metadata.storage_meta.load_id = self.load_id

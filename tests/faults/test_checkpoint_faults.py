@@ -80,10 +80,14 @@ FORK_SERVER = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def fork_server(tmp_path_factory):
     warm_up = tmp_path_factory.mktemp("warm-up")
-    server = subprocess.Popen([sys.executable, "-c", FORK_SERVER, str(warm_up)],
-                              stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True, cwd=REPO,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)))
+    server = subprocess.Popen(
+        [sys.executable, "-c", FORK_SERVER, str(warm_up)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert server.stdout.readline() == "ready\n"
     yield server
     server.kill()
@@ -143,8 +147,7 @@ def _run_until_killed(server, root: Path, writer: str, start: int, delay: float)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("writer", ["dcp", "fsdp2"])
-def test_kill_9_during_saves_keeps_the_latest_complete_checkpoint(tmp_path, fork_server,
-                                                                   writer):
+def test_kill_9_during_saves_keeps_the_latest_complete_checkpoint(tmp_path, fork_server, writer):
     rng = np.random.default_rng(10)
     start, interrupted = 1, 0
     for _ in range(KILLS):

@@ -63,8 +63,11 @@ def test_old_pickled_metadata_is_refused(tmp_path, marker):
     with atomic.dcp_call() as no_dist:
         import torch.distributed.checkpoint as dcp
 
-        dcp.save({"model": model.state_dict(), "meta": pickle.dumps(Payload(marker))},
-                 checkpoint_id=str(tmp_path / "ckpt" / "step-1"), no_dist=no_dist)
+        dcp.save(
+            {"model": model.state_dict(), "meta": pickle.dumps(Payload(marker))},
+            checkpoint_id=str(tmp_path / "ckpt" / "step-1"),
+            no_dist=no_dist,
+        )
     with pytest.raises(atomic.CheckpointFormatError, match="has no meta.json.*could run code"):
         load_checkpoint(tmp_path / "ckpt", model=model, optimizer=None)
 
@@ -74,8 +77,7 @@ def test_pickle_in_place_of_a_json_document_is_refused(tmp_path, marker, documen
     from wf_data.distributed import load_checkpoint, save_checkpoint
 
     model, optimizer = _model_and_optimizer()
-    path = save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer,
-                           dataloader=Loader(3))
+    path = save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, dataloader=Loader(3))
     (path / document).write_bytes(pickle.dumps(Payload(marker)))
     with pytest.raises(atomic.CheckpointFormatError, match=f"{document}: not a JSON document"):
         load_checkpoint(tmp_path, model=model, optimizer=optimizer, dataloader=Loader())
@@ -139,23 +141,29 @@ def test_no_unsafe_loading_in_the_package_or_tools():
     assert not found, "\n".join(found)
 
 
-@pytest.mark.parametrize("line", [
-    "state = pickle.loads(blob)",
-    "torch.load(path)",
-    "torch.load(path, weights_only=False)",
-    "AutoTokenizer.from_pretrained(name, trust_remote_code=True)",
-    "yaml.load(text)",
-    "marshal.loads(code)",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "state = pickle.loads(blob)",
+        "torch.load(path)",
+        "torch.load(path, weights_only=False)",
+        "AutoTokenizer.from_pretrained(name, trust_remote_code=True)",
+        "yaml.load(text)",
+        "marshal.loads(code)",
+    ],
+)
 def test_the_patterns_catch_unsafe_lines(line):
     assert any(re.search(pattern, line) for pattern in UNSAFE)
 
 
-@pytest.mark.parametrize("line", [
-    "torch.load(value, weights_only=True)",
-    "yaml.load(text, Loader=yaml.SafeLoader)",
-    "pickle.dumps(state)",
-    "RestrictedUnpickler(file, where).load()",
-])
+@pytest.mark.parametrize(
+    "line",
+    [
+        "torch.load(value, weights_only=True)",
+        "yaml.load(text, Loader=yaml.SafeLoader)",
+        "pickle.dumps(state)",
+        "RestrictedUnpickler(file, where).load()",
+    ],
+)
 def test_the_patterns_allow_safe_lines(line):
     assert not any(re.search(pattern, line) for pattern in UNSAFE)

@@ -39,8 +39,7 @@ def _orbax_args() -> tuple[type, type]:
 
         def save(self, directory, args) -> None:
             if jax.process_index() == 0:
-                atomic.write_json(Path(os.fspath(directory)) / atomic.LOADER_STATE_FILE,
-                                  args.state)
+                atomic.write_json(Path(os.fspath(directory)) / atomic.LOADER_STATE_FILE, args.state)
 
         def restore(self, directory, args=None) -> Any:
             return atomic.read_json(Path(os.fspath(directory)) / atomic.LOADER_STATE_FILE)
