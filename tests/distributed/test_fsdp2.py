@@ -148,6 +148,8 @@ def test_async_save_publishes_after_the_write(tmp_path):
     model, optimizer = _trained()
     future = save_checkpoint(tmp_path, step=4, model=model, optimizer=optimizer,
                              dataloader=Loader(3), async_save=True)
+    # A save started meanwhile cleans up leftovers of killed saves, not the one in flight.
+    save_checkpoint(tmp_path, step=3, model=model, optimizer=optimizer)
     assert future.result(timeout=60) == tmp_path / "step-4"
     restored, loader = tiny_model(seed=2), Loader()
     assert load_checkpoint(tmp_path, model=restored, optimizer=None, dataloader=loader)[0] == 4

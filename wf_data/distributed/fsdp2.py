@@ -37,6 +37,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)(?:\.old)?$")
 _LEFTOVER = re.compile(r"^step-(\d+)\.(?:tmp|old)$")
 _META_FILE = "meta.json"
 _async_group = None
+_saving: set[Path] = set()  # step directories of background saves still being written
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, *, param_dtype: torch.dtype | None = None,
@@ -181,6 +182,7 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[
     if not async_save:
         return atomic.save_dcp(final, state, documents)
     tmp = atomic.start_staging(final) if primary else None
+    _saving.add(final)
     if _distributed():
         dist.barrier()
     with atomic.dcp_call() as no_dist:
@@ -198,6 +200,8 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[
             done.set_result(final)
         except BaseException as error:  # noqa: BLE001 - surfaced through the returned future
             done.set_exception(error)
+        finally:
+            _saving.discard(final)
 
     written.add_done_callback(finish)
     return done
@@ -205,11 +209,12 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[
 
 def _recover_steps(root: Path) -> None:
     # Saves killed earlier left step-N.tmp (never complete: removed) or step-N.old (restored
-    # if step-N is missing): clean them up before writing more.
-    leftovers = {match.group(1) for child in (root.iterdir() if root.is_dir() else ())
+    # if step-N is missing): clean them up before writing more, sparing background saves.
+    leftovers = {root / f"step-{match.group(1)}"
+                 for child in (root.iterdir() if root.is_dir() else ())
                  if (match := _LEFTOVER.match(child.name))}
-    for step in leftovers:
-        atomic.recover(root / f"step-{step}")
+    for step_dir in leftovers - _saving:
+        atomic.recover(step_dir)
 
 
 def _checkpoint_group():
