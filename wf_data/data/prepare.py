@@ -871,6 +871,7 @@ def _tokenizer_identity(tokenizer: Any) -> dict | None:
         "eos_id": tokenizer.eos_id,
         "pad_id": tokenizer.pad_id,
         "sha256": tokenizer.fingerprint(),
+        "vocab_fingerprint": tokenizer.vocab_fingerprint(),
     }
 
 
