@@ -58,3 +58,19 @@ class FailWhileFileExists:
 def not_a_dict(plan: dict):
     """Breaks the ProcessMap result contract."""
     return [plan["index"]]
+
+
+class LoadsOnlyInItsProcess:
+    """An ``fn`` that cannot be unpickled in another process (like a function of a script's
+    ``__main__``)."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+
+    def __setstate__(self, state):
+        if state["pid"] != os.getpid():
+            raise RuntimeError("this fn only loads in the process that made it")
+        self.__dict__.update(state)
+
+    def __call__(self, plan: dict) -> dict[str, np.ndarray]:
+        return rows(plan)

@@ -18,6 +18,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ _BOOTSTRAP = (
     "from wf_data.data.worker_pool import worker_main; worker_main(sys.argv[2:])"
 )
 _LIVENESS_POLL_S = 0.2
-_CLOSE_GRACE_S = 1.0
+_CLOSE_GRACE_S = 0.2
 
 
 class WorkerError(RuntimeError):
@@ -206,12 +207,13 @@ def _start_worker(index: int) -> _Worker:
 
 def _shutdown(workers: list[_Worker]) -> None:
     for worker in workers:
-        os.close(worker.task_fd)  # the worker exits at the end of its task pipe
+        os.close(worker.task_fd)  # an idle worker exits at the end of its task pipe
+    deadline = time.monotonic() + _CLOSE_GRACE_S
     for worker in workers:
         try:
-            worker.process.wait(timeout=_CLOSE_GRACE_S)
+            worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            worker.process.kill()
+            worker.process.kill()  # busy in fn: it holds nothing that needs a clean exit
             worker.process.wait()
         worker.reader.close()
         os.close(worker.result_fd)
