@@ -48,9 +48,10 @@ class MemmapRows:
         }
 
 
-def run_once(fn, num_workers: int, num_results: int) -> tuple[float, float, float, float]:
-    """(seconds to the first result, results/s, then this process's and the workers' CPU ms
-    per result, all over the results after the first). CPU times hold on a loaded machine."""
+def run_once(fn, num_workers: int, num_results: int) -> tuple[float, ...]:
+    """Seconds to the first result and CPU seconds worker 0 spent to get there (start-up),
+    then over the results after the first: results/s, this process's and the workers' CPU ms
+    per result. CPU times hold on a loaded machine, wall times do not."""
     import grain
 
     from wf_data.data.process_map import ProcessMap
@@ -61,6 +62,7 @@ def run_once(fn, num_workers: int, num_results: int) -> tuple[float, float, floa
     with iter(ProcessMap(plans, fn, num_workers=num_workers, lookahead=2 * num_workers + 2)) as it:
         next(it)
         first = time.perf_counter()
+        start_cpu = _cpu_seconds(it.worker_pids[:1])  # worker 0 computed the first result
         main_cpu, worker_cpu = time.process_time(), _cpu_seconds(it.worker_pids)
         for _ in it:
             pass
@@ -68,7 +70,7 @@ def run_once(fn, num_workers: int, num_results: int) -> tuple[float, float, floa
         main_cpu = time.process_time() - main_cpu
         worker_cpu = _cpu_seconds(it.worker_pids) - worker_cpu
     ms = 1e3 / num_results
-    return first - start, num_results / (end - first), main_cpu * ms, worker_cpu * ms
+    return first - start, start_cpu, num_results / (end - first), main_cpu * ms, worker_cpu * ms
 
 
 def _cpu_seconds(pids: list[int]) -> float:
@@ -95,16 +97,18 @@ def main() -> None:
         np.random.default_rng(0).integers(0, 32000, (ROWS, SEQ_LEN), dtype=np.int32).tofile(path)
         fn = bench_process_map.MemmapRows(path, args.work)
         print(f"cores {os.cpu_count()}, load {os.getloadavg()[0]:.1f}, work {args.work}")
-        print("workers  first_result_s  results_per_s  MiB_per_s  main_cpu_ms  worker_cpu_ms")
+        print(
+            "workers  first_result_s  worker_start_cpu_s  results_per_s  MiB_per_s  "
+            "main_cpu_ms  worker_cpu_ms"
+        )
         for num_workers in (0, 1, 2):
             runs = [run_once(fn, num_workers, args.results) for _ in range(args.rounds)]
-            first, rate, main_cpu, worker_cpu = (
-                statistics.median(col) for col in zip(*runs, strict=True)
-            )
+            medians = (statistics.median(column) for column in zip(*runs, strict=True))
+            first, start_cpu, rate, main_cpu, worker_cpu = medians
             mib = rate * 4 * BATCH * SEQ_LEN * 4 / 2**20
             print(
-                f"{num_workers:7d}  {first:14.3f}  {rate:13.0f}  {mib:9.0f}  {main_cpu:11.3f}  "
-                f"{worker_cpu:13.3f}"
+                f"{num_workers:7d}  {first:14.3f}  {start_cpu:18.3f}  {rate:13.0f}  {mib:9.0f}  "
+                f"{main_cpu:11.3f}  {worker_cpu:13.3f}"
             )
 
 

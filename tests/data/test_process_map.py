@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -196,6 +197,12 @@ def test_close_stops_workers_promptly():
     assert all(process_exited(pid) for pid in pids)
     with pytest.raises(ValueError, match="closed"):
         next(it)
+    it = iter(ProcessMap(plans(), rows, num_workers=1, lookahead=1))
+    next(it)
+    pids = it.worker_pids
+    del it  # dropped without close(): garbage collection stops the workers
+    gc.collect()
+    assert all(process_exited(pid) for pid in pids)
 
 
 def test_iterator_refuses_other_processes():
