@@ -29,6 +29,7 @@ import collections
 import math
 import os
 import pickle
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -76,6 +77,11 @@ class ProcessMap(grain.IterDataset):
         for name, value in (("num_workers", num_workers), ("lookahead", lookahead)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ProcessMap {name} must be an int >= 0, got {value!r}")
+        if num_workers and not hasattr(os, "memfd_create"):
+            raise ValueError(
+                f"ProcessMap num_workers={num_workers} needs Linux (memfd shared memory); "
+                f"use num_workers=0 on {sys.platform}"
+            )
         super().__init__(parent)
         self._fn = fn
         self._num_workers = num_workers
