@@ -106,12 +106,19 @@ it = iter(ProcessMap(plans, SleepyRows(60, from_index=20), num_workers=2, lookah
 for _ in range(18):
     next(it)
 print(*it.worker_pids, flush=True)
-next(it)
+for _ in it:
+    pass
 """
 
 
 def _shm_entries() -> set[str]:
     return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def _named_shared_memory(pid: int) -> list[str]:
+    """The /dev/shm files process ``pid`` has mapped (a memfd shows as ``/memfd:...``)."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sorted({line.split()[-1] for line in maps if "/dev/shm/" in line})
 
 
 @pytest.mark.slow
@@ -123,15 +130,22 @@ def test_process_map_workers_die_with_killed_parent(tmp_path):
     private_tmp.mkdir()
     env = dict(os.environ, TMPDIR=str(private_tmp))
     parent = _start(PROCESS_MAP_RUNNER, env=env)
-    worker_pids = [int(pid) for pid in parent.stdout.readline().split()]
+    line = parent.stdout.readline()
+    worker_pids = [int(pid) for pid in line.split()]
     try:
-        assert len(worker_pids) == 2
+        assert len(worker_pids) == 2, f"runner printed {line!r}, exit code {parent.poll()}"
         assert not any(process_exited(pid) for pid in worker_pids)
         time.sleep(0.3)
+        # Results travel through memfds, which have no name: nothing to leak in /dev/shm.
+        for pid in [parent.pid, *worker_pids]:
+            assert _named_shared_memory(pid) == [], pid
         parent.kill()
         parent.wait()
         assert _wait_exited(worker_pids, within_s=5.0) == []
-        assert _shm_entries() - shm_before == set()
+        # Other processes on this machine may add /dev/shm files meanwhile; a leak of Python's
+        # SharedMemory would carry its "psm_" prefix.
+        new_shm = _shm_entries() - shm_before
+        assert not [name for name in new_shm if name.startswith("psm_")], new_shm
         assert list(private_tmp.iterdir()) == []
     finally:
         _kill_all(worker_pids)

@@ -143,16 +143,15 @@ class ProcessMapIterator(grain.DatasetIterator):
         self._pull()
         if not self._in_flight:
             raise StopIteration
-        head = self._in_flight[0]
-        describe = f"element {self._delivered} (plan {_short(head.plan)})"
-        if self._num_workers == 0:
-            try:
-                result = check_result(self._fn(head.plan), describe)
-            except Exception as error:
-                error.add_note(f"raised by ProcessMap fn on {describe}")
-                raise
-        else:
-            result = self._result_from_pool(describe)
+        try:
+            if self._num_workers == 0:
+                result = check_result(self._fn(self._in_flight[0].plan))
+            else:
+                result = self._result_from_pool()
+        except Exception as error:
+            plan = _short(self._in_flight[0].plan)
+            error.add_note(f"ProcessMap failed on element {self._delivered} (plan {plan})")
+            raise
         self._in_flight.popleft()
         self._delivered += 1
         return result
@@ -229,14 +228,14 @@ class ProcessMapIterator(grain.DatasetIterator):
             index = self._delivered + len(self._in_flight)
             self._in_flight.append(_InFlight(_check_plan(plan, index)))
 
-    def _result_from_pool(self, describe: str) -> dict[str, np.ndarray]:
+    def _result_from_pool(self) -> dict[str, np.ndarray]:
         if self._pool is None:
             self._start_pool()
         try:
             for entry in self._in_flight:
                 if entry.ticket is None:
                     entry.ticket = self._pool.submit(entry.plan)
-            return self._pool.result(self._in_flight[0].ticket, describe)
+            return self._pool.result(self._in_flight[0].ticket)
         except WorkerError:
             self._stop_pool()
             raise

@@ -33,27 +33,26 @@ _PAGE = mmap.PAGESIZE
 ArrayMeta = tuple[str, str, tuple[int, ...], int]
 
 
-def check_result(result, where: str) -> dict[str, np.ndarray]:
+def check_result(result) -> dict[str, np.ndarray]:
     """``result`` as a ``dict[str, np.ndarray]``, or a TypeError naming the bad key and type.
 
-    ``where`` names the element and worker for the message. Object and structured dtypes are
-    refused: they cannot be copied through shared memory as bytes.
+    Object and structured dtypes are refused: they cannot be copied through shared memory as
+    bytes. The caller adds which element it was to the error.
     """
     if not isinstance(result, Mapping):
         raise TypeError(
-            f"ProcessMap fn must return dict[str, np.ndarray]; got {type(result).__name__} "
-            f"for {where}"
+            f"ProcessMap fn must return dict[str, np.ndarray]; got {type(result).__name__}"
         )
     for key, value in result.items():
         if not isinstance(key, str) or not isinstance(value, np.ndarray):
             raise TypeError(
                 f"ProcessMap fn must return dict[str, np.ndarray]; key {key!r} holds "
-                f"{type(value).__name__} for {where}: wrap it with np.asarray"
+                f"{type(value).__name__}: wrap it with np.asarray"
             )
         if value.dtype.hasobject or value.dtype.fields is not None:
             raise TypeError(
-                f"ProcessMap fn result key {key!r} has dtype {value.dtype} for {where}; only "
-                f"plain numeric, bool or fixed-width string dtypes go through shared memory"
+                f"ProcessMap fn result key {key!r} has dtype {value.dtype}; only plain "
+                f"numeric, bool or fixed-width string dtypes go through shared memory"
             )
     return dict(result)
 

@@ -112,11 +112,11 @@ class WorkerPool:
         worker.outstanding.append(task_id)
         return worker.index, task_id
 
-    def result(self, ticket: tuple[int, int], describe: str) -> dict[str, np.ndarray]:
+    def result(self, ticket: tuple[int, int]) -> dict[str, np.ndarray]:
         """The result of ``ticket``, which must be its worker's oldest unread task.
 
         Raises ``WorkerError`` if the worker died, or the exception ``fn`` raised (its worker
-        traceback chained as ``RemoteTraceback``); ``describe`` names the element in both.
+        traceback chained as ``RemoteTraceback``).
         """
         worker = self._workers[ticket[0]]
         if not worker.outstanding or worker.outstanding[0] != ticket[1]:
@@ -124,7 +124,7 @@ class WorkerPool:
                 f"ProcessMap read task {ticket[1]} out of order; worker {worker.index} has "
                 f"{list(worker.outstanding)} outstanding"
             )
-        task_id, status, payload = self._receive(worker, describe)
+        task_id, status, payload = self._receive(worker)
         worker.outstanding.popleft()
         if task_id != ticket[1]:
             raise RuntimeError(
@@ -132,13 +132,13 @@ class WorkerPool:
             )
         if status == "ok":
             return worker.reader.read(payload)
-        raise _remote_exception(payload, f"{describe} in worker pid {worker.process.pid}")
+        raise _remote_exception(payload, f"worker pid {worker.process.pid}")
 
     def discard_outstanding(self) -> None:
         """Reads and drops every unread result, so the pool can take a fresh task sequence."""
         for worker in self._workers:
             while worker.outstanding:
-                self._receive(worker, "a discarded element")
+                self._receive(worker)
                 worker.outstanding.popleft()
 
     def close(self) -> None:
@@ -151,7 +151,7 @@ class WorkerPool:
         except (BrokenPipeError, OSError) as error:
             raise self._death(worker, "while receiving a task") from error
 
-    def _receive(self, worker: _Worker, describe: str):
+    def _receive(self, worker: _Worker):
         while True:
             readable, _, _ = select.select([worker.result_fd], [], [], _LIVENESS_POLL_S)
             # A fork of this process (not ours) may hold the pipe's write end, so EOF alone
@@ -163,7 +163,7 @@ class WorkerPool:
                 return receive_message(worker.result_fd)
         except EOFError:
             pass
-        raise self._death(worker, f"while computing {describe}")
+        raise self._death(worker, "while computing a result")
 
     def _death(self, worker: _Worker, doing: str) -> WorkerError:
         try:
@@ -230,7 +230,7 @@ def _remote_exception(payload, where: str) -> BaseException:
         exception = pickle.loads(exception_pickle)
     except Exception:
         exception = RuntimeError(traceback_text.strip().splitlines()[-1])
-    exception.add_note(f"raised by ProcessMap fn on {where}")
+    exception.add_note(f"raised by ProcessMap fn in {where}")
     exception.__cause__ = RemoteTraceback(traceback_text)
     return exception
 
@@ -259,7 +259,7 @@ def worker_main(argv: list[str]) -> None:
             send_message(result_fd, (task_id, "error", init_error))
             continue
         try:
-            result = check_result(fn(plan), f"task {task_id}")
+            result = check_result(fn(plan))
             send_message(result_fd, (task_id, "ok", writer.write(slot, result)))
         except Exception as error:
             send_message(result_fd, (task_id, "error", _exception_payload(error)))
