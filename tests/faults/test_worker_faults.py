@@ -41,10 +41,15 @@ def _wait_exited(pids: list[int], within_s: float) -> list[int]:
 
 
 def _kill_all(pids: list[int]) -> None:
+    """Cleans up after a failed test: kills those of ``pids`` still running one of our scripts
+    (an exited pid may already belong to someone else)."""
     for pid in pids:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                ours = any(mark in cmdline.read() for mark in (b"wf_data", b"subprocess"))
+            if ours and not process_exited(pid):
+                os.kill(pid, signal.SIGKILL)
+        except (FileNotFoundError, ProcessLookupError):
             pass
 
 

@@ -9,9 +9,10 @@ Invariants:
 - **Order.** Results come in the parent's order, whatever ``num_workers`` is; ``num_workers=0``
   runs ``fn`` inline and gives the identical stream.
 - **Lookahead.** After the consumer has taken ``k`` elements, exactly ``k + lookahead`` have
-  been pulled from the parent (fewer at its end), synchronously inside ``__next__``. A
-  feedback call between two ``next()`` (a mixture update) therefore reaches the parent after a
-  fixed lag, independent of worker count and timing.
+  been pulled from the parent (fewer at its end; one more while a failed ``next()`` awaits its
+  retry), synchronously inside ``__next__``. A feedback call between two ``next()`` (a mixture
+  update) therefore reaches the parent after a fixed lag, independent of worker count and
+  timing.
 - **State.** ``get_state()`` is ``{"parent": <the live parent state>, "in_flight": [<plans
   pulled but not delivered, JSON-safe>]}``: it always describes the last element handed to
   the consumer, also after a worker died or ``fn`` raised. ``set_state`` re-submits the
@@ -20,6 +21,8 @@ Invariants:
   next ``next()`` restarts the workers and continues the exact stream; an exception of
   ``fn`` is re-raised here with the worker's traceback and the element, and the same element
   is tried again on the next ``next()``.
+- **Results** are fresh arrays (copied out of shared memory): the consumer may keep them.
+  Workers start at the first ``next()`` (or ``start_prefetch()``), stop at ``close()``.
 """
 
 from __future__ import annotations
