@@ -85,10 +85,11 @@ class WorkerPool:
         self._next_task = 0
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, os.getpid())
-        init = (list(sys.path), fn_pickle)
         for index in range(num_workers):
-            worker = run_in_launcher_thread(_start_worker, index)
-            self._workers.append(worker)
+            self._workers.append(run_in_launcher_thread(_start_worker, index))
+        # Sent once all have started: a large fn fills the pipe and blocks until read.
+        init = (list(sys.path), fn_pickle)
+        for worker in self._workers:
             self._send(worker, init)
 
     @property
