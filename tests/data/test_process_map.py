@@ -186,6 +186,11 @@ def test_bad_arguments_and_plans_are_refused():
         next(iter(ProcessMap(bad, rows, num_workers=0, lookahead=0)))
     with pytest.raises(ValueError, match="keys 'parent' and 'in_flight'"):
         iter(ProcessMap(plans(), rows, num_workers=0, lookahead=0)).set_state({"parent": {}})
+    it = iter(ProcessMap(plans(), rows, num_workers=0, lookahead=0))
+    with pytest.raises(ValueError, match="'in_flight' must be a list of encoded plans"):
+        it.set_state({"parent": it.get_state()["parent"], "in_flight": {"index": 1}})
+    with pytest.raises(ValueError, match="plan key 'docs' is not an encoded array"):
+        it.set_state({"parent": {}, "in_flight": [{"docs": {"ndarray": "<i4", "shape": [2]}}]})
 
 
 def test_close_stops_workers_promptly():

@@ -172,7 +172,13 @@ class ProcessMapIterator(grain.DatasetIterator):
                 f"ProcessMap state must be a dict with keys 'parent' and 'in_flight', got "
                 f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
             )
-        plans = [decode_plan(encoded) for encoded in state["in_flight"]]
+        in_flight = state["in_flight"]
+        if not isinstance(in_flight, list) or not all(isinstance(p, Mapping) for p in in_flight):
+            raise ValueError(
+                f"ProcessMap state 'in_flight' must be a list of encoded plans (dicts), got "
+                f"{str(in_flight)[:200]}"
+            )
+        plans = [decode_plan(encoded) for encoded in in_flight]
         self._restart_sequence()
         self._parent.set_state(state["parent"])
         self._in_flight = collections.deque(_InFlight(plan) for plan in plans)
