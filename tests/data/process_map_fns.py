@@ -74,3 +74,11 @@ class LoadsOnlyInItsProcess:
 
     def __call__(self, plan: dict) -> dict[str, np.ndarray]:
         return rows(plan)
+
+
+def environment(plan: dict) -> dict[str, np.ndarray]:
+    """The worker's ``WF_DATA_TEST_VALUE`` and working directory."""
+    return {
+        "value": np.array([os.environ.get("WF_DATA_TEST_VALUE", "")]),
+        "cwd": np.array([os.getcwd()]),
+    }

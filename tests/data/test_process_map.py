@@ -13,6 +13,7 @@ import pytest
 from tests.data.process_map_fns import (
     FailWhileFileExists,
     LoadsOnlyInItsProcess,
+    environment,
     not_a_dict,
     rows,
 )
@@ -240,3 +241,15 @@ def test_workers_outlive_the_thread_that_started_them():
         rest = list(it)
         assert it.worker_pids == pids
     assert_same_stream(first + rest, reference())
+
+
+def test_workers_see_the_environment_of_their_pool_start(tmp_path, monkeypatch):
+    """Workers fork from a long-lived zygote, yet run with this process's environment and
+    working directory as of their pool's start, not the zygote's."""
+    next(iter(ProcessMap(plans(), rows, num_workers=1, lookahead=0)))  # zygote runs by now
+    monkeypatch.setenv("WF_DATA_TEST_VALUE", "set-later")
+    monkeypatch.chdir(tmp_path)
+    with iter(ProcessMap(plans(), environment, num_workers=1, lookahead=0)) as it:
+        result = next(it)
+    assert result["value"][0] == "set-later"
+    assert result["cwd"][0] == str(tmp_path)

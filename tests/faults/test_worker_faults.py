@@ -101,6 +101,7 @@ PROCESS_MAP_RUNNER = """
 import grain, numpy as np
 from tests.data.process_map_fns import SleepyRows
 from wf_data.data.process_map import ProcessMap
+from wf_data.data.zygote import zygote
 
 plans = grain.MapDataset.range(10**6).map(
     lambda i: {"index": i, "docs": np.arange(3, dtype=np.int32), "weight": 1.0, "name": "x"}
@@ -110,7 +111,7 @@ plans = grain.MapDataset.range(10**6).map(
 it = iter(ProcessMap(plans, SleepyRows(60, from_index=20), num_workers=2, lookahead=4))
 for _ in range(18):
     next(it)
-print(*it.worker_pids, flush=True)
+print(*it.worker_pids, zygote().pid, flush=True)
 for _ in it:
     pass
 """
@@ -128,32 +129,32 @@ def _named_shared_memory(pid: int) -> list[str]:
 
 @pytest.mark.slow
 def test_process_map_workers_die_with_killed_parent(tmp_path):
-    """kill -9 of a process iterating a 2-worker ProcessMap: workers gone within 5 s, and no
-    shared memory or multiprocessing temp folder left behind."""
+    """kill -9 of a process iterating a 2-worker ProcessMap: workers and the zygote that forked
+    them gone within 5 s, and no shared memory or multiprocessing temp folder left behind."""
     shm_before = _shm_entries()
     private_tmp = tmp_path / "tmp"
     private_tmp.mkdir()
     env = dict(os.environ, TMPDIR=str(private_tmp))
     parent = _start(PROCESS_MAP_RUNNER, env=env)
     line = parent.stdout.readline()
-    worker_pids = [int(pid) for pid in line.split()]
+    pids = [int(pid) for pid in line.split()]
     try:
-        assert len(worker_pids) == 2, f"runner printed {line!r}, exit code {parent.poll()}"
-        assert not any(process_exited(pid) for pid in worker_pids)
+        assert len(pids) == 3, f"runner printed {line!r}, exit code {parent.poll()}"
+        assert not any(process_exited(pid) for pid in pids)
         time.sleep(0.3)
         # Results travel through memfds, which have no name: nothing to leak in /dev/shm.
-        for pid in [parent.pid, *worker_pids]:
+        for pid in [parent.pid, *pids]:
             assert _named_shared_memory(pid) == [], pid
         parent.kill()
         parent.wait()
-        assert _wait_exited(worker_pids, within_s=5.0) == []
+        assert _wait_exited(pids, within_s=5.0) == []
         # Other processes on this machine may add /dev/shm files meanwhile; a leak of Python's
         # SharedMemory would carry its "psm_" prefix.
         new_shm = _shm_entries() - shm_before
         assert not [name for name in new_shm if name.startswith("psm_")], new_shm
         assert list(private_tmp.iterdir()) == []
     finally:
-        _kill_all(worker_pids)
+        _kill_all(pids)
 
 
 @pytest.mark.parametrize("resume", ["restore_new_iterator", "same_iterator_restarts"])
@@ -193,3 +194,32 @@ def test_process_map_worker_killed_mid_stream(resume):
     for got, want in zip(delivered, expected, strict=True):
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_process_map_zygote_killed_mid_stream():
+    """kill -9 of the zygote takes its workers along; the next pool forks from a new one and
+    the stream continues exactly."""
+    import grain
+    import numpy as np
+
+    from tests.data.process_map_fns import rows
+    from wf_data.data.process_map import ProcessMap, WorkerError
+    from wf_data.data.zygote import zygote
+
+    parent = grain.MapDataset.range(30).map(
+        lambda i: {"index": i, "docs": np.arange(2, dtype=np.int32), "weight": 1.0, "name": "z"}
+    )
+    expected = [rows(plan) for plan in parent]
+    delivered = []
+    with iter(ProcessMap(parent, rows, num_workers=2, lookahead=3)) as it:
+        delivered += [next(it) for _ in range(4)]
+        old_zygote = zygote().pid
+        os.kill(old_zygote, signal.SIGKILL)
+        with pytest.raises(WorkerError, match="died with its zygote|died with signal SIGKILL"):
+            for _ in range(len(expected)):
+                delivered.append(next(it))
+        delivered += list(it)
+        assert zygote().pid != old_zygote
+    assert len(delivered) == len(expected)
+    for got, want in zip(delivered, expected, strict=True):
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])

@@ -1,13 +1,13 @@
 """Worker processes for ``ProcessMap``: ordered tasks in, shared-memory results out.
 
-Each worker is a fresh interpreter (``subprocess``, no fork of this process's threads and
-open readers) that imports only numpy, this module and the module of ``fn``, so a pool starts
-in a fraction of a second when ``fn``'s module does not import grain/JAX. Per worker: a task
-pipe, a result pipe and a :mod:`wf_data.data.shm_ring` shared file. Tasks go round-robin;
-each worker handles its tasks in order, so the result of a task is the next message on its
-worker's pipe and no reordering is needed. Workers die with this process
-(:mod:`wf_data.data.worker_lifetime`) and leave no named resource behind. Linux only (memfd,
-parent-death signal).
+Workers are forked by this process's zygote (:mod:`wf_data.data.zygote`, a clean interpreter
+that imported numpy and this module once), never from this process with its threads and
+open readers; each imports only the module of ``fn`` on top, so a pool starts in
+milliseconds once the zygote runs. Per worker: a task pipe, a result pipe and a
+:mod:`wf_data.data.shm_ring` shared file. Tasks go round-robin; each worker handles its tasks
+in order, so the result of a task is the next message on its worker's pipe and no reordering
+is needed. Workers die with this process (:mod:`wf_data.data.worker_lifetime`) and leave no
+named resource behind. Linux only (memfd, pidfd, parent-death signal).
 """
 
 from __future__ import annotations
@@ -33,13 +33,9 @@ from wf_data.data.shm_ring import (
     receive_message,
     send_message,
 )
-from wf_data.data.worker_lifetime import die_with_parent, run_in_launcher_thread
+from wf_data.data.worker_lifetime import die_with_parent
+from wf_data.data.zygote import STATUS_LOST, Worker, zygote
 
-_PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_BOOTSTRAP = (
-    "import sys; sys.path.insert(0, sys.argv[1]); "
-    "from wf_data.data.worker_pool import worker_main; worker_main(sys.argv[2:])"
-)
 _LIVENESS_POLL_S = 0.2
 _CLOSE_GRACE_S = 0.2
 
@@ -62,7 +58,7 @@ class RemoteTraceback(Exception):
 @dataclass
 class _Worker:
     index: int
-    process: subprocess.Popen
+    process: Worker
     task_fd: int
     result_fd: int
     memory_fd: int
@@ -86,7 +82,7 @@ class WorkerPool:
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, os.getpid())
         for index in range(num_workers):
-            self._workers.append(run_in_launcher_thread(_start_worker, index))
+            self._workers.append(_start_worker(index))
         # Sent once all have started: a large fn fills the pipe and blocks until read.
         init = (list(sys.path), fn_pickle)
         for worker in self._workers:
@@ -173,6 +169,8 @@ class WorkerPool:
             code = None
         if code is None:
             how = "closed its result pipe"
+        elif code == STATUS_LOST:
+            how = "died with its zygote (exit status lost)"
         elif code < 0:
             how = f"died with signal {signal.Signals(-code).name} ({-code})"
         else:
@@ -193,16 +191,10 @@ def _start_worker(index: int) -> _Worker:
     task_read, task_write = os.pipe()
     result_read, result_write = os.pipe()
     memory_fd = os.memfd_create(f"wf-data-process-map-{index}")
-    child_fds = (task_read, result_write, memory_fd)
     try:
-        process = subprocess.Popen(
-            [sys.executable, "-c", _BOOTSTRAP, _PACKAGE_ROOT, str(os.getpid())]
-            + [str(fd) for fd in child_fds],
-            stdin=subprocess.DEVNULL,
-            pass_fds=child_fds,
-        )
+        process = zygote().spawn((task_read, result_write, memory_fd))
     finally:
-        os.close(task_read)
+        os.close(task_read)  # the worker holds its own copies now
         os.close(result_write)
     return _Worker(index, process, task_write, result_read, memory_fd, SlotReader(memory_fd))
 
