@@ -42,6 +42,7 @@ import numpy as np
 
 from wf_data.data.shm_ring import check_result
 from wf_data.data.worker_pool import RemoteTraceback, WorkerError, WorkerPool
+from wf_data.data.zygote import zygote
 
 __all__ = ["ProcessMap", "RemoteTraceback", "WorkerError", "decode_plan", "encode_plan"]
 
@@ -90,6 +91,8 @@ class ProcessMap(grain.IterDataset):
         self._num_workers = num_workers
         self._lookahead = lookahead
         self._fn_pickle = _pickle_fn(fn) if num_workers else b""
+        if num_workers:
+            zygote()  # starts importing numpy now, while the caller builds the rest
 
     def __iter__(self) -> ProcessMapIterator:
         return ProcessMapIterator(

@@ -32,7 +32,7 @@ _BOOTSTRAP = (
     "import sys; sys.path.insert(0, sys.argv[1]); "
     "from wf_data.data.zygote import zygote_main; zygote_main(sys.argv[2:])"
 )
-_MAX_MESSAGE = 1 << 16
+_MAX_MESSAGE = 1 << 20  # a spawn request carries the environment
 STATUS_LOST = 255  # exit code reported for a worker whose zygote died before reaping it
 
 
