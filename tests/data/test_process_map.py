@@ -211,6 +211,7 @@ def test_close_stops_workers_promptly():
     assert all(process_exited(pid) for pid in pids)
 
 
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child only calls next()
 def test_iterator_refuses_other_processes():
     it = iter(ProcessMap(plans(), rows, num_workers=0, lookahead=0))
     with pytest.raises(TypeError, match="cannot be pickled"):
