@@ -46,10 +46,9 @@ from wf_data.data import sources  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_loader  # noqa: E402
+import bench_planning  # noqa: E402
+from bench_planning import LENGTHS, MAX_LENGTH, MIN_LENGTH  # noqa: E402
 
-MIN_LENGTH, MAX_LENGTH = 8, 32768
-# name -> (lognormal mean, sigma) of document lengths in tokens.
-LENGTHS = {"long": (6.0, 1.1), "short": (4.0, 1.0)}
 DOMAIN_WEIGHTS = {"web": 0.5, "code": 0.2, "math": 0.3}
 NOISE_NOTE = (
     "shared 2-core machine, other users running: compare ratios (same process, interleaved "
@@ -587,8 +586,6 @@ def bench_packing(args, corpora: dict[str, Corpus]) -> list[dict]:
 
 
 def _first_batch_section(args, corpora):
-    import bench_planning
-
     return bench_planning.bench_first_batch(args)
 
 
