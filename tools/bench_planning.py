@@ -110,6 +110,25 @@ class SyntheticDocuments(LengthsOnly):
 
 
 # --------------------------------------------------------------------------- adaptation points
+#
+# The two functions below are the only ones that build wf-data's mixer by hand. Each has a
+# branch for the plan-stream API of the issue-11 redesign (`mix_plans`, `batch_plans`) and
+# one for the API before it (`Exp3Mixing`, `next_plans`); delete the second once the
+# redesign is merged.
+
+
+def _has_plan_streams() -> bool:
+    """Whether wf-data has the plan-stream API (`mix_plans`, `batch_plans`, `Exp3Policy`)."""
+    try:
+        from wf_data.data import mix_plans  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _losses(num_domains: int, step: int) -> np.ndarray:
+    """(K,) per-domain losses that move every step, so EXP3 keeps changing the mixture."""
+    return np.linspace(1.0, 3.0, num_domains) + 0.1 * np.sin(step + np.arange(num_domains))
 
 
 def make_global_planner(
@@ -118,37 +137,64 @@ def make_global_planner(
     """What every rank runs each step: draw the domains of `rows` global rows, plan them
     (best_fit from lengths), then the EXP3 update. Returns (step(i) -> rows planned, the
     object holding all planning state)."""
-    from wf_data.data import Exp3Mixing, pack
+    from wf_data.data import Exp3, pack
+
+    sources = {
+        f"d{index}": LengthsOnly(lengths, f"d{index}")
+        for index, lengths in enumerate(domain_lengths)
+    }
+    num_domains = len(sources)
+    if _has_plan_streams():
+        from wf_data.data import Exp3Policy, batch_plans, mix_plans, plan_best_fit
+
+        plans = {
+            name: plan_best_fit(source, seq_len, seed=seed + index, num_epochs=None)
+            for index, (name, source) in enumerate(sources.items())
+        }
+        mixer = mix_plans(plans, Exp3Policy(Exp3(num_domains, seed=seed)), seed=seed)
+        batches = iter(batch_plans(mixer, rows, domain_names=list(sources)))
+
+        def step(index: int) -> int:
+            planned = len(next(batches)["row_pieces"])
+            mixer.update(_losses(num_domains, index))
+            return planned
+
+        return step, batches
+
+    from wf_data.data import Exp3Mixing
 
     datasets = {
-        f"d{index}": pack(
-            LengthsOnly(lengths, f"d{index}"),
-            seq_len,
-            "best_fit",
-            seed=seed + index,
-            num_epochs=None,
-        )
-        for index, lengths in enumerate(domain_lengths)
+        name: pack(source, seq_len, "best_fit", seed=seed + index, num_epochs=None)
+        for index, (name, source) in enumerate(sources.items())
     }
     mixing = Exp3Mixing(datasets, seed=seed)
     iterator = iter(mixing)
-    base = np.linspace(1.0, 3.0, len(domain_lengths))
 
-    def step(index: int) -> int:
+    def old_step(index: int) -> int:
         planned = len(iterator.next_plans(rows))
-        mixing.update(base + 0.1 * np.sin(index + np.arange(len(base))))
+        mixing.update(_losses(num_domains, index))
         return planned
 
-    return step, iterator
+    return old_step, iterator
 
 
 def first_batch_loader(source, args) -> None:
     """The loader (best_fit + EXP3, numpy) over `source`, up to its first batch."""
-    from wf_data.data import DataLoader, Exp3Mixing, pack
+    from wf_data.data import DataLoader, Exp3, pack
 
     packed = pack(source, args.seq_len, "best_fit", seed=args.seed, num_epochs=None)
-    mixing = Exp3Mixing({"synthetic": packed}, seed=args.seed)
-    loader = DataLoader(mixing, global_batch_size=args.batch_size, prefetch=args.prefetch)
+    if _has_plan_streams():
+        from wf_data.data import Exp3Policy, mix_plans
+
+        mixer = mix_plans({"synthetic": packed.plans}, Exp3Policy(Exp3(1)), seed=args.seed)
+        loader = DataLoader(
+            mixer, packed.reader, global_batch_size=args.batch_size, prefetch=args.prefetch
+        )
+    else:
+        from wf_data.data import Exp3Mixing
+
+        mixing = Exp3Mixing({"synthetic": packed}, seed=args.seed)
+        loader = DataLoader(mixing, global_batch_size=args.batch_size, prefetch=args.prefetch)
     next(loader)
     loader.close()
 
