@@ -334,23 +334,27 @@ def bare_concat_run(corpus: Corpus, args, rows: int) -> Timing:
 # --------------------------------------------------------------------------- Grain's sides
 
 
-class _CutTo:
-    """Grain map: token record -> {"tokens": int32}, cut to the row length (Grain's fit
-    packers reject longer sequences: cutting is the usual recipe, and the cut tokens are not
-    counted for Grain)."""
+class CutTo:
+    """Grain map: token record -> {"tokens": int32}, cut to `max_len` when given (Grain's fit
+    packers reject longer sequences: cutting is the usual recipe). Counts the tokens it reads
+    and those it cuts, which Grain's side then never emits."""
 
     def __init__(self, max_len: int | None):
         self.max_len = max_len
+        self.tokens_in = self.cut = 0
 
     def __call__(self, tokens: np.ndarray) -> dict:
+        self.tokens_in += len(tokens)
+        if self.max_len is not None:
+            self.cut += max(0, len(tokens) - self.max_len)
         return {"tokens": np.asarray(tokens[: self.max_len], dtype=np.int32)}
 
 
-def grain_domain(source, seed: int, max_len: int | None):
-    """Plain Grain's reading of one domain: source -> shuffle(seed) -> map -> iter."""
+def grain_domain(source, seed: int, cut: CutTo):
+    """Plain Grain's reading of one domain: source -> shuffle(seed) -> map(cut) -> iter."""
     import grain
 
-    return grain.MapDataset.source(source).shuffle(seed=seed).map(_CutTo(max_len)).to_iter_dataset()
+    return grain.MapDataset.source(source).shuffle(seed=seed).map(cut).to_iter_dataset()
 
 
 def grain_packer(kind: str, parent, seq_len: int, bins: int, seed: int):
@@ -372,7 +376,7 @@ def grain_mix_run(corpus: Corpus, args, *, batches: int, seconds: float) -> Timi
     packed = [
         grain_packer(
             "BestFit",
-            grain_domain(corpus.source(name), args.seed + index, args.seq_len),
+            grain_domain(corpus.source(name), args.seed + index, CutTo(args.seq_len)),
             args.seq_len,
             args.grain_bins,
             args.seed,
@@ -461,20 +465,6 @@ def bench_workers(args, corpora: dict[str, Corpus]) -> list[dict]:
     ]
 
 
-class _CountingCut(_CutTo):
-    """`_CutTo` that counts the tokens it reads and those it cuts (Grain's truncation)."""
-
-    def __init__(self, max_len: int | None):
-        super().__init__(max_len)
-        self.tokens_in = self.cut = 0
-
-    def __call__(self, tokens: np.ndarray) -> dict:
-        self.tokens_in += len(tokens)
-        if self.max_len is not None:
-            self.cut += max(0, len(tokens) - self.max_len)
-        return super().__call__(tokens)
-
-
 def state_bytes(state) -> int:
     """Size of a checkpointed iterator state: its JSON bytes."""
     return len(json.dumps(state, default=str))
@@ -527,15 +517,8 @@ def ours_packing_run(corpus: Corpus, args, method: str, **kwargs) -> Timing:
 def grain_packing_run(corpus: Corpus, args, kind: str) -> Timing:
     """Grain's packer `kind` over the shuffled first domain, for `--grain-seconds`."""
     start = time.perf_counter()
-    counter = _CountingCut(None if kind == "ConcatThenSplit" else args.seq_len)
-    import grain
-
-    parent = (
-        grain.MapDataset.source(corpus.source())
-        .shuffle(seed=args.seed)
-        .map(counter)
-        .to_iter_dataset()
-    )
+    counter = CutTo(None if kind == "ConcatThenSplit" else args.seq_len)
+    parent = grain_domain(corpus.source(), args.seed, counter)
     iterator = iter(grain_packer(kind, parent, args.seq_len, args.grain_bins, args.seed))
     rows = (row["tokens_segment_ids"] for row in iterator)
     return _packing_timing(

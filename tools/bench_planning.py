@@ -11,7 +11,7 @@ measures that cost on synthetic lengths (lognormal(6, 1.1), or lognormal(4, 1) w
 documents), so that memory figures are the cell's own.
 
 Per cell: planning ms/step (median of 3 rounds of steady-state steps; the first step,
-which builds the epoch order, is its own column), the share of a 1 s and a 10 s training
+construction of the planner included, is its own column), the share of a 1 s and a 10 s training
 step, the lengths array every rank holds (input), the numpy arrays the planner holds after
 the measurement (found by walking its objects, lengths excluded), and the RSS growth and peak
 RSS growth over the lengths-loaded baseline. Token reads are excluded: the documents raise
@@ -208,11 +208,11 @@ def first_row_packer(source, args, method: str) -> None:
 
 def first_batch_grain(source, args) -> None:
     """Plain Grain over `source`: shuffle -> BestFit -> batch, up to its first batch."""
-    from bench import grain_domain, grain_packer
+    from bench import CutTo, grain_domain, grain_packer
 
     packed = grain_packer(
         "BestFit",
-        grain_domain(source, args.seed, args.seq_len),
+        grain_domain(source, args.seed, CutTo(args.seq_len)),
         args.seq_len,
         args.grain_bins,
         args.seed,
@@ -330,10 +330,10 @@ def measure_cell(num_docs: int, num_domains: int, rows: int, args) -> dict:
     gc.collect()
     rss_base = _status_kb("VmRSS")
     _reset_peak_rss()
+    start = time.perf_counter()
     step, holder = make_global_planner(
         domain_lengths, seq_len=args.seq_len, rows=rows, seed=args.seed
     )
-    start = time.perf_counter()
     planned = step(0)
     first_ms = 1e3 * (time.perf_counter() - start)
     step_ms: list[float] = []
