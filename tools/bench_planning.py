@@ -11,15 +11,15 @@ measures that cost on synthetic lengths (lognormal(6, 1.1), or lognormal(4, 1) w
 documents), so that memory figures are the cell's own.
 
 Per cell: planning ms/step (median of 3 rounds of steady-state steps; the first step,
-construction of the planner included, is its own column), the share of a 1 s and a 10 s training
+building the planner included, is its own column), the share of a 1 s and a 10 s training
 step, the lengths array every rank holds (input), the numpy arrays the planner holds after
 the measurement (found by walking its objects, lengths excluded), and the RSS growth and peak
 RSS growth over the lengths-loaded baseline. Token reads are excluded: the documents raise
 if read. `bench_first_batch` (the `first_batch` section of `tools/bench.py`) times the first
 batch at 1M/10M/100M documents over documents whose tokens cost no I/O.
 
-`make_global_planner` is the one function that touches wf-data's planning API: adapt it
-when that API changes.
+`make_global_planner` and `first_batch_loader` are the only functions that build wf-data's
+mixer by hand: adapt them when that API changes.
 """
 
 from __future__ import annotations
@@ -287,7 +287,7 @@ def _reset_peak_rss() -> None:
 def held_array_bytes(root: object, exclude: list[np.ndarray]) -> int:
     """Bytes of the distinct numpy buffers reachable from `root`, minus those of `exclude`.
 
-    Walks instance dicts, slots-free containers and closures; not classes, modules or
+    Walks instance dicts, containers and closures; not classes, modules or
     functions' globals, so it counts what the planner holds, not the library.
     """
     excluded = {id(array) for array in exclude}
