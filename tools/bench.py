@@ -80,6 +80,7 @@ class Corpus:
         return self.path / "tokens.bin"
 
     def source(self, domain: str | None = None) -> sources.DocumentSource:
+        """The dataset of `domain` (default: the first domain), freshly opened."""
         return sources.open_dataset(self.domains[domain] if domain else self.path)
 
 
@@ -187,6 +188,7 @@ class Timing:
 
     @property
     def tokens_per_s(self) -> float:
+        """Real tokens per wall second after the first batch."""
         return self.tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
@@ -643,6 +645,7 @@ def format_table(title: str, rows: list[dict]) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options; unset sizes take their full or `--quick` defaults."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny data, 1 round (CI smoke)")
     parser.add_argument(

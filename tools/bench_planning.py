@@ -423,6 +423,7 @@ def _count(value: int) -> str:
 
 
 def format_row(cell: dict) -> str:
+    """One markdown row of `HEADER` for a measured cell."""
     low, high = cell["ms_spread"]
     return (
         f"| {_count(cell['documents'])} | {cell['domains']} | {cell['rows']:,} | "
@@ -434,6 +435,7 @@ def format_row(cell: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options; unset grid axes take their full or `--quick` defaults."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small grid (smoke run)")
     parser.add_argument(
