@@ -118,6 +118,7 @@ class StaticWeights:
     """Fixed mixture weights by domain name (finite, >= 0, positive sum; 0 disables one)."""
 
     kind = "static"
+    learns = False
 
     def __init__(self, weights: Mapping[str, float]):
         if not isinstance(weights, Mapping):
@@ -150,6 +151,7 @@ class Exp3Policy:
     """
 
     kind = "exp3"
+    learns = True
 
     def __init__(self, bandit: Exp3):
         if not isinstance(bandit, Exp3):
@@ -289,6 +291,8 @@ class MixPlans(grain.IterDataset):
 
     def update(self, losses: Mapping[Any, float] | Any) -> None:
         """Feeds per-domain mean losses to the live iterator's policy (EXP3 only)."""
+        if not self.policy.learns:
+            raise TypeError("update_mixture needs mixing kind 'exp3'; this mixture is static")
         iterator = self._live() if self._live is not None else None
         if iterator is None:
             raise RuntimeError(f"{self} has no live iterator to update: iterate it first")

@@ -101,6 +101,10 @@ class PackedDataset:
     lengths = property(lambda self: self.plans.lengths)
     window_size = property(lambda self: getattr(self.plans, "window_size", None))
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """(N,) document indices in epoch `epoch`'s order (see `plans`)."""
+        return self.plans.epoch_order(epoch)
+
     def fingerprint(self) -> dict:
         """Configuration that determines the rows: the plans' fingerprint and the pad id."""
         return {**self.plans.fingerprint(), "pad_id": self.pad_id}
