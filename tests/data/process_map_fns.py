@@ -1,0 +1,57 @@
+"""Functions ProcessMap tests run in worker processes.
+
+Kept apart from the test modules so that workers import numpy only, not grain (seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def rows(plan: dict) -> dict[str, np.ndarray]:
+    """A (rows, 16) int32 block and a float vector, both functions of the plan only.
+
+    ``rows`` varies with the plan, so result sizes change and slots must grow.
+    """
+    index = int(plan["index"])
+    count = 1 + index % 4
+    block = np.arange(count * 16, dtype=np.int32).reshape(count, 16) + index * 1000
+    return {
+        "input_ids": block,
+        "docs": plan["docs"].astype(np.int64) * 3,
+        "weight": np.full((2,), plan["weight"], dtype=np.float32),
+        "empty": np.zeros((0, 4), dtype=np.int32),
+        "name": np.array([plan["name"]]),
+    }
+
+
+class SleepyRows:
+    """``rows`` after sleeping ``seconds``: keeps workers busy while a test kills something."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __call__(self, plan: dict) -> dict[str, np.ndarray]:
+        time.sleep(self.seconds)
+        return rows(plan)
+
+
+class FailWhileFileExists:
+    """``rows``, but raises ValueError on element ``index`` while ``path`` exists."""
+
+    def __init__(self, path: str, index: int):
+        self.path = path
+        self.index = index
+
+    def __call__(self, plan: dict) -> dict[str, np.ndarray]:
+        if int(plan["index"]) == self.index and os.path.exists(self.path):
+            raise ValueError(f"refusing element {self.index} while {self.path} exists")
+        return rows(plan)
+
+
+def not_a_dict(plan: dict):
+    """Breaks the ProcessMap result contract."""
+    return [plan["index"]]
