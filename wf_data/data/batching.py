@@ -13,8 +13,9 @@
 A partial last batch is dropped. Because a batch plan carries its own step and cumulative
 counts, whoever consumes it (the loader, after worker processes read it) knows the step and the
 statistics of the last batch delivered without any state of its own; and because it names its
-domains, a batch planned before a restore into re-weighted or added domains is read right. `SliceRows` (a rank's
-rows) and `StepShard` (owned steps) are the small callables a loader `.map`s / `.filter`s with.
+domains, a batch planned before a restore into re-weighted or added domains is read right
+(`wf_data.data.rows.ReadSlice`). `StepShard` (owned
+steps) is the predicate a loader `.filter`s them with.
 """
 
 from __future__ import annotations
@@ -26,13 +27,12 @@ from typing import Any
 import grain
 import numpy as np
 
-from wf_data.data.plans import PLAN_KEYS
+from wf_data.data.rows import PLAN_KEYS
 
-__all__ = ["BatchPlans", "SliceRows", "StepShard", "batch_plans"]
+__all__ = ["BatchPlans", "StepShard", "batch_plans"]
 
 
-def batch_plans(parent: Any, batch_size: int, *, domain_names: Sequence[str] = ("",)
-                ) -> BatchPlans:
+def batch_plans(parent: Any, batch_size: int, *, domain_names: Sequence[str] = ("",)) -> BatchPlans:
     """Groups the row plans of `parent` (a Grain dataset) into batch plans of `batch_size`;
     `domain_names` name the plans' `domain` indices (one unnamed domain by default)."""
     return BatchPlans(parent, batch_size, domain_names=domain_names)
@@ -90,21 +90,26 @@ class BatchPlansIterator(grain.DatasetIterator):
                 # another rank never gets.
                 self._ended = True
                 raise
-        batch = {key: np.concatenate([row[key] for row in rows]).astype(np.int64, copy=False)
-                 for key in PLAN_KEYS}
-        batch["row_pieces"] = np.fromiter((len(row["doc_ids"]) for row in rows), np.int64,
-                                          len(rows))
+        batch = {
+            key: np.concatenate([row[key] for row in rows]).astype(np.int64, copy=False)
+            for key in PLAN_KEYS
+        }
+        batch["row_pieces"] = np.fromiter(
+            (len(row["doc_ids"]) for row in rows), np.int64, len(rows)
+        )
         domain_ids = np.fromiter((row.get("domain", 0) for row in rows), np.int32, len(rows))
         if domain_ids.min() < 0 or domain_ids.max() >= self._num_domains:
             raise ValueError(
                 f"plan of domain {int(domain_ids.max())} in batches of {self._num_domains} domains"
             )
         batch["domain_ids"] = domain_ids
-        row_tokens = np.add.reduceat(batch["lengths"],
-                                     np.cumsum(batch["row_pieces"]) - batch["row_pieces"])
+        row_tokens = np.add.reduceat(
+            batch["lengths"], np.cumsum(batch["row_pieces"]) - batch["row_pieces"]
+        )
         self._rows += np.bincount(domain_ids, minlength=self._num_domains)
-        self._tokens += np.bincount(domain_ids, weights=row_tokens,
-                                    minlength=self._num_domains).astype(np.int64)
+        self._tokens += np.bincount(
+            domain_ids, weights=row_tokens, minlength=self._num_domains
+        ).astype(np.int64)
         batch["step"] = self._step
         batch["served_rows"] = self._rows.copy()
         batch["served_tokens"] = self._tokens.copy()
@@ -118,8 +123,10 @@ class BatchPlansIterator(grain.DatasetIterator):
             "step": self._step,
             "ended": self._ended,
             "served": {
-                name: [rows, tokens] for name, rows, tokens in
-                zip(self._names, self._rows.tolist(), self._tokens.tolist(), strict=True)
+                name: [rows, tokens]
+                for name, rows, tokens in zip(
+                    self._names, self._rows.tolist(), self._tokens.tolist(), strict=True
+                )
             },
         }
 
@@ -134,53 +141,6 @@ class BatchPlansIterator(grain.DatasetIterator):
 
     def __str__(self) -> str:
         return f"BatchPlansIterator(step={self._step})"
-
-
-class SliceRows:
-    """Batch plan -> the batch plan of rows `[start, stop)` (a data-parallel rank's rows)."""
-
-    def __init__(self, start: int, stop: int):
-        if not 0 <= start < stop:
-            raise ValueError(f"SliceRows needs 0 <= start < stop, got {start}, {stop}")
-        self.start, self.stop = int(start), int(stop)
-
-    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        row_pieces = batch["row_pieces"]
-        if self.stop > row_pieces.size:
-            raise ValueError(f"rows [{self.start}, {self.stop}) of a {row_pieces.size}-row batch")
-        bounds = np.concatenate([[0], np.cumsum(row_pieces)])
-        first, last = int(bounds[self.start]), int(bounds[self.stop])
-        sliced = dict(batch)
-        for key in PLAN_KEYS:
-            sliced[key] = batch[key][first:last]
-        sliced["row_pieces"] = row_pieces[self.start : self.stop]
-        sliced["domain_ids"] = batch["domain_ids"][self.start : self.stop]
-        return sliced
-
-
-def rename_domains(batch: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
-    """`batch` with domain ids and served counts re-indexed to `names` (matched by name).
-
-    A batch planned under other domains (before a restore into an extended or re-ordered
-    mixture) keeps its rows' domains; a domain it has and `names` lacks is an error.
-    """
-    planned = json.loads(batch["domain_names"])
-    if planned == list(names):
-        return batch
-    missing = sorted(set(planned) - set(names))
-    if missing:
-        raise ValueError(f"a planned batch has rows of domains {missing}, which this loader lacks")
-    index = np.array([list(names).index(name) for name in planned], dtype=np.int32)
-    renamed = dict(batch, domain_ids=index[batch["domain_ids"]], domain_names=json.dumps(
-        list(names)))
-    for key in ("served_rows", "served_tokens"):
-        counts = np.zeros(len(names), dtype=np.int64)
-        counts[index] = batch[key]
-        renamed[key] = counts
-    return renamed
-
-    def __repr__(self) -> str:
-        return f"SliceRows({self.start}, {self.stop})"
 
 
 class StepShard:

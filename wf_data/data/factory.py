@@ -53,8 +53,13 @@ def build_domain(source, cfg, *, tokenizer, num_epochs) -> PackedDataset:
     if cfg.kind == "sft":
         from wf_data.data.datasets.sft import SFTDataset
 
-        return SFTDataset(documents, tokenizer=tokenizer, chat_template=cfg.sft.chat_template,
-                          overlong=cfg.sft.overlong, **common)
+        return SFTDataset(
+            documents,
+            tokenizer=tokenizer,
+            chat_template=cfg.sft.chat_template,
+            overlong=cfg.sft.overlong,
+            **common,
+        )
     from wf_data.data.datasets.pretrain import PretrainDataset
 
     return PretrainDataset(documents, tokenizer=tokenizer, packing=cfg.packing, **common)
@@ -71,8 +76,13 @@ def build_domains(cfg, *, sources=None, num_epochs="config") -> dict[str, Packed
     }
 
 
-def build_mixer(cfg, domains: Mapping[str, PackedDataset], weights: Mapping[str, float], *,
-                on_exhausted: str | None = None) -> MixPlans:
+def build_mixer(
+    cfg,
+    domains: Mapping[str, PackedDataset],
+    weights: Mapping[str, float],
+    *,
+    on_exhausted: str | None = None,
+) -> MixPlans:
     """The mixer of the domains' plans under the config's policy (static or EXP3).
 
     Finite epochs end the stream when a domain runs out; otherwise domains start over.
@@ -82,22 +92,33 @@ def build_mixer(cfg, domains: Mapping[str, PackedDataset], weights: Mapping[str,
     names = list(domains)
     if cfg.mixing.kind == "exp3":
         prior = validate_weights(names, weights)
-        bandit = odm.Exp3(len(names), alpha=cfg.mixing.alpha, prior=prior, seed=cfg.seed,
-                          min_weight=cfg.mixing.min_weight, max_weight=cfg.mixing.max_weight,
-                          warmup_steps=cfg.mixing.warmup_steps)
+        bandit = odm.Exp3(
+            len(names),
+            alpha=cfg.mixing.alpha,
+            prior=prior,
+            seed=cfg.seed,
+            min_weight=cfg.mixing.min_weight,
+            max_weight=cfg.mixing.max_weight,
+            warmup_steps=cfg.mixing.warmup_steps,
+        )
         policy = Exp3Policy(bandit)
     else:
         policy = StaticWeights(weights)
     on_exhausted = on_exhausted or ("stop" if cfg.num_epochs is not None else "restart")
-    return mix_plans({name: ds.plans for name, ds in domains.items()}, policy, seed=cfg.seed,
-                     on_exhausted=on_exhausted)
+    return mix_plans(
+        {name: ds.plans for name, ds in domains.items()},
+        policy,
+        seed=cfg.seed,
+        on_exhausted=on_exhausted,
+    )
 
 
 def reader_of(domains: Mapping[str, PackedDataset]) -> RowReader:
     """The reader of all domains' rows, indexed like the mixer's domains."""
     first = next(iter(domains.values()))
-    return RowReader([ds.docs for ds in domains.values()], first.seq_len,
-                     [ds.pad_id for ds in domains.values()])
+    return RowReader(
+        [ds.docs for ds in domains.values()], first.seq_len, [ds.pad_id for ds in domains.values()]
+    )
 
 
 def loader_fingerprint(cfg, domains: Mapping[str, PackedDataset]) -> dict[str, Any]:

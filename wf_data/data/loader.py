@@ -21,34 +21,25 @@ from typing import Any
 import grain
 import numpy as np
 
-from wf_data.data.batching import SliceRows, StepShard, batch_plans, rename_domains
+from wf_data.data.batching import StepShard, batch_plans
 from wf_data.data.mixing import MixPlans
-from wf_data.data.process_map_standin import ProcessMap
-from wf_data.data.rows import RowReader
+from wf_data.data.process_map import ProcessMap
+from wf_data.data.rows import ReadSlice, RowReader, SliceRows
 
 STATE_VERSION = 2
 FRAMEWORKS = ("numpy", "torch", "jax")
-_STATE_KEYS = {"version": int, "fingerprint": dict, "step": int, "pipeline": dict,
-               "stats": dict, "feedback": dict}
+_STATE_KEYS = {
+    "version": int,
+    "fingerprint": dict,
+    "step": int,
+    "pipeline": dict,
+    "stats": dict,
+    "feedback": dict,
+}
 
 
 class LoaderStateError(ValueError):
     """A loader state that is malformed or belongs to other data or settings."""
-
-
-class ReadSlice:
-    """The worker function: a global batch plan -> this rank's rows (numpy), plus the plan's
-    `step` and cumulative `served_rows` / `served_tokens`, which the loader pops."""
-
-    def __init__(self, reader: RowReader, rows: SliceRows, domain_names: Sequence[str]):
-        self.reader, self.rows, self.domain_names = reader, rows, tuple(domain_names)
-
-    def __call__(self, plan: dict[str, Any]) -> dict[str, np.ndarray]:
-        plan = rename_domains(plan, self.domain_names)
-        batch = self.reader.read_batch(self.rows(plan))
-        batch["step"] = np.asarray(plan["step"], dtype=np.int64)
-        batch["served_rows"], batch["served_tokens"] = plan["served_rows"], plan["served_tokens"]
-        return batch
 
 
 class DataLoader:
@@ -60,18 +51,32 @@ class DataLoader:
     `s` with `s % count == index` (all steps are planned, only owned ones are read).
     """
 
-    def __init__(self, mixer: MixPlans, reader: RowReader, *, global_batch_size: int,
-                 dp_rank: int = 0, dp_world_size: int = 1, step_shard: tuple[int, int] | None = None,
-                 framework: str = "numpy", device: Any = None, pin_memory: bool | None = None,
-                 jax_sharding: Any = None, num_workers: int = 0, prefetch: int = 0,
-                 fingerprint: Mapping[str, Any] | None = None):
+    def __init__(
+        self,
+        mixer: MixPlans,
+        reader: RowReader,
+        *,
+        global_batch_size: int,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+        step_shard: tuple[int, int] | None = None,
+        framework: str = "numpy",
+        device: Any = None,
+        pin_memory: bool | None = None,
+        jax_sharding: Any = None,
+        num_workers: int = 0,
+        prefetch: int = 0,
+        fingerprint: Mapping[str, Any] | None = None,
+    ):
         if framework not in FRAMEWORKS:
             raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
         if dp_world_size < 1 or not 0 <= dp_rank < dp_world_size:
             raise ValueError(f"dp_rank {dp_rank} is not in range for dp_world_size {dp_world_size}")
         if global_batch_size % dp_world_size:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
-                             f"dp_world_size {dp_world_size}")
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not divisible by "
+                f"dp_world_size {dp_world_size}"
+            )
         if num_workers < 0 or prefetch < 0:
             raise ValueError(f"num_workers ({num_workers}) and prefetch ({prefetch}) must be >= 0")
         self.mixer, self.reader = mixer, reader
@@ -94,8 +99,9 @@ class DataLoader:
                 grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None),
             )
         start = self.dp_rank * self.local_batch_size
-        read = ReadSlice(self.reader, SliceRows(start, start + self.local_batch_size),
-                         self.domain_names)
+        read = ReadSlice(
+            self.reader, SliceRows(start, start + self.local_batch_size), self.domain_names
+        )
         return ProcessMap(plans, read, num_workers=self.num_workers, lookahead=self.prefetch)
 
     def reset(self) -> None:
@@ -164,8 +170,9 @@ class DataLoader:
     def observe_losses(self, loss_sums: np.ndarray, row_counts: np.ndarray) -> None:
         """Adds (K,) per-domain loss sums and row counts (already all-reduced) to the pending
         feedback, which `apply_observed` hands to `update_mixture`. Part of the state."""
-        self._observed += np.stack([np.asarray(loss_sums, np.float64),
-                                    np.asarray(row_counts, np.float64)])
+        self._observed += np.stack(
+            [np.asarray(loss_sums, np.float64), np.asarray(row_counts, np.float64)]
+        )
 
     def apply_observed(self) -> None:
         """Updates the mixture with the mean loss of every observed domain, then clears them.
@@ -173,8 +180,9 @@ class DataLoader:
         sums, counts = self._observed
         self._observed = np.zeros_like(self._observed)
         if counts.any():
-            self.update_mixture(np.divide(sums, counts, out=np.full(len(sums), np.nan),
-                                          where=counts > 0))
+            self.update_mixture(
+                np.divide(sums, counts, out=np.full(len(sums), np.nan), where=counts > 0)
+            )
 
     # ------------------------------------------------------------------ state
 
@@ -186,10 +194,13 @@ class DataLoader:
             "fingerprint": self._fingerprint,
             "step": self._step,
             "pipeline": self._iterator.get_state(),
-            "stats": {name: [int(r), int(t)] for name, r, t in zip(names, *self._served,
-                                                                    strict=True)},
-            "feedback": {name: [float(s), float(c)] for name, s, c in zip(
-                names, *self._observed, strict=True)},
+            "stats": {
+                name: [int(r), int(t)] for name, r, t in zip(names, *self._served, strict=True)
+            },
+            "feedback": {
+                name: [float(s), float(c)]
+                for name, s, c in zip(names, *self._observed, strict=True)
+            },
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -208,8 +219,9 @@ class DataLoader:
         try:
             iterator.set_state(state["pipeline"])
         except (KeyError, TypeError, ValueError) as error:
-            raise LoaderStateError(f"loader state entry 'pipeline' does not restore: {error}"
-                                   ) from error
+            raise LoaderStateError(
+                f"loader state entry 'pipeline' does not restore: {error}"
+            ) from error
         self._iterator = iterator
         self._step = state["step"]
         self._served = np.array(stats, dtype=np.int64).T.reshape(2, -1)
@@ -273,8 +285,7 @@ def check_state(state: Any) -> None:
         raise LoaderStateError(f"not a wf-data loader state: keys {sorted(map(str, state))[:8]}")
     if state["version"] != STATE_VERSION:
         raise LoaderStateError(
-            f"loader state version {state['version']!r} is not supported (expected "
-            f"{STATE_VERSION})"
+            f"loader state version {state['version']!r} is not supported (expected {STATE_VERSION})"
         )
     for key, kind in _STATE_KEYS.items():
         if key not in state:
@@ -293,8 +304,11 @@ def _by_name(state: Mapping[str, Any], key: str, names: Sequence[str], kind: typ
     """Per-domain pairs of `state[key]` in `names` order (0 for a domain added since)."""
     pairs = []
     for name, value in state[key].items():
-        if (not isinstance(value, list) or len(value) != 2 or any(
-                isinstance(v, bool) or not isinstance(v, int | float) for v in value)):
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value)
+        ):
             raise LoaderStateError(
                 f"loader state entry {key!r}: domain {name!r} must map to two numbers, got "
                 f"{value!r}"
@@ -330,10 +344,19 @@ def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any]) -> N
         )
 
 
-def get_loader(cfg: Any, *, dp_rank: int = 0, dp_world_size: int = 1, framework: str = "torch",
-               overrides: Sequence[str] = (), num_workers: int | None = None,
-               step_shard: tuple[int, int] | None = None, device: Any = None,
-               pin_memory: bool | None = None, jax_sharding: Any = None) -> DataLoader:
+def get_loader(
+    cfg: Any,
+    *,
+    dp_rank: int = 0,
+    dp_world_size: int = 1,
+    framework: str = "torch",
+    overrides: Sequence[str] = (),
+    num_workers: int | None = None,
+    step_shard: tuple[int, int] | None = None,
+    device: Any = None,
+    pin_memory: bool | None = None,
+    jax_sharding: Any = None,
+) -> DataLoader:
     """The loader a config describes, for data-parallel rank `dp_rank` of `dp_world_size`.
 
     `cfg` is a `DataConfig`, a dict, or a config name from `configs/data` (`"demo"`,
@@ -347,16 +370,25 @@ def get_loader(cfg: Any, *, dp_rank: int = 0, dp_world_size: int = 1, framework:
     domains = build_domains(cfg)
     weights = {name: source.weight for name, source in cfg.enabled_sources().items()}
     return DataLoader(
-        build_mixer(cfg, domains, weights), reader_of(domains),
-        global_batch_size=cfg.global_batch_size, dp_rank=dp_rank, dp_world_size=dp_world_size,
-        step_shard=step_shard, framework=framework, device=device, pin_memory=pin_memory,
-        jax_sharding=jax_sharding, num_workers=resolve_num_workers(cfg, num_workers),
-        prefetch=cfg.prefetch, fingerprint=loader_fingerprint(cfg, domains),
+        build_mixer(cfg, domains, weights),
+        reader_of(domains),
+        global_batch_size=cfg.global_batch_size,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        step_shard=step_shard,
+        framework=framework,
+        device=device,
+        pin_memory=pin_memory,
+        jax_sharding=jax_sharding,
+        num_workers=resolve_num_workers(cfg, num_workers),
+        prefetch=cfg.prefetch,
+        fingerprint=loader_fingerprint(cfg, domains),
     )
 
 
-def get_eval_loaders(cfg: Any, *, overrides: Sequence[str] = (), framework: str = "torch",
-                     **kwargs: Any) -> dict[str, DataLoader]:
+def get_eval_loaders(
+    cfg: Any, *, overrides: Sequence[str] = (), framework: str = "torch", **kwargs: Any
+) -> dict[str, DataLoader]:
     """One finite, deterministic loader per held-out source (`eval_sources`), by name.
 
     Each reads its source once, in a fixed order, and ends with its last full batch.
@@ -371,10 +403,15 @@ def get_eval_loaders(cfg: Any, *, overrides: Sequence[str] = (), framework: str 
     loaders = {}
     for name, source in cfg.eval_sources.items():
         domains = build_domains(cfg, sources={name: source}, num_epochs=1)
-        mixer = mix_plans({name: domains[name].plans}, {name: 1.0}, seed=cfg.seed,
-                          on_exhausted="stop")
+        mixer = mix_plans(
+            {name: domains[name].plans}, {name: 1.0}, seed=cfg.seed, on_exhausted="stop"
+        )
         loaders[name] = DataLoader(
-            mixer, reader_of(domains), global_batch_size=cfg.global_batch_size,
-            framework=framework, fingerprint=loader_fingerprint(cfg, domains), **kwargs,
+            mixer,
+            reader_of(domains),
+            global_batch_size=cfg.global_batch_size,
+            framework=framework,
+            fingerprint=loader_fingerprint(cfg, domains),
+            **kwargs,
         )
     return loaders

@@ -223,10 +223,18 @@ class MixPlans(grain.IterDataset):
     refused here, loss values are checked by the bandit).
     """
 
-    def __init__(self, parents: Mapping[str, Any], policy: Any, *, seed: int = 0,
-                 on_exhausted: str = "restart"):
+    def __init__(
+        self,
+        parents: Mapping[str, Any],
+        policy: Any,
+        *,
+        seed: int = 0,
+        on_exhausted: str = "restart",
+    ):
         if not isinstance(parents, Mapping) or not parents:
-            raise ValueError(f"parents must be a non-empty mapping name -> dataset, got {parents!r}")
+            raise ValueError(
+                f"parents must be a non-empty mapping name -> dataset, got {parents!r}"
+            )
         for name, parent in parents.items():
             if not isinstance(name, str):
                 raise TypeError(f"domain names must be str, got {name!r}")
@@ -239,8 +247,12 @@ class MixPlans(grain.IterDataset):
             raise ValueError(f"on_exhausted must be one of {ON_EXHAUSTED}, got {on_exhausted!r}")
         if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
             raise TypeError(f"seed must be an int, got {seed!r}")
-        super().__init__([p if isinstance(p, grain.IterDataset) else p.to_iter_dataset()
-                          for p in parents.values()])
+        super().__init__(
+            [
+                p if isinstance(p, grain.IterDataset) else p.to_iter_dataset()
+                for p in parents.values()
+            ]
+        )
         self.names: tuple[str, ...] = tuple(parents)
         self.datasets = dict(parents)
         self.seed = int(seed)
@@ -278,8 +290,7 @@ class MixPlans(grain.IterDataset):
     def _domain_index(self, key: Any) -> int:
         if isinstance(key, bool) or not isinstance(key, str | numbers.Integral):
             raise TypeError(
-                f"mixture loss key {key!r} must be a domain name {list(self.names)} or an int "
-                "index"
+                f"mixture loss key {key!r} must be a domain name {list(self.names)} or an int index"
             )
         if isinstance(key, str):
             if key not in self.names:
@@ -337,8 +348,7 @@ class MixPlansIterator(grain.DatasetIterator):
     def __init__(self, mixer: MixPlans):
         self._mixer = mixer
         self._domain_iters = [iter(ds) for ds in mixer.datasets.values()]
-        super().__init__([it for it in self._domain_iters
-                          if isinstance(it, grain.DatasetIterator)])
+        super().__init__([it for it in self._domain_iters if isinstance(it, grain.DatasetIterator)])
         self.policy = copy.deepcopy(mixer.policy)
         self._uniforms = RowUniforms(mixer.seed)
         self._row = 0

@@ -64,10 +64,10 @@ def pack(
     if method not in METHODS:
         raise ValueError(f"unknown packing method {method!r}; valid: {METHODS}")
     if method == "concat":
-        return ConcatPackedDataset(docs, seq_len, pad_id=pad_id, seed=seed,
-                                   num_epochs=num_epochs)
-    return BestFitPackedDataset(docs, seq_len, pad_id=pad_id, window_size=window_size,
-                                seed=seed, num_epochs=num_epochs)
+        return ConcatPackedDataset(docs, seq_len, pad_id=pad_id, seed=seed, num_epochs=num_epochs)
+    return BestFitPackedDataset(
+        docs, seq_len, pad_id=pad_id, window_size=window_size, seed=seed, num_epochs=num_epochs
+    )
 
 
 def _check_docs(docs: Any) -> None:
@@ -137,8 +137,16 @@ class ConcatPackedDataset(PackedDataset, grain.MapDataset):
 class BestFitPackedDataset(PackedDataset, grain.IterDataset):
     """Best-fit-decreasing packed rows over windows of `window_size` documents."""
 
-    def __init__(self, docs, seq_len: int, *, pad_id: int = 0,
-                 window_size: int = DEFAULT_WINDOW_SIZE, seed=None, num_epochs=1):
+    def __init__(
+        self,
+        docs,
+        seq_len: int,
+        *,
+        pad_id: int = 0,
+        window_size: int = DEFAULT_WINDOW_SIZE,
+        seed=None,
+        num_epochs=1,
+    ):
         super().__init__()
         _check_docs(docs)
         self.plans = BestFitPlans(docs, seq_len, window_size, seed=seed, num_epochs=num_epochs)

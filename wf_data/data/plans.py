@@ -37,7 +37,6 @@ import numpy as np
 DEFAULT_WINDOW_SIZE = 4096
 # Rows a concat iterator plans per vectorised call.
 CONCAT_BLOCK_ROWS = 512
-PLAN_KEYS = ("doc_ids", "offsets", "lengths")
 
 __all__ = [
     "BestFitPlans",
@@ -51,22 +50,38 @@ __all__ = [
 
 
 def plan_concat(
-    lengths: Any, seq_len: int, *, seed: int | None = None, num_epochs: int | None = 1,
+    lengths: Any,
+    seq_len: int,
+    *,
+    seed: int | None = None,
+    num_epochs: int | None = 1,
     source_fingerprint: Any = None,
 ) -> ConcatPlans:
     """Concat row plans of documents with `lengths` ((N,) int token counts): a `MapDataset`."""
-    return ConcatPlans(lengths, seq_len, seed=seed, num_epochs=num_epochs,
-                       source_fingerprint=source_fingerprint)
+    return ConcatPlans(
+        lengths, seq_len, seed=seed, num_epochs=num_epochs, source_fingerprint=source_fingerprint
+    )
 
 
 def plan_best_fit(
-    lengths: Any, seq_len: int, window_size: int = DEFAULT_WINDOW_SIZE, *,
-    seed: int | None = None, num_epochs: int | None = 1, source_fingerprint: Any = None,
+    lengths: Any,
+    seq_len: int,
+    window_size: int = DEFAULT_WINDOW_SIZE,
+    *,
+    seed: int | None = None,
+    num_epochs: int | None = 1,
+    source_fingerprint: Any = None,
 ) -> BestFitPlans:
     """Best-fit row plans: an `IterDataset`. `lengths` is (N,) int, or a document source
     without lengths (its windows are read, e.g. tokenized, to measure them)."""
-    return BestFitPlans(lengths, seq_len, window_size, seed=seed, num_epochs=num_epochs,
-                        source_fingerprint=source_fingerprint)
+    return BestFitPlans(
+        lengths,
+        seq_len,
+        window_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        source_fingerprint=source_fingerprint,
+    )
 
 
 def plan_tokens(plan: dict[str, Any]) -> int:
@@ -100,8 +115,9 @@ class _Plans:
         self.seq_len = _check_int("seq_len", seq_len, 1)
         if seed is not None:
             seed = _check_int("seed", seed, 0)
-        if num_epochs is not None and (isinstance(num_epochs, bool) or not isinstance(
-                num_epochs, int) or num_epochs < 1):
+        if num_epochs is not None and (
+            isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1
+        ):
             raise ValueError(
                 f"num_epochs must be None (forever) or an int >= 1, got {num_epochs!r}"
             )
@@ -201,14 +217,16 @@ class _Plans:
 
 
 def split_rows(
-    doc_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, row_pieces: np.ndarray,
+    doc_ids: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    row_pieces: np.ndarray,
     epochs: Sequence[int],
 ) -> list[dict[str, Any]]:
     """Row plans from flat piece arrays and the number of pieces of each row."""
     bounds = np.concatenate([[0], np.cumsum(row_pieces)]).tolist()
     return [
-        {"doc_ids": doc_ids[a:b], "offsets": offsets[a:b], "lengths": lengths[a:b],
-         "epoch": epoch}
+        {"doc_ids": doc_ids[a:b], "offsets": offsets[a:b], "lengths": lengths[a:b], "epoch": epoch}
         for a, b, epoch in zip(bounds[:-1], bounds[1:], epochs, strict=True)
     ]
 
@@ -223,8 +241,7 @@ class ConcatPlans(_Plans, grain.MapDataset):
 
     method = "concat"
 
-    def __init__(self, lengths, seq_len: int, *, seed=None, num_epochs=1,
-                 source_fingerprint=None):
+    def __init__(self, lengths, seq_len: int, *, seed=None, num_epochs=1, source_fingerprint=None):
         super().__init__()
         self._configure(lengths, seq_len, seed, num_epochs, source_fingerprint)
         if self.lengths is None:
@@ -275,8 +292,9 @@ class ConcatPlans(_Plans, grain.MapDataset):
             raise IndexError(f"row {bad} out of range for {self} with {length} rows")
         if not rows.size:
             return []
-        return split_rows(*self._pieces(rows), (rows * self.seq_len // self.tokens_per_epoch
-                                                ).tolist())
+        return split_rows(
+            *self._pieces(rows), (rows * self.seq_len // self.tokens_per_epoch).tolist()
+        )
 
     def _pieces(self, rows: np.ndarray):
         """(doc_ids, offsets, lengths, row_pieces) of `rows`: flat arrays in row order."""
@@ -377,8 +395,16 @@ class BestFitPlans(_Plans, grain.IterDataset):
 
     method = "best_fit"
 
-    def __init__(self, lengths, seq_len: int, window_size: int = DEFAULT_WINDOW_SIZE, *,
-                 seed=None, num_epochs=1, source_fingerprint=None):
+    def __init__(
+        self,
+        lengths,
+        seq_len: int,
+        window_size: int = DEFAULT_WINDOW_SIZE,
+        *,
+        seed=None,
+        num_epochs=1,
+        source_fingerprint=None,
+    ):
         super().__init__()
         self.window_size = _check_int("window_size", window_size, 1)
         self._configure(lengths, seq_len, seed, num_epochs, source_fingerprint)
@@ -418,8 +444,13 @@ class BestFitPlans(_Plans, grain.IterDataset):
         placed = np.argsort(items_start - items_stop, kind="stable")
         by_bin = placed[np.argsort(bins[placed], kind="stable")]
         row_pieces = np.bincount(bins, minlength=num_bins)
-        rows = split_rows(items_doc[by_bin], items_start[by_bin],
-                          (items_stop - items_start)[by_bin], row_pieces, [epoch] * num_bins)
+        rows = split_rows(
+            items_doc[by_bin],
+            items_start[by_bin],
+            (items_stop - items_start)[by_bin],
+            row_pieces,
+            [epoch] * num_bins,
+        )
         if self.seed is None:
             return rows
         # Bins come out largest-item first; shuffle so every batch mixes long and short rows.
@@ -470,7 +501,9 @@ class BestFitPlansIterator(grain.DatasetIterator):
     def get_state(self) -> dict[str, Any]:
         return {
             **self._plans.state_check(),
-            "epoch": self._epoch, "window": self._window, "row": self._row,
+            "epoch": self._epoch,
+            "window": self._window,
+            "row": self._row,
         }
 
     def set_state(self, state: dict[str, Any]) -> None:

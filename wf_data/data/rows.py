@@ -6,17 +6,20 @@ domain) and builds the rows with whole-batch numpy operations:
 - a row plan (see `wf_data.data.plans`) gives one row: `input_ids`, `labels`, `position_ids`,
   `segment_ids`, each `(L,)` int32 (plus a 0-d `domain_ids` when the plan has a `domain`);
 - a batch plan (see `wf_data.data.batching`, it has `row_pieces`) gives `(B, L)` int32 arrays
-  plus `domain_ids` `(B,)` int32.
+  plus `domain_ids` `(B,)` int32; `ReadSlice` reads one rank's rows of a global batch plan
+  (the loader's worker function).
 
 Row layout: `labels` are the tokens with -100 on padding and on the first token of every
 segment (and, for dict documents with a `loss_mask`, wherever the mask is 0); `position_ids`
 restart at 0 per segment and are 0 on padding; `segment_ids` number the row's segments 1, 2,
 ... and are 0 on padding, which always ends the row. The output is a pure function of the plan,
-so rows read in a worker process equal rows read inline.
+so rows read in a worker process equal rows read inline. This module imports no Grain: worker
+processes import it to unpickle their function.
 """
 
 from __future__ import annotations
 
+import json
 import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -25,8 +28,19 @@ import numpy as np
 
 IGNORE_INDEX = -100
 ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
+PLAN_KEYS = ("doc_ids", "offsets", "lengths")
 
-__all__ = ["IGNORE_INDEX", "ROW_KEYS", "RowReader", "read_documents", "read_rows"]
+__all__ = [
+    "IGNORE_INDEX",
+    "PLAN_KEYS",
+    "ROW_KEYS",
+    "ReadSlice",
+    "RowReader",
+    "SliceRows",
+    "read_documents",
+    "read_rows",
+    "rename_domains",
+]
 
 
 def read_rows(sources: Any, seq_len: int, pad_id: int | Sequence[int] = 0) -> RowReader:
@@ -68,11 +82,15 @@ class RowReader:
         if "row_pieces" in plan:
             return self.read_batch(plan)
         domain = plan.get("domain")
-        batch = self.read_batch({
-            "doc_ids": plan["doc_ids"], "offsets": plan["offsets"], "lengths": plan["lengths"],
-            "row_pieces": np.array([len(plan["doc_ids"])]),
-            "domain_ids": np.array([0 if domain is None else domain], dtype=np.int32),
-        })
+        batch = self.read_batch(
+            {
+                "doc_ids": plan["doc_ids"],
+                "offsets": plan["offsets"],
+                "lengths": plan["lengths"],
+                "row_pieces": np.array([len(plan["doc_ids"])]),
+                "domain_ids": np.array([0 if domain is None else domain], dtype=np.int32),
+            }
+        )
         row = {key: batch[key][0] for key in ROW_KEYS}
         if domain is not None:
             row["domain_ids"] = batch["domain_ids"][0]
@@ -101,10 +119,12 @@ class RowReader:
                 self._build(domain, doc_ids, offsets, sizes, row_pieces, rows)
                 continue
             pieces = piece_domains == domain
-            part = {key: np.empty((int(in_domain.sum()), self.seq_len), np.int32)
-                    for key in ROW_KEYS}
-            self._build(domain, doc_ids[pieces], offsets[pieces], sizes[pieces],
-                        row_pieces[in_domain], part)
+            part = {
+                key: np.empty((int(in_domain.sum()), self.seq_len), np.int32) for key in ROW_KEYS
+            }
+            self._build(
+                domain, doc_ids[pieces], offsets[pieces], sizes[pieces], row_pieces[in_domain], part
+            )
             for key in ROW_KEYS:
                 rows[key][in_domain] = part[key]
         rows["domain_ids"] = domain_ids
@@ -136,12 +156,14 @@ class RowReader:
         stops = offsets + sizes
         parts: list[np.ndarray] = []
         pad_tokens = np.full(seq_len, pad_id, dtype=np.int32)
-        pad_after = dict(zip((row_first + row_pieces - 1).tolist(), (seq_len - used).tolist(),
-                             strict=True))
+        pad_after = dict(
+            zip((row_first + row_pieces - 1).tolist(), (seq_len - used).tolist(), strict=True)
+        )
         docs_list, starts_list, stops_list = doc_ids.tolist(), offsets.tolist(), stops.tolist()
         # Python per piece (per document), numpy per token.
-        for piece, (d, start, stop) in enumerate(zip(docs_list, starts_list, stops_list,
-                                                     strict=True)):
+        for piece, (d, start, stop) in enumerate(
+            zip(docs_list, starts_list, stops_list, strict=True)
+        ):
             parts.append(tokens[d][start:stop])
             pad = pad_after.get(piece)
             if pad:
@@ -149,8 +171,7 @@ class RowReader:
         input_ids, labels = rows["input_ids"], rows["labels"]
         position_ids, segment_ids = rows["position_ids"], rows["segment_ids"]
         try:
-            np.concatenate(parts or [pad_tokens[:0]], out=input_ids.reshape(-1),
-                           casting="unsafe")
+            np.concatenate(parts or [pad_tokens[:0]], out=input_ids.reshape(-1), casting="unsafe")
         except ValueError:
             self._raise_short_document(source, tokens, doc_ids, stops)
             raise
@@ -177,8 +198,9 @@ class RowReader:
             mask_parts = []
             for d, start, stop in zip(docs_list, starts_list, stops_list, strict=True):
                 mask = masks.get(d)
-                mask_parts.append(np.ones(stop - start, np.uint8) if mask is None
-                                  else mask[start:stop])
+                mask_parts.append(
+                    np.ones(stop - start, np.uint8) if mask is None else mask[start:stop]
+                )
             no_loss = np.concatenate(mask_parts) == 0
             flat_labels[_token_positions(first_tokens, sizes)[no_loss]] = IGNORE_INDEX
 
@@ -190,6 +212,69 @@ class RowReader:
                     f"{_describe(source)} document {d} has {len(tokens[d])} tokens but the plan "
                     f"needs [.., {stop}): the source's lengths do not match its records"
                 )
+
+
+class SliceRows:
+    """Batch plan -> the batch plan of rows `[start, stop)` (a data-parallel rank's rows)."""
+
+    def __init__(self, start: int, stop: int):
+        if not 0 <= start < stop:
+            raise ValueError(f"SliceRows needs 0 <= start < stop, got {start}, {stop}")
+        self.start, self.stop = int(start), int(stop)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        row_pieces = batch["row_pieces"]
+        if self.stop > row_pieces.size:
+            raise ValueError(f"rows [{self.start}, {self.stop}) of a {row_pieces.size}-row batch")
+        bounds = np.concatenate([[0], np.cumsum(row_pieces)])
+        first, last = int(bounds[self.start]), int(bounds[self.stop])
+        sliced = dict(batch)
+        for key in PLAN_KEYS:
+            sliced[key] = batch[key][first:last]
+        sliced["row_pieces"] = row_pieces[self.start : self.stop]
+        sliced["domain_ids"] = batch["domain_ids"][self.start : self.stop]
+        return sliced
+
+
+def rename_domains(batch: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """`batch` with domain ids and served counts re-indexed to `names` (matched by name).
+
+    A batch planned under other domains (before a restore into an extended or re-ordered
+    mixture) keeps its rows' domains; a domain it has and `names` lacks is an error.
+    """
+    planned = json.loads(batch["domain_names"])
+    if planned == list(names):
+        return batch
+    missing = sorted(set(planned) - set(names))
+    if missing:
+        raise ValueError(f"a planned batch has rows of domains {missing}, which this loader lacks")
+    index = np.array([list(names).index(name) for name in planned], dtype=np.int32)
+    renamed = dict(
+        batch, domain_ids=index[batch["domain_ids"]], domain_names=json.dumps(list(names))
+    )
+    for key in ("served_rows", "served_tokens"):
+        counts = np.zeros(len(names), dtype=np.int64)
+        counts[index] = batch[key]
+        renamed[key] = counts
+    return renamed
+
+    def __repr__(self) -> str:
+        return f"SliceRows({self.start}, {self.stop})"
+
+
+class ReadSlice:
+    """The loader's worker function: a global batch plan -> this rank's rows (numpy), plus the
+    plan's `step` and cumulative `served_rows` / `served_tokens`, which the loader pops."""
+
+    def __init__(self, reader: RowReader, rows: SliceRows, domain_names: Sequence[str]):
+        self.reader, self.rows, self.domain_names = reader, rows, tuple(domain_names)
+
+    def __call__(self, plan: dict[str, Any]) -> dict[str, np.ndarray]:
+        plan = rename_domains(plan, self.domain_names)
+        batch = self.reader.read_batch(self.rows(plan))
+        batch["step"] = np.asarray(plan["step"], dtype=np.int64)
+        batch["served_rows"], batch["served_tokens"] = plan["served_rows"], plan["served_tokens"]
+        return batch
 
 
 def _token_positions(first_tokens: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -264,8 +349,7 @@ def _as_document(doc: Any, index: int, source: Any) -> tuple[np.ndarray, np.ndar
             mask = np.asarray(mask)
             if mask.shape != tokens.shape:
                 raise ValueError(
-                    f"{where}: field 'loss_mask' has shape {mask.shape}, 'input_ids' "
-                    f"{tokens.shape}"
+                    f"{where}: field 'loss_mask' has shape {mask.shape}, 'input_ids' {tokens.shape}"
                 )
         return tokens, mask
     if isinstance(doc, str | bytes):
@@ -281,4 +365,3 @@ def _as_document(doc: Any, index: int, source: Any) -> tuple[np.ndarray, np.ndar
             f"got {type(doc).__name__} with shape {array.shape} and dtype {array.dtype}"
         )
     return array, None
-
