@@ -104,6 +104,11 @@ class DataLoader:
         )
         return ProcessMap(plans, read, num_workers=self.num_workers, lookahead=self.prefetch)
 
+    def _restored(self, pipeline_state: Mapping[str, Any]) -> Any:
+        iterator = iter(self._pipeline())
+        iterator.set_state(pipeline_state)
+        return iterator
+
     def reset(self) -> None:
         """Starts over from the first batch (an eval loader is reset before each evaluation).
 
@@ -214,15 +219,15 @@ class DataLoader:
         check_fingerprint(state["fingerprint"], self._fingerprint)
         stats = _by_name(state, "stats", self.domain_names, int)
         observed = _by_name(state, "feedback", self.domain_names, float)
+        previous = self._iterator.get_state()
         self.close()
-        iterator = iter(self._pipeline())
         try:
-            iterator.set_state(state["pipeline"])
+            self._iterator = self._restored(state["pipeline"])
         except (KeyError, TypeError, ValueError) as error:
+            self._iterator = self._restored(previous)  # keep serving where it was
             raise LoaderStateError(
                 f"loader state entry 'pipeline' does not restore: {error}"
             ) from error
-        self._iterator = iterator
         self._step = state["step"]
         self._served = np.array(stats, dtype=np.int64).T.reshape(2, -1)
         self._observed = np.array(observed, dtype=np.float64).T.reshape(2, -1)
