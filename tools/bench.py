@@ -39,7 +39,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from wf_data.data import packing, sources  # noqa: E402
-from wf_data.data.packing import needed_documents, pack  # noqa: E402
+from wf_data.data.batching import batch_plans  # noqa: E402
+from wf_data.data.packing import pack  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_loader  # noqa: E402
@@ -184,15 +185,17 @@ def measure(name: str, make_run: Callable[[], Run], repeat: int = 1,
     return best
 
 
-def _row_batches(iterator, batch_size: int):
-    """Our packers: rows from `__next__` (batch 1), or `materialize(next_plans(B))`."""
-    if batch_size == 1:
-        for row in iterator:
-            yield 1, int(np.count_nonzero(row["segment_ids"])), row["segment_ids"].shape[0]
-    else:
-        while plans := iterator.next_plans(batch_size):
-            segments = iterator.materialize(plans)["segment_ids"]
-            yield len(plans), int(np.count_nonzero(segments)), segments.shape[1]
+def _row_batches(iterator):
+    """Our packers row by row (`__next__`)."""
+    for row in iterator:
+        yield 1, int(np.count_nonzero(row["segment_ids"])), row["segment_ids"].shape[0]
+
+
+def _read_batches(reader, plan_batches):
+    """Our packers batch by batch: one `read_rows` call per batch plan."""
+    for plan in plan_batches:
+        segments = reader(plan)["segment_ids"]
+        yield segments.shape[0], int(np.count_nonzero(segments)), segments.shape[1]
 
 
 def _memmap_rows(corpus: Corpus, seq_len: int, batch_size: int):
@@ -205,10 +208,9 @@ def _memmap_rows(corpus: Corpus, seq_len: int, batch_size: int):
 
 def _reads_only(source, packed, read_rows: int):
     """Only the source reads our concat iterator makes (same documents, same batches)."""
-    iterator = iter(packed)
-    while plans := iterator.next_plans(read_rows):
-        docs = source.__getitems__(needed_documents(plans))
-        yield len(plans), sum(p.num_tokens for p in plans), packed.seq_len
+    for plan in batch_plans(packed.plans, read_rows):
+        docs = source.__getitems__(np.unique(plan["doc_ids"]).tolist())
+        yield len(plan["row_pieces"]), int(plan["lengths"].sum()), packed.seq_len
         del docs
 
 
@@ -263,8 +265,11 @@ def bench_packing(args: argparse.Namespace, corpus: Corpus) -> list[dict]:
     def ours(label, method, batch_size=1, **kwargs):
         def make_run():
             packed = pack(corpus.source(), seq_len, method, seed=args.seed, **kwargs)
-            iterator = iter(packed)
-            return Run(_row_batches(iterator, batch_size), iterator.get_state)
+            if batch_size == 1:
+                iterator = iter(packed)
+                return Run(_row_batches(iterator), iterator.get_state)
+            iterator = iter(batch_plans(packed.plans, batch_size))
+            return Run(_read_batches(packed.reader, iterator), iterator.get_state)
 
         row = measure(label, make_run, repeat)
         row["compare"] = "ConcatThenSplit" if method == "concat" else "BestFit"
@@ -285,11 +290,11 @@ def bench_packing(args: argparse.Namespace, corpus: Corpus) -> list[dict]:
                 lambda: Run(_memmap_rows(corpus, seq_len, batch), packs=False), repeat),
         reads_only("DocumentSource reads alone (concat's)"),
         ours("wf-data concat", "concat"),
-        ours(f"wf-data concat, materialize batch {batch}", "concat", batch),
+        ours(f"wf-data concat, read_rows batch {batch}", "concat", batch),
     ]
     results += [ours(f"wf-data best_fit w={w}", "best_fit", window_size=w)
                 for w in args.window_sizes]
-    results.append(ours(f"wf-data best_fit w={largest}, materialize batch {batch}",
+    results.append(ours(f"wf-data best_fit w={largest}, read_rows batch {batch}",
                         "best_fit", batch, window_size=largest))
     for kind in ("ConcatThenSplit", "FirstFit", "BestFit"):
         bins = "" if kind == "ConcatThenSplit" else f" ({args.grain_bins} bins)"
