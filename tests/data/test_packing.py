@@ -503,9 +503,9 @@ def test_epoch_reshuffle_is_deterministic(method):
     assert epochs != first_docs(12)
     assert epochs[0] != epochs[1] != epochs[2]
     assert all(sorted(docs) == list(range(40)) for docs in epochs)
-    expected = np.random.default_rng([11, 1]).permutation(40)
-    if method == "concat":
-        assert epochs[1] == expected.tolist()
+    if method == "concat":  # documents in the epoch's (lazy) order
+        order = pack(source_of(lengths), 7, method, seed=11).epoch_order(1)
+        assert epochs[1] == order.tolist()
     assert first_docs(None)[0] == list(range(40)) and first_docs(None)[1] == list(range(40))
 
 
@@ -520,6 +520,62 @@ def test_num_epochs_none_repeats_forever(method):
     rows = [next(iterator) for _ in range(40)]  # 20 epochs of 16 tokens
     values, counts = token_counts(rows)
     assert np.array_equal(values, expected_tokens(lengths)) and (counts == 20).all()
+
+
+# --------------------------------------------------------------------------- scale
+
+
+class LengthsOnlyLarge:
+    """A source of `n` documents known by their lengths only (planning never reads)."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, index):
+        raise AssertionError("planning must not read documents")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_first_plans_at_100m_documents_are_fast(method):
+    import time
+
+    lengths = np.full(100_000_000, 3, dtype=np.int64)
+    lengths.setflags(write=False)
+    packed = pack(LengthsOnlyLarge(lengths), 2048, method, seed=1, window_size=4096)
+    best = float("inf")
+    for epoch_seed in range(3):  # min of 3: the machine is shared
+        plans = pack(LengthsOnlyLarge(lengths), 2048, method, seed=epoch_seed,
+                     window_size=4096).plans if epoch_seed else packed.plans
+        start = time.perf_counter()
+        iterator = iter(plans)
+        batch = [next(iterator) for _ in range(64)]
+        best = min(best, time.perf_counter() - start)
+    assert all(plan["lengths"].sum() > 0 for plan in batch)
+    assert best < 0.1, f"first 64 row plans took {best * 1e3:.0f} ms"
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+@pytest.mark.parametrize("num_epochs", [1, 2])
+def test_concat_covers_every_token_once_per_epoch_across_order_chunks(seed, num_epochs):
+    from wf_data.data.plans import ORDER_CHUNK, plan_concat
+
+    lengths = np.random.default_rng(seed).integers(0, 4, size=2 * ORDER_CHUNK + 123)
+    plans = plan_concat(lengths, 1000, seed=seed, num_epochs=num_epochs)
+    rows = list(iter(plans))
+    assert len(rows) == len(plans)
+    doc_ids = np.concatenate([p["doc_ids"] for p in rows])
+    covered = np.bincount(doc_ids, weights=np.concatenate([p["lengths"] for p in rows]),
+                          minlength=len(lengths))
+    np.testing.assert_array_equal(covered, num_epochs * lengths)
+    # random access agrees with iteration, also past the first order chunk
+    for index in (0, len(rows) // 2, len(rows) - 1):
+        np.testing.assert_array_equal(plans[index]["doc_ids"], rows[index]["doc_ids"])
+    first_docs = doc_ids[: 50]
+    shuffled = not np.array_equal(first_docs, np.sort(first_docs))
+    assert shuffled == (seed is not None)
 
 
 # --------------------------------------------------------------------------- errors

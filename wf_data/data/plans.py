@@ -15,8 +15,11 @@ checkpoint; `wf_data.data.rows.read_rows` turns them into token rows.
   restore replans one window.
 
 Every token of every document is planned exactly once per epoch; a document longer than
-`seq_len` is cut into pieces. Epoch `e` visits documents in `LazyPermutation`-free numpy
-order `default_rng([seed, e]).permutation(N)` (`seed=None`: source order).
+`seq_len` is cut into pieces. Epoch `e` visits documents in the order of a `LazyPermutation`
+keyed by `(seed, e)` (`seed=None`: source order), computed only where it is needed: a window of
+documents for best_fit, chunks of `ORDER_CHUNK` documents for concat (whose row offsets need
+the running token count of the epoch's order). Start-up costs one window or chunk whatever
+the number of documents.
 """
 
 from __future__ import annotations
@@ -32,11 +35,16 @@ from typing import Any
 import grain
 import numpy as np
 
+from wf_data.data.permutation import LazyPermutation
+
 # Documents per best-fit window: >= 99% fill on lognormal document lengths with seq_len 2048
 # (see tools/bench.py); planning cost grows only linearly with it.
 DEFAULT_WINDOW_SIZE = 4096
-# Rows a concat iterator plans per vectorised call.
-CONCAT_BLOCK_ROWS = 512
+# Tokens (of rows) a concat iterator plans per vectorised call, at most 512 rows: small enough
+# that the first call stays well under 100 ms at any corpus size.
+CONCAT_BLOCK_TOKENS = 1 << 17
+# Documents per chunk of an epoch's order whose token offsets concat computes at a time.
+ORDER_CHUNK = 1 << 16
 
 __all__ = [
     "BestFitPlans",
@@ -150,25 +158,18 @@ class _Plans:
         self.lengths = lengths
         self.num_docs = num_docs
         self.source_fingerprint = source_fingerprint
-        self._orders: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()  # Grain may read a MapDataset from threads
 
+    def permutation(self, epoch: int) -> LazyPermutation | _Identity:
+        """Epoch `epoch`'s document order: `.take(positions)` -> (n,) int64 document indices."""
+        if self.seed is None:
+            return _Identity(self.num_docs)
+        key = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
+        return LazyPermutation(self.num_docs, int(key))
+
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """(N,) document indices in epoch `epoch`'s order (int32 below 2**31 documents)."""
-        order = self._orders.get(epoch)
-        if order is None:
-            if self.seed is None:
-                order = np.arange(self.num_docs, dtype=np.int64)
-            else:
-                order = np.random.default_rng([self.seed, epoch]).permutation(self.num_docs)
-            if self.num_docs < 2**31:
-                order = order.astype(np.int32)
-            order.setflags(write=False)
-            with self._lock:
-                if len(self._orders) >= 2:
-                    self._orders.pop(next(iter(self._orders)))
-                self._orders[epoch] = order
-        return order
+        """(N,) int64 document indices in epoch `epoch`'s order (materialised: O(N))."""
+        return self.permutation(epoch).take(np.arange(self.num_docs))
 
     def fingerprint(self) -> dict:
         """Configuration that determines the plans: method, sizes, seed and source."""
@@ -204,8 +205,7 @@ class _Plans:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_orders"] = {}
-        state.pop("_cumsums", None)
+        state.pop("_offsets", None)
         del state["_lock"]
         return state
 
@@ -213,7 +213,61 @@ class _Plans:
         self.__dict__.update(state)
         self._lock = threading.Lock()
         if isinstance(self, ConcatPlans):
-            self._cumsums = {}
+            self._offsets = {}
+
+
+class _Identity:
+    """The source order, with `LazyPermutation`'s `take`."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return np.asarray(positions, dtype=np.int64)
+
+
+class _EpochOffsets:
+    """Token offsets of one epoch's documents in visiting order, a chunk at a time.
+
+    `window(lo, hi)` returns consecutive documents covering tokens `[lo, hi)` with their
+    absolute offsets, computing chunk sums only up to `hi`.
+    """
+
+    def __init__(self, lengths: np.ndarray, order: LazyPermutation | _Identity):
+        self._lengths = lengths
+        self._order = order
+        self._num_docs = len(lengths)
+        self._num_chunks = -(-self._num_docs // ORDER_CHUNK)
+        self._chunk_starts = [0]  # token offset of chunk c, known for c < len
+        self._chunks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """(doc ids (n,), absolute token offsets (n + 1,)) of chunk `c` (needs its start)."""
+        chunk = self._chunks.get(c)
+        if chunk is None:
+            positions = np.arange(c * ORDER_CHUNK, min((c + 1) * ORDER_CHUNK, self._num_docs))
+            doc_ids = self._order.take(positions)
+            offsets = np.empty(doc_ids.size + 1, dtype=np.int64)
+            offsets[0] = self._chunk_starts[c]
+            np.cumsum(self._lengths[doc_ids], out=offsets[1:])
+            offsets[1:] += offsets[0]
+            if len(self._chunks) >= 4:
+                self._chunks.pop(next(iter(self._chunks)))
+            chunk = self._chunks[c] = (doc_ids, offsets)
+        return chunk
+
+    def window(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(doc ids (m,), offsets (m + 1,)) of consecutive documents covering `[lo, hi)`."""
+        starts = self._chunk_starts
+        while starts[-1] < hi and len(starts) <= self._num_chunks:
+            starts.append(int(self._chunk(len(starts) - 1)[1][-1]))
+        first = max(int(np.searchsorted(starts, lo, side="right")) - 1, 0)
+        first = min(first, self._num_chunks - 1)
+        last = min(max(int(np.searchsorted(starts, hi, side="left")), first + 1), self._num_chunks)
+        chunks = [self._chunk(c) for c in range(first, last)]
+        doc_ids = np.concatenate([ids for ids, _ in chunks])
+        offsets = np.concatenate([chunks[0][1][:1]] + [offs[1:] for _, offs in chunks])
+        return doc_ids, offsets
 
 
 def split_rows(
@@ -236,7 +290,7 @@ class ConcatPlans(_Plans, grain.MapDataset):
 
     Row `i` covers tokens `[i * L, (i + 1) * L)` of the stream epoch 0, epoch 1, ...; only the
     very last row (finite `num_epochs`) is short. A piece continuing from the previous row
-    starts a new segment when read. Iterating plans `CONCAT_BLOCK_ROWS` rows per call.
+    starts a new segment when read. Iterating plans `CONCAT_BLOCK_TOKENS` worth of rows per call.
     """
 
     method = "concat"
@@ -251,7 +305,7 @@ class ConcatPlans(_Plans, grain.MapDataset):
                 "`wf-data prepare --tokenizer ...` or use method='best_fit'"
             )
         self.tokens_per_epoch = int(self.lengths.sum())
-        self._cumsums: dict[int, np.ndarray] = {}
+        self._offsets: dict[int, _EpochOffsets] = {}
 
     def __len__(self) -> int:
         if self.tokens_per_epoch == 0:
@@ -271,17 +325,14 @@ class ConcatPlans(_Plans, grain.MapDataset):
     def __str__(self) -> str:
         return f"ConcatPlans(seq_len={self.seq_len}, seed={self.seed}, docs={self.num_docs})"
 
-    def _cumsum(self, epoch: int) -> np.ndarray:
-        """(N + 1,) int64 token offsets of the documents of `epoch` in visiting order."""
-        cumsum = self._cumsums.get(epoch)
-        if cumsum is None:
-            cumsum = np.zeros(self.num_docs + 1, dtype=np.int64)
-            np.cumsum(self.lengths[self.epoch_order(epoch)], out=cumsum[1:])
-            with self._lock:
-                if len(self._cumsums) >= 2:
-                    self._cumsums.pop(next(iter(self._cumsums)))
-                self._cumsums[epoch] = cumsum
-        return cumsum
+    def _epoch_offsets(self, epoch: int) -> _EpochOffsets:
+        """The epoch's offsets cache (two epochs kept); call with `_lock` held."""
+        offsets = self._offsets.get(epoch)
+        if offsets is None:
+            if len(self._offsets) >= 2:
+                self._offsets.pop(next(iter(self._offsets)))
+            offsets = self._offsets[epoch] = _EpochOffsets(self.lengths, self.permutation(epoch))
+        return offsets
 
     def plan_rows(self, rows: np.ndarray) -> list[dict[str, Any]]:
         """Row plans of rows `rows` ((n,) int, any order), vectorised over all of them."""
@@ -319,8 +370,9 @@ class ConcatPlans(_Plans, grain.MapDataset):
         piece_rows, piece_docs, piece_offsets, piece_stops = [], [], [], []
         for epoch in np.unique(span_epochs).tolist():
             select = np.flatnonzero(span_epochs == epoch)
-            cumsum = self._cumsum(epoch)
             lo, hi = span_lo[select], span_hi[select]
+            with self._lock:  # the chunk cache is shared by Grain's reader threads
+                doc_ids, cumsum = self._epoch_offsets(epoch).window(int(lo.min()), int(hi.max()))
             # Documents k with cumsum[k] <= lo < cumsum[k + 1] up to the last starting before hi.
             first = np.searchsorted(cumsum, lo, side="right") - 1
             count = np.searchsorted(cumsum, hi, side="left") - first
@@ -331,7 +383,7 @@ class ConcatPlans(_Plans, grain.MapDataset):
             stops = np.minimum(hi[span_of], doc_stop) - doc_start
             keep = stops > starts  # drops empty documents
             piece_rows.append(span_rows[select][span_of[keep]])
-            piece_docs.append(self.epoch_order(epoch)[k[keep]].astype(np.int64))
+            piece_docs.append(doc_ids[k[keep]])
             piece_offsets.append(starts[keep])
             piece_stops.append(stops[keep])
         # A row's spans were added in epoch order, which a stable sort by row keeps.
@@ -347,7 +399,7 @@ class ConcatPlans(_Plans, grain.MapDataset):
 
 
 class ConcatPlansIterator(grain.DatasetIterator):
-    """Concat plans in order, `CONCAT_BLOCK_ROWS` rows planned per vectorised call.
+    """Concat plans in order, `CONCAT_BLOCK_TOKENS` worth of rows planned per vectorised call.
 
     State: `{"row": next row, "method", "config"}`.
     """
@@ -362,7 +414,8 @@ class ConcatPlansIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, Any]:
         index = self._row - self._block_start
         if not 0 <= index < len(self._block):
-            stop = min(self._row + CONCAT_BLOCK_ROWS, len(self._plans))
+            block = min(512, max(1, CONCAT_BLOCK_TOKENS // self._plans.seq_len))
+            stop = min(self._row + block, len(self._plans))
             if self._row >= stop:
                 raise StopIteration
             self._block = self._plans.plan_rows(np.arange(self._row, stop))
@@ -422,7 +475,8 @@ class BestFitPlans(_Plans, grain.IterDataset):
     def window_docs(self, epoch: int, window: int) -> np.ndarray:
         """Document indices of window `window` of epoch `epoch`, in epoch order."""
         start = window * self.window_size
-        return self.epoch_order(epoch)[start : start + self.window_size]
+        stop = min(start + self.window_size, self.num_docs)
+        return self.permutation(epoch).take(np.arange(start, stop))
 
     def window_lengths(self, doc_ids: np.ndarray) -> np.ndarray:
         """(n,) int64 lengths of documents `doc_ids` (read from the source if unknown)."""
