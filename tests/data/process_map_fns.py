@@ -29,13 +29,16 @@ def rows(plan: dict) -> dict[str, np.ndarray]:
 
 
 class SleepyRows:
-    """``rows`` after sleeping ``seconds``: keeps workers busy while a test kills something."""
+    """``rows`` after sleeping ``seconds`` from element ``from_index`` on: keeps workers busy
+    (deaf to their task pipe) while a test kills something."""
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, from_index: int = 0):
         self.seconds = seconds
+        self.from_index = from_index
 
     def __call__(self, plan: dict) -> dict[str, np.ndarray]:
-        time.sleep(self.seconds)
+        if int(plan["index"]) >= self.from_index:
+            time.sleep(self.seconds)
         return rows(plan)
 
 
@@ -55,3 +58,19 @@ class FailWhileFileExists:
 def not_a_dict(plan: dict):
     """Breaks the ProcessMap result contract."""
     return [plan["index"]]
+
+
+class LoadsOnlyInItsProcess:
+    """An ``fn`` that cannot be unpickled in another process (like a function of a script's
+    ``__main__``)."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+
+    def __setstate__(self, state):
+        if state["pid"] != os.getpid():
+            raise RuntimeError("this fn only loads in the process that made it")
+        self.__dict__.update(state)
+
+    def __call__(self, plan: dict) -> dict[str, np.ndarray]:
+        return rows(plan)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -9,7 +10,12 @@ import grain
 import numpy as np
 import pytest
 
-from tests.data.process_map_fns import FailWhileFileExists, not_a_dict, rows
+from tests.data.process_map_fns import (
+    FailWhileFileExists,
+    LoadsOnlyInItsProcess,
+    not_a_dict,
+    rows,
+)
 from wf_data.data.process_map import (
     ProcessMap,
     RemoteTraceback,
@@ -161,6 +167,13 @@ def test_result_contract_is_checked_in_workers_and_inline():
                 next(it)
 
 
+def test_fn_that_workers_cannot_load_is_reported():
+    with iter(ProcessMap(plans(), LoadsOnlyInItsProcess(), num_workers=1, lookahead=1)) as it:
+        with pytest.raises(RuntimeError, match="only loads in the process that made it") as raised:
+            next(it)
+        assert "element 0" in "\n".join(raised.value.__notes__)
+
+
 def test_bad_arguments_and_plans_are_refused():
     with pytest.raises(TypeError, match="cannot be pickled"):
         ProcessMap(plans(), lambda plan: plan, num_workers=1, lookahead=1)
@@ -184,6 +197,12 @@ def test_close_stops_workers_promptly():
     assert all(process_exited(pid) for pid in pids)
     with pytest.raises(ValueError, match="closed"):
         next(it)
+    it = iter(ProcessMap(plans(), rows, num_workers=1, lookahead=1))
+    next(it)
+    pids = it.worker_pids
+    del it  # dropped without close(): garbage collection stops the workers
+    gc.collect()
+    assert all(process_exited(pid) for pid in pids)
 
 
 def test_iterator_refuses_other_processes():
@@ -198,3 +217,21 @@ def test_iterator_refuses_other_processes():
             os._exit(0)
         os._exit(1)
     assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_workers_outlive_the_thread_that_started_them():
+    """The parent-death signal fires when the *thread* that forked a worker exits: workers
+    started from a short-lived thread must survive it (they are forked by a launcher thread)."""
+    import threading
+
+    it = iter(ProcessMap(plans(), rows, num_workers=2, lookahead=2))
+    first = []
+    thread = threading.Thread(target=lambda: first.append(next(it)))
+    thread.start()
+    thread.join()
+    pids = it.worker_pids
+    assert len(first) == 1 and len(pids) == 2
+    with it:
+        rest = list(it)
+        assert it.worker_pids == pids
+    assert_same_stream(first + rest, reference())

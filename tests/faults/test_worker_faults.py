@@ -90,3 +90,87 @@ def test_die_with_parent_after_kill_9(layout):
         assert _wait_exited([watched], within_s=5.0) == []
     finally:
         _kill_all([watched, *others])
+
+
+PROCESS_MAP_RUNNER = """
+import grain, numpy as np
+from tests.data.process_map_fns import SleepyRows
+from wf_data.data.process_map import ProcessMap
+
+plans = grain.MapDataset.range(10**6).map(
+    lambda i: {"index": i, "docs": np.arange(3, dtype=np.int32), "weight": 1.0, "name": "x"}
+)
+# 20 quick elements through shared memory, then workers stuck in fn for a minute: only the
+# parent-death signal (or watch) can stop them in time, not the end of their task pipe.
+it = iter(ProcessMap(plans, SleepyRows(60, from_index=20), num_workers=2, lookahead=4))
+for _ in range(18):
+    next(it)
+print(*it.worker_pids, flush=True)
+next(it)
+"""
+
+
+def _shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+@pytest.mark.slow
+def test_process_map_workers_die_with_killed_parent(tmp_path):
+    """kill -9 of a process iterating a 2-worker ProcessMap: workers gone within 5 s, and no
+    shared memory or multiprocessing temp folder left behind."""
+    shm_before = _shm_entries()
+    private_tmp = tmp_path / "tmp"
+    private_tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(private_tmp))
+    parent = _start(PROCESS_MAP_RUNNER, env=env)
+    worker_pids = [int(pid) for pid in parent.stdout.readline().split()]
+    try:
+        assert len(worker_pids) == 2
+        assert not any(process_exited(pid) for pid in worker_pids)
+        time.sleep(0.3)
+        parent.kill()
+        parent.wait()
+        assert _wait_exited(worker_pids, within_s=5.0) == []
+        assert _shm_entries() - shm_before == set()
+        assert list(private_tmp.iterdir()) == []
+    finally:
+        _kill_all(worker_pids)
+
+
+@pytest.mark.parametrize("resume", ["restore_new_iterator", "same_iterator_restarts"])
+def test_process_map_worker_killed_mid_stream(resume):
+    """kill -9 of one worker: a WorkerError naming pid and signal instead of a hang, a state
+    that still describes the last delivered element, and the exact stream afterwards."""
+    import grain
+    import numpy as np
+
+    from tests.data.process_map_fns import SleepyRows, rows
+    from wf_data.data.process_map import ProcessMap, WorkerError
+
+    def make_plan(index):
+        return {"index": index, "docs": np.arange(index % 3, dtype=np.int32), "weight": 0.5}
+
+    parent = grain.MapDataset.range(40).map(lambda i: {**make_plan(i), "name": f"p{i}"})
+    expected = [rows(plan) for plan in parent]
+    fn = SleepyRows(0.01)
+    delivered = []
+    with iter(ProcessMap(parent, fn, num_workers=2, lookahead=4)) as it:
+        delivered += [next(it) for _ in range(5)]
+        victim = it.worker_pids[1]
+        os.kill(victim, signal.SIGKILL)
+        with pytest.raises(WorkerError, match=rf"pid {victim}\) died with signal SIGKILL \(9\)"):
+            for _ in range(len(expected)):  # buffered results may still arrive first
+                delivered.append(next(it))
+        assert process_exited(victim)
+        state = it.get_state()
+        if resume == "same_iterator_restarts":
+            delivered += list(it)
+            assert victim not in it.worker_pids
+    if resume == "restore_new_iterator":
+        with iter(ProcessMap(parent, fn, num_workers=2, lookahead=4)) as it:
+            it.set_state(state)
+            delivered += list(it)
+    assert len(delivered) == len(expected)
+    for got, want in zip(delivered, expected, strict=True):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])

@@ -29,6 +29,7 @@ import collections
 import math
 import os
 import pickle
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -49,12 +50,12 @@ class ProcessMap(grain.IterDataset):
     """``fn`` applied to every element of ``parent`` by ``num_workers`` processes, in order.
 
     ``parent`` yields plans (flat dicts of small arrays, ints, floats, strings); a
-    ``MapDataset`` parent is turned into an ``IterDataset`` first. ``fn`` is picklable (a
-    module-level function or a small object of an importable module; keep that module free
-    of grain/JAX imports, workers import it at start) and returns ``dict[str, np.ndarray]``,
-    e.g. ``(B, L) int32`` rows. ``lookahead`` elements are pulled ahead of the consumer and
-    computed in parallel; with ``num_workers > 0`` it bounds the parallelism, so use at least
-    ``num_workers``.
+    ``MapDataset`` parent is turned into an ``IterDataset`` without reader threads. ``fn`` is
+    picklable (a module-level function or a small object of an importable module; keep that
+    module free of grain/JAX imports: workers import it at start) and returns
+    ``dict[str, np.ndarray]``, e.g. ``(B, L) int32`` rows. ``lookahead`` elements are pulled
+    ahead of the consumer and computed in parallel; with ``num_workers > 0`` it bounds the
+    parallelism, so use at least ``num_workers``.
     """
 
     def __init__(
@@ -66,7 +67,9 @@ class ProcessMap(grain.IterDataset):
         lookahead: int,
     ):
         if isinstance(parent, grain.MapDataset):
-            parent = parent.to_iter_dataset()
+            # Plans are cheap and computed in memory: reader threads would only compete with
+            # the workers for the GIL and the cores (Grain's advice for in-memory data).
+            parent = parent.to_iter_dataset(grain.ReadOptions(num_threads=0))
         if not isinstance(parent, grain.IterDataset):
             raise TypeError(f"ProcessMap parent must be a grain IterDataset, got {type(parent)}")
         if not callable(fn):
@@ -74,6 +77,11 @@ class ProcessMap(grain.IterDataset):
         for name, value in (("num_workers", num_workers), ("lookahead", lookahead)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ProcessMap {name} must be an int >= 0, got {value!r}")
+        if num_workers and not hasattr(os, "memfd_create"):
+            raise ValueError(
+                f"ProcessMap num_workers={num_workers} needs Linux (memfd shared memory); "
+                f"use num_workers=0 on {sys.platform}"
+            )
         super().__init__(parent)
         self._fn = fn
         self._num_workers = num_workers

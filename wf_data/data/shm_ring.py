@@ -16,6 +16,7 @@ not import grain (a worker imports it; grain's import costs seconds).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import pickle
@@ -111,7 +112,7 @@ class SlotReader:
         result = {}
         for key, dtype, shape, offset in metas:
             array_dtype = np.dtype(dtype)
-            nbytes = int(np.prod(shape, dtype=np.int64)) * array_dtype.itemsize
+            nbytes = math.prod(shape) * array_dtype.itemsize
             if nbytes == 0:
                 result[key] = np.empty(shape, array_dtype)
                 continue

@@ -6,7 +6,8 @@ in a fraction of a second when ``fn``'s module does not import grain/JAX. Per wo
 pipe, a result pipe and a :mod:`wf_data.data.shm_ring` shared file. Tasks go round-robin;
 each worker handles its tasks in order, so the result of a task is the next message on its
 worker's pipe and no reordering is needed. Workers die with this process
-(:mod:`wf_data.data.worker_lifetime`) and leave no named resource behind.
+(:mod:`wf_data.data.worker_lifetime`) and leave no named resource behind. Linux only (memfd,
+parent-death signal).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 import traceback
 import weakref
 from dataclasses import dataclass, field
@@ -31,7 +33,7 @@ from wf_data.data.shm_ring import (
     receive_message,
     send_message,
 )
-from wf_data.data.worker_lifetime import run_in_launcher_thread
+from wf_data.data.worker_lifetime import die_with_parent, run_in_launcher_thread
 
 _PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOTSTRAP = (
@@ -39,7 +41,7 @@ _BOOTSTRAP = (
     "from wf_data.data.worker_pool import worker_main; worker_main(sys.argv[2:])"
 )
 _LIVENESS_POLL_S = 0.2
-_CLOSE_GRACE_S = 1.0
+_CLOSE_GRACE_S = 0.2
 
 
 class WorkerError(RuntimeError):
@@ -82,7 +84,7 @@ class WorkerPool:
         self._next_worker = 0
         self._next_task = 0
         self._workers: list[_Worker] = []
-        self._finalizer = weakref.finalize(self, _shutdown, self._workers)
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers, os.getpid())
         init = (list(sys.path), fn_pickle)
         for index in range(num_workers):
             worker = run_in_launcher_thread(_start_worker, index)
@@ -204,14 +206,17 @@ def _start_worker(index: int) -> _Worker:
     return _Worker(index, process, task_write, result_read, memory_fd, SlotReader(memory_fd))
 
 
-def _shutdown(workers: list[_Worker]) -> None:
+def _shutdown(workers: list[_Worker], owner_pid: int) -> None:
+    if os.getpid() != owner_pid:
+        return  # a fork of the owner: the workers are not its to stop
     for worker in workers:
-        os.close(worker.task_fd)  # the worker exits at the end of its task pipe
+        os.close(worker.task_fd)  # an idle worker exits at the end of its task pipe
+    deadline = time.monotonic() + _CLOSE_GRACE_S
     for worker in workers:
         try:
-            worker.process.wait(timeout=_CLOSE_GRACE_S)
+            worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            worker.process.kill()
+            worker.process.kill()  # busy in fn: it holds nothing that needs a clean exit
             worker.process.wait()
         worker.reader.close()
         os.close(worker.result_fd)
@@ -232,8 +237,6 @@ def _remote_exception(payload, where: str) -> BaseException:
 
 def worker_main(argv: list[str]) -> None:
     """Entry point of a worker process: ``argv`` = parent pid, task, result and memory fds."""
-    from wf_data.data.worker_lifetime import die_with_parent
-
     parent_pid, task_fd, result_fd, memory_fd = (int(arg) for arg in argv)
     die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
