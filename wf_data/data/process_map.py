@@ -144,7 +144,7 @@ class ProcessMapIterator(grain.DatasetIterator):
         if not self._in_flight:
             raise StopIteration
         head = self._in_flight[0]
-        describe = f"element {self._delivered} (plan {_short(head.plan)})"
+        describe = _Describe(self._delivered, head.plan)  # formatted only for an error
         if self._num_workers == 0:
             try:
                 result = check_result(self._fn(head.plan), describe)
@@ -343,6 +343,16 @@ def decode_plan(encoded: Mapping[str, Any]) -> Plan:
                 f"ProcessMap state: in-flight plan key {key!r} holds {type(value).__name__}"
             )
     return plan
+
+
+class _Describe:
+    """Names an element in error messages; formatting arrays costs more than reading a batch."""
+
+    def __init__(self, index: int, plan: Plan):
+        self.index, self.plan = index, plan
+
+    def __str__(self) -> str:
+        return f"element {self.index} (plan {_short(self.plan)})"
 
 
 def _short(plan: Plan) -> str:
