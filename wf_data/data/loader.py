@@ -14,7 +14,6 @@ whatever the worker count, and its state always describes the last batch handed 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -22,24 +21,20 @@ import grain
 import numpy as np
 
 from wf_data.data.batching import StepShard, batch_plans
+from wf_data.data.loader_state import (
+    STATE_VERSION,
+    LoaderStateError,
+    by_domain,
+    check_fingerprint,
+    check_state,
+    from_domains,
+    stats_summary,
+)
 from wf_data.data.mixing import MixPlans
 from wf_data.data.process_map import ProcessMap
 from wf_data.data.rows import ReadSlice, RowReader, SliceRows
 
-STATE_VERSION = 2
 FRAMEWORKS = ("numpy", "torch", "jax")
-_STATE_KEYS = {
-    "version": int,
-    "fingerprint": dict,
-    "step": int,
-    "pipeline": dict,
-    "stats": dict,
-    "feedback": dict,
-}
-
-
-class LoaderStateError(ValueError):
-    """A loader state that is malformed or belongs to other data or settings."""
 
 
 class DataLoader:
@@ -193,19 +188,13 @@ class DataLoader:
 
     def state_dict(self) -> dict[str, Any]:
         """A small JSON-safe state, the same on every rank, of the last batch handed out."""
-        names = self.domain_names
         return {
             "version": STATE_VERSION,
             "fingerprint": self._fingerprint,
             "step": self._step,
             "pipeline": self._iterator.get_state(),
-            "stats": {
-                name: [int(r), int(t)] for name, r, t in zip(names, *self._served, strict=True)
-            },
-            "feedback": {
-                name: [float(s), float(c)]
-                for name, s, c in zip(names, *self._observed, strict=True)
-            },
+            "stats": from_domains(self.domain_names, self._served, int),
+            "feedback": from_domains(self.domain_names, self._observed, float),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -217,8 +206,8 @@ class DataLoader:
         """
         check_state(state)
         check_fingerprint(state["fingerprint"], self._fingerprint)
-        stats = _by_name(state, "stats", self.domain_names, int)
-        observed = _by_name(state, "feedback", self.domain_names, float)
+        served = by_domain(state["stats"], "stats", self.domain_names, np.int64)
+        observed = by_domain(state["feedback"], "feedback", self.domain_names, np.float64)
         previous = self._iterator.get_state()
         self.close()
         try:
@@ -228,26 +217,13 @@ class DataLoader:
             raise LoaderStateError(
                 f"loader state entry 'pipeline' does not restore: {error}"
             ) from error
-        self._step = state["step"]
-        self._served = np.array(stats, dtype=np.int64).T.reshape(2, -1)
-        self._observed = np.array(observed, dtype=np.float64).T.reshape(2, -1)
+        self._step, self._served, self._observed = state["step"], served, observed
 
     # ------------------------------------------------------------------ extras
 
     def stats(self) -> dict[str, float]:
         """Flat `data/...` floats for any logger: configured and realised shares, fill."""
-        rows, tokens = self._served
-        rows_total, tokens_total = int(rows.sum()), int(tokens.sum())
-        out = {
-            "data/tokens_served": float(tokens_total),
-            "data/rows_served": float(rows_total),
-            "data/fill": tokens_total / (rows_total * self.reader.seq_len) if rows_total else 0.0,
-        }
-        for index, (name, weight) in enumerate(self.mixture.items()):
-            out[f"data/weight/{name}"] = float(weight)
-            out[f"data/row_share/{name}"] = float(rows[index] / max(rows_total, 1))
-            out[f"data/token_share/{name}"] = float(tokens[index] / max(tokens_total, 1))
-        return out
+        return stats_summary(self.domain_names, self._served, self.mixture, self.reader.seq_len)
 
     def as_torch_dataset(self):
         """This loader as a `torch.utils.data.IterableDataset` (use `batch_size=None`)."""
@@ -278,75 +254,6 @@ class DataLoader:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def check_state(state: Any) -> None:
-    """Raises `LoaderStateError` naming the first missing or wrong-typed entry of a state."""
-    if not isinstance(state, Mapping):
-        raise LoaderStateError(
-            f"not a wf-data loader state: expected a dict, got {type(state).__name__}"
-        )
-    if "version" not in state:
-        raise LoaderStateError(f"not a wf-data loader state: keys {sorted(map(str, state))[:8]}")
-    if state["version"] != STATE_VERSION:
-        raise LoaderStateError(
-            f"loader state version {state['version']!r} is not supported (expected {STATE_VERSION})"
-        )
-    for key, kind in _STATE_KEYS.items():
-        if key not in state:
-            raise LoaderStateError(f"loader state is missing the entry {key!r}")
-        value = state[key]
-        if isinstance(value, bool) or not isinstance(value, kind):
-            raise LoaderStateError(
-                f"loader state entry {key!r} must be a {kind.__name__}, got "
-                f"{type(value).__name__}: {json.dumps(value, default=str)[:80]}"
-            )
-    if state["step"] < 0:
-        raise LoaderStateError(f"loader state entry 'step' must be >= 0, got {state['step']}")
-
-
-def _by_name(state: Mapping[str, Any], key: str, names: Sequence[str], kind: type) -> list:
-    """Per-domain pairs of `state[key]` in `names` order (0 for a domain added since)."""
-    pairs = []
-    for name, value in state[key].items():
-        if (
-            not isinstance(value, list)
-            or len(value) != 2
-            or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value)
-        ):
-            raise LoaderStateError(
-                f"loader state entry {key!r}: domain {name!r} must map to two numbers, got "
-                f"{value!r}"
-            )
-    for name in names:
-        pairs.append([kind(v) for v in state[key].get(name, [0, 0])])
-    return pairs
-
-
-def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
-    """Raises `LoaderStateError` naming every setting or source that differs.
-
-    Per-source entries are compared only for sources present in both; added and removed
-    sources are allowed (that is what re-weighting and extending a mixture needs).
-    """
-    differences = []
-    for key in sorted(set(saved) | set(current)):
-        if key != "sources" and saved.get(key) != current.get(key):
-            differences.append(
-                f"{key}: state has {saved.get(key)!r}, loader has {current.get(key)!r}"
-            )
-    saved_sources = saved.get("sources", {})
-    current_sources = current.get("sources", {})
-    for name in sorted(set(saved_sources) & set(current_sources)):
-        if saved_sources[name] != current_sources[name]:
-            differences.append(
-                f"source {name!r}: state was made from {saved_sources[name]!r}, "
-                f"loader reads {current_sources[name]!r}"
-            )
-    if differences:
-        raise LoaderStateError(
-            "loader state belongs to different data or settings:\n  " + "\n  ".join(differences)
-        )
 
 
 def get_loader(
