@@ -92,15 +92,21 @@ def build_mixer(
     names = list(domains)
     if cfg.mixing.kind == "exp3":
         prior = validate_weights(names, weights)
-        bandit = odm.Exp3(
-            len(names),
-            alpha=cfg.mixing.alpha,
-            prior=prior,
-            seed=cfg.seed,
-            min_weight=cfg.mixing.min_weight,
-            max_weight=cfg.mixing.max_weight,
-            warmup_steps=cfg.mixing.warmup_steps,
-        )
+        from_config = getattr(odm, "bandit_from_config", None)  # odm's branch adds it
+        if from_config is not None:
+            bandit = from_config(
+                cfg.mixing, len(names), prior=prior, seed=cfg.seed, domain_names=names
+            )
+        else:
+            bandit = odm.Exp3(
+                len(names),
+                alpha=cfg.mixing.alpha,
+                prior=prior,
+                seed=cfg.seed,
+                min_weight=cfg.mixing.min_weight,
+                max_weight=cfg.mixing.max_weight,
+                warmup_steps=cfg.mixing.warmup_steps,
+            )
         policy = Exp3Policy(bandit)
     else:
         policy = StaticWeights(weights)
