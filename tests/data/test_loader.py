@@ -32,7 +32,7 @@ def mixing(kind="static", num_epochs=None, names=("a", "b", "c"), weights=WEIGHT
     datasets = {
         name: pack(domain_source(i), SEQ_LEN, "best_fit", window_size=16, seed=i,
                    num_epochs=num_epochs)
-        for i, name in enumerate(names)
+        for i, name in ((("a", "b", "c").index(name), name) for name in names)
     }
     weights = {name: weights[name] for name in names}
     policy = weights
@@ -104,7 +104,9 @@ def test_exact_resume_through_state_dict(kind, prefetch, cut):
 @pytest.mark.parametrize("world_before, world_after", [(2, 1), (1, 2), (2, 4)])
 def test_elastic_resume_repeats_and_skips_no_row(kind, world_before, world_after):
     single = run([make_loader(kind)], 14)
-    before = [make_loader(kind, rank=r, world=world_before) for r in range(world_before)]
+    # prefetch 2: the state holds two planned global batches, read by the new ranks
+    before = [make_loader(kind, rank=r, world=world_before, prefetch=2)
+              for r in range(world_before)]
     run(before, 6)
     states = [json.loads(json.dumps(loader.state_dict())) for loader in before]
     assert all(state == states[0] for state in states), "the state is global, alike on ranks"
@@ -112,6 +114,21 @@ def test_elastic_resume_repeats_and_skips_no_row(kind, world_before, world_after
     for loader in after:
         loader.load_state_dict(states[0])
     assert_batches_equal(run(after, 8, start_step=6), single[6:])
+
+
+def test_restore_into_added_domain_reads_planned_batches_by_name():
+    old = DataLoader(*mixing(names=("a", "c")), global_batch_size=GLOBAL_BATCH,
+                     framework="numpy", prefetch=2)
+    run([old], 3, feed=False)
+    state = json.loads(json.dumps(old.state_dict()))
+    expected = run([old], 2, feed=False)  # the two batches planned before the state was taken
+    new = make_loader("static", prefetch=2)  # domains a, b, c
+    new.load_state_dict(state)
+    got = run([new], 2, feed=False)
+    for batch in expected:
+        batch["domain_ids"] = np.array([0, 2])[batch["domain_ids"]]  # c is now index 2
+    assert_batches_equal(got, expected)
+    assert new.stats()["data/rows_served"] == 5 * GLOBAL_BATCH
 
 
 def test_finite_epochs_every_rank_stops_at_the_same_step():

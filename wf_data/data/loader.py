@@ -82,7 +82,7 @@ class DataLoader:
         self.framework, self.device, self.pin_memory = framework, device, pin_memory
         self.jax_sharding = jax_sharding
         self.num_workers, self.prefetch = int(num_workers), int(prefetch)
-        self._fingerprint = dict(fingerprint or {"mixing": mixer.fingerprint()})
+        self._fingerprint = dict(fingerprint or mixer.fingerprint())
         self._iterator = None
         self.reset()
 
@@ -212,7 +212,7 @@ class DataLoader:
         self.close()
         try:
             self._iterator = self._restored(state["pipeline"])
-        except (KeyError, TypeError, ValueError) as error:
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
             self._iterator = self._restored(previous)  # keep serving where it was
             raise LoaderStateError(
                 f"loader state entry 'pipeline' does not restore: {error}"

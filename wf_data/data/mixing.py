@@ -310,11 +310,12 @@ class MixPlans(grain.IterDataset):
         iterator.policy.update(self.losses_array(losses))
 
     def fingerprint(self) -> dict:
-        """What produced this stream, per domain, for refusing a foreign state."""
+        """What produced this stream, per source, for refusing a foreign state (the shape of
+        `wf_data.data.factory.loader_fingerprint`, so sources compare one by one)."""
         return {
             "seed": self.seed,
-            "policy": self.policy.kind,
-            "domains": {name: _fingerprint(ds) for name, ds in self.datasets.items()},
+            "mixing": self.policy.kind,
+            "sources": {name: _fingerprint(ds) for name, ds in self.datasets.items()},
         }
 
     def __iter__(self) -> MixPlansIterator:

@@ -53,7 +53,6 @@ __all__ = [
     "best_fit_decreasing",
     "plan_best_fit",
     "plan_concat",
-    "plan_tokens",
 ]
 
 
@@ -90,11 +89,6 @@ def plan_best_fit(
         num_epochs=num_epochs,
         source_fingerprint=source_fingerprint,
     )
-
-
-def plan_tokens(plan: dict[str, Any]) -> int:
-    """Real (non-padding) tokens of a row plan or batch plan."""
-    return int(plan["lengths"].sum())
 
 
 def _check_int(name: str, value: Any, low: int) -> int:
@@ -154,7 +148,6 @@ class _Plans:
             if num_docs and lengths.min() < 0:
                 bad = int(np.flatnonzero(lengths < 0)[0])
                 raise ValueError(f"lengths[{bad}] is {int(lengths[bad])}: lengths must be >= 0")
-            lengths.setflags(write=False)
         self.lengths = lengths
         self.num_docs = num_docs
         self.source_fingerprint = source_fingerprint

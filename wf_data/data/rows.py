@@ -268,9 +268,11 @@ class ReadSlice:
 
     def __init__(self, reader: RowReader, rows: SliceRows, domain_names: Sequence[str]):
         self.reader, self.rows, self.domain_names = reader, rows, tuple(domain_names)
+        self._names_json = json.dumps(list(self.domain_names))
 
     def __call__(self, plan: dict[str, Any]) -> dict[str, np.ndarray]:
-        plan = rename_domains(plan, self.domain_names)
+        if plan["domain_names"] != self._names_json:  # planned before a restore
+            plan = rename_domains(plan, self.domain_names)
         batch = self.reader.read_batch(self.rows(plan))
         batch["step"] = np.asarray(plan["step"], dtype=np.int64)
         batch["served_rows"], batch["served_tokens"] = plan["served_rows"], plan["served_tokens"]
