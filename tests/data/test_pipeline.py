@@ -29,8 +29,12 @@ NAMES = ("prose", "code", "math")
 
 def domain_docs(domain: int) -> InMemorySource:
     rng = np.random.default_rng([5, domain])
-    return InMemorySource([(domain * 100_000 + doc * 100 + np.arange(n) % 100).astype(np.uint32)
-                           for doc, n in enumerate(rng.integers(2, 60, size=70))])
+    return InMemorySource(
+        [
+            (domain * 100_000 + doc * 100 + np.arange(n) % 100).astype(np.uint32)
+            for doc, n in enumerate(rng.integers(2, 60, size=70))
+        ]
+    )
 
 
 DOCS = [domain_docs(k) for k in range(3)]
