@@ -61,7 +61,7 @@ class RowReader:
         if isinstance(sources, Mapping):
             sources = list(sources.values())
         elif not isinstance(sources, list | tuple) or (
-            sources and isinstance(sources[0], int | np.integer | np.ndarray)
+            sources and isinstance(sources[0], int | np.integer | np.ndarray | dict)
         ):
             sources = [sources]  # one source (possibly itself a list of documents)
         if not sources:
