@@ -14,7 +14,7 @@ whatever the worker count, and its state always describes the last batch handed 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -131,20 +131,13 @@ class DataLoader:
         """Global steps passed: the index of the next batch (the same on every rank)."""
         return self._step
 
-    def __iter__(self) -> Iterator[Any]:
-        while True:
-            try:
-                yield next(self)
-            except StopIteration:
-                return
+    def __iter__(self) -> DataLoader:
+        return self
 
     def __next__(self) -> Any:
         batch = next(self._iterator)
         self._step = int(batch.pop("step")) + 1
         self._served = np.stack([batch.pop("served_rows"), batch.pop("served_tokens")])
-        return self._convert(batch)
-
-    def _convert(self, batch: dict[str, np.ndarray]) -> Any:
         if self.framework == "torch":
             from wf_data.data.interop import to_torch
 
@@ -245,9 +238,8 @@ class DataLoader:
 
     def close(self) -> None:
         """Stops worker processes; the loader can still save its state afterwards."""
-        close = getattr(self._iterator, "close", None)
-        if close is not None:
-            close()
+        if self._iterator is not None:
+            self._iterator.close()
 
     def __enter__(self) -> DataLoader:
         return self

@@ -307,7 +307,7 @@ class MixPlans(grain.IterDataset):
         iterator = self._live() if self._live is not None else None
         if iterator is None:
             raise RuntimeError(f"{self} has no live iterator to update: iterate it first")
-        iterator.policy.update(self.losses_array(losses))
+        iterator.update_policy(self.losses_array(losses))
 
     def fingerprint(self) -> dict:
         """What produced this stream, per source, for refusing a foreign state (the shape of
@@ -355,13 +355,20 @@ class MixPlansIterator(grain.DatasetIterator):
         self._row = 0
         self._restarts = [0] * mixer.num_domains
         self._stopped = False
+        self._cdf: np.ndarray | None = None  # of the policy, until it changes
+
+    def update_policy(self, losses: np.ndarray) -> None:
+        """Feeds (K,) per-domain losses to this iterator's policy (see `MixPlans.update`)."""
+        self._cdf = None
+        self.policy.update(losses)
 
     def __next__(self) -> dict[str, Any]:
         if self._stopped:
             raise StopIteration
-        cdf = np.cumsum(self.policy.probabilities())
-        cdf /= cdf[-1]
-        domain = int(np.searchsorted(cdf, self._uniforms[self._row], side="right"))
+        if self._cdf is None:
+            self._cdf = np.cumsum(self.policy.probabilities())
+            self._cdf /= self._cdf[-1]
+        domain = int(np.searchsorted(self._cdf, self._uniforms[self._row], side="right"))
         try:
             plan = next(self._domain_iters[domain])
         except StopIteration:
@@ -415,6 +422,7 @@ class MixPlansIterator(grain.DatasetIterator):
                 self._domain_iters[index].set_state(saved["state"])
         if state.get("policy") is not None:
             self.policy.load_state_dict(state["policy"], state["names"])
+        self._cdf = None
 
     def __str__(self) -> str:
         return f"MixPlansIterator({self._mixer}, row={self._row})"
