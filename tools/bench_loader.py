@@ -13,8 +13,9 @@ import time
 import numpy as np
 
 from wf_data.data.datasets.pretrain import PretrainDataset
+from wf_data.data.factory import reader_of
 from wf_data.data.loader import DataLoader
-from wf_data.data.mixing import Exp3Mixing, RowUniforms, draw_domains
+from wf_data.data.mixing import Exp3Policy, RowUniforms, draw_domains, mix_plans
 from wf_data.data.odm import Exp3
 from wf_data.data.sources import DocumentSource
 
@@ -47,7 +48,7 @@ class _Slice:
         return self.source.__getitems__(self.indices[np.asarray(indices)].tolist())
 
 
-def make_loader(corpus, args, framework="torch") -> DataLoader:
+def make_loader(corpus, args, framework="torch", **kwargs) -> DataLoader:
     """Three domains, best_fit, EXP3, torch tensors: what a trainer runs."""
     source = DocumentSource(corpus.path)
     datasets = {
@@ -56,10 +57,11 @@ def make_loader(corpus, args, framework="torch") -> DataLoader:
         )
         for index, name in enumerate(DOMAINS)
     }
-    mixing = Exp3Mixing(datasets, {"web": 0.5, "code": 0.2, "math": 0.3}, seed=args.seed)
-    return DataLoader(
-        mixing, global_batch_size=args.batch_size, framework=framework, prefetch=args.prefetch
-    )
+    policy = Exp3Policy(Exp3(len(DOMAINS), prior=[0.5, 0.2, 0.3], seed=args.seed))
+    mixer = mix_plans({name: ds.plans for name, ds in datasets.items()}, policy, seed=args.seed)
+    return DataLoader(mixer, reader_of(datasets), global_batch_size=args.batch_size,
+                      framework=framework, prefetch=args.prefetch,
+                      num_workers=getattr(args, "workers", 0), **kwargs)
 
 
 def _losses(step: int) -> np.ndarray:
@@ -140,20 +142,18 @@ def bench_memory(args, corpus) -> list[dict]:
              "rss_after_mb": after / 2**20, "growth": after / before - 1}]
 
 
-def _fast_forward(loader: DataLoader, steps: int) -> None:
-    """Plans `steps` global batches without reading them: the state at step `steps`."""
-    for _ in range(steps):
-        loader._planner.next_plans(loader.global_batch_size)
-        loader._step += 1
+def _state_at(corpus, args, steps: int) -> dict:
+    """The state after `steps` batches, planned but only the last one read (a step shard)."""
+    loader = make_loader(corpus, args, framework="numpy", step_shard=(steps - 1, steps))
+    next(loader)
+    return json.loads(json.dumps(loader.state_dict()))
 
 
 def bench_state(args, corpus) -> list[dict]:
     """State size and restore time (restore + first batch) at step 1 and step 100k."""
     rows = []
     for steps in (1, 10_000 if args.quick else 100_000):
-        loader = make_loader(corpus, args, framework="numpy")
-        _fast_forward(loader, steps)
-        state = json.loads(json.dumps(loader.state_dict()))
+        state = _state_at(corpus, args, steps)
         fresh = make_loader(corpus, args, framework="numpy")
         start = time.perf_counter()
         fresh.load_state_dict(state)

@@ -6,7 +6,8 @@
 
 Hydra reads `configs/` (groups data/, model/, distributed/); the schema and every default are the
 dataclasses below. The loss is computed per row; rows' losses reach the data mixture through
-`InfluenceAwareOptimizer` (all-reduced, so every rank's bandit agrees). A checkpoint (model,
+`MixtureFeedback` (all-reduced, so every rank's bandit agrees): `observe` every step, `apply`
+every `mixing.update_every` steps. A checkpoint (model,
 optimizer, loader state) is written every `checkpoint_every` steps and the run resumes from the
 latest complete one in `checkpoint_dir`.
 """
@@ -152,7 +153,7 @@ def parallelize(model: torch.nn.Module, dims: ParallelDims, options: Distributed
 
 
 def build_batches(data_cfg: Any, model_cfg: Any, dims: ParallelDims) -> Any:
-    """This rank's batch iterator (a Stateful with `update(losses)` for the mixture).
+    """This rank's batch iterator (a Stateful that takes `MixtureFeedback`).
 
     `data=synthetic` gives seeded random packed rows; any other data config goes to
     `wf_data.data.get_loader` (the lead's loader).
@@ -195,6 +196,7 @@ class SyntheticBatches:
         self.rows = slice(dp_rank * self.local_batch_size, (dp_rank + 1) * self.local_batch_size)
         self.step = 0
         self.last_domain_loss: np.ndarray | None = None
+        self._observed = np.zeros((2, num_domains))
 
     def __iter__(self) -> SyntheticBatches:
         return self
@@ -224,9 +226,16 @@ class SyntheticBatches:
         }
         return {key: value[self.rows].astype(np.int32) for key, value in batch.items()}
 
-    def update(self, losses: np.ndarray) -> None:
-        """Mixture feedback: (K,) per-domain mean loss, NaN where unobserved (kept, not used)."""
-        self.last_domain_loss = np.asarray(losses, dtype=np.float64)
+    def observe_losses(self, loss_sums: np.ndarray, row_counts: np.ndarray) -> None:
+        """Mixture feedback: (K,) per-domain loss sums and row counts, all-reduced."""
+        self._observed += np.stack([loss_sums, row_counts])
+
+    def apply_observed(self) -> None:
+        """Keeps the (K,) mean loss per domain, NaN where unobserved (not used)."""
+        sums, counts = self._observed
+        self.last_domain_loss = np.divide(sums, counts, out=np.full(len(sums), np.nan),
+                                          where=counts > 0)
+        self._observed = np.zeros_like(self._observed)
 
     def state_dict(self) -> dict[str, int]:
         """Loader state: the number of batches served."""
@@ -322,7 +331,7 @@ def world_sum(value: float | torch.Tensor, device: torch.device) -> float:
 
 def run(cfg: Any) -> list[dict[str, float]]:
     """Train for `cfg.steps` steps (resuming when a checkpoint exists); returns the step log."""
-    from wf_data.influence import InfluenceAwareOptimizer
+    from wf_data.influence import MixtureFeedback
 
     options = cfg.distributed
     dims = ParallelDims(dp_replicate=options.dp_replicate, dp_shard=options.dp_shard,
@@ -346,17 +355,16 @@ def run(cfg: Any) -> list[dict[str, float]]:
     optimizers = [torch.optim.AdamW(part.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
                   for part in parts]
     loader = build_batches(cfg.data, cfg.model, dims)
-    num_domains = len(getattr(loader, "domain_names", ())) or loader.num_domains
     # Mixture feedback all-reduced over every rank (the default group): tp copies of a row and
     # pipeline stages that see no loss leave each domain's mean loss unchanged.
-    feedback = InfluenceAwareOptimizer(optimizers[0], loader, num_domains=num_domains)
+    feedback = MixtureFeedback(loader)
+    update_every = cfg.data.get("mixing", {}).get("update_every", 1)
 
     start = 0
     checkpoint = latest_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
     if checkpoint is not None:
-        start, extra = load_checkpoint(checkpoint, model=parts, optimizer=optimizers,
-                                       dataloader=loader, parallel_dims=dims)
-        feedback.load_influence_state_dict(extra["influence"])
+        start, _ = load_checkpoint(checkpoint, model=parts, optimizer=optimizers,
+                                   dataloader=loader, parallel_dims=dims)
         _log0(f"resumed from {checkpoint} at step {start}")
 
     history, pending_save = [], None
@@ -367,14 +375,17 @@ def run(cfg: Any) -> list[dict[str, float]]:
         # tp and pp ranks hold copies of their data-parallel rank's batch.
         loss_scale.start(round(world_sum(local_tokens, device) / (dims.tp * dims.pp)))
         row_loss, loss_sum = forward_backward(parts, pipeline, batch, loss_scale, options)
-        if row_loss is not None:
-            feedback.observe(row_loss, batch["domain_ids"])
+        if row_loss is None:  # a pipeline stage without the loss still joins the all-reduce
+            row_loss, batch["domain_ids"] = np.zeros(0), np.zeros(0, dtype=np.int64)
+        feedback.observe(row_loss, batch["domain_ids"])
         if cfg.max_grad_norm:
             clip_grad_norm_([p for part in parts for p in part.parameters()], cfg.max_grad_norm,
                             pp_mesh=dims.mesh["pp"] if dims.pp_enabled else None)
-        for optimizer in (feedback, *optimizers[1:]):
+        for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
+        if step % update_every == 0:
+            feedback.apply()
         loss = world_sum(loss_sum, device) / (dims.tp * loss_scale.global_tokens)
         seconds = time.perf_counter() - began
         tokens = batch["input_ids"].numel() * dims.dp_world_size
@@ -387,7 +398,7 @@ def run(cfg: Any) -> list[dict[str, float]]:
             pending_save = save_checkpoint(
                 cfg.checkpoint_dir, step=step, model=parts, optimizer=optimizers,
                 dataloader=loader, parallel_dims=dims, async_save=cfg.async_checkpoint,
-                extra={"influence": feedback.influence_state_dict(), "loss": loss},
+                extra={"loss": loss},
             )
             if not cfg.async_checkpoint:
                 pending_save = None

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from wf_data.data.checkpoint import load_with_dcp, save_with_dcp
 from wf_data.data.demo_corpus import ensure_demo_data
 from wf_data.data.loader import get_eval_loaders, get_loader
-from wf_data.influence import InfluenceAwareOptimizer, row_loss_from_logits
+from wf_data.influence import MixtureFeedback, row_loss_from_logits
 
 
 @dataclasses.dataclass
@@ -73,15 +73,16 @@ def row_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.
     return row_loss_from_logits(logits, batch["labels"])
 
 
-def _train_steps(model, optimizer, batches, steps, bar=None, record=None):
+def _train_steps(model, optimizer, feedback, batches, steps, bar=None, record=None):
     for _ in range(steps):
         batch = next(batches)
         loss_per_row = row_losses(model, batch)
         loss = loss_per_row.mean()
         optimizer.zero_grad()
         loss.backward()
-        optimizer.observe(loss_per_row.detach(), batch["domain_ids"])
+        feedback.observe(loss_per_row.detach(), batch["domain_ids"])
         optimizer.step()
+        feedback.apply()
         if record is not None:
             record.append(batch["input_ids"].clone())
         if bar is not None:
@@ -108,15 +109,12 @@ def evaluate(model, eval_loaders, max_batches: int) -> dict[str, float]:
 
 
 def training_state(model, optimizer) -> dict:
-    """Model, optimizer (moments initialised, as DCP loads in place) and EXP3 accumulators."""
+    """Model and optimizer (moments initialised, as DCP loads in place); the mixture's state,
+    pending feedback included, is in the loader state."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer.optimizer)
-    return {
-        "model": model_state,
-        "optimizer": optimizer_state,
-        "influence": optimizer.influence_state_dict(),
-    }
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optimizer_state}
 
 
 def load_training_state(model, optimizer, state: dict) -> None:
@@ -124,11 +122,10 @@ def load_training_state(model, optimizer, state: dict) -> None:
 
     set_state_dict(
         model,
-        optimizer.optimizer,
+        optimizer,
         model_state_dict=state["model"],
         optim_state_dict=state["optimizer"],
     )
-    optimizer.load_influence_state_dict(state["influence"])
 
 
 def _make_run(options: DemoOptions):
@@ -143,10 +140,8 @@ def _make_run(options: DemoOptions):
 
     vocab_size = TokenizerWrapper.from_pretrained(None).vocab_size
     model = build_tiny_llama(vocab_size, options)
-    optimizer = InfluenceAwareOptimizer(
-        torch.optim.AdamW(model.parameters(), lr=options.learning_rate), loader
-    )
-    return loader, model, optimizer, overrides
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate)
+    return loader, model, optimizer, MixtureFeedback(loader), overrides
 
 
 def _print_weights(history: list[tuple[int, dict[str, float]]]) -> None:
@@ -166,7 +161,7 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     data_root = ensure_demo_data()
     print(f"  shards in {data_root}")
 
-    loader, model, optimizer, overrides = _make_run(options)
+    loader, model, optimizer, feedback, overrides = _make_run(options)
     eval_overrides = [*overrides, f"global_batch_size={options.eval_batch_size}"]
     eval_loaders = get_eval_loaders("demo", framework="torch", overrides=eval_overrides)
     eval_before = evaluate(model, eval_loaders, options.eval_batches)
@@ -177,7 +172,7 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     with tqdm(total=options.steps, desc="training", unit="step") as bar:
         for done in range(0, options.steps, report_every):
             steps = min(report_every, options.steps - done)
-            _train_steps(model, optimizer, batches, steps, bar)
+            _train_steps(model, optimizer, feedback, batches, steps, bar)
             history.append((done + steps, loader.mixture))
     train_seconds = time.perf_counter() - train_started
     _print_weights(history)
@@ -190,15 +185,17 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     stats = loader.stats()
     tokens_served = stats["data/tokens_served"]
     expected: list[torch.Tensor] = []
-    _train_steps(model, optimizer, batches, options.resume_check_steps, record=expected)
+    _train_steps(model, optimizer, feedback, batches, options.resume_check_steps,
+                 record=expected)
 
     # A fresh process would do exactly this: new loader, model and optimizer, then restore.
-    loader2, model2, optimizer2, _ = _make_run(options)
+    loader2, model2, optimizer2, feedback2, _ = _make_run(options)
     state = training_state(model2, optimizer2)
     load_with_dcp(checkpoint, loader2, state)
     load_training_state(model2, optimizer2, state)
     resumed: list[torch.Tensor] = []
-    _train_steps(model2, optimizer2, iter(loader2), options.resume_check_steps, record=resumed)
+    _train_steps(model2, optimizer2, feedback2, iter(loader2), options.resume_check_steps,
+                 record=resumed)
     identical = all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=True))
     print(
         f"\nResume check: {options.resume_check_steps} batches after restoring step "

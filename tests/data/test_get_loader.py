@@ -99,12 +99,14 @@ def test_reweighted_and_added_source_continue_unchanged_sources(shards):
     old = get_loader(config(shards, names=names, prefetch=0), framework="numpy")
     take(old, 5)
     state = json.loads(json.dumps(old.state_dict()))
-    # What each unchanged source would serve next, read from the old loader's own planner.
-    expected = {
-        name: old._planner._domain_iters[i].materialize(
-            old._planner._domain_iters[i].next_plans(6))["input_ids"]
-        for i, name in enumerate(names)
-    }
+    # What each unchanged source would serve next: its plans from the saved position.
+    domains = state["pipeline"]["parent"]["parent"]["domains"]
+    expected = {}
+    for i, name in enumerate(names):
+        plans = iter(old.mixer.datasets[name])
+        plans.set_state(domains[name]["state"])
+        expected[name] = np.stack([old.reader({**next(plans), "domain": i})["input_ids"]
+                                   for _ in range(6)])
     weights = {"prose": 1.0, "code": 1.0, "math": 4.0}
     new = get_loader(config(shards, weights=weights, prefetch=0), framework="numpy")
     new.load_state_dict(state)
@@ -137,9 +139,10 @@ def test_eval_loaders_are_finite_and_deterministic(shards):
     loaders = get_eval_loaders(config(shards, global_batch_size=2), framework="numpy")
     assert set(loaders) == set(DOMAINS)
     for name, loader in loaders.items():
-        first = [b["input_ids"] for b in loader]
+        batches = list(loader)
+        first = [b["input_ids"] for b in batches]
         assert first, name
-        assert all(np.all(b["domain_ids"] == 0) for b in [next(iter(loader.mixing))])
+        assert all(np.all(b["domain_ids"] == 0) for b in batches)
         loader.reset()
         second = [b["input_ids"] for b in loader]
         assert len(first) == len(second)

@@ -5,8 +5,10 @@ import json
 import numpy as np
 import pytest
 
+from wf_data.data.factory import reader_of
 from wf_data.data.loader import DataLoader, LoaderStateError, check_fingerprint
-from wf_data.data.mixing import Exp3Mixing, MixedDataset
+from wf_data.data.mixing import Exp3Policy, mix_plans
+from wf_data.data.odm import Exp3
 from wf_data.data.packing import pack
 from wf_data.data.sources import InMemorySource
 
@@ -26,22 +28,26 @@ def domain_source(domain: int, num_docs: int = 80) -> InMemorySource:
 
 
 def mixing(kind="static", num_epochs=None, names=("a", "b", "c"), weights=WEIGHTS):
+    """(mixer, reader) over best_fit packed domains."""
     datasets = {
         name: pack(domain_source(i), SEQ_LEN, "best_fit", window_size=16, seed=i,
                    num_epochs=num_epochs)
-        for i, name in enumerate(names)
+        for i, name in ((("a", "b", "c").index(name), name) for name in names)
     }
     weights = {name: weights[name] for name in names}
-    stop = "stop" if num_epochs is not None else "restart"
+    policy = weights
     if kind == "exp3":
-        return Exp3Mixing(datasets, weights, seed=1, on_exhausted=stop)
-    return MixedDataset(datasets, weights, seed=1, on_exhausted=stop)
+        policy = Exp3Policy(Exp3(len(names), prior=list(weights.values())))
+    stop = "stop" if num_epochs is not None else "restart"
+    mixer = mix_plans({n: ds.plans for n, ds in datasets.items()}, policy, seed=1,
+                      on_exhausted=stop)
+    return mixer, reader_of(datasets)
 
 
 def make_loader(kind="static", rank=0, world=1, **kwargs):
     options = {k: kwargs.pop(k) for k in ("num_epochs",) if k in kwargs}
     return DataLoader(
-        mixing(kind, **options), global_batch_size=GLOBAL_BATCH, dp_rank=rank,
+        *mixing(kind, **options), global_batch_size=GLOBAL_BATCH, dp_rank=rank,
         dp_world_size=world, framework="numpy", **kwargs,
     )
 
@@ -56,7 +62,7 @@ def run(loaders, steps, feed=True, start_step=0):
     for step in range(start_step, start_step + steps):
         parts = [next(loader) for loader in loaders]
         out.append({key: np.concatenate([p[key] for p in parts]) for key in parts[0]})
-        if feed and isinstance(loaders[0].mixing, Exp3Mixing):
+        if feed and loaders[0].mixer.policy.learns:
             for loader in loaders:
                 loader.update_mixture(losses_for(step))
     return out
@@ -98,7 +104,9 @@ def test_exact_resume_through_state_dict(kind, prefetch, cut):
 @pytest.mark.parametrize("world_before, world_after", [(2, 1), (1, 2), (2, 4)])
 def test_elastic_resume_repeats_and_skips_no_row(kind, world_before, world_after):
     single = run([make_loader(kind)], 14)
-    before = [make_loader(kind, rank=r, world=world_before) for r in range(world_before)]
+    # prefetch 2: the state holds two planned global batches, read by the new ranks
+    before = [make_loader(kind, rank=r, world=world_before, prefetch=2)
+              for r in range(world_before)]
     run(before, 6)
     states = [json.loads(json.dumps(loader.state_dict())) for loader in before]
     assert all(state == states[0] for state in states), "the state is global, alike on ranks"
@@ -106,6 +114,21 @@ def test_elastic_resume_repeats_and_skips_no_row(kind, world_before, world_after
     for loader in after:
         loader.load_state_dict(states[0])
     assert_batches_equal(run(after, 8, start_step=6), single[6:])
+
+
+def test_restore_into_added_domain_reads_planned_batches_by_name():
+    old = DataLoader(*mixing(names=("a", "c")), global_batch_size=GLOBAL_BATCH,
+                     framework="numpy", prefetch=2)
+    run([old], 3, feed=False)
+    state = json.loads(json.dumps(old.state_dict()))
+    expected = run([old], 2, feed=False)  # the two batches planned before the state was taken
+    new = make_loader("static", prefetch=2)  # domains a, b, c
+    new.load_state_dict(state)
+    got = run([new], 2, feed=False)
+    for batch in expected:
+        batch["domain_ids"] = np.array([0, 2])[batch["domain_ids"]]  # c is now index 2
+    assert_batches_equal(got, expected)
+    assert new.stats()["data/rows_served"] == 5 * GLOBAL_BATCH
 
 
 def test_finite_epochs_every_rank_stops_at_the_same_step():
@@ -159,7 +182,7 @@ def test_batches_identical_for_0_1_2_workers(kind):
 
 def test_torch_framework_and_torch_dataloader():
     torch = pytest.importorskip("torch")
-    loader = DataLoader(mixing(), global_batch_size=GLOBAL_BATCH, framework="torch")
+    loader = DataLoader(*mixing(), global_batch_size=GLOBAL_BATCH, framework="torch")
     batch = next(loader)
     assert batch["input_ids"].dtype == torch.int32
     assert batch["domain_ids"].shape == (GLOBAL_BATCH,)
@@ -193,10 +216,40 @@ def test_not_a_state_is_refused():
         make_loader().load_state_dict({"foo": 1})
 
 
+@pytest.mark.parametrize("kind", ["static", "exp3"])
+def test_step_shards_interleave_to_the_full_stream(kind):
+    single = run([make_loader(kind, prefetch=1)], 12, feed=False)
+    shards = [make_loader(kind, prefetch=1, step_shard=(i, 3)) for i in range(3)]
+    got = [next(shards[step % 3]) for step in range(12)]
+    assert_batches_equal(got, single)
+    assert [shard.step for shard in shards] == [10, 11, 12]
+    state = json.loads(json.dumps(shards[1].state_dict()))
+    expected = [next(shards[1]) for _ in range(2)]
+    restored = make_loader(kind, prefetch=1, step_shard=(1, 3))
+    restored.load_state_dict(state)
+    assert_batches_equal([next(restored) for _ in range(2)], expected)
+    assert restored.step == 17
+
+
+def test_observed_losses_are_part_of_the_state():
+    loader = make_loader("exp3")
+    run([loader], 2, feed=False)
+    loader.observe_losses(np.array([6.0, 2.0, 0.0]), np.array([2, 1, 0]))
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state["feedback"] == {"a": [6.0, 2.0], "b": [2.0, 1.0], "c": [0.0, 0.0]}
+    restored = make_loader("exp3")
+    restored.load_state_dict(state)
+    for each in (loader, restored):
+        each.apply_observed()  # mean losses a=3, b=2, c unobserved
+        assert each.mixer.live_policy.bandit.step == 1
+    assert restored.mixture == pytest.approx(loader.mixture)
+    assert restored.state_dict()["feedback"]["a"] == [0.0, 0.0]
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="not divisible"):
         make_loader(world=3)
     with pytest.raises(ValueError, match="framework"):
-        DataLoader(mixing(), global_batch_size=4, framework="tf")
+        DataLoader(*mixing(), global_batch_size=4, framework="tf")
     with pytest.raises(ValueError, match="dp_rank 2"):
         make_loader(rank=2, world=2)

@@ -1,20 +1,16 @@
-"""MixedDataset and Exp3Mixing: proportions, determinism, exact resume, exhaustion, lag."""
+"""mix_plans: proportions, determinism, exact resume, exhaustion, lag, policies, composition."""
 
 import json
 import math
 
+import grain
 import numpy as np
 import pytest
 
-from wf_data.data.mixing import (
-    Exp3Mixing,
-    MixedDataset,
-    RowUniforms,
-    decode_plans,
-    draw_domains,
-    encode_plans,
-)
+from wf_data.data.mixing import Exp3Policy, RowUniforms, draw_domains, mix_plans
+from wf_data.data.odm import Exp3
 from wf_data.data.packing import pack
+from wf_data.data.rows import read_rows
 from wf_data.data.sources import InMemorySource
 
 SEQ_LEN = 16
@@ -45,6 +41,21 @@ def packed_domains(num_domains=3, num_docs=60, num_epochs=None, method="best_fit
     }
 
 
+def mixed(weights, num_domains=3, num_epochs=None, seed=0, **kwargs):
+    """(mixer over the domains' plans, the same mixer mapped to rows)."""
+    datasets = packed_domains(num_domains, num_epochs=num_epochs)
+    mixer = mix_plans({n: ds.plans for n, ds in datasets.items()}, weights, seed=seed, **kwargs)
+    return mixer, mixer.map(reader_of(datasets))
+
+
+def reader_of(datasets):
+    return read_rows([ds.docs for ds in datasets.values()], SEQ_LEN)
+
+
+def domains_of(iterator, n):
+    return np.array([next(iterator)["domain"] for _ in range(n)])
+
+
 def take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
@@ -63,28 +74,23 @@ def binomial_bound(n, p):
 
 def test_static_proportions_within_three_sigma():
     weights = {"d0": 0.5, "d1": 0.3, "d2": 0.2}
-    mixed = MixedDataset(packed_domains(), weights, seed=3)
-    iterator = iter(mixed)
+    mixer, _ = mixed(weights, seed=3)
     n = 3000
-    domains = np.concatenate(
-        [iterator.materialize(iterator.next_plans(500))["domain_ids"] for _ in range(n // 500)]
-    )
-    counts = np.bincount(domains, minlength=3)
+    counts = np.bincount(domains_of(iter(mixer), n), minlength=3)
     for index, weight in enumerate(weights.values()):
         assert abs(counts[index] - n * weight) <= binomial_bound(n, weight), counts
 
 
 def test_rows_carry_their_domain():
-    iterator = iter(MixedDataset(packed_domains(), {"d0": 1, "d1": 1, "d2": 1}, seed=0))
-    for row in take(iterator, 60):
+    _, rows = mixed({"d0": 1, "d1": 1, "d2": 1})
+    for row in take(iter(rows), 60):
         real = row["segment_ids"] > 0
         assert np.all(row["input_ids"][real] // 1_000_000 == row["domain_ids"])
 
 
 def test_zero_weight_domain_is_never_drawn():
-    iterator = iter(MixedDataset(packed_domains(), {"d0": 1, "d1": 0, "d2": 1}, seed=0))
-    domains = iterator.materialize(iterator.next_plans(400))["domain_ids"]
-    assert 1 not in set(domains.tolist())
+    mixer, _ = mixed({"d0": 1, "d1": 0, "d2": 1})
+    assert 1 not in set(domains_of(iter(mixer), 400).tolist())
 
 
 @pytest.mark.parametrize(
@@ -96,32 +102,39 @@ def test_zero_weight_domain_is_never_drawn():
         ({"d0": 1, "d1": 1}, "missing \\['d2'\\]"),
         ({"d0": 1, "d1": 1, "d2": 1, "d9": 1}, "unknown \\['d9'\\]"),
         ({"d0": 1, "d1": "x", "d2": 1}, "not a number"),
+        ({"d0": 1, "d1": True, "d2": 1}, "not a number"),
     ],
 )
 def test_bad_weights_fail_clearly(weights, message):
     with pytest.raises(ValueError, match=message):
-        MixedDataset(packed_domains(), weights)
+        mixed(weights)
 
 
-def test_bad_on_exhausted():
+def test_bad_arguments():
     with pytest.raises(ValueError, match="on_exhausted"):
-        MixedDataset(packed_domains(), {"d0": 1, "d1": 1, "d2": 1}, on_exhausted="wrap")
+        mixed({"d0": 1, "d1": 1, "d2": 1}, on_exhausted="wrap")
+    with pytest.raises(TypeError, match="domain 'd0': expected a Grain"):
+        mix_plans({"d0": [1, 2]}, {"d0": 1})
+    with pytest.raises(ValueError, match="bandit has 2 domains"):
+        mix_plans({n: ds.plans for n, ds in packed_domains().items()}, Exp3Policy(Exp3(2)))
 
 
 @pytest.mark.parametrize("cut", [0, 1, 7, 33, 90])
 def test_static_resume_is_exact(cut):
-    mixed = MixedDataset(packed_domains(), {"d0": 2, "d1": 1, "d2": 1}, seed=5)
-    iterator = iter(mixed)
+    _, rows = mixed({"d0": 2, "d1": 1, "d2": 1}, seed=5)
+    iterator = iter(rows)
     take(iterator, cut)
     state = json.loads(json.dumps(iterator.get_state()))
     expected = take(iterator, 40)
-    restored = iter(MixedDataset(packed_domains(), {"d0": 2, "d1": 1, "d2": 1}, seed=5))
+    _, again = mixed({"d0": 2, "d1": 1, "d2": 1}, seed=5)
+    restored = iter(again)
     restored.set_state(state)
     assert_rows_equal(take(restored, 40), expected)
 
 
 def test_state_size_does_not_grow():
-    iterator = iter(MixedDataset(packed_domains(), {"d0": 1, "d1": 1, "d2": 1}, seed=0))
+    mixer, _ = mixed({"d0": 1, "d1": 1, "d2": 1})
+    iterator = iter(mixer)
     take(iterator, 10)
     small = len(json.dumps(iterator.get_state()))
     take(iterator, 1000)
@@ -130,20 +143,23 @@ def test_state_size_does_not_grow():
 
 def test_stop_ends_at_first_exhausted_domain():
     datasets = packed_domains(num_epochs=1)
-    rows_per_domain = [sum(1 for _ in iter(ds)) for ds in datasets.values()]
-    iterator = iter(MixedDataset(datasets, {"d0": 1, "d1": 1, "d2": 1}, on_exhausted="stop"))
-    rows = list(iterator)
-    counts = np.bincount([int(r["domain_ids"]) for r in rows], minlength=3)
+    rows_per_domain = [sum(1 for _ in iter(ds.plans)) for ds in datasets.values()]
+    mixer = mix_plans({n: ds.plans for n, ds in datasets.items()},
+                      {"d0": 1, "d1": 1, "d2": 1}, on_exhausted="stop")
+    iterator = iter(mixer)
+    counts = np.bincount([plan["domain"] for plan in iterator], minlength=3)
     # The stream stops when a draw hits a finished domain: one domain is complete, none over.
     assert np.any(counts == rows_per_domain)
     assert np.all(counts <= rows_per_domain)
-    assert iterator.next_plans(5) == []
+    assert next(iterator, None) is None
 
 
 def test_restart_replays_exhausted_domain():
     datasets = packed_domains(num_epochs=1)
     first_rows = list(iter(datasets["d0"]))
-    iterator = iter(MixedDataset(datasets, {"d0": 1, "d1": 0, "d2": 0}, on_exhausted="restart"))
+    mixer = mix_plans({n: ds.plans for n, ds in datasets.items()},
+                      {"d0": 1, "d1": 0, "d2": 0}, on_exhausted="restart")
+    iterator = iter(mixer.map(reader_of(datasets)))
     rows = take(iterator, 2 * len(first_rows))
     assert iterator.get_state()["domains"]["d0"]["restarts"] == 1
     assert_rows_equal(
@@ -153,15 +169,16 @@ def test_restart_replays_exhausted_domain():
 
 
 def test_reweighted_and_added_source_continue_unchanged_sources():
-    old = iter(MixedDataset(packed_domains(2), {"d0": 1, "d1": 1}, seed=0))
-    take(old, 50)
-    state = old.get_state()
-    positions = {name: old._domain_iters[i].get_state() for i, name in enumerate(["d0", "d1"])}
+    old_mixer, old = mixed({"d0": 1, "d1": 1}, num_domains=2)
+    iterator = iter(old)
+    take(iterator, 50)
+    state = iterator.get_state()
+    positions = {name: state["domains"][name]["state"] for name in ["d0", "d1"]}
     datasets = packed_domains(3)
-    new = iter(MixedDataset(datasets, {"d0": 1, "d1": 3, "d2": 1}, seed=0))
+    mixer = mix_plans({n: ds.plans for n, ds in datasets.items()}, {"d0": 1, "d1": 3, "d2": 1})
+    new = iter(mixer.map(reader_of(datasets)))
     new.set_state(state)
-    for index, name in enumerate(["d0", "d1"]):
-        assert new._domain_iters[index].get_state() == positions[name]
+    assert {n: new.get_state()["domains"][n]["state"] for n in positions} == positions
     continued = take(new, 30)
     # The unchanged sources continue with the rows the old stream would have served next.
     expected_d0 = take(iter_from(datasets["d0"], positions["d0"]), 30)
@@ -179,29 +196,53 @@ def iter_from(dataset, state):
     return iterator
 
 
-def test_plans_encode_round_trip():
-    iterator = iter(MixedDataset(packed_domains(), {"d0": 1, "d1": 1, "d2": 1}, seed=0))
-    plans = iterator.next_plans(20)
-    names = ("d0", "d1", "d2")
-    encoded = json.loads(json.dumps(encode_plans(plans, names)))
-    assert decode_plans(encoded, names) == plans
-    with pytest.raises(ValueError, match="lacks"):
-        decode_plans(encoded, ("d0", "d9"))
+def test_plain_grain_transformations_between_packer_mixer_and_reader():
+    """Parents are any Grain datasets of plans: a concat MapDataset, a filtered best_fit,
+    a shuffled MapDataset; rows are a plain `.map`; the state restores exactly."""
+    docs = {k: domain_docs(k, 60, seed=7) for k in range(3)}
+    concat = pack(docs[0], SEQ_LEN, "concat", seed=0, num_epochs=None)
+    best_fit = pack(docs[1], SEQ_LEN, "best_fit", window_size=16, seed=1, num_epochs=None)
+    shuffled = pack(docs[2], SEQ_LEN, "concat", seed=2)
+    parents = {
+        "d0": concat.plans,
+        "d1": best_fit.plans.filter(lambda plan: len(plan["doc_ids"]) > 1),
+        "d2": shuffled.plans.shuffle(seed=4),
+    }
+    assert isinstance(parents["d0"], grain.MapDataset)
+    reader = read_rows(list(docs.values()), SEQ_LEN)
+
+    def build():
+        mixer = mix_plans(parents, {"d0": 1, "d1": 1, "d2": 1}, seed=3)
+        return mixer.map(reader).map(lambda row: {**row, "real": (row["segment_ids"] > 0).sum()})
+
+    iterator = iter(build())
+    rows = take(iterator, 40)
+    assert all(r["real"] == (r["segment_ids"] > 0).sum() for r in rows)
+    assert {int(r["domain_ids"]) for r in rows} == {0, 1, 2}
+    for row in rows:
+        if row["domain_ids"] == 1:
+            assert row["segment_ids"].max() > 1  # the filter on plans held
+    state = json.loads(json.dumps(iterator.get_state()))
+    expected = take(iterator, 30)
+    restored = iter(build())
+    restored.set_state(state)
+    assert_rows_equal(take(restored, 30), expected)
 
 
 # ----------------------------------------------------------------------------- EXP3
 
 
 def exp3(seed=0, **kwargs):
-    return Exp3Mixing(packed_domains(), {"d0": 1, "d1": 1, "d2": 1}, seed=seed, **kwargs)
+    policy = Exp3Policy(Exp3(3, seed=seed, **kwargs))
+    return mixed(policy, seed=seed)
 
 
-def drive(iterator, mixing, steps, losses_fn, rows_per_step=8):
+def drive(iterator, mixer, steps, losses_fn, rows_per_step=8):
     """Draws rows_per_step rows, then feeds losses; returns all rows drawn."""
     rows = []
     for step in range(steps):
         rows += take(iterator, rows_per_step)
-        mixing.update(losses_fn(step))
+        mixer.update(losses_fn(step))
     return rows
 
 
@@ -210,125 +251,144 @@ def skewed_losses(step):
 
 
 def test_exp3_deterministic_given_seed_and_updates():
-    first, second = exp3(seed=2), exp3(seed=2)
-    rows_a = drive(iter(first), first, 30, skewed_losses)
-    rows_b = drive(iter(second), second, 30, skewed_losses)
+    (first, first_rows), (second, second_rows) = exp3(seed=2), exp3(seed=2)
+    iterators = iter(first_rows), iter(second_rows)
+    rows_a = drive(iterators[0], first, 30, skewed_losses)
+    rows_b = drive(iterators[1], second, 30, skewed_losses)
     assert_rows_equal(rows_a, rows_b)
-    np.testing.assert_array_equal(first.bandit.policy(), second.bandit.policy())
+    np.testing.assert_array_equal(first.live_policy.probabilities(),
+                                  second.live_policy.probabilities())
 
 
 def test_exp3_policy_moves_toward_high_loss_domain():
-    mixing = exp3()
-    drive(iter(mixing), mixing, 60, skewed_losses)
-    policy = mixing.bandit.policy()
+    mixer, rows = exp3()
+    iterator = iter(rows)
+    drive(iterator, mixer, 60, skewed_losses)
+    policy = mixer.live_policy.probabilities()
     assert policy[0] > policy[1] > policy[2]
-    assert mixing.mixture["d0"] == pytest.approx(policy[0])
+    assert mixer.mixture["d0"] == pytest.approx(policy[0])
+    assert mixer.policy.bandit.step == 0, "the dataset's policy is a template, never updated"
 
 
 @pytest.mark.parametrize("cut_step", [0, 3, 17])
 def test_exp3_resume_mid_stream_with_updates(cut_step):
-    mixing = exp3(seed=4)
-    iterator = iter(mixing)
-    drive(iterator, mixing, cut_step, skewed_losses)
+    mixer, rows = exp3(seed=4)
+    iterator = iter(rows)
+    drive(iterator, mixer, cut_step, skewed_losses)
     take(iterator, 3)  # mid-step: some rows of the step drawn already
     state = json.loads(json.dumps(iterator.get_state()))
     expected = take(iterator, 5)
-    mixing.update(skewed_losses(cut_step))
-    expected += drive(iterator, mixing, 10, skewed_losses)
+    mixer.update(skewed_losses(cut_step))
+    expected += drive(iterator, mixer, 10, skewed_losses)
 
-    restored_mixing = exp3(seed=4)
-    restored = iter(restored_mixing)
+    restored_mixer, restored_rows = exp3(seed=4)
+    restored = iter(restored_rows)
     restored.set_state(state)
     got = take(restored, 5)
-    restored_mixing.update(skewed_losses(cut_step))
-    got += drive(restored, restored_mixing, 10, skewed_losses)
+    restored_mixer.update(skewed_losses(cut_step))
+    got += drive(restored, restored_mixer, 10, skewed_losses)
     assert_rows_equal(got, expected)
 
 
 def test_exp3_rows_drawn_with_the_reported_policy():
     """The weights policy() reports are the ones the very next rows are drawn with."""
-    mixing = exp3(seed=9)
-    iterator = iter(mixing)
+    mixer, _ = exp3(seed=9)
+    iterator = iter(mixer)
     uniforms = RowUniforms(9)
     row = 0
     for step in range(25):
-        policy = mixing.bandit.policy()
-        plans = iterator.next_plans(8)
+        policy = mixer.live_policy.probabilities()
         expected = draw_domains(policy, uniforms.take(row, 8))
-        assert [p.domain for p in plans] == expected.tolist()
+        assert domains_of(iterator, 8).tolist() == expected.tolist()
         row += 8
-        mixing.update(skewed_losses(step))
+        mixer.update(skewed_losses(step))
 
 
 @pytest.mark.parametrize("prefetch", [1, 4])
 def test_exp3_update_lag_is_prefetch_depth(prefetch):
     """A consumer reading P rows ahead sees an update take effect after at most P rows."""
-    mixing = exp3(seed=1)
-    iterator = iter(mixing)
+    mixer, _ = exp3(seed=1)
+    iterator = iter(mixer)
     uniforms = RowUniforms(1)
-    buffer = list(iterator.next_plans(prefetch))  # the read-ahead buffer, drawn pre-update
-    old_policy = mixing.bandit.policy()
+    buffer = domains_of(iterator, prefetch).tolist()  # the read-ahead buffer, drawn pre-update
+    old_policy = mixer.live_policy.probabilities()
     for step in range(12):
-        mixing.update(skewed_losses(step))
-    new_policy = mixing.bandit.policy()
+        mixer.update(skewed_losses(step))
+    new_policy = mixer.live_policy.probabilities()
     assert not np.allclose(old_policy, new_policy)
-    # Consume: the P buffered rows were drawn with the old policy, later rows with the new.
-    consumed = buffer + iterator.next_plans(16)
+    consumed = buffer + domains_of(iterator, 16).tolist()
     u = uniforms.take(0, prefetch + 16)
-    np.testing.assert_array_equal(
-        [p.domain for p in consumed[:prefetch]], draw_domains(old_policy, u[:prefetch])
-    )
-    np.testing.assert_array_equal(
-        [p.domain for p in consumed[prefetch:]], draw_domains(new_policy, u[prefetch:])
-    )
+    np.testing.assert_array_equal(consumed[:prefetch], draw_domains(old_policy, u[:prefetch]))
+    np.testing.assert_array_equal(consumed[prefetch:], draw_domains(new_policy, u[prefetch:]))
 
 
 def test_exp3_realised_proportions_follow_policy():
-    mixing = exp3(seed=3)
-    iterator = iter(mixing)
+    mixer, _ = exp3(seed=3)
+    iterator = iter(mixer)
     for step in range(40):
-        mixing.update(skewed_losses(step))
-    policy = mixing.bandit.policy()
+        mixer.update(skewed_losses(step))
+    policy = mixer.live_policy.probabilities()
     n = 3000
-    domains = iterator.materialize(iterator.next_plans(n))["domain_ids"]
-    counts = np.bincount(domains, minlength=3)
+    counts = np.bincount(domains_of(iterator, n), minlength=3)
     for index in range(3):
         assert abs(counts[index] - n * policy[index]) <= binomial_bound(n, policy[index])
 
 
-def test_exp3_update_by_name_and_unknown_name():
-    mixing = exp3()
+def test_exp3_update_keys():
+    mixer, _ = exp3()
+    with pytest.raises(RuntimeError, match="no live iterator"):
+        mixer.update({"d0": 1.0})
+    iterator = iter(mixer)
     for _ in range(10):
-        mixing.update({"d0": 5.0, "d2": 0.1})
-    assert mixing.bandit.step == 10
+        mixer.update({"d0": 5.0, "d2": 0.1})
+    mixer.update({0: 5.0, 2: 0.1})
+    assert mixer.live_policy.bandit.step == 11
     with pytest.raises(KeyError, match="unknown domain 'zz'"):
-        mixing.update({"zz": 1.0})
+        mixer.update({"zz": 1.0})
+    with pytest.raises(TypeError, match="key True"):
+        mixer.update({True: 1.0})
+    with pytest.raises(KeyError, match="index 3 out of range"):
+        mixer.update({3: 1.0})
+    with pytest.raises(TypeError, match="must be a number"):
+        mixer.update({"d0": "high"})
+    assert mixer.live_policy.bandit.step == 11
+    next(iterator)
 
 
-def test_exp3_state_restores_bandit_in_fresh_object():
-    mixing = exp3(seed=6)
-    iterator = iter(mixing)
-    drive(iterator, mixing, 20, skewed_losses)
+def test_static_mixture_refuses_updates():
+    mixer, _ = mixed({"d0": 1, "d1": 1, "d2": 1})
+    iter(mixer)
+    with pytest.raises(TypeError, match="exp3"):
+        mixer.update({"d0": 1.0})
+
+
+def test_exp3_state_restores_bandit_in_fresh_iterator():
+    mixer, rows = exp3(seed=6)
+    iterator = iter(rows)
+    drive(iterator, mixer, 20, skewed_losses)
     state = json.loads(json.dumps(iterator.get_state()))
-    fresh = exp3(seed=6)
-    iter(fresh).set_state(state)
-    np.testing.assert_array_equal(fresh.bandit.policy(), mixing.bandit.policy())
+    fresh, _ = exp3(seed=6)
+    fresh_iterator = iter(fresh)
+    fresh_iterator.set_state(state)
+    np.testing.assert_array_equal(fresh.live_policy.probabilities(),
+                                  mixer.live_policy.probabilities())
 
 
 def test_exp3_reweighted_restore_keeps_rewards_by_name():
-    mixing = exp3(seed=6)
-    iterator = iter(mixing)
-    drive(iterator, mixing, 20, skewed_losses)
+    mixer, rows = exp3(seed=6)
+    iterator = iter(rows)
+    drive(iterator, mixer, 20, skewed_losses)
     state = iterator.get_state()
-    rewards = dict(zip(mixing.names, state["bandit"]["rewards"], strict=True))
+    rewards = dict(zip(mixer.names, state["policy"]["rewards"], strict=True))
     datasets = packed_domains(3)
-    reordered = Exp3Mixing(
-        {"d2": datasets["d2"], "d0": datasets["d0"], "d1": datasets["d1"]},
-        {"d2": 1, "d0": 2, "d1": 1},
+    reordered = mix_plans(
+        {"d2": datasets["d2"].plans, "d0": datasets["d0"].plans, "d1": datasets["d1"].plans},
+        Exp3Policy(Exp3(3, prior=[1, 2, 1], seed=6)),
         seed=6,
     )
+    reordered_iterator = iter(reordered)
     with pytest.warns(UserWarning, match="rewards carried over by name"):
-        iter(reordered).set_state(state)
-    restored = reordered.bandit.state_dict()
+        reordered_iterator.set_state(state)
+    restored = reordered.live_policy.bandit.state_dict()
     assert restored["rewards"] == [rewards["d2"], rewards["d0"], rewards["d1"]]
     assert restored["step"] == 20

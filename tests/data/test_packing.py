@@ -19,10 +19,11 @@ from wf_data.data.packing import (
     IGNORE_INDEX,
     BestFitPackedDataset,
     ConcatPackedDataset,
-    RowPlan,
     best_fit_decreasing,
     pack,
 )
+from wf_data.data.plans import plan_best_fit
+from wf_data.data.rows import read_rows
 from wf_data.data.sources import InMemorySource
 
 SHIFT = 1 << 16
@@ -162,32 +163,40 @@ def test_every_token_exactly_once_per_epoch(
 def test_best_fit_windows_never_cross_epochs(lengths, seq_len, seed, window_size):
     packed = pack(source_of(lengths), seq_len, "best_fit", window_size=window_size, seed=seed,
                   num_epochs=3)
-    iterator = iter(packed)
-    plans = iterator.next_plans(10**6)
+    plans = list(iter(packed.plans))
     per_epoch = {epoch: [] for epoch in range(3)}
     for plan in plans:
-        docs = {d for d, _, _ in plan.pieces}
+        docs = set(plan["doc_ids"].tolist())
         windows = {
-            int(np.flatnonzero(packed.epoch_order(plan.epoch) == d)[0]) // window_size
+            int(np.flatnonzero(packed.plans.epoch_order(plan["epoch"]) == d)[0]) // window_size
             for d in docs
         }
         assert len(windows) == 1, "a row mixes documents of two windows"
-        per_epoch[plan.epoch].extend(plan.pieces)
+        per_epoch[plan["epoch"]].extend(pieces_of(plan))
     for pieces in per_epoch.values():
         tokens = sorted((d, p) for d, a, b in pieces for p in range(a, b))
         assert tokens == [(d, p) for d, n in enumerate(lengths) for p in range(n)]
 
 
-def test_no_lengths_source_best_fit_reads_each_window_once():
+def pieces_of(plan):
+    """(doc, start, stop) triples of a row plan."""
+    stops = plan["offsets"] + plan["lengths"]
+    return list(zip(plan["doc_ids"].tolist(), plan["offsets"].tolist(), stops.tolist(),
+                    strict=True))
+
+
+def test_no_lengths_source_best_fit_plans_each_window_once():
     lengths = [5, 0, 17, 3, 40, 9, 1, 12]
     docs = NoLengths(encoded_docs(lengths))
     packed = pack(docs, 16, "best_fit", window_size=3, seed=4, num_epochs=2)
     assert packed.lengths is None
+    # planning reads every window once per epoch to measure it
+    plans = list(iter(packed.plans))
+    assert docs.reads == 2 * len(lengths)
     rows = all_rows(packed)
     values, counts = token_counts(rows)
     assert np.array_equal(values, np.unique(expected_tokens(lengths))) and (counts == 2).all()
-    # planning read every window once; materializing used those reads
-    assert docs.reads == 2 * len(lengths)
+    assert len(rows) == len(plans)
 
 
 def test_concat_needs_lengths():
@@ -268,8 +277,8 @@ def test_best_fit_fill_on_lognormal_lengths():
 
     source = LengthsOnly()
     source.lengths = lengths
-    iterator = iter(pack(source, 2048, "best_fit", window_size=4096, seed=0))
-    plans = iterator.next_plans(10**6)
+    plans = list(iter(pack(source, 2048, "best_fit", window_size=4096, seed=0).plans))
+    assert len(list(plan_best_fit(lengths, 2048, 4096, seed=0))) == len(plans)  # lengths only
     fill = lengths.sum() / (len(plans) * 2048)
     assert fill >= 0.99
 
@@ -312,36 +321,44 @@ def test_best_fit_decreasing_rejects_oversized_items():
 # --------------------------------------------------------------------------- plans and reads
 
 
+def batch_of(plans):
+    return {
+        "doc_ids": np.concatenate([p["doc_ids"] for p in plans]),
+        "offsets": np.concatenate([p["offsets"] for p in plans]),
+        "lengths": np.concatenate([p["lengths"] for p in plans]),
+        "row_pieces": np.array([len(p["doc_ids"]) for p in plans]),
+    }
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_next_plans_and_materialize_match_iteration(method):
+def test_plans_and_read_rows_match_iteration(method):
     lengths = np.random.default_rng(3).integers(0, 70, 60).tolist()
     packed = pack(source_of(lengths), 32, method, seed=5, window_size=7, num_epochs=2)
     expected = all_rows(packed)
-    planner = iter(packed)
-    plans = []
-    while batch := planner.next_plans(5):
-        assert all(isinstance(plan, RowPlan) for plan in batch)
-        plans.extend(batch)
-    assert planner.next_plans(3) == []
+    plans = list(iter(packed.plans))
+    assert all(set(plan) == {"doc_ids", "offsets", "lengths", "epoch"} for plan in plans)
     assert len(plans) == len(expected)
-    # materialize on a fresh iterator (a worker process), in an arbitrary order
-    worker = iter(pickle.loads(pickle.dumps(packed)))
+    # rows read by a pickled reader (a worker process), in an arbitrary order, one batch
+    reader = pickle.loads(pickle.dumps(packed.reader))
     order = np.random.default_rng(0).permutation(len(plans))
-    batch = worker.materialize([pickle.loads(pickle.dumps(plans[i])) for i in order])
+    batch = reader(batch_of([pickle.loads(pickle.dumps(plans[i])) for i in order]))
     for key in packing.ROW_KEYS:
         assert batch[key].shape == (len(plans), 32) and batch[key].dtype == np.int32
         assert np.array_equal(batch[key], stack(expected, key)[order])
+    # and row by row: one plan gives one row
+    row = reader(plans[order[0]])
+    for key in packing.ROW_KEYS:
+        assert np.array_equal(row[key], expected[order[0]][key])
 
 
-def test_materialize_reads_only_needed_documents_in_one_call():
+def test_read_rows_reads_only_needed_documents_in_one_call():
     lengths = [10] * 40
     docs = CountingSource(encoded_docs(lengths))
-    iterator = iter(pack(docs, 16, "concat"))
-    plans = iterator.next_plans(25)
+    plans = list(iter(pack(docs, 16, "concat").plans))[:25]
     assert docs.calls == []  # planning reads nothing when lengths are known
-    rows = iterator.materialize(plans[20:23])
+    rows = read_rows(docs, 16)(batch_of(plans[20:23]))
     assert len(docs.calls) == 1
-    needed = sorted({d for plan in plans[20:23] for d, _, _ in plan.pieces})
+    needed = sorted({d for plan in plans[20:23] for d in plan["doc_ids"].tolist()})
     assert sorted(docs.calls[0]) == needed
     assert rows["input_ids"].shape == (3, 16)
 
@@ -370,21 +387,6 @@ def test_best_fit_is_an_iter_dataset():
 # --------------------------------------------------------------------------- state
 
 
-def consume(iterator, steps):
-    """Advance by a mix of row reads and plan-only steps (like mixing does)."""
-    rows = []
-    for kind, count in steps:
-        if kind == "rows":
-            for _ in range(count):
-                try:
-                    rows.append(next(iterator))
-                except StopIteration:
-                    return rows
-        else:
-            iterator.next_plans(count)
-    return rows
-
-
 @settings(max_examples=40, deadline=None)
 @given(
     lengths=st.lists(st.integers(0, 80), min_size=1, max_size=50),
@@ -392,22 +394,27 @@ def consume(iterator, steps):
     method=st.sampled_from(METHODS),
     seed=st.one_of(st.none(), st.integers(0, 100)),
     window_size=st.integers(1, 9),
-    steps=st.lists(st.tuples(st.sampled_from(["rows", "plans"]), st.integers(0, 70)),
-                   max_size=4),
+    level=st.sampled_from(["rows", "plans"]),
+    cut=st.integers(0, 120),
 )
-def test_resume_equality_at_random_points(lengths, seq_len, method, seed, window_size, steps):
+def test_resume_equality_at_random_points(lengths, seq_len, method, seed, window_size, level,
+                                          cut):
     packed = pack(source_of(lengths), seq_len, method, seed=seed, window_size=window_size,
                   num_epochs=2)
-    iterator = iter(packed)
-    consume(iterator, steps)
+    dataset = packed if level == "rows" else packed.plans
+    iterator = iter(dataset)
+    for _ in range(cut):
+        if next(iterator, None) is None:
+            break
     state = json.loads(json.dumps(iterator.get_state()))
     rest = all_rows_from(iterator)
-    restored = iter(packed)
+    restored = iter(dataset)
     restored.set_state(state)
     again = all_rows_from(restored)
     assert len(rest) == len(again)
     for a, b in zip(rest, again, strict=True):
-        for key in packing.ROW_KEYS:
+        assert a.keys() == b.keys()
+        for key in a:
             assert np.array_equal(a[key], b[key])
 
 
@@ -425,15 +432,15 @@ def test_resume_mid_window_replans_one_window():
     state = iterator.get_state()
     assert 0 < state["row"] and state["window"] > 0  # mid-window
     expected = next(iterator)
-    restored = iter(packed)
+    restored = iter(packed.plans)
     plan_calls = []
-    original = packed.plan_window
-    packed.plan_window = lambda *args: plan_calls.append(args[:2]) or original(*args)
+    original = packed.plans.plan_window
+    packed.plans.plan_window = lambda *args: plan_calls.append(args) or original(*args)
     restored.set_state(state)
-    plans = restored.next_plans(1)
+    plan = next(restored)
     assert plan_calls == [(state["epoch"], state["window"])]
-    row = restored.materialize(plans)
-    assert np.array_equal(row["input_ids"][0], expected["input_ids"])
+    row = packed.reader(plan)
+    assert np.array_equal(row["input_ids"], expected["input_ids"])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -442,8 +449,8 @@ def test_state_is_small_and_does_not_grow(method):
     iterator = iter(packed)
     sizes = [len(json.dumps(iterator.get_state()))]
     for _ in range(10):
-        iterator.next_plans(97)
-        next(iterator)
+        for _ in range(98):
+            next(iterator)
         sizes.append(len(json.dumps(iterator.get_state())))
     assert max(sizes) < 160
     assert max(sizes) - min(sizes) <= 6  # only the digits of the counters change
@@ -472,7 +479,10 @@ def test_state_at_the_end_stays_exhausted(method):
     all_rows_from(iterator)
     restored = iter(packed)
     restored.set_state(iterator.get_state())
-    assert list(restored) == [] and restored.next_plans(4) == []
+    assert list(restored) == []
+    plans = iter(packed.plans)
+    plans.set_state(iterator.get_state())
+    assert list(plans) == []
 
 
 # --------------------------------------------------------------------------- epochs
@@ -483,18 +493,19 @@ def test_epoch_reshuffle_is_deterministic(method):
     lengths = [7] * 40
 
     def first_docs(seed):
-        iterator = iter(pack(source_of(lengths), 7, method, seed=seed, num_epochs=None))
-        plans = iterator.next_plans(120)  # three epochs of one-document rows
-        return [[plan.pieces[0][0] for plan in plans[e * 40 : (e + 1) * 40]] for e in range(3)]
+        iterator = iter(pack(source_of(lengths), 7, method, seed=seed, num_epochs=None).plans)
+        plans = [next(iterator) for _ in range(120)]  # three epochs of one-document rows
+        return [[int(plan["doc_ids"][0]) for plan in plans[e * 40 : (e + 1) * 40]]
+                for e in range(3)]
 
     epochs = first_docs(11)
     assert epochs == first_docs(11)
     assert epochs != first_docs(12)
     assert epochs[0] != epochs[1] != epochs[2]
     assert all(sorted(docs) == list(range(40)) for docs in epochs)
-    expected = np.random.default_rng([11, 1]).permutation(40)
-    if method == "concat":
-        assert epochs[1] == expected.tolist()
+    if method == "concat":  # documents in the epoch's (lazy) order
+        order = pack(source_of(lengths), 7, method, seed=11).epoch_order(1)
+        assert epochs[1] == order.tolist()
     assert first_docs(None)[0] == list(range(40)) and first_docs(None)[1] == list(range(40))
 
 
@@ -511,6 +522,61 @@ def test_num_epochs_none_repeats_forever(method):
     assert np.array_equal(values, expected_tokens(lengths)) and (counts == 20).all()
 
 
+# --------------------------------------------------------------------------- scale
+
+
+class LengthsOnlyLarge:
+    """A source of `n` documents known by their lengths only (planning never reads)."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def __getitem__(self, index):
+        raise AssertionError("planning must not read documents")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_first_plans_at_100m_documents_are_fast(method):
+    import time
+
+    lengths = np.broadcast_to(np.int64(3), (100_000_000,))  # a view: no 800 MB array
+    packed = pack(LengthsOnlyLarge(lengths), 2048, method, seed=1, window_size=4096)
+    best = float("inf")
+    for epoch_seed in range(3):  # min of 3: the machine is shared
+        plans = pack(LengthsOnlyLarge(lengths), 2048, method, seed=epoch_seed,
+                     window_size=4096).plans if epoch_seed else packed.plans
+        start = time.perf_counter()
+        iterator = iter(plans)
+        batch = [next(iterator) for _ in range(64)]
+        best = min(best, time.perf_counter() - start)
+    assert all(plan["lengths"].sum() > 0 for plan in batch)
+    assert best < 0.1, f"first 64 row plans took {best * 1e3:.0f} ms"
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+@pytest.mark.parametrize("num_epochs", [1, 2])
+def test_concat_covers_every_token_once_per_epoch_across_order_chunks(seed, num_epochs):
+    from wf_data.data.plans import ORDER_CHUNK, plan_concat
+
+    lengths = np.random.default_rng(seed).integers(0, 4, size=2 * ORDER_CHUNK + 123)
+    plans = plan_concat(lengths, 1000, seed=seed, num_epochs=num_epochs)
+    rows = list(iter(plans))
+    assert len(rows) == len(plans)
+    doc_ids = np.concatenate([p["doc_ids"] for p in rows])
+    covered = np.bincount(doc_ids, weights=np.concatenate([p["lengths"] for p in rows]),
+                          minlength=len(lengths))
+    np.testing.assert_array_equal(covered, num_epochs * lengths)
+    # random access agrees with iteration, also past the first order chunk
+    for index in (0, len(rows) // 2, len(rows) - 1):
+        np.testing.assert_array_equal(plans[index]["doc_ids"], rows[index]["doc_ids"])
+    first_docs = doc_ids[: 50]
+    shuffled = not np.array_equal(first_docs, np.sort(first_docs))
+    assert shuffled == (seed is not None)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -518,7 +584,7 @@ def test_argument_errors():
     docs = source_of([3])
     with pytest.raises(ValueError, match="unknown packing method 'greedy'.*best_fit"):
         pack(docs, 8, "greedy")
-    with pytest.raises(ValueError, match="seq_len must be >= 1"):
+    with pytest.raises(ValueError, match="seq_len must be an int >= 1"):
         pack(docs, 0)
     with pytest.raises(ValueError, match="window_size"):
         pack(docs, 8, window_size=0)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import subprocess
@@ -15,7 +14,7 @@ import torch
 
 from wf_data.data.odm import Exp3
 from wf_data.influence import (
-    InfluenceAwareOptimizer,
+    MixtureFeedback,
     masked_row_loss,
     per_domain_loss,
     row_loss_from_logits,
@@ -206,153 +205,60 @@ def test_row_loss_from_logits_across_frameworks():
     np.testing.assert_array_equal(counts, [2, 1])
 
 
-# --- InfluenceAwareOptimizer -------------------------------------------------------------------
+# --- MixtureFeedback ---------------------------------------------------------------------------
 
 
-class RecordingMixture:
-    """A mixture that records every update it receives."""
+def exp3_loader():
+    from tests.data.test_loader import make_loader
 
-    num_domains = 3
-
-    def __init__(self):
-        self.calls = []
-
-    def update(self, losses):
-        self.calls.append(np.array(losses, dtype=np.float64))
+    return make_loader("exp3")
 
 
-def make_model_and_optimizer(momentum=0.9):
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
+def test_feedback_observes_then_applies_explicitly():
+    loader, reference = exp3_loader(), exp3_loader()
+    feedback = MixtureFeedback(loader)
+    rows = []
+    for step in range(2):
+        batch = next(loader)
+        next(reference)
+        row_loss = torch.tensor([3.0, 1.0, float("nan"), 2.0]) + step
+        feedback.observe(row_loss, torch.as_tensor(batch["domain_ids"]))
+        rows.append((row_loss.numpy(), batch["domain_ids"]))
+    assert loader.mixer.live_policy.bandit.step == 0, "observe alone never updates"
+    assert loader.state_dict()["feedback"] != reference.state_dict()["feedback"]
+    feedback.apply()
+    assert loader.mixer.live_policy.bandit.step == 1
+    mean, _ = per_domain_loss(np.concatenate([r[0] for r in rows]).astype(np.float64),
+                              np.concatenate([r[1] for r in rows]), 3)
+    reference.update_mixture(mean)
+    assert loader.mixture == pytest.approx(reference.mixture)
+    feedback.apply()  # nothing pending: no update
+    assert loader.mixer.live_policy.bandit.step == 1
 
 
-def train_step(model, optimizer, step):
-    generator = torch.Generator().manual_seed(step)
-    inputs = torch.randn(6, 4, generator=generator)
-    optimizer.zero_grad()
-    row_loss = model(inputs).squeeze(-1) ** 2
-    row_loss.mean().backward()
-    domain_ids = torch.tensor([0, 0, 1, 1, 0, 1]) if step % 3 else torch.tensor([0, 1, 2] * 2)
-    optimizer.observe(row_loss, domain_ids)
-    optimizer.step()
-    return row_loss.detach(), domain_ids
-
-
-def test_optimizer_updates_the_mixture_every_n_steps():
-    model, inner = make_model_and_optimizer()
-    mixture = RecordingMixture()
-    optimizer = InfluenceAwareOptimizer(inner, mixture, update_every=2)
-    assert isinstance(optimizer, torch.optim.Optimizer)
-    assert optimizer.param_groups is inner.param_groups
-    seen = []
-    for step in range(1, 5):
-        seen.append(train_step(model, optimizer, step))
-        assert len(mixture.calls) == step // 2
-    for call, (first, second) in zip(mixture.calls, [seen[0:2], seen[2:4]], strict=True):
-        union_loss = torch.cat([first[0], second[0]]).numpy()
-        union_ids = torch.cat([first[1], second[1]]).numpy()
-        expected, _ = per_domain_loss(union_loss.astype(np.float64), union_ids, 3)
-        np.testing.assert_allclose(call, expected, rtol=1e-6, equal_nan=True)
-    assert np.isnan(mixture.calls[0][2])  # steps 1 and 2 saw no row of domain 2
-    assert not np.isnan(mixture.calls[1]).any()
-    assert optimizer.influence_state_dict()["row_counts"] == [0.0, 0.0, 0.0]
-    # An interval without any observed row sends no update.
-    optimizer.step()
-    optimizer.step()
-    assert len(mixture.calls) == 2 and optimizer.steps == 6
-
-
-def test_optimizer_works_with_exp3_and_lr_schedulers():
-    model, inner = make_model_and_optimizer()
-    bandit = Exp3(3)
-    optimizer = InfluenceAwareOptimizer(inner, bandit)  # num_domains from the bandit
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
-    for step in range(3):
-        train_step(model, optimizer, step)
-        scheduler.step()
-    assert bandit.step == 3 and (bandit.rewards > 0).all()
-    assert inner.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
-
-
-def test_optimizer_validates_arguments_and_warns_on_bad_losses():
-    _, inner = make_model_and_optimizer()
-    with pytest.raises(TypeError, match="update"):
-        InfluenceAwareOptimizer(inner, object(), num_domains=2)
-    with pytest.raises(ValueError, match="update_every"):
-        InfluenceAwareOptimizer(inner, RecordingMixture(), update_every=0)
-    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
-        InfluenceAwareOptimizer(object(), RecordingMixture())
-
-    class NoSize:
-        def update(self, losses):
-            pass
-
-    with pytest.raises(ValueError, match="num_domains="):
-        InfluenceAwareOptimizer(inner, NoSize())
-    mixture = RecordingMixture()
-    optimizer = InfluenceAwareOptimizer(inner, mixture)
-    optimizer.observe(np.array([1.0, np.inf]), np.array([0, 1]))
-    with pytest.warns(RuntimeWarning, match="domain 1 mean loss is inf over 1 rows"):
-        optimizer.step()
-    assert mixture.calls[0][0] == 1.0
-
-
-def test_optimizer_state_dict_round_trip():
-    model, inner = make_model_and_optimizer()
-    mixture = RecordingMixture()
-    optimizer = InfluenceAwareOptimizer(inner, mixture, update_every=3)
-    for step in range(4):  # checkpoint mid-interval: the accumulators hold step 3's rows
-        train_step(model, optimizer, step)
-    state = copy.deepcopy(optimizer.state_dict())
-    assert sum(state["influence"]["row_counts"]) == 6 and state["influence"]["steps"] == 4
-    assert state["optimizer"]["state"]  # momentum buffers
-    json.dumps(state["influence"])
-
-    restored_model = copy.deepcopy(model)
-    restored_inner = torch.optim.SGD(restored_model.parameters(), lr=0.5, momentum=0.9)
-    restored_mixture = RecordingMixture()
-    restored = InfluenceAwareOptimizer(restored_inner, restored_mixture, update_every=3)
-    restored.load_state_dict(state)
-    assert restored.steps == 4 and restored_inner.param_groups[0]["lr"] == 0.1
-    calls_before = len(mixture.calls)
-    for step in range(4, 9):
-        train_step(model, optimizer, step)
-        train_step(restored_model, restored, step)
-    for original, copied in zip(model.parameters(), restored_model.parameters(), strict=True):
-        torch.testing.assert_close(original, copied, rtol=0, atol=0)
-    assert len(restored_mixture.calls) == len(mixture.calls) - calls_before == 2
-    for original, copied in zip(mixture.calls[calls_before:], restored_mixture.calls, strict=True):
-        np.testing.assert_array_equal(original, copied)
-    with pytest.raises(ValueError, match="num_domains=3"):
-        InfluenceAwareOptimizer(restored_inner, Exp3(4)).load_state_dict(state)
+def test_feedback_takes_numpy_and_jax_and_refuses_non_loaders():
+    jnp = pytest.importorskip("jax.numpy")
+    loader = exp3_loader()
+    feedback = MixtureFeedback(loader)
+    feedback.observe(np.array([1.0, 3.0]), np.array([0, 0]))
+    feedback.observe(jnp.array([2.0]), jnp.array([2]))
+    assert loader.state_dict()["feedback"] == {"a": [4.0, 2.0], "b": [0.0, 0.0], "c": [2.0, 1.0]}
+    with pytest.raises(TypeError, match="observe_losses"):
+        MixtureFeedback(Exp3(3))
 
 
 # --- two gloo processes ------------------------------------------------------------------------
 
-GLOO_DOMAINS = 4
 GLOO_STEPS = 6
 GLOO_UPDATE_EVERY = 2
 
 
 def gloo_rows(rank, step):
-    """Rank-specific rows: rank 0 sees domains 0-1, rank 1 domains 0-2; nobody sees domain 3."""
+    """Rank-specific rows: rank 0 sees domains 0-1, rank 1 domains 0-2."""
     rng = np.random.default_rng([17, step, rank])
     size = 3 + 2 * rank
     domain_ids = rng.integers(0, 2 + rank, size=size)
     return rng.uniform(0.5, 4.0, size=size), domain_ids
-
-
-class _ParameterlessOptimizer(torch.optim.Optimizer):
-    """An Optimizer without parameters: Optimizer.__init__ would import torch._dynamo, which
-    costs each spawned process several seconds; the all-reduce is what the workers test."""
-
-    def __init__(self):
-        self.param_groups, self.state, self.defaults = [], {}, {}
-        self.steps = 0
-
-    def step(self, closure=None):
-        self.steps += 1
 
 
 def _gloo_worker(rank, world_size, init_file, out_dir):
@@ -362,27 +268,20 @@ def _gloo_worker(rank, world_size, init_file, out_dir):
         "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
     )
     try:
-        bandits = {"default_group": Exp3(GLOO_DOMAINS), "explicit_group": Exp3(GLOO_DOMAINS)}
-        optimizers = {
-            "default_group": InfluenceAwareOptimizer(
-                _ParameterlessOptimizer(),
-                bandits["default_group"],
-                update_every=GLOO_UPDATE_EVERY,
-            ),
-            "explicit_group": InfluenceAwareOptimizer(
-                _ParameterlessOptimizer(),
-                bandits["explicit_group"],
-                update_every=GLOO_UPDATE_EVERY,
-                process_group=dist.new_group([0, 1]),
+        loaders = {"default_group": exp3_loader(), "explicit_group": exp3_loader()}
+        feedbacks = {
+            "default_group": MixtureFeedback(loaders["default_group"]),
+            "explicit_group": MixtureFeedback(
+                loaders["explicit_group"], process_group=dist.new_group([0, 1])
             ),
         }
         for step in range(GLOO_STEPS):
             row_loss, domain_ids = gloo_rows(rank, step)
-            for optimizer in optimizers.values():
-                optimizer.observe(torch.tensor(row_loss), torch.tensor(domain_ids))
-                optimizer.step()
-        assert all(optimizer.optimizer.steps == GLOO_STEPS for optimizer in optimizers.values())
-        states = {name: bandit.state_dict() for name, bandit in bandits.items()}
+            for feedback in feedbacks.values():
+                feedback.observe(torch.tensor(row_loss), torch.tensor(domain_ids))
+                if (step + 1) % GLOO_UPDATE_EVERY == 0:
+                    feedback.apply()
+        states = {name: loader.state_dict() for name, loader in loaders.items()}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(states))
     finally:
         dist.destroy_process_group()
@@ -390,7 +289,7 @@ def _gloo_worker(rank, world_size, init_file, out_dir):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_all_reduce_over_two_gloo_processes_gives_identical_bandits(tmp_path):
+def test_all_reduce_over_two_gloo_processes_gives_identical_loader_states(tmp_path):
     import torch.multiprocessing as mp
 
     mp.spawn(
@@ -402,18 +301,17 @@ def test_all_reduce_over_two_gloo_processes_gives_identical_bandits(tmp_path):
     states = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert states[0] == states[1]
 
-    expected = Exp3(GLOO_DOMAINS)  # one process over the union of both ranks' rows
+    expected = exp3_loader()  # one process over the union of both ranks' rows
     for first in range(0, GLOO_STEPS, GLOO_UPDATE_EVERY):
         rows = [gloo_rows(r, s) for s in range(first, first + GLOO_UPDATE_EVERY) for r in (0, 1)]
         mean, _ = per_domain_loss(
             np.concatenate([loss for loss, _ in rows]),
             np.concatenate([ids for _, ids in rows]),
-            GLOO_DOMAINS,
+            3,
         )
-        assert np.isnan(mean[3]) and not np.isnan(mean[2])
-        expected.update(mean)
+        expected.update_mixture(mean)
+    policy = expected.state_dict()["pipeline"]["parent"]["parent"]["policy"]
     for name in ("default_group", "explicit_group"):
-        state = states[0][name]
+        state = states[0][name]["pipeline"]["parent"]["parent"]["policy"]
         assert state["step"] == GLOO_STEPS // GLOO_UPDATE_EVERY
-        np.testing.assert_allclose(state["rewards"], expected.rewards, rtol=1e-12)
-        assert state["rewards"][3] == 0.0
+        np.testing.assert_allclose(state["rewards"], policy["rewards"], rtol=1e-12)

@@ -155,7 +155,7 @@ def receive_message(fd: int):
     Only for pipes between this process and its own workers: the payload is a pickle.
     """
     (length,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size))
-    return pickle.loads(_read_exactly(fd, length))
+    return pickle.loads(_read_exactly(fd, length))  # ipc-pickle
 
 
 def _read_exactly(fd: int, count: int) -> bytes:

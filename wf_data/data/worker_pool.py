@@ -220,7 +220,7 @@ def _shutdown(workers: list[_Worker], owner_pid: int) -> None:
 def _remote_exception(payload, where: str) -> BaseException:
     exception_pickle, traceback_text = payload
     try:
-        exception = pickle.loads(exception_pickle)
+        exception = pickle.loads(exception_pickle)  # ipc-pickle
     except Exception:
         exception = RuntimeError(traceback_text.strip().splitlines()[-1])
     exception.add_note(f"raised by ProcessMap fn in {where}")
@@ -239,7 +239,7 @@ def worker_main(argv: list[str]) -> None:
         return
     sys.path[:] = sys_path
     try:
-        fn, init_error = pickle.loads(fn_pickle), None
+        fn, init_error = pickle.loads(fn_pickle), None  # ipc-pickle
     except Exception as error:  # e.g. fn defined in a script's __main__: answer every task
         fn, init_error = None, _exception_payload(error)
     writer = SlotWriter(memory_fd)
@@ -262,7 +262,7 @@ def _exception_payload(error: Exception) -> tuple[bytes, str]:
     text = "".join(traceback.format_exception(error))
     try:
         exception_pickle = pickle.dumps(error)
-        pickle.loads(exception_pickle)
+        pickle.loads(exception_pickle)  # ipc-pickle
     except Exception:
         exception_pickle = b""
     return exception_pickle, text

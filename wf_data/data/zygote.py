@@ -109,7 +109,7 @@ class Zygote:
                 f"the ProcessMap zygote (pid {self._process.pid}) exited: "
                 f"code {self._process.poll()}"
             )
-        status, value = pickle.loads(reply)
+        status, value = pickle.loads(reply)  # ipc-pickle
         if status != "ok":
             raise RuntimeError(f"the ProcessMap zygote failed: {value}")
         return value
@@ -160,7 +160,7 @@ def zygote_main(argv: list[str]) -> None:
             return
         if not data:
             return  # the owner closed the socket or died
-        kind, value = pickle.loads(data)
+        kind, value = pickle.loads(data)  # ipc-pickle
         try:
             if kind == "spawn":
                 pid = os.fork()

@@ -1,12 +1,13 @@
-"""Feedback from training into the data mixture: per-domain losses and an optimizer wrapper.
+"""Feedback from training into the data mixture: per-domain losses and `MixtureFeedback`.
 
 The trainer computes a loss per row (`masked_row_loss`, `row_loss_from_logits`), reduces it per
-domain (`per_domain_loss`) and hands it to the mixture; `InfluenceAwareOptimizer` does the last
-two for a torch training loop, all-reducing over the data-parallel group so that every rank's
-bandit holds the same weights.
+domain (`per_domain_loss`) and hands it to the loader's mixture; `MixtureFeedback` does the
+last two explicitly (`observe` per batch, `apply` per update), all-reducing over the
+data-parallel group so that every rank's bandit holds the same weights. Nothing happens inside
+`optimizer.step()`.
 
 Functions accept numpy, torch and JAX arrays and answer in the input's framework. torch and jax
-are imported only when an input (or `InfluenceAwareOptimizer`) needs them, so numpy-only users
+are imported only when an input needs them, so numpy-only users
 pay for neither. This module imports nothing from `wf_data.distributed`.
 """
 
@@ -14,16 +15,12 @@ from __future__ import annotations
 
 import numbers
 import sys
-import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    import torch
-
 __all__ = [
-    "InfluenceAwareOptimizer",
+    "MixtureFeedback",
     "masked_row_loss",
     "per_domain_loss",
     "row_loss_from_logits",
@@ -262,277 +259,74 @@ def _array_module(framework: str) -> Any:
     return np
 
 
-# --- InfluenceAwareOptimizer ------------------------------------------------------------------
-# The class subclasses torch.optim.Optimizer (LR schedulers insist on it), so it is built on
-# first access (PEP 562 module __getattr__): importing this module does not import torch.
+# --- MixtureFeedback ---------------------------------------------------------------------------
 
 
-def _infer_num_domains(mixture: Any) -> int | None:
-    num_domains = getattr(mixture, "num_domains", None)
-    if num_domains is not None:
-        return int(num_domains)
-    for name in ("policy", "weights"):
-        value = getattr(mixture, name, None)
-        if callable(value):
-            try:
-                value = value()
-            except TypeError:
-                continue
-        if value is not None:
-            try:
-                return len(value)
-            except TypeError:
-                continue
-    return None
+class MixtureFeedback:
+    """Per-domain training losses to a loader's mixture, as two explicit calls.
+
+    `observe(row_loss, domain_ids)` after a (micro-)batch's forward: per-domain loss sums and
+    row counts, all-reduced (SUM) over `process_group` when torch.distributed is initialised,
+    are added to the loader's pending feedback (`loader.observe_losses`). Pending feedback is
+    part of `loader.state_dict()`, the same on every rank, so a checkpoint between two calls
+    loses nothing. `apply()` (e.g. every `mixing.update_every` optimizer steps, on every rank)
+    hands the mean loss of each observed domain to `loader.update_mixture` and clears it.
+
+    `loader` is a `wf_data.data.DataLoader` (or any object with `num_domains`,
+    `observe_losses(loss_sums, row_counts)` and `apply_observed()`).
+    """
+
+    def __init__(self, loader: Any, *, process_group: Any = None) -> None:
+        for name in ("observe_losses", "apply_observed"):
+            if not callable(getattr(loader, name, None)):
+                raise TypeError(
+                    f"MixtureFeedback needs a loader with {name}(), got {type(loader).__name__}"
+                )
+        self.loader = loader
+        self.num_domains = _check_num_domains(loader.num_domains)
+        self.process_group = process_group
+
+    def observe(self, row_loss: Any, domain_ids: Any) -> None:
+        """Adds (B,) row losses of (B,) domains (any framework) to the pending feedback.
+
+        Collective under torch.distributed: every rank calls it the same number of times.
+        """
+        sums, counts = _domain_sums(row_loss, domain_ids, self.num_domains)
+        if _framework(sums) == "torch":
+            both = _torch_module().stack([sums.double(), counts.double()]).cpu().numpy()
+        else:
+            both = np.stack([np.asarray(sums, np.float64), np.asarray(counts, np.float64)])
+        both = _all_reduce(both, self.process_group)
+        self.loader.observe_losses(both[0], both[1])
+
+    def apply(self) -> None:
+        """Updates the mixture with the pending mean losses (none observed: no update)."""
+        self.loader.apply_observed()
+
+    def __repr__(self) -> str:
+        return f"MixtureFeedback(num_domains={self.num_domains})"
 
 
-def _build_influence_aware_optimizer() -> type:
+def _torch_module() -> Any:
     import torch
 
-    class InfluenceAwareOptimizer(torch.optim.Optimizer):
-        """A torch optimizer that also feeds per-domain losses back to the data mixture.
-
-        `observe(row_loss, domain_ids)` accumulates per-domain loss sums and row counts
-        (float64, detached, on CPU). Every `update_every` calls of `step()`, after stepping the
-        wrapped optimizer, the sums and counts are all-reduced (SUM) over `process_group` when
-        torch.distributed is initialised (a CPU float64 tensor for gloo, the current CUDA device
-        for NCCL) and `mixture.update(mean_loss)` receives a (K,) float64 array with NaN for the
-        domains no rank observed; then the accumulators reset. Every rank thus hands the same
-        numbers to its mixture. An interval in which no rank observed any row calls no update.
-
-        Args:
-          optimizer: the torch optimizer to wrap; `param_groups`, `state`, `defaults`,
-            `zero_grad`, `add_param_group` and unknown attributes delegate to it (LR schedulers
-            can take this wrapper).
-          mixture: any object with `update(losses)` taking a (K,) array with NaN for unobserved
-            domains (`Exp3`, `Exp3Mixing`, a loader's mixture).
-          update_every: optimizer steps per mixture update (>= 1).
-          process_group: the data-parallel group (None: the default group).
-          num_domains: K; by default `mixture.num_domains`, else `len(mixture.policy())` or
-            `len(mixture.weights)`.
-
-        All ranks must call `step()` the same number of times (the all-reduce is collective); a
-        step skipped by a GradScaler on every rank keeps its rows for the next update.
-        For torch DCP, checkpoint `.optimizer` as usual and `influence_state_dict()` beside it.
-        """
-
-        def __init__(
-            self,
-            optimizer: torch.optim.Optimizer,
-            mixture: Any,
-            *,
-            update_every: int = 1,
-            process_group: Any = None,
-            num_domains: int | None = None,
-        ) -> None:
-            # Optimizer.__init__ is not called on purpose: the wrapped optimizer owns the
-            # parameters and state.
-            if not isinstance(optimizer, torch.optim.Optimizer):
-                raise TypeError(
-                    "InfluenceAwareOptimizer: optimizer must be a torch.optim.Optimizer, got "
-                    f"{type(optimizer).__name__}"
-                )
-            if not callable(getattr(mixture, "update", None)):
-                raise TypeError(
-                    "InfluenceAwareOptimizer: mixture must have an update(losses) method, got "
-                    f"{type(mixture).__name__}"
-                )
-            if isinstance(update_every, bool) or not isinstance(update_every, numbers.Integral):
-                raise TypeError(
-                    f"InfluenceAwareOptimizer: update_every must be an int, got {update_every!r}"
-                )
-            if update_every < 1:
-                raise ValueError(
-                    f"InfluenceAwareOptimizer: update_every must be >= 1, got {update_every}"
-                )
-            if num_domains is None:
-                num_domains = _infer_num_domains(mixture)
-                if num_domains is None:
-                    raise ValueError(
-                        "InfluenceAwareOptimizer: cannot tell the number of domains from "
-                        f"{type(mixture).__name__}; pass num_domains="
-                    )
-            self.optimizer = optimizer
-            self.mixture = mixture
-            self.update_every = int(update_every)
-            self.process_group = process_group
-            self.num_domains = _check_num_domains(num_domains)
-            self._loss_sums = np.zeros(self.num_domains, dtype=np.float64)
-            self._row_counts = np.zeros(self.num_domains, dtype=np.float64)
-            self._steps = 0
-
-        # -- delegation to the wrapped optimizer ----------------------------------------------
-
-        @property
-        def param_groups(self) -> list[dict[str, Any]]:
-            return self.optimizer.param_groups
-
-        @param_groups.setter
-        def param_groups(self, value: list[dict[str, Any]]) -> None:
-            self.optimizer.param_groups = value
-
-        @property
-        def state(self) -> Any:
-            return self.optimizer.state
-
-        @state.setter
-        def state(self, value: Any) -> None:
-            self.optimizer.state = value
-
-        @property
-        def defaults(self) -> dict[str, Any]:
-            return self.optimizer.defaults
-
-        @defaults.setter
-        def defaults(self, value: dict[str, Any]) -> None:
-            self.optimizer.defaults = value
-
-        def __getattr__(self, name: str) -> Any:
-            # Only reached for attributes this wrapper lacks (e.g. train()/eval() of some
-            # optimizers). "optimizer" itself must not recurse while unpickling.
-            if name == "optimizer":
-                raise AttributeError(name)
-            return getattr(self.optimizer, name)
-
-        def __getstate__(self) -> dict[str, Any]:
-            return self.__dict__
-
-        def __setstate__(self, state: dict[str, Any]) -> None:
-            self.__dict__.update(state)
-
-        def zero_grad(self, set_to_none: bool = True) -> None:
-            """Delegates to the wrapped optimizer."""
-            self.optimizer.zero_grad(set_to_none=set_to_none)
-
-        def add_param_group(self, param_group: dict[str, Any]) -> None:
-            """Delegates to the wrapped optimizer."""
-            self.optimizer.add_param_group(param_group)
-
-        def __repr__(self) -> str:
-            return (
-                f"InfluenceAwareOptimizer({self.optimizer!r}, num_domains={self.num_domains}, "
-                f"update_every={self.update_every}, steps={self._steps})"
-            )
-
-        # -- feedback ---------------------------------------------------------------------------
-
-        @property
-        def steps(self) -> int:
-            """Number of `step()` calls so far."""
-            return self._steps
-
-        def observe(self, row_loss: Any, domain_ids: Any) -> None:
-            """Add a micro-batch's (B,) row losses of (B,) domains to the accumulators."""
-            sums, counts = _domain_sums(row_loss, domain_ids, self.num_domains)
-            if isinstance(sums, torch.Tensor):
-                both = torch.stack([sums.to(torch.float64), counts.to(torch.float64)]).cpu()
-                sums, counts = both[0].numpy(), both[1].numpy()
-            self._loss_sums += np.asarray(sums, dtype=np.float64)
-            self._row_counts += np.asarray(counts, dtype=np.float64)
-
-        def step(self, closure: Any = None) -> Any:
-            """Step the wrapped optimizer; every `update_every` steps, update the mixture."""
-            loss = self.optimizer.step(closure) if closure is not None else self.optimizer.step()
-            self._steps += 1
-            if self._steps % self.update_every == 0:
-                self._update_mixture()
-            return loss
-
-        def _update_mixture(self) -> None:
-            loss_sums, row_counts = self._all_reduce(self._loss_sums, self._row_counts)
-            self._loss_sums = np.zeros(self.num_domains, dtype=np.float64)
-            self._row_counts = np.zeros(self.num_domains, dtype=np.float64)
-            if not row_counts.any():
-                return
-            mean_loss = np.divide(
-                loss_sums, row_counts, out=np.full(self.num_domains, np.nan), where=row_counts > 0
-            )
-            for domain in np.flatnonzero((row_counts > 0) & ~np.isfinite(mean_loss)):
-                warnings.warn(
-                    f"InfluenceAwareOptimizer: domain {domain} mean loss is "
-                    f"{float(mean_loss[domain])!r} over {int(row_counts[domain])} rows",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            self.mixture.update(mean_loss)
-
-        def _all_reduce(
-            self, loss_sums: np.ndarray, row_counts: np.ndarray
-        ) -> tuple[np.ndarray, np.ndarray]:
-            dist = torch.distributed
-            if not (dist.is_available() and dist.is_initialized()):
-                return loss_sums, row_counts
-            backend = str(dist.get_backend(self.process_group)).lower()
-            device = (
-                torch.device("cuda", torch.cuda.current_device())
-                if "nccl" in backend
-                else torch.device("cpu")
-            )
-            both = torch.from_numpy(np.concatenate([loss_sums, row_counts])).to(device)
-            dist.all_reduce(both, op=dist.ReduceOp.SUM, group=self.process_group)
-            both = both.cpu().numpy()
-            return both[: self.num_domains], both[self.num_domains :]
-
-        # -- checkpointing ----------------------------------------------------------------------
-
-        def influence_state_dict(self) -> dict[str, Any]:
-            """This rank's accumulators and step counter (JSON-serialisable, K floats each)."""
-            return {
-                "num_domains": self.num_domains,
-                "update_every": self.update_every,
-                "steps": self._steps,
-                "loss_sums": self._loss_sums.tolist(),
-                "row_counts": self._row_counts.tolist(),
-            }
-
-        def load_influence_state_dict(self, state: dict[str, Any]) -> None:
-            """Restore `influence_state_dict()` output (same number of domains)."""
-            if int(state["num_domains"]) != self.num_domains:
-                raise ValueError(
-                    "InfluenceAwareOptimizer.load_state_dict: state has num_domains="
-                    f"{int(state['num_domains'])}, this optimizer has {self.num_domains}"
-                )
-            loss_sums = np.array(state["loss_sums"], dtype=np.float64)
-            row_counts = np.array(state["row_counts"], dtype=np.float64)
-            if loss_sums.shape != (self.num_domains,) or row_counts.shape != loss_sums.shape:
-                raise ValueError(
-                    "InfluenceAwareOptimizer.load_state_dict: loss_sums and row_counts must "
-                    f"have {self.num_domains} entries, got {loss_sums.shape} and "
-                    f"{row_counts.shape}"
-                )
-            self._loss_sums, self._row_counts = loss_sums, row_counts
-            self._steps = int(state["steps"])
-
-        def state_dict(self) -> dict[str, Any]:
-            """{"optimizer": the wrapped optimizer's state_dict, "influence": accumulators}."""
-            return {
-                "optimizer": self.optimizer.state_dict(),
-                "influence": self.influence_state_dict(),
-            }
-
-        def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-            """Restore `state_dict()` output: optimizer state, accumulators, step counter."""
-            if set(state_dict) != {"optimizer", "influence"}:
-                raise ValueError(
-                    "InfluenceAwareOptimizer.load_state_dict: expected keys "
-                    f"['influence', 'optimizer'], got {sorted(state_dict)}"
-                )
-            self.optimizer.load_state_dict(state_dict["optimizer"])
-            self.load_influence_state_dict(state_dict["influence"])
-
-    # Pickle finds the class by module and qualified name, i.e. through __getattr__ below.
-    InfluenceAwareOptimizer.__module__ = __name__
-    InfluenceAwareOptimizer.__qualname__ = "InfluenceAwareOptimizer"
-    return InfluenceAwareOptimizer
+    return torch
 
 
-def __getattr__(name: str) -> Any:
-    if name == "InfluenceAwareOptimizer":
-        cls = _build_influence_aware_optimizer()
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+def _all_reduce(both: np.ndarray, process_group: Any) -> np.ndarray:
+    """(2, K) float64 summed over the group's ranks (unchanged without torch.distributed)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return both
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return both
+    backend = str(dist.get_backend(process_group)).lower()
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if "nccl" in backend
+        else torch.device("cpu")
+    )
+    tensor = torch.from_numpy(both.copy()).to(device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=process_group)
+    return tensor.cpu().numpy()

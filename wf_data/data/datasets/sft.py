@@ -47,8 +47,6 @@ def _read_records(source: Any, indices: Sequence[int]) -> list:
     """Records at `indices` with one batched read when the source offers it."""
     if hasattr(source, "__getitems__"):
         return list(source.__getitems__(indices))
-    if isinstance(source, grain.MapDataset):
-        return list(source._getitems(list(indices)))  # pylint: disable=protected-access
     return [source[int(i)] for i in indices]
 
 
@@ -81,8 +79,6 @@ class ChatDocuments(grain.MapDataset):
     first `seq_len` tokens (`"truncate"`) or are left out (`"drop"`); `overlong_counts` says how
     many. Document `i` is source record `record_indices[i]`.
     """
-
-    _MUTATES_ELEMENT_SPEC = True
 
     def __init__(
         self,
@@ -266,19 +262,14 @@ class ChatDocuments(grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        with self._stats.record_self_time():
-            record_index = int(self.record_indices[int(index) % len(self)])
-            return self._render([self._source[record_index]], [record_index])[0]
-
-    def _getitems(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
-        with self._stats.record_self_time(num_elements=len(indices)):
-            positions = np.asarray(indices, dtype=np.int64) % len(self)
-            record_indices = self.record_indices[positions].tolist()
-            return self._render(_read_records(self._source, record_indices), record_indices)
+        record_index = int(self.record_indices[int(index) % len(self)])
+        return self._render([self._source[record_index]], [record_index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, np.ndarray]]:
         """Documents at `indices`, with one batched read of the source."""
-        return self._getitems(indices)
+        positions = np.asarray(indices, dtype=np.int64) % len(self)
+        record_indices = self.record_indices[positions].tolist()
+        return self._render(_read_records(self._source, record_indices), record_indices)
 
 
 class SFTDataset(BestFitPackedDataset):

@@ -1,0 +1,159 @@
+"""From a data config to loader parts: packed domains, the mixer, the reader, the fingerprint.
+
+`get_loader` (in `wf_data.data.loader`) calls `build_domains` (one packed dataset per source:
+tokenizer loaded once, seeds keyed by source name), `build_mixer` (the plans of every domain
+under the configured policy) and `loader_fingerprint` (what a saved state must match).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from wf_data.data.mixing import Exp3Policy, MixPlans, StaticWeights, mix_plans, validate_weights
+from wf_data.data.packing import PackedDataset
+from wf_data.data.rows import RowReader
+
+__all__ = [
+    "build_domain",
+    "build_domains",
+    "build_mixer",
+    "domain_seed",
+    "json_safe",
+    "load_tokenizer",
+    "loader_fingerprint",
+    "reader_of",
+]
+
+
+def domain_seed(seed: int, name: str) -> int:
+    """Seed of one domain's shuffle: keyed by name, so adding a domain changes no other one."""
+    return zlib.crc32(f"{int(seed)}:{name}".encode())
+
+
+def load_tokenizer(name: str | None):
+    """The config's tokenizer (`TokenizerWrapper.from_pretrained`), or None."""
+    from wf_data.data.tokenization import TokenizerWrapper
+
+    return TokenizerWrapper.from_pretrained(name) if name else None
+
+
+def build_domain(source, cfg, *, tokenizer, num_epochs) -> PackedDataset:
+    """One domain's packed dataset: pre-training (tokenize + pack) or SFT (chat + pack)."""
+    from wf_data.data.sources import open_dataset
+
+    documents = open_dataset(source.path)
+    seed = domain_seed(cfg.seed, source.name)
+    common = dict(seq_len=cfg.seq_len, seed=seed, num_epochs=num_epochs, pad_id=cfg.pad_id)
+    if cfg.window_size is not None:
+        common["window_size"] = cfg.window_size
+    if cfg.kind == "sft":
+        from wf_data.data.datasets.sft import SFTDataset
+
+        return SFTDataset(
+            documents,
+            tokenizer=tokenizer,
+            chat_template=cfg.sft.chat_template,
+            overlong=cfg.sft.overlong,
+            **common,
+        )
+    from wf_data.data.datasets.pretrain import PretrainDataset
+
+    return PretrainDataset(
+        documents,
+        tokenizer=tokenizer,
+        packing=cfg.packing,
+        allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch,
+        **common,
+    )
+
+
+def build_domains(cfg, *, sources=None, num_epochs="config") -> dict[str, PackedDataset]:
+    """One packed dataset per enabled source of `cfg` (or per entry of `sources`), by name."""
+    sources = cfg.enabled_sources() if sources is None else sources
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    epochs = cfg.num_epochs if num_epochs == "config" else num_epochs
+    return {
+        name: build_domain(source, cfg, tokenizer=tokenizer, num_epochs=epochs)
+        for name, source in sources.items()
+    }
+
+
+def build_mixer(
+    cfg,
+    domains: Mapping[str, PackedDataset],
+    weights: Mapping[str, float],
+    *,
+    on_exhausted: str | None = None,
+) -> MixPlans:
+    """The mixer of the domains' plans under the config's policy (static or EXP3).
+
+    Finite epochs end the stream when a domain runs out; otherwise domains start over.
+    """
+    from wf_data.data import odm
+
+    names = list(domains)
+    if cfg.mixing.kind == "exp3":
+        prior = validate_weights(names, weights)
+        from_config = getattr(odm, "bandit_from_config", None)  # odm's branch adds it
+        if from_config is not None:
+            bandit = from_config(
+                cfg.mixing, len(names), prior=prior, seed=cfg.seed, domain_names=names
+            )
+        else:
+            bandit = odm.Exp3(
+                len(names),
+                alpha=cfg.mixing.alpha,
+                prior=prior,
+                seed=cfg.seed,
+                min_weight=cfg.mixing.min_weight,
+                max_weight=cfg.mixing.max_weight,
+                warmup_steps=cfg.mixing.warmup_steps,
+            )
+        policy = Exp3Policy(bandit)
+    else:
+        policy = StaticWeights(weights)
+    on_exhausted = on_exhausted or ("stop" if cfg.num_epochs is not None else "restart")
+    return mix_plans(
+        {name: ds.plans for name, ds in domains.items()},
+        policy,
+        seed=cfg.seed,
+        on_exhausted=on_exhausted,
+    )
+
+
+def reader_of(domains: Mapping[str, PackedDataset]) -> RowReader:
+    """The reader of all domains' rows, indexed like the mixer's domains."""
+    first = next(iter(domains.values()))
+    return RowReader(
+        [ds.docs for ds in domains.values()], first.seq_len, [ds.pad_id for ds in domains.values()]
+    )
+
+
+def loader_fingerprint(cfg, domains: Mapping[str, PackedDataset]) -> dict[str, Any]:
+    """What a loader state depends on: global settings plus one fingerprint per source."""
+    return {
+        "kind": cfg.kind,
+        "seq_len": cfg.seq_len,
+        "packing": cfg.packing if cfg.kind == "pretrain" else "best_fit",
+        "window_size": cfg.window_size,
+        "seed": cfg.seed,
+        "tokenizer": cfg.tokenizer,
+        "num_epochs": cfg.num_epochs,
+        "mixing": cfg.mixing.kind,
+        "sources": {name: json_safe(ds.fingerprint()) for name, ds in domains.items()},
+    }
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with tuples as lists and numpy scalars as Python numbers (JSON round trip)."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value

@@ -1,0 +1,136 @@
+"""The loader state format: validation, fingerprints and per-domain entries.
+
+A `DataLoader.state_dict()` is a JSON-safe dict, the same on every rank:
+
+    {"version": 2, "fingerprint": {...settings and one entry per source...},
+     "step": int, "pipeline": {...the Grain pipeline iterator's state...},
+     "stats": {name: [rows, real tokens] served}, "feedback": {name: [loss sum, rows] pending}}
+
+Everything read back is checked here first: a malformed or foreign state is a
+`LoaderStateError` naming the entry, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+STATE_VERSION = 2
+_STATE_KEYS = {
+    "version": int,
+    "fingerprint": dict,
+    "step": int,
+    "pipeline": dict,
+    "stats": dict,
+    "feedback": dict,
+}
+
+__all__ = [
+    "LoaderStateError",
+    "STATE_VERSION",
+    "by_domain",
+    "check_fingerprint",
+    "check_state",
+    "from_domains",
+    "stats_summary",
+]
+
+
+class LoaderStateError(ValueError):
+    """A loader state that is malformed or belongs to other data or settings."""
+
+
+def check_state(state: Any) -> None:
+    """Raises `LoaderStateError` naming the first missing or wrong-typed entry of a state."""
+    if not isinstance(state, Mapping):
+        raise LoaderStateError(
+            f"not a wf-data loader state: expected a dict, got {type(state).__name__}"
+        )
+    if "version" not in state:
+        raise LoaderStateError(f"not a wf-data loader state: keys {sorted(map(str, state))[:8]}")
+    if state["version"] != STATE_VERSION:
+        raise LoaderStateError(
+            f"loader state version {state['version']!r} is not supported (expected {STATE_VERSION})"
+        )
+    for key, kind in _STATE_KEYS.items():
+        if key not in state:
+            raise LoaderStateError(f"loader state is missing the entry {key!r}")
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise LoaderStateError(
+                f"loader state entry {key!r} must be a {kind.__name__}, got "
+                f"{type(value).__name__}: {json.dumps(value, default=str)[:80]}"
+            )
+    if state["step"] < 0:
+        raise LoaderStateError(f"loader state entry 'step' must be >= 0, got {state['step']}")
+
+
+def by_domain(entry: Mapping[str, Any], key: str, names: Sequence[str], dtype) -> np.ndarray:
+    """(2, K) array of the pairs `entry` (state[key]) holds per domain, in `names` order (0 for
+    a domain added since)."""
+    pairs = []
+    for name, value in entry.items():
+        if (
+            not isinstance(value, list)
+            or len(value) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int | float) for v in value)
+        ):
+            raise LoaderStateError(
+                f"loader state entry {key!r}: domain {name!r} must map to two numbers, got "
+                f"{value!r}"
+            )
+    for name in names:
+        pairs.append(entry.get(name, [0, 0]))
+    return np.array(pairs, dtype=dtype).T.reshape(2, len(names))
+
+
+def from_domains(names: Sequence[str], pairs: np.ndarray, kind: type) -> dict[str, list]:
+    """The state entry of a (2, K) array: {name: [first, second]}."""
+    return {name: [kind(a), kind(b)] for name, a, b in zip(names, *pairs, strict=True)}
+
+
+def stats_summary(
+    names: Sequence[str], served: np.ndarray, mixture: Mapping[str, float], seq_len: int
+) -> dict[str, float]:
+    """Flat `data/...` floats from (2, K) rows and real tokens served: fill, shares, weights."""
+    rows, tokens = served
+    rows_total, tokens_total = int(rows.sum()), int(tokens.sum())
+    out = {
+        "data/tokens_served": float(tokens_total),
+        "data/rows_served": float(rows_total),
+        "data/fill": tokens_total / (rows_total * seq_len) if rows_total else 0.0,
+    }
+    for index, name in enumerate(names):
+        out[f"data/weight/{name}"] = float(mixture[name])
+        out[f"data/row_share/{name}"] = float(rows[index] / max(rows_total, 1))
+        out[f"data/token_share/{name}"] = float(tokens[index] / max(tokens_total, 1))
+    return out
+
+
+def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Raises `LoaderStateError` naming every setting or source that differs.
+
+    Per-source entries are compared only for sources present in both; added and removed
+    sources are allowed (that is what re-weighting and extending a mixture needs).
+    """
+    differences = []
+    for key in sorted(set(saved) | set(current)):
+        if key != "sources" and saved.get(key) != current.get(key):
+            differences.append(
+                f"{key}: state has {saved.get(key)!r}, loader has {current.get(key)!r}"
+            )
+    saved_sources = saved.get("sources", {})
+    current_sources = current.get("sources", {})
+    for name in sorted(set(saved_sources) & set(current_sources)):
+        if saved_sources[name] != current_sources[name]:
+            differences.append(
+                f"source {name!r}: state was made from {saved_sources[name]!r}, "
+                f"loader reads {current_sources[name]!r}"
+            )
+    if differences:
+        raise LoaderStateError(
+            "loader state belongs to different data or settings:\n  " + "\n  ".join(differences)
+        )

@@ -1,0 +1,369 @@
+"""Reading rows from plans: `read_rows(sources, seq_len)`, a stateless, picklable map.
+
+`read_rows(...)(plan)` reads the documents a plan names (one batched `__getitems__` per
+domain) and builds the rows with whole-batch numpy operations:
+
+- a row plan (see `wf_data.data.plans`) gives one row: `input_ids`, `labels`, `position_ids`,
+  `segment_ids`, each `(L,)` int32 (plus a 0-d `domain_ids` when the plan has a `domain`);
+- a batch plan (see `wf_data.data.batching`, it has `row_pieces`) gives `(B, L)` int32 arrays
+  plus `domain_ids` `(B,)` int32; `ReadSlice` reads one rank's rows of a global batch plan
+  (the loader's worker function).
+
+Row layout: `labels` are the tokens with -100 on padding and on the first token of every
+segment (and, for dict documents with a `loss_mask`, wherever the mask is 0); `position_ids`
+restart at 0 per segment and are 0 on padding; `segment_ids` number the row's segments 1, 2,
+... and are 0 on padding, which always ends the row. The output is a pure function of the plan,
+so rows read in a worker process equal rows read inline. This module imports no Grain: worker
+processes import it to unpickle their function.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
+PLAN_KEYS = ("doc_ids", "offsets", "lengths")
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PLAN_KEYS",
+    "ROW_KEYS",
+    "ReadSlice",
+    "RowReader",
+    "SliceRows",
+    "read_documents",
+    "read_rows",
+    "rename_domains",
+]
+
+
+def read_rows(sources: Any, seq_len: int, pad_id: int | Sequence[int] = 0) -> RowReader:
+    """The map from plans to rows of `seq_len` tokens.
+
+    `sources` is one random-access document source (`__len__`, `__getitem__`, optionally
+    `__getitems__`), or a sequence / mapping of them indexed by the plans' domain (mapping
+    values in domain order). A document is a 1-D int array or a dict {"input_ids": (n,) int,
+    "loss_mask": (n,) bool}. `pad_id` is one int or one per domain.
+    """
+    return RowReader(sources, seq_len, pad_id)
+
+
+class RowReader:
+    """Plan -> rows, for one or several domains' document sources. Small and picklable."""
+
+    def __init__(self, sources: Any, seq_len: int, pad_id: int | Sequence[int] = 0):
+        if isinstance(sources, Mapping):
+            sources = list(sources.values())
+        elif not isinstance(sources, list | tuple) or (
+            sources and isinstance(sources[0], int | np.integer | np.ndarray | dict)
+        ):
+            sources = [sources]  # one source (possibly itself a list of documents)
+        if not sources:
+            raise ValueError("read_rows needs at least one document source")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+            raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+        pad_ids = [pad_id] * len(sources) if isinstance(pad_id, int | np.integer) else pad_id
+        if len(pad_ids) != len(sources):
+            raise ValueError(f"pad_id has {len(pad_ids)} entries for {len(sources)} sources")
+        self.sources = tuple(sources)
+        self.seq_len = int(seq_len)
+        self.pad_ids = tuple(int(p) for p in pad_ids)
+
+    def __repr__(self) -> str:
+        return f"RowReader({len(self.sources)} sources, seq_len={self.seq_len})"
+
+    def __call__(self, plan: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if "row_pieces" in plan:
+            return self.read_batch(plan)
+        domain = plan.get("domain")
+        batch = self.read_batch(
+            {
+                "doc_ids": plan["doc_ids"],
+                "offsets": plan["offsets"],
+                "lengths": plan["lengths"],
+                "row_pieces": np.array([len(plan["doc_ids"])]),
+                "domain_ids": np.array([0 if domain is None else domain], dtype=np.int32),
+            }
+        )
+        row = {key: batch[key][0] for key in ROW_KEYS}
+        if domain is not None:
+            row["domain_ids"] = batch["domain_ids"][0]
+        return row
+
+    def read_batch(self, plan: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """`(B, L)` int32 rows and `(B,)` int32 `domain_ids` of a batch plan."""
+        doc_ids = np.asarray(plan["doc_ids"], dtype=np.int64)
+        offsets = np.asarray(plan["offsets"], dtype=np.int64)
+        sizes = np.asarray(plan["lengths"], dtype=np.int64)
+        row_pieces = np.asarray(plan["row_pieces"], dtype=np.int64)
+        n = row_pieces.size
+        domain_ids = np.asarray(plan.get("domain_ids", np.zeros(n)), dtype=np.int32)
+        if domain_ids.shape != (n,):
+            raise ValueError(f"plan has {n} rows but domain_ids of shape {domain_ids.shape}")
+        if domain_ids.size and (domain_ids.min() < 0 or domain_ids.max() >= len(self.sources)):
+            raise ValueError(
+                f"plan names domain {int(domain_ids.max())}; this reader has "
+                f"{len(self.sources)} sources"
+            )
+        piece_domains = np.repeat(domain_ids, row_pieces)
+        rows = {key: np.empty((n, self.seq_len), dtype=np.int32) for key in ROW_KEYS}
+        for domain in np.unique(domain_ids).tolist():
+            in_domain = domain_ids == domain
+            if in_domain.all():
+                self._build(domain, doc_ids, offsets, sizes, row_pieces, rows)
+                continue
+            pieces = piece_domains == domain
+            part = {
+                key: np.empty((int(in_domain.sum()), self.seq_len), np.int32) for key in ROW_KEYS
+            }
+            self._build(
+                domain, doc_ids[pieces], offsets[pieces], sizes[pieces], row_pieces[in_domain], part
+            )
+            for key in ROW_KEYS:
+                rows[key][in_domain] = part[key]
+        rows["domain_ids"] = domain_ids
+        return rows
+
+    def _build(self, domain, doc_ids, offsets, sizes, row_pieces, rows) -> None:
+        """Fills `rows` ((n, L) int32 arrays) from the pieces of n rows of one domain.
+
+        Tokens are one `np.concatenate` of piece slices (and padding blocks); positions and
+        segment ids are in-place row-wise cumulative sums of increments scattered at segment
+        starts.
+        """
+        source, seq_len, pad_id = self.sources[domain], self.seq_len, self.pad_ids[domain]
+        n = row_pieces.size
+        ends = np.cumsum(sizes)
+        row_ends = np.concatenate([[0], ends])
+        row_first = np.cumsum(row_pieces) - row_pieces
+        used = row_ends[row_first + row_pieces] - row_ends[row_first]
+        if n and (used.max() > seq_len or row_pieces.min() < 1 or sizes.min() < 1):
+            raise ValueError(
+                f"plan rows hold {int(used.min())} to {int(used.max())} tokens in pieces of "
+                f"{int(sizes.min())} or more: not a plan for seq_len={seq_len} (rows hold 1 to "
+                "seq_len tokens, pieces >= 1)"
+            )
+        tokens, masks = read_documents(source, np.unique(doc_ids).tolist())
+        piece_rows = np.repeat(np.arange(n), row_pieces)
+        in_row = ends - sizes - row_ends[row_first][piece_rows]
+        first_tokens = piece_rows * seq_len + in_row
+        stops = offsets + sizes
+        parts: list[np.ndarray] = []
+        pad_tokens = np.full(seq_len, pad_id, dtype=np.int32)
+        pad_after = dict(
+            zip((row_first + row_pieces - 1).tolist(), (seq_len - used).tolist(), strict=True)
+        )
+        docs_list, starts_list, stops_list = doc_ids.tolist(), offsets.tolist(), stops.tolist()
+        # Python per piece (per document), numpy per token.
+        for piece, (d, start, stop) in enumerate(
+            zip(docs_list, starts_list, stops_list, strict=True)
+        ):
+            parts.append(tokens[d][start:stop])
+            pad = pad_after.get(piece)
+            if pad:
+                parts.append(pad_tokens[:pad])
+        input_ids, labels = rows["input_ids"], rows["labels"]
+        position_ids, segment_ids = rows["position_ids"], rows["segment_ids"]
+        try:
+            np.concatenate(parts or [pad_tokens[:0]], out=input_ids.reshape(-1), casting="unsafe")
+        except ValueError:
+            self._raise_short_document(source, tokens, doc_ids, stops)
+            raise
+        np.copyto(labels, input_ids)
+        flat_labels = labels.reshape(-1)
+        flat_labels[first_tokens] = IGNORE_INDEX
+        position_ids.fill(1)
+        position_ids[:, 0] = 0
+        continuing = in_row > 0  # a segment start after another segment of the same row
+        position_ids.reshape(-1)[first_tokens[continuing]] = (
+            1 - sizes[np.flatnonzero(continuing) - 1]
+        )
+        np.cumsum(position_ids, axis=1, out=position_ids)
+        segment_ids.fill(0)
+        segment_ids.reshape(-1)[first_tokens] = 1
+        np.cumsum(segment_ids, axis=1, out=segment_ids)
+        padded = used < seq_len
+        if padded.any():
+            is_pad = np.arange(seq_len) >= used[:, None]
+            labels[is_pad] = IGNORE_INDEX
+            position_ids[is_pad] = 0
+            segment_ids[is_pad] = 0
+        if masks:
+            mask_parts = []
+            for d, start, stop in zip(docs_list, starts_list, stops_list, strict=True):
+                mask = masks.get(d)
+                mask_parts.append(
+                    np.ones(stop - start, np.uint8) if mask is None else mask[start:stop]
+                )
+            no_loss = np.concatenate(mask_parts) == 0
+            flat_labels[_token_positions(first_tokens, sizes)[no_loss]] = IGNORE_INDEX
+
+    @staticmethod
+    def _raise_short_document(source, tokens, doc_ids, stops) -> None:
+        for d, stop in zip(doc_ids.tolist(), stops.tolist(), strict=True):
+            if len(tokens[d]) < stop:
+                raise ValueError(
+                    f"{_describe(source)} document {d} has {len(tokens[d])} tokens but the plan "
+                    f"needs [.., {stop}): the source's lengths do not match its records"
+                )
+
+
+class SliceRows:
+    """Batch plan -> the batch plan of rows `[start, stop)` (a data-parallel rank's rows)."""
+
+    def __init__(self, start: int, stop: int):
+        if not 0 <= start < stop:
+            raise ValueError(f"SliceRows needs 0 <= start < stop, got {start}, {stop}")
+        self.start, self.stop = int(start), int(stop)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        row_pieces = batch["row_pieces"]
+        if self.stop > row_pieces.size:
+            raise ValueError(f"rows [{self.start}, {self.stop}) of a {row_pieces.size}-row batch")
+        bounds = np.concatenate([[0], np.cumsum(row_pieces)])
+        first, last = int(bounds[self.start]), int(bounds[self.stop])
+        sliced = dict(batch)
+        for key in PLAN_KEYS:
+            sliced[key] = batch[key][first:last]
+        sliced["row_pieces"] = row_pieces[self.start : self.stop]
+        sliced["domain_ids"] = batch["domain_ids"][self.start : self.stop]
+        return sliced
+
+
+def rename_domains(batch: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """`batch` with domain ids and served counts re-indexed to `names` (matched by name).
+
+    A batch planned under other domains (before a restore into an extended or re-ordered
+    mixture) keeps its rows' domains; a domain it has and `names` lacks is an error.
+    """
+    planned = json.loads(batch["domain_names"])
+    if planned == list(names):
+        return batch
+    missing = sorted(set(planned) - set(names))
+    if missing:
+        raise ValueError(f"a planned batch has rows of domains {missing}, which this loader lacks")
+    index = np.array([list(names).index(name) for name in planned], dtype=np.int32)
+    renamed = dict(
+        batch, domain_ids=index[batch["domain_ids"]], domain_names=json.dumps(list(names))
+    )
+    for key in ("served_rows", "served_tokens"):
+        counts = np.zeros(len(names), dtype=np.int64)
+        counts[index] = batch[key]
+        renamed[key] = counts
+    return renamed
+
+    def __repr__(self) -> str:
+        return f"SliceRows({self.start}, {self.stop})"
+
+
+class ReadSlice:
+    """The loader's worker function: a global batch plan -> this rank's rows (numpy), plus the
+    plan's `step` and cumulative `served_rows` / `served_tokens`, which the loader pops."""
+
+    def __init__(self, reader: RowReader, rows: SliceRows, domain_names: Sequence[str]):
+        self.reader, self.rows, self.domain_names = reader, rows, tuple(domain_names)
+        self._names_json = json.dumps(list(self.domain_names))
+
+    def __call__(self, plan: dict[str, Any]) -> dict[str, np.ndarray]:
+        if plan["domain_names"] != self._names_json:  # planned before a restore
+            plan = rename_domains(plan, self.domain_names)
+        batch = self.reader.read_batch(self.rows(plan))
+        batch["step"] = np.asarray(plan["step"], dtype=np.int64)
+        batch["served_rows"], batch["served_tokens"] = plan["served_rows"], plan["served_tokens"]
+        return batch
+
+
+def _token_positions(first_tokens: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Flat (n * L) positions of every planned token, pieces in order."""
+    starts = np.repeat(first_tokens - (np.cumsum(sizes) - sizes), sizes)
+    return starts + np.arange(int(sizes.sum()))
+
+
+def _describe(source: Any) -> str:
+    """The source, for error messages: its path when it has one."""
+    path = getattr(source, "path", None)
+    if path is not None:
+        return f"{type(source).__name__}({path})"
+    if isinstance(source, list | tuple):
+        return f"{type(source).__name__} of {len(source)} documents"
+    text = repr(source)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def read_documents(
+    source: Any, indices: list[int]
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """One batched read: (index -> (n,) int tokens, index -> (n,) loss mask for dict docs)."""
+    if not indices:
+        return {}, {}
+    getitems = getattr(source, "__getitems__", None)
+    raw = getitems(indices) if getitems is not None else [source[i] for i in indices]
+    if len(raw) != len(indices):
+        raise ValueError(
+            f"{type(source).__name__}.__getitems__ returned {len(raw)} documents for "
+            f"{len(indices)} indices"
+        )
+    if _plain_token_arrays(raw):
+        return dict(zip(indices, raw, strict=True)), {}
+    tokens, masks = {}, {}
+    for index, doc in zip(indices, raw, strict=True):
+        tokens[index], mask = _as_document(doc, index, source)
+        if mask is not None:
+            masks[index] = mask
+    return tokens, masks
+
+
+def _plain_token_arrays(docs: list) -> bool:
+    """Whether every document is a 1-D integer numpy array (checked with C-level maps)."""
+    if set(map(type, docs)) != {np.ndarray} or set(map(_NDIM, docs)) != {1}:
+        return False
+    return set(map(_DTYPE_KIND, docs)) <= {"i", "u"}  # kinds: hashing dtypes is slow
+
+
+_NDIM, _DTYPE_KIND = operator.attrgetter("ndim"), operator.attrgetter("dtype.kind")
+
+
+def _as_document(doc: Any, index: int, source: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens (n,) int, loss_mask (n,) or None) from a token array or an SFT dict."""
+    if type(doc) is np.ndarray and doc.ndim == 1 and doc.dtype.kind in "iu":
+        return doc, None
+    where = f"{_describe(source)} document {index}"
+    if isinstance(doc, dict):
+        if "input_ids" not in doc:
+            raise ValueError(
+                f"{where}: dict without 'input_ids' (keys: {sorted(doc)}); expected "
+                "{'input_ids': ..., 'loss_mask': ...}"
+            )
+        tokens = np.asarray(doc["input_ids"])
+        if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+            raise TypeError(
+                f"{where}: field 'input_ids' must be a 1-D integer array, got shape "
+                f"{tokens.shape} and dtype {tokens.dtype}"
+            )
+        mask = doc.get("loss_mask")
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != tokens.shape:
+                raise ValueError(
+                    f"{where}: field 'loss_mask' has shape {mask.shape}, 'input_ids' {tokens.shape}"
+                )
+        return tokens, mask
+    if isinstance(doc, str | bytes):
+        raise TypeError(
+            f"{where} is text ({type(doc).__name__}), packing needs token ids: "
+            "tokenize it (PretrainDataset(..., tokenizer=...)) or pre-tokenize with "
+            "`wf-data prepare --tokenizer ...`"
+        )
+    array = np.asarray(doc)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise TypeError(
+            f"{where}: expected a 1-D integer token array or a dict with 'input_ids', "
+            f"got {type(doc).__name__} with shape {array.shape} and dtype {array.dtype}"
+        )
+    return array, None
