@@ -58,7 +58,7 @@ def test_prepare_and_inspect_tokens(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "format tokens" in printed and "records 120" in printed
     assert "p50" in printed and "p99" in printed and "#" in printed  # percentiles, histogram
-    assert "integrity: OK, 3 shards (record counts and sha256)" in printed
+    assert "integrity: OK, 3 shards (sha256 of every file, record counts and lengths)" in printed
     assert "samples (2 evenly spaced):" in printed and "#119: [" in printed
     assert "the" in printed.split("samples")[1]  # decoded text, not ids
 

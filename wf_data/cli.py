@@ -155,10 +155,14 @@ def add_inspect_parser(subparsers: Any) -> None:
         "inspect",
         help="summarise a prepared dataset directory",
         description="Records, tokens, length percentiles and histogram, shard integrity "
-        "(--verify checks every sha256) and decoded samples.",
+        "(--verify checks every file's sha256 and each record's length) and decoded samples.",
     )
     parser.add_argument("path", metavar="DIR", help="dataset directory (with manifest.json)")
-    parser.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the sha256 of every file and recompute the token lengths from the records",
+    )
     parser.add_argument("--samples", type=int, default=3, help="decoded samples to print")
     parser.add_argument(
         "--tokenizer",
@@ -199,32 +203,6 @@ def length_histogram(lengths: np.ndarray, width: int = HISTOGRAM_WIDTH) -> list[
     return lines
 
 
-def _verify_shards(source: Any, check_sha: bool) -> list[str]:
-    """Problems found: missing files, record counts, and (check_sha) sha256 mismatches."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    from wf_data.data import sources
-
-    problems = []
-    for shard, path in zip(source.manifest["shards"], source.shard_paths, strict=True):
-        if not path.exists():
-            problems.append(f"{shard['file']}: missing")
-            continue
-        if check_sha and sources.file_sha256(path) != shard["sha256"]:
-            problems.append(f"{shard['file']}: sha256 does not match the manifest")
-            continue
-        try:
-            reader = ArrayRecordReader(str(path))
-            records = reader.num_records()
-            reader.close()
-        except RuntimeError as error:  # riegeli reports corrupt files this way
-            problems.append(f"{shard['file']}: unreadable: {error}")
-            continue
-        if records != shard["records"]:
-            problems.append(f"{shard['file']}: {records} records, manifest says {shard['records']}")
-    return problems
-
-
 def _decoder(manifest: dict, tokenizer_name: str | None):
     """A `ids -> str` decoder for token samples, or None when no tokenizer can be loaded."""
     name = tokenizer_name or (manifest.get("tokenizer") or {}).get("name")
@@ -254,12 +232,12 @@ def _show(record: Any, decode: Any, limit: int = 300) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the summary of a dataset directory; exit status 1 when integrity checks fail."""
-    from wf_data.data.sources import open_dataset
+    from wf_data.data.sources import open_dataset, read_manifest, verify_dataset
 
-    source = open_dataset(args.path)
-    manifest, totals = source.manifest, source.manifest["totals"]
+    manifest = read_manifest(args.path)
+    totals = manifest["totals"]
     tokenizer = manifest.get("tokenizer") or {}
-    print(f"dataset {source.path}  name {manifest['name']}  format {manifest['format']}")
+    print(f"dataset {args.path}  name {manifest['name']}  format {manifest['format']}")
     if manifest["format"] == "tokens":
         print(
             f"  tokenizer {tokenizer.get('name')} (vocab {tokenizer.get('vocab_size')}, "
@@ -272,12 +250,19 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"skipped bad {totals['skipped_bad']:,}"
     )
     print(f"  fingerprint {manifest['fingerprint']}")
-    problems = _verify_shards(source, check_sha=args.verify)
-    checked = "record counts and sha256" if args.verify else "record counts (--verify: sha256)"
+    # Verify before opening: opening refuses a dataset whose cheap checks fail, and --verify
+    # should list every problem instead.
+    problems = verify_dataset(args.path, contents=args.verify)
+    checked = (
+        "sha256 of every file, record counts and lengths"
+        if args.verify
+        else "record counts (--verify: sha256 and lengths)"
+    )
     if problems:
         print(f"integrity: FAILED ({checked})")
         print("\n".join(f"  {problem}" for problem in problems))
         return 1  # reading records of a corrupt shard would only fail further down
+    source = open_dataset(args.path)
     print(f"integrity: OK, {len(source.shard_paths)} shards ({checked})")
     lengths, unit, sampled = _lengths(source)
     if lengths.size:
