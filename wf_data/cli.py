@@ -7,8 +7,10 @@ Each subcommand is a pair of functions: `add_NAME_parser(subparsers)` declares i
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +35,9 @@ def add_prepare_parser(subparsers: Any) -> None:
         help="write ArrayRecord shards + manifest.json from jsonl/parquet/txt inputs",
         description="Prepare jsonl, jsonl.gz, jsonl.zst, parquet and txt files (or directories "
         "of them) into a dataset directory. Deterministic and resumable: re-run the same "
-        "command after an interruption and only unfinished shards are redone.",
+        "command after an interruption and only unfinished shards are redone. The dataset is "
+        "built beside --out and replaces it only once complete. Exit status 1 for a bad "
+        "record, 2 for a damaged input file or an unusable --out.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
     parser.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
@@ -87,7 +91,24 @@ def add_prepare_parser(subparsers: Any) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--append-eos", action="store_true", help="end every document with eos")
     parser.add_argument(
-        "--skip-bad", action="store_true", help="skip and count bad records instead of failing"
+        "--skip-bad",
+        action="store_true",
+        help="skip bad records instead of failing, each listed in DIR/skipped.jsonl (a damaged "
+        "input file still fails)",
+    )
+    parser.add_argument(
+        "--max-doc-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="records larger than N bytes are bad records (default 64 MiB; memory grows about "
+        "4x with it)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset of other inputs or settings in --out (once the new one is "
+        "complete)",
     )
     parser.add_argument("--name", default="data", help="shard file name prefix (default data)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -111,10 +132,34 @@ def _field_names(value: str) -> list[str]:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """Run `prepare` and print a closing summary."""
-    from wf_data.data.prepare import prepare
+    """Run `prepare` and print a closing summary; exit status 2 for a damaged input file or an
+    unusable --out (one line on stderr naming the file and the fix)."""
+    prepare_module = importlib.import_module("wf_data.data.prepare")
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning
+            manifest = _prepare(args, prepare_module)
+    except (prepare_module.InputFileError, prepare_module.OutDirError) as error:
+        print(f"wf-data prepare: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. a read-only file system or a full disk
+        print(
+            f"wf-data prepare: error: {error.filename or args.out}: {error.strerror or error}; "
+            "check that the path exists, is writable and has free space",
+            file=sys.stderr,
+        )
+        return 2
+    _print_prepare_summary(args, manifest)
+    return 0
 
-    manifest = prepare(
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"wf-data prepare: warning: {message}", file=sys.stderr)
+
+
+def _prepare(args: argparse.Namespace, prepare_module: Any) -> dict:
+    extra = {} if args.max_doc_bytes is None else {"max_doc_bytes": args.max_doc_bytes}
+    return prepare_module.prepare(
         args.inputs,
         args.out,
         tokenizer=args.tokenizer,
@@ -130,7 +175,12 @@ def run_prepare(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         name=args.name,
         progress=not args.quiet,
+        overwrite=args.overwrite,
+        **extra,
     )
+
+
+def _print_prepare_summary(args: argparse.Namespace, manifest: dict) -> None:
     totals, summary = manifest["totals"], manifest["summary"]
     print(f"prepared {args.out}: format {manifest['format']}, {len(manifest['shards'])} shards")
     print(
@@ -143,7 +193,11 @@ def run_prepare(args: argparse.Namespace) -> int:
         f"(parts run {summary['parts_run']}, shards written {summary['shards_written']})"
     )
     print(f"  fingerprint {manifest['fingerprint']}")
-    return 0
+    if totals["skipped_bad"]:
+        shown = summary["skipped"]
+        print(f"  skipped records (first {len(shown)}; all in {args.out}/skipped.jsonl):")
+        for entry in shown:
+            print(f"    {entry['error']}")
 
 
 # --------------------------------------------------------------------------- inspect

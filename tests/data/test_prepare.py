@@ -9,8 +9,9 @@ import pathlib
 import numpy as np
 import pytest
 
+from wf_data.data import out_dir as out_dir_lib
 from wf_data.data import sources
-from wf_data.data.prepare import BadInputError, prepare
+from wf_data.data.prepare import BadInputError, OutDirError, prepare
 
 # The module, not the `prepare` function that `wf_data.data` exports under the same name.
 prepare_module = importlib.import_module("wf_data.data.prepare")
@@ -143,7 +144,10 @@ def test_input_types_and_order(tmp_path):
     (root / "f.txt").write_text("nine\nstill nine\n")
     (root / "ignored.csv").write_text("x")
     (root / ".hidden.jsonl").write_text('{"text": "hidden"}\n')
-    _run([root, root / "a.jsonl"], tmp_path / "out", num_shards=2)
+    (root / "link.jsonl").symlink_to(root / "a.jsonl")  # hidden from the walk by the dedupe
+    # a.jsonl three times: in the directory walk, by name, and through a link
+    with pytest.warns(UserWarning, match=r"a\.jsonl, given more than once; it is prepared once"):
+        _run([root, root / "a.jsonl"], tmp_path / "out", num_shards=2)
     source = sources.open_dataset(tmp_path / "out")
     assert source.format == "text" and source.lengths is None
     assert list(source.__getitems__(range(len(source)))) == [
@@ -156,8 +160,6 @@ def test_input_types_and_order(tmp_path):
         "seven",
         "eight",
         "nine\nstill nine\n",
-        "one",
-        "two",
     ]
 
 
@@ -294,17 +296,19 @@ def test_resume_after_kill_between_shards(corpus, tmp_path, tiny_tokenizer, monk
 
     monkeypatch.setattr(prepare_module, "assemble_shard", killed_at_shard_2)
     out = tmp_path / "out"
+    build = out_dir_lib.build_dir(out)
     with pytest.raises(SimulatedKill):
         _run([in_dir], out, **options)
-    assert not (out / "manifest.json").exists()
-    finished = _shard_stats(out)
+    assert not out.exists()  # the dataset appears only once complete
+    assert not (build / "manifest.json").exists()
+    finished = _shard_stats(build)
     assert sorted(finished) == [
         "data-00000-of-00004.array_record",
         "data-00001-of-00004.array_record",
     ]
     # a half-written shard from the killed process must not count as finished
-    (out / "data-00002-of-00004.array_record.tmp").write_bytes(b"half")
-    (out / "data-00003-of-00004.array_record").write_bytes(b"garbage, no marker")
+    (build / "data-00002-of-00004.array_record.tmp").write_bytes(b"half")
+    (build / "data-00003-of-00004.array_record").write_bytes(b"garbage, no marker")
 
     monkeypatch.setattr(prepare_module, "assemble_shard", real_assemble)
     calls = []
@@ -319,8 +323,8 @@ def test_resume_after_kill_between_shards(corpus, tmp_path, tiny_tokenizer, monk
     assert manifest["summary"]["shards_written"] == 2
     after = _shard_stats(out)
     for name, stat in finished.items():
-        assert after[name] == stat  # not rewritten: same inode and mtime
-    assert _files(out) == _files(tmp_path / "clean")
+        assert after[name] == stat  # not rewritten (moved by the swap): same inode and mtime
+    assert _files(out) == _files(tmp_path / "clean") and not build.exists()
     assert sources.open_dataset(out).fingerprint == manifest["fingerprint"]
 
 
@@ -356,24 +360,46 @@ def test_rerun_finished_and_after_losing_a_shard(corpus, tmp_path, tiny_tokenize
     reference, stats = _files(out), _shard_stats(out)
     manifest = _run([in_dir], out, **options)
     assert manifest["summary"]["shards_written"] == 0 and _shard_stats(out) == stats
-    (out / "manifest.json").unlink()
-    (out / ".wf-prepare" / "data-00001-of-00003.array_record.done.json").unlink()
+    assert manifest["fingerprint"] == sources.read_manifest(out)["fingerprint"]
+    # a damaged dataset of the same plan is built again beside it and swapped in
+    (out / "data-00001-of-00003.array_record").unlink()
     manifest = _run([in_dir], out, **options)
-    assert manifest["summary"]["shards_written"] == 1
-    after = _shard_stats(out)
-    assert after["data-00000-of-00003.array_record"] == stats["data-00000-of-00003.array_record"]
-    assert after["data-00002-of-00003.array_record"] == stats["data-00002-of-00003.array_record"]
+    assert manifest["summary"]["shards_written"] == 3
     assert _files(out) == reference
 
 
-def test_changed_options_redo_the_work(corpus, tmp_path, tiny_tokenizer):
+def test_changed_options_refused_unless_overwrite(corpus, tmp_path, tiny_tokenizer):
     in_dir, _ = corpus
     out = tmp_path / "out"
     first = _run([in_dir], out, tokenizer=tiny_tokenizer, num_shards=2)
-    second = _run([in_dir], out, tokenizer=tiny_tokenizer, num_shards=2, append_eos=True)
+    reference = _files(out)
+    with pytest.raises(OutDirError, match=r"append_eos False -> True.*--overwrite"):
+        _run([in_dir], out, tokenizer=tiny_tokenizer, num_shards=2, append_eos=True)
+    extra = in_dir / "more.jsonl"
+    _write_jsonl(extra, [{"text": "the cat"}])
+    with pytest.raises(OutDirError, match=r"input added: .*more\.jsonl"):
+        _run([in_dir], out, tokenizer=tiny_tokenizer, num_shards=2)
+    extra.unlink()
+    assert _files(out) == reference and not out_dir_lib.build_dir(out).exists()
+    second = _run(
+        [in_dir], out, tokenizer=tiny_tokenizer, num_shards=2, append_eos=True, overwrite=True
+    )
     assert second["summary"]["shards_written"] == 2
     assert second["fingerprint"] != first["fingerprint"]
     assert second["totals"]["tokens"] == first["totals"]["tokens"] + first["totals"]["records"]
+    assert sources.open_dataset(out).fingerprint == second["fingerprint"]
+
+
+def test_out_dir_with_other_files_refused(corpus, tmp_path):
+    in_dir, _ = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutDirError, match=r"holds files prepare did not write \(notes\.txt\)"):
+        _run([in_dir], out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()  # an empty directory is fine
+    assert _run([in_dir], out)["totals"]["records"] == 180
 
 
 def test_manifest_written_last(corpus, tmp_path, monkeypatch):
@@ -387,6 +413,7 @@ def test_manifest_written_last(corpus, tmp_path, monkeypatch):
     )
     _run([in_dir], tmp_path / "out", num_shards=2)
     assert order[-1] == "manifest.json" and order.count("manifest.json") == 1
+    assert order[-2] == "plan.json"
 
 
 # --------------------------------------------------------------------------- several text fields
@@ -585,14 +612,16 @@ def test_field_options_redo_the_work_and_change_the_manifest(tmp_path):
     again = _run([path], out, text_key=keys)
     assert again["summary"]["parts_run"] == again["summary"]["shards_written"] == 0
     for changed in (dict(text_separator="\n"), dict(text_key=keys[:2])):
-        second = _run([path], out, **dict(dict(text_key=keys), **changed))
+        second = _run([path], out, overwrite=True, **dict(dict(text_key=keys), **changed))
         assert second["summary"]["parts_run"] == 1 and second["summary"]["shards_written"] == 1
         assert second["fingerprint"] != first["fingerprint"]
         assert second["input_fields"] != first["input_fields"]
     # chat: the Nemotron keys are part of the key too
     chat = _write_jsonl(tmp_path / "chat.jsonl", NEMOTRON_ROWS)
     with_system = _run([chat], tmp_path / "chat", **NEMOTRON_OPTIONS)
-    without = _run([chat], tmp_path / "chat", input_key="input", system_prompt_key="none")
+    without = _run(
+        [chat], tmp_path / "chat", input_key="input", system_prompt_key="none", overwrite=True
+    )
     assert without["summary"]["parts_run"] == 1
     assert without["input_fields"]["system_prompt_key"] == "none"
     assert without["fingerprint"] != with_system["fingerprint"]
