@@ -413,7 +413,6 @@ def test_manifest_written_last(corpus, tmp_path, monkeypatch):
     )
     _run([in_dir], tmp_path / "out", num_shards=2)
     assert order[-1] == "manifest.json" and order.count("manifest.json") == 1
-    assert order[-2] == "plan.json"
 
 
 # --------------------------------------------------------------------------- several text fields
