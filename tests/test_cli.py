@@ -14,6 +14,7 @@ import yaml
 
 from wf_data import cli
 from wf_data.config import config_dir
+from wf_data.data import out_dir as out_dir_lib
 from wf_data.data import sources
 
 
@@ -205,7 +206,7 @@ def test_prepare_several_text_keys(tmp_path, capsys):
     assert source.manifest["input_fields"] == {"text_key": ["q", "r", "a"],
                                                "text_separator": "\n---\n"}
     assert cli.build_parser().parse_args(argv).text_separator == "\n---\n"
-    assert cli.main(["prepare", str(path), "--out", str(out), "--text-key", "q,r,x"]) == 1
+    assert cli.main(["prepare", str(path), "--out", str(out) + "2", "--text-key", "q,r,x"]) == 1
     assert "in.jsonl:1: missing key 'x'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["prepare", "x", "--out", "o", "--text-key", "q,,a"])
@@ -271,7 +272,7 @@ def test_resume_after_real_kill_9(tmp_path, phase):
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(inputs), str(out)])
     deadline = time.monotonic() + 60
-    work = out / ".wf-prepare"
+    work = out_dir_lib.build_dir(out) / ".wf-prepare"
     while time.monotonic() < deadline and process.poll() is None:
         if work.exists() and len(list(work.glob("*.done.json"))) >= kill_after_markers:
             break
@@ -279,7 +280,7 @@ def test_resume_after_real_kill_9(tmp_path, phase):
     assert process.poll() is None, "prepare finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (out / "manifest.json").exists()
+    assert not out.exists()  # the dataset appears only once complete
     options = dict(num_shards=4, piece_bytes=600, progress=False, text_key="body", name="docs")
     prepare(inputs, out, **options)
     prepare(inputs, tmp_path / "clean", **options)
