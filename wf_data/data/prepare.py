@@ -31,6 +31,7 @@ import pathlib
 import queue as queue_lib
 import re
 import shutil
+import subprocess
 import sys
 import time
 import warnings
@@ -1070,6 +1071,25 @@ class _BackendEncoder:
         """`tokenizer` itself if it is one, else one built from the `TokenizerWrapper`."""
         return tokenizer if isinstance(tokenizer, cls) else cls(tokenizer)
 
+    _FIELDS = ("name", "vocab_size", "bos_id", "eos_id", "pad_id", "add_bos", "add_eos")
+
+    def describe(self) -> dict:
+        """A JSON-safe description: the backend's JSON, the ids and flags, the fingerprint."""
+        fields = {field: getattr(self, field) for field in self._FIELDS}
+        return dict(fields, backend=self.backend.to_str(), fingerprint=self._fingerprint)
+
+    @classmethod
+    def from_description(cls, description: dict) -> _BackendEncoder:
+        """Inverse of `describe`."""
+        from tokenizers import Tokenizer
+
+        encoder = cls.__new__(cls)
+        for field in cls._FIELDS:
+            setattr(encoder, field, description[field])
+        encoder.backend = Tokenizer.from_str(description["backend"])
+        encoder._fingerprint = description["fingerprint"]
+        return encoder
+
     def fingerprint(self) -> str:
         """The wrapped tokenizer's `fingerprint()`, taken at construction."""
         return self._fingerprint
@@ -1119,13 +1139,27 @@ def _load_tokenizer(tokenizer: Any) -> Any:
         return tokenizer
     if "transformers" in sys.modules:
         return _load_encoder(os.fspath(tokenizer))
-    with futures.ProcessPoolExecutor(
-        max_workers=1,
-        mp_context=multiprocessing.get_context("spawn"),
-        initializer=worker_lifetime.die_with_parent,
-        initargs=(os.getpid(),),
-    ) as pool:
-        return pool.submit(_load_encoder, os.fspath(tokenizer)).result()
+    # A plain subprocess, not multiprocessing: it must not re-import the caller's main module.
+    process = subprocess.run(
+        [sys.executable, "-c", _LOAD_TOKENIZER, os.fspath(tokenizer), str(os.getpid())],
+        capture_output=True,
+        text=True,
+    )
+    if process.returncode != 0:
+        last = (process.stderr.strip().splitlines() or [f"exit status {process.returncode}"])[-1]
+        raise ValueError(f"cannot load tokenizer {os.fspath(tokenizer)!r}: {last}")
+    return _BackendEncoder.from_description(json.loads(process.stdout))
+
+
+_LOAD_TOKENIZER = """
+import json, os, sys
+from wf_data.data import worker_lifetime
+worker_lifetime.die_with_parent(int(sys.argv[2]))
+from wf_data.data.prepare import _load_encoder
+sys.stdout.write(json.dumps(_load_encoder(sys.argv[1]).describe()))
+sys.stdout.flush()
+os._exit(0)  # skip the slow teardown of torch and jax
+"""
 
 
 def _load_encoder(name_or_path: str) -> _BackendEncoder:
