@@ -33,18 +33,29 @@ def corpus(directory: pathlib.Path, files: int = 3, docs: int = 40, seed: int = 
     return directory
 
 
-def make_tokenizer(directory: pathlib.Path) -> pathlib.Path:
-    """A WordLevel tokenizer over WORDS saved as a transformers tokenizer directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+class WordTokenizer:
+    """A whitespace WordLevel tokenizer on the bare `tokenizers` library, with the interface
+    `prepare` uses (name, ids, `fingerprint()`, `encode_batch`): no transformers or torch
+    import, and tens of MB/s, so fault tests build token datasets in a second."""
 
-    vocab = {"[UNK]": 0, "</s>": 1, **{word: i + 2 for i, word in enumerate(WORDS)}}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="</s>", unk_token="[UNK]"
-    ).save_pretrained(directory)
-    return directory
+    name, bos_id, eos_id, pad_id = "words", None, 1, 1
+
+    def __init__(self, words=WORDS):
+        from tokenizers import Tokenizer, models, pre_tokenizers
+
+        vocab = {"[UNK]": 0, "</s>": 1, **{word: i + 2 for i, word in enumerate(words)}}
+        self.backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+        self.backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        self.vocab_size = len(vocab)
+
+    def fingerprint(self) -> str:
+        return f"words:{self.vocab_size}"
+
+    def encode_batch(self, texts):
+        import numpy as np
+
+        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        return [np.array(encoding.ids, dtype=np.int32) for encoding in encodings]
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120):

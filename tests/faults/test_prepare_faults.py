@@ -8,6 +8,7 @@ and 13 (memory of a 45 MB document).
 import gzip
 import json
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -211,31 +212,15 @@ def test_unusable_out_is_one_line_exit_2(tmp_path):
 
 
 # The 45 MB document goes through prepare's own code (parse, pieces, encode, write, copy); the
-# tokenizer is a bare `tokenizers` WordLevel model, so that the test times tokenization at
-# tens of MB/s rather than the shipped BPE's ~1 MB/s, and measures prepare, not torch imports.
+# tokenizer is `WordTokenizer` on the bare `tokenizers` library, so that the test runs at tens of
+# MB/s rather than the shipped BPE's ~1 MB/s, and measures prepare, not torch imports.
 LONG_DOCUMENT = """
 import sys
-import numpy as np
-from tokenizers import Tokenizer, models, pre_tokenizers
+sys.path.insert(0, sys.argv[1])
+from tests.faults._prepare_helpers import WordTokenizer
 from wf_data.data.prepare import prepare
 
-class Words:
-    name, bos_id, eos_id, pad_id = "words", None, 1, 1
-
-    def __init__(self, words):
-        vocab = {"[UNK]": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(words)}}
-        self.backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-        self.backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-        self.vocab_size = len(vocab)
-
-    def fingerprint(self):
-        return "words"
-
-    def encode_batch(self, texts):
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
-        return [np.array(e.ids, dtype=np.int32) for e in encodings]
-
-prepare(sys.argv[1], sys.argv[2], tokenizer=Words(sys.argv[3].split()), progress=False)
+prepare(sys.argv[2], sys.argv[3], tokenizer=WordTokenizer(sys.argv[4].split()), progress=False)
 """
 
 
@@ -252,7 +237,8 @@ def test_45mb_document_in_bounded_memory(tmp_path):
         "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
-    command = [sys.executable, "-c", LONG_DOCUMENT, tmp_path / "long.jsonl", tmp_path / "out"]
+    root = pathlib.Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-c", LONG_DOCUMENT, root, tmp_path / "long.jsonl", tmp_path / "out"]
     result = subprocess.run(
         [sys.executable, "-c", measure, *map(str, command), " ".join(words)],
         check=True,
