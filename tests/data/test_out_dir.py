@@ -46,3 +46,16 @@ def test_dataset_files_only(tmp_path):
         out_dir_lib.dataset_files_only(out)
     with pytest.raises(out_dir_lib.OutDirError, match="not a directory"):
         out_dir_lib.dataset_files_only(out / "README.md")
+
+
+def test_prepare_into_a_link_replaces_its_target(tmp_path):
+    from wf_data.data.prepare import prepare
+
+    (tmp_path / "in.jsonl").write_text('{"text": "one"}\n')
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "disk" / "data")
+    prepare(tmp_path / "in.jsonl", tmp_path / "out", progress=False)
+    prepare(tmp_path / "in.jsonl", tmp_path / "out", progress=False, overwrite=True, name="x")
+    assert (tmp_path / "out").is_symlink()
+    assert sorted(p.name for p in (tmp_path / "disk").iterdir()) == ["data"]
+    assert (tmp_path / "out" / "x-00000-of-00001.array_record").exists()

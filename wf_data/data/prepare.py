@@ -738,34 +738,27 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
     memory whatever the document length; bos/eos added per text by the tokenizer's flags are
     kept only at the start and end of each whole text.
     """
-    pieces, owners = [], []
-    for index, text in enumerate(texts):
-        for piece in _text_pieces(text):
-            pieces.append(piece)
-            owners.append(index)
+    pieces, counts = [], []  # counts: pieces per text
+    for text in texts:
+        split = _text_pieces(text)
+        pieces += split
+        counts.append(len(split))
     if len(pieces) == len(texts):
         return tokenizer.encode_batch(texts)
     encoded: list[np.ndarray] = []
-    group: list[str] = []
-    for piece in pieces + [None]:
-        if group and (piece is None or sum(map(len, group)) + len(piece) > BATCH_CHARS):
-            encoded += tokenizer.encode_batch(group)
-            group = []
-        if piece is not None:
-            group.append(piece)
+    for group in _batches(iter(pieces), len(pieces), BATCH_CHARS):
+        encoded += tokenizer.encode_batch(group)
     head = int(bool(getattr(tokenizer, "add_bos", False)))
     tail = int(bool(getattr(tokenizer, "add_eos", False)))
-    owners_array = np.asarray(owners)
-    result = []
-    for index in range(len(texts)):
-        first, last = np.flatnonzero(owners_array == index)[[0, -1]]
+    result, start = [], 0
+    for count in counts:
+        parts = encoded[start : start + count]
+        start += count
         result.append(
             np.concatenate(
                 [
-                    encoded[j][
-                        (head if j > first else 0) : len(encoded[j]) - (tail if j < last else 0)
-                    ]
-                    for j in range(first, last + 1)
+                    ids[(head if k else 0) : len(ids) - (tail if k < count - 1 else 0)]
+                    for k, ids in enumerate(parts)
                 ]
             )
         )
@@ -820,8 +813,9 @@ def _save_npy_atomic(path: pathlib.Path, values: Any, dtype=np.int64) -> None:
 
 
 def _out_path(out_dir: str | os.PathLike) -> pathlib.Path:
-    # Absolute, so that the build directory beside it is well defined for "." too.
-    return pathlib.Path(os.path.abspath(out_dir))
+    # Resolved: the build goes beside the real directory ("." included, and the target of a
+    # link, which stays a link), on its file system, so that the swap is a rename.
+    return pathlib.Path(os.path.realpath(out_dir))
 
 
 def _work_dir(out_dir: pathlib.Path) -> pathlib.Path:
