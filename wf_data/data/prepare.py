@@ -1133,16 +1133,32 @@ def _load_tokenizer(tokenizer: Any) -> Any:
         return tokenizer
     if "transformers" in sys.modules:
         return _load_encoder(os.fspath(tokenizer))
-    # A plain subprocess, not multiprocessing: it must not re-import the caller's main module.
-    process = subprocess.run(
-        [sys.executable, "-c", _LOAD_TOKENIZER, os.fspath(tokenizer), str(os.getpid())],
-        capture_output=True,
-        text=True,
-    )
-    if process.returncode != 0:
-        last = (process.stderr.strip().splitlines() or [f"exit status {process.returncode}"])[-1]
-        raise ValueError(f"cannot load tokenizer {os.fspath(tokenizer)!r}: {last}")
-    return _BackendEncoder.from_description(json.loads(process.stdout))
+    name = os.fspath(tokenizer)
+    # Loading costs seconds: keep one description per name and state of its files.
+    key = (name, _files_state(name))
+    if key not in _LOADED_TOKENIZERS:
+        # A plain subprocess, not multiprocessing: it must not re-import the caller's main.
+        process = subprocess.run(
+            [sys.executable, "-c", _LOAD_TOKENIZER, name, str(os.getpid())],
+            capture_output=True,
+            text=True,
+        )
+        if process.returncode != 0:
+            lines = process.stderr.strip().splitlines() or [f"exit status {process.returncode}"]
+            raise ValueError(f"cannot load tokenizer {name!r}: {lines[-1]}")
+        _LOADED_TOKENIZERS[key] = json.loads(process.stdout)
+    return _BackendEncoder.from_description(_LOADED_TOKENIZERS[key])
+
+
+_LOADED_TOKENIZERS: dict[tuple, dict] = {}
+
+
+def _files_state(name: str) -> tuple:
+    """(name, size, mtime) of each file of a tokenizer directory: a changed file reloads."""
+    if not os.path.isdir(name):
+        return ()
+    entries = [entry for entry in os.scandir(name) if entry.is_file()]
+    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries))
 
 
 _LOAD_TOKENIZER = """
