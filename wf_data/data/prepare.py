@@ -986,8 +986,8 @@ def _write_skipped(out_dir: pathlib.Path, plan: dict) -> None:
 
 def _plan_differences(old: dict | None, new: dict) -> str:
     """What differs between the plan of the dataset in `--out` and the new one, in words."""
-    if old is None or "settings" not in old:
-        return "its inputs and settings are not recorded (no .wf-prepare/plan.json)"
+    if old is None or "settings" not in old or "settings" not in new:
+        return "the inputs and settings of one of them are not recorded (.wf-prepare/plan.json)"
     differences = [
         f"{key} {old['settings'].get(key)!r} -> {value!r}"
         for key, value in new["settings"].items()
@@ -1018,7 +1018,7 @@ def _refuse_replacing(out_dir: pathlib.Path, plan: dict, overwrite: bool) -> Non
     if not (out_dir / sources.MANIFEST_NAME).exists():
         return  # an unfinished build of an older wf-data: nothing readable to lose
     old = _read_json(out_dir / WORK_DIR_NAME / "plan.json")
-    if old is not None and old.get("key") == plan["key"]:
+    if old is not None and plan.get("key") is not None and old.get("key") == plan["key"]:
         return  # the same dataset, rebuilt (it was damaged)
     raise OutDirError(
         f"--out {out_dir}: holds a dataset prepared from other inputs or settings "
