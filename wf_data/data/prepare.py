@@ -984,14 +984,27 @@ def _write_skipped(out_dir: pathlib.Path, plan: dict) -> None:
     os.replace(tmp, path)
 
 
+_PLAN_SETTINGS = (
+    "format",
+    "tokenizer",
+    "input_fields",
+    "append_eos",
+    "skip_bad",
+    "max_doc_bytes",
+    "num_shards",
+    "name",
+    "piece_bytes",
+)
+
+
 def _plan_differences(old: dict | None, new: dict) -> str:
     """What differs between the plan of the dataset in `--out` and the new one, in words."""
-    if old is None or "settings" not in old or "settings" not in new:
+    if old is None or "inputs" not in old or "inputs" not in new:
         return "the inputs and settings of one of them are not recorded (.wf-prepare/plan.json)"
     differences = [
-        f"{key} {old['settings'].get(key)!r} -> {value!r}"
-        for key, value in new["settings"].items()
-        if old["settings"].get(key) != value
+        f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+        for key in _PLAN_SETTINGS
+        if old.get(key) != new.get(key)
     ]
     old_inputs = {item["path"]: item for item in old["inputs"]}
     new_inputs = {item["path"]: item for item in new["inputs"]}
@@ -1319,18 +1332,10 @@ def prepare(
         ],
         "parts": part_keys,
         "key": plan_key,
-        # What `_plan_differences` names when refusing to replace a dataset of another plan.
-        "settings": {
-            "format": format,
-            "tokenizer": identity,
-            "input_fields": fields.describe(),
-            "append_eos": plan_append_eos,
-            "skip_bad": skip_bad,
-            "max_doc_bytes": max_doc_bytes,
-            "num_shards": num_shards,
-            "name": name,
-            "piece_bytes": piece_bytes,
-        },
+        # With the fields above, what `_plan_differences` names when refusing to replace.
+        "skip_bad": skip_bad,
+        "max_doc_bytes": max_doc_bytes,
+        "piece_bytes": piece_bytes,
         "inputs": [
             {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
             for path, stat in ((path, path.stat()) for path in files)
