@@ -161,6 +161,17 @@ def test_damaged_compressed_input_is_a_file_error(tmp_path, name, content, messa
     assert _dataset_files(out) == dataset  # never a partial dataset, the old one kept
 
 
+def test_damaged_parquet_is_a_file_error(tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"text": [f"doc {i}" for i in range(100)]}), path)
+    path.write_bytes(path.read_bytes()[:-40])  # the footer cut off
+    assert cli.main(["prepare", str(path), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    assert f"{path}: not a readable parquet file" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("name", ["empty.jsonl.zst", "empty.jsonl.gz"])
 def test_zero_byte_compressed_input_is_a_file_error(tmp_path, capsys, name):
     (tmp_path / name).write_bytes(b"")

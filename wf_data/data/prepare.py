@@ -203,10 +203,21 @@ def plan_tasks(files: Sequence[pathlib.Path], piece_bytes: int = PIECE_BYTES) ->
     return tasks
 
 
-def _parquet_tasks(path: pathlib.Path, piece_bytes: int) -> list[PrepareTask]:
+def _open_parquet(path: str | os.PathLike):
+    """`pyarrow.parquet.ParquetFile(path)`; InputFileError for a damaged or foreign file."""
+    import pyarrow
     import pyarrow.parquet as pq
 
-    metadata = pq.ParquetFile(path).metadata
+    try:
+        return pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise InputFileError(
+            f"{path}: not a readable parquet file ({error}); re-create or re-download it"
+        ) from None
+
+
+def _parquet_tasks(path: pathlib.Path, piece_bytes: int) -> list[PrepareTask]:
+    metadata = _open_parquet(path).metadata
     tasks, start, first_row, rows, size = [], 0, 0, 0, 0
     for group in range(metadata.num_row_groups):
         rows += metadata.row_group(group).num_rows
@@ -486,13 +497,23 @@ def _parse_jsonl_line(raw: bytes | int, where: str, fields: RecordFields, max_do
 
 def _iter_parquet(task: PrepareTask, fields: RecordFields):
     """(where, {column: value}) for each row of a parquet task, the columns `fields` reads."""
-    import pyarrow.parquet as pq
+    import pyarrow
 
-    parquet = pq.ParquetFile(task.path)
+    parquet = _open_parquet(task.path)
     columns = fields.parquet_columns(parquet.schema_arrow.names, task.path)
     row = task.first_row
     groups = list(range(task.start, task.stop or 0))
-    for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=columns):
+    batches = parquet.iter_batches(batch_size=1024, row_groups=groups, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pyarrow.ArrowException, OSError) as error:  # a damaged page
+            raise InputFileError(
+                f"{task.path}: damaged parquet data after row {row} ({error}); re-create or "
+                "re-download it"
+            ) from None
+        if batch is None:
+            return
         for values in batch.to_pylist():
             row += 1
             yield f"{task.path}: row {row}", values
