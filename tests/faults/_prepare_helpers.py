@@ -133,6 +133,19 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def spawned_workers(pid: int) -> list[int]:
+    """The children of `pid` that are multiprocessing spawn workers (not its helpers)."""
+    found = []
+    for child in children(pid):
+        try:
+            command = pathlib.Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in command:
+            found.append(child)
+    return found
+
+
 def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie counts as dead)."""
     try:

@@ -23,6 +23,7 @@ from tests.faults._prepare_helpers import (
     corpus,
     kill_9,
     run_cli,
+    spawned_workers,
     start_slow_prepare,
     wait_for,
     write_jsonl,
@@ -104,9 +105,10 @@ def test_workers_die_with_a_killed_prepare(tmp_path):
     )
     work = out_dir_lib.build_dir(out) / ".wf-prepare"
     wait_for(
-        lambda: len(children(process.pid)) >= 2 and any(work.glob("part-*.done.json")), process
+        lambda: len(spawned_workers(process.pid)) == 2 and any(work.glob("part-*.done.json")),
+        process,
     )
-    family = children(process.pid)  # the two workers, and multiprocessing's helpers
+    family = children(process.pid)  # the two workers and multiprocessing's resource tracker
     kill_9(process)
     deadline = time.monotonic() + 5
     while any(alive(pid) for pid in family) and time.monotonic() < deadline:
