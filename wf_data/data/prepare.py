@@ -827,6 +827,8 @@ def _save_npy_atomic(path: pathlib.Path, values: Any, dtype=np.int64) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.save(f, np.asarray(values, dtype=dtype))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
