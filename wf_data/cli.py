@@ -112,6 +112,22 @@ def add_prepare_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--name", default="data", help="shard file name prefix (default data)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--runner",
+        choices=("local", "beam"),
+        default="local",
+        help="local: this machine with --workers processes (default); beam: an Apache Beam "
+        "pipeline (pip install 'wf-data[beam]'), byte-identical output",
+    )
+    parser.add_argument(
+        "--beam-options",
+        default=None,
+        metavar="OPTIONS",
+        help="with --runner beam: Beam pipeline options in one string, given with '=' (its "
+        "value starts with --), e.g. --beam-options='--runner=DirectRunner "
+        "--direct_running_mode=multi_processing --direct_num_workers=2' (default: the "
+        "in-process DirectRunner)",
+    )
     parser.set_defaults(func=run_prepare)
 
 
@@ -132,13 +148,13 @@ def _field_names(value: str) -> list[str]:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """Run `prepare` and print a closing summary; exit status 2 for a damaged input file or an
-    unusable --out (one line on stderr naming the file and the fix)."""
+    """Run `prepare` (locally or on Beam) and print a closing summary; exit status 2 for a
+    damaged input file or an unusable --out (one line on stderr naming the file and the fix)."""
     prepare_module = importlib.import_module("wf_data.data.prepare")
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _print_warning
-            manifest = _prepare(args, prepare_module)
+            manifest = _prepare(args)
     except (prepare_module.InputFileError, prepare_module.OutDirError) as error:
         print(f"wf-data prepare: error: {error}", file=sys.stderr)
         return 2
@@ -157,11 +173,8 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
     print(f"wf-data prepare: warning: {message}", file=sys.stderr)
 
 
-def _prepare(args: argparse.Namespace, prepare_module: Any) -> dict:
-    extra = {} if args.max_doc_bytes is None else {"max_doc_bytes": args.max_doc_bytes}
-    return prepare_module.prepare(
-        args.inputs,
-        args.out,
+def _prepare(args: argparse.Namespace) -> dict:
+    options = dict(
         tokenizer=args.tokenizer,
         text_key=args.text_key or "text",
         text_separator=args.text_separator,
@@ -170,13 +183,25 @@ def _prepare(args: argparse.Namespace, prepare_module: Any) -> dict:
         output_key=args.output_key,
         system_prompt_key=args.system_prompt_key,
         num_shards=args.shards,
-        workers=args.workers,
         append_eos=args.append_eos,
         skip_bad=args.skip_bad,
         name=args.name,
+    )
+    if args.max_doc_bytes is not None:
+        options["max_doc_bytes"] = args.max_doc_bytes
+    if args.runner == "beam":
+        return _prepare_on_beam(args, dict(options, overwrite=args.overwrite))
+    from wf_data.data.prepare import prepare
+
+    if args.beam_options is not None:
+        raise CommandError("--beam-options applies to --runner beam")
+    return prepare(
+        args.inputs,
+        args.out,
+        workers=args.workers,
         progress=not args.quiet,
         overwrite=args.overwrite,
-        **extra,
+        **options,
     )
 
 
@@ -194,10 +219,26 @@ def _print_prepare_summary(args: argparse.Namespace, manifest: dict) -> None:
     )
     print(f"  fingerprint {manifest['fingerprint']}")
     if totals["skipped_bad"]:
-        shown = summary["skipped"]
+        shown = summary.get("skipped", [])  # the Beam runner reports none
         print(f"  skipped records (first {len(shown)}; all in {args.out}/skipped.jsonl):")
         for entry in shown:
             print(f"    {entry['error']}")
+
+
+def _prepare_on_beam(args: argparse.Namespace, options: dict) -> dict:
+    """`prepare --runner beam`: the Beam pipeline of wf_data.data.prepare_beam, run to the end."""
+    if args.workers != 1:
+        raise CommandError(
+            "--workers applies to --runner local; Beam sets its own parallelism "
+            "(--beam-options='--direct_num_workers=N', or the cluster runner's worker options)"
+        )
+    try:
+        from wf_data.data import prepare_beam
+    except ImportError as error:
+        raise CommandError(
+            f"--runner beam needs Apache Beam ({error}): pip install 'wf-data[beam]'"
+        ) from None
+    return prepare_beam.run(args.inputs, args.out, pipeline_options=args.beam_options, **options)
 
 
 # --------------------------------------------------------------------------- inspect

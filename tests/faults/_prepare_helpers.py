@@ -51,6 +51,9 @@ class WordTokenizer:
     def fingerprint(self) -> str:
         return f"words:{self.vocab_size}"
 
+    def vocab_fingerprint(self) -> str:
+        return f"word-vocab:{self.vocab_size}"
+
     def encode_batch(self, texts):
         import numpy as np
 

@@ -64,12 +64,14 @@ __all__ = [
     "BadTypeError",
     "InputFileError",
     "OutDirError",
+    "PreparePlan",
     "PrepareTask",
     "RecordFields",
     "assemble_shard",
     "expand_inputs",
     "finalize",
     "iter_documents",
+    "plan_prepare",
     "plan_tasks",
     "prepare",
     "prepare_file",
@@ -1095,6 +1097,7 @@ class _BackendEncoder:
         self.add_bos = bool(getattr(tokenizer, "add_bos", False))
         self.add_eos = bool(getattr(tokenizer, "add_eos", False))
         self._fingerprint = tokenizer.fingerprint()
+        self._vocab_fingerprint = tokenizer.vocab_fingerprint()
 
     @classmethod
     def of(cls, tokenizer: Any) -> _BackendEncoder:
@@ -1106,7 +1109,12 @@ class _BackendEncoder:
     def describe(self) -> dict:
         """A JSON-safe description: the backend's JSON, the ids and flags, the fingerprint."""
         fields = {field: getattr(self, field) for field in self._FIELDS}
-        return dict(fields, backend=self.backend.to_str(), fingerprint=self._fingerprint)
+        return dict(
+            fields,
+            backend=self.backend.to_str(),
+            fingerprint=self._fingerprint,
+            vocab_fingerprint=self._vocab_fingerprint,
+        )
 
     @classmethod
     def from_description(cls, description: dict) -> _BackendEncoder:
@@ -1118,11 +1126,16 @@ class _BackendEncoder:
             setattr(encoder, field, description[field])
         encoder.backend = Tokenizer.from_str(description["backend"])
         encoder._fingerprint = description["fingerprint"]
+        encoder._vocab_fingerprint = description["vocab_fingerprint"]
         return encoder
 
     def fingerprint(self) -> str:
         """The wrapped tokenizer's `fingerprint()`, taken at construction."""
         return self._fingerprint
+
+    def vocab_fingerprint(self) -> str:
+        """The wrapped tokenizer's `vocab_fingerprint()`, taken at construction."""
+        return self._vocab_fingerprint
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """One `(n_i,) int32` array per text, bos/eos added per the flags."""
@@ -1226,6 +1239,7 @@ def _tokenizer_identity(tokenizer: Any) -> dict | None:
         "eos_id": tokenizer.eos_id,
         "pad_id": tokenizer.pad_id,
         "sha256": tokenizer.fingerprint(),
+        "vocab_fingerprint": tokenizer.vocab_fingerprint(),
     }
 
 
@@ -1255,7 +1269,52 @@ class _Progress:
             self.bar.close()
 
 
-def prepare(
+@dataclasses.dataclass(frozen=True)
+class PreparePlan:
+    """What `prepare` decided before running anything; shared by the local and Beam runners.
+
+    Part `i` is `prepare_file(tasks[i], part_paths[i], tokenizer=tokenizer, **options)`;
+    `write(part_results)` then records the parts' results in `plan.json` of the build's
+    `.wf-prepare/` (beside `out_dir`, `out_dir.build_dir`), which `assemble_shard` and
+    `finalize` read. `plan` is that file's content; `part_keys[i]` is the
+    identity of part `i` (inputs and options) for resume checks.
+    """
+
+    out_dir: pathlib.Path
+    tasks: list[PrepareTask]
+    part_keys: list[str]
+    options: dict
+    tokenizer: Any
+    plan: dict
+
+    @property
+    def part_paths(self) -> list[pathlib.Path]:
+        """Each task's part file in the build's `.wf-prepare/`: named by the task's index."""
+        return [_part_path(self.out_dir, index) for index in range(len(self.tasks))]
+
+    def part_marker_path(self, index: int) -> pathlib.Path:
+        """Part `index`'s done marker: {result, key}, written once the part is complete."""
+        return _marker_path(_part_path(self.out_dir, index))
+
+    def check_out_dir(self, overwrite: bool = False) -> None:
+        """Refuse, before any work, an `out_dir` that this plan may not replace (`OutDirError`:
+        not writable, foreign files, or another plan's dataset without `overwrite`)."""
+        out_dir_lib.prepare_out_dir(self.out_dir)
+        _refuse_replacing(self.out_dir, self.plan, overwrite)
+
+    def write(self, part_results: Sequence[dict]) -> None:
+        """Write plan.json with the parts' record counts and dropped/skipped totals, in order."""
+        plan = dict(
+            self.plan,
+            part_records=[result["records"] for result in part_results],
+            dropped_empty=sum(result["dropped_empty"] for result in part_results),
+            skipped_bad=sum(result["skipped_bad"] for result in part_results),
+        )
+        _work_dir(self.out_dir).mkdir(parents=True, exist_ok=True)
+        sources.write_json_atomic(_work_dir(self.out_dir) / "plan.json", plan)
+
+
+def plan_prepare(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
@@ -1267,38 +1326,13 @@ def prepare(
     output_key: str | None = None,
     system_prompt_key: str | None = None,
     num_shards: int | None = None,
-    workers: int = 1,
     append_eos: bool = False,
     skip_bad: bool = False,
     name: str = "data",
-    progress: bool = True,
     piece_bytes: int = PIECE_BYTES,
-    overwrite: bool = False,
     max_doc_bytes: int = MAX_DOC_BYTES,
-) -> dict:
-    """Prepare `inputs` into the dataset directory `out_dir`; returns the manifest.
-
-    `tokenizer` (name, path or `TokenizerWrapper`) gives format `tokens`; `chat_key`, or the
-    Nemotron-style columns `input_key`/`output_key`/`system_prompt_key`, give `chat`
-    (records `{"messages": [...]}`); else `text`. A text document is the fields `text_key`
-    (one name or several) joined by `text_separator`, empty values left out (`RecordFields`).
-    The manifest's `input_fields` records these options; changing them redoes the work.
-    `num_shards=None` picks one shard per 256 MiB of input.
-    `workers` processes share the tasks; the output does not depend on it.
-
-    The dataset is built beside `out_dir` and replaces it atomically once complete
-    (`wf_data.data.out_dir`): a failed or killed run leaves `out_dir` as it was, and a re-run
-    with the same inputs and options redoes only unfinished parts and shards (or nothing,
-    when `out_dir` already holds that dataset intact). A dataset of other inputs or options
-    in `out_dir` is replaced only with `overwrite` (`OutDirError` names the differences).
-    Records over `max_doc_bytes` are bad records; long documents are tokenized in pieces, so
-    memory stays bounded. With `skip_bad`, every skipped record is listed in
-    `out_dir/skipped.jsonl`.
-    The returned manifest carries `summary` (elapsed seconds in all, documents/s and
-    tokens/s from the first document on, tokenizer loading excluded, and the first 20
-    skipped records), which is not on disk.
-    """
-    started = time.perf_counter()
+) -> PreparePlan:
+    """Validate `prepare`'s options and plan its tasks, parts and shards; writes nothing."""
     fields = RecordFields.from_options(
         text_key, text_separator, chat_key, input_key, output_key, system_prompt_key
     )
@@ -1308,12 +1342,9 @@ def prepare(
             "(--chat-key) or input_key/output_key (--input-key/--output-key), or tokenizer "
             "(--tokenizer), not both"
         )
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
     if max_doc_bytes < 1:
         raise ValueError(f"max_doc_bytes must be >= 1, got {max_doc_bytes}")
     out_dir = _out_path(out_dir)
-    out_dir_lib.prepare_out_dir(out_dir)
     files = expand_inputs(inputs)
     tasks = plan_tasks(files, piece_bytes)
     if num_shards is None:
@@ -1364,6 +1395,76 @@ def prepare(
             for path, stat in ((path, path.stat()) for path in files)
         ],
     }
+    return PreparePlan(out_dir, tasks, part_keys, options, tokenizer, plan)
+
+
+def prepare(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    text_key: str | Sequence[str] = "text",
+    text_separator: str = "\n\n",
+    chat_key: str | None = None,
+    input_key: str | None = None,
+    output_key: str | None = None,
+    system_prompt_key: str | None = None,
+    num_shards: int | None = None,
+    workers: int = 1,
+    append_eos: bool = False,
+    skip_bad: bool = False,
+    name: str = "data",
+    progress: bool = True,
+    piece_bytes: int = PIECE_BYTES,
+    overwrite: bool = False,
+    max_doc_bytes: int = MAX_DOC_BYTES,
+) -> dict:
+    """Prepare `inputs` into the dataset directory `out_dir`; returns the manifest.
+
+    `tokenizer` (name, path or `TokenizerWrapper`) gives format `tokens`; `chat_key`, or the
+    Nemotron-style columns `input_key`/`output_key`/`system_prompt_key`, give `chat`
+    (records `{"messages": [...]}`); else `text`. A text document is the fields `text_key`
+    (one name or several) joined by `text_separator`, empty values left out (`RecordFields`).
+    The manifest's `input_fields` records these options; changing them redoes the work.
+    `num_shards=None` picks one shard per 256 MiB of input.
+    `workers` processes share the tasks; the output does not depend on it.
+
+    The dataset is built beside `out_dir` and replaces it atomically once complete
+    (`wf_data.data.out_dir`): a failed or killed run leaves `out_dir` as it was, and a re-run
+    with the same inputs and options redoes only unfinished parts and shards (or nothing,
+    when `out_dir` already holds that dataset intact). A dataset of other inputs or options
+    in `out_dir` is replaced only with `overwrite` (`OutDirError` names the differences).
+    Records over `max_doc_bytes` are bad records; long documents are tokenized in pieces, so
+    memory stays bounded. With `skip_bad`, every skipped record is listed in
+    `out_dir/skipped.jsonl`.
+    The returned manifest carries `summary` (elapsed seconds in all, documents/s and
+    tokens/s from the first document on, tokenizer loading excluded, and the first 20
+    skipped records), which is not on disk.
+    """
+    started = time.perf_counter()
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    out_dir_lib.prepare_out_dir(_out_path(out_dir))
+    prepared = plan_prepare(
+        inputs,
+        out_dir,
+        tokenizer=tokenizer,
+        text_key=text_key,
+        text_separator=text_separator,
+        chat_key=chat_key,
+        input_key=input_key,
+        output_key=output_key,
+        system_prompt_key=system_prompt_key,
+        num_shards=num_shards,
+        append_eos=append_eos,
+        skip_bad=skip_bad,
+        name=name,
+        piece_bytes=piece_bytes,
+        max_doc_bytes=max_doc_bytes,
+    )
+    out_dir, tasks, part_keys = prepared.out_dir, prepared.tasks, prepared.part_keys
+    tokenizer, options, plan = prepared.tokenizer, prepared.options, prepared.plan
+    num_shards = plan["num_shards"]
     existing = _up_to_date(out_dir, plan)
     if existing is not None:
         return dict(existing, summary=_summary(started, _Progress(False), out_dir, 0))
@@ -1381,12 +1482,7 @@ def prepare(
         part_results = _run_parts(
             out_dir, tasks, part_keys, tokenizer, options, pool, bar, bool(todo_shards)
         )
-        plan.update(
-            part_records=[result["records"] for result in part_results],
-            dropped_empty=sum(result["dropped_empty"] for result in part_results),
-            skipped_bad=sum(result["skipped_bad"] for result in part_results),
-        )
-        sources.write_json_atomic(work_dir / "plan.json", plan)
+        prepared.write(part_results)
         if pool is None or len(todo_shards) <= 1:
             for shard in todo_shards:
                 assemble_shard(out_dir, shard)
