@@ -1,0 +1,84 @@
+"""Functions ProcessMap tests run in worker processes.
+
+Kept apart from the test modules so that workers import numpy only, not grain (seconds).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+
+def rows(plan: dict) -> dict[str, np.ndarray]:
+    """A (rows, 16) int32 block and a float vector, both functions of the plan only.
+
+    ``rows`` varies with the plan, so result sizes change and slots must grow.
+    """
+    index = int(plan["index"])
+    count = 1 + index % 4
+    block = np.arange(count * 16, dtype=np.int32).reshape(count, 16) + index * 1000
+    return {
+        "input_ids": block,
+        "docs": plan["docs"].astype(np.int64) * 3,
+        "weight": np.full((2,), plan["weight"], dtype=np.float32),
+        "empty": np.zeros((0, 4), dtype=np.int32),
+        "name": np.array([plan["name"]]),
+    }
+
+
+class SleepyRows:
+    """``rows`` after sleeping ``seconds`` from element ``from_index`` on: keeps workers busy
+    (deaf to their task pipe) while a test kills something."""
+
+    def __init__(self, seconds: float, from_index: int = 0):
+        self.seconds = seconds
+        self.from_index = from_index
+
+    def __call__(self, plan: dict) -> dict[str, np.ndarray]:
+        if int(plan["index"]) >= self.from_index:
+            time.sleep(self.seconds)
+        return rows(plan)
+
+
+class FailWhileFileExists:
+    """``rows``, but raises ValueError on element ``index`` while ``path`` exists."""
+
+    def __init__(self, path: str, index: int):
+        self.path = path
+        self.index = index
+
+    def __call__(self, plan: dict) -> dict[str, np.ndarray]:
+        if int(plan["index"]) == self.index and os.path.exists(self.path):
+            raise ValueError(f"refusing element {self.index} while {self.path} exists")
+        return rows(plan)
+
+
+def not_a_dict(plan: dict):
+    """Breaks the ProcessMap result contract."""
+    return [plan["index"]]
+
+
+class LoadsOnlyInItsProcess:
+    """An ``fn`` that cannot be unpickled in another process (like a function of a script's
+    ``__main__``)."""
+
+    def __init__(self):
+        self.pid = os.getpid()
+
+    def __setstate__(self, state):
+        if state["pid"] != os.getpid():
+            raise RuntimeError("this fn only loads in the process that made it")
+        self.__dict__.update(state)
+
+    def __call__(self, plan: dict) -> dict[str, np.ndarray]:
+        return rows(plan)
+
+
+def environment(plan: dict) -> dict[str, np.ndarray]:
+    """The worker's ``WF_DATA_TEST_VALUE`` and working directory."""
+    return {
+        "value": np.array([os.environ.get("WF_DATA_TEST_VALUE", "")]),
+        "cwd": np.array([os.getcwd()]),
+    }

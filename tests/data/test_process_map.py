@@ -1,0 +1,256 @@
+"""ProcessMap: same stream for 0 and N workers, exact lookahead, exact state, clear errors."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+
+import grain
+import numpy as np
+import pytest
+
+from tests.data.process_map_fns import (
+    FailWhileFileExists,
+    LoadsOnlyInItsProcess,
+    environment,
+    not_a_dict,
+    rows,
+)
+from wf_data.data.process_map import (
+    ProcessMap,
+    RemoteTraceback,
+    decode_plan,
+    encode_plan,
+)
+from wf_data.data.worker_lifetime import process_exited
+
+NUM_PLANS = 30
+
+
+def make_plan(index: int) -> dict:
+    return {
+        "index": np.int64(index),
+        "docs": np.arange(index % 5, dtype=np.int32),
+        "weight": index / 3,
+        "name": f"plan-{index}",
+    }
+
+
+def plans(num_plans: int = NUM_PLANS) -> grain.IterDataset:
+    """A parent with real state: shuffled, filtered, then turned into plans."""
+    return (
+        grain.MapDataset.range(num_plans + 10)
+        .shuffle(seed=7)
+        .to_iter_dataset()
+        .filter(lambda index: index % 4 != 1)
+        .map(make_plan)
+    )
+
+
+def reference(parent=None) -> list[dict]:
+    return [rows(plan) for plan in (plans() if parent is None else parent)]
+
+
+def assert_same_stream(actual: list[dict], expected: list[dict]) -> None:
+    assert len(actual) == len(expected)
+    for position, (got, want) in enumerate(zip(actual, expected, strict=True)):
+        assert got.keys() == want.keys(), position
+        for key in want:
+            assert got[key].dtype == want[key].dtype, (position, key)
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{position} {key}")
+
+
+@pytest.mark.parametrize("num_workers,lookahead", [(0, 0), (0, 3), (1, 0), (2, 1), (2, 5)])
+def test_stream_equals_inline_fn(num_workers, lookahead):
+    with iter(ProcessMap(plans(), rows, num_workers=num_workers, lookahead=lookahead)) as it:
+        assert_same_stream(list(it), reference())
+
+
+def test_map_dataset_parent():
+    parent = grain.MapDataset.range(7).map(make_plan)
+    with iter(ProcessMap(parent, rows, num_workers=1, lookahead=2)) as it:
+        assert_same_stream(list(it), reference(parent))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+@pytest.mark.parametrize("lookahead", [0, 3])
+def test_pulls_exactly_lookahead_ahead(num_workers, lookahead):
+    """After k elements the parent has given k + lookahead, whatever the worker count."""
+    parent = grain.MapDataset.range(12).map(make_plan).to_iter_dataset()
+    with iter(ProcessMap(parent, rows, num_workers=num_workers, lookahead=lookahead)) as it:
+        for taken in range(1, 13):
+            next(it)
+            state = it.get_state()
+            pulled = min(taken + lookahead, 12)
+            assert state["parent"]["next_index"] == pulled
+            in_flight = [int(decode_plan(plan)["index"]) for plan in state["in_flight"]]
+            assert in_flight == list(range(taken, pulled))
+
+
+@pytest.mark.parametrize("before,after,taken", [(0, 2, 0), (2, 0, 5), (2, 1, 22), (1, 2, 5)])
+def test_state_restores_exactly_across_worker_counts(before, after, taken):
+    expected = reference()
+    with iter(ProcessMap(plans(), rows, num_workers=before, lookahead=3)) as it:
+        head = [next(it) for _ in range(taken)]
+        state = json.loads(json.dumps(it.get_state()))  # JSON-safe, and exact through JSON
+        next(it)  # moving on must not change what the state describes
+    assert_same_stream(head, expected[:taken])
+    with iter(ProcessMap(plans(), rows, num_workers=after, lookahead=3)) as it:
+        it.set_state(state)
+        assert_same_stream(list(it), expected[taken:])
+
+
+def test_set_state_on_a_running_iterator_rewinds():
+    expected = reference()
+    with iter(ProcessMap(plans(), rows, num_workers=2, lookahead=4)) as it:
+        for _ in range(3):
+            next(it)
+        state = it.get_state()
+        for _ in range(6):
+            next(it)  # leaves results of submitted elements unread in the workers
+        it.set_state(state)
+        assert_same_stream(list(it), expected[3:])
+
+
+def test_plan_encoding_round_trips_dtypes_and_scalars():
+    plan = {
+        "ids": np.array([[1, -2], [3, 2**40]], dtype=np.int64),
+        "flags": np.array([True, False]),
+        "scores": np.array([0.5, np.nan, -np.inf], dtype=np.float32),
+        "names": np.array(["ab", "c"]),
+        "empty": np.zeros((0, 3), dtype=np.uint16),
+        "step": np.int32(7),
+        "count": 3,
+        "ratio": 0.25,
+        "tag": "x",
+    }
+    decoded = decode_plan(json.loads(json.dumps(encode_plan(plan))))
+    assert decoded.keys() == plan.keys()
+    for key, value in plan.items():
+        assert type(decoded[key]) is type(value), key
+        if isinstance(value, (np.ndarray, np.generic)):
+            assert decoded[key].dtype == value.dtype and decoded[key].shape == value.shape
+            np.testing.assert_array_equal(decoded[key], value)
+        else:
+            assert decoded[key] == value
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_fn_error_names_element_and_retries_it(tmp_path, num_workers):
+    flag = tmp_path / "fail"
+    flag.touch()
+    expected = reference()
+    fail_at = int(list(plans())[4]["index"])
+    fn = FailWhileFileExists(str(flag), fail_at)
+    with iter(ProcessMap(plans(), fn, num_workers=num_workers, lookahead=3)) as it:
+        head = [next(it) for _ in range(4)]
+        with pytest.raises(ValueError, match="refusing element") as raised:
+            next(it)
+        notes = "\n".join(raised.value.__notes__)
+        assert "element 4" in notes and f"index={fail_at}" in notes
+        if num_workers:
+            assert isinstance(raised.value.__cause__, RemoteTraceback)
+            assert "process_map_fns.py" in str(raised.value.__cause__)
+            assert "worker pid" in notes
+        state = it.get_state()  # still at element 4: nothing was delivered
+        flag.unlink()
+        assert_same_stream(head + list(it), expected)  # the same iterator retries element 4
+    with iter(ProcessMap(plans(), fn, num_workers=num_workers, lookahead=3)) as it:
+        it.set_state(state)
+        assert_same_stream(list(it), expected[4:])
+
+
+def test_result_contract_is_checked_in_workers_and_inline():
+    for num_workers in (0, 1):
+        with iter(ProcessMap(plans(), not_a_dict, num_workers=num_workers, lookahead=1)) as it:
+            with pytest.raises(TypeError, match=r"must return dict\[str, np.ndarray\]; got list"):
+                next(it)
+
+
+def test_fn_that_workers_cannot_load_is_reported():
+    with iter(ProcessMap(plans(), LoadsOnlyInItsProcess(), num_workers=1, lookahead=1)) as it:
+        with pytest.raises(RuntimeError, match="only loads in the process that made it") as raised:
+            next(it)
+        assert "element 0" in "\n".join(raised.value.__notes__)
+
+
+def test_bad_arguments_and_plans_are_refused():
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        ProcessMap(plans(), lambda plan: plan, num_workers=1, lookahead=1)
+    with pytest.raises(ValueError, match="num_workers must be an int >= 0, got -1"):
+        ProcessMap(plans(), rows, num_workers=-1, lookahead=1)
+    with pytest.raises(ValueError, match="lookahead must be an int >= 0, got 1.5"):
+        ProcessMap(plans(), rows, num_workers=0, lookahead=1.5)
+    bad = grain.MapDataset.range(3).map(lambda i: {"index": i, "docs": [1, 2]})
+    with pytest.raises(TypeError, match="element 0 key 'docs' holds list"):
+        next(iter(ProcessMap(bad, rows, num_workers=0, lookahead=0)))
+    with pytest.raises(ValueError, match="keys 'parent' and 'in_flight'"):
+        iter(ProcessMap(plans(), rows, num_workers=0, lookahead=0)).set_state({"parent": {}})
+    it = iter(ProcessMap(plans(), rows, num_workers=0, lookahead=0))
+    with pytest.raises(ValueError, match="'in_flight' must be a list of encoded plans"):
+        it.set_state({"parent": it.get_state()["parent"], "in_flight": {"index": 1}})
+    with pytest.raises(ValueError, match="plan key 'docs' is not an encoded array"):
+        it.set_state({"parent": {}, "in_flight": [{"docs": {"ndarray": "<i4", "shape": [2]}}]})
+
+
+def test_close_stops_workers_promptly():
+    it = iter(ProcessMap(plans(), rows, num_workers=2, lookahead=2))
+    next(it)
+    pids = it.worker_pids
+    assert len(pids) == 2 and not any(process_exited(pid) for pid in pids)
+    it.close()
+    assert all(process_exited(pid) for pid in pids)
+    with pytest.raises(ValueError, match="closed"):
+        next(it)
+    it = iter(ProcessMap(plans(), rows, num_workers=1, lookahead=1))
+    next(it)
+    pids = it.worker_pids
+    del it  # dropped without close(): garbage collection stops the workers
+    gc.collect()
+    assert all(process_exited(pid) for pid in pids)
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child only calls next()
+def test_iterator_refuses_other_processes():
+    it = iter(ProcessMap(plans(), rows, num_workers=0, lookahead=0))
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        __import__("pickle").dumps(it)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            next(it)
+        except RuntimeError:
+            os._exit(0)
+        os._exit(1)
+    assert os.waitpid(pid, 0)[1] == 0
+
+
+def test_workers_outlive_the_thread_that_started_them():
+    """The parent-death signal fires when the *thread* that forked a worker exits: workers
+    started from a short-lived thread must survive it (they are forked by a launcher thread)."""
+    import threading
+
+    it = iter(ProcessMap(plans(), rows, num_workers=2, lookahead=2))
+    first = []
+    thread = threading.Thread(target=lambda: first.append(next(it)))
+    thread.start()
+    thread.join()
+    pids = it.worker_pids
+    assert len(first) == 1 and len(pids) == 2
+    with it:
+        rest = list(it)
+        assert it.worker_pids == pids
+    assert_same_stream(first + rest, reference())
+
+
+def test_workers_see_the_environment_of_their_pool_start(tmp_path, monkeypatch):
+    """Workers fork from a long-lived zygote, yet run with this process's environment and
+    working directory as of their pool's start, not the zygote's."""
+    next(iter(ProcessMap(plans(), rows, num_workers=1, lookahead=0)))  # zygote runs by now
+    monkeypatch.setenv("WF_DATA_TEST_VALUE", "set-later")
+    monkeypatch.chdir(tmp_path)
+    with iter(ProcessMap(plans(), environment, num_workers=1, lookahead=0)) as it:
+        result = next(it)
+    assert result["value"][0] == "set-later"
+    assert result["cwd"][0] == str(tmp_path)

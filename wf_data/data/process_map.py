@@ -1,0 +1,371 @@
+"""``ProcessMap``: apply ``fn`` to a stream of plans in worker processes, as a Grain dataset.
+
+The parent pipeline (planning, mixing, anything stateful) stays in this process; workers only
+turn small plans into arrays (``fn(plan) -> dict[str, np.ndarray]``, e.g. reading the rows of
+a batch), and hand them back through shared memory (:mod:`wf_data.data.shm_ring`).
+
+Invariants:
+
+- **Order.** Results come in the parent's order, whatever ``num_workers`` is; ``num_workers=0``
+  runs ``fn`` inline and gives the identical stream.
+- **Lookahead.** After the consumer has taken ``k`` elements, exactly ``k + lookahead`` have
+  been pulled from the parent (fewer at its end; one more while a failed ``next()`` awaits its
+  retry), synchronously inside ``__next__``. A feedback call between two ``next()`` (a mixture
+  update) therefore reaches the parent after a fixed lag, independent of worker count and
+  timing.
+- **State.** ``get_state()`` is ``{"parent": <the live parent state>, "in_flight": [<plans
+  pulled but not delivered, JSON-safe>]}``: it always describes the last element handed to
+  the consumer, also after a worker died or ``fn`` raised. ``set_state`` re-submits the
+  in-flight plans, then continues from the parent; states move freely between 0 and N workers.
+- **Failures.** A worker death raises :class:`WorkerError` (naming pid and signal) and the
+  next ``next()`` restarts the workers and continues the exact stream; an exception of
+  ``fn`` is re-raised here with the worker's traceback and the element, and the same element
+  is tried again on the next ``next()``.
+- **Results** are fresh arrays (copied out of shared memory): the consumer may keep them.
+  Workers start at the first ``next()`` (or ``start_prefetch()``), stop at ``close()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import math
+import os
+import pickle
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grain
+import numpy as np
+
+from wf_data.data.shm_ring import check_result
+from wf_data.data.worker_pool import RemoteTraceback, WorkerError, WorkerPool
+from wf_data.data.zygote import zygote
+
+__all__ = ["ProcessMap", "RemoteTraceback", "WorkerError", "decode_plan", "encode_plan"]
+
+Plan = dict[str, Any]  # flat: np.ndarray | np.generic | int | float | str | bool values
+_PLAN_SCALARS = (int, float, str)
+
+
+class ProcessMap(grain.IterDataset):
+    """``fn`` applied to every element of ``parent`` by ``num_workers`` processes, in order.
+
+    ``parent`` yields plans (flat dicts of small arrays, ints, floats, strings); a
+    ``MapDataset`` parent is turned into an ``IterDataset`` without reader threads. ``fn`` is
+    picklable (a module-level function or a small object of an importable module; keep that
+    module free of grain/JAX imports: workers import it at start) and returns
+    ``dict[str, np.ndarray]``, e.g. ``(B, L) int32`` rows. ``lookahead`` elements are pulled
+    ahead of the consumer and computed in parallel; with ``num_workers > 0`` it bounds the
+    parallelism, so use at least ``num_workers``.
+    """
+
+    def __init__(
+        self,
+        parent: grain.IterDataset | grain.MapDataset,
+        fn: Callable[[Plan], dict[str, np.ndarray]],
+        *,
+        num_workers: int,
+        lookahead: int,
+    ):
+        if isinstance(parent, grain.MapDataset):
+            # Plans are cheap and computed in memory: reader threads would only compete with
+            # the workers for the GIL and the cores (Grain's advice for in-memory data).
+            parent = parent.to_iter_dataset(grain.ReadOptions(num_threads=0))
+        if not isinstance(parent, grain.IterDataset):
+            raise TypeError(f"ProcessMap parent must be a grain IterDataset, got {type(parent)}")
+        if not callable(fn):
+            raise TypeError(f"ProcessMap fn must be callable, got {fn!r}")
+        for name, value in (("num_workers", num_workers), ("lookahead", lookahead)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ProcessMap {name} must be an int >= 0, got {value!r}")
+        if num_workers and not hasattr(os, "memfd_create"):
+            raise ValueError(
+                f"ProcessMap num_workers={num_workers} needs Linux (memfd shared memory); "
+                f"use num_workers=0 on {sys.platform}"
+            )
+        super().__init__(parent)
+        self._fn = fn
+        self._num_workers = num_workers
+        self._lookahead = lookahead
+        self._fn_pickle = _pickle_fn(fn) if num_workers else b""
+        if num_workers:
+            zygote()  # starts importing numpy now, while the caller builds the rest
+
+    def __iter__(self) -> ProcessMapIterator:
+        return ProcessMapIterator(
+            self._parent.__iter__(),
+            self._fn,
+            self._fn_pickle,
+            num_workers=self._num_workers,
+            lookahead=self._lookahead,
+        )
+
+    def __str__(self) -> str:
+        return (
+            f"ProcessMap(fn={getattr(self._fn, '__name__', type(self._fn).__name__)}, "
+            f"num_workers={self._num_workers}, lookahead={self._lookahead})"
+        )
+
+
+@dataclass
+class _InFlight:
+    plan: Plan
+    ticket: tuple[int, int] | None = None  # (worker, task) once submitted to the current pool
+
+
+class ProcessMapIterator(grain.DatasetIterator):
+    """Iterator of :class:`ProcessMap`; owns the worker pool, started at the first ``next()``.
+
+    Not to be shared across processes. ``close()`` (also ``with``, and garbage collection)
+    stops the workers.
+    """
+
+    def __init__(
+        self,
+        parent: grain.DatasetIterator,
+        fn: Callable[[Plan], dict[str, np.ndarray]],
+        fn_pickle: bytes,
+        *,
+        num_workers: int,
+        lookahead: int,
+    ):
+        super().__init__(parent)
+        self._fn = fn
+        self._fn_pickle = fn_pickle
+        self._num_workers = num_workers
+        self._lookahead = lookahead
+        self._in_flight: collections.deque[_InFlight] = collections.deque()
+        self._parent_exhausted = False
+        self._pool: WorkerPool | None = None
+        self._delivered = 0  # since start or the last set_state; names elements in errors
+        self._owner_pid = os.getpid()
+        self._stopped = False
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        self._check_usable()
+        self._pull()
+        if not self._in_flight:
+            raise StopIteration
+        try:
+            if self._num_workers == 0:
+                result = check_result(self._fn(self._in_flight[0].plan))
+            else:
+                result = self._result_from_pool()
+        except Exception as error:
+            plan = _short(self._in_flight[0].plan)
+            error.add_note(f"ProcessMap failed on element {self._delivered} (plan {plan})")
+            raise
+        self._in_flight.popleft()
+        self._delivered += 1
+        return result
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            "parent": self._parent.get_state(),
+            "in_flight": [encode_plan(entry.plan) for entry in self._in_flight],
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._check_usable()
+        if not isinstance(state, Mapping) or set(state) != {"parent", "in_flight"}:
+            raise ValueError(
+                f"ProcessMap state must be a dict with keys 'parent' and 'in_flight', got "
+                f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
+            )
+        in_flight = state["in_flight"]
+        if not isinstance(in_flight, list) or not all(isinstance(p, Mapping) for p in in_flight):
+            raise ValueError(
+                f"ProcessMap state 'in_flight' must be a list of encoded plans (dicts), got "
+                f"{str(in_flight)[:200]}"
+            )
+        plans = [decode_plan(encoded) for encoded in in_flight]
+        self._restart_sequence()
+        self._parent.set_state(state["parent"])
+        self._in_flight = collections.deque(_InFlight(plan) for plan in plans)
+        self._parent_exhausted = False
+        self._delivered = 0
+
+    def start_prefetch(self) -> None:
+        """Starts the worker processes now rather than at the first ``next()`` (idempotent)."""
+        self._check_usable()
+        if self._num_workers and self._pool is None:
+            self._start_pool()
+        super().start_prefetch()
+
+    @property
+    def worker_pids(self) -> list[int]:
+        """Process ids of the running workers (empty before the first ``next()`` or inline)."""
+        return [] if self._pool is None else self._pool.pids
+
+    def close(self) -> None:
+        """Stops the worker processes; idempotent. The iterator cannot be used afterwards."""
+        if getattr(self, "_stopped", True):
+            return
+        self._stopped = True
+        self._stop_pool()
+        super().close()
+
+    def __enter__(self) -> ProcessMapIterator:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __reduce__(self):
+        raise TypeError("a ProcessMap iterator owns worker processes and cannot be pickled")
+
+    def __str__(self) -> str:
+        return f"ProcessMapIterator(num_workers={self._num_workers}, lookahead={self._lookahead})"
+
+    def _check_usable(self) -> None:
+        if self._stopped:
+            raise ValueError("this ProcessMap iterator is closed")
+        if os.getpid() != self._owner_pid:
+            raise RuntimeError(
+                "a ProcessMap iterator was used in a forked child of the process that made it; "
+                "create the iterator in the process that consumes it"
+            )
+
+    def _pull(self) -> None:
+        """Pulls from the parent until ``lookahead`` elements are queued behind the head."""
+        while not self._parent_exhausted and len(self._in_flight) <= self._lookahead:
+            try:
+                plan = next(self._parent)
+            except StopIteration:
+                self._parent_exhausted = True
+                break
+            index = self._delivered + len(self._in_flight)
+            self._in_flight.append(_InFlight(_check_plan(plan, index)))
+
+    def _result_from_pool(self) -> dict[str, np.ndarray]:
+        if self._pool is None:
+            self._start_pool()
+        try:
+            for entry in self._in_flight:
+                if entry.ticket is None:
+                    entry.ticket = self._pool.submit(entry.plan)
+            return self._pool.result(self._in_flight[0].ticket)
+        except WorkerError:
+            self._stop_pool()
+            raise
+        except Exception:
+            # fn failed on the head: drop the results of the elements behind it, so that the
+            # next call re-submits everything in order, the head first.
+            self._restart_sequence()
+            raise
+
+    def _start_pool(self) -> None:
+        # One slot more than the most elements a worker can hold unread (the in-flight
+        # elements plus the head, round-robin), so a slot is rewritten only once read.
+        slots = math.ceil((self._lookahead + 1) / self._num_workers) + 1
+        self._pool = WorkerPool(self._fn_pickle, self._num_workers, slots)
+
+    def _restart_sequence(self) -> None:
+        """Forgets every submitted task; a worker death here just stops the pool."""
+        try:
+            if self._pool is not None:
+                self._pool.discard_outstanding()
+        except WorkerError:
+            self._stop_pool()
+        for entry in self._in_flight:
+            entry.ticket = None
+
+    def _stop_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        for entry in self._in_flight:
+            entry.ticket = None
+        if pool is not None:
+            pool.close()
+
+
+def _pickle_fn(fn) -> bytes:
+    try:
+        return pickle.dumps(fn, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as error:
+        raise TypeError(
+            f"ProcessMap fn {fn!r} cannot be pickled for the worker processes ({error}); define "
+            f"it at module level of an importable module, or use num_workers=0"
+        ) from error
+
+
+def _check_plan(plan, index: int) -> Plan:
+    if not isinstance(plan, Mapping):
+        raise TypeError(
+            f"ProcessMap element {index} is a {type(plan).__name__}; elements must be plans: "
+            f"flat dicts of np.ndarray, int, float or str"
+        )
+    for key, value in plan.items():
+        if not isinstance(key, str) or not isinstance(
+            value, (np.ndarray, np.generic, *_PLAN_SCALARS)
+        ):
+            raise TypeError(
+                f"ProcessMap element {index} key {key!r} holds {type(value).__name__}; plans "
+                f"are flat dicts of np.ndarray, int, float or str"
+            )
+        if isinstance(value, (np.ndarray, np.generic)) and (
+            value.dtype.hasobject or value.dtype.fields is not None
+        ):
+            raise TypeError(
+                f"ProcessMap element {index} key {key!r} has dtype {value.dtype}; plan arrays "
+                f"must have a plain numeric, bool or string dtype"
+            )
+    return plan
+
+
+def encode_plan(plan: Plan) -> dict[str, Any]:
+    """A JSON-safe copy of ``plan``: arrays and numpy scalars become tagged base64 dicts."""
+    encoded = {}
+    for key, value in plan.items():
+        if isinstance(value, (np.ndarray, np.generic)):
+            array = np.asarray(value)
+            encoded[key] = {
+                "ndarray" if isinstance(value, np.ndarray) else "scalar": array.dtype.str,
+                "shape": list(array.shape),
+                "base64": base64.b64encode(np.ascontiguousarray(array).tobytes()).decode(),
+            }
+        else:
+            encoded[key] = value
+    return encoded
+
+
+def decode_plan(encoded: Mapping[str, Any]) -> Plan:
+    """The plan :func:`encode_plan` encoded, with the same dtypes, shapes and values."""
+    plan = {}
+    for key, value in encoded.items():
+        if isinstance(value, Mapping):
+            try:
+                kind = "ndarray" if "ndarray" in value else "scalar"
+                dtype = np.dtype(value[kind])
+                raw = base64.b64decode(value["base64"], validate=True)
+                array = np.frombuffer(raw, dtype).reshape(value["shape"]).copy()
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(
+                    f"ProcessMap state: in-flight plan key {key!r} is not an encoded array "
+                    f"({error}): {str(value)[:200]}"
+                ) from error
+            plan[key] = array if kind == "ndarray" else array[()]
+        elif isinstance(value, _PLAN_SCALARS):
+            plan[key] = value
+        else:
+            raise ValueError(
+                f"ProcessMap state: in-flight plan key {key!r} holds {type(value).__name__}"
+            )
+    return plan
+
+
+def _short(plan: Plan) -> str:
+    """``plan`` in one line of at most 200 characters, for error messages."""
+    parts = []
+    for key, value in plan.items():
+        if isinstance(value, np.ndarray):
+            value = np.array2string(value, threshold=6, separator=",").replace("\n", "")
+        elif isinstance(value, np.generic):
+            value = repr(value.item())
+        else:
+            value = repr(value)
+        parts.append(f"{key}={value}")
+    text = ", ".join(parts)
+    return text if len(text) <= 200 else text[:197] + "..."

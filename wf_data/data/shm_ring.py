@@ -1,0 +1,169 @@
+"""Shared-memory hand-off of result arrays from a worker process to its consumer.
+
+Each worker owns one anonymous shared file (``memfd``) divided into ``slots``; the consumer
+maps the same file. The worker copies the arrays of one result into a slot and sends only
+``(key, dtype, shape, offset)`` metadata over a pipe; the consumer copies them out. A memfd
+has no name, so nothing can be left in ``/dev/shm`` whatever kills either side, and no
+resource tracker is involved. A slot grows (moves to the end of the file) when a result does
+not fit; the consumer remaps when an offset lies past its mapping.
+
+Safety rests on one rule the caller keeps: a slot is reused only after the consumer has read
+the result last written to it.
+
+Also here: length-prefixed message framing for the task and result pipes. This module must
+not import grain (a worker imports it; grain's import costs seconds).
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import pickle
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+_HEADER = struct.Struct("<Q")
+_ALIGN = 64
+_PAGE = mmap.PAGESIZE
+
+# (key, dtype string, shape, byte offset in the shared file)
+ArrayMeta = tuple[str, str, tuple[int, ...], int]
+
+
+def check_result(result) -> dict[str, np.ndarray]:
+    """``result`` as a ``dict[str, np.ndarray]``, or a TypeError naming the bad key and type.
+
+    Object and structured dtypes are refused: they cannot be copied through shared memory as
+    bytes. The caller adds which element it was to the error.
+    """
+    if not isinstance(result, Mapping):
+        raise TypeError(
+            f"ProcessMap fn must return dict[str, np.ndarray]; got {type(result).__name__}"
+        )
+    for key, value in result.items():
+        if not isinstance(key, str) or not isinstance(value, np.ndarray):
+            raise TypeError(
+                f"ProcessMap fn must return dict[str, np.ndarray]; key {key!r} holds "
+                f"{type(value).__name__}: wrap it with np.asarray"
+            )
+        if value.dtype.hasobject or value.dtype.fields is not None:
+            raise TypeError(
+                f"ProcessMap fn result key {key!r} has dtype {value.dtype}; only plain "
+                f"numeric, bool or fixed-width string dtypes go through shared memory"
+            )
+    return dict(result)
+
+
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+class SlotWriter:
+    """Worker side: writes result arrays into slots of the shared file ``fd``."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._size = os.fstat(fd).st_size
+        self._map: mmap.mmap | None = None
+        self._regions: dict[int, tuple[int, int]] = {}  # slot -> (offset, capacity)
+
+    def write(self, slot: int, arrays: dict[str, np.ndarray]) -> list[ArrayMeta]:
+        """Copies ``arrays`` into ``slot``; returns the metadata the consumer needs to read them."""
+        needed = sum(_aligned(array.nbytes) for array in arrays.values())
+        offset, capacity = self._regions.get(slot, (0, -1))
+        if needed > capacity:
+            # Room for 25% growth, so results that vary a little do not move every time.
+            capacity = max(_PAGE, -(-(needed + needed // 4) // _PAGE) * _PAGE)
+            offset = self._size
+            self._grow(offset + capacity)
+            self._regions[slot] = (offset, capacity)
+        metas = []
+        for key, array in arrays.items():
+            if array.nbytes:
+                target = np.ndarray(array.shape, array.dtype, buffer=self._map, offset=offset)
+                np.copyto(target, array, casting="no")
+                del target  # no view may outlive a remap
+            metas.append((key, array.dtype.str, tuple(array.shape), offset))
+            offset += _aligned(array.nbytes)
+        return metas
+
+    def _grow(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+        if self._map is not None:
+            self._map.close()
+        self._map = mmap.mmap(self._fd, size)
+        self._size = size
+
+
+class SlotReader:
+    """Consumer side: copies result arrays out of the shared file ``fd`` the worker writes."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._map: mmap.mmap | None = None
+        self._size = 0
+
+    def read(self, metas: list[ArrayMeta]) -> dict[str, np.ndarray]:
+        """The arrays described by ``metas``, copied: they stay valid after the slot is reused."""
+        result = {}
+        for key, dtype, shape, offset in metas:
+            array_dtype = np.dtype(dtype)
+            nbytes = math.prod(shape) * array_dtype.itemsize
+            if nbytes == 0:
+                result[key] = np.empty(shape, array_dtype)
+                continue
+            if offset + nbytes > self._size:
+                self._remap(offset + nbytes)
+            view = np.ndarray(shape, array_dtype, buffer=self._map, offset=offset)
+            result[key] = view.copy()
+            del view
+        return result
+
+    def _remap(self, needed: int) -> None:
+        size = os.fstat(self._fd).st_size
+        if size < needed:
+            raise RuntimeError(
+                f"shared result buffer holds {size} bytes but a result ends at byte {needed}: "
+                f"the worker and the consumer disagree on its layout"
+            )
+        if self._map is not None:
+            self._map.close()
+        self._map = mmap.mmap(self._fd, size, access=mmap.ACCESS_READ)
+        self._size = size
+
+    def close(self) -> None:
+        """Unmaps the file (the caller closes ``fd``)."""
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+def send_message(fd: int, message) -> None:
+    """Writes one pickled, length-prefixed message to pipe ``fd`` (blocking)."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(_HEADER.pack(len(payload)) + payload)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def receive_message(fd: int):
+    """Reads one message from pipe ``fd`` (blocking); ``EOFError`` once the writer is gone.
+
+    Only for pipes between this process and its own workers: the payload is a pickle.
+    """
+    (length,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size))
+    return pickle.loads(_read_exactly(fd, length))
+
+
+def _read_exactly(fd: int, count: int) -> bytes:
+    chunks = []
+    while count:
+        chunk = os.read(fd, min(count, 1 << 20))
+        if not chunk:
+            raise EOFError("pipe closed by the other side")
+        chunks.append(chunk)
+        count -= len(chunk)
+    return b"".join(chunks)

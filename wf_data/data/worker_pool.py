@@ -1,0 +1,268 @@
+"""Worker processes for ``ProcessMap``: ordered tasks in, shared-memory results out.
+
+Workers are forked by this process's zygote (:mod:`wf_data.data.zygote`, a clean interpreter
+that imported numpy and this module once), never from this process with its threads and
+open readers; each imports only the module of ``fn`` on top, so a pool starts in
+milliseconds once the zygote runs. Per worker: a task pipe, a result pipe and a
+:mod:`wf_data.data.shm_ring` shared file. Tasks go round-robin; each worker handles its tasks
+in order, so the result of a task is the next message on its worker's pipe and no reordering
+is needed. Workers die with this process (:mod:`wf_data.data.worker_lifetime`) and leave no
+named resource behind. Linux only (memfd, pidfd, parent-death signal).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import pickle
+import select
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from wf_data.data.shm_ring import (
+    SlotReader,
+    SlotWriter,
+    check_result,
+    receive_message,
+    send_message,
+)
+from wf_data.data.worker_lifetime import die_with_parent
+from wf_data.data.zygote import STATUS_LOST, Worker, zygote
+
+_LIVENESS_POLL_S = 0.2
+_CLOSE_GRACE_S = 0.2
+
+
+class WorkerError(RuntimeError):
+    """A ProcessMap worker process died (killed, crashed, out of memory) before answering.
+
+    The iterator's state still describes the last element it delivered: restore a new
+    iterator from ``get_state()``, or call ``next()`` again to restart the pool.
+    """
+
+
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised by ``fn`` in a worker process."""
+
+    def __str__(self) -> str:
+        return "\n" + self.args[0]
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: Worker
+    task_fd: int
+    result_fd: int
+    memory_fd: int
+    reader: SlotReader
+    outstanding: collections.deque = field(default_factory=collections.deque)  # task ids
+    submitted: int = 0
+
+
+class WorkerPool:
+    """``num_workers`` processes applying ``fn`` to tasks; results read back in task order.
+
+    ``slots`` bounds the tasks in flight per worker: the caller never has more than ``slots``
+    unread tasks on one worker (it reads results in submission order), which is what makes
+    reusing a slot safe.
+    """
+
+    def __init__(self, fn_pickle: bytes, num_workers: int, slots: int):
+        self._slots = slots
+        self._next_worker = 0
+        self._next_task = 0
+        self._workers: list[_Worker] = []
+        self._finalizer = weakref.finalize(self, _shutdown, self._workers, os.getpid())
+        for index in range(num_workers):
+            self._workers.append(_start_worker(index))
+        # Sent once all have started: a large fn fills the pipe and blocks until read.
+        init = (list(sys.path), fn_pickle)
+        for worker in self._workers:
+            self._send(worker, init)
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the workers, in worker order."""
+        return [worker.process.pid for worker in self._workers]
+
+    def submit(self, plan) -> tuple[int, int]:
+        """Sends ``plan`` to the next worker; returns the ticket to pass to :meth:`result`."""
+        worker = self._workers[self._next_worker]
+        self._next_worker = (self._next_worker + 1) % len(self._workers)
+        if len(worker.outstanding) >= self._slots:
+            raise RuntimeError(
+                f"ProcessMap worker {worker.index} has {len(worker.outstanding)} unread results; "
+                f"at most {self._slots} fit its shared buffer"
+            )
+        task_id = self._next_task
+        self._next_task += 1
+        self._send(worker, (task_id, worker.submitted % self._slots, plan))
+        worker.submitted += 1
+        worker.outstanding.append(task_id)
+        return worker.index, task_id
+
+    def result(self, ticket: tuple[int, int]) -> dict[str, np.ndarray]:
+        """The result of ``ticket``, which must be its worker's oldest unread task.
+
+        Raises ``WorkerError`` if the worker died, or the exception ``fn`` raised (its worker
+        traceback chained as ``RemoteTraceback``).
+        """
+        worker = self._workers[ticket[0]]
+        if not worker.outstanding or worker.outstanding[0] != ticket[1]:
+            raise RuntimeError(
+                f"ProcessMap read task {ticket[1]} out of order; worker {worker.index} has "
+                f"{list(worker.outstanding)} outstanding"
+            )
+        task_id, status, payload = self._receive(worker)
+        worker.outstanding.popleft()
+        if task_id != ticket[1]:
+            raise RuntimeError(
+                f"ProcessMap worker {worker.index} answered task {task_id}, expected {ticket[1]}"
+            )
+        if status == "ok":
+            return worker.reader.read(payload)
+        raise _remote_exception(payload, f"worker pid {worker.process.pid}")
+
+    def discard_outstanding(self) -> None:
+        """Reads and drops every unread result, so the pool can take a fresh task sequence."""
+        for worker in self._workers:
+            while worker.outstanding:
+                self._receive(worker)
+                worker.outstanding.popleft()
+
+    def close(self) -> None:
+        """Stops the workers (end of their task pipe, then SIGKILL after a grace period)."""
+        self._finalizer()
+
+    def _send(self, worker: _Worker, message) -> None:
+        try:
+            send_message(worker.task_fd, message)
+        except (BrokenPipeError, OSError) as error:
+            raise self._death(worker, "while receiving a task") from error
+
+    def _receive(self, worker: _Worker):
+        while True:
+            readable, _, _ = select.select([worker.result_fd], [], [], _LIVENESS_POLL_S)
+            # A fork of this process (not ours) may hold the pipe's write end, so EOF alone
+            # cannot be trusted to report a death: poll the process as well.
+            if readable or worker.process.poll() is not None:
+                break
+        try:
+            if readable or _has_data(worker.result_fd):
+                return receive_message(worker.result_fd)
+        except EOFError:
+            pass
+        raise self._death(worker, "while computing a result")
+
+    def _death(self, worker: _Worker, doing: str) -> WorkerError:
+        try:
+            code = worker.process.wait(timeout=_CLOSE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        if code is None:
+            how = "closed its result pipe"
+        elif code == STATUS_LOST:
+            how = "died with its zygote (exit status lost)"
+        elif code < 0:
+            how = f"died with signal {signal.Signals(-code).name} ({-code})"
+        else:
+            how = f"exited with code {code}"
+        self.close()
+        return WorkerError(
+            f"ProcessMap worker {worker.index} (pid {worker.process.pid}) {how} {doing}. The "
+            f"iterator's get_state() still describes the last element it delivered: restore "
+            f"from it, or call next() again to restart the workers."
+        )
+
+
+def _has_data(fd: int) -> bool:
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def _start_worker(index: int) -> _Worker:
+    task_read, task_write = os.pipe()
+    result_read, result_write = os.pipe()
+    memory_fd = os.memfd_create(f"wf-data-process-map-{index}")
+    try:
+        process = zygote().spawn((task_read, result_write, memory_fd))
+    finally:
+        os.close(task_read)  # the worker holds its own copies now
+        os.close(result_write)
+    return _Worker(index, process, task_write, result_read, memory_fd, SlotReader(memory_fd))
+
+
+def _shutdown(workers: list[_Worker], owner_pid: int) -> None:
+    if os.getpid() != owner_pid:
+        return  # a fork of the owner: the workers are not its to stop
+    for worker in workers:
+        os.close(worker.task_fd)  # an idle worker exits at the end of its task pipe
+    deadline = time.monotonic() + _CLOSE_GRACE_S
+    for worker in workers:
+        try:
+            worker.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            worker.process.kill()  # busy in fn: it holds nothing that needs a clean exit
+            worker.process.wait()
+        worker.reader.close()
+        os.close(worker.result_fd)
+        os.close(worker.memory_fd)
+    workers.clear()
+
+
+def _remote_exception(payload, where: str) -> BaseException:
+    exception_pickle, traceback_text = payload
+    try:
+        exception = pickle.loads(exception_pickle)
+    except Exception:
+        exception = RuntimeError(traceback_text.strip().splitlines()[-1])
+    exception.add_note(f"raised by ProcessMap fn in {where}")
+    exception.__cause__ = RemoteTraceback(traceback_text)
+    return exception
+
+
+def worker_main(argv: list[str]) -> None:
+    """Entry point of a worker process: ``argv`` = parent pid, task, result and memory fds."""
+    parent_pid, task_fd, result_fd, memory_fd = (int(arg) for arg in argv)
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the consumer's to handle
+    try:
+        sys_path, fn_pickle = receive_message(task_fd)
+    except EOFError:
+        return
+    sys.path[:] = sys_path
+    try:
+        fn, init_error = pickle.loads(fn_pickle), None
+    except Exception as error:  # e.g. fn defined in a script's __main__: answer every task
+        fn, init_error = None, _exception_payload(error)
+    writer = SlotWriter(memory_fd)
+    while True:
+        try:
+            task_id, slot, plan = receive_message(task_fd)
+        except EOFError:
+            return
+        if init_error is not None:
+            send_message(result_fd, (task_id, "error", init_error))
+            continue
+        try:
+            result = check_result(fn(plan))
+            send_message(result_fd, (task_id, "ok", writer.write(slot, result)))
+        except Exception as error:
+            send_message(result_fd, (task_id, "error", _exception_payload(error)))
+
+
+def _exception_payload(error: Exception) -> tuple[bytes, str]:
+    text = "".join(traceback.format_exception(error))
+    try:
+        exception_pickle = pickle.dumps(error)
+        pickle.loads(exception_pickle)
+    except Exception:
+        exception_pickle = b""
+    return exception_pickle, text
