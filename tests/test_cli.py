@@ -14,6 +14,7 @@ import yaml
 
 from wf_data import cli
 from wf_data.config import config_dir
+from wf_data.data import out_dir as out_dir_lib
 from wf_data.data import sources
 
 
@@ -58,7 +59,7 @@ def test_prepare_and_inspect_tokens(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "format tokens" in printed and "records 120" in printed
     assert "p50" in printed and "p99" in printed and "#" in printed  # percentiles, histogram
-    assert "integrity: OK, 3 shards (record counts and sha256)" in printed
+    assert "integrity: OK, 3 shards (sha256 of every file, record counts and lengths)" in printed
     assert "samples (2 evenly spaced):" in printed and "#119: [" in printed
     assert "the" in printed.split("samples")[1]  # decoded text, not ids
 
@@ -205,7 +206,7 @@ def test_prepare_several_text_keys(tmp_path, capsys):
     assert source.manifest["input_fields"] == {"text_key": ["q", "r", "a"],
                                                "text_separator": "\n---\n"}
     assert cli.build_parser().parse_args(argv).text_separator == "\n---\n"
-    assert cli.main(["prepare", str(path), "--out", str(out), "--text-key", "q,r,x"]) == 1
+    assert cli.main(["prepare", str(path), "--out", str(out) + "2", "--text-key", "q,r,x"]) == 1
     assert "in.jsonl:1: missing key 'x'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["prepare", "x", "--out", "o", "--text-key", "q,,a"])
@@ -271,7 +272,7 @@ def test_resume_after_real_kill_9(tmp_path, phase):
     out = tmp_path / "out"
     process = subprocess.Popen([sys.executable, "-c", SLOW_RUN, str(inputs), str(out)])
     deadline = time.monotonic() + 60
-    work = out / ".wf-prepare"
+    work = out_dir_lib.build_dir(out) / ".wf-prepare"
     while time.monotonic() < deadline and process.poll() is None:
         if work.exists() and len(list(work.glob("*.done.json"))) >= kill_after_markers:
             break
@@ -279,7 +280,7 @@ def test_resume_after_real_kill_9(tmp_path, phase):
     assert process.poll() is None, "prepare finished before it could be killed"
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (out / "manifest.json").exists()
+    assert not out.exists()  # the dataset appears only once complete
     options = dict(num_shards=4, piece_bytes=600, progress=False, text_key="body", name="docs")
     prepare(inputs, out, **options)
     prepare(inputs, tmp_path / "clean", **options)

@@ -7,8 +7,10 @@ Each subcommand is a pair of functions: `add_NAME_parser(subparsers)` declares i
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +35,9 @@ def add_prepare_parser(subparsers: Any) -> None:
         help="write ArrayRecord shards + manifest.json from jsonl/parquet/txt inputs",
         description="Prepare jsonl, jsonl.gz, jsonl.zst, parquet and txt files (or directories "
         "of them) into a dataset directory. Deterministic and resumable: re-run the same "
-        "command after an interruption and only unfinished shards are redone.",
+        "command after an interruption and only unfinished shards are redone. The dataset is "
+        "built beside --out and replaces it only once complete. Exit status 1 for a bad "
+        "record, 2 for a damaged input file or an unusable --out.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
     parser.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
@@ -87,7 +91,24 @@ def add_prepare_parser(subparsers: Any) -> None:
     parser.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     parser.add_argument("--append-eos", action="store_true", help="end every document with eos")
     parser.add_argument(
-        "--skip-bad", action="store_true", help="skip and count bad records instead of failing"
+        "--skip-bad",
+        action="store_true",
+        help="skip bad records instead of failing, each listed in DIR/skipped.jsonl (a damaged "
+        "input file still fails)",
+    )
+    parser.add_argument(
+        "--max-doc-bytes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="records larger than N bytes are bad records (default 64 MiB; memory grows about "
+        "4x with it)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset of other inputs or settings in --out (once the new one is "
+        "complete)",
     )
     parser.add_argument("--name", default="data", help="shard file name prefix (default data)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -127,7 +148,32 @@ def _field_names(value: str) -> list[str]:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """Run `prepare` (locally or on Beam) and print a closing summary."""
+    """Run `prepare` (locally or on Beam) and print a closing summary; exit status 2 for a
+    damaged input file or an unusable --out (one line on stderr naming the file and the fix)."""
+    prepare_module = importlib.import_module("wf_data.data.prepare")
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _print_warning
+            manifest = _prepare(args)
+    except (prepare_module.InputFileError, prepare_module.OutDirError) as error:
+        print(f"wf-data prepare: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # e.g. a read-only file system or a full disk
+        print(
+            f"wf-data prepare: error: {error.filename or args.out}: {error.strerror or error}; "
+            "check that the path exists, is writable and has free space",
+            file=sys.stderr,
+        )
+        return 2
+    _print_prepare_summary(args, manifest)
+    return 0
+
+
+def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"wf-data prepare: warning: {message}", file=sys.stderr)
+
+
+def _prepare(args: argparse.Namespace) -> dict:
     options = dict(
         tokenizer=args.tokenizer,
         text_key=args.text_key or "text",
@@ -141,16 +187,25 @@ def run_prepare(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         name=args.name,
     )
+    if args.max_doc_bytes is not None:
+        options["max_doc_bytes"] = args.max_doc_bytes
     if args.runner == "beam":
-        manifest = _prepare_on_beam(args, options)
-    else:
-        from wf_data.data.prepare import prepare
+        return _prepare_on_beam(args, dict(options, overwrite=args.overwrite))
+    from wf_data.data.prepare import prepare
 
-        if args.beam_options is not None:
-            raise CommandError("--beam-options applies to --runner beam")
-        manifest = prepare(
-            args.inputs, args.out, workers=args.workers, progress=not args.quiet, **options
-        )
+    if args.beam_options is not None:
+        raise CommandError("--beam-options applies to --runner beam")
+    return prepare(
+        args.inputs,
+        args.out,
+        workers=args.workers,
+        progress=not args.quiet,
+        overwrite=args.overwrite,
+        **options,
+    )
+
+
+def _print_prepare_summary(args: argparse.Namespace, manifest: dict) -> None:
     totals, summary = manifest["totals"], manifest["summary"]
     print(f"prepared {args.out}: format {manifest['format']}, {len(manifest['shards'])} shards")
     print(
@@ -163,7 +218,11 @@ def run_prepare(args: argparse.Namespace) -> int:
         f"(parts run {summary['parts_run']}, shards written {summary['shards_written']})"
     )
     print(f"  fingerprint {manifest['fingerprint']}")
-    return 0
+    if totals["skipped_bad"]:
+        shown = summary.get("skipped", [])  # the Beam runner reports none
+        print(f"  skipped records (first {len(shown)}; all in {args.out}/skipped.jsonl):")
+        for entry in shown:
+            print(f"    {entry['error']}")
 
 
 def _prepare_on_beam(args: argparse.Namespace, options: dict) -> dict:
@@ -191,10 +250,14 @@ def add_inspect_parser(subparsers: Any) -> None:
         "inspect",
         help="summarise a prepared dataset directory",
         description="Records, tokens, length percentiles and histogram, shard integrity "
-        "(--verify checks every sha256) and decoded samples.",
+        "(--verify checks every file's sha256 and each record's length) and decoded samples.",
     )
     parser.add_argument("path", metavar="DIR", help="dataset directory (with manifest.json)")
-    parser.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the sha256 of every file and recompute the token lengths from the records",
+    )
     parser.add_argument("--samples", type=int, default=3, help="decoded samples to print")
     parser.add_argument(
         "--tokenizer",
@@ -235,32 +298,6 @@ def length_histogram(lengths: np.ndarray, width: int = HISTOGRAM_WIDTH) -> list[
     return lines
 
 
-def _verify_shards(source: Any, check_sha: bool) -> list[str]:
-    """Problems found: missing files, record counts, and (check_sha) sha256 mismatches."""
-    from array_record.python.array_record_module import ArrayRecordReader
-
-    from wf_data.data import sources
-
-    problems = []
-    for shard, path in zip(source.manifest["shards"], source.shard_paths, strict=True):
-        if not path.exists():
-            problems.append(f"{shard['file']}: missing")
-            continue
-        if check_sha and sources.file_sha256(path) != shard["sha256"]:
-            problems.append(f"{shard['file']}: sha256 does not match the manifest")
-            continue
-        try:
-            reader = ArrayRecordReader(str(path))
-            records = reader.num_records()
-            reader.close()
-        except RuntimeError as error:  # riegeli reports corrupt files this way
-            problems.append(f"{shard['file']}: unreadable: {error}")
-            continue
-        if records != shard["records"]:
-            problems.append(f"{shard['file']}: {records} records, manifest says {shard['records']}")
-    return problems
-
-
 def _decoder(manifest: dict, tokenizer_name: str | None):
     """A `ids -> str` decoder for token samples, or None when no tokenizer can be loaded."""
     name = tokenizer_name or (manifest.get("tokenizer") or {}).get("name")
@@ -290,12 +327,12 @@ def _show(record: Any, decode: Any, limit: int = 300) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the summary of a dataset directory; exit status 1 when integrity checks fail."""
-    from wf_data.data.sources import open_dataset
+    from wf_data.data.sources import open_dataset, read_manifest, verify_dataset
 
-    source = open_dataset(args.path)
-    manifest, totals = source.manifest, source.manifest["totals"]
+    manifest = read_manifest(args.path)
+    totals = manifest["totals"]
     tokenizer = manifest.get("tokenizer") or {}
-    print(f"dataset {source.path}  name {manifest['name']}  format {manifest['format']}")
+    print(f"dataset {args.path}  name {manifest['name']}  format {manifest['format']}")
     if manifest["format"] == "tokens":
         print(
             f"  tokenizer {tokenizer.get('name')} (vocab {tokenizer.get('vocab_size')}, "
@@ -308,12 +345,19 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"skipped bad {totals['skipped_bad']:,}"
     )
     print(f"  fingerprint {manifest['fingerprint']}")
-    problems = _verify_shards(source, check_sha=args.verify)
-    checked = "record counts and sha256" if args.verify else "record counts (--verify: sha256)"
+    # Verify before opening: opening refuses a dataset whose cheap checks fail, and --verify
+    # should list every problem instead.
+    problems = verify_dataset(args.path, contents=args.verify)
+    checked = (
+        "sha256 of every file, record counts and lengths"
+        if args.verify
+        else "record counts (--verify: sha256 and lengths)"
+    )
     if problems:
         print(f"integrity: FAILED ({checked})")
         print("\n".join(f"  {problem}" for problem in problems))
         return 1  # reading records of a corrupt shard would only fail further down
+    source = open_dataset(args.path)
     print(f"integrity: OK, {len(source.shard_paths)} shards ({checked})")
     lengths, unit, sampled = _lengths(source)
     if lengths.size:

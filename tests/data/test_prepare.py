@@ -9,8 +9,9 @@ import pathlib
 import numpy as np
 import pytest
 
+from wf_data.data import out_dir as out_dir_lib
 from wf_data.data import sources
-from wf_data.data.prepare import BadInputError, prepare
+from wf_data.data.prepare import BadInputError, OutDirError, prepare
 
 # The module, not the `prepare` function that `wf_data.data` exports under the same name.
 prepare_module = importlib.import_module("wf_data.data.prepare")
@@ -143,7 +144,10 @@ def test_input_types_and_order(tmp_path):
     (root / "f.txt").write_text("nine\nstill nine\n")
     (root / "ignored.csv").write_text("x")
     (root / ".hidden.jsonl").write_text('{"text": "hidden"}\n')
-    _run([root, root / "a.jsonl"], tmp_path / "out", num_shards=2)
+    (root / "link.jsonl").symlink_to(root / "a.jsonl")  # hidden from the walk by the dedupe
+    # a.jsonl three times: in the directory walk, by name, and through a link
+    with pytest.warns(UserWarning, match=r"a\.jsonl, given more than once; it is prepared once"):
+        _run([root, root / "a.jsonl"], tmp_path / "out", num_shards=2)
     source = sources.open_dataset(tmp_path / "out")
     assert source.format == "text" and source.lengths is None
     assert list(source.__getitems__(range(len(source)))) == [
@@ -156,8 +160,6 @@ def test_input_types_and_order(tmp_path):
         "seven",
         "eight",
         "nine\nstill nine\n",
-        "one",
-        "two",
     ]
 
 
@@ -205,10 +207,14 @@ def test_bad_input_names_file_and_line(tmp_path, content, message):
     ("messages", "message"),
     [
         ("hi", r"chat\.jsonl:1: field 'messages': chat messages must be a list of .* got str"),
-        ([{"role": "user"}],
-         r"chat\.jsonl:1: field 'messages' message 0 .*'content' must be a str"),
-        ([{"role": "user", "content": 3}],
-         r"message 0 \(role 'user'\): field 'content' must be a string, got int"),
+        (
+            [{"role": "user"}],
+            r"chat\.jsonl:1: field 'messages' message 0 .*'content' must be a str",
+        ),
+        (
+            [{"role": "user", "content": 3}],
+            r"message 0 \(role 'user'\): field 'content' must be a string, got int",
+        ),
         ([{"role": "robot", "content": "hi"}], r"message 0: unknown role 'robot'; valid roles"),
     ],
 )
@@ -294,17 +300,19 @@ def test_resume_after_kill_between_shards(corpus, tmp_path, tiny_tokenizer, monk
 
     monkeypatch.setattr(prepare_module, "assemble_shard", killed_at_shard_2)
     out = tmp_path / "out"
+    build = out_dir_lib.build_dir(out)
     with pytest.raises(SimulatedKill):
         _run([in_dir], out, **options)
-    assert not (out / "manifest.json").exists()
-    finished = _shard_stats(out)
+    assert not out.exists()  # the dataset appears only once complete
+    assert not (build / "manifest.json").exists()
+    finished = _shard_stats(build)
     assert sorted(finished) == [
         "data-00000-of-00004.array_record",
         "data-00001-of-00004.array_record",
     ]
     # a half-written shard from the killed process must not count as finished
-    (out / "data-00002-of-00004.array_record.tmp").write_bytes(b"half")
-    (out / "data-00003-of-00004.array_record").write_bytes(b"garbage, no marker")
+    (build / "data-00002-of-00004.array_record.tmp").write_bytes(b"half")
+    (build / "data-00003-of-00004.array_record").write_bytes(b"garbage, no marker")
 
     monkeypatch.setattr(prepare_module, "assemble_shard", real_assemble)
     calls = []
@@ -319,8 +327,8 @@ def test_resume_after_kill_between_shards(corpus, tmp_path, tiny_tokenizer, monk
     assert manifest["summary"]["shards_written"] == 2
     after = _shard_stats(out)
     for name, stat in finished.items():
-        assert after[name] == stat  # not rewritten: same inode and mtime
-    assert _files(out) == _files(tmp_path / "clean")
+        assert after[name] == stat  # not rewritten (moved by the swap): same inode and mtime
+    assert _files(out) == _files(tmp_path / "clean") and not build.exists()
     assert sources.open_dataset(out).fingerprint == manifest["fingerprint"]
 
 
@@ -356,24 +364,46 @@ def test_rerun_finished_and_after_losing_a_shard(corpus, tmp_path, tiny_tokenize
     reference, stats = _files(out), _shard_stats(out)
     manifest = _run([in_dir], out, **options)
     assert manifest["summary"]["shards_written"] == 0 and _shard_stats(out) == stats
-    (out / "manifest.json").unlink()
-    (out / ".wf-prepare" / "data-00001-of-00003.array_record.done.json").unlink()
+    assert manifest["fingerprint"] == sources.read_manifest(out)["fingerprint"]
+    # a damaged dataset of the same plan is built again beside it and swapped in
+    (out / "data-00001-of-00003.array_record").unlink()
     manifest = _run([in_dir], out, **options)
-    assert manifest["summary"]["shards_written"] == 1
-    after = _shard_stats(out)
-    assert after["data-00000-of-00003.array_record"] == stats["data-00000-of-00003.array_record"]
-    assert after["data-00002-of-00003.array_record"] == stats["data-00002-of-00003.array_record"]
+    assert manifest["summary"]["shards_written"] == 3
     assert _files(out) == reference
 
 
-def test_changed_options_redo_the_work(corpus, tmp_path, tiny_tokenizer):
+def test_changed_options_refused_unless_overwrite(corpus, tmp_path, tiny_tokenizer):
     in_dir, _ = corpus
     out = tmp_path / "out"
     first = _run([in_dir], out, tokenizer=tiny_tokenizer, num_shards=2)
-    second = _run([in_dir], out, tokenizer=tiny_tokenizer, num_shards=2, append_eos=True)
+    reference = _files(out)
+    with pytest.raises(OutDirError, match=r"append_eos False -> True.*--overwrite"):
+        _run([in_dir], out, tokenizer=tiny_tokenizer, num_shards=2, append_eos=True)
+    extra = in_dir / "more.jsonl"
+    _write_jsonl(extra, [{"text": "the cat"}])
+    with pytest.raises(OutDirError, match=r"input added: .*more\.jsonl"):
+        _run([in_dir], out, tokenizer=tiny_tokenizer, num_shards=2)
+    extra.unlink()
+    assert _files(out) == reference and not out_dir_lib.build_dir(out).exists()
+    second = _run(
+        [in_dir], out, tokenizer=tiny_tokenizer, num_shards=2, append_eos=True, overwrite=True
+    )
     assert second["summary"]["shards_written"] == 2
     assert second["fingerprint"] != first["fingerprint"]
     assert second["totals"]["tokens"] == first["totals"]["tokens"] + first["totals"]["records"]
+    assert sources.open_dataset(out).fingerprint == second["fingerprint"]
+
+
+def test_out_dir_with_other_files_refused(corpus, tmp_path):
+    in_dir, _ = corpus
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(OutDirError, match=r"holds files prepare did not write \(notes\.txt\)"):
+        _run([in_dir], out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()  # an empty directory is fine
+    assert _run([in_dir], out)["totals"]["records"] == 180
 
 
 def test_manifest_written_last(corpus, tmp_path, monkeypatch):
@@ -426,12 +456,22 @@ def test_several_text_keys_joined_jsonl_and_parquet(tmp_path):
 @pytest.mark.parametrize(
     ("row", "message", "error"),
     [
-        ({"query": "q", "answer": "a"}, r"m\.jsonl:2: missing key 'reasoning' \(record keys: "
-         r"\['answer', 'query'\]\); choose with --text-key", BadInputError),
-        ({"query": "q", "reasoning": ["r"], "answer": "a"},
-         r"m\.jsonl:2: field 'reasoning' must be a string, got list", TypeError),
-        ({"query": "q", "reasoning": "r", "answer": None},
-         r"m\.jsonl:2: field 'answer' must be a string, got NoneType", TypeError),
+        (
+            {"query": "q", "answer": "a"},
+            r"m\.jsonl:2: missing key 'reasoning' \(record keys: "
+            r"\['answer', 'query'\]\); choose with --text-key",
+            BadInputError,
+        ),
+        (
+            {"query": "q", "reasoning": ["r"], "answer": "a"},
+            r"m\.jsonl:2: field 'reasoning' must be a string, got list",
+            TypeError,
+        ),
+        (
+            {"query": "q", "reasoning": "r", "answer": None},
+            r"m\.jsonl:2: field 'answer' must be a string, got NoneType",
+            TypeError,
+        ),
     ],
 )
 def test_several_text_keys_bad_records(tmp_path, row, message, error):
@@ -448,8 +488,11 @@ def test_several_text_keys_parquet_missing_column(tmp_path):
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"query": ["q"], "answer": ["a"]}), tmp_path / "t.parquet")
-    with pytest.raises(BadInputError, match=r"t\.parquet: no column 'reasoning' \(columns: "
-                                            r"\['query', 'answer'\]\); choose with --text-key"):
+    with pytest.raises(
+        BadInputError,
+        match=r"t\.parquet: no column 'reasoning' \(columns: "
+        r"\['query', 'answer'\]\); choose with --text-key",
+    ):
         _run([tmp_path / "t.parquet"], tmp_path / "o", text_key=["query", "reasoning", "answer"])
 
 
@@ -474,21 +517,33 @@ def test_field_options_validated(tmp_path, options, message):
 # --------------------------------------------------------------------------- Nemotron-style chat
 
 NEMOTRON_ROWS = [
-    {"input": [{"role": "user", "content": "hi"}], "output": "hello",
-     "system_prompt": "detailed thinking on"},
+    {
+        "input": [{"role": "user", "content": "hi"}],
+        "output": "hello",
+        "system_prompt": "detailed thinking on",
+    },
     {"input": "2+2?", "output": "4", "system_prompt": ""},  # empty system prompt: no system turn
     {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
-    {"input": [{"role": "system", "content": "own"}, {"role": "user", "content": "q"}],
-     "output": "ans", "system_prompt": "ignored: the input has a system turn"},
+    {
+        "input": [{"role": "system", "content": "own"}, {"role": "user", "content": "q"}],
+        "output": "ans",
+        "system_prompt": "ignored: the input has a system turn",
+    },
     {"messages": None, "input": "x", "output": "y"},  # null messages (e.g. parquet): the columns
 ]
 NEMOTRON_MESSAGES = [
-    [{"role": "system", "content": "detailed thinking on"}, {"role": "user", "content": "hi"},
-     {"role": "assistant", "content": "hello"}],
+    [
+        {"role": "system", "content": "detailed thinking on"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ],
     [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}],
     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
-    [{"role": "system", "content": "own"}, {"role": "user", "content": "q"},
-     {"role": "assistant", "content": "ans"}],
+    [
+        {"role": "system", "content": "own"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "ans"},
+    ],
     [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}],
 ]
 NEMOTRON_OPTIONS = dict(
@@ -519,45 +574,77 @@ def test_nemotron_renamed_columns_and_parquet(tmp_path):
 
     rows = [{"prompt": "p0", "answer": "a0", "sys": "s0"}, {"prompt": "p1", "answer": "a1"}]
     expected = [
-        {"messages": [{"role": "system", "content": "s0"}, {"role": "user", "content": "p0"},
-                      {"role": "assistant", "content": "a0"}]},
+        {
+            "messages": [
+                {"role": "system", "content": "s0"},
+                {"role": "user", "content": "p0"},
+                {"role": "assistant", "content": "a0"},
+            ]
+        },
         {"messages": [{"role": "user", "content": "p1"}, {"role": "assistant", "content": "a1"}]},
     ]
     options = dict(input_key="prompt", output_key="answer", system_prompt_key="sys")
     _run([_write_jsonl(tmp_path / "r.jsonl", rows)], tmp_path / "json", **options)
     assert list(sources.open_dataset(tmp_path / "json").__getitems__([0, 1])) == expected
-    table = pa.table({
-        "prompt": [[{"role": "user", "content": "p0"}], [{"role": "user", "content": "p1"}]],
-        "answer": ["a0", "a1"],
-        "sys": ["s0", None],
-        "unused": [1, 2],
-    })
+    table = pa.table(
+        {
+            "prompt": [[{"role": "user", "content": "p0"}], [{"role": "user", "content": "p1"}]],
+            "answer": ["a0", "a1"],
+            "sys": ["s0", None],
+            "unused": [1, 2],
+        }
+    )
     pq.write_table(table, tmp_path / "r.parquet")
     _run([tmp_path / "r.parquet"], tmp_path / "pq", **options)
     assert list(sources.open_dataset(tmp_path / "pq").__getitems__([0, 1])) == expected
-    with pytest.raises(BadInputError, match=r"r\.parquet: no column 'messages' or columns "
-                                            r"'input' \+ 'output' \(columns: \['prompt'"):
+    with pytest.raises(
+        BadInputError,
+        match=r"r\.parquet: no column 'messages' or columns "
+        r"'input' \+ 'output' \(columns: \['prompt'",
+    ):
         _run([tmp_path / "r.parquet"], tmp_path / "bad", input_key="input")
 
 
 @pytest.mark.parametrize(
     ("row", "message", "error"),
     [
-        ({"input": "q"}, r"n\.jsonl:2: missing key 'output' \(record keys: \['input'\]\); a "
-         r"chat record needs 'messages' or 'input' \+ 'output'", BadInputError),
+        (
+            {"input": "q"},
+            r"n\.jsonl:2: missing key 'output' \(record keys: \['input'\]\); a "
+            r"chat record needs 'messages' or 'input' \+ 'output'",
+            BadInputError,
+        ),
         ({"prompt": "q", "answer": "a"}, r"n\.jsonl:2: missing key 'input'", BadInputError),
-        ({"input": "q", "output": 5}, r"n\.jsonl:2: field 'output' must be a string, got int",
-         TypeError),
-        ({"input": [], "output": "a"}, r"n\.jsonl:2: field 'input' is an empty list",
-         BadInputError),
-        ({"input": 3, "output": "a"}, r"n\.jsonl:2: field 'input': chat messages must be a list",
-         TypeError),
-        ({"input": [{"role": "bot", "content": "x"}], "output": "a"},
-         r"n\.jsonl:2: field 'input' message 0: unknown role 'bot'", BadInputError),
-        ({"input": "q", "output": "a", "system_prompt": ["s"]},
-         r"n\.jsonl:2: field 'system_prompt' must be a string, got list", TypeError),
-        ({"messages": "hi", "input": "q", "output": "a"},
-         r"n\.jsonl:2: field 'messages': chat messages must be a list", TypeError),
+        (
+            {"input": "q", "output": 5},
+            r"n\.jsonl:2: field 'output' must be a string, got int",
+            TypeError,
+        ),
+        (
+            {"input": [], "output": "a"},
+            r"n\.jsonl:2: field 'input' is an empty list",
+            BadInputError,
+        ),
+        (
+            {"input": 3, "output": "a"},
+            r"n\.jsonl:2: field 'input': chat messages must be a list",
+            TypeError,
+        ),
+        (
+            {"input": [{"role": "bot", "content": "x"}], "output": "a"},
+            r"n\.jsonl:2: field 'input' message 0: unknown role 'bot'",
+            BadInputError,
+        ),
+        (
+            {"input": "q", "output": "a", "system_prompt": ["s"]},
+            r"n\.jsonl:2: field 'system_prompt' must be a string, got list",
+            TypeError,
+        ),
+        (
+            {"messages": "hi", "input": "q", "output": "a"},
+            r"n\.jsonl:2: field 'messages': chat messages must be a list",
+            TypeError,
+        ),
     ],
 )
 def test_nemotron_bad_records(tmp_path, row, message, error):
@@ -585,14 +672,16 @@ def test_field_options_redo_the_work_and_change_the_manifest(tmp_path):
     again = _run([path], out, text_key=keys)
     assert again["summary"]["parts_run"] == again["summary"]["shards_written"] == 0
     for changed in (dict(text_separator="\n"), dict(text_key=keys[:2])):
-        second = _run([path], out, **dict(dict(text_key=keys), **changed))
+        second = _run([path], out, overwrite=True, **dict(dict(text_key=keys), **changed))
         assert second["summary"]["parts_run"] == 1 and second["summary"]["shards_written"] == 1
         assert second["fingerprint"] != first["fingerprint"]
         assert second["input_fields"] != first["input_fields"]
     # chat: the Nemotron keys are part of the key too
     chat = _write_jsonl(tmp_path / "chat.jsonl", NEMOTRON_ROWS)
     with_system = _run([chat], tmp_path / "chat", **NEMOTRON_OPTIONS)
-    without = _run([chat], tmp_path / "chat", input_key="input", system_prompt_key="none")
+    without = _run(
+        [chat], tmp_path / "chat", input_key="input", system_prompt_key="none", overwrite=True
+    )
     assert without["summary"]["parts_run"] == 1
     assert without["input_fields"]["system_prompt_key"] == "none"
     assert without["fingerprint"] != with_system["fingerprint"]
@@ -608,3 +697,47 @@ def test_fields_independent_of_workers(tmp_path):
     _run([tmp_path / "in"], tmp_path / "two", workers=2, **options)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     assert sources.open_dataset(tmp_path / "one")[1] == "q1"
+
+
+# --------------------------------------------------------------------------- long documents
+
+
+@pytest.fixture(scope="module")
+def demo_text():
+    """About 600 KB of the demo corpus (prose, code, math) as one document."""
+    from wf_data.data.demo_corpus import build_demo_corpus
+
+    corpus = build_demo_corpus()
+    return "\n\n".join(doc for docs in corpus.values() for doc in docs[:200])[:600_000]
+
+
+@pytest.mark.parametrize(("add_bos", "add_eos"), [(False, False), (False, True)])
+def test_long_documents_tokenized_in_pieces_equal_whole(demo_text, add_bos, add_eos):
+    from wf_data.data.tokenization import TokenizerWrapper
+
+    tokenizer = TokenizerWrapper.from_pretrained(None, add_bos=add_bos, add_eos=add_eos)
+    pieces = prepare_module._text_pieces(demo_text, size=4096)
+    assert len(pieces) > 50 and "".join(pieces) == demo_text
+    texts = ["short one", demo_text, "another short"]
+    chunked = prepare_module._encode_batch(tokenizer, texts)
+    for got, text in zip(chunked, texts, strict=True):
+        np.testing.assert_array_equal(got, tokenizer.encode(text))
+
+
+def test_documents_over_max_doc_bytes(tmp_path):
+    big = {"text": "a" * 5000}
+    path = _write_jsonl(tmp_path / "in.jsonl", [big, "x" * 50, {"text": "ok"}])
+    (tmp_path / "big.txt").write_text("b" * 3000)
+    size = len(json.dumps(big))
+    with pytest.raises(BadInputError, match=rf"in\.jsonl:1: record of {size:,} bytes is over"):
+        _run([path], tmp_path / "out", max_doc_bytes=1000)
+    manifest = _run(
+        [path, tmp_path / "big.txt"], tmp_path / "out", max_doc_bytes=1000, skip_bad=True
+    )
+    assert manifest["totals"]["skipped_bad"] == 3 and manifest["totals"]["records"] == 1
+    assert [entry["record"] for entry in manifest["summary"]["skipped"]] == [
+        f"{path}:1",
+        f"{path}:2",
+        str(tmp_path / "big.txt"),
+    ]
+    assert "malformed JSON" in manifest["summary"]["skipped"][1]["error"]

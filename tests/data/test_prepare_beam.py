@@ -124,7 +124,7 @@ def test_cli_runner_beam_text_matches_local_and_replaces_a_previous_dataset(
 ):
     # A previous dataset with another shard count in the same folder: none of it may survive.
     prepare_lib.prepare(inputs, tmp_path / "beam", num_shards=2, progress=False)
-    argv = ["prepare", str(inputs), "--out", str(tmp_path / "beam"), "--shards", "3"]
+    argv = ["prepare", str(inputs), "--out", str(tmp_path / "beam"), "--shards", "3", "--overwrite"]
     beam_options = "--beam-options=--runner=DirectRunner --direct_num_workers=1"
     assert cli.main([*argv, "--runner", "beam", beam_options]) == 0
     _assert_same_output(tmp_path / "beam", local_text)  # part boundaries do not show in output

@@ -89,6 +89,27 @@ def test_manifest_round_trip(token_dataset):
     assert not list(token_dataset.glob("*.tmp"))
 
 
+def test_manifest_lists_every_file(token_dataset):
+    manifest = sources.read_manifest(token_dataset)
+    lengths = token_dataset / "lengths.npy"
+    assert manifest["version"] == sources.MANIFEST_VERSION == 2
+    assert manifest["lengths"] == {
+        "file": "lengths.npy",
+        "bytes": lengths.stat().st_size,
+        "sha256": sources.file_sha256(lengths),
+    }
+    for shard in manifest["shards"]:
+        assert shard["bytes"] == (token_dataset / shard["file"]).stat().st_size
+    assert sources.verify_dataset(token_dataset) == []
+
+
+def test_older_manifest_version_refused(token_dataset):
+    path = token_dataset / "manifest.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), version=1)))
+    with pytest.raises(ValueError, match=r"unsupported version 1.*prepare the dataset again"):
+        sources.open_dataset(token_dataset)
+
+
 def test_manifest_errors_name_the_file(token_dataset, tmp_path):
     path = token_dataset / "manifest.json"
     manifest = json.loads(path.read_text())

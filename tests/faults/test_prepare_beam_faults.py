@@ -20,6 +20,7 @@ import pytest
 
 pytest.importorskip("apache_beam", reason="the optional extra wf-data[beam]")
 
+from wf_data.data import out_dir as out_dir_lib  # noqa: E402
 from wf_data.data import prepare as prepare_lib  # noqa: E402
 from wf_data.data import prepare_beam  # noqa: E402
 
@@ -67,11 +68,12 @@ def test_rerun_after_sigkill_mid_part_is_identical_and_clean(tmp_path):
         timeout=120,
     )
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-    work = out / prepare_lib.WORK_DIR_NAME
+    work = out_dir_lib.build_dir(out) / prepare_lib.WORK_DIR_NAME  # built beside --out
     assert list(work.glob("part-000002.array_record.attempt-*"))  # what the kill left
-    assert not (out / "manifest.json").exists()
+    assert not out.exists()
 
     prepare_beam.run(inputs, out, **OPTIONS)
     prepare_lib.prepare(inputs, tmp_path / "local", progress=False, **OPTIONS)
     assert _output_files(out) == _output_files(tmp_path / "local")
-    assert not list(work.glob("*.attempt-*"))
+    assert not list((out / prepare_lib.WORK_DIR_NAME).glob("*.attempt-*"))
+    assert not work.exists()

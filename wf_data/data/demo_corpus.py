@@ -263,7 +263,11 @@ def ensure_demo_data(root: str | os.PathLike | None = None, *, progress: bool = 
     root = demo_cache_dir() if root is None else pathlib.Path(root)
     tokenizer = TokenizerWrapper.from_pretrained(None)
     corpus = build_demo_corpus()
-    stamp = {"corpus": corpus_fingerprint(corpus), "tokenizer": tokenizer.fingerprint()}
+    from wf_data.data.sources import MANIFEST_VERSION
+
+    # The manifest version too: a cache written by an older wf-data is prepared again.
+    stamp = {"corpus": corpus_fingerprint(corpus), "tokenizer": tokenizer.fingerprint(),
+             "manifest_version": MANIFEST_VERSION}
     stamp_path = root / "demo-stamp.json"
     if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         return root

@@ -23,35 +23,47 @@ from __future__ import annotations
 import concurrent.futures as futures
 import dataclasses
 import glob
-import gzip
 import hashlib
-import io
 import json
 import multiprocessing
 import os
 import pathlib
 import queue as queue_lib
+import re
+import shutil
+import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
-from wf_data.data import sources
+from wf_data.data import input_streams, sources, worker_lifetime
+from wf_data.data import out_dir as out_dir_lib
+from wf_data.data.input_streams import InputFileError
+from wf_data.data.out_dir import WORK_DIR_NAME, OutDirError
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
-WORK_DIR_NAME = ".wf-prepare"
 PIECE_BYTES = 64 << 20  # large plain jsonl / parquet inputs split into tasks of about this size
 AUTO_SHARD_BYTES = 256 << 20  # num_shards=None: one shard per this many input bytes
 MAX_AUTO_SHARDS = 1024
 BATCH_DOCS = 512  # documents per encode_batch call
+BATCH_CHARS = 4 << 20  # and at most this many characters (bounds the tokenizer's memory)
+# Long documents are tokenized in pieces of about this many characters (see `_text_pieces`).
+PIECE_CHARS = 1 << 16
+MAX_DOC_BYTES = 64 << 20  # larger records are bad records: memory stays under 1 GB
 PART_WRITER_OPTIONS = "group_size:1,uncompressed"  # parts are temporary: favour speed
-COPY_CHUNK = 4096  # records per read when copying parts into shards
+SKIPPED_NAME = "skipped.jsonl"  # every skipped bad record, beside the manifest
+SKIPPED_SHOWN = 20  # skipped records in the returned summary (and printed by the CLI)
+_COMPRESSION = {".jsonl.gz": "gzip", ".jsonl.zst": "zstd"}
 
 __all__ = [
     "BadInputError",
     "BadTypeError",
+    "InputFileError",
+    "OutDirError",
     "PreparePlan",
     "PrepareTask",
     "RecordFields",
@@ -86,7 +98,8 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
     """Input files in a deterministic order: as given, directories walked recursively, sorted.
 
     Hidden files and files with other suffixes inside directories are ignored; a file named
-    explicitly must have one of `SUFFIXES`.
+    explicitly must have one of `SUFFIXES`. A file reached twice (named twice, through a
+    directory and by name, or through a link) is kept once, at its first place, with a warning.
     """
     if isinstance(inputs, str | os.PathLike):
         inputs = [inputs]
@@ -112,7 +125,26 @@ def expand_inputs(inputs: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
             raise FileNotFoundError(f"{path}: input does not exist")
     if not files:
         raise ValueError("no inputs given")
-    return files
+    return _unique_files(files)
+
+
+def _unique_files(files: list[pathlib.Path]) -> list[pathlib.Path]:
+    first_seen: dict[tuple[int, int], pathlib.Path] = {}
+    unique = []
+    for path in files:
+        stat = path.stat()
+        identity = (stat.st_dev, stat.st_ino)  # the same file whatever the path or link
+        if identity in first_seen:
+            warnings.warn(
+                f"{path}: the same file as input {first_seen[identity]}, given more than once; "
+                "it is prepared once",
+                UserWarning,
+                stacklevel=3,
+            )
+            continue
+        first_seen[identity] = path
+        unique.append(path)
+    return unique
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,10 +205,21 @@ def plan_tasks(files: Sequence[pathlib.Path], piece_bytes: int = PIECE_BYTES) ->
     return tasks
 
 
-def _parquet_tasks(path: pathlib.Path, piece_bytes: int) -> list[PrepareTask]:
+def _open_parquet(path: str | os.PathLike):
+    """`pyarrow.parquet.ParquetFile(path)`; InputFileError for a damaged or foreign file."""
+    import pyarrow
     import pyarrow.parquet as pq
 
-    metadata = pq.ParquetFile(path).metadata
+    try:
+        return pq.ParquetFile(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise InputFileError(
+            f"{path}: not a readable parquet file ({error}); re-create or re-download it"
+        ) from None
+
+
+def _parquet_tasks(path: pathlib.Path, piece_bytes: int) -> list[PrepareTask]:
+    metadata = _open_parquet(path).metadata
     tasks, start, first_row, rows, size = [], 0, 0, 0, 0
     for group in range(metadata.num_row_groups):
         rows += metadata.row_group(group).num_rows
@@ -399,19 +442,11 @@ def _string_field(obj: dict, key: str, where: str, flag: str) -> str:
 # --------------------------------------------------------------------------- reading documents
 
 
-def _open_lines(task: PrepareTask) -> io.BufferedIOBase:
-    if task.kind == ".jsonl.gz":
-        return gzip.open(task.path, "rb")
-    if task.kind == ".jsonl.zst":
-        import zstandard
+def _iter_jsonl(task: PrepareTask, max_doc_bytes: int):
+    """(where, line) for each non-blank line of a jsonl task; `where()` names file:line.
 
-        raw = open(task.path, "rb")  # noqa: SIM115 - closed with the wrapping reader
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, closefd=True))
-    return open(task.path, "rb")
-
-
-def _iter_jsonl(task: PrepareTask):
-    """(where, raw line) for each non-blank line of a jsonl task; `where()` names file:line."""
+    A line over `max_doc_bytes` comes as its size (an int), never held in memory.
+    """
     line_base: list[int] = []
 
     def where(relative_line: int) -> str:
@@ -419,16 +454,11 @@ def _iter_jsonl(task: PrepareTask):
             line_base.append(_count_lines(task.path, task.start) + 1)
         return f"{task.path}:{line_base[0] + relative_line}"
 
-    with _open_lines(task) as f:
-        if task.start:
-            f.seek(task.start)
-        position = task.start
-        for relative_line, raw in enumerate(f):
-            if task.stop is not None and position >= task.stop:
-                break
-            position += len(raw)
-            if not raw.strip():
-                continue
+    chunks = input_streams.byte_chunks(
+        task.path, _COMPRESSION.get(task.kind), task.start, task.stop
+    )
+    for relative_line, raw in enumerate(input_streams.lines(chunks, max_doc_bytes)):
+        if isinstance(raw, int) or raw.strip():
             yield (lambda r=relative_line: where(r)), raw
 
 
@@ -441,7 +471,17 @@ def _count_lines(path: str, stop: int) -> int:
     return count
 
 
-def _parse_jsonl_line(raw: bytes, where: str, fields: RecordFields) -> Any:
+def _too_large(where: str, size: int, max_doc_bytes: int) -> BadInputError:
+    return BadInputError(
+        f"{where}: record of {size:,} bytes is over max_doc_bytes {max_doc_bytes:,}; raise "
+        "--max-doc-bytes (prepare's memory grows about 4 bytes per byte of it) or skip such "
+        "records with --skip-bad"
+    )
+
+
+def _parse_jsonl_line(raw: bytes | int, where: str, fields: RecordFields, max_doc_bytes) -> Any:
+    if isinstance(raw, int):
+        raise _too_large(where, raw, max_doc_bytes)
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -459,19 +499,29 @@ def _parse_jsonl_line(raw: bytes, where: str, fields: RecordFields) -> Any:
 
 def _iter_parquet(task: PrepareTask, fields: RecordFields):
     """(where, {column: value}) for each row of a parquet task, the columns `fields` reads."""
-    import pyarrow.parquet as pq
+    import pyarrow
 
-    parquet = pq.ParquetFile(task.path)
+    parquet = _open_parquet(task.path)
     columns = fields.parquet_columns(parquet.schema_arrow.names, task.path)
     row = task.first_row
     groups = list(range(task.start, task.stop or 0))
-    for batch in parquet.iter_batches(batch_size=1024, row_groups=groups, columns=columns):
+    batches = parquet.iter_batches(batch_size=1024, row_groups=groups, columns=columns)
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pyarrow.ArrowException, OSError) as error:  # a damaged page
+            raise InputFileError(
+                f"{task.path}: damaged parquet data after row {row} ({error}); re-create or "
+                "re-download it"
+            ) from None
+        if batch is None:
+            return
         for values in batch.to_pylist():
             row += 1
             yield f"{task.path}: row {row}", values
 
 
-def _parquet_value(values: dict, where: str, fields: RecordFields) -> Any:
+def _parquet_value(values: dict, where: str, fields: RecordFields, max_doc_bytes: int) -> Any:
     for column, value in values.items():
         if isinstance(value, bytes):  # binary columns hold UTF-8 text
             try:
@@ -481,12 +531,21 @@ def _parquet_value(values: dict, where: str, fields: RecordFields) -> Any:
                     f"{where}: field {column!r} not valid UTF-8 (byte "
                     f"0x{value[error.start]:02x} at offset {error.start})"
                 ) from None
-    return fields.extract(values, where)
+    document = fields.extract(values, where)
+    # A str has at most 4 UTF-8 bytes a character: encode only the candidates.
+    if isinstance(document, str) and len(document) * 4 > max_doc_bytes:
+        size = len(document.encode("utf-8"))
+        if size > max_doc_bytes:
+            raise _too_large(where, size, max_doc_bytes)
+    return document
 
 
-def _read_txt(task: PrepareTask, fields: RecordFields) -> str:
+def _read_txt(task: PrepareTask, fields: RecordFields, max_doc_bytes: int) -> str:
     if fields.chat:
         raise BadInputError(f"{task.path}: a .txt file holds plain text, not chat (--chat-key)")
+    size = os.stat(task.path).st_size
+    if size > max_doc_bytes:
+        raise _too_large(task.path, size, max_doc_bytes)
     data = pathlib.Path(task.path).read_bytes()
     try:
         return data.decode("utf-8")
@@ -505,14 +564,18 @@ def iter_documents(
     fields: RecordFields | None = None,
     skip_bad: bool = False,
     stats: dict | None = None,
+    max_doc_bytes: int = MAX_DOC_BYTES,
+    on_skip: Callable[[str, str], None] | None = None,
 ) -> Iterator[Any]:
     """Documents of one task in input order: text `str`, or `{"messages": [...]}` for chat.
 
     `fields` says which record fields make a document (default: the string field `text`).
 
-    Bad records raise `BadInputError` naming file and line, or with `skip_bad` are counted in
-    `stats["skipped_bad"]`; empty (whitespace-only) documents are counted in
-    `stats["dropped_empty"]` and not yielded.
+    Bad records (a record over `max_doc_bytes` included) raise `BadInputError` naming file and
+    line, or with `skip_bad` are counted in `stats["skipped_bad"]` and reported to
+    `on_skip(where, message)`; empty (whitespace-only) documents are counted in
+    `stats["dropped_empty"]` and not yielded. A damaged input file raises `InputFileError`
+    whatever `skip_bad` says.
     """
     stats = stats if stats is not None else {}
     stats.setdefault("skipped_bad", 0)
@@ -523,20 +586,26 @@ def iter_documents(
     elif task.kind == ".parquet":
         items = _iter_parquet(task, fields)
     else:
-        items = _iter_jsonl(task)
+        items = _iter_jsonl(task, max_doc_bytes)
     for where, raw in items:
+        if task.kind not in (".txt", ".parquet"):
+            where = where()
         try:
             if task.kind == ".txt":
-                document = _read_txt(task, fields)
+                document = _read_txt(task, fields, max_doc_bytes)
             elif task.kind == ".parquet":
-                document = _parquet_value(raw, where, fields)
+                document = _parquet_value(raw, where, fields, max_doc_bytes)
             else:
-                document = _parse_jsonl_line(raw, where(), fields)
-        except BadInputError:
+                document = _parse_jsonl_line(raw, where, fields, max_doc_bytes)
+        except BadInputError as error:
             if not skip_bad:
                 raise
             stats["skipped_bad"] += 1
+            if on_skip is not None:
+                on_skip(where, str(error))
             continue
+        finally:
+            del raw  # a long line must not stay alive beside its parsed document
         empty = not document["messages"] if fields.chat else not document.strip()
         if empty:
             stats["dropped_empty"] += 1
@@ -557,14 +626,16 @@ def prepare_file(
     skip_bad: bool = False,
     token_dtype: Any = None,
     progress: Callable[[int, int], None] | None = None,
+    max_doc_bytes: int = MAX_DOC_BYTES,
 ) -> dict:
     """Encode one input file (or task piece) into the ArrayRecord file `part_path`, atomically.
 
     With a `tokenizer` (a `TokenizerWrapper`) records are token arrays of `token_dtype` and
     their `(n,) int64` lengths go to `PART_PATH.lengths.npy`; else text or chat JSON records.
     `fields` (default: the string field `text`) says which record fields make a document.
-    `progress(documents, tokens)` is called after each batch. Returns
-    {"records", "tokens", "dropped_empty", "skipped_bad", "sha256"}.
+    Skipped bad records (`skip_bad`) are listed in `PART_PATH.skipped.jsonl`, one
+    {"record": "file:line", "error": message} a line. `progress(documents, tokens)` is called
+    after each batch. Returns {"records", "tokens", "dropped_empty", "skipped_bad", "sha256"}.
     """
     if not isinstance(task, PrepareTask):
         path = pathlib.Path(task)
@@ -583,7 +654,15 @@ def prepare_file(
     tokenizer = _load_tokenizer(tokenizer)
     part_path = pathlib.Path(part_path)
     stats = {"skipped_bad": 0, "dropped_empty": 0}
-    documents = iter_documents(task, fields=fields, skip_bad=skip_bad, stats=stats)
+    skip_log = _SkipLog(_skipped_path(part_path))
+    documents = iter_documents(
+        task,
+        fields=fields,
+        skip_bad=skip_bad,
+        stats=stats,
+        max_doc_bytes=max_doc_bytes,
+        on_skip=skip_log.add,
+    )
     lengths: list[int] = []
     if tokenizer is None:
         format = "chat" if fields.chat else "text"
@@ -594,6 +673,7 @@ def prepare_file(
             documents, tokenizer, dtype, append_eos, lengths, stats, task, progress
         )
     written = sources.write_shard(part_path, records, options=PART_WRITER_OPTIONS)
+    skip_log.close()
     if tokenizer is not None:
         _save_npy_atomic(part_path.with_name(part_path.name + ".lengths.npy"), lengths)
     return {
@@ -605,19 +685,111 @@ def prepare_file(
     }
 
 
-def _batches(documents: Iterator[Any], size: int) -> Iterator[list[Any]]:
+class _SkipLog:
+    """Skipped records of one part as JSON lines, renamed into place when complete."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path, self.file = path, None
+
+    def add(self, where: str, message: str) -> None:
+        if self.file is None:
+            self.file = open(self.path.with_name(self.path.name + ".tmp"), "w", encoding="utf-8")
+        entry = {"record": where, "error": message}
+        self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        if self.file is None:
+            self.path.unlink(missing_ok=True)  # from an earlier run of this part
+            return
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.file.name, self.path)
+
+
+def _skipped_path(part_path: pathlib.Path) -> pathlib.Path:
+    return part_path.with_name(part_path.name + ".skipped.jsonl")
+
+
+def _batches(documents: Iterator[Any], size: int, max_chars: int) -> Iterator[list[Any]]:
+    """Lists of up to `size` documents holding up to `max_chars` characters (or one document)."""
     batch: list[Any] = []
+    chars = 0
     for document in documents:
+        length = len(document) if isinstance(document, str) else 0
+        if batch and chars + length > max_chars:
+            yield batch
+            batch, chars = [], 0
         batch.append(document)
+        chars += length
         if len(batch) == size:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
 
+# A single whitespace character between two non-space ones: where byte-level BPE and whitespace
+# pre-tokenizers begin a new pre-token anyway.
+_PIECE_CUT = re.compile(r"(?<=\S)\s(?=\S)")
+
+
+def _text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of about `size` characters (a text up to `2 * size` stays whole).
+
+    Each cut falls before a single whitespace character between two non-space characters, so
+    the tokens of the pieces, concatenated, equal those of the whole text for byte-level BPE
+    and whitespace pre-tokenizers (tested with the shipped tokenizer). Only a stretch of
+    `16 * size` characters without such a place is cut at its end, where the tokens may differ.
+    """
+    if len(text) <= 2 * size:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > 2 * size:
+        match = _PIECE_CUT.search(text, start + size, start + 16 * size)
+        cut = match.start() if match else start + 16 * size
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
+    """`tokenizer.encode_batch(texts)`, long texts encoded piece by piece (`_text_pieces`).
+
+    Pieces go to the tokenizer at most `BATCH_CHARS` characters a call, which bounds its
+    memory whatever the document length; bos/eos added per text by the tokenizer's flags are
+    kept only at the start and end of each whole text.
+    """
+    pieces, counts = [], []  # counts: pieces per text
+    for text in texts:
+        split = _text_pieces(text)
+        pieces += split
+        counts.append(len(split))
+    if len(pieces) == len(texts):
+        return tokenizer.encode_batch(texts)
+    encoded: list[np.ndarray] = []
+    for group in _batches(iter(pieces), len(pieces), BATCH_CHARS):
+        encoded += tokenizer.encode_batch(group)
+    head = int(bool(getattr(tokenizer, "add_bos", False)))
+    tail = int(bool(getattr(tokenizer, "add_eos", False)))
+    result, start = [], 0
+    for count in counts:
+        parts = encoded[start : start + count]
+        start += count
+        result.append(
+            np.concatenate(
+                [
+                    ids[(head if k else 0) : len(ids) - (tail if k < count - 1 else 0)]
+                    for k, ids in enumerate(parts)
+                ]
+            )
+        )
+    return result
+
+
 def _encode_untokenized(documents, format, lengths, progress) -> Iterator[bytes]:
-    for batch in _batches(documents, BATCH_DOCS):
+    for batch in _batches(documents, BATCH_DOCS, BATCH_CHARS):
         for document in batch:
             yield sources.encode_record(document, format)
         if progress:
@@ -631,8 +803,8 @@ def _encode_tokens(
     if append_eos and eos_id is None:
         raise ValueError(f"append_eos needs an eos token; tokenizer {tokenizer.name} has none")
     limit = np.iinfo(dtype).max
-    for batch in _batches(documents, BATCH_DOCS):
-        encoded = tokenizer.encode_batch(batch)
+    for batch in _batches(documents, BATCH_DOCS, BATCH_CHARS):
+        encoded = _encode_batch(tokenizer, batch)
         batch_tokens = 0
         for ids in encoded:
             ids = np.asarray(ids)
@@ -657,14 +829,22 @@ def _save_npy_atomic(path: pathlib.Path, values: Any, dtype=np.int64) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         np.save(f, np.asarray(values, dtype=dtype))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- parts -> shards
 
 
+def _out_path(out_dir: str | os.PathLike) -> pathlib.Path:
+    # Resolved: the build goes beside the real directory ("." included, and the target of a
+    # link, which stays a link), on its file system, so that the swap is a rename.
+    return pathlib.Path(os.path.realpath(out_dir))
+
+
 def _work_dir(out_dir: pathlib.Path) -> pathlib.Path:
-    return out_dir / WORK_DIR_NAME
+    return out_dir_lib.build_dir(out_dir) / WORK_DIR_NAME
 
 
 def _part_path(out_dir: pathlib.Path, index: int) -> pathlib.Path:
@@ -675,14 +855,17 @@ def _marker_path(path: pathlib.Path) -> pathlib.Path:
     return path.with_name(path.name + ".done.json")
 
 
-def _read_marker(path: pathlib.Path, key: str) -> dict | None:
-    """The done-marker of `path` if it exists and was written for `key` (else unfinished)."""
-    marker = _marker_path(path)
+def _read_json(path: pathlib.Path) -> dict | None:
     try:
-        result = json.loads(marker.read_text())
+        return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
-    return result if result.get("key") == key else None
+
+
+def _read_marker(path: pathlib.Path, key: str) -> dict | None:
+    """The done-marker of `path` if it exists and was written for `key` (else unfinished)."""
+    result = _read_json(_marker_path(path))
+    return result if result is not None and result.get("key") == key else None
 
 
 def _shard_lengths_path(out_dir: pathlib.Path, shard: int) -> pathlib.Path:
@@ -692,12 +875,13 @@ def _shard_lengths_path(out_dir: pathlib.Path, shard: int) -> pathlib.Path:
 def assemble_shard(out_dir: str | os.PathLike, shard: int) -> dict:
     """Copy shard `shard`'s slice of the global record order from the parts into its shard file.
 
-    Reads the plan and part markers under `OUT/.wf-prepare/`; writes the shard atomically, its
-    lengths, then its done marker. Returns the shard entry {file, records, tokens, sha256}.
+    Reads the plan and part markers of the build of `out_dir` (`out_dir.build_dir`); writes the
+    shard there atomically, its lengths, then its done marker. Returns the shard entry
+    {file, records, tokens, sha256}. Records are copied one at a time: memory holds one.
     """
     from array_record.python.array_record_module import ArrayRecordReader
 
-    out_dir = pathlib.Path(out_dir)
+    out_dir = _out_path(out_dir)
     plan = json.loads((_work_dir(out_dir) / "plan.json").read_text())
     counts = [plan["part_records"][i] for i in range(len(plan["parts"]))]
     starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
@@ -715,17 +899,18 @@ def assemble_shard(out_dir: str | os.PathLike, shard: int) -> dict:
             if tokens:
                 part_lengths = np.load(part_path.with_name(part_path.name + ".lengths.npy"))
                 shard_lengths.append(part_lengths[a - starts[part] : b - starts[part]])
-            reader = ArrayRecordReader(os.fspath(part_path))
+            reader = ArrayRecordReader(os.fspath(part_path), sources.READER_OPTIONS)
             try:
-                for begin in range(a, b, COPY_CHUNK):
-                    end = min(b, begin + COPY_CHUNK)
-                    yield from reader.read(int(begin - starts[part]), int(end - starts[part]))
+                for index in range(int(a - starts[part]), int(b - starts[part])):
+                    reader.seek(index)
+                    yield reader.read()
             finally:
                 reader.close()
 
     file_name = plan["shards"][shard]
+    build = out_dir_lib.build_dir(out_dir)
     _marker_path(_work_dir(out_dir) / file_name).unlink(missing_ok=True)
-    written = sources.write_shard(out_dir / file_name, records())
+    written = sources.write_shard(build / file_name, records())
     lengths = np.concatenate(shard_lengths) if shard_lengths else np.zeros(0, np.int64)
     _save_npy_atomic(_shard_lengths_path(out_dir, shard), lengths)
     entry = {
@@ -736,7 +921,7 @@ def assemble_shard(out_dir: str | os.PathLike, shard: int) -> dict:
     }
     sources.write_json_atomic(
         _marker_path(_work_dir(out_dir) / file_name),
-        dict(entry, key=plan["shard_keys"][shard], size=(out_dir / file_name).stat().st_size),
+        dict(entry, key=plan["shard_keys"][shard], size=(build / file_name).stat().st_size),
     )
     return entry
 
@@ -744,7 +929,7 @@ def assemble_shard(out_dir: str | os.PathLike, shard: int) -> dict:
 def _shard_done(out_dir: pathlib.Path, plan: dict, shard: int) -> dict | None:
     file_name = plan["shards"][shard]
     marker = _read_marker(_work_dir(out_dir) / file_name, plan["shard_keys"][shard])
-    path = out_dir / file_name
+    path = out_dir_lib.build_dir(out_dir) / file_name
     if marker is None or not path.exists() or path.stat().st_size != marker["size"]:
         return None
     if not _shard_lengths_path(out_dir, shard).exists():
@@ -752,13 +937,16 @@ def _shard_done(out_dir: pathlib.Path, plan: dict, shard: int) -> dict | None:
     return marker
 
 
-def finalize(out_dir: str | os.PathLike) -> dict:
-    """Write `lengths.npy` then `manifest.json` (atomically, last) from the per-shard results.
+def finalize(out_dir: str | os.PathLike, overwrite: bool = False) -> dict:
+    """Write `lengths.npy`, `skipped.jsonl`, then `manifest.json`, and swap the dataset in.
 
-    Needs every shard's done marker under `OUT/.wf-prepare/`; deletes the temporary part files
+    Needs every shard's done marker in the build of `out_dir`. The finished build replaces
+    `out_dir` in one atomic step (`out_dir.swap_in`), unless `out_dir` holds a dataset of
+    another plan and not `overwrite` (`OutDirError`). Deletes the temporary part files
     afterwards. Returns the manifest.
     """
-    out_dir = pathlib.Path(out_dir)
+    out_dir = _out_path(out_dir)
+    build = out_dir_lib.build_dir(out_dir)
     plan = json.loads((_work_dir(out_dir) / "plan.json").read_text())
     entries, missing = [], []
     for shard in range(plan["num_shards"]):
@@ -771,9 +959,9 @@ def finalize(out_dir: str | os.PathLike) -> dict:
         raise ValueError(f"{out_dir}: cannot finalize, unfinished shards: {missing}")
     if plan["format"] == "tokens":
         lengths = [np.load(_shard_lengths_path(out_dir, k)) for k in range(plan["num_shards"])]
-        _save_npy_atomic(out_dir / sources.LENGTHS_NAME, np.concatenate(lengths))
+        _save_npy_atomic(build / sources.LENGTHS_NAME, np.concatenate(lengths))
+    _write_skipped(out_dir, plan)
     manifest = {
-        "version": sources.MANIFEST_VERSION,
         "name": plan["name"],
         "format": plan["format"],
         "token_dtype": plan["token_dtype"],
@@ -788,17 +976,105 @@ def finalize(out_dir: str | os.PathLike) -> dict:
             "skipped_bad": plan["skipped_bad"],
         },
     }
-    manifest = sources.write_manifest(out_dir, manifest)
-    # Shards of an earlier run with another shard count, and temp files of killed writers.
+    manifest = sources.write_manifest(build, manifest)
+    # Shards of an earlier build with another shard count, and temp files of killed writers.
     current = set(plan["shards"])
-    for path in out_dir.glob(f"{glob.escape(plan['name'])}-?????-of-?????.array_record*"):
+    for path in build.glob(f"{glob.escape(plan['name'])}-?????-of-?????.array_record*"):
         if path.name not in current:
             path.unlink(missing_ok=True)
-    for part in range(len(plan["parts"])):
-        part_path = _part_path(out_dir, part)
-        for path in (part_path, part_path.with_name(part_path.name + ".lengths.npy")):
+    _refuse_replacing(out_dir, plan, overwrite)
+    out_dir_lib.swap_in(build, out_dir)
+    work = out_dir / WORK_DIR_NAME
+    for path in work.glob("part-*"):
+        if not path.name.endswith(".done.json"):  # markers stay: they record the parts' results
             path.unlink(missing_ok=True)
     return manifest
+
+
+def _write_skipped(out_dir: pathlib.Path, plan: dict) -> None:
+    """Concatenate the parts' skipped-record lists, in input order, into `skipped.jsonl`."""
+    path = out_dir_lib.build_dir(out_dir) / SKIPPED_NAME
+    if not plan["skipped_bad"]:
+        path.unlink(missing_ok=True)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as out:
+        for part in range(len(plan["parts"])):
+            part_log = _skipped_path(_part_path(out_dir, part))
+            if part_log.exists():
+                with open(part_log, "rb") as f:
+                    shutil.copyfileobj(f, out)
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+
+
+_PLAN_SETTINGS = (
+    "format",
+    "tokenizer",
+    "input_fields",
+    "append_eos",
+    "skip_bad",
+    "max_doc_bytes",
+    "num_shards",
+    "name",
+    "piece_bytes",
+)
+
+
+def _plan_differences(old: dict | None, new: dict) -> str:
+    """What differs between the plan of the dataset in `--out` and the new one, in words."""
+    if old is None or "inputs" not in old or "inputs" not in new:
+        return "the inputs and settings of one of them are not recorded (.wf-prepare/plan.json)"
+    differences = [
+        f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+        for key in _PLAN_SETTINGS
+        if old.get(key) != new.get(key)
+    ]
+    old_inputs = {item["path"]: item for item in old["inputs"]}
+    new_inputs = {item["path"]: item for item in new["inputs"]}
+    differences += [f"input added: {path}" for path in new_inputs if path not in old_inputs]
+    differences += [f"input removed: {path}" for path in old_inputs if path not in new_inputs]
+    differences += [
+        f"input changed (size or modification time): {path}"
+        for path, item in new_inputs.items()
+        if path in old_inputs and old_inputs[path] != item
+    ]
+    if not differences and list(old_inputs) != list(new_inputs):
+        differences.append("inputs in another order")
+    shown = "; ".join(differences[:5])
+    return shown + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+
+
+def _refuse_replacing(out_dir: pathlib.Path, plan: dict, overwrite: bool) -> None:
+    """OutDirError unless `out_dir` is free, holds no finished dataset, or the same plan's.
+
+    A file prepare never writes is refused even with `overwrite` (the swap would delete it).
+    """
+    if not out_dir_lib.dataset_files_only(out_dir) or overwrite:
+        return
+    if not (out_dir / sources.MANIFEST_NAME).exists():
+        return  # an unfinished build of an older wf-data: nothing readable to lose
+    old = _read_json(out_dir / WORK_DIR_NAME / "plan.json")
+    if old is not None and plan.get("key") is not None and old.get("key") == plan["key"]:
+        return  # the same dataset, rebuilt (it was damaged)
+    raise OutDirError(
+        f"--out {out_dir}: holds a dataset prepared from other inputs or settings "
+        f"({_plan_differences(old, plan)}); pass --overwrite to replace it once the new one "
+        "is complete, or choose another --out"
+    )
+
+
+def _up_to_date(out_dir: pathlib.Path, plan: dict) -> dict | None:
+    """The manifest of `out_dir` if it holds this plan's dataset with its files intact."""
+    old = _read_json(out_dir / WORK_DIR_NAME / "plan.json")
+    if old is None or old.get("key") != plan["key"]:
+        return None
+    try:
+        sources.DocumentSource(out_dir)  # checks manifest, file sizes and lengths
+    except (OSError, ValueError):
+        return None  # damaged: build it again beside, then swap
+    return sources.read_manifest(out_dir)
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -817,9 +1093,49 @@ class _BackendEncoder:
     def __init__(self, tokenizer: Any):
         self.backend = tokenizer.hf_tokenizer.backend_tokenizer
         self.name, self.vocab_size = tokenizer.name, tokenizer.vocab_size
-        self.bos_id, self.eos_id = tokenizer.bos_id, tokenizer.eos_id
+        self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.add_bos = bool(getattr(tokenizer, "add_bos", False))
         self.add_eos = bool(getattr(tokenizer, "add_eos", False))
+        self._fingerprint = tokenizer.fingerprint()
+        self._vocab_fingerprint = tokenizer.vocab_fingerprint()
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> _BackendEncoder:
+        """`tokenizer` itself if it is one, else one built from the `TokenizerWrapper`."""
+        return tokenizer if isinstance(tokenizer, cls) else cls(tokenizer)
+
+    _FIELDS = ("name", "vocab_size", "bos_id", "eos_id", "pad_id", "add_bos", "add_eos")
+
+    def describe(self) -> dict:
+        """A JSON-safe description: the backend's JSON, the ids and flags, the fingerprint."""
+        fields = {field: getattr(self, field) for field in self._FIELDS}
+        return dict(
+            fields,
+            backend=self.backend.to_str(),
+            fingerprint=self._fingerprint,
+            vocab_fingerprint=self._vocab_fingerprint,
+        )
+
+    @classmethod
+    def from_description(cls, description: dict) -> _BackendEncoder:
+        """Inverse of `describe`."""
+        from tokenizers import Tokenizer
+
+        encoder = cls.__new__(cls)
+        for field in cls._FIELDS:
+            setattr(encoder, field, description[field])
+        encoder.backend = Tokenizer.from_str(description["backend"])
+        encoder._fingerprint = description["fingerprint"]
+        encoder._vocab_fingerprint = description["vocab_fingerprint"]
+        return encoder
+
+    def fingerprint(self) -> str:
+        """The wrapped tokenizer's `fingerprint()`, taken at construction."""
+        return self._fingerprint
+
+    def vocab_fingerprint(self) -> str:
+        """The wrapped tokenizer's `vocab_fingerprint()`, taken at construction."""
+        return self._vocab_fingerprint
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         """One `(n_i,) int32` array per text, bos/eos added per the flags."""
@@ -832,7 +1148,9 @@ class _BackendEncoder:
         ]
 
 
-def _init_worker(tokenizer: Any, progress_queue: Any) -> None:
+def _init_worker(tokenizer: Any, progress_queue: Any, parent_pid: int) -> None:
+    # A worker of a killed prepare must not live on, writing into the build directory.
+    worker_lifetime.die_with_parent(parent_pid)
     # One tokenizer thread per worker process: the processes are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["tokenizer"] = tokenizer
@@ -854,11 +1172,61 @@ def _run_part(part_path: str, task: PrepareTask, key: str, options: dict) -> dic
 
 
 def _load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer name or path loaded as a `_BackendEncoder`; anything else unchanged.
+
+    Loading goes through transformers, which imports torch (about 600 MB resident). Unless
+    this process has imported it already, the loading runs in a short-lived process, so that
+    prepare itself stays small and its memory is the documents'.
+    """
     if tokenizer is None or not isinstance(tokenizer, str | os.PathLike):
         return tokenizer
+    if "transformers" in sys.modules:
+        return _load_encoder(os.fspath(tokenizer))
+    name = os.fspath(tokenizer)
+    # Loading costs seconds: keep one description per name and state of its files.
+    key = (name, _files_state(name))
+    if key not in _LOADED_TOKENIZERS:
+        # A plain subprocess, not multiprocessing: it must not re-import the caller's main.
+        process = subprocess.run(
+            [sys.executable, "-c", _LOAD_TOKENIZER, name, str(os.getpid())],
+            capture_output=True,
+            text=True,
+        )
+        if process.returncode != 0:
+            lines = process.stderr.strip().splitlines() or [f"exit status {process.returncode}"]
+            raise ValueError(f"cannot load tokenizer {name!r}: {lines[-1]}")
+        _LOADED_TOKENIZERS[key] = json.loads(process.stdout)
+    return _BackendEncoder.from_description(_LOADED_TOKENIZERS[key])
+
+
+_LOADED_TOKENIZERS: dict[tuple, dict] = {}
+
+
+def _files_state(name: str) -> tuple:
+    """(name, size, mtime) of each file of a tokenizer directory: a changed file reloads."""
+    if not os.path.isdir(name):
+        return ()
+    entries = [entry for entry in os.scandir(name) if entry.is_file()]
+    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries))
+
+
+_LOAD_TOKENIZER = """
+import json, os, sys
+from wf_data.data import worker_lifetime
+worker_lifetime.die_with_parent(int(sys.argv[2]))
+from wf_data.data.prepare import _load_encoder
+sys.stdout.write(json.dumps(_load_encoder(sys.argv[1]).describe()))
+sys.stdout.flush()
+os._exit(0)  # skip the slow teardown of torch and jax
+"""
+
+
+def _load_encoder(name_or_path: str) -> _BackendEncoder:
     from wf_data.data.tokenization import TokenizerWrapper
 
-    return TokenizerWrapper.from_pretrained(os.fspath(tokenizer), add_bos=False, add_eos=False)
+    return _BackendEncoder(
+        TokenizerWrapper.from_pretrained(name_or_path, add_bos=False, add_eos=False)
+    )
 
 
 def _tokenizer_identity(tokenizer: Any) -> dict | None:
@@ -906,8 +1274,9 @@ class PreparePlan:
     """What `prepare` decided before running anything; shared by the local and Beam runners.
 
     Part `i` is `prepare_file(tasks[i], part_paths[i], tokenizer=tokenizer, **options)`;
-    `write(part_results)` then records the parts' results in `OUT/.wf-prepare/plan.json`, which
-    `assemble_shard` and `finalize` read. `plan` is that file's content; `part_keys[i]` is the
+    `write(part_results)` then records the parts' results in `plan.json` of the build's
+    `.wf-prepare/` (beside `out_dir`, `out_dir.build_dir`), which `assemble_shard` and
+    `finalize` read. `plan` is that file's content; `part_keys[i]` is the
     identity of part `i` (inputs and options) for resume checks.
     """
 
@@ -920,12 +1289,18 @@ class PreparePlan:
 
     @property
     def part_paths(self) -> list[pathlib.Path]:
-        """Each task's part file under `OUT/.wf-prepare/`: named by the task's index alone."""
+        """Each task's part file in the build's `.wf-prepare/`: named by the task's index."""
         return [_part_path(self.out_dir, index) for index in range(len(self.tasks))]
 
     def part_marker_path(self, index: int) -> pathlib.Path:
         """Part `index`'s done marker: {result, key}, written once the part is complete."""
         return _marker_path(_part_path(self.out_dir, index))
+
+    def check_out_dir(self, overwrite: bool = False) -> None:
+        """Refuse, before any work, an `out_dir` that this plan may not replace (`OutDirError`:
+        not writable, foreign files, or another plan's dataset without `overwrite`)."""
+        out_dir_lib.prepare_out_dir(self.out_dir)
+        _refuse_replacing(self.out_dir, self.plan, overwrite)
 
     def write(self, part_results: Sequence[dict]) -> None:
         """Write plan.json with the parts' record counts and dropped/skipped totals, in order."""
@@ -955,6 +1330,7 @@ def plan_prepare(
     skip_bad: bool = False,
     name: str = "data",
     piece_bytes: int = PIECE_BYTES,
+    max_doc_bytes: int = MAX_DOC_BYTES,
 ) -> PreparePlan:
     """Validate `prepare`'s options and plan its tasks, parts and shards; writes nothing."""
     fields = RecordFields.from_options(
@@ -966,7 +1342,9 @@ def plan_prepare(
             "(--chat-key) or input_key/output_key (--input-key/--output-key), or tokenizer "
             "(--tokenizer), not both"
         )
-    out_dir = pathlib.Path(out_dir)
+    if max_doc_bytes < 1:
+        raise ValueError(f"max_doc_bytes must be >= 1, got {max_doc_bytes}")
+    out_dir = _out_path(out_dir)
     files = expand_inputs(inputs)
     tasks = plan_tasks(files, piece_bytes)
     if num_shards is None:
@@ -984,6 +1362,7 @@ def plan_prepare(
         "append_eos": append_eos,
         "skip_bad": skip_bad,
         "token_dtype": token_dtype,
+        "max_doc_bytes": max_doc_bytes,
     }
     options_key = json.dumps(
         [format, identity, dict(options, fields=fields.describe())], sort_keys=True
@@ -992,12 +1371,13 @@ def plan_prepare(
         hashlib.sha256(f"{options_key}|{task.key()}".encode()).hexdigest() for task in tasks
     ]
     plan_key = hashlib.sha256(f"{options_key}|{part_keys}|{shard_files}".encode()).hexdigest()
+    plan_append_eos = bool(append_eos or getattr(tokenizer, "add_eos", False))
     plan = {
         "name": name,
         "format": format,
         "token_dtype": token_dtype,
         "tokenizer": identity,
-        "append_eos": bool(append_eos or getattr(tokenizer, "add_eos", False)),
+        "append_eos": plan_append_eos,
         "input_fields": fields.describe(),
         "num_shards": num_shards,
         "shards": shard_files,
@@ -1005,6 +1385,15 @@ def plan_prepare(
             hashlib.sha256(f"{plan_key}|{k}".encode()).hexdigest() for k in range(num_shards)
         ],
         "parts": part_keys,
+        "key": plan_key,
+        # With the fields above, what `_plan_differences` names when refusing to replace.
+        "skip_bad": skip_bad,
+        "max_doc_bytes": max_doc_bytes,
+        "piece_bytes": piece_bytes,
+        "inputs": [
+            {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            for path, stat in ((path, path.stat()) for path in files)
+        ],
     }
     return PreparePlan(out_dir, tasks, part_keys, options, tokenizer, plan)
 
@@ -1027,6 +1416,8 @@ def prepare(
     name: str = "data",
     progress: bool = True,
     piece_bytes: int = PIECE_BYTES,
+    overwrite: bool = False,
+    max_doc_bytes: int = MAX_DOC_BYTES,
 ) -> dict:
     """Prepare `inputs` into the dataset directory `out_dir`; returns the manifest.
 
@@ -1036,14 +1427,24 @@ def prepare(
     (one name or several) joined by `text_separator`, empty values left out (`RecordFields`).
     The manifest's `input_fields` records these options; changing them redoes the work.
     `num_shards=None` picks one shard per 256 MiB of input.
-    `workers` processes share the tasks; the output does not depend on it. A re-run into the
-    same `out_dir` with the same inputs and options redoes only unfinished parts and shards.
-    The returned manifest carries `summary` (elapsed seconds in all, and documents/s and
-    tokens/s from the first document on, tokenizer loading excluded), which is not on disk.
+    `workers` processes share the tasks; the output does not depend on it.
+
+    The dataset is built beside `out_dir` and replaces it atomically once complete
+    (`wf_data.data.out_dir`): a failed or killed run leaves `out_dir` as it was, and a re-run
+    with the same inputs and options redoes only unfinished parts and shards (or nothing,
+    when `out_dir` already holds that dataset intact). A dataset of other inputs or options
+    in `out_dir` is replaced only with `overwrite` (`OutDirError` names the differences).
+    Records over `max_doc_bytes` are bad records; long documents are tokenized in pieces, so
+    memory stays bounded. With `skip_bad`, every skipped record is listed in
+    `out_dir/skipped.jsonl`.
+    The returned manifest carries `summary` (elapsed seconds in all, documents/s and
+    tokens/s from the first document on, tokenizer loading excluded, and the first 20
+    skipped records), which is not on disk.
     """
     started = time.perf_counter()
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    out_dir_lib.prepare_out_dir(_out_path(out_dir))
     prepared = plan_prepare(
         inputs,
         out_dir,
@@ -1059,14 +1460,20 @@ def prepare(
         skip_bad=skip_bad,
         name=name,
         piece_bytes=piece_bytes,
+        max_doc_bytes=max_doc_bytes,
     )
     out_dir, tasks, part_keys = prepared.out_dir, prepared.tasks, prepared.part_keys
     tokenizer, options, plan = prepared.tokenizer, prepared.options, prepared.plan
     num_shards = plan["num_shards"]
+    existing = _up_to_date(out_dir, plan)
+    if existing is not None:
+        return dict(existing, summary=_summary(started, _Progress(False), out_dir, 0))
+    _refuse_replacing(out_dir, plan, overwrite)  # before any work, not only at the swap
     work_dir = _work_dir(out_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
+    # In the build, a manifest means "finished" (`out_dir.recover`): it comes last.
+    (out_dir_lib.build_dir(out_dir) / sources.MANIFEST_NAME).unlink(missing_ok=True)
     todo_shards = [k for k in range(num_shards) if _shard_done(out_dir, plan, k) is None]
-    (out_dir / sources.MANIFEST_NAME).unlink(missing_ok=True)  # the manifest comes last
 
     bar = _Progress(progress)
     pool = None
@@ -1085,17 +1492,26 @@ def prepare(
         if pool is not None:
             pool.shutdown(cancel_futures=True)
         bar.close()
-    manifest = finalize(out_dir)
+    manifest = finalize(out_dir, overwrite)
+    manifest["summary"] = _summary(started, bar, out_dir, len(todo_shards))
+    return manifest
+
+
+def _summary(started: float, bar: _Progress, out_dir: pathlib.Path, shards_written: int) -> dict:
     now = time.perf_counter()
     processing = max(now - bar.start, 1e-9)  # rates exclude loading the tokenizer
-    manifest["summary"] = {
+    skipped = []
+    if (out_dir / SKIPPED_NAME).exists():
+        with open(out_dir / SKIPPED_NAME, encoding="utf-8") as f:
+            skipped = [json.loads(line) for line, _ in zip(f, range(SKIPPED_SHOWN), strict=False)]
+    return {
         "elapsed_s": now - started,
         "documents_per_s": bar.documents / processing,
         "tokens_per_s": bar.tokens / processing,
         "parts_run": bar.parts_run,
-        "shards_written": len(todo_shards),
+        "shards_written": shards_written,
+        "skipped": skipped,
     }
-    return manifest
 
 
 def _run_parts(out_dir, tasks, part_keys, tokenizer, options, pool, bar, need_files):
@@ -1125,7 +1541,10 @@ def _run_parts(out_dir, tasks, part_keys, tokenizer, options, pool, bar, need_fi
 
 
 def _make_pool(workers: int, tokenizer: Any, bar: _Progress):
-    """A spawn-context process pool of `workers` (None for 1: everything runs in-process)."""
+    """A spawn-context process pool of `workers` (None for 1: everything runs in-process).
+
+    Workers die with this process (`worker_lifetime`), so a kill -9 leaves none behind.
+    """
     if workers <= 1:
         return None
     context = multiprocessing.get_context("spawn")
@@ -1134,7 +1553,7 @@ def _make_pool(workers: int, tokenizer: Any, bar: _Progress):
         max_workers=workers,
         mp_context=context,
         initializer=_init_worker,
-        initargs=(_BackendEncoder(tokenizer) if tokenizer else None, bar.queue),
+        initargs=(_BackendEncoder.of(tokenizer) if tokenizer else None, bar.queue, os.getpid()),
     )
 
 

@@ -35,6 +35,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from wf_data.data import out_dir as out_dir_lib
 from wf_data.data import prepare as prepare_lib
 from wf_data.data import sources
 
@@ -71,7 +72,9 @@ def _build(inputs, out_dir, tokenizer, pipeline_options, options):
             f"prepare on Beam loads the tokenizer on each worker by name: pass its name or "
             f"path, not a {type(tokenizer).__name__}"
         )
+    overwrite = options.pop("overwrite", False)
     planned = prepare_lib.plan_prepare(inputs, out_dir, tokenizer=tokenizer, **options)
+    planned.check_out_dir(overwrite)
     fingerprint = (planned.plan["tokenizer"] or {}).get("sha256")
     # Workers get the plan without the loaded tokenizer (they load their own by name).
     planned = dataclasses.replace(planned, tokenizer=None)
@@ -96,7 +99,7 @@ def _build(inputs, out_dir, tokenizer, pipeline_options, options):
         | "SpreadShards" >> beam.Reshuffle()
         | "AssembleShards" >> beam.Map(_assemble_shard, os.fspath(planned.out_dir))
         | "AllShards" >> beam.combiners.ToList()
-        | "Finalize" >> beam.Map(_finalize, planned)
+        | "Finalize" >> beam.Map(_finalize, planned, overwrite)
     )
     return pipeline, planned
 
@@ -161,9 +164,11 @@ def _pipeline_options(value: PipelineOptions | Sequence[str] | str | None) -> Pi
 
 
 def _start(_: None, out_dir: pathlib.Path, jobs: list) -> list:
-    """Create the work folder and remove an old manifest (it is written last); emit the jobs."""
-    (out_dir / prepare_lib.WORK_DIR_NAME).mkdir(parents=True, exist_ok=True)
-    (out_dir / sources.MANIFEST_NAME).unlink(missing_ok=True)
+    """Create the build's work folder beside `out_dir` and remove a manifest of an unfinished
+    build there (it is written last); `out_dir` itself is left alone. Emit the jobs."""
+    out_dir_lib.prepare_out_dir(out_dir)
+    (out_dir_lib.build_dir(out_dir) / prepare_lib.WORK_DIR_NAME).mkdir(parents=True, exist_ok=True)
+    (out_dir_lib.build_dir(out_dir) / sources.MANIFEST_NAME).unlink(missing_ok=True)
     return jobs
 
 
@@ -256,12 +261,11 @@ def _assemble_shard(shard: int, out_dir: str) -> int:
     return shard
 
 
-def _finalize(shards: list[int], planned: prepare_lib.PreparePlan) -> dict:
+def _finalize(shards: list[int], planned: prepare_lib.PreparePlan, overwrite: bool) -> dict:
     """Write lengths.npy and manifest.json once every shard is done; drop attempt leftovers."""
     if sorted(shards) != list(range(planned.plan["num_shards"])):
         raise RuntimeError(f"{planned.out_dir}: shards {sorted(shards)} assembled, not all")
-    manifest = prepare_lib.finalize(planned.out_dir)
     for part_path in planned.part_paths:  # attempts killed before their own cleanup ran
         for leftover in part_path.parent.glob(f"{part_path.name}.attempt-*"):
             leftover.unlink(missing_ok=True)
-    return manifest
+    return prepare_lib.finalize(planned.out_dir, overwrite)

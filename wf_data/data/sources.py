@@ -9,6 +9,12 @@ A dataset directory holds `manifest.json`, shards `NAME-00000-of-00008.array_rec
 
 `open_dataset(path)` returns a `DocumentSource`, a Grain `RandomAccessDataSource` (by protocol)
 over all shards.
+
+Integrity: the manifest lists every other file of the dataset with its size and sha256 (shards,
+`lengths.npy`), and its `fingerprint` is the sha256 of the rest of the manifest, so an edit of
+any field or file is detected. Opening checks what is cheap (fingerprint, file sizes, lengths
+count and per-shard sums); reading checks each token record's length against `lengths.npy`;
+`verify_dataset` (`wf-data inspect --verify`) hashes every file and recomputes the lengths.
 The small writer helpers here (`write_shard`, `write_json_atomic`, `file_sha256`) are what
 `wf_data.data.prepare` uses, so that reading and writing agree on one encoding.
 """
@@ -20,14 +26,14 @@ import json
 import os
 import pathlib
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
 
 MANIFEST_NAME = "manifest.json"
 LENGTHS_NAME = "lengths.npy"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: fingerprint over the whole manifest, lengths.npy and sizes listed
 FORMATS = ("tokens", "text", "chat")
 TOKEN_DTYPES = ("uint16", "uint32")
 # group_size:1 makes every record its own chunk: fast random access (what Grain recommends).
@@ -52,6 +58,7 @@ __all__ = [
     "token_dtype_for_vocab",
     "validate_chat_messages",
     "validate_manifest",
+    "verify_dataset",
     "write_json_atomic",
     "write_manifest",
     "write_shard",
@@ -87,15 +94,14 @@ def token_dtype_for_vocab(vocab_size: int) -> np.dtype:
 
 
 def compute_fingerprint(manifest: dict) -> str:
-    """sha256 hex over format, token dtype, tokenizer sha256 and the shard sha256s, in order."""
-    tokenizer = manifest.get("tokenizer") or {}
-    parts = [
-        f"format={manifest['format']}",
-        f"token_dtype={manifest.get('token_dtype')}",
-        f"tokenizer={tokenizer.get('sha256')}",
-    ]
-    parts += [f"shard={shard['sha256']}" for shard in manifest["shards"]]
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    """sha256 hex of the canonical JSON of every manifest field but `fingerprint` itself.
+
+    The fields include each file's sha256, so equal fingerprints mean equal records, tokenizer,
+    format and settings; editing any field (a tokenizer name, a vocab size) changes it.
+    """
+    body = {key: value for key, value in manifest.items() if key != "fingerprint"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # --------------------------------------------------------------------------- record encoding
@@ -109,8 +115,8 @@ def validate_chat_messages(messages: Any, where: str) -> list[dict]:
     """
     from wf_data.data.chat import check_messages
 
-    return messages if isinstance(messages, list) and not messages else check_messages(
-        messages, where
+    return (
+        messages if isinstance(messages, list) and not messages else check_messages(messages, where)
     )
 
 
@@ -191,56 +197,76 @@ def write_shard(
 
 
 def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
-    """Check keys, types and totals of a manifest dict; raises ValueError naming `where`."""
+    """Check keys, types, totals and fingerprint of a manifest dict; ValueError naming `where`."""
 
     def fail(message: str) -> None:
         raise ValueError(f"{where}: {message}")
 
     if not isinstance(manifest, dict):
         fail(f"expected a JSON object, got {type(manifest).__name__}")
+    if manifest.get("version") != MANIFEST_VERSION:
+        fail(
+            f"unsupported version {manifest.get('version')!r}; this wf-data reads version "
+            f"{MANIFEST_VERSION}: prepare the dataset again with `wf-data prepare`"
+        )
     required = (
-        "version",
         "name",
         "format",
         "token_dtype",
         "tokenizer",
         "shards",
+        "lengths",
         "totals",
         "fingerprint",
     )
     missing = [key for key in required if key not in manifest]
     if missing:
         fail(f"missing keys {missing}")
-    if manifest["version"] != MANIFEST_VERSION:
-        fail(f"unsupported version {manifest['version']!r}; this wf-data reads {MANIFEST_VERSION}")
     if manifest["format"] not in FORMATS:
         fail(f"format {manifest['format']!r} is not one of {FORMATS}")
     if manifest["format"] == "tokens":
         if manifest["token_dtype"] not in TOKEN_DTYPES:
             fail(f"token_dtype {manifest['token_dtype']!r} is not one of {TOKEN_DTYPES}")
-    elif manifest["token_dtype"] is not None:
-        fail(f"token_dtype must be null for format {manifest['format']!r}")
+        _check_file_entry(manifest["lengths"], "lengths", fail)
+        if manifest["lengths"]["file"] != LENGTHS_NAME:
+            fail(f"lengths.file must be {LENGTHS_NAME!r}, got {manifest['lengths']['file']!r}")
+    else:
+        if manifest["token_dtype"] is not None:
+            fail(f"token_dtype must be null for format {manifest['format']!r}")
+        if manifest["lengths"] is not None:
+            fail(f"lengths must be null for format {manifest['format']!r}")
     shards = manifest["shards"]
     if not isinstance(shards, list) or not shards:
         fail("shards must be a non-empty list")
     for i, shard in enumerate(shards):
-        if not isinstance(shard, dict):
-            fail(f"shards[{i}] must be an object")
-        for key, kind in (("file", str), ("records", int), ("tokens", int), ("sha256", str)):
-            if not isinstance(shard.get(key), kind):
-                fail(f"shards[{i}].{key} must be {kind.__name__}, got {shard.get(key)!r}")
-        if os.path.basename(shard["file"]) != shard["file"]:
-            fail(f"shards[{i}].file must be a bare file name, got {shard['file']!r}")
+        _check_file_entry(shard, f"shards[{i}]", fail)
+        for key in ("records", "tokens"):
+            if not isinstance(shard.get(key), int) or shard[key] < 0:
+                fail(f"shards[{i}].{key} must be an int >= 0, got {shard.get(key)!r}")
     totals = manifest["totals"]
     if not isinstance(totals, dict):
         fail("totals must be an object")
-    for key, shard_key in (("records", "records"), ("tokens", "tokens")):
-        expected = sum(shard[shard_key] for shard in shards)
+    for key in ("records", "tokens"):
+        expected = sum(shard[key] for shard in shards)
         if totals.get(key) != expected:
             fail(f"totals.{key} = {totals.get(key)!r} but the shards sum to {expected}")
     if manifest["fingerprint"] != compute_fingerprint(manifest):
-        fail("fingerprint does not match the manifest contents (edited or corrupt manifest)")
+        fail(
+            "fingerprint does not match the manifest contents (edited or corrupt manifest); "
+            "prepare the dataset again"
+        )
     return manifest
+
+
+def _check_file_entry(entry: Any, name: str, fail: Callable[[str], None]) -> None:
+    """A manifest file entry: {"file": bare name, "bytes": int, "sha256": str, ...}."""
+    if not isinstance(entry, dict):
+        fail(f"{name} must be an object")
+    for key, kind in (("file", str), ("bytes", int), ("sha256", str)):
+        if not isinstance(entry.get(key), kind) or isinstance(entry.get(key), bool):
+            fail(f"{name}.{key} must be {kind.__name__}, got {entry.get(key)!r}")
+    if os.path.basename(entry["file"]) != entry["file"] or entry["file"] in ("", ".", ".."):
+        fail(f"{name}.file must be a bare file name, got {entry['file']!r}")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -260,9 +286,28 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> dict:
-    """Fill in the fingerprint, validate and write `out_dir/manifest.json` atomically."""
-    manifest = dict(manifest, fingerprint=compute_fingerprint(manifest))
-    path = pathlib.Path(out_dir) / MANIFEST_NAME
+    """Complete, validate and write `out_dir/manifest.json` atomically; returns the manifest.
+
+    Fills in what the files on disk say: the current `version`, each shard's `bytes`, the
+    `lengths` entry (size and sha256 of `lengths.npy`, format `tokens`; else null), and the
+    `fingerprint`. Callers give the rest, shard sha256s included (computed while writing).
+    """
+    out_dir = pathlib.Path(out_dir)
+    shards = [
+        dict(shard, bytes=(out_dir / shard["file"]).stat().st_size) for shard in manifest["shards"]
+    ]
+    lengths = None
+    if manifest.get("format") == "tokens":
+        lengths_path = out_dir / LENGTHS_NAME
+        lengths = {
+            "file": LENGTHS_NAME,
+            "bytes": lengths_path.stat().st_size,
+            "sha256": file_sha256(lengths_path),
+        }
+    manifest = dict(manifest, version=MANIFEST_VERSION, shards=shards, lengths=lengths)
+    manifest.pop("fingerprint", None)
+    manifest["fingerprint"] = compute_fingerprint(manifest)
+    path = out_dir / MANIFEST_NAME
     validate_manifest(manifest, where=str(path))
     write_json_atomic(path, manifest)
     return manifest
@@ -292,9 +337,8 @@ class DocumentSource:
             self.token_dtype.newbyteorder("<") if self.format == "tokens" else None
         )
         self.shard_paths = [self.path / shard["file"] for shard in self.manifest["shards"]]
-        for shard_path in self.shard_paths:
-            if not shard_path.exists():
-                raise FileNotFoundError(f"{self.path / MANIFEST_NAME}: shard {shard_path} missing")
+        for shard, shard_path in zip(self.manifest["shards"], self.shard_paths, strict=True):
+            _check_size(shard_path, shard["bytes"], self.path)
         counts = np.array([shard["records"] for shard in self.manifest["shards"]], dtype=np.int64)
         # starts[k] = global index of shard k's first record; starts[-1] = total records.
         self._starts = np.concatenate([[0], np.cumsum(counts)])
@@ -303,17 +347,28 @@ class DocumentSource:
         self._lock = threading.Lock()
 
     def _load_lengths(self) -> np.ndarray:
+        """`lengths.npy`, checked against the manifest: size, shape, and each shard's sum."""
         lengths_path = self.path / LENGTHS_NAME
-        if not lengths_path.exists():
-            raise FileNotFoundError(f"{lengths_path}: missing (required for format 'tokens')")
-        lengths = np.load(lengths_path)
+        _check_size(lengths_path, self.manifest["lengths"]["bytes"], self.path)
+        lengths = np.load(lengths_path, allow_pickle=False)
         if lengths.dtype != np.int64 or lengths.shape != (len(self),):
             raise ValueError(
-                f"{lengths_path}: expected ({len(self)},) int64, "
-                f"got {lengths.shape} {lengths.dtype}"
+                f"{lengths_path}: expected ({len(self)},) int64 (one per record), "
+                f"got {lengths.shape} {lengths.dtype}; prepare the dataset again"
             )
-        if int(lengths.sum()) != self.manifest["totals"]["tokens"]:
-            raise ValueError(f"{lengths_path}: lengths do not sum to the manifest's token total")
+        # Per-shard sums catch entries moved across shards; the per-record check in
+        # `__getitems__` catches the rest (`verify_dataset` checks everything).
+        cumulative = np.concatenate([[0], np.cumsum(lengths)])
+        sums = cumulative[self._starts[1:]] - cumulative[self._starts[:-1]]
+        expected = np.array([shard["tokens"] for shard in self.manifest["shards"]])
+        bad = np.flatnonzero(sums != expected)
+        if bad.size:
+            shard = self.manifest["shards"][int(bad[0])]
+            raise ValueError(
+                f"{lengths_path}: the lengths of shard {shard['file']} sum to "
+                f"{int(sums[bad[0]])} tokens, the manifest says {shard['tokens']} (corrupt "
+                f"lengths.npy); check with `wf-data inspect {self.path} --verify`"
+            )
         lengths.setflags(write=False)
         return lengths
 
@@ -359,9 +414,17 @@ class DocumentSource:
         shards = np.searchsorted(self._starts, indices, side="right") - 1
         return shards, indices - self._starts[shards]
 
-    def _decode(self, record: bytes, shard: int, local: int) -> Any:
-        if self._token_dtype_le is not None and len(record) % self._token_dtype_le.itemsize == 0:
-            return np.frombuffer(record, dtype=self._token_dtype_le)
+    def _decode(self, record: bytes, shard: int, local: int, expected: int) -> Any:
+        """The record's document; a token record must hold `expected` tokens (lengths.npy)."""
+        if self._token_dtype_le is not None:
+            if len(record) == expected * self._token_dtype_le.itemsize:
+                return np.frombuffer(record, dtype=self._token_dtype_le)
+            raise ValueError(
+                f"{self.path}: shard {self.shard_paths[shard].name} record {local}: "
+                f"{len(record)} bytes, but lengths.npy plans {expected} {self.token_dtype.name} "
+                f"tokens (corrupt shard or lengths.npy); check with "
+                f"`wf-data inspect {self.path} --verify`"
+            )
         # The slow path formats the location only when there is something to report.
         where = f"shard {self.shard_paths[shard].name} record {local}"
         return decode_record(record, self.format, self.token_dtype, where)
@@ -376,13 +439,20 @@ class DocumentSource:
         """
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         shards, locals_ = self._locate(indices)
+        planned = (
+            np.asarray(self.lengths[locals_ + self._starts[shards]]).tolist()
+            if self.lengths is not None
+            else [0] * len(indices)
+        )
         readers = {int(k): self._reader(int(k)) for k in np.unique(shards)}
         out: list[Any] = []
         with self._lock:
-            for shard, local in zip(shards.tolist(), locals_.tolist(), strict=True):
+            for shard, local, expected in zip(
+                shards.tolist(), locals_.tolist(), planned, strict=True
+            ):
                 reader = readers[shard]
                 reader.seek(local)
-                out.append(self._decode(reader.read(), shard, local))
+                out.append(self._decode(reader.read(), shard, local, expected))
         return out
 
     def close(self) -> None:
@@ -450,6 +520,91 @@ class InMemorySource:
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """Documents at `indices`, in that order."""
         return [self._docs[int(i)] for i in indices]
+
+
+def _check_size(path: pathlib.Path, expected: int, dataset: pathlib.Path) -> None:
+    """A dataset file must exist with the size the manifest lists (a cheap truncation check)."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{dataset / MANIFEST_NAME}: {path.name} missing; prepare the dataset again"
+        )
+    size = path.stat().st_size
+    if size != expected:
+        raise ValueError(
+            f"{path}: {size} bytes, the manifest says {expected} (truncated or replaced file); "
+            f"check with `wf-data inspect {dataset} --verify` and prepare the dataset again"
+        )
+
+
+def verify_dataset(
+    path: str | os.PathLike, *, contents: bool = True, read_chunk: int = 1024
+) -> list[str]:
+    """Check every file of a dataset against its manifest; returns the problems found.
+
+    Each shard: present, readable, record count; with `contents` also every file's sha256
+    (shards, `lengths.npy`) and, format `tokens`, each record's token count recomputed from
+    the shard against `lengths.npy`. One line per problem names the file (and record).
+    Raises on a missing or invalid manifest.
+    """
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    path = pathlib.Path(path)
+    manifest = read_manifest(path)
+    problems = []
+    lengths = None
+    if contents and manifest["format"] == "tokens":
+        lengths_path = path / LENGTHS_NAME
+        if not lengths_path.exists():
+            problems.append(f"{LENGTHS_NAME}: missing")
+        else:
+            if file_sha256(lengths_path) != manifest["lengths"]["sha256"]:
+                problems.append(f"{LENGTHS_NAME}: sha256 does not match the manifest")
+            lengths = np.load(lengths_path, allow_pickle=False)
+            itemsize = np.dtype(manifest["token_dtype"]).itemsize
+    start = 0
+    for shard in manifest["shards"]:
+        shard_path, name = path / shard["file"], shard["file"]
+        first, start = start, start + shard["records"]
+        if not shard_path.exists():
+            problems.append(f"{name}: missing")
+            continue
+        if contents and file_sha256(shard_path) != shard["sha256"]:
+            problems.append(f"{name}: sha256 does not match the manifest")
+        try:
+            reader = ArrayRecordReader(os.fspath(shard_path))
+            try:
+                records = reader.num_records()
+                if records != shard["records"]:
+                    problems.append(f"{name}: {records} records, manifest says {shard['records']}")
+                elif lengths is not None:
+                    problems += _compare_lengths(
+                        reader, lengths[first:start], itemsize, name, read_chunk
+                    )
+            finally:
+                reader.close()
+        except RuntimeError as error:  # riegeli reports corrupt files this way
+            problems.append(f"{name}: unreadable: {error}")
+    return problems
+
+
+def _compare_lengths(
+    reader, planned: np.ndarray, itemsize: int, name: str, chunk: int
+) -> list[str]:
+    """Problems where a shard's record sizes disagree with its slice of lengths.npy."""
+    if planned.shape != (reader.num_records(),):
+        return [f"{LENGTHS_NAME}: {planned.size} entries for {name}, which has more records"]
+    for begin in range(0, planned.size, chunk):
+        records = reader.read(begin, min(begin + chunk, planned.size))
+        sizes = np.fromiter(map(len, records), dtype=np.int64, count=len(records))
+        bad = np.flatnonzero(sizes != planned[begin : begin + len(records)] * itemsize)
+        if bad.size:
+            record = begin + int(bad[0])
+            return [
+                f"{name} record {record}: {sizes[bad[0]] / itemsize:g} tokens, "
+                f"{LENGTHS_NAME} says {int(planned[record])} ({bad.size} records differ in this "
+                "read chunk)"
+            ]
+    return []
 
 
 def open_dataset(path: str | os.PathLike) -> DocumentSource:

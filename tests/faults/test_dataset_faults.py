@@ -1,0 +1,126 @@
+"""Faults injected into a prepared dataset for real: swapped lengths, flipped and truncated
+shard bytes, edited manifest fields (issue 10 cases 6 and 7).
+
+Each must be caught: by `wf-data inspect --verify` (naming the file), and by the loader at open
+or at the read of the damaged record (naming shard and record), never read as silently wrong
+data.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from tests.faults._prepare_helpers import WordTokenizer, corpus
+from wf_data import cli
+from wf_data.data import sources
+from wf_data.data.prepare import prepare
+
+
+@pytest.fixture(scope="module")
+def tokens_dataset(tmp_path_factory):
+    """A finished tokens dataset (3 shards of 40 records) to copy and damage."""
+    root = tmp_path_factory.mktemp("dataset")
+    prepare(
+        corpus(root / "in"), root / "ds", tokenizer=WordTokenizer(), num_shards=3, progress=False
+    )
+    return root / "ds"
+
+
+@pytest.fixture
+def dataset(tokens_dataset, tmp_path):
+    """A private copy of the dataset (without its work directory)."""
+    copy = tmp_path / "ds"
+    copy.mkdir()
+    for path in tokens_dataset.iterdir():
+        if path.is_file():
+            (copy / path.name).write_bytes(path.read_bytes())
+    assert sources.verify_dataset(copy) == []
+    return copy
+
+
+def _verify(path, capsys) -> tuple[int, str]:
+    status = cli.main(["inspect", str(path), "--verify", "--samples", "0"])
+    captured = capsys.readouterr()
+    return status, captured.out + captured.err
+
+
+def _swap(lengths_path, i, j):
+    lengths = np.load(lengths_path)
+    assert lengths[i] != lengths[j]
+    lengths[[i, j]] = lengths[[j, i]]
+    np.save(lengths_path, lengths)
+
+
+def test_lengths_swapped_within_a_shard(dataset, capsys):
+    lengths = np.load(dataset / "lengths.npy")
+    i = 1
+    j = next(k for k in range(2, 40) if lengths[k] != lengths[i])  # both in shard 0
+    _swap(dataset / "lengths.npy", i, j)
+    status, printed = _verify(dataset, capsys)
+    assert status == 1 and "integrity: FAILED" in printed
+    assert "lengths.npy: sha256 does not match the manifest" in printed
+    assert f"data-00000-of-00003.array_record record {i}: {lengths[i]} tokens, " in printed
+    source = sources.open_dataset(dataset)  # per-shard sums still hold: open succeeds
+    np.testing.assert_array_equal(source[0], sources.open_dataset(dataset)[0])
+    with pytest.raises(ValueError, match=rf"shard data-00000-of-00003\.array_record record {i}:"):
+        source[i]
+
+
+def test_lengths_swapped_across_shards(dataset, capsys):
+    lengths = np.load(dataset / "lengths.npy")
+    j = next(k for k in range(40, 80) if lengths[k] != lengths[0])
+    _swap(dataset / "lengths.npy", 0, j)
+    with pytest.raises(ValueError, match=r"lengths of shard data-00000-of-00003\.array_record"):
+        sources.open_dataset(dataset)
+    status, printed = _verify(dataset, capsys)
+    assert status == 1 and "lengths.npy: sha256 does not match" in printed
+
+
+def test_flipped_shard_byte_named_by_verify(dataset, capsys):
+    shard = dataset / "data-00001-of-00003.array_record"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    status, printed = _verify(dataset, capsys)
+    assert status == 1
+    problems = printed.split("integrity: FAILED")[1]
+    assert "data-00001-of-00003.array_record: sha256 does not match the manifest" in problems
+    assert "data-00000-of-00003" not in problems and "data-00002-of-00003" not in problems
+
+
+def test_truncated_shard_refused_at_open(dataset, capsys):
+    shard = dataset / "data-00002-of-00003.array_record"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=r"data-00002-of-00003\.array_record: \d+ bytes, the man"):
+        sources.open_dataset(dataset)
+    status, printed = _verify(dataset, capsys)
+    assert status == 1 and "data-00002-of-00003.array_record" in printed
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        (("tokenizer", "name"), "another-tokenizer"),
+        (("tokenizer", "vocab_size"), 50_000),
+        (("tokenizer", "eos_id"), 7),
+        (("token_dtype",), "uint32"),
+        (("append_eos",), True),
+        (("input_fields", "text_key"), ["body"]),
+        (("lengths", "sha256"), "0" * 64),
+    ],
+    ids=lambda value: ".".join(value) if isinstance(value, tuple) else None,
+)
+def test_manifest_edit_detected(dataset, capsys, field, value):
+    path = dataset / "manifest.json"
+    manifest = json.loads(path.read_text())
+    target = manifest
+    for key in field[:-1]:
+        target = target[key]
+    assert target[field[-1]] != value
+    target[field[-1]] = value
+    path.write_text(json.dumps(manifest, indent=2))
+    with pytest.raises(ValueError, match="fingerprint does not match the manifest contents"):
+        sources.open_dataset(dataset)
+    status, printed = _verify(dataset, capsys)
+    assert status == 1 and "fingerprint does not match" in printed
