@@ -55,3 +55,42 @@ def test_the_shared_module_imports_no_wf_data_package():
     for module in SHARED:
         file = PACKAGE.parent / (module.replace(".", "/") + ".py")
         assert _imports(file) == set()
+
+
+def _grain_private_names() -> set[str]:
+    """Private (single-underscore) attributes of Grain's dataset and iterator base classes."""
+    grain = pytest.importorskip("grain")
+    bases = (grain.MapDataset, grain.IterDataset, grain.DatasetIterator)
+    return {
+        name
+        for base in bases
+        for name in dir(base)
+        if name.startswith("_") and not name.startswith("__")
+    }
+
+
+def test_no_private_grain_api():
+    """Only Grain's public API: no `grain._src` import and no private attribute of Grain's
+    base classes used or overridden (they change between Grain releases without notice)."""
+    private = _grain_private_names()
+    assert {"_parent", "_getitems", "_stats", "_MUTATES_ELEMENT_SPEC"} <= private
+    offending = []
+    for file in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(file.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in private:
+                offending.append(f"{file.relative_to(PACKAGE.parent)}:{node.lineno} .{node.attr}")
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                modules.append(getattr(node, "module", None) or "")
+                if any(module.startswith("grain._src") for module in modules):
+                    offending.append(f"{file.relative_to(PACKAGE.parent)}:{node.lineno} grain._src")
+            elif isinstance(node, ast.ClassDef):
+                for item in node.body:
+                    targets = item.targets if isinstance(item, ast.Assign) else []
+                    names = [t.id for t in targets if isinstance(t, ast.Name)]
+                    if isinstance(item, ast.FunctionDef):
+                        names.append(item.name)
+                    for name in set(names) & private:
+                        offending.append(f"{file.relative_to(PACKAGE.parent)}:{item.lineno} {name}")
+    assert not offending, "private Grain API used:\n" + "\n".join(offending)

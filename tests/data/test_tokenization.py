@@ -147,7 +147,7 @@ def test_tokenize_dataset(tokenizer):
     assert len(ds) == len(TEXTS)
     for index, text in enumerate(TEXTS):
         np.testing.assert_array_equal(ds[index], tokenizer.encode(text))
-    batch = ds._getitems([4, 0, 2])
+    batch = ds.__getitems__([4, 0, 2])
     for got, index in zip(batch, [4, 0, 2], strict=True):
         np.testing.assert_array_equal(got, tokenizer.encode(TEXTS[index]))
     np.testing.assert_array_equal(list(ds[1:3])[1], tokenizer.encode(TEXTS[2]))
@@ -165,7 +165,7 @@ def test_tokenize_dataset_type_error_names_index(tokenizer):
     with pytest.raises(TypeError, match="element 1 is dict"):
         ds[1]
     with pytest.raises(TypeError, match="element 1 is dict"):
-        ds._getitems([0, 1])
+        ds.__getitems__([0, 1])
     with pytest.raises(TypeError, match="TokenizerWrapper"):
         TokenizeDataset(grain.MapDataset.source(["x"]), "wf-data-demo")
 
@@ -174,7 +174,7 @@ def test_tokenize_dataset_passes_none_through(tokenizer):
     ds = TokenizeDataset(grain.MapDataset.source(["a", "b", "c"]).filter(lambda t: t != "b"),
                          tokenizer)
     assert ds[1] is None
-    got = ds._getitems([0, 1, 2])
+    got = ds.__getitems__([0, 1, 2])
     assert got[1] is None
     np.testing.assert_array_equal(got[2], tokenizer.encode("c"))
 
@@ -274,3 +274,27 @@ def test_manifest_without_vocab_fingerprint_compares_sizes_and_special_ids(token
         check_source_tokenizer(source, tokenizer)
     # A source without a recorded tokenizer (text, or tokens made elsewhere): nothing to check.
     check_source_tokenizer(SimpleNamespace(manifest={"tokenizer": None}), tokenizer)
+
+
+def test_loading_a_tokenizer_does_not_import_grain_or_jax():
+    # Prepare workers and the CLI load tokenizers; importing Grain (and JAX) costs seconds.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from wf_data.data.tokenization import TokenizerWrapper\n"
+        "TokenizerWrapper.from_pretrained('wf-data-demo').encode('hi')\n"
+        "print(sorted(m for m in ('grain', 'jax') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_tokenize_dataset_uses_only_public_grain_api(tokenizer):
+    # The batch read goes through Grain's own batching too (its default per-element path).
+    ds = tokenize(grain.MapDataset.source(TEXTS), tokenizer).batch(2, batch_fn=list)
+    assert [len(batch) for batch in ds] == [2, 2, 1]
+    np.testing.assert_array_equal(ds[2][0], tokenizer.encode(TEXTS[4]))
+    restored = pickle.loads(pickle.dumps(tokenize(TEXTS, tokenizer)))
+    np.testing.assert_array_equal(restored[3], tokenizer.encode(TEXTS[3]))

@@ -87,6 +87,7 @@ class ProcessMap(grain.IterDataset):
                 f"use num_workers=0 on {sys.platform}"
             )
         super().__init__(parent)
+        self._plans = parent  # our own handle: Grain's `_parent` is private
         self._fn = fn
         self._num_workers = num_workers
         self._lookahead = lookahead
@@ -96,7 +97,7 @@ class ProcessMap(grain.IterDataset):
 
     def __iter__(self) -> ProcessMapIterator:
         return ProcessMapIterator(
-            self._parent.__iter__(),
+            self._plans.__iter__(),
             self._fn,
             self._fn_pickle,
             num_workers=self._num_workers,
@@ -133,6 +134,7 @@ class ProcessMapIterator(grain.DatasetIterator):
         lookahead: int,
     ):
         super().__init__(parent)
+        self._plans = parent  # our own handle: Grain's `_parent` is private
         self._fn = fn
         self._fn_pickle = fn_pickle
         self._num_workers = num_workers
@@ -164,7 +166,7 @@ class ProcessMapIterator(grain.DatasetIterator):
 
     def get_state(self) -> dict[str, Any]:
         return {
-            "parent": self._parent.get_state(),
+            "parent": self._plans.get_state(),
             "in_flight": [encode_plan(entry.plan) for entry in self._in_flight],
         }
 
@@ -183,7 +185,7 @@ class ProcessMapIterator(grain.DatasetIterator):
             )
         plans = [decode_plan(encoded) for encoded in in_flight]
         self._restart_sequence()
-        self._parent.set_state(state["parent"])
+        self._plans.set_state(state["parent"])
         self._in_flight = collections.deque(_InFlight(plan) for plan in plans)
         self._parent_exhausted = False
         self._delivered = 0
@@ -233,7 +235,7 @@ class ProcessMapIterator(grain.DatasetIterator):
         """Pulls from the parent until ``lookahead`` elements are queued behind the head."""
         while not self._parent_exhausted and len(self._in_flight) <= self._lookahead:
             try:
-                plan = next(self._parent)
+                plan = next(self._plans)
             except StopIteration:
                 self._parent_exhausted = True
                 break

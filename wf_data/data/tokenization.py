@@ -1,5 +1,7 @@
 """Tokenizers for wf-data: a picklable wrapper over a transformers fast tokenizer, and the
-``tokenize`` transform that maps text documents to int32 token arrays.
+``tokenize`` transform that maps text documents to int32 token arrays (in
+``wf_data.data.tokenize_dataset``, re-exported here on first use so that importing this
+module does not import Grain and JAX).
 
 The wrapper pins down what the rest of the package relies on: token ids as ``(n,) int32``
 numpy arrays, optional bos/eos added by flag (no other special tokens), batched encoding on
@@ -20,7 +22,6 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
-import grain
 import numpy as np
 
 DEMO_TOKENIZER_NAME = "wf-data-demo"
@@ -254,65 +255,11 @@ def check_source_tokenizer(source: Any, tokenizer: Any, *, allow_mismatch: bool 
     warnings.warn(f"{message} (allowed by allow_tokenizer_mismatch)", stacklevel=2)
 
 
-class TokenizeDataset(grain.MapDataset):
-    """Maps text documents of ``parent`` to ``(n,) int32`` token arrays with ``tokenizer``.
+def __getattr__(name: str) -> Any:
+    # The Grain transform lives in its own module so that loading a tokenizer (prepare
+    # workers, the CLI) does not import Grain and with it JAX, seconds at process start.
+    if name in ("TokenizeDataset", "tokenize"):
+        from wf_data.data import tokenize_dataset
 
-    Batched reads (``_getitems``) tokenize with one ``encode_batch`` call. ``None`` elements
-    (filtered out upstream) stay ``None``; any other non-``str`` element is a TypeError.
-    """
-
-    _MUTATES_ELEMENT_SPEC = True
-
-    def __init__(self, parent: grain.MapDataset, tokenizer: TokenizerWrapper):
-        super().__init__(parent)
-        if not isinstance(tokenizer, TokenizerWrapper):
-            raise TypeError(f"tokenizer is not a TokenizerWrapper: {type(tokenizer)}")
-        self._tokenizer = tokenizer
-
-    @property
-    def tokenizer(self) -> TokenizerWrapper:
-        """The tokenizer applied to every element."""
-        return self._tokenizer
-
-    def __len__(self) -> int:
-        return len(self._parent)
-
-    def __str__(self) -> str:
-        return f"TokenizeDataset(tokenizer={self._tokenizer.name!r})"
-
-    def _check_text(self, index: int, element: Any) -> None:
-        if element is not None and not isinstance(element, str):
-            raise TypeError(
-                f"{self}: element {index} is {type(element).__name__}, not str; tokenize needs "
-                "text documents (a 'text' format source or a dataset mapped to str)")
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return self.slice(index)
-        element = self._parent[index]
-        with self._stats.record_self_time():
-            self._check_text(index, element)
-            return None if element is None else self._tokenizer.encode(element)
-
-    def _getitems(self, indices: Sequence[int]):
-        elements = self._parent._getitems(indices)  # pylint: disable=protected-access
-        with self._stats.record_self_time(num_elements=len(indices)):
-            for index, element in zip(indices, elements, strict=True):
-                self._check_text(index, element)
-            texts = [element for element in elements if element is not None]
-            encoded = iter(self._tokenizer.encode_batch(texts))
-            return [None if element is None else next(encoded) for element in elements]
-
-
-def tokenize(dataset: Any, tokenizer: TokenizerWrapper | str | None) -> TokenizeDataset:
-    """Tokenize a dataset of text documents: ``(n,) int32`` token arrays per element.
-
-    ``dataset`` is a ``grain.MapDataset`` or a random-access source (a ``DocumentSource`` of
-    ``text`` format, a list of str...); ``tokenizer`` a ``TokenizerWrapper`` or a name/path
-    for ``TokenizerWrapper.from_pretrained`` (default flags: eos appended).
-    """
-    if not isinstance(tokenizer, TokenizerWrapper):
-        tokenizer = TokenizerWrapper.from_pretrained(tokenizer)
-    if not isinstance(dataset, grain.MapDataset):
-        dataset = grain.MapDataset.source(dataset)
-    return TokenizeDataset(dataset, tokenizer)
+        return getattr(tokenize_dataset, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
