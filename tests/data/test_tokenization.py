@@ -58,7 +58,7 @@ def test_bos_eos_flags(add_bos, add_eos):
     assert len(ids) == len(body) + add_bos + add_eos
     assert (ids[0] == tok.bos_id) == add_bos
     assert (ids[-1] == tok.eos_id) == add_eos
-    np.testing.assert_array_equal(ids[int(add_bos):len(ids) - int(add_eos)], body)
+    np.testing.assert_array_equal(ids[int(add_bos) : len(ids) - int(add_eos)], body)
 
 
 def test_no_special_tokens_besides_flags(tokenizer):
@@ -123,8 +123,9 @@ def test_fingerprint_stable_and_flag_sensitive(tmp_path):
     shutil.copytree(DEMO_TOKENIZER_PATH, tmp_path / "tok")
     assert TokenizerWrapper.from_pretrained(tmp_path / "tok").fingerprint() == base
     config = tmp_path / "tok" / "tokenizer_config.json"
-    config.write_text(config.read_text().replace('"model_max_length": 1048576',
-                                                 '"model_max_length": 2048'))
+    config.write_text(
+        config.read_text().replace('"model_max_length": 1048576', '"model_max_length": 2048')
+    )
     assert TokenizerWrapper.from_pretrained(tmp_path / "tok").fingerprint() != base
 
 
@@ -171,8 +172,9 @@ def test_tokenize_dataset_type_error_names_index(tokenizer):
 
 
 def test_tokenize_dataset_passes_none_through(tokenizer):
-    ds = TokenizeDataset(grain.MapDataset.source(["a", "b", "c"]).filter(lambda t: t != "b"),
-                         tokenizer)
+    ds = TokenizeDataset(
+        grain.MapDataset.source(["a", "b", "c"]).filter(lambda t: t != "b"), tokenizer
+    )
     assert ds[1] is None
     got = ds.__getitems__([0, 1, 2])
     assert got[1] is None
@@ -192,8 +194,9 @@ def tiny_tokenizer_dir(tmp_path_factory):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
     path = tmp_path_factory.mktemp("tiny-tokenizer")
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
-                            eos_token="</s>").save_pretrained(path)
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", eos_token="</s>"
+    ).save_pretrained(path)
     return path
 
 
@@ -211,16 +214,23 @@ def test_vocab_fingerprint_depends_on_ids_only(tmp_path, tokenizer, tiny_tokeniz
     assert TokenizerWrapper.from_pretrained(tiny_tokenizer_dir).vocab_fingerprint() != base
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         file = tmp_path / "tok" / name
-        file.write_text(file.read_text().replace('"eos_token": "<|endoftext|>"',
-                                                 '"eos_token": "<|im_end|>"'))
+        file.write_text(
+            file.read_text().replace('"eos_token": "<|endoftext|>"', '"eos_token": "<|im_end|>"')
+        )
     changed = TokenizerWrapper.from_pretrained(tmp_path / "tok")
     assert changed.eos_id != tokenizer.eos_id
     assert changed.vocab_fingerprint() != base
 
 
 def _loader_config(source_path, tokenizer_name, **extra):
-    return {"tokenizer": tokenizer_name, "seq_len": 16, "global_batch_size": 2, "prefetch": 0,
-            "sources": {"docs": {"path": str(source_path), "weight": 1.0}}, **extra}
+    return {
+        "tokenizer": tokenizer_name,
+        "seq_len": 16,
+        "global_batch_size": 2,
+        "prefetch": 0,
+        "sources": {"docs": {"path": str(source_path), "weight": 1.0}},
+        **extra,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -245,18 +255,21 @@ def test_loader_refuses_a_source_of_another_tokenizer(tiny_prepared, tiny_tokeni
     with pytest.raises(TokenizerMismatchError) as error:
         get_loader(_loader_config(tiny_prepared, "wf-data-demo"), framework="numpy")
     message = str(error.value)
-    assert f"{tiny_prepared} was prepared with tokenizer {str(tiny_tokenizer_dir)!r} " \
-           f"(vocab_size {tiny.vocab_size})" in message
+    assert (
+        f"{tiny_prepared} was prepared with tokenizer {str(tiny_tokenizer_dir)!r} "
+        f"(vocab_size {tiny.vocab_size})" in message
+    )
     assert "configured tokenizer is 'wf-data-demo' (vocab_size 8192)" in message
     assert "allow_tokenizer_mismatch: true" in message
 
     # The tokenizer it was prepared with streams, and the demo one when explicitly allowed.
-    loader = get_loader(_loader_config(tiny_prepared, str(tiny_tokenizer_dir)),
-                        framework="numpy")
+    loader = get_loader(_loader_config(tiny_prepared, str(tiny_tokenizer_dir)), framework="numpy")
     assert next(loader)["input_ids"].max() < tiny.vocab_size
     with pytest.warns(UserWarning, match="allowed by allow_tokenizer_mismatch"):
-        loader = get_loader(_loader_config(tiny_prepared, "wf-data-demo",
-                                           allow_tokenizer_mismatch=True), framework="numpy")
+        loader = get_loader(
+            _loader_config(tiny_prepared, "wf-data-demo", allow_tokenizer_mismatch=True),
+            framework="numpy",
+        )
     assert next(loader)["input_ids"].shape == (2, 16)
 
 
@@ -267,8 +280,9 @@ def test_manifest_without_vocab_fingerprint_compares_sizes_and_special_ids(token
 
     recorded = {"name": "old", "vocab_size": 8192, "bos_id": 0, "eos_id": 0, "pad_id": 0}
     with pytest.warns(UserWarning, match="predates tokenizer vocab fingerprints"):
-        check_source_tokenizer(SimpleNamespace(manifest={"tokenizer": recorded}, path="ds"),
-                               tokenizer)
+        check_source_tokenizer(
+            SimpleNamespace(manifest={"tokenizer": recorded}, path="ds"), tokenizer
+        )
     source = SimpleNamespace(manifest={"tokenizer": dict(recorded, eos_id=2)}, path="ds")
     with pytest.raises(TokenizerMismatchError, match="ds was prepared with tokenizer 'old'"):
         check_source_tokenizer(source, tokenizer)

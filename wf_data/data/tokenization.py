@@ -29,8 +29,15 @@ DEMO_TOKENIZER_PATH = pathlib.Path(__file__).resolve().parent.parent / "assets" 
 
 # Files that define a transformers tokenizer; the fingerprint hashes those present.
 _TOKENIZER_FILES = (
-    "added_tokens.json", "chat_template.jinja", "merges.txt", "special_tokens_map.json",
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json", "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "merges.txt",
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "vocab.json",
+    "vocab.txt",
 )
 
 
@@ -50,12 +57,20 @@ class TokenizerWrapper:
     tokenizer in the receiving process, so Grain worker processes can use it.
     """
 
-    def __init__(self, hf_tokenizer: Any, *, name: str, name_or_path: str,
-                 add_bos: bool = False, add_eos: bool = True):
+    def __init__(
+        self,
+        hf_tokenizer: Any,
+        *,
+        name: str,
+        name_or_path: str,
+        add_bos: bool = False,
+        add_eos: bool = True,
+    ):
         if not getattr(hf_tokenizer, "is_fast", False):
             raise ValueError(
                 f"tokenizer {name!r} is not a fast tokenizer ({type(hf_tokenizer).__name__}); "
-                "wf-data needs a tokenizers-backed (fast) tokenizer with a tokenizer.json")
+                "wf-data needs a tokenizers-backed (fast) tokenizer with a tokenizer.json"
+            )
         self._hf_tokenizer = hf_tokenizer
         self._backend = hf_tokenizer.backend_tokenizer
         self._name = name
@@ -68,8 +83,13 @@ class TokenizerWrapper:
             raise ValueError(f"tokenizer {name!r} has no eos token, but add_eos=True")
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str | os.PathLike | None = None, *,
-                        add_bos: bool = False, add_eos: bool = True) -> TokenizerWrapper:
+    def from_pretrained(
+        cls,
+        name_or_path: str | os.PathLike | None = None,
+        *,
+        add_bos: bool = False,
+        add_eos: bool = True,
+    ) -> TokenizerWrapper:
         """Load with ``AutoTokenizer`` from a local directory or the local HF cache (never
         downloads). ``None`` or ``"wf-data-demo"`` loads the shipped demo tokenizer."""
         from transformers import AutoTokenizer
@@ -86,18 +106,25 @@ class TokenizerWrapper:
 
     # Pickling: only the name and flags travel; the receiving process reloads the files.
     def __getstate__(self) -> dict:
-        return {"name": self._name, "name_or_path": self._name_or_path,
-                "add_bos": self.add_bos, "add_eos": self.add_eos}
+        return {
+            "name": self._name,
+            "name_or_path": self._name_or_path,
+            "add_bos": self.add_bos,
+            "add_eos": self.add_eos,
+        }
 
     def __setstate__(self, state: dict) -> None:
         source = None if state["name"] == DEMO_TOKENIZER_NAME else state["name_or_path"]
         loaded = TokenizerWrapper.from_pretrained(
-            source, add_bos=state["add_bos"], add_eos=state["add_eos"])
+            source, add_bos=state["add_bos"], add_eos=state["add_eos"]
+        )
         self.__dict__.update(loaded.__dict__)
 
     def __repr__(self) -> str:
-        return (f"TokenizerWrapper(name={self._name!r}, vocab_size={self.vocab_size}, "
-                f"add_bos={self.add_bos}, add_eos={self.add_eos})")
+        return (
+            f"TokenizerWrapper(name={self._name!r}, vocab_size={self.vocab_size}, "
+            f"add_bos={self.add_bos}, add_eos={self.add_eos})"
+        )
 
     @property
     def name(self) -> str:
@@ -150,7 +177,7 @@ class TokenizerWrapper:
             tokens[0] = self.bos_id
         if self.add_eos:
             tokens[-1] = self.eos_id
-        tokens[start:start + len(ids)] = ids
+        tokens[start : start + len(ids)] = ids
         return tokens
 
     def encode(self, text: str) -> np.ndarray:
@@ -174,8 +201,9 @@ class TokenizerWrapper:
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         """Text of the token ids ``ids`` (a 1-D int array or sequence)."""
-        return self._hf_tokenizer.decode(np.asarray(ids).tolist(),
-                                         skip_special_tokens=skip_special_tokens)
+        return self._hf_tokenizer.decode(
+            np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens
+        )
 
     def fingerprint(self) -> str:
         """sha256 hex over the tokenizer files (sorted by name) and the bos/eos flags.
@@ -184,8 +212,11 @@ class TokenizerWrapper:
         """
         digest = hashlib.sha256()
         directory = pathlib.Path(self._name_or_path)
-        files = sorted(directory / name for name in _TOKENIZER_FILES
-                       if (directory / name).is_file()) if directory.is_dir() else []
+        files = (
+            sorted(directory / name for name in _TOKENIZER_FILES if (directory / name).is_file())
+            if directory.is_dir()
+            else []
+        )
         for path in files:
             data = path.read_bytes()
             digest.update(f"{path.name}\0{len(data)}\0".encode())
@@ -207,8 +238,12 @@ class TokenizerWrapper:
         if "_vocab_fingerprint" not in self.__dict__:
             hf = self._hf_tokenizer
             vocab = sorted(hf.get_vocab().items(), key=lambda item: (item[1], item[0]))
-            specials = {"bos": hf.bos_token_id, "eos": hf.eos_token_id,
-                        "pad": hf.pad_token_id, "unk": hf.unk_token_id}
+            specials = {
+                "bos": hf.bos_token_id,
+                "eos": hf.eos_token_id,
+                "pad": hf.pad_token_id,
+                "unk": hf.unk_token_id,
+            }
             text = json.dumps([vocab, specials], ensure_ascii=False, sort_keys=True)
             self._vocab_fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
         return self._vocab_fingerprint
@@ -233,13 +268,20 @@ def check_source_tokenizer(source: Any, tokenizer: Any, *, allow_mismatch: bool 
     if "vocab_fingerprint" in recorded:
         differs = recorded["vocab_fingerprint"] != tokenizer.vocab_fingerprint()
     else:
-        current = {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
-                   "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+        current = {
+            "vocab_size": tokenizer.vocab_size,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+            "pad_id": tokenizer.pad_id,
+        }
         differs = any(recorded.get(key) != value for key, value in current.items())
         if not differs:
-            warnings.warn(f"{where}: the manifest predates tokenizer vocab fingerprints, so only "
-                          "its vocab size and special ids were compared with the configured "
-                          "tokenizer; re-run `wf-data prepare` for the full check", stacklevel=2)
+            warnings.warn(
+                f"{where}: the manifest predates tokenizer vocab fingerprints, so only "
+                "its vocab size and special ids were compared with the configured "
+                "tokenizer; re-run `wf-data prepare` for the full check",
+                stacklevel=2,
+            )
     if not differs:
         return
     message = (
