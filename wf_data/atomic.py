@@ -1,11 +1,15 @@
-"""The one checkpoint path: atomic files and directories, and reading them back without pickle.
+"""The one write path: atomic files and directories, and reading checkpoints back without pickle.
 
-Nothing written here replaces an older version until the new one is complete: a file is written
-as ``NAME.tmp``, fsynced and renamed over ``NAME``; a directory is filled as ``NAME.tmp/`` and
-published by renaming the old one to ``NAME.old/``, the new one in, then removing the old. A
-kill -9 at any point leaves either the old or the new version readable: ``recover`` (writers,
-before writing) drops a stale ``.tmp`` and brings back an ``.old`` whose replacement never
-arrived; ``readable`` (readers) finds the same version without touching the disk.
+Every file wf-data writes goes through ``AtomicWriter`` (or ``write_bytes``, ``write_text``,
+``write_json``, ``write_npy``, ``publish_file`` built on it), and nothing replaces an older
+version until the new one is complete. A file is written under a name unique to its writer
+(``NAME.PID-RANDOM.tmp``: two live copies of one task, as Beam or Spark speculation runs, never
+share a temp file), fsynced, renamed over ``NAME``, and the directory fsynced. A directory is
+filled as ``NAME.tmp/`` and published by renaming the old one to ``NAME.old/``, the new one in,
+then removing the old. A kill -9 at any point leaves either the old or the new version
+readable: ``recover`` (writers, before writing) drops a stale ``.tmp`` and brings back an
+``.old`` whose replacement never arrived; ``readable`` (readers) finds the same version
+without touching the disk.
 
 Checkpoints keep the loader state as one global JSON document (``LOADER_STATE_FILE``) written
 once by rank 0 beside torch DCP's tensor files; DCP content is read back with a reader that
@@ -20,26 +24,33 @@ import contextlib
 import functools
 import json
 import os
+import secrets
 import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 __all__ = [
     "LOADER_STATE_FILE",
+    "AtomicWriter",
     "CheckpointFormatError",
     "dcp_call",
     "finish_staging",
     "json_text",
     "load_dcp",
     "publish_directory",
+    "publish_file",
     "read_json",
     "readable",
     "recover",
     "save_dcp",
     "staging_directory",
     "start_staging",
+    "temp_path",
+    "write_bytes",
     "write_json",
+    "write_npy",
+    "write_text",
 ]
 
 LOADER_STATE_FILE = "loader_state.json"
@@ -75,21 +86,90 @@ def json_text(value: Any, where: str | os.PathLike) -> str:
         ) from error
 
 
+def temp_path(path: str | os.PathLike) -> Path:
+    """A fresh sibling name for writing ``path``: ``NAME.PID-RANDOM.tmp``.
+
+    Unique per call (pid and 64 random bits; a name only, the bytes written stay deterministic),
+    so concurrent writers of one ``path`` never write into each other's temp file. It ends in
+    ``.tmp`` so that cleanup of a killed run recognises it.
+    """
+    path = Path(path)
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(8)}{TMP_SUFFIX}")
+
+
+def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Make the complete, closed file ``tmp`` the file ``path``: fsync it, rename it over
+    ``path`` (atomic: readers see the old or the new file, never a mix), fsync the directory."""
+    with open(tmp, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    _fsync_directory(Path(path).parent)
+
+
+class AtomicWriter:
+    """A file for ``path`` that appears there complete or not at all.
+
+    Writes go to ``temp_path(path)`` (``file``, opened with ``mode``: ``"wb"`` or ``"w"``);
+    ``commit()`` publishes it (``publish_file``), ``discard()`` removes it. As a context
+    manager it commits on a clean exit and discards on an exception, leaving ``path`` as it was.
+    """
+
+    def __init__(self, path: str | os.PathLike, mode: str = "wb"):
+        if mode not in ("wb", "w"):
+            raise ValueError(f"AtomicWriter mode must be 'wb' or 'w', got {mode!r}")
+        self.path = Path(path)
+        self.tmp = temp_path(self.path)
+        # "x": never open a file another writer created, however unlikely the name clash.
+        encoding = "utf-8" if mode == "w" else None
+        self.file: IO[Any] = open(self.tmp, mode.replace("w", "x"), encoding=encoding)
+
+    def commit(self) -> Path:
+        """Flush and close the file and rename it over ``path``; returns ``path``."""
+        self.file.close()
+        publish_file(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        """Close and remove the temp file; ``path`` is untouched."""
+        self.file.close()
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> IO[Any]:
+        return self.file
+
+    def __exit__(self, error_type: type | None, *_: Any) -> None:
+        if error_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (``AtomicWriter``)."""
+    with AtomicWriter(path) as file:
+        file.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (``AtomicWriter``)."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_npy(path: str | os.PathLike, array: Any) -> None:
+    """Write ``array`` in ``.npy`` format to ``path`` atomically (``np.save``, no pickles)."""
+    import numpy as np
+
+    with AtomicWriter(path) as file:
+        np.save(file, np.asarray(array), allow_pickle=False)
+
+
 def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Write ``value`` as JSON to ``path`` atomically: ``path.tmp``, fsync, rename, fsync dir.
+    """Write ``value`` as canonical JSON to ``path`` atomically (``AtomicWriter``).
 
     Raises TypeError naming ``path`` when ``value`` is not JSON-safe (NaN included), before
     anything is written.
     """
-    path = Path(path)
-    text = json_text(value, path)
-    tmp = _sibling(path, TMP_SUFFIX)
-    with open(tmp, "w", encoding="utf-8") as file:
-        file.write(text)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    _fsync_directory(path.parent)
+    write_text(path, json_text(value, path))
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -1,7 +1,10 @@
 """Tests for wf_data.data.sources: manifest, shard naming, writers and random access."""
 
 import json
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -252,7 +255,44 @@ def test_write_shard_is_atomic_and_deterministic(tmp_path):
 
     with pytest.raises(RuntimeError):
         sources.write_shard(tmp_path / "c.array_record", failing())
-    assert not (tmp_path / "c.array_record").exists()  # only the .tmp, never the final name
+    assert not (tmp_path / "c.array_record").exists()
+    assert sorted(os.listdir(tmp_path)) == ["a.array_record", "b.array_record"]  # temp removed
+
+
+_SPECULATIVE_COPY = """
+import sys
+from wf_data.data import sources
+directory, byte = sys.argv[1], int(sys.argv[2])
+records = [bytes([byte]) * 4096] * 64
+for _ in range(25):
+    written = sources.write_shard(directory + "/part.array_record", records)
+    sources.write_json_atomic(directory + "/part.done.json", dict(written, byte=byte))
+"""
+
+
+def test_two_live_copies_of_one_task_write_the_same_shard(tmp_path):
+    # Beam/Spark speculation: two copies of one task write the same part at once. Unique temp
+    # names keep each shard whole; the last rename wins with a complete file.
+    copies = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SPECULATIVE_COPY, str(tmp_path), str(byte)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for byte in (1, 2)
+    ]
+    for copy in copies:
+        assert copy.wait(timeout=60) == 0, copy.stderr.read()
+    assert sorted(os.listdir(tmp_path)) == ["part.array_record", "part.done.json"]
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(tmp_path / "part.array_record"))
+    records = reader.read_all()
+    reader.close()
+    assert len(records) == 64 and len({bytes(r) for r in records}) == 1
+    assert len(set(records[0])) == 1 and records[0][0] in (1, 2)
+    done = json.loads((tmp_path / "part.done.json").read_text())
+    assert done["records"] == 64 and done["byte"] in (1, 2)
 
 
 def test_in_memory_source():

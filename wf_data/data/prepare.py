@@ -12,10 +12,10 @@ distributed engine:
    records `[k * R // N, (k + 1) * R // N)`.
 4. `finalize(out_dir)` writes `lengths.npy`, then `manifest.json`, from the per-shard results.
 
-Every file is written to `*.tmp` and renamed; a part or shard counts as finished only once its
-done-marker JSON (written atomically after the rename) exists and carries the key of the
-current options, so a run killed at any moment and re-run redoes only unfinished work, and
-the output is byte-identical whatever `workers` is.
+Every file is written through `wf_data.atomic` (unique temp file, fsync, rename); a part or
+shard counts as finished only once its done-marker JSON (written atomically after the rename)
+exists and carries the key of the current options, so a run killed at any moment and re-run
+redoes only unfinished work, and the output is byte-identical whatever `workers` is.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from wf_data import atomic
 from wf_data.data import input_streams, sources, worker_lifetime
 from wf_data.data import out_dir as out_dir_lib
 from wf_data.data.input_streams import InputFileError
@@ -672,10 +673,14 @@ def prepare_file(
         records = _encode_tokens(
             documents, tokenizer, dtype, append_eos, lengths, stats, task, progress
         )
-    written = sources.write_shard(part_path, records, options=PART_WRITER_OPTIONS)
+    try:
+        written = sources.write_shard(part_path, records, options=PART_WRITER_OPTIONS)
+    except BaseException:
+        skip_log.discard()
+        raise
     skip_log.close()
     if tokenizer is not None:
-        _save_npy_atomic(part_path.with_name(part_path.name + ".lengths.npy"), lengths)
+        _save_lengths(part_path.with_name(part_path.name + ".lengths.npy"), lengths)
     return {
         "records": written["records"],
         "tokens": int(sum(lengths)) if tokenizer is not None else 0,
@@ -686,25 +691,27 @@ def prepare_file(
 
 
 class _SkipLog:
-    """Skipped records of one part as JSON lines, renamed into place when complete."""
+    """Skipped records of one part as JSON lines, published atomically when complete."""
 
     def __init__(self, path: pathlib.Path):
-        self.path, self.file = path, None
+        self.path, self.writer = path, None
 
     def add(self, where: str, message: str) -> None:
-        if self.file is None:
-            self.file = open(self.path.with_name(self.path.name + ".tmp"), "w", encoding="utf-8")
+        if self.writer is None:
+            self.writer = atomic.AtomicWriter(self.path, "w")
         entry = {"record": where, "error": message}
-        self.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self.writer.file.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     def close(self) -> None:
-        if self.file is None:
+        if self.writer is None:
             self.path.unlink(missing_ok=True)  # from an earlier run of this part
             return
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.file.name, self.path)
+        self.writer.commit()
+
+    def discard(self) -> None:
+        """Drop what was logged: the part failed and will be redone."""
+        if self.writer is not None:
+            self.writer.discard()
 
 
 def _skipped_path(part_path: pathlib.Path) -> pathlib.Path:
@@ -825,13 +832,9 @@ def _encode_tokens(
             progress(len(batch), batch_tokens)
 
 
-def _save_npy_atomic(path: pathlib.Path, values: Any, dtype=np.int64) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, np.asarray(values, dtype=dtype))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _save_lengths(path: pathlib.Path, lengths: Any) -> None:
+    """Document lengths as an int64 ``.npy``, written atomically."""
+    atomic.write_npy(path, np.asarray(lengths, dtype=np.int64))
 
 
 # --------------------------------------------------------------------------- parts -> shards
@@ -912,7 +915,7 @@ def assemble_shard(out_dir: str | os.PathLike, shard: int) -> dict:
     _marker_path(_work_dir(out_dir) / file_name).unlink(missing_ok=True)
     written = sources.write_shard(build / file_name, records())
     lengths = np.concatenate(shard_lengths) if shard_lengths else np.zeros(0, np.int64)
-    _save_npy_atomic(_shard_lengths_path(out_dir, shard), lengths)
+    _save_lengths(_shard_lengths_path(out_dir, shard), lengths)
     entry = {
         "file": file_name,
         "records": written["records"],
@@ -959,7 +962,7 @@ def finalize(out_dir: str | os.PathLike, overwrite: bool = False) -> dict:
         raise ValueError(f"{out_dir}: cannot finalize, unfinished shards: {missing}")
     if plan["format"] == "tokens":
         lengths = [np.load(_shard_lengths_path(out_dir, k)) for k in range(plan["num_shards"])]
-        _save_npy_atomic(build / sources.LENGTHS_NAME, np.concatenate(lengths))
+        _save_lengths(build / sources.LENGTHS_NAME, np.concatenate(lengths))
     _write_skipped(out_dir, plan)
     manifest = {
         "name": plan["name"],
@@ -997,16 +1000,12 @@ def _write_skipped(out_dir: pathlib.Path, plan: dict) -> None:
     if not plan["skipped_bad"]:
         path.unlink(missing_ok=True)
         return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as out:
+    with atomic.AtomicWriter(path) as out:
         for part in range(len(plan["parts"])):
             part_log = _skipped_path(_part_path(out_dir, part))
             if part_log.exists():
                 with open(part_log, "rb") as f:
                     shutil.copyfileobj(f, out)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
 
 
 _PLAN_SETTINGS = (

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from wf_data import atomic
+
 MANIFEST_NAME = "manifest.json"
 LENGTHS_NAME = "lengths.npy"
 MANIFEST_VERSION = 2  # 2: fingerprint over the whole manifest, lengths.npy and sizes listed
@@ -155,15 +157,9 @@ def decode_record(
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as deterministic JSON (sorted keys, indented) via `*.tmp` + fsync + rename."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write `obj` as deterministic JSON (sorted keys, indented) atomically (`wf_data.atomic`)."""
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
+    atomic.write_text(path, text + "\n")
 
 
 def write_shard(
@@ -171,25 +167,27 @@ def write_shard(
 ) -> dict:
     """Write records to an ArrayRecord shard atomically; returns {"records", "sha256"}.
 
-    The shard is written to `PATH.tmp` and renamed into place only once closed, so a killed run
-    never leaves a file at `path` that looks finished.
+    The shard is written under a temp name unique to this writer and published by
+    `wf_data.atomic.publish_file` once closed, so a killed run never leaves a file at `path`
+    that looks finished, and two live copies of one task never write into the same file.
     """
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    path = pathlib.Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    writer = ArrayRecordWriter(os.fspath(tmp), options)
-    count = 0
+    tmp = atomic.temp_path(path)
     try:
-        for record in records:
-            writer.write(record)
-            count += 1
-    finally:
-        writer.close()
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    sha256 = file_sha256(tmp)
-    os.replace(tmp, path)
+        writer = ArrayRecordWriter(os.fspath(tmp), options)
+        count = 0
+        try:
+            for record in records:
+                writer.write(record)
+                count += 1
+        finally:
+            writer.close()
+        sha256 = file_sha256(tmp)
+        atomic.publish_file(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return {"records": count, "sha256": sha256}
 
 
