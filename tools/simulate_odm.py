@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from wf_data import atomic
 from wf_data.data.odm import Exp3
 
 
@@ -191,15 +191,9 @@ def plot(results: Sequence[SimulationResult], path: str | os.PathLike) -> Path:
     loss_axes.set_xlabel("training step")
     loss_axes.legend(handles=handles, ncol=2, fontsize="small")
     figure.tight_layout()
-    # Atomic write: a reader never sees half a PNG.
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with atomic.AtomicWriter(path) as handle:  # a reader never sees half a PNG
             figure.savefig(handle, format="png", dpi=100)
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
     finally:
         plt.close(figure)
     return path

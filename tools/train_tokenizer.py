@@ -23,6 +23,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from wf_data import atomic  # noqa: E402
 from wf_data.data.demo_corpus import build_demo_corpus, corpus_fingerprint  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "wf_data" / "assets" / "tokenizer"
@@ -125,9 +126,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike,
     written = []
     for name, text in contents.items():
         target = out_path / name
-        tmp_target = out_path / f".{name}.tmp"
-        tmp_target.write_text(text, encoding="utf-8")
-        os.replace(tmp_target, target)
+        atomic.write_text(target, text)
         written.append(target)
     return written
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 import html
 import os
 import pathlib
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from wf_data import atomic
 
 try:
     import matplotlib.colors as mcolors
@@ -477,7 +478,7 @@ def render_packed_rows(
 
 
 def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> pathlib.Path:
-    """Writes `fig` as a PNG at `path` atomically (temp file + rename), creating the directory.
+    """Writes `fig` as a PNG at `path` atomically (`wf_data.atomic`), creating the directory.
 
     Returns the path. Only `.png` paths are accepted, so the bytes always match the suffix.
     """
@@ -485,13 +486,6 @@ def save_figure(fig: Figure, path: str | os.PathLike, *, dpi: int = 120) -> path
     if path.suffix.lower() != ".png":
         raise ValueError(f"save_figure writes PNG files; {str(path)!r} does not end in .png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as tmp_file:
-            fig.savefig(tmp_file, format="png", dpi=dpi)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes 0600; a figure is meant to be shared
-        os.replace(tmp_name, path)
-    except BaseException:
-        pathlib.Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic.AtomicWriter(path) as file:
+        fig.savefig(file, format="png", dpi=dpi)
     return path

@@ -359,4 +359,4 @@ def test_simulation_main_prints_table_and_writes_png(simulate_odm, tmp_path, cap
     printed = capsys.readouterr().out
     assert "final EXP3 weights: web=" in printed and "static" in printed
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list(out.parent.glob(".*.tmp"))
+    assert not list(out.parent.glob("*.tmp"))  # pathlib globs dotfiles too

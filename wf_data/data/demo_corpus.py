@@ -23,6 +23,8 @@ from collections.abc import Callable
 
 import numpy as np
 
+from wf_data import atomic
+
 DOMAINS = ("prose", "code", "math")
 SPLITS = ("all", "train", "validation")
 VALIDATION_PERCENT = 5
@@ -234,11 +236,9 @@ def write_demo_jsonl(out_dir: str | os.PathLike, *, split: str = "all", seed: in
     paths = {}
     for domain, documents in corpus.items():
         path = out_path / f"{domain}{suffix}.jsonl"
-        tmp_path = path.with_name(path.name + ".tmp")
-        with open(tmp_path, "w", encoding="utf-8") as f:
+        with atomic.AtomicWriter(path, "w") as f:
             for doc in split_documents(documents, split):
                 f.write(json.dumps({"text": doc}, ensure_ascii=False) + "\n")
-        os.replace(tmp_path, path)
         paths[domain] = path
     return paths
 
@@ -280,7 +280,5 @@ def ensure_demo_data(root: str | os.PathLike | None = None, *, progress: bool = 
             prepare([path], out_root / domain, tokenizer=tokenizer, name=domain, num_shards=2,
                     progress=progress)
     stamp_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = stamp_path.with_name(stamp_path.name + ".tmp")
-    tmp_path.write_text(json.dumps(stamp))
-    os.replace(tmp_path, stamp_path)
+    atomic.write_text(stamp_path, json.dumps(stamp))
     return root
