@@ -100,14 +100,19 @@ def training_record(corpus: dict[str, list[str]], vocab_size: int, seed: int) ->
         "seed": seed,
         "vocab_size": vocab_size,
         "corpus_sha256": corpus_fingerprint(corpus),
-        "domains": {domain: {"documents": len(documents),
-                             "bytes": sum(len(doc.encode("utf-8")) for doc in documents)}
-                    for domain, documents in corpus.items()},
+        "domains": {
+            domain: {
+                "documents": len(documents),
+                "bytes": sum(len(doc.encode("utf-8")) for doc in documents),
+            }
+            for domain, documents in corpus.items()
+        },
     }
 
 
-def save_tokenizer(tokenizer: Tokenizer, out_dir: str | os.PathLike,
-                   record: dict | None = None) -> list[pathlib.Path]:
+def save_tokenizer(
+    tokenizer: Tokenizer, out_dir: str | os.PathLike, record: dict | None = None
+) -> list[pathlib.Path]:
     """Save ``tokenizer`` in transformers format into ``out_dir``; return the written files.
 
     Writes ``tokenizer.json``, ``tokenizer_config.json`` (with the chat template),

@@ -31,12 +31,32 @@ except ImportError as error:  # matplotlib is a dev / extra dependency
 
 IGNORE_INDEX = -100
 # Domain colours: tab10 first (distinct, colour-blind friendlier than the default cycle).
-_PALETTE = tuple(mcolors.to_hex(c) for c in (
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
-    "#bcbd22", "#17becf"))
+_PALETTE = tuple(
+    mcolors.to_hex(c)
+    for c in (
+        "#1f77b4",
+        "#ff7f0e",
+        "#2ca02c",
+        "#d62728",
+        "#9467bd",
+        "#8c564b",
+        "#e377c2",
+        "#7f7f7f",
+        "#bcbd22",
+        "#17becf",
+    )
+)
 # Segment backgrounds in rendered rows: light, so the decoded text stays readable.
-_SEGMENT_COLORS = ("#cfe2f3", "#fce5cd", "#d9ead3", "#f4cccc", "#d9d2e9", "#fff2cc",
-                   "#d0e0e3", "#ead1dc")
+_SEGMENT_COLORS = (
+    "#cfe2f3",
+    "#fce5cd",
+    "#d9ead3",
+    "#f4cccc",
+    "#d9d2e9",
+    "#fff2cc",
+    "#d0e0e3",
+    "#ead1dc",
+)
 _PAD_COLOR = "#ffffff"
 _METHOD_COLORS = ("#333333", "#d62728", "#9467bd", "#8c564b", "#17becf")
 _NO_LOSS_COLOR = "#9e9e9e"
@@ -67,11 +87,14 @@ def _steps_and_matrix(steps: Any, matrix: Any, names: Sequence[str], what: str):
     if matrix.ndim != 2:
         raise ValueError(f"{what} must be a (T, K) array, got shape {matrix.shape}")
     if steps.shape != (matrix.shape[0],):
-        raise ValueError(f"steps must have shape ({matrix.shape[0]},) to match {what} "
-                         f"{matrix.shape}, got {steps.shape}")
+        raise ValueError(
+            f"steps must have shape ({matrix.shape[0]},) to match {what} "
+            f"{matrix.shape}, got {steps.shape}"
+        )
     if len(names) != matrix.shape[1]:
-        raise ValueError(f"{what} has {matrix.shape[1]} domains but names has {len(names)}: "
-                         f"{list(names)}")
+        raise ValueError(
+            f"{what} has {matrix.shape[1]} domains but names has {len(names)}: {list(names)}"
+        )
     return steps, matrix
 
 
@@ -111,11 +134,17 @@ def plot_length_histograms(
     colors = domain_colors(len(arrays))
     for ax, name, lengths, color in zip(axes, lengths_by_domain, arrays, colors, strict=True):
         median = int(np.median(lengths)) if lengths.size else 0
-        ax.hist(lengths, bins=edges, color=color, alpha=0.85,
-                label=f"{name}: {lengths.size:,} docs, median {median:,}")
+        ax.hist(
+            lengths,
+            bins=edges,
+            color=color,
+            alpha=0.85,
+            label=f"{name}: {lengths.size:,} docs, median {median:,}",
+        )
         if seq_len is not None:
-            ax.axvline(seq_len, color="black", linestyle="--", linewidth=1,
-                       label=f"seq_len = {seq_len}")
+            ax.axvline(
+                seq_len, color="black", linestyle="--", linewidth=1, label=f"seq_len = {seq_len}"
+            )
         ax.set_ylabel("documents")
         ax.legend(loc="upper right", fontsize="small")
     axes[0].set_xscale("log")
@@ -136,15 +165,18 @@ def plot_dataset_summary(
     if lengths.size == 0:
         raise ValueError("plot_dataset_summary: lengths is empty (a dataset with no documents)")
     p50, p99 = np.percentile(lengths, [50, 99])
-    label = (f"{lengths.size:,} documents, {int(lengths.sum()):,} tokens\n"
-             f"mean {lengths.mean():,.0f}, median {p50:,.0f}, p99 {p99:,.0f}, "
-             f"max {int(lengths.max()):,}")
+    label = (
+        f"{lengths.size:,} documents, {int(lengths.sum()):,} tokens\n"
+        f"mean {lengths.mean():,.0f}, median {p50:,.0f}, p99 {p99:,.0f}, "
+        f"max {int(lengths.max()):,}"
+    )
     fig = _new_figure()
     ax = fig.add_subplot()
     ax.hist(lengths, bins=_log_bins([lengths], bins), color=_PALETTE[0], alpha=0.8, label=label)
     if seq_len is not None:
-        ax.axvline(seq_len, color="black", linestyle="--", linewidth=1,
-                   label=f"seq_len = {seq_len}")
+        ax.axvline(
+            seq_len, color="black", linestyle="--", linewidth=1, label=f"seq_len = {seq_len}"
+        )
     ax.set_xscale("log")
     ax.set_xlabel("document length (tokens, log scale)")
     ax.set_ylabel("documents")
@@ -208,8 +240,11 @@ def _draw_shares(ax, steps, shares, names, reference, reference_label="sampling 
             else:
                 ax.plot(steps, target, color=colors[k], linestyle=":", linewidth=1.2)
         ax.plot([], [], color="black", linestyle=":", label=reference_label)
-    top = float(np.nanmax(shares)) if reference is None else float(
-        max(np.nanmax(shares), np.nanmax(reference)))
+    top = (
+        float(np.nanmax(shares))
+        if reference is None
+        else float(max(np.nanmax(shares), np.nanmax(reference)))
+    )
     ax.set_ylim(0.0, min(1.0, max(top * 1.15, 0.05)))
     ax.set_xlabel("training step")
     ax.set_ylabel("share of real tokens")
@@ -234,8 +269,10 @@ def plot_token_share(
     if reference is not None:
         reference = np.asarray(reference, dtype=np.float64)
         if reference.shape not in {(len(names),), shares.shape}:
-            raise ValueError(f"reference must have shape ({len(names)},) or {shares.shape}, "
-                             f"got {reference.shape}")
+            raise ValueError(
+                f"reference must have shape ({len(names)},) or {shares.shape}, "
+                f"got {reference.shape}"
+            )
     fig = _new_figure()
     ax = fig.add_subplot()
     _draw_shares(ax, steps, shares, names, reference, reference_label)
@@ -261,8 +298,9 @@ def plot_policy_comparison(
     if not policies:
         raise ValueError("policies is empty: expected {run name: (T, K) weights}")
     if token_shares is not None and set(token_shares) != set(policies):
-        raise ValueError(f"token_shares runs {sorted(token_shares)} differ from policies runs "
-                         f"{sorted(policies)}")
+        raise ValueError(
+            f"token_shares runs {sorted(token_shares)} differ from policies runs {sorted(policies)}"
+        )
     runs = list(policies)
     num_rows = 1 if token_shares is None else 2
     fig = _new_figure(4.2 * len(runs) + 1.6, 3.3 * num_rows)
@@ -272,15 +310,15 @@ def plot_policy_comparison(
         _draw_policy(axes[0, column], run_steps, policy, names, kind)
         axes[0, column].set_title(f"{run}: sampling weights")
         if token_shares is not None:
-            _, shares = _steps_and_matrix(steps, token_shares[run], names,
-                                          f"token_shares[{run!r}]")
+            _, shares = _steps_and_matrix(steps, token_shares[run], names, f"token_shares[{run!r}]")
             _draw_shares(axes[1, column], run_steps, shares, names, None)
             axes[1, column].set_title(f"{run}: realised token share")
         if column:
             for row in range(num_rows):
                 axes[row, column].set_ylabel("")
-    handles = [Patch(color=c, label=n) for c, n in zip(domain_colors(len(names)), names,
-                                                        strict=True)]
+    handles = [
+        Patch(color=c, label=n) for c, n in zip(domain_colors(len(names)), names, strict=True)
+    ]
     fig.legend(handles=handles, title="domain", loc="outside right upper")
     fig.suptitle(title)
     return fig
@@ -295,8 +333,9 @@ def _fill_series(values: Any) -> tuple[np.ndarray, np.ndarray] | float:
         if not windows:  # {None: fill}: a method without windows
             return float(values[None])
         windows.sort()
-        return np.asarray(windows, dtype=np.float64), np.asarray([values[w] for w in windows],
-                                                                  dtype=np.float64)
+        return np.asarray(windows, dtype=np.float64), np.asarray(
+            [values[w] for w in windows], dtype=np.float64
+        )
     return float(values)
 
 
@@ -305,8 +344,13 @@ def _draw_fill(ax, fill_by_method: Mapping[str, Any]) -> None:
         series = _fill_series(values)
         color = _METHOD_COLORS[index % len(_METHOD_COLORS)]
         if isinstance(series, float):
-            ax.axhline(100 * series, color=color, linestyle="--", linewidth=1.6,
-                       label=f"{method} ({100 * series:.1f}%)")
+            ax.axhline(
+                100 * series,
+                color=color,
+                linestyle="--",
+                linewidth=1.6,
+                label=f"{method} ({100 * series:.1f}%)",
+            )
         else:
             windows, fills = series
             ax.plot(windows, 100 * fills, marker="o", color=color, linewidth=1.8, label=method)
@@ -328,8 +372,7 @@ def plot_fill(
     if not fill_by_method_and_window:
         raise ValueError("fill_by_method_and_window is empty")
     first = next(iter(fill_by_method_and_window.values()))
-    nested = isinstance(first, Mapping) and any(
-        isinstance(v, Mapping) for v in first.values())
+    nested = isinstance(first, Mapping) and any(isinstance(v, Mapping) for v in first.values())
     panels = dict(fill_by_method_and_window) if nested else {None: fill_by_method_and_window}
     fig = _new_figure(3.6 * len(panels) + 1.0, 3.8)
     axes = fig.subplots(1, len(panels), sharey=True, squeeze=False)[0]
@@ -349,8 +392,10 @@ def _as_batch(rows: Any) -> dict[str, np.ndarray]:
     if isinstance(rows, Mapping):
         batch = {key: np.asarray(value) for key, value in rows.items()}
         if np.asarray(batch["input_ids"]).ndim == 1:
-            batch = {key: value[None] if key != "domain_ids" else np.atleast_1d(value)
-                     for key, value in batch.items()}
+            batch = {
+                key: value[None] if key != "domain_ids" else np.atleast_1d(value)
+                for key, value in batch.items()
+            }
     else:
         rows = list(rows)
         if not rows:
@@ -358,13 +403,18 @@ def _as_batch(rows: Any) -> dict[str, np.ndarray]:
         batch = {key: np.stack([np.asarray(row[key]) for row in rows]) for key in rows[0]}
     missing = {"input_ids", "labels", "segment_ids"} - set(batch)
     if missing:
-        raise ValueError(f"rows lack {sorted(missing)}; a packed row has input_ids, labels, "
-                         "position_ids, segment_ids (and domain_ids in mixed batches)")
+        raise ValueError(
+            f"rows lack {sorted(missing)}; a packed row has input_ids, labels, "
+            "position_ids, segment_ids (and domain_ids in mixed batches)"
+        )
     return batch
 
 
 def plot_packed_rows(
-    rows: Any, *, n_rows: int = 8, names: Sequence[str] | None = None,
+    rows: Any,
+    *,
+    n_rows: int = 8,
+    names: Sequence[str] | None = None,
     title: str = "Packed rows: segments and loss mask",
 ) -> Figure:
     """Map of packed rows: one horizontal strip per row, a colour per segment (document).
@@ -401,11 +451,15 @@ def plot_packed_rows(
     ax.set_xlabel("token position in row")
     ax.set_ylabel("packed row")
     ax.set_title(title)
-    handles = [Patch(facecolor=_SEGMENT_COLORS[i], edgecolor="grey", label=f"segment {i + 1}")
-               for i in range(min(len(colors), int(segment_ids.max(initial=0))))]
-    handles += [Patch(facecolor=_NO_LOSS_COLOR, label="no loss (labels = -100)"),
-                Patch(facecolor=_PAD_COLOR, edgecolor="grey", label="padding"),
-                Line2D([], [], color="black", label="segment start")]
+    handles = [
+        Patch(facecolor=_SEGMENT_COLORS[i], edgecolor="grey", label=f"segment {i + 1}")
+        for i in range(min(len(colors), int(segment_ids.max(initial=0))))
+    ]
+    handles += [
+        Patch(facecolor=_NO_LOSS_COLOR, label="no loss (labels = -100)"),
+        Patch(facecolor=_PAD_COLOR, edgecolor="grey", label="padding"),
+        Line2D([], [], color="black", label="segment start"),
+    ]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     return fig
 
@@ -418,7 +472,11 @@ def _decode_tokens(tokenizer: Any, ids: np.ndarray) -> list[str]:
 
 
 def render_packed_rows(
-    rows: Any, tokenizer: Any, n_rows: int = 3, *, names: Sequence[str] | None = None,
+    rows: Any,
+    tokenizer: Any,
+    n_rows: int = 3,
+    *,
+    names: Sequence[str] | None = None,
     max_tokens: int | None = None,
 ) -> str:
     """HTML showing decoded packed rows: segment colours, boundaries and the loss mask.
@@ -433,12 +491,14 @@ def render_packed_rows(
         f'<span style="background:{_SEGMENT_COLORS[0]}">segment 1</span> '
         f'<span style="background:{_SEGMENT_COLORS[1]}">segment 2</span> ... '
         f'<span style="color:{_NO_LOSS_COLOR};text-decoration:line-through">no loss '
-        f'(labels = -100)</span> '
+        f"(labels = -100)</span> "
         '<span style="border-left:3px solid #000;padding-left:2px">segment start</span> '
         '<span style="color:#bbb">· padding</span>'
     )
-    parts = ['<div style="font-family:monospace;font-size:12px;line-height:1.7">',
-             f"<div>{legend}</div>"]
+    parts = [
+        '<div style="font-family:monospace;font-size:12px;line-height:1.7">',
+        f"<div>{legend}</div>",
+    ]
     for r in range(min(n_rows, batch["input_ids"].shape[0])):
         input_ids = batch["input_ids"][r]
         labels = batch["labels"][r]
@@ -463,13 +523,17 @@ def render_packed_rows(
             if labels[t] == IGNORE_INDEX:
                 style += f";color:{_NO_LOSS_COLOR};text-decoration:line-through"
             text = html.escape(texts[t]).replace("\n", "↵\n")
-            spans.append(f'<span style="{style}" title="id {int(input_ids[t])}, '
-                         f'segment {int(segment_ids[t])}">{text}</span>')
+            spans.append(
+                f'<span style="{style}" title="id {int(input_ids[t])}, '
+                f'segment {int(segment_ids[t])}">{text}</span>'
+            )
         if stop < len(input_ids):
             spans.append(f" … ({len(input_ids) - stop} more)")
         parts.append(f'<div style="margin-top:8px"><b>{header}</b></div>')
-        parts.append(f'<div style="white-space:pre-wrap;border:1px solid #ddd;padding:4px">'
-                     f'{"".join(spans)}</div>')
+        parts.append(
+            f'<div style="white-space:pre-wrap;border:1px solid #ddd;padding:4px">'
+            f"{''.join(spans)}</div>"
+        )
     parts.append("</div>")
     return "\n".join(parts)
 

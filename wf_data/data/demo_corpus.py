@@ -33,9 +33,25 @@ VALIDATION_PERCENT = 5
 # GUI, vendored or third-party packages) or would make the corpus depend on the install.
 # Linux distributions split some of them (tkinter, distutils, venv...) into separate packages.
 _SKIPPED_CODE_DIRS = frozenset(
-    {"test", "tests", "idle_test", "idlelib", "site-packages", "dist-packages", "__pycache__",
-     "lib2to3", "turtledemo", "ensurepip", "venv", "tkinter", "distutils", "encodings",
-     "pydoc_data", "lib-dynload", "__phello__"}
+    {
+        "test",
+        "tests",
+        "idle_test",
+        "idlelib",
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "lib2to3",
+        "turtledemo",
+        "ensurepip",
+        "venv",
+        "tkinter",
+        "distutils",
+        "encodings",
+        "pydoc_data",
+        "lib-dynload",
+        "__phello__",
+    }
 )
 _SKIPPED_CODE_FILES = frozenset({"turtle.py", "this.py", "antigravity.py", "__hello__.py"})
 
@@ -47,8 +63,9 @@ def prose_documents() -> list[str]:
     return [topics[name].strip() for name in sorted(topics) if topics[name].strip()]
 
 
-def code_documents(max_files: int = 400, max_file_bytes: int = 60_000,
-                   max_total_bytes: int = 2_500_000) -> list[str]:
+def code_documents(
+    max_files: int = 400, max_file_bytes: int = 60_000, max_total_bytes: int = 2_500_000
+) -> list[str]:
     """Standard-library ``.py`` sources: sorted relative paths, capped by count and size.
 
     Files larger than ``max_file_bytes`` or that do not decode as UTF-8 are skipped; the walk
@@ -57,13 +74,16 @@ def code_documents(max_files: int = 400, max_file_bytes: int = 60_000,
     stdlib = pathlib.Path(sysconfig.get_paths()["stdlib"])
     relative_paths = []
     for dirpath, dirnames, filenames in os.walk(stdlib):
-        dirnames[:] = [d for d in dirnames if d not in _SKIPPED_CODE_DIRS
-                       and not d.startswith("config-")]
+        dirnames[:] = [
+            d for d in dirnames if d not in _SKIPPED_CODE_DIRS and not d.startswith("config-")
+        ]
         relative_paths.extend(
             (pathlib.Path(dirpath) / f).relative_to(stdlib).as_posix()
             for f in filenames
-            if f.endswith(".py") and not f.startswith(("test_", "_sysconfigdata"))
-            and f not in _SKIPPED_CODE_FILES)
+            if f.endswith(".py")
+            and not f.startswith(("test_", "_sysconfigdata"))
+            and f not in _SKIPPED_CODE_FILES
+        )
     documents: list[str] = []
     total_bytes = 0
     for relative_path in sorted(relative_paths):
@@ -81,10 +101,37 @@ def code_documents(max_files: int = 400, max_file_bytes: int = 60_000,
     return documents
 
 
-_NAMES = ("Ava", "Ben", "Chen", "Dana", "Eli", "Farah", "Gus", "Hana", "Ivan", "Jo", "Kofi",
-          "Lena", "Mo", "Nia", "Omar", "Priya", "Quinn", "Rosa", "Sam", "Tariq")
-_ITEMS = (("apple", "apples"), ("notebook", "notebooks"), ("pencil", "pencils"),
-          ("ticket", "tickets"), ("melon", "melons"), ("book", "books"), ("cup", "cups"))
+_NAMES = (
+    "Ava",
+    "Ben",
+    "Chen",
+    "Dana",
+    "Eli",
+    "Farah",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jo",
+    "Kofi",
+    "Lena",
+    "Mo",
+    "Nia",
+    "Omar",
+    "Priya",
+    "Quinn",
+    "Rosa",
+    "Sam",
+    "Tariq",
+)
+_ITEMS = (
+    ("apple", "apples"),
+    ("notebook", "notebooks"),
+    ("pencil", "pencils"),
+    ("ticket", "tickets"),
+    ("melon", "melons"),
+    ("book", "books"),
+    ("cup", "cups"),
+)
 
 
 def _shopping(rng: np.random.Generator, name: str) -> str:
@@ -93,11 +140,13 @@ def _shopping(rng: np.random.Generator, name: str) -> str:
     price_a, price_b = rng.integers(1, 20, size=2)
     paid = int(count_a * price_a + count_b * price_b + rng.integers(0, 50))
     total = count_a * price_a + count_b * price_b
-    return (f"Question: {name} buys {count_a} {items} at ${price_a} each and {count_b} {others} "
-            f"at ${price_b} each, and pays with ${paid}. How much change does {name} get?\n"
-            f"Answer: The {items} cost {count_a} * {price_a} = ${count_a * price_a}. "
-            f"The {others} cost {count_b} * {price_b} = ${count_b * price_b}. "
-            f"Together that is ${total}, so the change is {paid} - {total} = ${paid - total}.")
+    return (
+        f"Question: {name} buys {count_a} {items} at ${price_a} each and {count_b} {others} "
+        f"at ${price_b} each, and pays with ${paid}. How much change does {name} get?\n"
+        f"Answer: The {items} cost {count_a} * {price_a} = ${count_a * price_a}. "
+        f"The {others} cost {count_b} * {price_b} = ${count_b * price_b}. "
+        f"Together that is ${total}, so the change is {paid} - {total} = ${paid - total}."
+    )
 
 
 def _rate(rng: np.random.Generator, name: str) -> str:
@@ -105,21 +154,25 @@ def _rate(rng: np.random.Generator, name: str) -> str:
     hours = int(rng.integers(2, 9))
     extra = int(rng.integers(1, 60))
     distance = speed * hours
-    return (f"Question: {name} travels at {speed} km per hour for {hours} hours, then walks "
-            f"another {extra} km. How far does {name} go in total?\n"
-            f"Answer: At {speed} km per hour for {hours} hours the distance is {speed} * {hours} "
-            f"= {distance} km. Adding {extra} km gives {distance} + {extra} = "
-            f"{distance + extra} km.")
+    return (
+        f"Question: {name} travels at {speed} km per hour for {hours} hours, then walks "
+        f"another {extra} km. How far does {name} go in total?\n"
+        f"Answer: At {speed} km per hour for {hours} hours the distance is {speed} * {hours} "
+        f"= {distance} km. Adding {extra} km gives {distance} + {extra} = "
+        f"{distance + extra} km."
+    )
 
 
 def _area(rng: np.random.Generator, name: str) -> str:
     width, length = (int(v) for v in rng.integers(2, 40, size=2))
     cost = int(rng.integers(2, 15))
     area = width * length
-    return (f"Question: {name} wants to tile a floor that is {width} m wide and {length} m long. "
-            f"Tiles cost ${cost} per square metre. What is the total cost?\n"
-            f"Answer: The area is {width} * {length} = {area} square metres. "
-            f"The cost is {area} * {cost} = ${area * cost}.")
+    return (
+        f"Question: {name} wants to tile a floor that is {width} m wide and {length} m long. "
+        f"Tiles cost ${cost} per square metre. What is the total cost?\n"
+        f"Answer: The area is {width} * {length} = {area} square metres. "
+        f"The cost is {area} * {cost} = ${area * cost}."
+    )
 
 
 def _fraction(rng: np.random.Generator, name: str) -> str:
@@ -127,20 +180,24 @@ def _fraction(rng: np.random.Generator, name: str) -> str:
     numerator = int(rng.integers(1, denominator))
     whole = denominator * int(rng.integers(2, 30))
     part = whole * numerator // denominator
-    return (f"Question: {name} has {whole} marbles and gives away {numerator}/{denominator} of "
-            f"them. How many marbles are left?\n"
-            f"Answer: {numerator}/{denominator} of {whole} is {whole} / {denominator} * "
-            f"{numerator} = {part}. So {whole} - {part} = {whole - part} marbles are left.")
+    return (
+        f"Question: {name} has {whole} marbles and gives away {numerator}/{denominator} of "
+        f"them. How many marbles are left?\n"
+        f"Answer: {numerator}/{denominator} of {whole} is {whole} / {denominator} * "
+        f"{numerator} = {part}. So {whole} - {part} = {whole - part} marbles are left."
+    )
 
 
 def _percent(rng: np.random.Generator, name: str) -> str:
     price = int(rng.integers(2, 50)) * 10
     discount = int(rng.choice([10, 15, 20, 25, 30, 40, 50]))
     saved = price * discount // 100
-    return (f"Question: A jacket costs ${price}. {name} has a coupon for {discount}% off. "
-            f"What does {name} pay?\n"
-            f"Answer: {discount}% of {price} is {price} * {discount} / 100 = {saved}. "
-            f"{name} pays {price} - {saved} = ${price - saved}.")
+    return (
+        f"Question: A jacket costs ${price}. {name} has a coupon for {discount}% off. "
+        f"What does {name} pay?\n"
+        f"Answer: {discount}% of {price} is {price} * {discount} / 100 = {saved}. "
+        f"{name} pays {price} - {saved} = ${price - saved}."
+    )
 
 
 def _sharing(rng: np.random.Generator, name: str) -> str:
@@ -148,11 +205,13 @@ def _sharing(rng: np.random.Generator, name: str) -> str:
     each = int(rng.integers(2, 25))
     left = int(rng.integers(0, people))
     total = people * each + left
-    return (f"Question: {name} shares {total} stickers equally among {people} friends and keeps "
-            f"the rest. How many does each friend get, and how many does {name} keep?\n"
-            f"Answer: {total} divided by {people} is {each} with remainder {left}, since "
-            f"{people} * {each} = {people * each}. Each friend gets {each} and {name} keeps "
-            f"{left}.")
+    return (
+        f"Question: {name} shares {total} stickers equally among {people} friends and keeps "
+        f"the rest. How many does each friend get, and how many does {name} keep?\n"
+        f"Answer: {total} divided by {people} is {each} with remainder {left}, since "
+        f"{people} * {each} = {people * each}. Each friend gets {each} and {name} keeps "
+        f"{left}."
+    )
 
 
 def _work(rng: np.random.Generator, name: str) -> str:
@@ -160,14 +219,23 @@ def _work(rng: np.random.Generator, name: str) -> str:
     hours_per_day = int(rng.integers(2, 9))
     days = int(rng.integers(2, 7))
     hours = hours_per_day * days
-    return (f"Question: {name} earns ${rate} per hour and works {hours_per_day} hours a day for "
-            f"{days} days. How much does {name} earn?\n"
-            f"Answer: {name} works {hours_per_day} * {days} = {hours} hours and earns "
-            f"{hours} * {rate} = ${hours * rate}.")
+    return (
+        f"Question: {name} earns ${rate} per hour and works {hours_per_day} hours a day for "
+        f"{days} days. How much does {name} earn?\n"
+        f"Answer: {name} works {hours_per_day} * {days} = {hours} hours and earns "
+        f"{hours} * {rate} = ${hours * rate}."
+    )
 
 
 _MATH_TEMPLATES: tuple[Callable[[np.random.Generator, str], str], ...] = (
-    _shopping, _rate, _area, _fraction, _percent, _sharing, _work)
+    _shopping,
+    _rate,
+    _area,
+    _fraction,
+    _percent,
+    _sharing,
+    _work,
+)
 
 
 def math_documents(num_documents: int = 3000, seed: int = 0) -> list[str]:
@@ -178,8 +246,13 @@ def math_documents(num_documents: int = 3000, seed: int = 0) -> list[str]:
     return [_MATH_TEMPLATES[t](rng, _NAMES[n]) for t, n in zip(template_ids, name_ids, strict=True)]
 
 
-def build_demo_corpus(seed: int = 0, *, num_math: int = 3000, max_code_files: int = 400,
-                      max_code_bytes: int = 2_500_000) -> dict[str, list[str]]:
+def build_demo_corpus(
+    seed: int = 0,
+    *,
+    num_math: int = 3000,
+    max_code_files: int = 400,
+    max_code_bytes: int = 2_500_000,
+) -> dict[str, list[str]]:
     """The three-domain demo corpus: ``{"prose": [...], "code": [...], "math": [...]}``.
 
     ``seed`` only affects ``math``; ``prose`` and ``code`` depend on the Python minor version.
@@ -219,8 +292,13 @@ def split_documents(documents: list[str], split: str) -> list[str]:
     return [doc for doc in documents if in_validation(doc) == want_validation]
 
 
-def write_demo_jsonl(out_dir: str | os.PathLike, *, split: str = "all", seed: int = 0,
-                     corpus: dict[str, list[str]] | None = None) -> dict[str, pathlib.Path]:
+def write_demo_jsonl(
+    out_dir: str | os.PathLike,
+    *,
+    split: str = "all",
+    seed: int = 0,
+    corpus: dict[str, list[str]] | None = None,
+) -> dict[str, pathlib.Path]:
     """Write ``{out_dir}/{domain}.jsonl`` (``{"text": ...}`` per line) for each domain.
 
     With ``split="train"`` or ``"validation"`` only that side of the 95/5 hash split is written
@@ -249,8 +327,9 @@ def demo_cache_dir() -> pathlib.Path:
     return pathlib.Path(root).expanduser() / "demo"
 
 
-def ensure_demo_data(root: str | os.PathLike | None = None, *, progress: bool = True
-                     ) -> pathlib.Path:
+def ensure_demo_data(
+    root: str | os.PathLike | None = None, *, progress: bool = True
+) -> pathlib.Path:
     """Prepare the demo corpus as token shards once (cached) and return their root directory.
 
     Writes ``root/{prose,code,math}`` (training split) and ``root/validation/{...}``, the
@@ -266,8 +345,11 @@ def ensure_demo_data(root: str | os.PathLike | None = None, *, progress: bool = 
     from wf_data.data.sources import MANIFEST_VERSION
 
     # The manifest version too: a cache written by an older wf-data is prepared again.
-    stamp = {"corpus": corpus_fingerprint(corpus), "tokenizer": tokenizer.fingerprint(),
-             "manifest_version": MANIFEST_VERSION}
+    stamp = {
+        "corpus": corpus_fingerprint(corpus),
+        "tokenizer": tokenizer.fingerprint(),
+        "manifest_version": MANIFEST_VERSION,
+    }
     stamp_path = root / "demo-stamp.json"
     if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         return root
@@ -277,8 +359,14 @@ def ensure_demo_data(root: str | os.PathLike | None = None, *, progress: bool = 
         for domain, path in paths.items():
             if (out_root / domain).exists():
                 shutil.rmtree(out_root / domain)
-            prepare([path], out_root / domain, tokenizer=tokenizer, name=domain, num_shards=2,
-                    progress=progress)
+            prepare(
+                [path],
+                out_root / domain,
+                tokenizer=tokenizer,
+                name=domain,
+                num_shards=2,
+                progress=progress,
+            )
     stamp_path.parent.mkdir(parents=True, exist_ok=True)
     atomic.write_text(stamp_path, json.dumps(stamp))
     return root
