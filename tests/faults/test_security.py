@@ -125,6 +125,7 @@ UNSAFE = {
     r"trust_remote_code\s*=\s*True": "trust_remote_code=True",
     r"\byaml\.(?:unsafe_load|full_load|load_all)\(": "unsafe YAML loading",
     r"\byaml\.load\((?![^)]*SafeLoader)": "yaml.load without SafeLoader",
+    r"allow_pickle\s*=\s*True": "np.load(allow_pickle=True) unpickles object arrays",
 }
 
 
@@ -167,6 +168,7 @@ def test_the_ipc_mark_is_honoured_only_in_the_worker_transport():
         "AutoTokenizer.from_pretrained(name, trust_remote_code=True)",
         "yaml.load(text)",
         "marshal.loads(code)",
+        "lengths = np.load(path, allow_pickle=True)",
     ],
 )
 def test_the_patterns_catch_unsafe_lines(line):
