@@ -36,6 +36,7 @@ __all__ = [
     "CheckpointFormatError",
     "dcp_call",
     "finish_staging",
+    "fsync_directory",
     "json_text",
     "load_dcp",
     "publish_directory",
@@ -66,8 +67,8 @@ def _sibling(path: Path, suffix: str) -> Path:
     return path.with_name(path.name + suffix)
 
 
-def _fsync_directory(directory: Path) -> None:
-    # A rename is durable only once the directory holding the entry is synced.
+def fsync_directory(directory: str | os.PathLike) -> None:
+    """Make renames and new entries in ``directory`` durable (they are not until it is synced)."""
     descriptor = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -103,7 +104,7 @@ def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
     with open(tmp, "rb") as file:
         os.fsync(file.fileno())
     os.replace(tmp, path)
-    _fsync_directory(Path(path).parent)
+    fsync_directory(Path(path).parent)
 
 
 class AtomicWriter:
@@ -198,7 +199,7 @@ def recover(path: str | os.PathLike) -> None:
             shutil.rmtree(old)
         else:
             os.rename(old, path)
-            _fsync_directory(path.parent)
+            fsync_directory(path.parent)
 
 
 def readable(path: str | os.PathLike) -> Path | None:
@@ -216,7 +217,7 @@ def _fsync_tree(directory: Path) -> None:
         for name in files:
             with open(os.path.join(root, name), "rb") as file:
                 os.fsync(file.fileno())
-        _fsync_directory(Path(root))
+        fsync_directory(Path(root))
 
 
 def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
@@ -230,7 +231,7 @@ def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.rename(path, old)
     os.rename(tmp, path)
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

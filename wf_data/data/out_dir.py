@@ -17,6 +17,7 @@ import pathlib
 import shutil
 import sys
 
+from wf_data import atomic
 from wf_data.data import sources
 
 WORK_DIR_NAME = ".wf-prepare"
@@ -125,7 +126,7 @@ def swap_in(build: pathlib.Path, out_dir: pathlib.Path) -> None:
             os.replace(out_dir, replaced)
             os.replace(build, out_dir)
         shutil.rmtree(replaced)
-    _fsync_directory(out_dir.parent)
+    atomic.fsync_directory(out_dir.parent)
 
 
 def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
@@ -149,11 +150,3 @@ def _exchange(a: pathlib.Path, b: pathlib.Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):  # a file system without exchange
         return False
     raise OSError(code, os.strerror(code), os.fspath(b))
-
-
-def _fsync_directory(directory: pathlib.Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
