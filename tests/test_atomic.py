@@ -51,6 +51,17 @@ def test_temp_names_are_unique_siblings(tmp_path):
         atomic.AtomicWriter(tmp_path / "x", "a")
 
 
+def test_temp_files_lists_only_what_killed_writers_left(tmp_path):
+    killed = atomic.AtomicWriter(tmp_path / "manifest.json")  # never committed nor discarded
+    killed.file.close()
+    atomic.write_json(tmp_path / "state.json", {})
+    for name in ("notes.tmp", "plan.json.tmp", "data.1-xyz.tmp"):
+        (tmp_path / name).write_bytes(b"not ours")
+    (tmp_path / "checkpoint.tmp").mkdir()  # a staging directory is recover()'s business
+    assert atomic.temp_files(tmp_path) == [killed.tmp]
+    assert atomic.temp_files(tmp_path / "missing") == []
+
+
 _WRITER = textwrap.dedent(
     """
     import sys

@@ -24,6 +24,7 @@ import contextlib
 import functools
 import json
 import os
+import re
 import secrets
 import shutil
 from collections.abc import Iterator, Mapping
@@ -47,6 +48,7 @@ __all__ = [
     "save_dcp",
     "staging_directory",
     "start_staging",
+    "temp_files",
     "temp_path",
     "write_bytes",
     "write_json",
@@ -96,6 +98,22 @@ def temp_path(path: str | os.PathLike) -> Path:
     """
     path = Path(path)
     return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(8)}{TMP_SUFFIX}")
+
+
+# What `temp_path` appends to a name: ".PID-RANDOM.tmp".
+_TEMP_NAME = re.compile(r"\.[0-9]+-[0-9a-f]{16}" + re.escape(TMP_SUFFIX) + r"\Z")
+
+
+def temp_files(directory: str | os.PathLike) -> list[Path]:
+    """The temp files ``AtomicWriter`` writers left in ``directory`` (killed before their
+    rename), sorted. Unique names are never reused, so whoever knows that no writer of the
+    directory is still live deletes them."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    return sorted(
+        entry for entry in directory.iterdir() if entry.is_file() and _TEMP_NAME.search(entry.name)
+    )
 
 
 def publish_file(tmp: str | os.PathLike, path: str | os.PathLike) -> None:

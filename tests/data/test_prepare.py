@@ -9,8 +9,10 @@ import pathlib
 import numpy as np
 import pytest
 
+from wf_data import atomic
 from wf_data.data import out_dir as out_dir_lib
 from wf_data.data import sources
+from wf_data.data.out_dir import WORK_DIR_NAME
 from wf_data.data.prepare import BadInputError, OutDirError, prepare
 
 # The module, not the `prepare` function that `wf_data.data` exports under the same name.
@@ -310,8 +312,16 @@ def test_resume_after_kill_between_shards(corpus, tmp_path, tiny_tokenizer, monk
         "data-00000-of-00004.array_record",
         "data-00001-of-00004.array_record",
     ]
-    # a half-written shard from the killed process must not count as finished
-    (build / "data-00002-of-00004.array_record.tmp").write_bytes(b"half")
+    # a half-written shard from the killed process must not count as finished, and temp files
+    # of killed writers (unique names, never reused) must not end up in the dataset
+    stale = [
+        atomic.temp_path(build / "data-00002-of-00004.array_record"),
+        atomic.temp_path(build / sources.LENGTHS_NAME),
+        atomic.temp_path(build / WORK_DIR_NAME / "shard-00002.lengths.npy"),
+        atomic.temp_path(build / WORK_DIR_NAME / "plan.json"),
+    ]
+    for path in stale:
+        path.write_bytes(b"half")
     (build / "data-00003-of-00004.array_record").write_bytes(b"garbage, no marker")
 
     monkeypatch.setattr(prepare_module, "assemble_shard", real_assemble)
@@ -329,6 +339,7 @@ def test_resume_after_kill_between_shards(corpus, tmp_path, tiny_tokenizer, monk
     for name, stat in finished.items():
         assert after[name] == stat  # not rewritten (moved by the swap): same inode and mtime
     assert _files(out) == _files(tmp_path / "clean") and not build.exists()
+    assert not atomic.temp_files(out / WORK_DIR_NAME)
     assert sources.open_dataset(out).fingerprint == manifest["fingerprint"]
 
 

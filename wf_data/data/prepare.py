@@ -980,15 +980,18 @@ def finalize(out_dir: str | os.PathLike, overwrite: bool = False) -> dict:
         },
     }
     manifest = sources.write_manifest(build, manifest)
-    # Shards of an earlier build with another shard count, and temp files of killed writers.
+    # Shards of an earlier build with another shard count, and temp files of killed writers
+    # (every shard is done, so no writer of this build is still live).
     current = set(plan["shards"])
     for path in build.glob(f"{glob.escape(plan['name'])}-?????-of-?????.array_record*"):
         if path.name not in current:
             path.unlink(missing_ok=True)
+    for path in atomic.temp_files(build):
+        path.unlink(missing_ok=True)
     _refuse_replacing(out_dir, plan, overwrite)
     out_dir_lib.swap_in(build, out_dir)
     work = out_dir / WORK_DIR_NAME
-    for path in work.glob("part-*"):
+    for path in [*work.glob("part-*"), *atomic.temp_files(work)]:
         if not path.name.endswith(".done.json"):  # markers stay: they record the parts' results
             path.unlink(missing_ok=True)
     return manifest
