@@ -224,9 +224,8 @@ class _PreparePart(beam.DoFn):
             for written, final in files:  # lengths first: the part's presence vouches for both
                 os.replace(written, final)
         finally:
-            for written, _ in files:
-                for leftover in (written, written.with_name(written.name + ".tmp")):
-                    leftover.unlink(missing_ok=True)
+            for written, _ in files:  # the writers removed their own temp files on failure
+                written.unlink(missing_ok=True)
         sources.write_json_atomic(marker_path, dict(result, key=key))
         yield index, result
 
