@@ -35,6 +35,7 @@ import apache_beam as beam
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from wf_data import atomic
 from wf_data.data import out_dir as out_dir_lib
 from wf_data.data import prepare as prepare_lib
 from wf_data.data import sources
@@ -222,7 +223,7 @@ class _PreparePart(beam.DoFn):
                 task, attempt, tokenizer=self._tokenizer, **self._options
             )
             for written, final in files:  # lengths first: the part's presence vouches for both
-                os.replace(written, final)
+                atomic.publish_file(written, final)
         finally:
             for written, _ in files:  # the writers removed their own temp files on failure
                 written.unlink(missing_ok=True)
