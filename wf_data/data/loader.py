@@ -117,6 +117,7 @@ class DataLoader:
         num_workers: int = 0,
         prefetch: int = 0,
         fingerprint: Mapping[str, Any] | None = None,
+        step_shard: tuple[int, int] | None = None,
     ):
         if framework not in FRAMEWORKS:
             raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
@@ -129,6 +130,7 @@ class DataLoader:
             )
         if num_workers < 0 or prefetch < 0:
             raise ValueError(f"num_workers ({num_workers}) and prefetch ({prefetch}) must be >= 0")
+        self.step_shard = _check_step_shard(step_shard)
         self.mixing = mixing
         self.global_batch_size = int(global_batch_size)
         self.dp_rank = int(dp_rank)
@@ -184,6 +186,14 @@ class DataLoader:
                 return
 
     def __next__(self) -> Any:
+        # step_shard (minimal version): every step is planned and read, only owned ones leave.
+        index, count = self.step_shard
+        while True:
+            batch = self._next_global()
+            if (self._step - 1) % count == index:
+                return batch
+
+    def _next_global(self) -> Any:
         self._fill_pipeline()
         if not self._pending:
             raise StopIteration
@@ -366,6 +376,18 @@ class DataLoader:
             pass
 
 
+def _check_step_shard(step_shard: tuple[int, int] | None) -> tuple[int, int]:
+    """``(index, count)``: this loader yields global steps ``s`` with ``s % count == index``."""
+    if step_shard is None:
+        return (0, 1)
+    index, count = (int(v) for v in step_shard)
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(
+            f"step_shard must be (index, count) with 0 <= index < count, got {step_shard}"
+        )
+    return (index, count)
+
+
 def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Raises ``LoaderStateError`` naming every setting or source that differs.
 
@@ -543,12 +565,14 @@ def get_loader(
     device: Any = None,
     pin_memory: bool | None = None,
     jax_sharding: Any = None,
+    step_shard: tuple[int, int] | None = None,
 ) -> DataLoader:
     """The loader a config describes, for data-parallel rank ``dp_rank`` of ``dp_world_size``.
 
     ``cfg`` is a ``DataConfig``, a dict, or a config name from ``configs/data`` (``"demo"``,
     ``"mixed_pretrain"``) with Hydra ``overrides``. Workers: ``WF_DATA_NUM_WORKERS`` beats
-    ``num_workers`` beats the config.
+    ``num_workers`` beats the config. ``step_shard=(index, count)`` yields only global steps
+    ``s % count == index`` (one torch ``DataLoader`` worker's share); the state stays global.
     """
     from wf_data.config import load_data_config, resolve_num_workers
 
@@ -566,6 +590,7 @@ def get_loader(
         num_workers=resolve_num_workers(cfg, num_workers),
         prefetch=cfg.prefetch,
         fingerprint=loader_fingerprint(cfg, mixing),
+        step_shard=step_shard,
     )
 
 
