@@ -333,23 +333,11 @@ class DataLoader:
         """Flat ``data/...`` floats for any logger: configured and realised shares, fill."""
         return self._stats.summary(self.mixture)
 
-    def as_torch_dataset(self):
-        """This loader as a ``torch.utils.data.IterableDataset`` (use ``batch_size=None``)."""
-        from torch.utils.data import IterableDataset
+    def as_torch_dataset(self, **kwargs: Any):
+        """This loader as a torch ``IterableDataset`` (see ``wf_data.data.torch_dataset``)."""
+        from wf_data.data.torch_dataset import LoaderDataset
 
-        loader = self
-
-        class _LoaderDataset(IterableDataset):
-            def __iter__(self):
-                return iter(loader)
-
-            def state_dict(self):
-                return loader.state_dict()
-
-            def load_state_dict(self, state):
-                loader.load_state_dict(state)
-
-        return _LoaderDataset()
+        return LoaderDataset.from_loader(self, **kwargs)
 
     def _close_materializer(self) -> None:
         for future, _ in self._in_flight:
@@ -578,7 +566,7 @@ def get_loader(
 
     cfg = load_data_config(cfg, overrides)
     mixing = build_mixing(cfg)
-    return DataLoader(
+    loader = DataLoader(
         mixing,
         global_batch_size=cfg.global_batch_size,
         dp_rank=dp_rank,
@@ -592,6 +580,10 @@ def get_loader(
         fingerprint=loader_fingerprint(cfg, mixing),
         step_shard=step_shard,
     )
+    # What LoaderDataset needs to build this loader again in a torch worker.
+    loader.recipe = (cfg, dict(dp_rank=dp_rank, dp_world_size=dp_world_size,
+                               num_workers=num_workers, device=device, pin_memory=pin_memory))
+    return loader
 
 
 def get_eval_loaders(
