@@ -3,6 +3,7 @@
 import multiprocessing
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 
@@ -139,6 +140,14 @@ def test_exp3_refuses_torch_workers_and_takes_feedback_without(demo_cache):
         dataset.update_mixture({"prose": 5.0, "code": 0.1, "math": 0.1})
         next(iterator)
     assert dataset.loader.mixture != before
+
+
+def test_pickles_as_its_recipe_after_iterating(demo_config):
+    dataset = LoaderDataset(demo_config)
+    first = next(iter(dataset))
+    copy = pickle.loads(pickle.dumps(dataset))  # what spawn and forkserver workers receive
+    assert copy.loader is None and copy.config == demo_config
+    assert_streams_equal([as_numpy(next(iter(copy)))], [as_numpy(first)])
 
 
 def test_state_from_another_worker_count_is_refused(demo_config):

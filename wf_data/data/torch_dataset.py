@@ -77,6 +77,10 @@ class LoaderDataset(IterableDataset):
         dataset.load_state_dict({"loader": loader.state_dict(), "row": 0, "step_shard": [0, 1]})
         return dataset
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers get the recipe and the start state; a loader iterated here stays here.
+        return {**self.__dict__, "_live": None}
+
     @property
     def online_mixing(self) -> bool:
         """True with EXP3 mixing: trainer feedback must reach the one loader that mixes."""
