@@ -24,5 +24,6 @@ def assert_streams_equal(got, want):
     for step, (a, b) in enumerate(zip(got, want, strict=True)):
         assert sorted(a) == sorted(b), step
         for key in a:
-            np.testing.assert_array_equal(np.asarray(a[key]), np.asarray(b[key]),
-                                          err_msg=f"step {step} key {key}")
+            np.testing.assert_array_equal(
+                np.asarray(a[key]), np.asarray(b[key]), err_msg=f"step {step} key {key}"
+            )

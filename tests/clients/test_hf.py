@@ -17,9 +17,16 @@ VOCAB = 8192  # the shipped wf-data-demo tokenizer
 
 def tiny_llama(use_cache=False, seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
-                         max_position_embeddings=256, use_cache=use_cache)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        use_cache=use_cache,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -72,15 +79,29 @@ def run_trainer(config, output_dir, max_steps, stop_at=None, resume=None):
     seen = []
     model.register_forward_pre_hook(
         lambda module, args, kwargs: seen.append({"input_ids": kwargs["input_ids"].clone()}),
-        with_kwargs=True)
-    args = TrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, save_steps=2, save_strategy="steps",
-        per_device_train_batch_size=config.global_batch_size, learning_rate=1e-3,
-        ignore_data_skip=True, dataloader_num_workers=0, report_to="none", use_cpu=True,
-        logging_strategy="no", seed=0, disable_tqdm=True,
+        with_kwargs=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      callbacks=[LoaderStateCallback(dataset), RecordInputs(stop_at)])
+    args = TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        save_steps=2,
+        save_strategy="steps",
+        per_device_train_batch_size=config.global_batch_size,
+        learning_rate=1e-3,
+        ignore_data_skip=True,
+        dataloader_num_workers=0,
+        report_to="none",
+        use_cpu=True,
+        logging_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        callbacks=[LoaderStateCallback(dataset), RecordInputs(stop_at)],
+    )
     trainer.train(resume_from_checkpoint=resume)
     return seen, dataset
 
@@ -95,16 +116,26 @@ def test_trainer_resume_sees_the_uninterrupted_batches(demo_config, tmp_path):
     assert dataset.loader.step > 2
     saved = json.loads((tmp_path / "run" / "checkpoint-2" / STATE_FILE).read_text())
     assert saved["loader"]["step"] == 2
-    resumed, _ = run_trainer(demo_config, tmp_path / "run", max_steps=4,
-                             resume=str(tmp_path / "run" / "checkpoint-2"))
+    resumed, _ = run_trainer(
+        demo_config, tmp_path / "run", max_steps=4, resume=str(tmp_path / "run" / "checkpoint-2")
+    )
     assert_streams_equal(resumed, straight[2:])
 
 
 def test_trainer_callback_refuses_data_skip(demo_config, tmp_path):
     dataset = LoaderDataset(demo_config, rows=True)
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to="none",
-                             use_cpu=True, per_device_train_batch_size=4)
-    trainer = Trainer(model=tiny_llama(), args=args, train_dataset=dataset,
-                      callbacks=[LoaderStateCallback(dataset)])
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        report_to="none",
+        use_cpu=True,
+        per_device_train_batch_size=4,
+    )
+    trainer = Trainer(
+        model=tiny_llama(),
+        args=args,
+        train_dataset=dataset,
+        callbacks=[LoaderStateCallback(dataset)],
+    )
     with pytest.raises(ValueError, match="ignore_data_skip=True"):
         trainer.train()

@@ -20,9 +20,14 @@ def jax_checks():
 
     assert jax.device_count() >= 2, jax.devices()
     mesh = jax.make_mesh((2,), ("data",))
-    loader = get_loader("demo", overrides=OVERRIDES, framework="jax",
-                        jax_sharding=NamedSharding(mesh, P("data")),
-                        dp_rank=jax.process_index(), dp_world_size=jax.process_count())
+    loader = get_loader(
+        "demo",
+        overrides=OVERRIDES,
+        framework="jax",
+        jax_sharding=NamedSharding(mesh, P("data")),
+        dp_rank=jax.process_index(),
+        dp_world_size=jax.process_count(),
+    )
     batch = next(loader)
     want = next(get_loader("demo", overrides=OVERRIDES, framework="numpy"))
     for key, array in want.items():
@@ -43,10 +48,15 @@ def test_batch_is_a_global_array_on_a_cpu_mesh(demo_cache):
     if jax.device_count() >= 2:
         jax_checks()
         return
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu", WF_DATA_CACHE=str(demo_cache))
+    env = dict(
+        os.environ,
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_PLATFORMS="cpu",
+        WF_DATA_CACHE=str(demo_cache),
+    )
     code = f"import runpy; runpy.run_path({__file__!r})['jax_checks']()"
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=120, cwd=root)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=root
+    )
     assert result.returncode == 0, result.stdout + result.stderr

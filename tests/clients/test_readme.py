@@ -11,8 +11,8 @@ SECTION = "## Use it from torch, torchtitan, Hugging Face and JAX"
 
 def snippets():
     text = README.read_text()
-    section = text[text.index(SECTION):]
-    section = section[:section.index("\n## ", len(SECTION))]
+    section = text[text.index(SECTION) :]
+    section = section[: section.index("\n## ", len(SECTION))]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 

@@ -42,8 +42,12 @@ def test_zero_workers_equals_the_loader_with_int64_labels(demo_config):
 
 
 def two_worker_stream(config, context):
-    loader = TorchDataLoader(LoaderDataset(config), batch_size=None, num_workers=2,
-                             multiprocessing_context=multiprocessing.get_context(context))
+    loader = TorchDataLoader(
+        LoaderDataset(config),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context=multiprocessing.get_context(context),
+    )
     return take(loader, STEPS)
 
 
@@ -76,7 +80,8 @@ def fork_checks(cache):
 
     config = load_data_config("demo", OVERRIDES)
     straight = stateful_resume_checks(
-        lambda: StatefulDataLoader(LoaderDataset(config), batch_size=None, num_workers=2))
+        lambda: StatefulDataLoader(LoaderDataset(config), batch_size=None, num_workers=2)
+    )
     got = two_worker_stream(config, "fork")
     assert not read_before_fork()
     want = take(get_loader(config, framework="numpy"), 7)
@@ -88,8 +93,9 @@ def fork_checks(cache):
 def test_two_forked_workers_equal_zero_workers(demo_cache):
     code = f"import runpy; runpy.run_path({__file__!r})['fork_checks']({str(demo_cache)!r})"
     env = dict(os.environ, WF_DATA_CACHE=str(demo_cache))
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=120, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -108,7 +114,8 @@ def test_rows_mode_batches_back_to_the_same_stream(demo_config):
 def test_stateful_dataloader_resumes_exactly(demo_config):
     # 2 workers: in fork_checks (forked, in a fresh process).
     straight = stateful_resume_checks(
-        lambda: StatefulDataLoader(LoaderDataset(demo_config), batch_size=None))
+        lambda: StatefulDataLoader(LoaderDataset(demo_config), batch_size=None)
+    )
     assert_streams_equal(straight, take(get_loader(demo_config, framework="numpy"), 7))
 
 

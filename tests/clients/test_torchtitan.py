@@ -18,8 +18,9 @@ OVERRIDES = [f"seq_len={SEQ_LEN + 1}", "global_batch_size=4", "mixing.kind=stati
 
 def titan_loader(rank=0, world=1):
     config = WfDataTitanLoader.Config(data="demo", overrides=OVERRIDES)
-    return config.build(dp_world_size=world, dp_rank=rank, seq_len=SEQ_LEN,
-                        local_batch_size=4 // world)
+    return config.build(
+        dp_world_size=world, dp_rank=rank, seq_len=SEQ_LEN, local_batch_size=4 // world
+    )
 
 
 def take(loader, count):
@@ -37,7 +38,7 @@ def assert_same(got, want):
 def test_layout_is_torchtitans(demo_cache):
     loader = titan_loader()
     assert isinstance(loader, BaseDataLoader)
-    (inputs, labels), = take(loader, 1)
+    ((inputs, labels),) = take(loader, 1)
     rows = next(get_loader("demo", overrides=OVERRIDES, framework="numpy"))
     assert inputs["input"].shape == labels.shape == (4, SEQ_LEN)
     assert inputs["input"].dtype == labels.dtype == torch.int64
@@ -73,16 +74,22 @@ def test_state_protocol_keys_by_rank(demo_cache):
 
 def make_manager(folder, loader):
     model = torch.nn.Linear(4, 4)
-    groups = [ParamGroupConfig(pattern=".*", optimizer_name="AdamW",
-                               optimizer_kwargs={"lr": 1e-3})]
-    optimizers = OptimizersContainer(OptimizersContainer.Config(param_groups=groups),
-                                     model_parts=[model])
+    groups = [ParamGroupConfig(pattern=".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-3})]
+    optimizers = OptimizersContainer(
+        OptimizersContainer.Config(param_groups=groups), model_parts=[model]
+    )
     schedulers = LRSchedulersContainer(optimizers, lambda step: 1.0)
-    config = CheckpointManager.Config(enable=True, folder="checkpoint", interval=1,
-                                      keep_latest_k=0)
-    return CheckpointManager(config, dataloader=loader, model_parts=[model],
-                             optimizers=optimizers, lr_schedulers=schedulers, states={},
-                             sd_adapter=None, base_folder=str(folder))
+    config = CheckpointManager.Config(enable=True, folder="checkpoint", interval=1, keep_latest_k=0)
+    return CheckpointManager(
+        config,
+        dataloader=loader,
+        model_parts=[model],
+        optimizers=optimizers,
+        lr_schedulers=schedulers,
+        states={},
+        sd_adapter=None,
+        base_folder=str(folder),
+    )
 
 
 def test_checkpoint_manager_round_trip(demo_cache, tmp_path):

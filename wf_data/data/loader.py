@@ -581,8 +581,16 @@ def get_loader(
         step_shard=step_shard,
     )
     # What LoaderDataset needs to build this loader again in a torch worker.
-    loader.recipe = (cfg, dict(dp_rank=dp_rank, dp_world_size=dp_world_size,
-                               num_workers=num_workers, device=device, pin_memory=pin_memory))
+    loader.recipe = (
+        cfg,
+        dict(
+            dp_rank=dp_rank,
+            dp_world_size=dp_world_size,
+            num_workers=num_workers,
+            device=device,
+            pin_memory=pin_memory,
+        ),
+    )
     return loader
 
 
