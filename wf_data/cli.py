@@ -91,6 +91,22 @@ def add_prepare_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--name", default="data", help="shard file name prefix (default data)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--runner",
+        choices=("local", "beam"),
+        default="local",
+        help="local: this machine with --workers processes (default); beam: an Apache Beam "
+        "pipeline (pip install 'wf-data[beam]'), byte-identical output",
+    )
+    parser.add_argument(
+        "--beam-options",
+        default=None,
+        metavar="OPTIONS",
+        help="with --runner beam: Beam pipeline options in one string, given with '=' (its "
+        "value starts with --), e.g. --beam-options='--runner=DirectRunner "
+        "--direct_running_mode=multi_processing --direct_num_workers=2' (default: the "
+        "in-process DirectRunner)",
+    )
     parser.set_defaults(func=run_prepare)
 
 
@@ -111,12 +127,8 @@ def _field_names(value: str) -> list[str]:
 
 
 def run_prepare(args: argparse.Namespace) -> int:
-    """Run `prepare` and print a closing summary."""
-    from wf_data.data.prepare import prepare
-
-    manifest = prepare(
-        args.inputs,
-        args.out,
+    """Run `prepare` (locally or on Beam) and print a closing summary."""
+    options = dict(
         tokenizer=args.tokenizer,
         text_key=args.text_key or "text",
         text_separator=args.text_separator,
@@ -125,12 +137,20 @@ def run_prepare(args: argparse.Namespace) -> int:
         output_key=args.output_key,
         system_prompt_key=args.system_prompt_key,
         num_shards=args.shards,
-        workers=args.workers,
         append_eos=args.append_eos,
         skip_bad=args.skip_bad,
         name=args.name,
-        progress=not args.quiet,
     )
+    if args.runner == "beam":
+        manifest = _prepare_on_beam(args, options)
+    else:
+        from wf_data.data.prepare import prepare
+
+        if args.beam_options is not None:
+            raise CommandError("--beam-options applies to --runner beam")
+        manifest = prepare(
+            args.inputs, args.out, workers=args.workers, progress=not args.quiet, **options
+        )
     totals, summary = manifest["totals"], manifest["summary"]
     print(f"prepared {args.out}: format {manifest['format']}, {len(manifest['shards'])} shards")
     print(
@@ -144,6 +164,22 @@ def run_prepare(args: argparse.Namespace) -> int:
     )
     print(f"  fingerprint {manifest['fingerprint']}")
     return 0
+
+
+def _prepare_on_beam(args: argparse.Namespace, options: dict) -> dict:
+    """`prepare --runner beam`: the Beam pipeline of wf_data.data.prepare_beam, run to the end."""
+    if args.workers != 1:
+        raise CommandError(
+            "--workers applies to --runner local; Beam sets its own parallelism "
+            "(--beam-options='--direct_num_workers=N', or the cluster runner's worker options)"
+        )
+    try:
+        from wf_data.data import prepare_beam
+    except ImportError as error:
+        raise CommandError(
+            f"--runner beam needs Apache Beam ({error}): pip install 'wf-data[beam]'"
+        ) from None
+    return prepare_beam.run(args.inputs, args.out, pipeline_options=args.beam_options, **options)
 
 
 # --------------------------------------------------------------------------- inspect

@@ -149,17 +149,19 @@ class DataConfig:
     ``sources`` maps a unique name to its ``SourceConfig``, in mixture order (a domain's id is
     its position among the enabled sources, see ``enabled_sources()``); ``eval_sources`` maps a
     domain name to its held-out data. ``tokenizer`` ``"wf-data-demo"`` is the tokenizer shipped
-    with the package. ``window_size`` ``None`` keeps the packer's default; ``pad_id`` ``None``
-    takes the tokenizer's. ``num_epochs`` ``None`` repeats forever. ``num_workers`` is
-    overridden by ``resolve_num_workers``. ``prefetch``: batches are planned and read in
-    groups of ``prefetch + 1`` (an EXP3 update reaches the next group). A ``DataConfig`` built
-    in Python is checked by passing it through ``load_data_config``.
+    with the package; a token source prepared with a tokenizer of other token ids is refused
+    unless ``allow_tokenizer_mismatch``. ``window_size`` ``None`` keeps the packer's default;
+    ``pad_id`` ``None`` takes the tokenizer's. ``num_epochs`` ``None`` repeats forever.
+    ``num_workers`` is overridden by ``resolve_num_workers``. ``prefetch``: batches are planned
+    and read in groups of ``prefetch + 1`` (an EXP3 update reaches the next group). A
+    ``DataConfig`` built in Python is checked by passing it through ``load_data_config``.
     """
 
     sources: dict[str, SourceConfig]
     name: str | None = None
     kind: Literal["pretrain", "sft"] = "pretrain"
     tokenizer: str | None = "wf-data-demo"
+    allow_tokenizer_mismatch: bool = False
     seq_len: int = 2048
     global_batch_size: int = 8
     packing: Literal["best_fit", "concat"] = "best_fit"

@@ -178,3 +178,100 @@ def test_tokenize_dataset_passes_none_through(tokenizer):
     got = ds._getitems([0, 1, 2])
     assert got[1] is None
     np.testing.assert_array_equal(got[2], tokenizer.encode("c"))
+
+
+# ----------------------------------------------------------------- tokenizer of a token source
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer_dir(tmp_path_factory):
+    """A word-level tokenizer of a few dozen ids, built with `tokenizers` (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.train_from_iterator(TEXTS, trainers.WordLevelTrainer(special_tokens=["[UNK]", "</s>"]))
+    path = tmp_path_factory.mktemp("tiny-tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]",
+                            eos_token="</s>").save_pretrained(path)
+    return path
+
+
+def test_vocab_fingerprint_depends_on_ids_only(tmp_path, tokenizer, tiny_tokenizer_dir):
+    base = tokenizer.vocab_fingerprint()
+    assert len(base) == 64
+    # Another path, other flags, another chat template: the ids mean the same tokens.
+    shutil.copytree(DEMO_TOKENIZER_PATH, tmp_path / "tok")
+    config = tmp_path / "tok" / "tokenizer_config.json"
+    config.write_text(config.read_text().replace("{% generation %}", "{% generation  %}"))
+    copy = TokenizerWrapper.from_pretrained(tmp_path / "tok", add_bos=True, add_eos=False)
+    assert copy.name != tokenizer.name and copy.fingerprint() != tokenizer.fingerprint()
+    assert copy.vocab_fingerprint() == base
+    # Another vocabulary, or another eos id, is another fingerprint.
+    assert TokenizerWrapper.from_pretrained(tiny_tokenizer_dir).vocab_fingerprint() != base
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        file = tmp_path / "tok" / name
+        file.write_text(file.read_text().replace('"eos_token": "<|endoftext|>"',
+                                                 '"eos_token": "<|im_end|>"'))
+    changed = TokenizerWrapper.from_pretrained(tmp_path / "tok")
+    assert changed.eos_id != tokenizer.eos_id
+    assert changed.vocab_fingerprint() != base
+
+
+def _loader_config(source_path, tokenizer_name, **extra):
+    return {"tokenizer": tokenizer_name, "seq_len": 16, "global_batch_size": 2, "prefetch": 0,
+            "sources": {"docs": {"path": str(source_path), "weight": 1.0}}, **extra}
+
+
+@pytest.fixture(scope="module")
+def tiny_prepared(tmp_path_factory, tiny_tokenizer_dir):
+    """A token dataset prepared with the tiny tokenizer."""
+    import json
+
+    from wf_data.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny-prepared")
+    jsonl = root / "docs.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": text}) + "\n" for text in TEXTS * 4 if text))
+    prepare([jsonl], root / "docs", tokenizer=str(tiny_tokenizer_dir), progress=False)
+    return root / "docs"
+
+
+def test_loader_refuses_a_source_of_another_tokenizer(tiny_prepared, tiny_tokenizer_dir):
+    from wf_data.data.loader import get_loader
+    from wf_data.data.tokenization import TokenizerMismatchError
+
+    tiny = TokenizerWrapper.from_pretrained(tiny_tokenizer_dir)
+    with pytest.raises(TokenizerMismatchError) as error:
+        get_loader(_loader_config(tiny_prepared, "wf-data-demo"), framework="numpy")
+    message = str(error.value)
+    assert f"{tiny_prepared} was prepared with tokenizer {str(tiny_tokenizer_dir)!r} " \
+           f"(vocab_size {tiny.vocab_size})" in message
+    assert "configured tokenizer is 'wf-data-demo' (vocab_size 8192)" in message
+    assert "allow_tokenizer_mismatch: true" in message
+
+    # The tokenizer it was prepared with streams, and the demo one when explicitly allowed.
+    loader = get_loader(_loader_config(tiny_prepared, str(tiny_tokenizer_dir)),
+                        framework="numpy")
+    assert next(loader)["input_ids"].max() < tiny.vocab_size
+    with pytest.warns(UserWarning, match="allowed by allow_tokenizer_mismatch"):
+        loader = get_loader(_loader_config(tiny_prepared, "wf-data-demo",
+                                           allow_tokenizer_mismatch=True), framework="numpy")
+    assert next(loader)["input_ids"].shape == (2, 16)
+
+
+def test_manifest_without_vocab_fingerprint_compares_sizes_and_special_ids(tokenizer):
+    from types import SimpleNamespace
+
+    from wf_data.data.tokenization import TokenizerMismatchError, check_source_tokenizer
+
+    recorded = {"name": "old", "vocab_size": 8192, "bos_id": 0, "eos_id": 0, "pad_id": 0}
+    with pytest.warns(UserWarning, match="predates tokenizer vocab fingerprints"):
+        check_source_tokenizer(SimpleNamespace(manifest={"tokenizer": recorded}, path="ds"),
+                               tokenizer)
+    source = SimpleNamespace(manifest={"tokenizer": dict(recorded, eos_id=2)}, path="ds")
+    with pytest.raises(TokenizerMismatchError, match="ds was prepared with tokenizer 'old'"):
+        check_source_tokenizer(source, tokenizer)
+    # A source without a recorded tokenizer (text, or tokens made elsewhere): nothing to check.
+    check_source_tokenizer(SimpleNamespace(manifest={"tokenizer": None}), tokenizer)

@@ -1,14 +1,18 @@
-"""DCP checkpoints in one process: round trip, atomic publication, latest, loader-state rules."""
+"""DCP checkpoints in one process: round trip, atomic publication, latest, loader-state rules.
+
+Kill -9 during a save and crafted checkpoints are in tests/faults/.
+"""
 
 from __future__ import annotations
 
-import pickle
+import json
 
 import pytest
 import torch
 
 from tests.distributed.dist_harness import mean_loss, tiny_batch, tiny_model
-from wf_data.distributed import fsdp2, latest_checkpoint, load_checkpoint, save_checkpoint
+from wf_data import atomic
+from wf_data.distributed import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 class Loader:
@@ -80,10 +84,10 @@ def test_interrupted_save_is_never_picked_up(tmp_path, monkeypatch):
         raise KeyboardInterrupt("killed before the rename")
 
     later_model, later_optimizer = _trained(seed=4, steps=1)
-    monkeypatch.setattr(fsdp2, "_publish", crash)
+    monkeypatch.setattr(atomic, "publish_directory", crash)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(tmp_path, step=3, model=later_model, optimizer=later_optimizer)
-    assert (tmp_path / "step-3.tmp" / ".metadata").is_file()  # fully written, never published
+    assert not (tmp_path / "step-3").exists()
     (tmp_path / "step-9").mkdir()  # a directory without .metadata is not a checkpoint either
     assert latest_checkpoint(tmp_path) == tmp_path / "step-2"
 
@@ -91,10 +95,41 @@ def test_interrupted_save_is_never_picked_up(tmp_path, monkeypatch):
     assert load_checkpoint(tmp_path, model=restored, optimizer=None) == (2, None)
     torch.testing.assert_close(_outputs(restored), expected, atol=0, rtol=0)
 
-    monkeypatch.undo()  # the next save of that step replaces the stale .tmp
+    monkeypatch.undo()
+    (tmp_path / "step-1.tmp").mkdir()  # as a kill -9 mid-save leaves it
     save_checkpoint(tmp_path, step=3, model=model, optimizer=optimizer)
     assert latest_checkpoint(tmp_path) == tmp_path / "step-3"
-    assert not (tmp_path / "step-3.tmp").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-2", "step-3", "step-9"]
+
+
+def test_saving_a_step_again_replaces_it_and_an_old_copy_counts(tmp_path):
+    model, optimizer = _trained()
+    save_checkpoint(tmp_path, step=5, model=model, optimizer=optimizer, dataloader=Loader(1))
+    save_checkpoint(tmp_path, step=5, model=model, optimizer=optimizer, dataloader=Loader(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-5"]
+    # A replacement killed between its two renames leaves only step-5.old: it is the checkpoint.
+    (tmp_path / "step-5").rename(tmp_path / "step-5.old")
+    assert latest_checkpoint(tmp_path) == tmp_path / "step-5.old"
+    loader = Loader()
+    assert load_checkpoint(tmp_path / "step-5", model=tiny_model(), optimizer=None,
+                           dataloader=loader) == (5, None)
+    assert loader.position == 2
+
+
+def test_checkpoint_metadata_is_json(tmp_path):
+    model, optimizer = _trained(steps=1)
+    path = save_checkpoint(tmp_path, step=4, model=model, optimizer=optimizer,
+                           dataloader={"position": 3}, extra={"loss": 0.5})
+    assert json.loads((path / "meta.json").read_text()) == {"step": 4, "extra": {"loss": 0.5}}
+    assert json.loads((path / "loader_state.json").read_text()) == {"position": 3}
+
+
+@pytest.mark.parametrize("extra", [{"obj": object()}, {"loss": float("nan")}])
+def test_non_json_extra_is_refused_before_writing(tmp_path, extra):
+    model, optimizer = _trained(steps=1)
+    with pytest.raises(TypeError, match=r"step-1/meta.json: the value to save is not JSON-safe"):
+        save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, extra=extra)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_latest_checkpoint_orders_steps_numerically(tmp_path):
@@ -113,22 +148,13 @@ def test_async_save_publishes_after_the_write(tmp_path):
     model, optimizer = _trained()
     future = save_checkpoint(tmp_path, step=4, model=model, optimizer=optimizer,
                              dataloader=Loader(3), async_save=True)
+    # A save started meanwhile cleans up leftovers of killed saves, not the one in flight.
+    save_checkpoint(tmp_path, step=3, model=model, optimizer=optimizer)
     assert future.result(timeout=60) == tmp_path / "step-4"
     restored, loader = tiny_model(seed=2), Loader()
     assert load_checkpoint(tmp_path, model=restored, optimizer=None, dataloader=loader)[0] == 4
     assert loader.position == 3
     torch.testing.assert_close(_outputs(restored), _outputs(model), atol=0, rtol=0)
-
-
-def test_loader_state_is_resharded_only_when_global(tmp_path):
-    same = {f"dataloader/dp_rank_{r}": pickle.dumps({"step": 4}) for r in range(2)}
-    assert fsdp2._pick_loader_state(tmp_path, same, dp_rank=0, dp_world_size=1) == {"step": 4}
-    assert fsdp2._pick_loader_state(tmp_path, same, dp_rank=3, dp_world_size=4) == {"step": 4}
-    differ = {f"dataloader/dp_rank_{r}": pickle.dumps({"rank": r}) for r in range(2)}
-    assert fsdp2._pick_loader_state(tmp_path, differ, dp_rank=1, dp_world_size=2) == {"rank": 1}
-    with pytest.raises(ValueError, match="differ per dp rank, so they cannot be resharded to "
-                                         "dp rank 0 of 1"):
-        fsdp2._pick_loader_state(tmp_path, differ, dp_rank=0, dp_world_size=1)
 
 
 def test_loading_a_loader_from_a_checkpoint_without_one_fails(tmp_path):

@@ -1,34 +1,70 @@
 """Loader state in the trainer's checkpoint: Orbax (JAX side) and torch DCP (torch side).
 
-The loader state is global, the same on every data-parallel rank (see ``loader.py``), so one
-copy restores any number of ranks. Grain's own ``CheckpointHandler`` writes one file per JAX
-process and cannot restore on a different process count, so the Orbax side stores the state
-with Orbax's JSON handler, written by the primary host only.
+The loader state is global, the same on every data-parallel rank (see ``loader.py``), so it is
+stored once, by rank 0 / the primary host, as one JSON document (``loader_state.json``) written
+through ``wf_data.atomic`` (temp file, fsync, rename), and read back by every rank, on any rank
+count. The torch DCP checkpoint directory as a whole is published atomically too: a save killed
+at any point leaves the previous checkpoint loadable. On the Orbax side the JSON file is one
+item of the step; Orbax publishes the step directory by its own rename when every item is done.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
+import dataclasses
+import functools
 import os
-import warnings
+from pathlib import Path
 from typing import Any
+
+from wf_data import atomic
 
 LOADER_KEY = "loader"
 
 
-def orbax_save_args(loader) -> Any:
-    """``ocp.args`` item that saves ``loader``'s state: use it in an ``ocp.args.Composite``."""
+def _loader_state(loader) -> Any:
+    state = loader.state_dict()
+    atomic.json_text(state, "loader.state_dict()")  # refuse a non-JSON state before any write
+    return state
+
+
+@functools.cache
+def _orbax_args() -> tuple[type, type]:
+    """``(save args, restore args)`` classes of the loader-state Orbax item, built on first use
+    (Orbax and JAX are optional)."""
+    import jax
     import orbax.checkpoint as ocp
 
-    return ocp.args.JsonSave(loader.state_dict())
+    class LoaderStateHandler(ocp.CheckpointHandler):
+        """One JSON file per step, written by the primary host through ``wf_data.atomic``."""
+
+        def save(self, directory, args) -> None:
+            if jax.process_index() == 0:
+                atomic.write_json(Path(os.fspath(directory)) / atomic.LOADER_STATE_FILE, args.state)
+
+        def restore(self, directory, args=None) -> Any:
+            return atomic.read_json(Path(os.fspath(directory)) / atomic.LOADER_STATE_FILE)
+
+    @ocp.args.register_with_handler(LoaderStateHandler, for_save=True)
+    @dataclasses.dataclass
+    class LoaderStateSave(ocp.args.CheckpointArgs):
+        state: Any
+
+    @ocp.args.register_with_handler(LoaderStateHandler, for_restore=True)
+    @dataclasses.dataclass
+    class LoaderStateRestore(ocp.args.CheckpointArgs):
+        pass
+
+    return LoaderStateSave, LoaderStateRestore
+
+
+def orbax_save_args(loader) -> Any:
+    """``ocp.args`` item that saves ``loader``'s state: use it in an ``ocp.args.Composite``."""
+    return _orbax_args()[0](_loader_state(loader))
 
 
 def orbax_restore_args() -> Any:
     """``ocp.args`` item that restores a loader state saved with ``orbax_save_args``."""
-    import orbax.checkpoint as ocp
-
-    return ocp.args.JsonRestore()
+    return _orbax_args()[1]()
 
 
 def save_with_orbax(manager, step: int, loader, **items: Any) -> bool:
@@ -59,46 +95,20 @@ def restore_with_orbax(manager, loader, step: int | None = None, **items: Any) -
     return restored
 
 
-class DCPLoaderState:
-    """A torch DCP ``Stateful`` view of a loader; its state is one JSON string.
-
-    A string (not nested dicts) keeps DCP from flattening the state into per-rank tensors:
-    every rank saves the same bytes and any rank count reads them back.
-    """
-
-    def __init__(self, loader):
-        self.loader = loader
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"json": json.dumps(self.loader.state_dict())}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(json.loads(state["json"]))
-
-
-@contextlib.contextmanager
-def _single_process_ok():
-    # DCP warns when used without a process group; a single-process run is a supported use.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def save_with_dcp(path: str | os.PathLike, loader, state: dict[str, Any] | None = None) -> None:
-    """``torch.distributed.checkpoint.save`` of ``state`` plus the loader under ``"loader"``."""
-    import torch.distributed.checkpoint as dcp
-
-    with _single_process_ok():
-        dcp.save(
-            {**(state or {}), LOADER_KEY: DCPLoaderState(loader)}, checkpoint_id=os.fspath(path)
-        )
+def save_with_dcp(path: str | os.PathLike, loader, state: dict[str, Any] | None = None) -> Path:
+    """Save directory ``path`` atomically: ``state`` with ``torch.distributed.checkpoint`` and
+    the loader's state as ``loader_state.json``. Every rank calls it; returns ``path``."""
+    return atomic.save_dcp(path, state or {}, {atomic.LOADER_STATE_FILE: _loader_state(loader)})
 
 
 def load_with_dcp(path: str | os.PathLike, loader, state: dict[str, Any] | None = None) -> None:
-    """Loads what ``save_with_dcp`` wrote: ``state`` in place, and the loader's state."""
-    import torch.distributed.checkpoint as dcp
+    """Loads what ``save_with_dcp`` wrote: ``state`` in place, and the loader's state.
 
-    with _single_process_ok():
-        dcp.load(
-            {**(state or {}), LOADER_KEY: DCPLoaderState(loader)}, checkpoint_id=os.fspath(path)
-        )
+    A ``path`` whose replacement was killed mid-publish is read from the surviving copy.
+    """
+    found = atomic.readable(path)
+    if found is None:
+        raise FileNotFoundError(f"no checkpoint at {path} (nor {path}.old)")
+    if state:
+        atomic.load_dcp(found, state)
+    loader.load_state_dict(atomic.read_json(found / atomic.LOADER_STATE_FILE))

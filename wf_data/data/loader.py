@@ -485,7 +485,8 @@ def build_domain_dataset(source, cfg, *, tokenizer, num_epochs):
         )
     from wf_data.data.datasets.pretrain import PretrainDataset
 
-    return PretrainDataset(documents, tokenizer=tokenizer, packing=cfg.packing, **common)
+    return PretrainDataset(documents, tokenizer=tokenizer, packing=cfg.packing,
+                           allow_tokenizer_mismatch=cfg.allow_tokenizer_mismatch, **common)
 
 
 def build_mixing(cfg, *, sources=None, num_epochs="config", on_exhausted=None):

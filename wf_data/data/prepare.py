@@ -52,12 +52,14 @@ COPY_CHUNK = 4096  # records per read when copying parts into shards
 __all__ = [
     "BadInputError",
     "BadTypeError",
+    "PreparePlan",
     "PrepareTask",
     "RecordFields",
     "assemble_shard",
     "expand_inputs",
     "finalize",
     "iter_documents",
+    "plan_prepare",
     "plan_tasks",
     "prepare",
     "prepare_file",
@@ -869,6 +871,7 @@ def _tokenizer_identity(tokenizer: Any) -> dict | None:
         "eos_id": tokenizer.eos_id,
         "pad_id": tokenizer.pad_id,
         "sha256": tokenizer.fingerprint(),
+        "vocab_fingerprint": tokenizer.vocab_fingerprint(),
     }
 
 
@@ -898,7 +901,45 @@ class _Progress:
             self.bar.close()
 
 
-def prepare(
+@dataclasses.dataclass(frozen=True)
+class PreparePlan:
+    """What `prepare` decided before running anything; shared by the local and Beam runners.
+
+    Part `i` is `prepare_file(tasks[i], part_paths[i], tokenizer=tokenizer, **options)`;
+    `write(part_results)` then records the parts' results in `OUT/.wf-prepare/plan.json`, which
+    `assemble_shard` and `finalize` read. `plan` is that file's content; `part_keys[i]` is the
+    identity of part `i` (inputs and options) for resume checks.
+    """
+
+    out_dir: pathlib.Path
+    tasks: list[PrepareTask]
+    part_keys: list[str]
+    options: dict
+    tokenizer: Any
+    plan: dict
+
+    @property
+    def part_paths(self) -> list[pathlib.Path]:
+        """Each task's part file under `OUT/.wf-prepare/`: named by the task's index alone."""
+        return [_part_path(self.out_dir, index) for index in range(len(self.tasks))]
+
+    def part_marker_path(self, index: int) -> pathlib.Path:
+        """Part `index`'s done marker: {result, key}, written once the part is complete."""
+        return _marker_path(_part_path(self.out_dir, index))
+
+    def write(self, part_results: Sequence[dict]) -> None:
+        """Write plan.json with the parts' record counts and dropped/skipped totals, in order."""
+        plan = dict(
+            self.plan,
+            part_records=[result["records"] for result in part_results],
+            dropped_empty=sum(result["dropped_empty"] for result in part_results),
+            skipped_bad=sum(result["skipped_bad"] for result in part_results),
+        )
+        _work_dir(self.out_dir).mkdir(parents=True, exist_ok=True)
+        sources.write_json_atomic(_work_dir(self.out_dir) / "plan.json", plan)
+
+
+def plan_prepare(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
@@ -910,27 +951,12 @@ def prepare(
     output_key: str | None = None,
     system_prompt_key: str | None = None,
     num_shards: int | None = None,
-    workers: int = 1,
     append_eos: bool = False,
     skip_bad: bool = False,
     name: str = "data",
-    progress: bool = True,
     piece_bytes: int = PIECE_BYTES,
-) -> dict:
-    """Prepare `inputs` into the dataset directory `out_dir`; returns the manifest.
-
-    `tokenizer` (name, path or `TokenizerWrapper`) gives format `tokens`; `chat_key`, or the
-    Nemotron-style columns `input_key`/`output_key`/`system_prompt_key`, give `chat`
-    (records `{"messages": [...]}`); else `text`. A text document is the fields `text_key`
-    (one name or several) joined by `text_separator`, empty values left out (`RecordFields`).
-    The manifest's `input_fields` records these options; changing them redoes the work.
-    `num_shards=None` picks one shard per 256 MiB of input.
-    `workers` processes share the tasks; the output does not depend on it. A re-run into the
-    same `out_dir` with the same inputs and options redoes only unfinished parts and shards.
-    The returned manifest carries `summary` (elapsed seconds in all, and documents/s and
-    tokens/s from the first document on, tokenizer loading excluded), which is not on disk.
-    """
-    started = time.perf_counter()
+) -> PreparePlan:
+    """Validate `prepare`'s options and plan its tasks, parts and shards; writes nothing."""
     fields = RecordFields.from_options(
         text_key, text_separator, chat_key, input_key, output_key, system_prompt_key
     )
@@ -940,8 +966,6 @@ def prepare(
             "(--chat-key) or input_key/output_key (--input-key/--output-key), or tokenizer "
             "(--tokenizer), not both"
         )
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir = pathlib.Path(out_dir)
     files = expand_inputs(inputs)
     tasks = plan_tasks(files, piece_bytes)
@@ -982,6 +1006,63 @@ def prepare(
         ],
         "parts": part_keys,
     }
+    return PreparePlan(out_dir, tasks, part_keys, options, tokenizer, plan)
+
+
+def prepare(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    tokenizer: Any = None,
+    text_key: str | Sequence[str] = "text",
+    text_separator: str = "\n\n",
+    chat_key: str | None = None,
+    input_key: str | None = None,
+    output_key: str | None = None,
+    system_prompt_key: str | None = None,
+    num_shards: int | None = None,
+    workers: int = 1,
+    append_eos: bool = False,
+    skip_bad: bool = False,
+    name: str = "data",
+    progress: bool = True,
+    piece_bytes: int = PIECE_BYTES,
+) -> dict:
+    """Prepare `inputs` into the dataset directory `out_dir`; returns the manifest.
+
+    `tokenizer` (name, path or `TokenizerWrapper`) gives format `tokens`; `chat_key`, or the
+    Nemotron-style columns `input_key`/`output_key`/`system_prompt_key`, give `chat`
+    (records `{"messages": [...]}`); else `text`. A text document is the fields `text_key`
+    (one name or several) joined by `text_separator`, empty values left out (`RecordFields`).
+    The manifest's `input_fields` records these options; changing them redoes the work.
+    `num_shards=None` picks one shard per 256 MiB of input.
+    `workers` processes share the tasks; the output does not depend on it. A re-run into the
+    same `out_dir` with the same inputs and options redoes only unfinished parts and shards.
+    The returned manifest carries `summary` (elapsed seconds in all, and documents/s and
+    tokens/s from the first document on, tokenizer loading excluded), which is not on disk.
+    """
+    started = time.perf_counter()
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
+    prepared = plan_prepare(
+        inputs,
+        out_dir,
+        tokenizer=tokenizer,
+        text_key=text_key,
+        text_separator=text_separator,
+        chat_key=chat_key,
+        input_key=input_key,
+        output_key=output_key,
+        system_prompt_key=system_prompt_key,
+        num_shards=num_shards,
+        append_eos=append_eos,
+        skip_bad=skip_bad,
+        name=name,
+        piece_bytes=piece_bytes,
+    )
+    out_dir, tasks, part_keys = prepared.out_dir, prepared.tasks, prepared.part_keys
+    tokenizer, options, plan = prepared.tokenizer, prepared.options, prepared.plan
+    num_shards = plan["num_shards"]
     work_dir = _work_dir(out_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     todo_shards = [k for k in range(num_shards) if _shard_done(out_dir, plan, k) is None]
@@ -994,12 +1075,7 @@ def prepare(
         part_results = _run_parts(
             out_dir, tasks, part_keys, tokenizer, options, pool, bar, bool(todo_shards)
         )
-        plan.update(
-            part_records=[result["records"] for result in part_results],
-            dropped_empty=sum(result["dropped_empty"] for result in part_results),
-            skipped_bad=sum(result["skipped_bad"] for result in part_results),
-        )
-        sources.write_json_atomic(work_dir / "plan.json", plan)
+        prepared.write(part_results)
         if pool is None or len(todo_shards) <= 1:
             for shard in todo_shards:
                 assemble_shard(out_dir, shard)

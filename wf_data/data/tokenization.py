@@ -13,8 +13,10 @@ offline.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pathlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -192,6 +194,64 @@ class TokenizerWrapper:
             digest.update((self.chat_template or "").encode("utf-8"))
         digest.update(f"add_bos={self.add_bos}\0add_eos={self.add_eos}".encode())
         return digest.hexdigest()
+
+    def vocab_fingerprint(self) -> str:
+        """sha256 hex of what token ids mean: the vocabulary (token -> id, added tokens
+        included) and the bos/eos/pad/unk ids.
+
+        Token ids prepared with one tokenizer read correctly under another with the same vocab
+        fingerprint, whatever its name, path, chat template or bos/eos flags; ``prepare`` records
+        it in the manifest and the loader compares it (``check_source_tokenizer``).
+        """
+        if "_vocab_fingerprint" not in self.__dict__:
+            hf = self._hf_tokenizer
+            vocab = sorted(hf.get_vocab().items(), key=lambda item: (item[1], item[0]))
+            specials = {"bos": hf.bos_token_id, "eos": hf.eos_token_id,
+                        "pad": hf.pad_token_id, "unk": hf.unk_token_id}
+            text = json.dumps([vocab, specials], ensure_ascii=False, sort_keys=True)
+            self._vocab_fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return self._vocab_fingerprint
+
+
+class TokenizerMismatchError(ValueError):
+    """A token source was prepared with another tokenizer than the one configured."""
+
+
+def check_source_tokenizer(source: Any, tokenizer: Any, *, allow_mismatch: bool = False) -> None:
+    """Refuse to read a prepared token ``source`` under a ``tokenizer`` whose ids mean other
+    tokens than the tokenizer recorded in its manifest (vocab fingerprints differ).
+
+    ``allow_mismatch`` turns the error into a warning. Nothing is checked when the source has
+    no recorded tokenizer (text, or tokens from elsewhere) or no tokenizer is configured. A
+    manifest from before vocab fingerprints is compared by vocab size and special ids.
+    """
+    recorded = (getattr(source, "manifest", None) or {}).get("tokenizer")
+    if not recorded or not isinstance(tokenizer, TokenizerWrapper):
+        return
+    where = getattr(source, "path", None) or repr(source)
+    if "vocab_fingerprint" in recorded:
+        differs = recorded["vocab_fingerprint"] != tokenizer.vocab_fingerprint()
+    else:
+        current = {"vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id,
+                   "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id}
+        differs = any(recorded.get(key) != value for key, value in current.items())
+        if not differs:
+            warnings.warn(f"{where}: the manifest predates tokenizer vocab fingerprints, so only "
+                          "its vocab size and special ids were compared with the configured "
+                          "tokenizer; re-run `wf-data prepare` for the full check", stacklevel=2)
+    if not differs:
+        return
+    message = (
+        f"{where} was prepared with tokenizer {recorded.get('name')!r} (vocab_size "
+        f"{recorded.get('vocab_size')}), but the configured tokenizer is {tokenizer.name!r} "
+        f"(vocab_size {tokenizer.vocab_size}), whose token ids mean other tokens. Configure "
+        f"tokenizer: {recorded.get('name')}, re-prepare the source with `wf-data prepare "
+        f"--tokenizer {tokenizer.name}`, or set allow_tokenizer_mismatch: true to read the ids "
+        "anyway"
+    )
+    if not allow_mismatch:
+        raise TokenizerMismatchError(message)
+    warnings.warn(f"{message} (allowed by allow_tokenizer_mismatch)", stacklevel=2)
 
 
 class TokenizeDataset(grain.MapDataset):

@@ -1,19 +1,19 @@
 """FSDP2 wrapping and torch.distributed.checkpoint (DCP) save/load of model + optimizer + loader.
 
-A checkpoint is a directory `step-N/` under a checkpoint root, written as `step-N.tmp/` and renamed
-once every rank has finished: a crash mid-save leaves only a `.tmp` directory, which
-`latest_checkpoint` never returns. Model and optimizer state are saved sharded (DTensors) and
-resharded by DCP on load, so a run can resume on a different world size or parallelism. Works with
-or without an initialised process group.
+A checkpoint is a directory `step-N/` under a checkpoint root, written through `wf_data.atomic`:
+filled as `step-N.tmp/`, published by rename once every rank has finished, so a kill -9 at any
+point leaves the previous checkpoints loadable and `latest_checkpoint` never returns a partial
+one. Model and optimizer state are DCP tensors, saved sharded (DTensors) and resharded by DCP on
+load, so a run can resume on a different world size or parallelism. The step, `extra` and the
+data loader state are JSON documents (`meta.json`, `loader_state.json`) written once by rank 0;
+nothing read back is unpickled beyond DCP's own metadata classes and tensors. Works with or
+without an initialised process group.
 """
 
 from __future__ import annotations
 
-import contextlib
-import pickle
+import hashlib
 import re
-import shutil
-import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from wf_data import atomic
 from wf_data.distributed.parallelism import ParallelDims, decoder_layers
 
 __all__ = [
@@ -32,10 +33,11 @@ __all__ = [
     "save_checkpoint",
 ]
 
-_STEP_DIR = re.compile(r"^step-(\d+)$")
-_LOADER_PREFIX = "dataloader/dp_rank_"
-_META_KEY = "meta"
+_STEP_DIR = re.compile(r"^step-(\d+)(?:\.old)?$")
+_LEFTOVER = re.compile(r"^step-(\d+)\.(?:tmp|old)$")
+_META_FILE = "meta.json"
 _async_group = None
+_saving: set[Path] = set()  # step directories of background saves still being written
 
 
 def apply_fsdp(model: nn.Module, dp_mesh, *, param_dtype: torch.dtype | None = None,
@@ -75,21 +77,8 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-@contextlib.contextmanager
-def _dcp_call():
-    # DCP warns on every single-process call; single-process use is intended here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield not _distributed()
-
-
 def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
-
-
-def _barrier() -> None:
-    if _distributed():
-        dist.barrier()
 
 
 def _as_list(value: Any) -> list:
@@ -129,7 +118,26 @@ def _optimizer_state(parts: Sequence[nn.Module], optimizers: Sequence[torch.opti
 
 
 def _loader_state(dataloader: Any) -> Any:
-    return dataloader.state_dict() if hasattr(dataloader, "state_dict") else dataloader.get_state()
+    """The loader's JSON-safe state: a plain dict, a Stateful's `state_dict()`, or Grain's
+    `get_state()`; the same on every rank, checked, since only rank 0 stores it."""
+    if isinstance(dataloader, dict):
+        state = dataloader
+    elif hasattr(dataloader, "state_dict"):
+        state = dataloader.state_dict()
+    else:
+        state = dataloader.get_state()
+    digest = hashlib.sha256(atomic.json_text(state, "data loader state").encode()).hexdigest()
+    if _distributed():
+        digests: list = [None] * dist.get_world_size()
+        dist.all_gather_object(digests, digest, group=_checkpoint_group())
+        differing = [rank for rank, other in enumerate(digests) if other != digests[0]]
+        if differing:
+            raise ValueError(
+                f"data loader state differs between rank 0 and ranks {differing}; a checkpoint "
+                "stores one global loader state (wf-data loaders hold the same state on every "
+                "rank), so it cannot be saved: give every rank the same loader state"
+            )
+    return state
 
 
 def _set_loader_state(dataloader: Any, state: Any) -> None:
@@ -137,10 +145,6 @@ def _set_loader_state(dataloader: Any, state: Any) -> None:
         dataloader.load_state_dict(state)
     else:
         dataloader.set_state(state)
-
-
-def _dp_rank(parallel_dims: ParallelDims | None) -> int:
-    return parallel_dims.dp_rank if parallel_dims is not None else _rank()
 
 
 def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[nn.Module],
@@ -151,43 +155,38 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[
     """Save `path/step-{step}/` atomically; every rank calls it. Returns the directory.
 
     `model`/`optimizer` may be lists (pipeline stages on this rank, one optimizer each). The data
-    loader (anything with `state_dict()` or Grain's `get_state()`) is stored under
-    `dataloader/dp_rank_{r}`, `r` = `parallel_dims.dp_rank` (the global rank if not given);
-    `extra` (picklable, e.g. config or metrics) is stored once. With `async_save` the state is
-    staged to CPU, written in the background, and a `Future` is returned that completes after
-    the rename; wait on it before the next save.
+    loader (a JSON-safe dict, anything with `state_dict()`, or Grain's `get_state()`) must hold
+    the same state on every rank: rank 0 stores it once, as JSON. `extra` (JSON-safe: config,
+    metrics) is stored once too. Leftovers of saves killed earlier are cleaned up first.
+    `parallel_dims` is accepted for symmetry with `load_checkpoint`; saving needs no layout.
+    With `async_save` the state is staged to CPU, written in the background, and a `Future` is
+    returned that completes after the rename; wait on it before the next save.
     """
     import torch.distributed.checkpoint as dcp
 
-    root = Path(path)
-    final = root / f"step-{step}"
-    tmp = root / f"step-{step}.tmp"
-    if _rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # left over by an interrupted save
-        tmp.mkdir(parents=True)
-    _barrier()
+    del parallel_dims
+    final = Path(path) / f"step-{step}"
+    documents: dict[str, Any] = {_META_FILE: {"step": int(step), "extra": extra}}
+    atomic.json_text(documents[_META_FILE], final / _META_FILE)
+    if dataloader is not None:
+        documents[atomic.LOADER_STATE_FILE] = _loader_state(dataloader)
     parts = _as_list(model)
     _reshard(parts)
     state: dict[str, Any] = {
         "model": _model_state(parts),
         "optimizer": _optimizer_state(parts, _as_list(optimizer)),
-        _META_KEY: pickle.dumps({"step": step, "extra": extra}),
     }
-    if dataloader is not None:
-        state[f"{_LOADER_PREFIX}{_dp_rank(parallel_dims)}"] = pickle.dumps(
-            _loader_state(dataloader)
-        )
+    primary = _rank() == 0
+    if primary:
+        _recover_steps(final.parent)
     if not async_save:
-        with _dcp_call() as no_dist:
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=no_dist)
-        # dcp.save returns on rank 0 only after every rank's data is written (rank 0 gathers
-        # their write results to write .metadata), so the rename publishes a complete checkpoint.
-        if _rank() == 0:
-            _publish(tmp, final)
-        _barrier()
-        return final
-    with _dcp_call() as no_dist:
-        written = dcp.async_save(state, checkpoint_id=str(tmp),
+        return atomic.save_dcp(final, state, documents)
+    tmp = atomic.start_staging(final) if primary else None
+    _saving.add(final)
+    if _distributed():
+        dist.barrier()
+    with atomic.dcp_call() as no_dist:
+        written = dcp.async_save(state, checkpoint_id=str(final) + atomic.TMP_SUFFIX,
                                  process_group=_checkpoint_group(), no_dist=no_dist)
     if hasattr(written, "upload_completion"):  # AsyncSaveResponse (custom stagers)
         written = written.upload_completion
@@ -196,20 +195,26 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[
     def finish(future: Future) -> None:
         try:
             future.result()
-            if _rank() == 0:
-                _publish(tmp, final)
+            if primary:
+                atomic.finish_staging(tmp, final, documents)
             done.set_result(final)
         except BaseException as error:  # noqa: BLE001 - surfaced through the returned future
             done.set_exception(error)
+        finally:
+            _saving.discard(final)
 
     written.add_done_callback(finish)
     return done
 
 
-def _publish(tmp: Path, final: Path) -> None:
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
+def _recover_steps(root: Path) -> None:
+    # Saves killed earlier left step-N.tmp (never complete: removed) or step-N.old (restored
+    # if step-N is missing): clean them up before writing more, sparing background saves.
+    leftovers = {root / f"step-{match.group(1)}"
+                 for child in (root.iterdir() if root.is_dir() else ())
+                 if (match := _LEFTOVER.match(child.name))}
+    for step_dir in leftovers - _saving:
+        atomic.recover(step_dir)
 
 
 def _checkpoint_group():
@@ -223,15 +228,18 @@ def _checkpoint_group():
 
 def latest_checkpoint(path: str | Path) -> Path | None:
     """The `step-N` directory under `path` with the highest N that holds a complete checkpoint
-    (never a `.tmp` directory); None when there is none."""
+    (never a `.tmp` directory; a `step-N.old` left by a save killed while replacing `step-N`
+    counts as `step-N`); None when there is none."""
     root = Path(path)
     if not root.is_dir():
         return None
-    complete = [
-        (int(match.group(1)), child) for child in root.iterdir()
-        if (match := _STEP_DIR.match(child.name)) and (child / ".metadata").is_file()
-    ]
-    return max(complete)[1] if complete else None
+    steps = {int(match.group(1)) for child in root.iterdir()
+             if (match := _STEP_DIR.match(child.name))}
+    for step in sorted(steps, reverse=True):
+        found = atomic.readable(root / f"step-{step}")
+        if found is not None and (found / ".metadata").is_file():
+            return found
+    return None
 
 
 def load_checkpoint(path: str | Path, *, model: nn.Module | Sequence[nn.Module],
@@ -241,33 +249,30 @@ def load_checkpoint(path: str | Path, *, model: nn.Module | Sequence[nn.Module],
     """Load a checkpoint in place into model/optimizer/dataloader; returns `(step, extra)`.
 
     `path` is a `step-N` directory or a checkpoint root (its `latest_checkpoint`). The parallel
-    layout may differ from the saving run's (DCP reshards). The loader state saved by the dp rank
-    `parallel_dims.dp_rank` is restored; when the saving run had a different number of dp ranks,
-    the saved states must all be equal (wf-data loader state is global) or this raises ValueError.
+    layout may differ from the saving run's (DCP reshards; `parallel_dims` is not needed). The
+    one global loader state is restored on every rank. A checkpoint holding anything but DCP
+    tensors and JSON (a pickled object, a crafted metadata file) raises
+    `wf_data.atomic.CheckpointFormatError` without running it.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
+    del parallel_dims
     checkpoint = _resolve(Path(path))
+    step, extra = _read_meta(checkpoint)
+    loader_file = checkpoint / atomic.LOADER_STATE_FILE
+    if dataloader is not None and not loader_file.is_file():
+        raise ValueError(f"checkpoint {checkpoint} holds no data loader state ({loader_file})")
     parts = _as_list(model)
     _reshard(parts)
-    state: dict[str, Any] = {"model": _model_state(parts), _META_KEY: b""}
+    state: dict[str, Any] = {"model": _model_state(parts)}
     if optimizer is not None:
         optimizers = _as_list(optimizer)
         state["optimizer"] = _optimizer_state(parts, optimizers)
-    loader_keys = []
-    if dataloader is not None:
-        saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
-        loader_keys = sorted(key for key in saved if key.startswith(_LOADER_PREFIX))
-        if not loader_keys:
-            raise ValueError(f"checkpoint {checkpoint} holds no data loader state")
-        state.update(dict.fromkeys(loader_keys, b""))
-    with _dcp_call() as no_dist:
-        dcp.load(state, checkpoint_id=str(checkpoint), no_dist=no_dist)
+    atomic.load_dcp(checkpoint, state)
 
     for part in parts:
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))
@@ -276,32 +281,30 @@ def load_checkpoint(path: str | Path, *, model: nn.Module | Sequence[nn.Module],
         for part, optim in zip(parts, optimizers, strict=True):
             set_optimizer_state_dict(part, optim, state["optimizer"], options=options)
     if dataloader is not None:
-        _set_loader_state(dataloader, _pick_loader_state(
-            checkpoint, {key: state[key] for key in loader_keys}, _dp_rank(parallel_dims),
-            parallel_dims.dp_world_size if parallel_dims is not None else None,
-        ))
-    meta = pickle.loads(state[_META_KEY])
+        _set_loader_state(dataloader, atomic.read_json(loader_file))
+    return step, extra
+
+
+def _read_meta(checkpoint: Path) -> tuple[int, dict | None]:
+    file = checkpoint / _META_FILE
+    if not file.is_file():
+        raise atomic.CheckpointFormatError(
+            f"checkpoint {checkpoint} has no {_META_FILE}: it was written by an older wf-data "
+            "which pickled its metadata, and is not loaded because unpickling it could run "
+            "code. Load it once with the old version and save it again"
+        )
+    meta = atomic.read_json(file)
+    if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and "extra" in meta):
+        raise atomic.CheckpointFormatError(
+            f"{file}: expected {{\"step\": int, \"extra\": ...}}, got {str(meta)[:200]}")
     return meta["step"], meta["extra"]
 
 
 def _resolve(path: Path) -> Path:
-    if (path / ".metadata").is_file():
-        return path
+    found = atomic.readable(path)
+    if found is not None and (found / ".metadata").is_file():
+        return found
     latest = latest_checkpoint(path)
     if latest is None:
         raise FileNotFoundError(f"no complete checkpoint (step-N/.metadata) in {path}")
     return latest
-
-
-def _pick_loader_state(checkpoint: Path, saved: dict[str, bytes], dp_rank: int,
-                       dp_world_size: int | None) -> Any:
-    own = f"{_LOADER_PREFIX}{dp_rank}"
-    distinct = set(saved.values())
-    if len(distinct) == 1:
-        return pickle.loads(distinct.pop())
-    if own in saved and dp_world_size == len(saved):
-        return pickle.loads(saved[own])
-    raise ValueError(
-        f"checkpoint {checkpoint}: the {len(saved)} saved data loader states differ per dp rank, "
-        f"so they cannot be resharded to dp rank {dp_rank} of {dp_world_size}"
-    )

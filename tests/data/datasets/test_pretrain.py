@@ -135,7 +135,10 @@ def test_pad_id_defaults(tmp_path, tokenizer):
                 "sha256": "0" * 64}
     named = write_token_dataset(tmp_path / "named", docs, tokenizer_identity=identity)
     assert PretrainDataset(named, seq_len=8).pad_id == 7
-    assert PretrainDataset(named, seq_len=8, tokenizer=tokenizer).pad_id == tokenizer.pad_id
+    with pytest.warns(UserWarning, match="allowed by allow_tokenizer_mismatch"):
+        mismatched = PretrainDataset(named, seq_len=8, tokenizer=tokenizer,
+                                     allow_tokenizer_mismatch=True)
+    assert mismatched.pad_id == tokenizer.pad_id
     dataset = PretrainDataset(named, seq_len=8, pad_id=5)
     assert dataset.pad_id == 5 and next(iter(dataset))["input_ids"].tolist()[-3:] == [5, 5, 5]
 

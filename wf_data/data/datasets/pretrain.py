@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from wf_data.data.packing import DEFAULT_WINDOW_SIZE, PackedDataset, pack
+from wf_data.data.tokenization import check_source_tokenizer
 
 __all__ = ["PretrainDataset", "TokenizedDocuments"]
 
@@ -70,6 +71,7 @@ def PretrainDataset(  # noqa: N802 - a dataset constructor, named like SFTDatase
     num_epochs: int | None = None,
     window_size: int = DEFAULT_WINDOW_SIZE,
     pad_id: int | None = None,
+    allow_tokenizer_mismatch: bool = False,
 ) -> PackedDataset:
     """Packed pre-training rows of `seq_len` tokens from a prepared `source`.
 
@@ -80,6 +82,8 @@ def PretrainDataset(  # noqa: N802 - a dataset constructor, named like SFTDatase
     forever. `packing` is "best_fit" (an `IterDataset`) or "concat" (a `MapDataset`, which needs
     the lengths of a pre-tokenized source). `pad_id` defaults to the tokenizer's pad id, then
     the manifest tokenizer's, then 0. Rows have the batch schema of `wf_data.data.packing`.
+    A `tokens` source prepared with a tokenizer whose ids differ from `tokenizer`'s raises
+    `TokenizerMismatchError` unless `allow_tokenizer_mismatch`.
     """
     source_format = getattr(source, "format", None) or "tokens"
     if isinstance(tokenizer, str):
@@ -100,6 +104,7 @@ def PretrainDataset(  # noqa: N802 - a dataset constructor, named like SFTDatase
             )
         documents = TokenizedDocuments(source, tokenizer)
     elif source_format == "tokens":
+        check_source_tokenizer(source, tokenizer, allow_mismatch=allow_tokenizer_mismatch)
         documents = source
     else:
         raise ValueError(

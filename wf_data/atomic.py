@@ -1,0 +1,370 @@
+"""The one checkpoint path: atomic files and directories, and reading them back without pickle.
+
+Nothing written here replaces an older version until the new one is complete: a file is written
+as ``NAME.tmp``, fsynced and renamed over ``NAME``; a directory is filled as ``NAME.tmp/`` and
+published by renaming the old one to ``NAME.old/``, the new one in, then removing the old. A
+kill -9 at any point leaves either the old or the new version readable: ``recover`` (writers,
+before writing) drops a stale ``.tmp`` and brings back an ``.old`` whose replacement never
+arrived; ``readable`` (readers) finds the same version without touching the disk.
+
+Checkpoints keep the loader state as one global JSON document (``LOADER_STATE_FILE``) written
+once by rank 0 beside torch DCP's tensor files; DCP content is read back with a reader that
+allows only DCP's own metadata classes and tensors, so a crafted checkpoint cannot run code.
+Top-level so that ``wf_data.data`` and ``wf_data.distributed`` (which must not import each
+other) share it; torch is imported only by the DCP functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shutil
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "LOADER_STATE_FILE",
+    "CheckpointFormatError",
+    "dcp_call",
+    "finish_staging",
+    "json_text",
+    "load_dcp",
+    "publish_directory",
+    "read_json",
+    "readable",
+    "recover",
+    "save_dcp",
+    "staging_directory",
+    "start_staging",
+    "write_json",
+]
+
+LOADER_STATE_FILE = "loader_state.json"
+TMP_SUFFIX = ".tmp"
+OLD_SUFFIX = ".old"
+
+
+class CheckpointFormatError(ValueError):
+    """A checkpoint file is not what wf-data writes (corrupt, truncated or crafted)."""
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def _fsync_directory(directory: Path) -> None:
+    # A rename is durable only once the directory holding the entry is synced.
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def json_text(value: Any, where: str | os.PathLike) -> str:
+    """``value`` as canonical JSON text; TypeError naming ``where`` if it is not JSON-safe."""
+    try:
+        return json.dumps(value, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise TypeError(
+            f"{where}: the value to save is not JSON-safe ({error}); checkpoints store plain "
+            "dicts, lists, str, int, finite float, bool and None"
+        ) from error
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Write ``value`` as JSON to ``path`` atomically: ``path.tmp``, fsync, rename, fsync dir.
+
+    Raises TypeError naming ``path`` when ``value`` is not JSON-safe (NaN included), before
+    anything is written.
+    """
+    path = Path(path)
+    text = json_text(value, path)
+    tmp = _sibling(path, TMP_SUFFIX)
+    with open(tmp, "w", encoding="utf-8") as file:
+        file.write(text)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(tmp, path)
+    _fsync_directory(path.parent)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON document at ``path``; CheckpointFormatError naming the file if it is not JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointFormatError(
+            f"{path}: not a JSON document ({error}); the checkpoint is corrupt or was not written "
+            "by wf-data: restore from an earlier one"
+        ) from error
+
+
+def recover(path: str | os.PathLike) -> None:
+    """Finish or undo an interrupted ``publish_directory`` of ``path`` (writers call this).
+
+    A leftover ``path.tmp`` is removed (never complete); ``path.old`` is renamed back when
+    ``path`` is missing (killed between the two renames) and removed otherwise.
+    """
+    path = Path(path)
+    shutil.rmtree(_sibling(path, TMP_SUFFIX), ignore_errors=True)
+    old = _sibling(path, OLD_SUFFIX)
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+        else:
+            os.rename(old, path)
+            _fsync_directory(path.parent)
+
+
+def readable(path: str | os.PathLike) -> Path | None:
+    """The complete version of ``path`` without changing the disk: ``path``, else a ``path.old``
+    left by a publish killed between its renames, else None (readers call this)."""
+    path = Path(path)
+    for candidate in (path, _sibling(path, OLD_SUFFIX)):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _fsync_tree(directory: Path) -> None:
+    for root, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as file:
+                os.fsync(file.fileno())
+        _fsync_directory(Path(root))
+
+
+def publish_directory(tmp: str | os.PathLike, path: str | os.PathLike) -> None:
+    """Replace directory ``path`` by the complete directory ``tmp``, keeping one of the two
+    readable at every instant: fsync ``tmp``, rename ``path`` aside to ``path.old``, rename
+    ``tmp`` in, fsync the parent, remove the old one."""
+    tmp, path = Path(tmp), Path(path)
+    _fsync_tree(tmp)
+    old = _sibling(path, OLD_SUFFIX)
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_directory(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def start_staging(path: str | os.PathLike) -> Path:
+    """Recover ``path`` from an interrupted publish and return a fresh, empty ``path.tmp/``."""
+    path = Path(path)
+    recover(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, TMP_SUFFIX)
+    tmp.mkdir()
+    return tmp
+
+
+def finish_staging(
+    tmp: str | os.PathLike, path: str | os.PathLike, documents: Mapping[str, Any] | None = None
+) -> None:
+    """Write the JSON ``documents`` (``{file name: value}``) into ``tmp``, then publish it as
+    ``path`` (``publish_directory``)."""
+    for name, value in (documents or {}).items():
+        write_json(Path(tmp) / name, value)
+    publish_directory(tmp, path)
+
+
+@contextlib.contextmanager
+def staging_directory(
+    path: str | os.PathLike, documents: Mapping[str, Any] | None = None, *, primary: bool = True
+) -> Iterator[Path]:
+    """Yield an empty ``path.tmp/`` to fill; on a clean exit the JSON ``documents`` are added
+    and it replaces ``path`` atomically (``finish_staging``).
+
+    With several processes only the ``primary`` one prepares and publishes; the caller keeps
+    the others in step (barriers) and they only write into the yielded directory. An exception
+    removes the partial directory and leaves ``path`` as it was.
+    """
+    tmp = start_staging(path) if primary else _sibling(Path(path), TMP_SUFFIX)
+    try:
+        yield tmp
+    except BaseException:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if primary:
+        finish_staging(tmp, path, documents)
+
+
+# ------------------------------------------------------------------------------ torch DCP
+
+
+def _distributed() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if _distributed() else 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if _distributed():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def dcp_call() -> Iterator[bool]:
+    """Context for a DCP call: silences its single-process warning, yields `no_dist`."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield not _distributed()
+
+
+def save_dcp(
+    path: str | os.PathLike, state: Mapping[str, Any], documents: Mapping[str, Any] | None = None
+) -> Path:
+    """Save ``state`` with ``torch.distributed.checkpoint`` and the JSON ``documents``
+    (``{file name: JSON-safe value}``, written by rank 0 only) as directory ``path``, atomically.
+
+    Every rank calls it (or one process alone). ``path`` appears complete or not at all, and a
+    previous ``path`` survives until the new one is published. Returns ``path``.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    for name, value in (documents or {}).items():
+        json_text(value, path / name)  # fail before writing anything, on every rank alike
+    with staging_directory(path, documents, primary=_rank() == 0) as tmp:
+        _barrier()  # the directory exists before any rank writes into it
+        with dcp_call() as no_dist:
+            dcp.save(dict(state), checkpoint_id=str(tmp), no_dist=no_dist)
+        # dcp.save returns on rank 0 only after every rank's data is written (rank 0 gathers
+        # their write results to write .metadata), so publishing now publishes a whole checkpoint.
+    _barrier()
+    return path
+
+
+def load_dcp(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Load ``state`` in place from a DCP checkpoint directory, unpickling nothing unsafe.
+
+    DCP stores its metadata and non-tensor values as pickles: they are read with an unpickler
+    that admits only DCP's metadata classes and torch's ``weights_only`` types, so a crafted
+    file raises CheckpointFormatError instead of running code.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader, planner = _safe_dcp_types()
+    reader(os.fspath(path)).read_metadata()  # refuse a crafted .metadata before DCP wraps errors
+    try:
+        with dcp_call() as no_dist:
+            dcp.load(
+                state, storage_reader=reader(os.fspath(path)), planner=planner(), no_dist=no_dist
+            )
+    except CheckpointException as error:
+        for failure in error.failures.values():
+            cause = failure[0] if isinstance(failure, tuple) else failure  # (error, traceback)
+            if isinstance(cause, CheckpointFormatError):
+                raise CheckpointFormatError(f"{path}: {cause}") from error
+        raise
+
+
+# DCP's .metadata pickle references these globals and nothing else (torch 2.x); torch dtypes
+# are admitted by type in RestrictedUnpickler.
+_DCP_METADATA_GLOBALS = {
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"},
+    "collections": {"OrderedDict"},
+    "torch": {"Size"},
+    "torch.serialization": {"_get_layout"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.metadata": {
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
+}
+
+
+@functools.cache
+def _safe_dcp_types() -> tuple[type, type]:
+    """``(reader class, load planner class)``, built on first use so that importing this module
+    does not import torch."""
+    import io
+    import pickle
+
+    import torch
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def __init__(self, file, where: str):
+            super().__init__(file)
+            self.where = where
+
+        def find_class(self, module: str, name: str) -> Any:
+            allowed = name in _DCP_METADATA_GLOBALS.get(module, ())
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                allowed = True
+            if not allowed:
+                raise CheckpointFormatError(
+                    f"{self.where}: refers to {module}.{name}, which DCP metadata never holds; "
+                    "the checkpoint was crafted or corrupted and is not loaded (nothing in it "
+                    "was run)"
+                )
+            return super().find_class(module, name)
+
+    class SafeFileSystemReader(FileSystemReader):
+        """Reads ``.metadata`` with ``RestrictedUnpickler`` instead of ``pickle.load``."""
+
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")
+            path = Path(os.fspath(self.path)) / (
+                ".metadata" if rank is None else f"__{rank}.metadata"
+            )
+            with open(path, "rb") as file:
+                try:
+                    metadata = RestrictedUnpickler(file, str(path)).load()
+                except CheckpointFormatError:
+                    raise
+                except Exception as error:
+                    raise CheckpointFormatError(
+                        f"{path}: unreadable DCP metadata ({type(error).__name__}: {error}); "
+                        "the checkpoint is corrupt: restore from an earlier one"
+                    ) from error
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
+        """Non-tensor values (optimizer hyper-parameters) load with ``weights_only=True``."""
+
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                checked = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as error:
+                raise CheckpointFormatError(
+                    f"checkpoint value {read_item.dest_index.fqn!r} holds a type that "
+                    f"torch.load(weights_only=True) refuses; it is not loaded: {error}"
+                ) from error
+            # The parent class unpickles without restriction: hand it a re-serialisation of
+            # the value that passed the weights_only check, never the bytes from disk.
+            buffer = io.BytesIO()
+            torch.save(checked, buffer)
+            buffer.seek(0)
+            super().load_bytes(read_item, buffer)
+
+    return SafeFileSystemReader, WeightsOnlyLoadPlanner
