@@ -15,14 +15,13 @@ resume loads it back into the dataset before the first batch is read.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from wf_data.atomic import read_json, write_json
 from wf_data.data.torch_dataset import LoaderDataset, check_model
 
 __all__ = ["STATE_FILE", "LoaderStateCallback"]
@@ -63,25 +62,15 @@ class LoaderStateCallback(TrainerCallback):
                     f"{path}: no loader state for the checkpoint at step {state.global_step}; "
                     "restore it with dataset.load_state_dict(...) before trainer.train()"
                 )
-            self.dataset.load_state_dict(json.loads(path.read_text()))
+            self.dataset.load_state_dict(read_json(path))
 
     def on_save(self, args, state, control, **kwargs: Any):
         consumed = state.global_step * args.gradient_accumulation_steps
         loader_state = self.dataset.state_at(consumed)
         if state.is_world_process_zero:  # the state is global: the same on every rank
-            write_json_atomic(checkpoint_dir(args, state.global_step) / STATE_FILE, loader_state)
+            write_json(checkpoint_dir(args, state.global_step) / STATE_FILE, loader_state)
 
 
 def checkpoint_dir(args, step: int) -> Path:
     """The folder the Trainer writes the checkpoint of ``step`` into."""
     return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{step}"
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    """``path`` holds the whole JSON of ``value`` or its previous content, never a part."""
-    temp = path.with_name(path.name + ".tmp")
-    with open(temp, "w") as handle:
-        json.dump(value, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
