@@ -59,6 +59,23 @@ def test_mismatched_sizes_name_the_override(demo_cache):
         config.build(dp_world_size=2, dp_rank=0, seq_len=64, local_batch_size=8)
 
 
+class VocabOnly:
+    """Just the torchtitan tokenizer call the adapter makes."""
+
+    def __init__(self, size):
+        self.size = size
+
+    def get_vocab_size(self):
+        return self.size
+
+
+def test_tokenizer_of_another_vocabulary_is_refused(demo_cache):
+    config = WfDataTitanLoader.Config(data="demo", overrides=OVERRIDES)
+    config.build(dp_world_size=1, dp_rank=0, seq_len=SEQ_LEN, tokenizer=VocabOnly(8192))
+    with pytest.raises(ValueError, match="32000 tokens.*'wf-data-demo' \\(8192 tokens\\)"):
+        config.build(dp_world_size=1, dp_rank=0, seq_len=SEQ_LEN, tokenizer=VocabOnly(32000))
+
+
 def test_state_protocol_keys_by_rank(demo_cache):
     loader = titan_loader(rank=1, world=2)
     take(loader, 2)

@@ -78,6 +78,7 @@ class WfDataTitanLoader(BaseDataLoader):
                 f"{local_batch_size} x dp_world_size {dp_world_size} needs the override "
                 f"'global_batch_size={local_batch_size * dp_world_size}'"
             )
+        _check_tokenizer(tokenizer, data_config)
         self.dp_rank = int(dp_rank)
         self.dp_world_size = int(dp_world_size)
         self.loader = get_loader(
@@ -120,3 +121,23 @@ class WfDataTitanLoader(BaseDataLoader):
     def close(self) -> None:
         """Stops the loader's worker processes."""
         self.loader.close()
+
+
+def _check_tokenizer(tokenizer: Any, data_config: Any) -> None:
+    """Refuses a torchtitan tokenizer whose vocabulary size differs from the data's tokenizer.
+
+    The ids come from the wf-data tokenizer; a model and tokenizer of another vocabulary would
+    train on them silently.
+    """
+    if tokenizer is None or not hasattr(tokenizer, "get_vocab_size") or not data_config.tokenizer:
+        return
+    from wf_data.data.tokenization import TokenizerWrapper
+
+    ours = TokenizerWrapper.from_pretrained(data_config.tokenizer).vocab_size
+    theirs = tokenizer.get_vocab_size()
+    if theirs != ours:
+        raise ValueError(
+            f"torchtitan tokenizer has {theirs} tokens, the wf-data data is tokenized with "
+            f"{data_config.tokenizer!r} ({ours} tokens): point torchtitan's hf_assets_path at "
+            "the same tokenizer"
+        )
