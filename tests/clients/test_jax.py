@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.clients.conftest import OVERRIDES
+from tests.clients.streams import OVERRIDES
 
 
 def jax_checks():

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader as TorchDataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from tests.clients.conftest import OVERRIDES, as_numpy, assert_streams_equal
+from tests.clients.streams import OVERRIDES, as_numpy, assert_streams_equal
 from wf_data.data.loader import get_loader
 from wf_data.data.torch_dataset import LoaderDataset
 
