@@ -10,8 +10,12 @@ from wf_data.data.demo_corpus import build_demo_corpus, corpus_fingerprint
 from wf_data.data.tokenization import DEMO_TOKENIZER_PATH
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "tools" / "train_tokenizer.py"
-FILES = ["special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
-         "training_corpus.json"]
+FILES = [
+    "special_tokens_map.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "training_corpus.json",
+]
 
 
 def _load_script():
@@ -52,4 +56,5 @@ def test_chat_template_assistant_mask():
     assert len(ids) == len(mask) and 0 < sum(mask) < len(ids)
     assert tokenizer.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
     assert tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m]) == (
-        "4.<|im_end|>6.<|im_end|>")
+        "4.<|im_end|>6.<|im_end|>"
+    )
