@@ -28,13 +28,21 @@ def test_writers_round_trip_and_leave_only_the_file(tmp_path):
     assert (tmp_path / "a.bin").stat().st_mode & 0o044  # readable by others (no 0600 mkstemp)
 
 
-def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
+def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "state.json"
     atomic.write_json(path, {"step": 1})
     with pytest.raises(RuntimeError, match="disk full"):
         with atomic.AtomicWriter(path) as file:
             file.write(b"{half")
             raise RuntimeError("disk full")
+
+    def disk_full(tmp, target):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(atomic, "publish_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        atomic.write_json(path, {"step": 2})
+    monkeypatch.undo()
     with pytest.raises(TypeError, match="state.json.*not JSON-safe"):
         atomic.write_json(path, {"loss": float("nan")})
     assert atomic.read_json(path) == {"step": 1}

@@ -143,9 +143,14 @@ class AtomicWriter:
         self.file: IO[Any] = open(self.tmp, mode.replace("w", "x"), encoding=encoding)
 
     def commit(self) -> Path:
-        """Flush and close the file and rename it over ``path``; returns ``path``."""
-        self.file.close()
-        publish_file(self.tmp, self.path)
+        """Flush and close the file and rename it over ``path``; returns ``path``. On an
+        error (disk full at the flush) the temp file is removed and ``path`` is untouched."""
+        try:
+            self.file.close()
+            publish_file(self.tmp, self.path)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
         return self.path
 
     def discard(self) -> None:
