@@ -69,28 +69,55 @@ def _grain_private_names() -> set[str]:
     }
 
 
+def _private_grain_uses(tree: ast.AST, private: set[str]) -> list[tuple[int, str]]:
+    """(line, what) for each `grain._src` import, attribute access to a name in `private`,
+    and class attribute or method that overrides one."""
+    uses = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr in private:
+            uses.append((node.lineno, f".{node.attr}"))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            modules.append(getattr(node, "module", None) or "")
+            if any(module.startswith("grain._src") for module in modules):
+                uses.append((node.lineno, "grain._src"))
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                targets = item.targets if isinstance(item, ast.Assign) else []
+                names = {target.id for target in targets if isinstance(target, ast.Name)}
+                if isinstance(item, ast.FunctionDef):
+                    names.add(item.name)
+                uses.extend((item.lineno, name) for name in sorted(names & private))
+    return uses
+
+
 def test_no_private_grain_api():
-    """Only Grain's public API: no `grain._src` import and no private attribute of Grain's
-    base classes used or overridden (they change between Grain releases without notice)."""
+    """Only Grain's public API in wf_data/ and tools/: no `grain._src` import, no private
+    attribute of Grain's base classes used or overridden (they change without notice)."""
     private = _grain_private_names()
     assert {"_parent", "_getitems", "_stats", "_MUTATES_ELEMENT_SPEC"} <= private
-    offending = []
-    for file in sorted(PACKAGE.rglob("*.py")):
-        tree = ast.parse(file.read_text())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and node.attr in private:
-                offending.append(f"{file.relative_to(PACKAGE.parent)}:{node.lineno} .{node.attr}")
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else []
-                modules.append(getattr(node, "module", None) or "")
-                if any(module.startswith("grain._src") for module in modules):
-                    offending.append(f"{file.relative_to(PACKAGE.parent)}:{node.lineno} grain._src")
-            elif isinstance(node, ast.ClassDef):
-                for item in node.body:
-                    targets = item.targets if isinstance(item, ast.Assign) else []
-                    names = [t.id for t in targets if isinstance(t, ast.Name)]
-                    if isinstance(item, ast.FunctionDef):
-                        names.append(item.name)
-                    for name in set(names) & private:
-                        offending.append(f"{file.relative_to(PACKAGE.parent)}:{item.lineno} {name}")
+    files = sorted([*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "tools").rglob("*.py")])
+    offending = [
+        f"{file.relative_to(PACKAGE.parent)}:{line} {what}"
+        for file in files
+        for line, what in _private_grain_uses(ast.parse(file.read_text()), private)
+    ]
     assert not offending, "private Grain API used:\n" + "\n".join(offending)
+
+
+def test_the_private_grain_api_check_catches_each_kind():
+    source = (
+        "from grain._src.python import dataset\n"
+        "class T(grain.MapDataset):\n"
+        "    _MUTATES_ELEMENT_SPEC = False\n"
+        "    def _getitems(self, indices):\n"
+        "        return self._parent._getitems(indices)\n"
+    )
+    uses = _private_grain_uses(ast.parse(source), _grain_private_names())
+    assert sorted(uses) == [
+        (1, "grain._src"),
+        (3, "_MUTATES_ELEMENT_SPEC"),
+        (4, "_getitems"),
+        (5, "._getitems"),
+        (5, "._parent"),
+    ]
