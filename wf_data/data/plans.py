@@ -539,6 +539,7 @@ class BestFitPlansIterator(grain.DatasetIterator):
         return self._rows
 
     def _advance_window(self) -> None:
+        self._key = None  # the planned rows are of the window left behind
         self._window += 1
         self._row = 0
         if self._window >= self._plans.windows_per_epoch:
@@ -546,6 +547,10 @@ class BestFitPlansIterator(grain.DatasetIterator):
             self._window = 0
 
     def __next__(self) -> dict[str, Any]:
+        # Fast path: the next row of the window already planned (all but one call per window).
+        if self._key is not None and self._row < len(self._rows):
+            self._row += 1
+            return self._rows[self._row - 1]
         while not self._exhausted():
             rows = self._window_rows()
             if self._row < len(rows):
@@ -569,7 +574,9 @@ class BestFitPlansIterator(grain.DatasetIterator):
         if epoch < 0 or not 0 <= window < max(plans.windows_per_epoch, 1) or row < 0:
             raise ValueError(f"invalid best_fit position {(epoch, window, row)} for {plans}")
         self._epoch, self._window, self._row = epoch, window, row
-        if not self._exhausted() and row > len(self._window_rows()):
+        if self._exhausted():
+            self._key = None  # no window here: nothing planned may be served
+        elif row > len(self._window_rows()):
             raise ValueError(
                 f"row {row} out of range for window {window} of epoch {epoch} in {plans}"
             )
