@@ -5,8 +5,8 @@
 The result is deterministic: the same corpus (same Python minor version) and options give
 byte-identical files, so the shipped tokenizer can be regenerated and checked at any time.
 Special tokens: ``<|endoftext|>`` (id 0; bos, eos and pad), ``<|im_start|>``, ``<|im_end|>``.
-The ChatML chat template marks assistant content with ``{% generation %}`` so that
-``apply_chat_template(..., return_assistant_tokens_mask=True)`` yields the SFT loss mask.
+The ChatML chat template is plain Jinja; ``wf_data.data.chat`` finds the assistant tokens (the
+SFT loss mask) by rendering conversation prefixes.
 """
 
 from __future__ import annotations
@@ -33,18 +33,16 @@ TRAINING_RECORD = "training_corpus.json"
 EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
 
-# ChatML; the assistant reply and its closing <|im_end|> are the generated (loss) tokens.
+# ChatML in plain Jinja (no {% generation %}: torchtitan's and any plain Jinja must load it).
+# The "\n" between turns opens the next turn, so the prefix method of wf_data.data.chat finds
+# each assistant reply plus its closing <|im_end|> as the loss tokens.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{{- '<|im_start|>assistant\\n' }}"
-    "{% generation %}{{- message['content'] + '<|im_end|>' }}{% endgeneration %}"
-    "{{- '\\n' }}"
-    "{%- else %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endif %}"
+    "{%- if not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{%- if messages %}{{- '\\n' }}{%- endif %}"
+    "{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 

@@ -1,5 +1,6 @@
 """Chat rendering and assistant-only loss masks: markers vs prefixes, hand-computed layouts."""
 
+import jinja2
 import numpy as np
 import pytest
 from tokenizers import AddedToken, Regex, Tokenizer, pre_tokenizers
@@ -177,40 +178,75 @@ def test_rendered_lengths_match_render_with_mask():
     assert rendered_lengths([], tokenizer).shape == (0,)
 
 
+# The template shipped before: ChatML with {% generation %} markers, which plain Jinja (and so
+# torchtitan) cannot parse. The shipped one now gives the same masks through prefixes.
+SHIPPED_WITH_MARKERS = (
+    "{%- for message in messages %}{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\n' }}{% generation %}{{- message['content'] + '<|im_end|>' }}"
+    "{% endgeneration %}{{- '\n' }}{%- else %}{{- '<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+SHIPPED_MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hello there, how are you?"},
+    {"role": "assistant", "content": "Fine, thanks!"},
+    {"role": "user", "content": "Bye."},
+    {"role": "assistant", "content": "Goodbye."},
+]
+
+
 def test_shipped_tokenizer_template():
     from wf_data.data.tokenization import TokenizerWrapper
 
     hf_tokenizer = TokenizerWrapper.from_pretrained(None).hf_tokenizer
     template = hf_tokenizer.chat_template
-    assert has_generation_markers(template)
-    # The shipped ChatML template trains on "answer<|im_end|>" (the "\n" after it is outside the
-    # generation block); the prefix method also trains on that "\n", the turn separator.
-    for method_template, newline_trained in [(template, 0), (CHATML_PLAIN, 1)]:
-        layout = [
-            ("<|im_start|>system\nBe brief.<|im_end|>\n", 0),
-            ("<|im_start|>user\nHello there, how are you?<|im_end|>\n", 0),
-            ("<|im_start|>assistant\n", 0),
-            ("Fine, thanks!<|im_end|>", 1),
-            ("\n", newline_trained),
-            ("<|im_start|>user\nBye.<|im_end|>\n", 0),
-            ("<|im_start|>assistant\n", 0),
-            ("Goodbye.<|im_end|>", 1),
-            ("\n", newline_trained),
-        ]
-        messages = [
-            {"role": "system", "content": "Be brief."},
-            {"role": "user", "content": "Hello there, how are you?"},
-            {"role": "assistant", "content": "Fine, thanks!"},
-            {"role": "user", "content": "Bye."},
-            {"role": "assistant", "content": "Goodbye."},
-        ]
-        pieces = [hf_tokenizer.encode(text, add_special_tokens=False) for text, _ in layout]
-        want_ids = np.concatenate([np.asarray(p, np.int32) for p in pieces])
-        want_mask = np.concatenate([np.full(len(p), flag, np.uint8) for p, (_, flag) in
-                                    zip(pieces, layout, strict=True)])
-        ids, mask = render_with_mask(messages, hf_tokenizer, chat_template=method_template)
-        np.testing.assert_array_equal(ids, want_ids)
-        np.testing.assert_array_equal(mask, want_mask)
+    assert not has_generation_markers(template)
+    with pytest.raises(jinja2.TemplateSyntaxError, match="generation"):
+        jinja2.Environment().parse(SHIPPED_WITH_MARKERS)
+    plain_jinja = jinja2.Environment().from_string(template)  # what torchtitan does
+    for prompt in (False, True):
+        assert plain_jinja.render(messages=SHIPPED_MESSAGES, add_generation_prompt=prompt) == (
+            hf_tokenizer.apply_chat_template(SHIPPED_MESSAGES, tokenize=False,
+                                             add_generation_prompt=prompt))
+    # Trained: "answer<|im_end|>"; not trained: the "\n" between turns.
+    layout = [
+        ("<|im_start|>system\nBe brief.<|im_end|>\n", 0),
+        ("<|im_start|>user\nHello there, how are you?<|im_end|>\n", 0),
+        ("<|im_start|>assistant\n", 0),
+        ("Fine, thanks!<|im_end|>", 1),
+        ("\n", 0),
+        ("<|im_start|>user\nBye.<|im_end|>\n", 0),
+        ("<|im_start|>assistant\n", 0),
+        ("Goodbye.<|im_end|>", 1),
+    ]
+    pieces = [hf_tokenizer.encode(text, add_special_tokens=False) for text, _ in layout]
+    want_ids = np.concatenate([np.asarray(p, np.int32) for p in pieces])
+    want_mask = np.concatenate([np.full(len(p), flag, np.uint8) for p, (_, flag) in
+                                zip(pieces, layout, strict=True)])
+    ids, mask = render_with_mask(SHIPPED_MESSAGES, hf_tokenizer)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(mask, want_mask)
+    # The same tokens and masks as the markers template, whose only extra is a final "\n".
+    marked_ids, marked_mask = render_with_mask(SHIPPED_MESSAGES, hf_tokenizer,
+                                               chat_template=SHIPPED_WITH_MARKERS)
+    np.testing.assert_array_equal(marked_ids, [*want_ids, *hf_tokenizer.encode("\n")])
+    np.testing.assert_array_equal(marked_mask, [*want_mask, 0])
+
+
+@pytest.mark.parametrize("payload", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+    "{{ raise_exception.__globals__['os'].system('touch {marker}') }}",
+    "{{ messages.append({'role': 'user', 'content': 'x'}) }}",  # immutable: no mutation either
+], ids=["mro", "os", "mutate"])
+def test_templates_render_in_an_immutable_sandbox(payload, tmp_path):
+    marker = tmp_path / "escaped"
+    evil = payload.replace("{marker}", str(marker)) + CHATML_PLAIN
+    for method_template in (evil, evil.replace("{% for m in", "{% generation %}{% endgeneration %}"
+                                               "{% for m in")):
+        with pytest.raises(jinja2.exceptions.SecurityError, match="unsafe|not safely"):
+            render_with_mask(CONVERSATION, make_word_tokenizer(), chat_template=method_template)
+    assert not marker.exists()
 
 
 def test_template_breaking_prefix_property_names_message():

@@ -42,14 +42,32 @@ def test_to_torch_is_zero_copy_on_cpu():
     assert list(tensors) == list(batch)
     for key, array in batch.items():
         tensor = tensors[key]
-        assert tensor.device.type == "cpu"
+        assert tensor.device.type == "cpu" and tuple(tensor.shape) == array.shape
+        if key == "labels":  # int64 for torch losses: the one converted copy
+            assert tensor.dtype == torch.int64
+            np.testing.assert_array_equal(tensor.numpy(), array)
+            continue
         assert tensor.data_ptr() == data_ptr(array), key
-        assert tensor.dtype == torch.int32 and tuple(tensor.shape) == array.shape
+        assert tensor.dtype == torch.int32
     # Shared memory both ways: a write on either side is seen by the other.
     batch["input_ids"][0, 0] = 123456
     assert tensors["input_ids"][0, 0].item() == 123456
-    tensors["labels"][1, 2] = -7
-    assert batch["labels"][1, 2] == -7
+    tensors["segment_ids"][1, 2] = -7
+    assert batch["segment_ids"][1, 2] == -7
+
+
+def test_to_torch_labels_dtype():
+    batch = make_batch()
+    kept = to_torch(batch, labels_dtype=None)["labels"]
+    assert kept.dtype == torch.int32 and kept.data_ptr() == data_ptr(batch["labels"])
+    nested = to_torch({"inputs": {"labels": batch["labels"]}}, labels_dtype=torch.int16)
+    assert nested["inputs"]["labels"].dtype == torch.int16
+    # HF's loss is torch cross-entropy: int32 targets fail, the default int64 ones work.
+    logits = torch.zeros(*batch["labels"].shape, 1000)
+    with pytest.raises(RuntimeError, match="Long"):
+        torch.nn.functional.cross_entropy(logits.transpose(1, 2), kept, ignore_index=-100)
+    torch.nn.functional.cross_entropy(logits.transpose(1, 2), to_torch(batch)["labels"],
+                                      ignore_index=-100)
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.int64, np.uint16, np.float32,

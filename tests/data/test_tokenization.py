@@ -5,6 +5,7 @@ import pickle
 import shutil
 
 import grain
+import jinja2
 import numpy as np
 import pytest
 
@@ -37,7 +38,7 @@ def test_demo_tokenizer_identity(tokenizer):
     assert tokenizer.vocab_size == len(tokenizer.hf_tokenizer) == 8192
     assert tokenizer.eos_id == tokenizer.bos_id == tokenizer.pad_id == 0
     assert tokenizer.hf_tokenizer.is_fast
-    assert "{% generation %}" in tokenizer.chat_template
+    jinja2.Environment().parse(tokenizer.chat_template)  # plain Jinja: no extensions needed
 
 
 @pytest.mark.parametrize("text", TEXTS)

@@ -38,6 +38,8 @@ def test_regenerates_shipped_tokenizer(tmp_path):
 
 
 def test_chat_template_assistant_mask():
+    from wf_data.data.chat import render_with_mask
+
     tokenizer = AutoTokenizer.from_pretrained(DEMO_TOKENIZER_PATH, local_files_only=True)
     messages = [
         {"role": "system", "content": "Be brief."},
@@ -46,9 +48,7 @@ def test_chat_template_assistant_mask():
         {"role": "user", "content": "And 3+3?"},
         {"role": "assistant", "content": "6."},
     ]
-    out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                        return_assistant_tokens_mask=True)
-    ids, mask = out["input_ids"], out["assistant_masks"]
+    ids, mask = render_with_mask(messages, tokenizer)
     assert len(ids) == len(mask) and 0 < sum(mask) < len(ids)
     assert tokenizer.decode(ids).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
     assert tokenizer.decode([i for i, m in zip(ids, mask, strict=True) if m]) == (

@@ -30,6 +30,8 @@ _EXPORTS = {
     "get_eval_loaders": "wf_data.data.loader",
     "LoaderStateError": "wf_data.data.loader",
     "to_torch": "wf_data.data.interop",
+    "LoaderDataset": "wf_data.data.torch_dataset",
+    "check_model": "wf_data.data.torch_dataset",
     "to_jax": "wf_data.data.interop",
     "save_with_orbax": "wf_data.data.checkpoint",
     "restore_with_orbax": "wf_data.data.checkpoint",

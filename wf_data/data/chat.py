@@ -8,6 +8,11 @@ Two ways to find the assistant tokens, both giving `(T,)` arrays aligned with th
   difference between `messages[:i]` + generation prompt and `messages[:i + 1]`. This needs the
   *prefix property* (each prefix tokenizes to a prefix of the whole conversation); a template or
   tokenizer that breaks it gets an error naming the message, never a silently wrong mask.
+
+The shipped ChatML template uses prefixes: it is plain Jinja, so torchtitan and any Jinja load it.
+Templates are data, not code: they render (through transformers) in Jinja's
+`ImmutableSandboxedEnvironment`, where reaching Python internals (`__class__`, `__globals__`)
+or mutating the messages raises `jinja2.exceptions.SecurityError`.
 """
 
 from __future__ import annotations

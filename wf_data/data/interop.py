@@ -2,7 +2,8 @@
 
 A batch is a dict of numpy arrays (``input_ids`` ``(B, L) int32``, ``domain_ids`` ``(B,)``...).
 ``to_torch`` hands each array to torch through DLPack: on CPU the tensor *is* the numpy
-buffer (no copy); for CUDA it is pinned and copied asynchronously. ``to_jax`` builds
+buffer (no copy); for CUDA it is pinned and copied asynchronously. ``labels`` alone become int64
+for torch (loss functions want Long targets). ``to_jax`` builds
 ``jax.Array``s, global ones over a mesh when given a sharding. Dtypes and shapes are kept.
 
 An array is copied (once, on the host) only when sharing it would be wrong:
@@ -64,8 +65,12 @@ def to_torch(
     device: Any = None,
     non_blocking: bool = True,
     pin_memory: bool | None = None,
+    labels_dtype: Any = "int64",
 ) -> Any:
     """Torch tensors of a numpy batch (dict of arrays, nested dicts, or one array).
+
+    ``labels`` become int64 (``labels_dtype``; ``None`` keeps int32): torch's cross-entropy,
+    and so every Hugging Face model's loss, wants Long targets. That one array is copied.
 
     With ``device`` ``None`` or CPU, a C-contiguous writeable array becomes a tensor sharing
     its memory (``tensor.data_ptr() == array.__array_interface__["data"][0]``); other arrays
@@ -87,11 +92,15 @@ def to_torch(
                       "pinned", stacklevel=2)
         pin = False
 
+    labels_dtype = getattr(torch, labels_dtype) if isinstance(labels_dtype, str) else labels_dtype
+
     def convert(path: tuple, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             tensor = value
         else:
             tensor = torch.from_dlpack(host_array(value, _key_name(path)))
+        if labels_dtype is not None and path[-1:] == ("labels",):
+            tensor = tensor.to(labels_dtype)
         if pin and tensor.device.type == "cpu" and not tensor.is_pinned():
             tensor = tensor.pin_memory()
         if tensor.device != target:

@@ -226,23 +226,11 @@ class DataLoader:
         """Flat `data/...` floats for any logger: configured and realised shares, fill."""
         return stats_summary(self.domain_names, self._served, self.mixture, self.reader.seq_len)
 
-    def as_torch_dataset(self):
-        """This loader as a `torch.utils.data.IterableDataset` (use `batch_size=None`)."""
-        from torch.utils.data import IterableDataset
+    def as_torch_dataset(self, **kwargs: Any):
+        """This loader as a torch `IterableDataset` (see `wf_data.data.torch_dataset`)."""
+        from wf_data.data.torch_dataset import LoaderDataset
 
-        loader = self
-
-        class _LoaderDataset(IterableDataset):
-            def __iter__(self):
-                return iter(loader)
-
-            def state_dict(self):
-                return loader.state_dict()
-
-            def load_state_dict(self, state):
-                loader.load_state_dict(state)
-
-        return _LoaderDataset()
+        return LoaderDataset.from_loader(self, **kwargs)
 
     def close(self) -> None:
         """Stops worker processes; the loader can still save its state afterwards."""
@@ -273,7 +261,8 @@ def get_loader(
 
     `cfg` is a `DataConfig`, a dict, or a config name from `configs/data` (`"demo"`,
     `"mixed_pretrain"`) with Hydra `overrides`. Workers: `WF_DATA_NUM_WORKERS` beats
-    `num_workers` beats the config.
+    `num_workers` beats the config. `step_shard=(index, count)` yields only global steps
+    `s % count == index` (one torch `DataLoader` worker's share); the state stays global.
     """
     from wf_data.config import load_data_config, resolve_num_workers
     from wf_data.data.factory import build_domains, build_mixer, loader_fingerprint, reader_of
@@ -281,7 +270,7 @@ def get_loader(
     cfg = load_data_config(cfg, overrides)
     domains = build_domains(cfg)
     weights = {name: source.weight for name, source in cfg.enabled_sources().items()}
-    return DataLoader(
+    loader = DataLoader(
         build_mixer(cfg, domains, weights),
         reader_of(domains),
         global_batch_size=cfg.global_batch_size,
@@ -296,6 +285,18 @@ def get_loader(
         prefetch=cfg.prefetch,
         fingerprint=loader_fingerprint(cfg, domains),
     )
+    # What LoaderDataset needs to build this loader again in a torch worker.
+    loader.recipe = (
+        cfg,
+        dict(
+            dp_rank=dp_rank,
+            dp_world_size=dp_world_size,
+            num_workers=num_workers,
+            device=device,
+            pin_memory=pin_memory,
+        ),
+    )
+    return loader
 
 
 def get_eval_loaders(

@@ -42,6 +42,15 @@ WRITER_OPTIONS = "group_size:1"
 # pool: reads go record by record (seek + read), which costs a third of a batched
 # `read(indices)` call, whose thread-pool dispatch alone is ~150 us per call and shard.
 READER_OPTIONS = "readahead_buffer_size:0,max_parallelism:0"
+# Pid of the last process that opened a shard reader. riegeli (under array_record) keeps
+# process-wide pools (zstd contexts, a background cleaner thread) that a forked child inherits
+# half-alive: reading shards in a child forked after its parent read them can crash.
+_READ_IN_PID: int | None = None
+
+
+def read_before_fork() -> bool:
+    """True in a forked process whose parent read shards first (reading here is unsafe)."""
+    return _READ_IN_PID is not None and _READ_IN_PID != os.getpid()
 
 __all__ = [
     "DocumentSource",
@@ -414,6 +423,8 @@ class DocumentSource:
                 reader = self._readers[shard]
                 if reader is None:
                     self._check_shard_lengths(shard)
+                    global _READ_IN_PID
+                    _READ_IN_PID = os.getpid()
                     reader = ArrayRecordReader(os.fspath(self.shard_paths[shard]), READER_OPTIONS)
                     self._readers[shard] = reader
         return reader

@@ -86,22 +86,24 @@ def test_packed_rows_mask_non_assistant_padding_and_segment_starts(tokenizer):
 
 
 def test_prefix_method_template_gives_the_same_packed_documents(tokenizer):
+    from tests.data.test_chat import SHIPPED_WITH_MARKERS
+
     records = make_records(12, seed=1)
-    plain = tokenizer.chat_template.replace("{% generation %}", "").replace(
-        "{% endgeneration %}", "")
     source = InMemorySource(records, format="chat")
-    marked = ChatDocuments(source, tokenizer=tokenizer, seq_len=512)
-    prefixes = ChatDocuments(source, tokenizer=tokenizer, seq_len=512, chat_template=plain)
-    for i, (ids, mask) in enumerate(rendered(records, tokenizer, plain)):
+    # The shipped template has no markers (plain Jinja loads it): masks come from prefixes.
+    prefixes = ChatDocuments(source, tokenizer=tokenizer, seq_len=512)
+    marked = ChatDocuments(source, tokenizer=tokenizer, seq_len=512,
+                           chat_template=SHIPPED_WITH_MARKERS)
+    newline = tokenizer.hf_tokenizer.encode("\n")
+    for i, (ids, mask) in enumerate(rendered(records, tokenizer)):
         doc = prefixes[i]
         np.testing.assert_array_equal(doc["input_ids"], ids)
         np.testing.assert_array_equal(doc["loss_mask"], mask)
-        # Same tokens; the prefix method also trains the "\n" after each <|im_end|>.
-        np.testing.assert_array_equal(marked[i]["input_ids"], ids)
-        assert mask.sum() - marked[i]["loss_mask"].sum() == sum(
-            m["role"] == "assistant" for m in records[i]["messages"])
+        # The same tokens and masks as with markers, but the markers template's final "\n".
+        np.testing.assert_array_equal(marked[i]["input_ids"], [*ids, *newline])
+        np.testing.assert_array_equal(marked[i]["loss_mask"], [*mask, 0])
     assert marked.fingerprint != prefixes.fingerprint
-    np.testing.assert_array_equal(marked.lengths, [len(ids) for ids, _ in rendered(
+    np.testing.assert_array_equal(prefixes.lengths, [len(ids) for ids, _ in rendered(
         records, tokenizer)])
 
 
