@@ -32,6 +32,7 @@ from wf_data.data.odm import Exp3
 
 ON_EXHAUSTED = ("restart", "stop")
 _UNIFORM_BLOCK = 4096
+_FIRST_DRAW = 64  # rows whose domains are drawn at once after a policy change
 _MIX_STREAM_TAG = 0x6D6978  # keeps the mixing stream independent of packers seeded alike
 
 __all__ = [
@@ -359,22 +360,28 @@ class MixPlansIterator(grain.DatasetIterator):
         self._row = 0
         self._restarts = [0] * mixer.num_domains
         self._stopped = False
-        # Domains of rows `_drawn_from ...` drawn at once (one searchsorted per uniform block,
-        # not per row) with the current policy; dropped when the policy changes, so rows after
-        # an update are drawn with the new one, exactly as row by row.
+        # Domains of rows `_drawn_from ...` drawn at once with the current policy (one
+        # searchsorted per chunk, not per row); dropped when the policy changes, so rows after
+        # an update are drawn with the new one, exactly as row by row. Chunks double from
+        # `_FIRST_DRAW` while the policy holds, so per-step updates do not redraw a whole block.
         self._drawn: list[int] = []
         self._drawn_from = 0
+        self._draw_size = _FIRST_DRAW
 
     def update_policy(self, losses: np.ndarray) -> None:
         """Feeds (K,) per-domain losses to this iterator's policy (see `MixPlans.update`)."""
-        self._drawn = []
+        self._forget_draws()
         self.policy.update(losses)
+
+    def _forget_draws(self) -> None:
+        self._drawn, self._draw_size = [], _FIRST_DRAW
 
     def _domain(self, row: int) -> int:
         offset = row - self._drawn_from
         if not 0 <= offset < len(self._drawn):
             block_index, offset = divmod(row, _UNIFORM_BLOCK)
-            uniforms = self._uniforms.block(block_index)[offset:]
+            uniforms = self._uniforms.block(block_index)[offset : offset + self._draw_size]
+            self._draw_size = min(2 * self._draw_size, _UNIFORM_BLOCK)
             self._drawn = draw_domains(self.policy.probabilities(), uniforms).tolist()
             self._drawn_from, offset = row, 0
         return self._drawn[offset]
@@ -436,7 +443,7 @@ class MixPlansIterator(grain.DatasetIterator):
                 self._domain_iters[index].set_state(saved["state"])
         if state.get("policy") is not None:
             self.policy.load_state_dict(state["policy"], state["names"])
-        self._drawn = []
+        self._forget_draws()
 
     def __str__(self) -> str:
         return f"MixPlansIterator({self._mixer}, row={self._row})"
