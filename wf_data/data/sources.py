@@ -14,7 +14,8 @@ Integrity: the manifest lists every other file of the dataset with its size and 
 `lengths.npy`), and its `fingerprint` is the sha256 of the rest of the manifest, so an edit of
 any field or file is detected. Opening checks what needs no scan (fingerprint, file sizes,
 lengths count; `lengths.npy` is memory-mapped); the first read of a shard checks its lengths'
-sum, and every read checks each token record's length against `lengths.npy`; `verify_dataset` (`wf-data inspect --verify`) hashes every file and recomputes the lengths.
+sum, and every read checks each token record's length against `lengths.npy`;
+`verify_dataset` (`wf-data inspect --verify`) hashes every file and recomputes the lengths.
 The small writer helpers here (`write_shard`, `write_json_atomic`, `file_sha256`) are what
 `wf_data.data.prepare` uses, so that reading and writing agree on one encoding.
 """
