@@ -304,6 +304,23 @@ def test_exp3_rows_drawn_with_the_reported_policy():
         mixer.update(skewed_losses(step))
 
 
+def test_exp3_bulk_draws_match_row_by_row_across_blocks():
+    """Domains are drawn in growing chunks per policy: across chunk and 4096-row block
+    boundaries, with updates at irregular rows, each row still gets `draw_domains(policy in
+    force, u_row)`."""
+    mixer, _ = exp3(seed=4)
+    iterator = iter(mixer)
+    uniforms = RowUniforms(4)
+    row = 0
+    for step, count in enumerate([3, 70, 500, 3600, 1, 4200, 130]):
+        policy = mixer.live_policy.probabilities()
+        expected = draw_domains(policy, uniforms.take(row, count))
+        assert domains_of(iterator, count).tolist() == expected.tolist()
+        row += count
+        if step % 3 != 2:  # some spans continue with the same policy
+            mixer.update(skewed_losses(step))
+
+
 @pytest.mark.parametrize("prefetch", [1, 4])
 def test_exp3_update_lag_is_prefetch_depth(prefetch):
     """A consumer reading P rows ahead sees an update take effect after at most P rows."""

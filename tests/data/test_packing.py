@@ -22,7 +22,7 @@ from wf_data.data.packing import (
     best_fit_decreasing,
     pack,
 )
-from wf_data.data.plans import plan_best_fit
+from wf_data.data.plans import plan_best_fit, plan_concat
 from wf_data.data.rows import read_rows
 from wf_data.data.sources import InMemorySource
 
@@ -626,3 +626,16 @@ def test_lengths_that_do_not_match_records_are_named(method):
 
     with pytest.raises(ValueError, match="Lying.*document 1 has 3 tokens.*do not match"):
         all_rows(pack(Lying(docs), 16, method))
+
+
+def test_negative_length_fails_naming_the_document():
+    """Concat checks all lengths up front; best_fit (no O(N) scan at open) checks each window
+    as it is planned, naming the document, before any row of that window is yielded."""
+    lengths = np.array([5, 3, 6, 2, -2, 4], dtype=np.int64)
+    with pytest.raises(ValueError, match=r"lengths\[4\] is -2: lengths must be >= 0"):
+        plan_concat(lengths, 8)
+    rows = iter(plan_best_fit(lengths, 8, window_size=3))
+    first_window = [next(rows) for _ in range(2)]  # docs 0-2: 5, 3 | 6 -> two rows
+    assert sorted(int(row["lengths"].sum()) for row in first_window) == [6, 8]
+    with pytest.raises(ValueError, match=r"lengths\[4\] is -2: lengths must be >= 0"):
+        next(rows)

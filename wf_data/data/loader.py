@@ -82,7 +82,8 @@ class DataLoader:
         self.framework, self.device, self.pin_memory = framework, device, pin_memory
         self.jax_sharding = jax_sharding
         self.num_workers, self.prefetch = int(num_workers), int(prefetch)
-        self._fingerprint = dict(fingerprint or mixer.fingerprint())
+        # Computed on first use (a state save or restore): it may sum every document length.
+        self._fingerprint = None if fingerprint is None else dict(fingerprint)
         self._iterator = None
         self.reset()
 
@@ -117,6 +118,13 @@ class DataLoader:
         self._step = 0
         self._served = np.zeros((2, self.num_domains), dtype=np.int64)  # rows, tokens
         self._observed = np.zeros((2, self.num_domains), dtype=np.float64)  # loss sums, rows
+
+    @property
+    def fingerprint(self) -> dict[str, Any]:
+        """What a saved state must match (see `wf_data.data.loader_state`)."""
+        if self._fingerprint is None:
+            self._fingerprint = dict(self.mixer.fingerprint())
+        return self._fingerprint
 
     @property
     def domain_names(self) -> tuple[str, ...]:
@@ -183,7 +191,7 @@ class DataLoader:
         """A small JSON-safe state, the same on every rank, of the last batch handed out."""
         return {
             "version": STATE_VERSION,
-            "fingerprint": self._fingerprint,
+            "fingerprint": self.fingerprint,
             "step": self._step,
             "pipeline": self._iterator.get_state(),
             "stats": from_domains(self.domain_names, self._served, int),
@@ -198,7 +206,7 @@ class DataLoader:
         source (it starts at its first row) or a removed one is accepted.
         """
         check_state(state)
-        check_fingerprint(state["fingerprint"], self._fingerprint)
+        check_fingerprint(state["fingerprint"], self.fingerprint)
         served = by_domain(state["stats"], "stats", self.domain_names, np.int64)
         observed = by_domain(state["feedback"], "feedback", self.domain_names, np.float64)
         previous = self._iterator.get_state()

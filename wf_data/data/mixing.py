@@ -32,6 +32,7 @@ from wf_data.data.odm import Exp3
 
 ON_EXHAUSTED = ("restart", "stop")
 _UNIFORM_BLOCK = 4096
+_FIRST_DRAW = 64  # rows whose domains are drawn at once after a policy change
 _MIX_STREAM_TAG = 0x6D6978  # keeps the mixing stream independent of packers seeded alike
 
 __all__ = [
@@ -87,13 +88,17 @@ class RowUniforms:
         self._block_index = -1
         self._block = np.empty(0)
 
-    def __getitem__(self, row: int) -> float:
-        block_index, offset = divmod(row, _UNIFORM_BLOCK)
+    def block(self, block_index: int) -> np.ndarray:
+        """`(4096,)` float64 uniforms of rows `block_index * 4096 ...` (cached while reused)."""
         if block_index != self._block_index:
             rng = np.random.default_rng([self._seed, _MIX_STREAM_TAG, block_index])
             self._block = rng.random(_UNIFORM_BLOCK)
             self._block_index = block_index
-        return float(self._block[offset])
+        return self._block
+
+    def __getitem__(self, row: int) -> float:
+        block_index, offset = divmod(row, _UNIFORM_BLOCK)
+        return float(self.block(block_index)[offset])
 
     def take(self, start: int, count: int) -> np.ndarray:
         """`(count,)` float64 uniforms of rows `start .. start + count - 1`."""
@@ -355,20 +360,36 @@ class MixPlansIterator(grain.DatasetIterator):
         self._row = 0
         self._restarts = [0] * mixer.num_domains
         self._stopped = False
-        self._cdf: np.ndarray | None = None  # of the policy, until it changes
+        # Domains of rows `_drawn_from ...` drawn at once with the current policy (one
+        # searchsorted per chunk, not per row); dropped when the policy changes, so rows after
+        # an update are drawn with the new one, exactly as row by row. Chunks double from
+        # `_FIRST_DRAW` while the policy holds, so per-step updates do not redraw a whole block.
+        self._drawn: list[int] = []
+        self._drawn_from = 0
+        self._draw_size = _FIRST_DRAW
 
     def update_policy(self, losses: np.ndarray) -> None:
         """Feeds (K,) per-domain losses to this iterator's policy (see `MixPlans.update`)."""
-        self._cdf = None
+        self._forget_draws()
         self.policy.update(losses)
+
+    def _forget_draws(self) -> None:
+        self._drawn, self._draw_size = [], _FIRST_DRAW
+
+    def _domain(self, row: int) -> int:
+        offset = row - self._drawn_from
+        if not 0 <= offset < len(self._drawn):
+            block_index, offset = divmod(row, _UNIFORM_BLOCK)
+            uniforms = self._uniforms.block(block_index)[offset : offset + self._draw_size]
+            self._draw_size = min(2 * self._draw_size, _UNIFORM_BLOCK)
+            self._drawn = draw_domains(self.policy.probabilities(), uniforms).tolist()
+            self._drawn_from, offset = row, 0
+        return self._drawn[offset]
 
     def __next__(self) -> dict[str, Any]:
         if self._stopped:
             raise StopIteration
-        if self._cdf is None:
-            self._cdf = np.cumsum(self.policy.probabilities())
-            self._cdf /= self._cdf[-1]
-        domain = int(np.searchsorted(self._cdf, self._uniforms[self._row], side="right"))
+        domain = self._domain(self._row)
         try:
             plan = next(self._domain_iters[domain])
         except StopIteration:
@@ -422,7 +443,7 @@ class MixPlansIterator(grain.DatasetIterator):
                 self._domain_iters[index].set_state(saved["state"])
         if state.get("policy") is not None:
             self.policy.load_state_dict(state["policy"], state["names"])
-        self._cdf = None
+        self._forget_draws()
 
     def __str__(self) -> str:
         return f"MixPlansIterator({self._mixer}, row={self._row})"

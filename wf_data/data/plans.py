@@ -126,6 +126,7 @@ class _Plans:
         self.seed = seed
         self.num_epochs = num_epochs
         self.docs = None
+        self._num_tokens = None
         if not _is_lengths(lengths):
             self.docs = lengths  # a source: use its lengths, or measure windows by reading
             if not hasattr(lengths, "__len__") or not hasattr(lengths, "__getitem__"):
@@ -138,16 +139,16 @@ class _Plans:
                 if callable(source_fingerprint):
                     source_fingerprint = source_fingerprint()
             num_docs = len(lengths)
+            self._num_tokens = getattr(lengths, "num_tokens", None)
             lengths = getattr(lengths, "lengths", None)
         else:
             num_docs = len(lengths)
         if lengths is not None:
+            # No scan here (100M lengths cost ~100 ms each): signs are checked per window as
+            # it is planned (`_check_lengths`), the total only when a fingerprint needs it.
             lengths = np.asarray(lengths, dtype=np.int64)
             if lengths.shape != (num_docs,):
                 raise ValueError(f"lengths has shape {lengths.shape}, expected ({num_docs},)")
-            if num_docs and lengths.min() < 0:
-                bad = int(np.flatnonzero(lengths < 0)[0])
-                raise ValueError(f"lengths[{bad}] is {int(lengths[bad])}: lengths must be >= 0")
         self.lengths = lengths
         self.num_docs = num_docs
         self.source_fingerprint = source_fingerprint
@@ -164,16 +165,22 @@ class _Plans:
         """(N,) int64 document indices in epoch `epoch`'s order (materialised: O(N))."""
         return self.permutation(epoch).take(np.arange(self.num_docs))
 
+    @property
+    def num_tokens(self) -> int | None:
+        """Tokens per epoch: the source's own count if it has one, else summed once."""
+        if self._num_tokens is None and self.lengths is not None:
+            self._num_tokens = int(self.lengths.sum())
+        return self._num_tokens
+
     def fingerprint(self) -> dict:
         """Configuration that determines the plans: method, sizes, seed and source."""
-        lengths = self.lengths
         return {
             "method": self.method,
             "seq_len": self.seq_len,
             "window_size": getattr(self, "window_size", None),
             "seed": self.seed,
             "num_docs": self.num_docs,
-            "num_tokens": None if lengths is None else int(lengths.sum()),
+            "num_tokens": self.num_tokens,
             "source": self.source_fingerprint,
         }
 
@@ -297,6 +304,8 @@ class ConcatPlans(_Plans, grain.MapDataset):
                 "`.lengths` (text tokenized on the fly?): pre-tokenize with "
                 "`wf-data prepare --tokenizer ...` or use method='best_fit'"
             )
+        # Concat needs every offset anyway, so it checks and sums all lengths up front.
+        _check_lengths(self.lengths)
         self.tokens_per_epoch = int(self.lengths.sum())
         self._offsets: dict[int, _EpochOffsets] = {}
 
@@ -474,7 +483,7 @@ class BestFitPlans(_Plans, grain.IterDataset):
     def window_lengths(self, doc_ids: np.ndarray) -> np.ndarray:
         """(n,) int64 lengths of documents `doc_ids` (read from the source if unknown)."""
         if self.lengths is not None:
-            return self.lengths[doc_ids]
+            return _check_lengths(self.lengths[doc_ids], doc_ids)
         from wf_data.data.rows import read_documents
 
         tokens, _ = read_documents(self.docs, doc_ids.tolist())
@@ -530,6 +539,7 @@ class BestFitPlansIterator(grain.DatasetIterator):
         return self._rows
 
     def _advance_window(self) -> None:
+        self._key = None  # the planned rows are of the window left behind
         self._window += 1
         self._row = 0
         if self._window >= self._plans.windows_per_epoch:
@@ -537,6 +547,10 @@ class BestFitPlansIterator(grain.DatasetIterator):
             self._window = 0
 
     def __next__(self) -> dict[str, Any]:
+        # Fast path: the next row of the window already planned (all but one call per window).
+        if self._key is not None and self._row < len(self._rows):
+            self._row += 1
+            return self._rows[self._row - 1]
         while not self._exhausted():
             rows = self._window_rows()
             if self._row < len(rows):
@@ -560,13 +574,24 @@ class BestFitPlansIterator(grain.DatasetIterator):
         if epoch < 0 or not 0 <= window < max(plans.windows_per_epoch, 1) or row < 0:
             raise ValueError(f"invalid best_fit position {(epoch, window, row)} for {plans}")
         self._epoch, self._window, self._row = epoch, window, row
-        if not self._exhausted() and row > len(self._window_rows()):
+        if self._exhausted():
+            self._key = None  # no window here: nothing planned may be served
+        elif row > len(self._window_rows()):
             raise ValueError(
                 f"row {row} out of range for window {window} of epoch {epoch} in {plans}"
             )
 
     def __str__(self) -> str:
         return f"BestFitPlansIterator({self._plans}, {(self._epoch, self._window, self._row)})"
+
+
+def _check_lengths(lengths: np.ndarray, doc_ids: np.ndarray | None = None) -> np.ndarray:
+    """Returns `lengths` ((n,) of documents `doc_ids`, default all), failing on a negative one."""
+    if lengths.size and lengths.min() < 0:
+        bad = int(np.flatnonzero(lengths < 0)[0])
+        doc = bad if doc_ids is None else int(doc_ids[bad])
+        raise ValueError(f"lengths[{doc}] is {int(lengths[bad])}: lengths must be >= 0")
+    return lengths
 
 
 def _split_pieces(doc_ids: np.ndarray, lengths: np.ndarray, seq_len: int):

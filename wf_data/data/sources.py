@@ -12,8 +12,9 @@ over all shards.
 
 Integrity: the manifest lists every other file of the dataset with its size and sha256 (shards,
 `lengths.npy`), and its `fingerprint` is the sha256 of the rest of the manifest, so an edit of
-any field or file is detected. Opening checks what is cheap (fingerprint, file sizes, lengths
-count and per-shard sums); reading checks each token record's length against `lengths.npy`;
+any field or file is detected. Opening checks what needs no scan (fingerprint, file sizes,
+lengths count; `lengths.npy` is memory-mapped); the first read of a shard checks its lengths'
+sum, and every read checks each token record's length against `lengths.npy`;
 `verify_dataset` (`wf-data inspect --verify`) hashes every file and recomputes the lengths.
 The small writer helpers here (`write_shard`, `write_json_atomic`, `file_sha256`) are what
 `wf_data.data.prepare` uses, so that reading and writing agree on one encoding.
@@ -354,30 +355,43 @@ class DocumentSource:
         self._lock = threading.Lock()
 
     def _load_lengths(self) -> np.ndarray:
-        """`lengths.npy`, checked against the manifest: size, shape, and each shard's sum."""
+        """`lengths.npy` memory-mapped (ranks on one host share the page cache), checked
+        against the manifest at open for what costs no scan: size, dtype and shape.
+
+        Each shard's sum is checked against the manifest when the shard is first read
+        (`_check_shard_lengths`), so opening 100M documents reads no lengths.
+        """
         lengths_path = self.path / LENGTHS_NAME
         _check_size(lengths_path, self.manifest["lengths"]["bytes"], self.path)
-        lengths = np.load(lengths_path, allow_pickle=False)
+        lengths = np.load(lengths_path, mmap_mode="r", allow_pickle=False)
         if lengths.dtype != np.int64 or lengths.shape != (len(self),):
             raise ValueError(
                 f"{lengths_path}: expected ({len(self)},) int64 (one per record), "
                 f"got {lengths.shape} {lengths.dtype}; prepare the dataset again"
             )
-        # Per-shard sums catch entries moved across shards; the per-record check in
-        # `__getitems__` catches the rest (`verify_dataset` checks everything).
-        cumulative = np.concatenate([[0], np.cumsum(lengths)])
-        sums = cumulative[self._starts[1:]] - cumulative[self._starts[:-1]]
-        expected = np.array([shard["tokens"] for shard in self.manifest["shards"]])
-        bad = np.flatnonzero(sums != expected)
-        if bad.size:
-            shard = self.manifest["shards"][int(bad[0])]
+        return lengths
+
+    @property
+    def num_tokens(self) -> int | None:
+        """Total tokens (format `tokens`: the manifest's per-shard sums), else None."""
+        if self.format != "tokens":
+            return None
+        return sum(int(shard["tokens"]) for shard in self.manifest["shards"])
+
+    def _check_shard_lengths(self, shard: int) -> None:
+        """Fails if shard `shard`'s lengths do not sum to the manifest's count: catches entries
+        moved across shards; the per-record check in `__getitems__` catches the rest."""
+        if self.lengths is None:
+            return
+        start, stop = int(self._starts[shard]), int(self._starts[shard + 1])
+        total = int(np.sum(self.lengths[start:stop]))
+        expected = self.manifest["shards"][shard]
+        if total != expected["tokens"]:
             raise ValueError(
-                f"{lengths_path}: the lengths of shard {shard['file']} sum to "
-                f"{int(sums[bad[0]])} tokens, the manifest says {shard['tokens']} (corrupt "
+                f"{self.path / LENGTHS_NAME}: the lengths of shard {expected['file']} sum to "
+                f"{total} tokens, the manifest says {expected['tokens']} (corrupt "
                 f"lengths.npy); check with `wf-data inspect {self.path} --verify`"
             )
-        lengths.setflags(write=False)
-        return lengths
 
     def __len__(self) -> int:
         return int(self._starts[-1])
@@ -389,7 +403,7 @@ class DocumentSource:
         state = self.__dict__.copy()
         state["_readers"] = [None] * len(self.shard_paths)
         del state["_lock"]
-        # lengths can be large (8 bytes a record): the new process memory-maps the file instead.
+        # lengths can be large (8 bytes a record): the new process memory-maps the file again.
         state["lengths"] = None
         return state
 
@@ -397,7 +411,7 @@ class DocumentSource:
         self.__dict__.update(state)
         self._lock = threading.Lock()
         if self.format == "tokens":
-            self.lengths = np.load(self.path / LENGTHS_NAME, mmap_mode="r")
+            self.lengths = self._load_lengths()
 
     def _reader(self, shard: int):
         reader = self._readers[shard]
@@ -407,6 +421,7 @@ class DocumentSource:
             with self._lock:
                 reader = self._readers[shard]
                 if reader is None:
+                    self._check_shard_lengths(shard)
                     global _READ_IN_PID
                     _READ_IN_PID = os.getpid()
                     reader = ArrayRecordReader(os.fspath(self.shard_paths[shard]), READER_OPTIONS)
