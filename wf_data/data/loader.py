@@ -30,6 +30,7 @@ from wf_data.data.mixing import (
     decode_plans,
     encode_plans,
 )
+from wf_data.data.odm import bandit_from_config
 
 STATE_VERSION = 1
 FRAMEWORKS = ("numpy", "torch", "jax")
@@ -491,16 +492,15 @@ def build_mixing(cfg, *, sources=None, num_epochs="config", on_exhausted=None):
     # Finite epochs end the stream when a domain runs out; otherwise domains start over.
     on_exhausted = on_exhausted or ("stop" if epochs is not None else "restart")
     if cfg.mixing.kind == "exp3":
-        return Exp3Mixing(
-            datasets,
-            weights,
+        mixing = Exp3Mixing(datasets, weights, seed=cfg.seed, on_exhausted=on_exhausted)
+        mixing.bandit = bandit_from_config(
+            cfg.mixing,
+            mixing.num_domains,
+            prior=mixing.bandit.prior,
             seed=cfg.seed,
-            on_exhausted=on_exhausted,
-            alpha=cfg.mixing.alpha,
-            min_weight=cfg.mixing.min_weight,
-            max_weight=cfg.mixing.max_weight,
-            warmup_steps=cfg.mixing.warmup_steps,
+            domain_names=mixing.names,
         )
+        return mixing
     return MixedDataset(datasets, weights, seed=cfg.seed, on_exhausted=on_exhausted)
 
 

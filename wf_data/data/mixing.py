@@ -256,7 +256,7 @@ class Exp3Mixing(_MixingDataset):
             if key not in self.names:
                 raise KeyError(f"unknown domain {key!r}; domains are {list(self.names)}")
             return self.names.index(key)
-        return int(key)
+        return key  # the bandit checks the type (bool and float keys are refused) and range
 
     def _bandit_state(self) -> dict:
         return self.bandit.state_dict()
