@@ -576,3 +576,40 @@ def test_bandit_from_config_reads_every_field():
         bandit_from_config(MixingConfig(reward="excess_loss"), 2, domain_names=["a", "b"])
     with pytest.raises(ValueError, match="total_steps"):
         bandit_from_config(MixingConfig(warmup_fraction=0.1), 2)
+
+
+@pytest.mark.parametrize(
+    "rule, reward, max_weight",
+    [
+        ("paper", "loss", None),
+        ("paper", "loss_decrease", None),
+        ("smoothed_mean", "loss_decrease", None),
+        # Raw loss makes smoothed_mean favour the unlearnable domain (loss 9, e^9 times the
+        # others' reward): max_weight is the bound that keeps the others trained.
+        ("smoothed_mean", "loss", 0.25),
+    ],
+)
+def test_22_noisy_domains_never_collapse(simulate_odm, rule, reward, max_weight):
+    """22 domains, noisy losses and occasional corrupted 1e308 losses: every weight stays at or
+    above the floor, nothing is NaN, and no domain holds the majority for long."""
+    domains = simulate_odm.many_domains(22, noise=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run = simulate_odm.simulate(
+            domains,
+            steps=600,
+            seed=0,
+            spike_prob=0.002,
+            update_rule=rule,
+            reward=reward,
+            min_weight=0.01,
+            max_weight=max_weight,
+            warmup_steps=30,
+        )
+    policy = run.policy
+    assert not np.isnan(policy).any() and not np.isnan(run.loss).any()
+    assert policy.min() >= 0.01 - 1e-12
+    assert policy.max() <= (max_weight or 1.0) + 1e-12
+    np.testing.assert_allclose(policy.sum(axis=1), 1.0, atol=1e-9)
+    assert (policy.max(axis=1) > 0.5).mean() < 0.2
+    assert run.rows_seen[-1].min() > 0  # every domain was trained on

@@ -11,7 +11,8 @@ checkpoints inside its own state, so the loader never needs to know which reward
 - ``excess_loss``: ``max(L_i - ref_i, 0)`` against a fixed per-domain reference loss (DoReMi's
   excess loss, clipped at 0 as DoReMi does): a domain at or below its reference earns nothing.
 - ``loss_decrease``: learning progress (ADO-style). The loss of each domain is smoothed by an
-  EMA, ``s <- beta s + (1 - beta) L`` (``s = L`` at the first observation), and the reward is
+  EMA, ``s <- beta s + (1 - beta) min(L, 2 s)`` (``s = L`` at the first observation; the clip
+  keeps one loss spike from reading as progress long after it), and the reward is
   how much ``s`` fell over the last ``window`` observations of that domain,
   ``s[n - m] - s[n]`` with ``m = min(n, window)`` (0 at the first observation). A domain that
   no longer improves, such as one of random tokens, earns nothing.
@@ -101,10 +102,13 @@ class LossDecrease(Loss):
         size = self.window + 1
         count = self._count[observed]
         newest = self._history[observed, (count - 1) % size]
+        # A loss above twice the smoothed one counts as twice: one spike (or corrupted value)
+        # would otherwise sit in the EMA and read as progress for many observations after it.
+        clipped = np.minimum(losses[observed], 2.0 * newest)
         smoothed = np.where(
             count == 0,
             losses[observed],
-            self.smoothing * newest + (1.0 - self.smoothing) * losses[observed],
+            self.smoothing * newest + (1.0 - self.smoothing) * clipped,
         )
         self._history[observed, count % size] = smoothed
         count = count + 1
