@@ -32,6 +32,15 @@ at the first update and exploitation dominates within a few steps. It reacts muc
 is as sensitive to the scale of r as exp makes it: a domain whose reward is one nat higher
 gets e times the exploitation weight.
 
+Source of the smoothed-mean rule: `SmoothedMeanWeightUpdater.group_update` as found in the
+public code index (an orchestrator script built on the authors' code; the indexed versions of
+alon-albalak/online-data-mixing `megatron/data/data_sampling_utils.py` hold only
+`Exp3WeightUpdater`, the paper form, which divides the loss by 10 before weighting). There, eps
+uses `math.log10`, `iteration` is the count of group updates starting at 1, the update is
+`R <- s R + (1 - s) exp(reward)` over the domains given, and the weights are
+`R prev_eps scaling + eps` with `scaling = (1 - K eps) / sum(R prev_eps)`, so prev_eps cancels.
+This port follows it; its policy before any update is the prior, as there.
+
 During warmup (`warmup_steps` updates) the policy stays at the prior while rewards accumulate;
 both clocks (t and n) count every update, warmup included. `min_weight`/`max_weight` bound
 the final policy. `reward_cap` bounds what one update can add to R, so that one absurd loss
