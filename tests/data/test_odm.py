@@ -613,3 +613,43 @@ def test_22_noisy_domains_never_collapse(simulate_odm, rule, reward, max_weight)
     np.testing.assert_allclose(policy.sum(axis=1), 1.0, atol=1e-9)
     assert (policy.max(axis=1) > 0.5).mean() < 0.2
     assert run.rows_seen[-1].min() > 0  # every domain was trained on
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["mixing.warmup_fraction=0.1"], "needs data.mixing.total_steps"),
+        (["mixing.kind=exp3", "mixing.reward=excess_loss"], "reference_losses: reward excess"),
+        (["mixing.update_rule=ema"], "'ema' is not one of 'paper', 'smoothed_mean'"),
+        (["mixing.reward_cap=0"], "reward_cap: must be > 0"),
+        (["mixing.progress_window=0"], "progress_window: must be >= 1"),
+        (["mixing.loss_smoothing=1.0"], r"loss_smoothing: must be in \[0, 1\)"),
+    ],
+)
+def test_config_mixing_section_is_validated(overrides, match):
+    from wf_data.config import ConfigError, load_data_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_data_config("demo", overrides)
+
+
+def test_config_mixing_section_accepts_every_option():
+    from wf_data.config import load_data_config
+
+    mixing = load_data_config(
+        "demo",
+        [
+            "mixing.update_rule=smoothed_mean",
+            "mixing.reward=excess_loss",
+            "+mixing.reference_losses={prose: 2.0, code: 1.0, math: 1.5}",
+            "mixing.warmup_fraction=0.1",
+            "mixing.total_steps=50",
+            "mixing.reward_cap=100",
+        ],
+    ).mixing
+    assert mixing.reference_losses == {"prose": 2.0, "code": 1.0, "math": 1.5}
+    assert (mixing.update_rule, mixing.warmup_fraction, mixing.total_steps) == (
+        "smoothed_mean",
+        0.1,
+        50,
+    )
