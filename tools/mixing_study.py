@@ -353,7 +353,7 @@ def plot(results: Sequence[ArmResult], path: str | os.PathLike) -> Path:
     share_axes.set_ylabel("realised token share")
     share_axes.set_title("Tokens per domain")
     share_axes.tick_params(axis="x", rotation=30)
-    share_axes.legend(fontsize="small")
+    share_axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
