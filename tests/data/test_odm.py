@@ -653,3 +653,25 @@ def test_config_mixing_section_accepts_every_option():
         0.1,
         50,
     )
+
+
+def test_mixture_update_refuses_bool_keys_and_string_values_end_to_end():
+    """Through `Exp3Mixing.update` (what `loader.update_mixture` calls): names map to indices,
+    everything else reaches the bandit's checks unconverted (True is not domain 1)."""
+    import grain.python as grain
+
+    from wf_data.data.mixing import Exp3Mixing
+
+    domain = grain.MapDataset.range(4).to_iter_dataset()
+    mixing = Exp3Mixing({"a": domain, "b": domain})
+    for bad, match in [
+        ({True: 1.0}, "domain keys must be ints.*True"),
+        ({1.5: 1.0}, "domain keys must be ints.*1.5"),
+        ({"a": "2.0"}, "domain 0 loss must be a real number, got '2.0'"),
+        ({"b": False}, "domain 1 loss must be a real number, got False"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            mixing.update(bad)
+    assert mixing.bandit.step == 0
+    mixing.update({"a": 2.0, 1: 3.0})
+    assert mixing.bandit.step == 1 and (mixing.bandit.rewards > 0).all()
