@@ -57,7 +57,7 @@ class StudyOptions:
     """Size of every run; the defaults fit 3 seeds x 7 arms in under 10 minutes on 2 cores."""
 
     steps: int = 120
-    eval_every: int = 20
+    eval_every: int = 10
     seq_len: int = 128
     global_batch_size: int = 8
     hidden_size: int = 64
