@@ -619,7 +619,7 @@ def test_22_noisy_domains_never_collapse(simulate_odm, rule, reward, max_weight)
     "overrides, match",
     [
         (["mixing.warmup_fraction=0.1"], "needs data.mixing.total_steps"),
-        (["mixing.kind=exp3", "mixing.reward=excess_loss"], "reference_losses: reward excess"),
+        (["mixing.reward=excess_loss", "~mixing.reference_losses"], "reference_losses: reward"),
         (["mixing.update_rule=ema"], "'ema' is not one of 'paper', 'smoothed_mean'"),
         (["mixing.reward_cap=0"], "reward_cap: must be > 0"),
         (["mixing.progress_window=0"], "progress_window: must be >= 1"),
