@@ -16,8 +16,9 @@ loss reaches the static arm's final one. Writes a markdown table and a plot:
     uv run python tools/mixing_study.py                  # 3 seeds, all arms, < 10 min on 2 cores
     uv run python tools/mixing_study.py --steps 40 --seeds 0 --arms static paper-loss
 
-Only the public loader API is used (`get_loader`, `get_eval_loaders`, `update_mixture`
-through `InfluenceAwareOptimizer`, `stats()`), so the loader may change beneath it.
+Only the public loader API is used (`get_loader`, `get_eval_loaders`, `update_mixture` with
+`per_domain_loss`, `stats()`, `mixture`) and the demo's model and evaluation helpers, so the
+loader may change beneath it.
 """
 
 from __future__ import annotations
@@ -175,14 +176,20 @@ def study_config(paths, mixing: dict, seed: int, options: StudyOptions) -> dict:
 # ----------------------------------------------------------------------------- one run
 
 
-class _NoFeedback:
-    """The static arm's stand-in for a mixture: the optimizer wrapper's updates go nowhere."""
+def _train_steps(model, optimizer, loader, batches, steps: int, learns: bool) -> None:
+    """`steps` optimizer steps; an online mixture gets each step's per-domain mean loss."""
+    from wf_data.demo import row_losses
+    from wf_data.influence import per_domain_loss
 
-    def __init__(self, num_domains: int):
-        self.num_domains = num_domains
-
-    def update(self, losses) -> None:
-        """Static weights ignore the feedback."""
+    for _ in range(steps):
+        batch = next(batches)
+        loss_per_row = row_losses(model, batch)
+        optimizer.zero_grad()
+        loss_per_row.mean().backward()
+        optimizer.step()
+        if learns:  # NaN for the domains absent from the batch
+            mean_loss, _ = per_domain_loss(loss_per_row.detach(), batch["domain_ids"], len(DOMAINS))
+            loader.update_mixture(mean_loss.double().numpy())
 
 
 def run_arm(
@@ -196,8 +203,7 @@ def run_arm(
     import torch
 
     from wf_data.data.loader import get_eval_loaders, get_loader
-    from wf_data.demo import DemoOptions, _train_steps, build_tiny_llama, evaluate
-    from wf_data.influence import InfluenceAwareOptimizer
+    from wf_data.demo import DemoOptions, build_tiny_llama, evaluate
 
     started = time.perf_counter()
     mixing = dict(ARMS[arm])
@@ -216,16 +222,13 @@ def run_arm(
         seed=seed,
     )
     model = build_tiny_llama(loader_vocab_size(), demo_options)
-    feedback = loader if mixing["kind"] == "exp3" else _NoFeedback(len(DOMAINS))
-    optimizer = InfluenceAwareOptimizer(
-        torch.optim.AdamW(model.parameters(), lr=options.learning_rate), feedback
-    )
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate)
     batches = iter(loader)
     eval_steps, eval_loss = [0], [evaluate(model, eval_loaders, options.eval_batches)]
     done = 0
     while done < options.steps:
         chunk = min(options.eval_every, options.steps - done)
-        _train_steps(model, optimizer, batches, chunk)
+        _train_steps(model, optimizer, loader, batches, chunk, learns=mixing["kind"] == "exp3")
         done += chunk
         eval_steps.append(done)
         eval_loss.append(evaluate(model, eval_loaders, options.eval_batches))
