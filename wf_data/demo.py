@@ -207,7 +207,7 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     eval_after = evaluate(model, eval_loaders, options.eval_batches)
     summary = {
         "steps": options.steps,
-        "mixing": _mixing_settings(loader),
+        "mixing": _mixing_settings(overrides),
         "tokens_served": tokens_served,
         "train_tokens_per_s": tokens_served / train_seconds,
         "fill": stats["data/fill"],
@@ -227,10 +227,12 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     return summary
 
 
-def _mixing_settings(loader) -> str:
-    """'exp3 smoothed_mean/loss_decrease' (or 'static'): what the demo's mixture runs."""
-    bandit = getattr(loader.mixing, "bandit", None)
-    return "static" if bandit is None else f"exp3 {bandit.update_rule}/{bandit.reward}"
+def _mixing_settings(overrides) -> str:
+    """'exp3 smoothed_mean/excess_loss' (or 'static'): what the demo's config mixes with."""
+    from wf_data.config import load_data_config
+
+    mixing = load_data_config("demo", overrides).mixing
+    return "static" if mixing.kind == "static" else f"exp3 {mixing.update_rule}/{mixing.reward}"
 
 
 def _print_summary(summary: dict, names) -> None:
