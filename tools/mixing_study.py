@@ -142,10 +142,7 @@ def prepare_study_data(root: str | os.PathLike | None = None) -> dict[str, dict[
         out = root / split / domain
         if not (out / "manifest.json").is_file():
             jsonl = root / "jsonl" / f"{domain}-{split}.jsonl"
-            jsonl.parent.mkdir(parents=True, exist_ok=True)
-            tmp = jsonl.with_name(jsonl.name + ".tmp")
-            tmp.write_text("".join(json.dumps({"text": text}) + "\n" for text in make()))
-            os.replace(tmp, jsonl)
+            _write_atomic(jsonl, "".join(json.dumps({"text": text}) + "\n" for text in make()))
             prepare([jsonl], out, tokenizer=tokenizer, name=domain, num_shards=1, progress=False)
         paths[split][domain] = out
     return paths
@@ -372,9 +369,13 @@ def plot(results: Sequence[ArmResult], path: str | os.PathLike) -> Path:
 
 
 def _write_atomic(path: Path, text: str) -> None:
+    """Temp file + fsync + rename: a reader sees the old file or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
