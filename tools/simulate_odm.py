@@ -59,6 +59,18 @@ class SyntheticDomains:
         return self.floor + self.scale * (1.0 + rows_seen) ** -self.rate
 
 
+def many_domains(num_domains: int = 22, noise: float = 1.0, seed: int = 0) -> SyntheticDomains:
+    """`num_domains` domains with seeded floors, scales and rates; one of them (the last) is
+    unlearnable: a high floor and no decrease, like a domain of random tokens."""
+    rng = np.random.default_rng([seed, 22])
+    floor = rng.uniform(1.0, 3.0, num_domains)
+    scale = rng.uniform(1.0, 3.0, num_domains)
+    rate = rng.uniform(0.05, 0.6, num_domains)
+    floor[-1], scale[-1], rate[-1] = 9.0, 0.0, 0.0
+    names = tuple(f"d{i:02d}" for i in range(num_domains - 1)) + ("random",)
+    return SyntheticDomains(names=names, floor=floor, scale=scale, rate=rate, noise=noise)
+
+
 def default_domains(noise: float = 0.3) -> SyntheticDomains:
     """Five domains: `math` learns slowly (its loss stays high), `code` learns fast."""
     return SyntheticDomains(
@@ -99,19 +111,23 @@ def simulate(
     weights: Sequence[float] | None = None,
     seed: int = 0,
     alpha: float = 0.9,
+    spike_prob: float = 0.0,
+    **bandit_options,
 ) -> SimulationResult:
     """Run `steps` steps of `mixer` ("exp3" or "static") over `domains`.
 
     weights: the static weights, and EXP3's prior (uniform when None). The batch's domains and
     the loss noise come from `np.random.default_rng([seed, ...])`, so both mixers see the same
-    random streams.
+    random streams. spike_prob: chance that an observed domain's loss is replaced by 1e308 (a
+    corrupted value) in a step. bandit_options: further `Exp3` keyword arguments
+    (update_rule, reward, min_weight, warmup_steps, reward_cap...).
     """
     if mixer not in ("exp3", "static"):
         raise ValueError(f"simulate: mixer must be 'exp3' or 'static', got {mixer!r}")
     if steps < 1 or batch_size < 1:
         raise ValueError(f"simulate: steps and batch_size must be >= 1, got {steps}, {batch_size}")
     k = domains.num_domains
-    bandit = Exp3(k, alpha=alpha, prior=weights, seed=seed)
+    bandit = Exp3(k, alpha=alpha, prior=weights, seed=seed, **bandit_options)
     static = bandit.policy()  # the normalised prior
     draw_rng = np.random.default_rng([seed, 0])
     noise_rng = np.random.default_rng([seed, 1])
@@ -125,7 +141,10 @@ def simulate(
         expected = domains.expected_loss(rows_seen)
         # The mean of `count` rows' noisy losses: noise shrinks as 1/sqrt(count).
         noise = noise_rng.standard_normal(k) * domains.noise / np.sqrt(np.maximum(counts, 1))
-        observed = np.where(counts > 0, expected + noise, np.nan)
+        # Losses are >= 0; a noisy draw below 0 is clipped, as a real mean loss would be.
+        observed = np.where(counts > 0, np.maximum(expected + noise, 0.0), np.nan)
+        if spike_prob > 0:
+            observed[(counts > 0) & (noise_rng.random(k) < spike_prob)] = 1e308
         if mixer == "exp3":
             bandit.update(observed)
         rows_seen = rows_seen + counts
@@ -207,10 +226,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--alpha", type=float, default=0.9)
     parser.add_argument("--noise", type=float, default=0.3, help="per-row loss noise (std)")
+    parser.add_argument("--domains", type=int, default=5, help="5: named demo set; else K")
+    parser.add_argument("--update-rule", default="paper", choices=["paper", "smoothed_mean"])
+    parser.add_argument("--reward", default="loss", choices=["loss", "loss_decrease"])
+    parser.add_argument("--min-weight", type=float, default=None)
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--spike-prob", type=float, default=0.0, help="chance of a 1e308 loss")
     parser.add_argument("--out", default="outputs/simulate_odm.png", help="PNG path ('' = none)")
     args = parser.parse_args(argv)
 
-    domains = default_domains(noise=args.noise)
+    if args.domains == 5:
+        domains = default_domains(noise=args.noise)
+    else:
+        domains = many_domains(args.domains, noise=args.noise, seed=args.seed)
     results = [
         simulate(
             domains,
@@ -219,6 +247,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             alpha=args.alpha,
+            spike_prob=args.spike_prob,
+            update_rule=args.update_rule,
+            reward=args.reward,
+            min_weight=args.min_weight,
+            warmup_steps=args.warmup_steps,
         )
         for mixer in ("exp3", "static")
     ]

@@ -113,17 +113,30 @@ class SourceConfig:
 class MixingConfig:
     """How rows are drawn across sources: fixed weights, or online EXP3 (Online Data Mixing).
 
-    The EXP3 parameters are those of ``wf_data.data.odm.Exp3``: reward smoothing ``alpha`` in
-    [0, 1], ``warmup_steps`` updates during which the policy stays at the prior, optional
-    ``min_weight`` / ``max_weight`` bounds on the policy, and ``update_every`` optimizer steps
-    between mixture updates. They are not used by ``kind="static"``.
+    The EXP3 parameters are those of ``wf_data.data.odm.Exp3`` (built by
+    ``odm.bandit_from_config``); ``kind="static"`` uses none of them. ``update_rule``: the
+    paper's importance-weighted EXP3 or the authors' repository variant ``smoothed_mean``;
+    ``reward``: the loss, its excess over ``reference_losses`` (``{source: loss}``), or its
+    decrease (learning progress, EMA ``loss_smoothing`` over ``progress_window`` observations);
+    ``alpha`` smooths the rewards. The policy stays at the prior for ``warmup_steps`` updates,
+    or ``warmup_fraction`` of ``total_steps``; ``min_weight`` / ``max_weight`` bound it;
+    ``reward_cap`` bounds what one step adds to a reward (``None``: the rule's default, see
+    ``odm.DEFAULT_REWARD_CAP``). ``update_every`` optimizer steps between mixture updates.
     """
 
     kind: Literal["static", "exp3"] = "static"
     alpha: float = 0.9
+    update_rule: Literal["paper", "smoothed_mean"] = "paper"
+    reward: Literal["loss", "excess_loss", "loss_decrease"] = "loss"
+    reference_losses: dict[str, float] = field(default_factory=dict)
+    loss_smoothing: float = 0.9
+    progress_window: int = 16
     warmup_steps: int = 0
+    warmup_fraction: float | None = None
+    total_steps: int | None = None
     min_weight: float | None = None
     max_weight: float | None = None
+    reward_cap: float | None = None
     update_every: int = 1
 
 
@@ -602,6 +615,27 @@ def _validate_mixing(mixing: MixingConfig, num_enabled: int) -> None:
         raise ConfigError(f"{path}.warmup_steps: must be >= 0, got {mixing.warmup_steps}")
     if mixing.update_every < 1:
         raise ConfigError(f"{path}.update_every: must be >= 1, got {mixing.update_every}")
+    if not 0.0 <= mixing.loss_smoothing < 1.0:
+        raise ConfigError(f"{path}.loss_smoothing: must be in [0, 1), got {mixing.loss_smoothing}")
+    if mixing.progress_window < 1:
+        raise ConfigError(f"{path}.progress_window: must be >= 1, got {mixing.progress_window}")
+    if mixing.warmup_fraction is not None:
+        if not 0.0 <= mixing.warmup_fraction <= 1.0:
+            raise ConfigError(
+                f"{path}.warmup_fraction: must be in [0, 1], got {mixing.warmup_fraction}"
+            )
+        if mixing.total_steps is None or mixing.total_steps < 1:
+            raise ConfigError(
+                f"{path}.warmup_fraction: needs {path}.total_steps >= 1 (the run length), got "
+                f"{mixing.total_steps}; or give warmup_steps instead"
+            )
+    if mixing.reward_cap is not None and not mixing.reward_cap > 0:
+        raise ConfigError(f"{path}.reward_cap: must be > 0 (.inf: no cap), got {mixing.reward_cap}")
+    if mixing.kind == "exp3" and mixing.reward == "excess_loss" and not mixing.reference_losses:
+        raise ConfigError(
+            f"{path}.reference_losses: reward excess_loss needs a reference loss per source, "
+            "e.g. {web: 2.9, code: 1.4} (a reference model's held-out loss)"
+        )
     low, high = mixing.min_weight, mixing.max_weight
     for key, bound in (("min_weight", low), ("max_weight", high)):
         if bound is not None and not 0.0 <= bound <= 1.0:

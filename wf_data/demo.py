@@ -204,6 +204,7 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     eval_after = evaluate(model, eval_loaders, options.eval_batches)
     summary = {
         "steps": options.steps,
+        "mixing": _mixing_settings(overrides),
         "tokens_served": tokens_served,
         "train_tokens_per_s": tokens_served / train_seconds,
         "fill": stats["data/fill"],
@@ -223,13 +224,23 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     return summary
 
 
+def _mixing_settings(overrides) -> str:
+    """'exp3 smoothed_mean/excess_loss' (or 'static'): what the demo's config mixes with."""
+    from wf_data.config import load_data_config
+
+    mixing = load_data_config("demo", overrides).mixing
+    return "static" if mixing.kind == "static" else f"exp3 {mixing.update_rule}/{mixing.reward}"
+
+
 def _print_summary(summary: dict, names) -> None:
-    print("\nSummary")
-    print(f"{'domain':<8} {'prior':>7} {'final':>7} {'tok share':>9} {'eval before':>11} "
+    # configured: the sources' weights (the bandit's prior); final: the policy rows are drawn
+    # with now; realised: the share of training tokens each domain actually got.
+    print(f"\nSummary (mixing: {summary['mixing']})")
+    print(f"{'domain':<8} {'configured':>10} {'final':>7} {'realised':>9} {'eval before':>11} "
           f"{'eval after':>10}")
     for name in names:
         print(
-            f"{name:<8} {summary['initial_weights'][name]:>7.3f} "
+            f"{name:<8} {summary['initial_weights'][name]:>10.3f} "
             f"{summary['final_weights'][name]:>7.3f} {summary['token_share'][name]:>9.3f} "
             f"{summary['eval_loss_before'][name]:>11.3f} {summary['eval_loss_after'][name]:>10.3f}"
         )

@@ -202,10 +202,11 @@ def test_nan_and_inf_losses_are_ignored_with_a_warning():
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
-def test_reward_overflow_is_ignored_with_a_warning():
-    bandit = Exp3(2, alpha=0.0)  # R_1 = 1.7e308 / 0.5 overflows
+@pytest.mark.parametrize("rule, loss", [("paper", 1.7e308), ("smoothed_mean", 800.0)])
+def test_reward_overflow_without_a_cap_is_ignored_with_a_warning(rule, loss):
+    bandit = Exp3(2, alpha=0.0, update_rule=rule, reward_cap=math.inf)
     with pytest.warns(RuntimeWarning, match="domain 1 loss .* overflows"):
-        bandit.update(np.array([1.0, 1.7e308]))
+        bandit.update(np.array([1.0, loss]))
     assert np.isfinite(bandit.rewards).all() and bandit.rewards[0] > 0
 
 
@@ -360,3 +361,320 @@ def test_simulation_main_prints_table_and_writes_png(simulate_odm, tmp_path, cap
     assert "final EXP3 weights: web=" in printed and "static" in printed
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.parent.glob("*.tmp"))  # pathlib globs dotfiles too
+
+
+# --- hand-computed vectors of both update rules ---------------------------------------------
+
+
+def test_paper_rule_hand_computed_vector():
+    # K = 2, alpha = 0.5, uniform prior. eps_1 = min(1/2, sqrt(ln 2 / 2)) = 1/2, so the first
+    # policy is the prior; eps_2 = sqrt(ln 2 / 4).
+    bandit = Exp3(2, alpha=0.5)
+    np.testing.assert_allclose(bandit.policy(), [0.5, 0.5], atol=1e-15)
+    bandit.update([1.0, 3.0])  # R = 0.5 * 0 + 0.5 * L / 0.5 = L
+    np.testing.assert_allclose(bandit.rewards, [1.0, 3.0], rtol=1e-15)
+    eps_1, eps_2 = 0.5, math.sqrt(math.log(2) / 4)
+    soft = [1 / (1 + math.exp(eps_1 * 2)), math.exp(eps_1 * 2) / (1 + math.exp(eps_1 * 2))]
+    pi = [(1 - 2 * eps_2) * soft[i] + 2 * eps_2 * 0.5 for i in range(2)]
+    np.testing.assert_allclose(bandit.policy(), pi, rtol=1e-12)
+    bandit.update({1: 2.0})  # only domain 1 observed: R_1 = 0.5 * 3 + 0.5 * 2 / pi_1
+    np.testing.assert_allclose(bandit.rewards, [1.0, 1.5 + 1.0 / pi[1]], rtol=1e-12)
+
+
+def test_smoothed_mean_rule_hand_computed_vector():
+    # K = 3, alpha = 0.5, losses ln 2, ln 4, ln 8 so that exp(L) is 2, 4, 8.
+    bandit = Exp3(3, alpha=0.5, update_rule="smoothed_mean", prior=[2, 1, 1])
+    np.testing.assert_allclose(bandit.policy(), [0.5, 0.25, 0.25])  # n = 0: the prior
+    bandit.update([math.log(2), math.log(4), np.nan])
+    np.testing.assert_allclose(bandit.rewards, [1.0, 2.0, 0.0], rtol=1e-12)
+    # eps_1 = min(1/3, sqrt(log10 3 / 3)) = 1/3: uniform exploration takes all the mass.
+    np.testing.assert_allclose(bandit.policy(), [1 / 3] * 3, rtol=1e-12)
+    bandit.update({0: math.log(2), 1: math.log(2), 2: math.log(8)})
+    rewards = [0.5 * 1 + 0.5 * 2, 0.5 * 2 + 0.5 * 2, 0.5 * 0 + 0.5 * 8]  # 1.5, 2, 4
+    np.testing.assert_allclose(bandit.rewards, rewards, rtol=1e-12)
+    eps_2 = math.sqrt(math.log10(3) / 6)
+    pi = [(1 - 3 * eps_2) * r / 7.5 + eps_2 for r in rewards]
+    np.testing.assert_allclose(bandit.policy(), pi, rtol=1e-12)
+    assert eps_2 < 1 / 3 and pi[2] > pi[1] > pi[0]
+
+
+def test_smoothed_mean_eps_clock_counts_warmup_steps():
+    warm = Exp3(3, alpha=0.5, update_rule="smoothed_mean", warmup_steps=4)
+    cold = Exp3(3, alpha=0.5, update_rule="smoothed_mean")
+    for n in range(6):
+        losses = [1.0, 2.0 + n / 10, 0.5]
+        if n < 4:
+            np.testing.assert_array_equal(warm.policy(), warm.prior)
+        else:  # same R and same clock: the policy is the unwarmed one
+            np.testing.assert_allclose(warm.policy(), cold.policy(), rtol=1e-15)
+        warm.update(losses)
+        cold.update(losses)
+    eps_6 = math.sqrt(math.log10(3) / 18)
+    share = warm.rewards / warm.rewards.sum()
+    np.testing.assert_allclose(warm.policy(), (1 - 3 * eps_6) * share + eps_6, rtol=1e-12)
+
+
+@pytest.mark.parametrize("rule", ["paper", "smoothed_mean"])
+@pytest.mark.parametrize("reward", ["loss", "excess_loss", "loss_decrease"])
+def test_state_round_trip_every_rule_and_reward(rule, reward):
+    kwargs = dict(update_rule=rule, reward=reward, reference_losses=[1.0, 2.0, 0.5, 1.5], alpha=0.8)
+    rows = fixed_losses(4, 60, seed=5)
+    bandit = Exp3(4, **kwargs)
+    for row in rows[:25]:
+        bandit.update(as_array(row))
+    state = json.loads(json.dumps(bandit.state_dict()))
+    restored = Exp3(4, **kwargs)
+    restored.load_state_dict(state)
+    for row in rows[25:]:
+        np.testing.assert_array_equal(restored.policy(), bandit.policy())
+        bandit.update(as_array(row))
+        restored.update(as_array(row))
+    np.testing.assert_array_equal(restored.rewards, bandit.rewards)
+    # The policy moved away from the prior: the rule and reward are exercised.
+    assert np.abs(bandit.policy() - 0.25).max() > 1e-3
+
+
+def test_load_state_refuses_another_rule_or_reward_and_reads_version_1():
+    state = Exp3(3, update_rule="smoothed_mean").state_dict()
+    with pytest.raises(ValueError, match="update_rule='smoothed_mean'"):
+        Exp3(3).load_state_dict(state)
+    state = Exp3(3, reward="loss_decrease").state_dict()
+    with pytest.raises(ValueError, match="reward='loss_decrease'"):
+        Exp3(3).load_state_dict(state)
+    old = Exp3(3)
+    old.update([1.0, 2.0, 3.0])
+    version_1 = {
+        key: value
+        for key, value in old.state_dict().items()
+        if key not in ("update_rule", "reward", "reward_state")
+    }
+    version_1["version"] = 1
+    restored = Exp3(3)
+    restored.load_state_dict(version_1)
+    np.testing.assert_array_equal(restored.policy(), old.policy())
+    with pytest.raises(ValueError, match="update_rule='paper'"):
+        Exp3(3, update_rule="smoothed_mean").load_state_dict(version_1)
+
+
+# --- input safety (issue 10 case 10) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "losses, error, match",
+    [
+        ({True: 1.0}, TypeError, "domain keys must be ints.*True"),
+        ({np.bool_(False): 1.0}, TypeError, "domain keys must be ints"),
+        ({1.0: 1.0}, TypeError, "domain keys must be ints"),
+        ({"0": 1.0}, TypeError, "domain keys must be ints"),
+        ({0: "2.5"}, TypeError, "domain 0 loss must be a real number, got '2.5'"),
+        ({1: True}, TypeError, "domain 1 loss must be a real number, got True"),
+        ({2: None}, TypeError, "domain 2 loss must be a real number"),
+        ({0: np.bool_(True)}, TypeError, "domain 0 loss must be a real number"),
+        ([1.0, "x", 2.0], TypeError, "domain 1 loss must be a real number"),
+        ([1.0, False, 2.0], TypeError, "domain 1 loss must be a real number"),
+        (np.array([True, False, True]), TypeError, "dtype bool"),
+        (np.array(["1", "2", "3"]), TypeError, "dtype <U1"),
+        ("1.0", TypeError, "got str"),
+    ],
+)
+def test_update_rejects_non_numeric_and_bool_keys_and_values(losses, error, match):
+    bandit = Exp3(3)
+    with pytest.raises(error, match=match):
+        bandit.update(losses)
+    assert bandit.step == 0 and not bandit.rewards.any()
+
+
+@pytest.mark.parametrize("rule", ["paper", "smoothed_mean"])
+def test_negative_and_infinite_losses_warn_and_are_ignored(rule):
+    bandit = Exp3(3, alpha=0.5, update_rule=rule)
+    bandit.update([1.0, 1.0, 1.0])
+    before = bandit.rewards
+    with pytest.warns(RuntimeWarning, match=r"domain 1 loss is -0\.5; losses must be finite"):
+        bandit.update({0: 2.0, 1: -0.5})
+    with pytest.warns(RuntimeWarning, match="domain 2 loss is -1.0"):
+        bandit.update(np.array([np.nan, np.nan, -1.0]))
+    with pytest.warns(RuntimeWarning, match="domain 0 loss is inf"):
+        bandit.update([math.inf, np.nan, np.nan])
+    assert bandit.rewards[1] == before[1] and bandit.rewards[2] == before[2]
+    assert bandit.rewards[0] != before[0] and bandit.step == 4
+
+
+@pytest.mark.parametrize("rule", ["paper", "smoothed_mean"])
+def test_one_huge_loss_cannot_pin_a_domain(rule):
+    """After a 1e308 loss the policy recovers within tens of steps thanks to the cap; without a
+    cap the same spike (1e300 for paper, 700 nats for smoothed_mean) holds it for hundreds."""
+
+    def steps_pinned(reward_cap, spike):
+        bandit = Exp3(3, update_rule=rule, reward_cap=reward_cap)
+        for _ in range(200):
+            bandit.update([2.0, 2.0, 2.0])
+        bandit.update([2.0, spike, 2.0])
+        for step in range(2000):
+            if bandit.policy()[1] < 0.5:
+                return step
+            bandit.update([2.0, 2.0, 2.0])
+        return 2000
+
+    capped = steps_pinned(None, 1e308)
+    assert 0 < capped <= 60
+    uncapped = steps_pinned(math.inf, 1e300 if rule == "paper" else 700.0)
+    assert uncapped >= 300
+
+
+def test_reward_cap_defaults_and_validation():
+    assert Exp3(2).reward_cap == 1e4
+    assert Exp3(2, update_rule="smoothed_mean").reward_cap == pytest.approx(math.exp(10))
+    bandit = Exp3(2, alpha=0.5)
+    bandit.update([1.0, 1e308])  # the first policy is the prior: R = 0.5 min(L / 0.5, cap)
+    np.testing.assert_allclose(bandit.rewards, [1.0, 0.5e4])
+    for bad in (0.0, -1.0, math.nan):
+        with pytest.raises(ValueError, match="reward_cap"):
+            Exp3(2, reward_cap=bad)
+    with pytest.raises(ValueError, match="update_rule"):
+        Exp3(2, update_rule="ema")
+    with pytest.raises(ValueError, match="reward must be one of"):
+        Exp3(2, reward="accuracy")
+
+
+# --- bandit_from_config -----------------------------------------------------------------------
+
+
+def test_bandit_from_config_reads_every_field():
+    from wf_data.config import MixingConfig
+    from wf_data.data.odm import bandit_from_config
+
+    cfg = MixingConfig(
+        kind="exp3",
+        alpha=0.7,
+        update_rule="smoothed_mean",
+        reward="excess_loss",
+        reference_losses={"b": 2.0, "a": 1.0},
+        warmup_fraction=0.1,
+        total_steps=300,
+        min_weight=0.1,
+        reward_cap=50.0,
+    )
+    bandit = bandit_from_config(cfg, 2, prior=[3, 1], seed=4, domain_names=["a", "b"])
+    assert (bandit.update_rule, bandit.reward, bandit.alpha) == (
+        "smoothed_mean",
+        "excess_loss",
+        0.7,
+    )
+    assert (bandit.warmup_steps, bandit.min_weight, bandit.reward_cap) == (30, 0.1, 50.0)
+    np.testing.assert_allclose(bandit.prior, [0.75, 0.25])
+    bandit.update([1.5, 1.0])  # excess = max(L - ref, 0) = [0.5, 0]
+    np.testing.assert_allclose(bandit.rewards, 0.3 * np.exp([0.5, 0.0]), rtol=1e-12)
+    default = bandit_from_config(MixingConfig(kind="exp3"), 3)
+    assert (default.update_rule, default.reward, default.warmup_steps) == ("paper", "loss", 0)
+    with pytest.raises(ValueError, match=r"missing \['b'\]"):
+        bandit_from_config(
+            MixingConfig(reward="excess_loss", reference_losses={"a": 1.0}),
+            2,
+            domain_names=["a", "b"],
+        )
+    with pytest.raises(ValueError, match="needs reference losses"):
+        bandit_from_config(MixingConfig(reward="excess_loss"), 2, domain_names=["a", "b"])
+    with pytest.raises(ValueError, match="total_steps"):
+        bandit_from_config(MixingConfig(warmup_fraction=0.1), 2)
+
+
+@pytest.mark.parametrize(
+    "rule, reward, max_weight",
+    [
+        ("paper", "loss", None),
+        ("paper", "loss_decrease", None),
+        ("smoothed_mean", "loss_decrease", None),
+        # Raw loss makes smoothed_mean favour the unlearnable domain (loss 9, e^9 times the
+        # others' reward): max_weight is the bound that keeps the others trained.
+        ("smoothed_mean", "loss", 0.25),
+    ],
+)
+def test_22_noisy_domains_never_collapse(simulate_odm, rule, reward, max_weight):
+    """22 domains, noisy losses and occasional corrupted 1e308 losses: every weight stays at or
+    above the floor, nothing is NaN, and no domain holds the majority for long."""
+    domains = simulate_odm.many_domains(22, noise=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        run = simulate_odm.simulate(
+            domains,
+            steps=600,
+            seed=0,
+            spike_prob=0.002,
+            update_rule=rule,
+            reward=reward,
+            min_weight=0.01,
+            max_weight=max_weight,
+            warmup_steps=30,
+        )
+    policy = run.policy
+    assert not np.isnan(policy).any() and not np.isnan(run.loss).any()
+    assert policy.min() >= 0.01 - 1e-12
+    assert policy.max() <= (max_weight or 1.0) + 1e-12
+    np.testing.assert_allclose(policy.sum(axis=1), 1.0, atol=1e-9)
+    assert (policy.max(axis=1) > 0.5).mean() < 0.2
+    assert run.rows_seen[-1].min() > 0  # every domain was trained on
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["mixing.warmup_fraction=0.1"], "needs data.mixing.total_steps"),
+        (["mixing.reward=excess_loss", "~mixing.reference_losses"], "reference_losses: reward"),
+        (["mixing.update_rule=ema"], "'ema' is not one of 'paper', 'smoothed_mean'"),
+        (["mixing.reward_cap=0"], "reward_cap: must be > 0"),
+        (["mixing.progress_window=0"], "progress_window: must be >= 1"),
+        (["mixing.loss_smoothing=1.0"], r"loss_smoothing: must be in \[0, 1\)"),
+    ],
+)
+def test_config_mixing_section_is_validated(overrides, match):
+    from wf_data.config import ConfigError, load_data_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_data_config("demo", overrides)
+
+
+def test_config_mixing_section_accepts_every_option():
+    from wf_data.config import load_data_config
+
+    mixing = load_data_config(
+        "demo",
+        [
+            "mixing.update_rule=smoothed_mean",
+            "mixing.reward=excess_loss",
+            "+mixing.reference_losses={prose: 2.0, code: 1.0, math: 1.5}",
+            "mixing.warmup_fraction=0.1",
+            "mixing.total_steps=50",
+            "mixing.reward_cap=100",
+        ],
+    ).mixing
+    assert mixing.reference_losses == {"prose": 2.0, "code": 1.0, "math": 1.5}
+    assert (mixing.update_rule, mixing.warmup_fraction, mixing.total_steps) == (
+        "smoothed_mean",
+        0.1,
+        50,
+    )
+
+
+def test_mixture_update_refuses_bool_keys_and_string_values_end_to_end():
+    """Through `MixPlans.update` (what `loader.update_mixture` calls): names map to indices,
+    bool keys and non-numeric values are refused before the bandit (True is not domain 1)."""
+    import grain.python as grain
+
+    from wf_data.data.mixing import Exp3Policy, mix_plans
+
+    domain = grain.MapDataset.range(4).map(lambda i: {"doc": i}).to_iter_dataset()
+    policy = Exp3Policy(Exp3(2))
+    mixer = mix_plans({"a": domain, "b": domain}, policy)
+    iterator = iter(mixer)  # the live iterator holds the policy state updates reach
+    for bad, match in [
+        ({True: 1.0}, "key True must be a domain name"),
+        ({1.5: 1.0}, "key 1.5 must be a domain name"),
+        ({"a": "2.0"}, "loss of 'a' must be a number, got '2.0'"),
+        ({"b": False}, "loss of 'b' must be a number, got False"),
+    ]:
+        with pytest.raises(TypeError, match=match):
+            mixer.update(bad)
+    assert mixer.live_policy.bandit.step == 0
+    mixer.update({"a": 2.0, 1: 3.0})
+    assert mixer.live_policy.bandit.step == 1 and (mixer.live_policy.bandit.rewards > 0).all()
+    assert iterator is not None
