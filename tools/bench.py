@@ -155,6 +155,7 @@ def make_corpus(args: argparse.Namespace, label: str) -> Corpus:
     per_domain = args.tokens // len(DOMAIN_WEIGHTS)
     base = args.cache_dir / (
         f"bench-{label}-t{args.tokens}-s{args.seed}-v{args.vocab_size}-n{args.num_shards}"
+        f"-m{sources.MANIFEST_VERSION}"
     )
     domains, docs, tokens = {}, 0, 0
     for index, name in enumerate(DOMAIN_WEIGHTS):
