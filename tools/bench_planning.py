@@ -42,6 +42,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from wf_data import atomic  # noqa: E402
+
 MIN_LENGTH, MAX_LENGTH = 8, 32768
 # name -> (lognormal mean, sigma) of document lengths in tokens (the same as tools/bench.py).
 LENGTHS = {"long": (6.0, 1.1), "short": (4.0, 1.0)}
@@ -68,9 +70,7 @@ def synthetic_lengths(
         lengths[start : start + len(draws)] = np.clip(draws, MIN_LENGTH, MAX_LENGTH)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npy")
-        np.save(tmp, lengths.astype(np.uint16))
-        os.replace(tmp, path)
+        atomic.write_npy(path, lengths.astype(np.uint16))
     return lengths
 
 

@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -327,6 +326,8 @@ def plot(results: Sequence[ArmResult], path: str | os.PathLike) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from wf_data.viz import save_figure
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arms = list(dict.fromkeys(r.arm for r in results))
@@ -355,28 +356,18 @@ def plot(results: Sequence[ArmResult], path: str | os.PathLike) -> Path:
     share_axes.tick_params(axis="x", rotation=30)
     share_axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     figure.tight_layout()
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
-            figure.savefig(handle, format="png", dpi=100)
-        os.replace(tmp_name, path)
-    except BaseException:
-        os.unlink(tmp_name)
-        raise
+        return save_figure(figure, path, dpi=100)
     finally:
         plt.close(figure)
-    return path
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    """Temp file + fsync + rename: a reader sees the old file or the whole new one."""
+    """`wf_data.atomic.write_text`, creating the directory first."""
+    from wf_data import atomic
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 class _InlinePool:
