@@ -34,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -155,7 +156,7 @@ def make_corpus(args: argparse.Namespace, label: str) -> Corpus:
     per_domain = args.tokens // len(DOMAIN_WEIGHTS)
     base = args.cache_dir / (
         f"bench-{label}-t{args.tokens}-s{args.seed}-v{args.vocab_size}-n{args.num_shards}"
-        f"-m{sources.MANIFEST_VERSION}"
+        f"-m{sources.MANIFEST_VERSION}-w{zlib.crc32(sources.WRITER_OPTIONS['tokens'].encode()):x}"
     )
     domains, docs, tokens = {}, 0, 0
     for index, name in enumerate(DOMAIN_WEIGHTS):

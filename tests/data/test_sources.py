@@ -161,29 +161,61 @@ def test_getitems_keeps_order(token_dataset, token_docs):
     assert source.__getitems__([]) == []
 
 
-def test_reads_seek_record_by_record_in_request_order(token_dataset, token_docs):
-    source = sources.open_dataset(token_dataset)
+class CountingReader:
+    """Wraps a shard reader, recording `("seek", shard, record)` and `("batch", shard, n)`
+    (a batched `read(indices)`)."""
+
+    def __init__(self, shard, reader, calls):
+        self.shard, self.reader, self.calls = shard, reader, calls
+
+    def seek(self, local):
+        self.calls.append(("seek", self.shard, local))
+        self.reader.seek(local)
+
+    def read(self, *args):
+        if args:
+            self.calls.append(("batch", self.shard, len(args[0])))
+        return self.reader.read(*args)
+
+
+def _counting(source):
     calls = []
     source[0], source[10], source[20]  # open all readers
+    source._readers = [
+        CountingReader(k, r, calls) if r else r for k, r in enumerate(source._readers)
+    ]
+    return calls
 
-    class CountingReader:
-        def __init__(self, shard, reader):
-            self.shard, self.reader = shard, reader
 
-        def seek(self, local):
-            calls.append((self.shard, local))
-            self.reader.seek(local)
-
-        def read(self):
-            return self.reader.read()
-
-    source._readers = [CountingReader(k, r) if r else r for k, r in enumerate(source._readers)]
+def test_reads_record_by_record_grouped_by_shard(token_dataset, token_docs):
+    source = sources.open_dataset(token_dataset)
+    calls = _counting(source)
     wanted = [20, 1, 12, 2, 19, 10]
     got = source.__getitems__(wanted)
-    # (shard, record within shard) of each request, in request order; no thread-pool batch.
-    assert calls == [(3, 3), (0, 1), (2, 3), (0, 2), (3, 2), (2, 1)]
+    # Shard by shard, request order within a shard: seek + read, no thread-pool batch.
+    assert calls == [
+        ("seek", 0, 1),
+        ("seek", 0, 2),
+        ("seek", 2, 3),
+        ("seek", 2, 1),
+        ("seek", 3, 3),
+        ("seek", 3, 2),
+    ]
     for index, doc in zip(wanted, got, strict=True):
         np.testing.assert_array_equal(doc, token_docs[index])
+
+
+def test_read_tokens_joins_the_documents_asked_for(token_dataset, token_docs):
+    source = sources.open_dataset(token_dataset)
+    wanted = np.array([22, 0, 9, 8, 17, 16, 3, 21, 10])
+    tokens, starts = source.read_tokens(wanted)
+    assert tokens.dtype == source.token_dtype and tokens.size == source.lengths[wanted].sum()
+    for index, start in zip(wanted.tolist(), starts.tolist(), strict=True):
+        np.testing.assert_array_equal(
+            tokens[start : start + source.lengths[index]], token_docs[index]
+        )
+    empty, no_starts = source.read_tokens([])
+    assert empty.size == 0 and no_starts.size == 0
 
 
 def test_pickle_is_cheap_and_reopens(token_dataset, token_docs):
@@ -313,3 +345,20 @@ def test_in_memory_source():
         sources.InMemorySource(["a", 3], format="text")
     with pytest.raises(TypeError, match="message 0"):
         sources.InMemorySource([{"messages": ["hi"]}], format="chat")
+
+
+def test_token_shards_are_uncompressed_text_shards_compressed(tmp_path):
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    sources.write_shard(tmp_path / "t.array_record", [b"\x01\x00\x02\x00"])
+    sources.write_shard(tmp_path / "x.array_record", [b"some text"], format="text")
+    options = {
+        name: ArrayRecordReader(
+            str(tmp_path / name), sources.READER_OPTIONS
+        ).writer_options_string()
+        for name in ("t.array_record", "x.array_record")
+    }
+    assert "uncompressed" in options["t.array_record"]
+    assert "zstd" in options["x.array_record"]
+    with pytest.raises(ValueError, match="unknown format 'bin'"):
+        sources.write_shard(tmp_path / "b.array_record", [b""], format="bin")

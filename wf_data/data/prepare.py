@@ -913,7 +913,7 @@ def assemble_shard(out_dir: str | os.PathLike, shard: int) -> dict:
     file_name = plan["shards"][shard]
     build = out_dir_lib.build_dir(out_dir)
     _marker_path(_work_dir(out_dir) / file_name).unlink(missing_ok=True)
-    written = sources.write_shard(build / file_name, records())
+    written = sources.write_shard(build / file_name, records(), format=plan["format"])
     lengths = np.concatenate(shard_lengths) if shard_lengths else np.zeros(0, np.int64)
     _save_lengths(_shard_lengths_path(out_dir, shard), lengths)
     entry = {

@@ -97,12 +97,16 @@ class RowReader:
         return row
 
     def read_batch(self, plan: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """`(B, L)` int32 rows and `(B,)` int32 `domain_ids` of a batch plan."""
+        """`(B, L)` int32 rows and `(B,)` int32 `domain_ids` of a batch plan.
+
+        One read per domain of the documents the pieces name; every field of every row is then
+        a whole-batch gather or `repeat`, with no Python loop over pieces or tokens.
+        """
         doc_ids = np.asarray(plan["doc_ids"], dtype=np.int64)
         offsets = np.asarray(plan["offsets"], dtype=np.int64)
         sizes = np.asarray(plan["lengths"], dtype=np.int64)
         row_pieces = np.asarray(plan["row_pieces"], dtype=np.int64)
-        n = row_pieces.size
+        n, seq_len = row_pieces.size, self.seq_len
         domain_ids = np.asarray(plan.get("domain_ids", np.zeros(n)), dtype=np.int32)
         if domain_ids.shape != (n,):
             raise ValueError(f"plan has {n} rows but domain_ids of shape {domain_ids.shape}")
@@ -111,107 +115,98 @@ class RowReader:
                 f"plan names domain {int(domain_ids.max())}; this reader has "
                 f"{len(self.sources)} sources"
             )
-        piece_domains = np.repeat(domain_ids, row_pieces)
-        rows = {key: np.empty((n, self.seq_len), dtype=np.int32) for key in ROW_KEYS}
-        for domain in np.unique(domain_ids).tolist():
-            in_domain = domain_ids == domain
-            if in_domain.all():
-                self._build(domain, doc_ids, offsets, sizes, row_pieces, rows)
-                continue
-            pieces = piece_domains == domain
-            part = {
-                key: np.empty((int(in_domain.sum()), self.seq_len), np.int32) for key in ROW_KEYS
-            }
-            self._build(
-                domain, doc_ids[pieces], offsets[pieces], sizes[pieces], row_pieces[in_domain], part
+        if not doc_ids.shape == offsets.shape == sizes.shape == (int(row_pieces.sum()),):
+            raise ValueError(
+                f"plan has {int(row_pieces.sum())} pieces by row_pieces, but doc_ids, offsets "
+                f"and lengths of shapes {doc_ids.shape}, {offsets.shape}, {sizes.shape}"
             )
+        if n == 0:
+            rows = {key: np.empty((0, seq_len), dtype=np.int32) for key in ROW_KEYS}
+            return {**rows, "domain_ids": domain_ids}
+        piece_start = np.cumsum(sizes) - sizes  # of each piece in the batch's planned tokens
+        row_first = np.cumsum(row_pieces) - row_pieces  # first piece of each row
+        if row_pieces.min() < 1 or sizes.min() < 1:
+            raise ValueError(
+                f"plan rows of {int(row_pieces.min())} pieces or pieces of {int(sizes.min())} "
+                "tokens: every row holds >= 1 piece and every piece >= 1 token"
+            )
+        used = np.add.reduceat(sizes, row_first)
+        if used.max() > seq_len:
+            raise ValueError(
+                f"plan rows hold {int(used.min())} to {int(used.max())} tokens: not a plan for "
+                f"seq_len={seq_len}"
+            )
+        tokens, no_loss = self._planned_tokens(domain_ids, row_pieces, doc_ids, offsets, sizes)
+        # Per planned token: position in its piece (a piece is a segment) and segment number.
+        in_piece = np.arange(tokens.size) - np.repeat(piece_start, sizes)
+        segment = np.repeat(np.arange(sizes.size) - np.repeat(row_first, row_pieces) + 1, sizes)
+        input_ids = tokens.astype(np.int32)
+        labels = input_ids.copy()
+        labels[piece_start] = IGNORE_INDEX  # nothing predicts a segment's first token
+        if no_loss is not None:
+            labels[no_loss] = IGNORE_INDEX
+        fields = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": in_piece.astype(np.int32),
+            "segment_ids": segment.astype(np.int32),
+        }
+        if tokens.size == n * seq_len:  # no padding: rows are the planned tokens in order
+            rows = {key: fields[key].reshape(n, seq_len) for key in ROW_KEYS}
+        else:  # padding ends each row: pad ids, labels -100, positions and segments 0
+            pads = np.asarray(self.pad_ids, dtype=np.int32)[domain_ids]
+            fill = {"input_ids": pads[:, None], "labels": IGNORE_INDEX}
+            planned = np.flatnonzero(np.arange(seq_len) < used[:, None])
+            rows = {}
             for key in ROW_KEYS:
-                rows[key][in_domain] = part[key]
+                rows[key] = np.empty((n, seq_len), dtype=np.int32)
+                rows[key][...] = fill.get(key, 0)
+                rows[key].reshape(-1)[planned] = fields[key]
         rows["domain_ids"] = domain_ids
         return rows
 
-    def _build(self, domain, doc_ids, offsets, sizes, row_pieces, rows) -> None:
-        """Fills `rows` ((n, L) int32 arrays) from the pieces of n rows of one domain.
+    def _planned_tokens(self, domain_ids, row_pieces, doc_ids, offsets, sizes):
+        """(tokens (T,), positions of no-loss tokens or None) of every piece, in piece order.
 
-        Tokens are one `np.concatenate` of piece slices (and padding blocks); positions and
-        segment ids are in-place row-wise cumulative sums of increments scattered at segment
-        starts.
+        Reads each domain's documents once (`read_tokens` when the source has it, else its
+        documents concatenated) and gathers the pieces' spans from the joined buffer.
         """
-        source, seq_len, pad_id = self.sources[domain], self.seq_len, self.pad_ids[domain]
-        n = row_pieces.size
-        ends = np.cumsum(sizes)
-        row_ends = np.concatenate([[0], ends])
-        row_first = np.cumsum(row_pieces) - row_pieces
-        used = row_ends[row_first + row_pieces] - row_ends[row_first]
-        if n and (used.max() > seq_len or row_pieces.min() < 1 or sizes.min() < 1):
-            raise ValueError(
-                f"plan rows hold {int(used.min())} to {int(used.max())} tokens in pieces of "
-                f"{int(sizes.min())} or more: not a plan for seq_len={seq_len} (rows hold 1 to "
-                "seq_len tokens, pieces >= 1)"
-            )
-        tokens, masks = read_documents(source, np.unique(doc_ids).tolist())
-        piece_rows = np.repeat(np.arange(n), row_pieces)
-        in_row = ends - sizes - row_ends[row_first][piece_rows]
-        first_tokens = piece_rows * seq_len + in_row
-        stops = offsets + sizes
-        parts: list[np.ndarray] = []
-        pad_tokens = np.full(seq_len, pad_id, dtype=np.int32)
-        pad_after = dict(
-            zip((row_first + row_pieces - 1).tolist(), (seq_len - used).tolist(), strict=True)
-        )
-        docs_list, starts_list, stops_list = doc_ids.tolist(), offsets.tolist(), stops.tolist()
-        # Python per piece (per document), numpy per token.
-        for piece, (d, start, stop) in enumerate(
-            zip(docs_list, starts_list, stops_list, strict=True)
-        ):
-            parts.append(tokens[d][start:stop])
-            pad = pad_after.get(piece)
-            if pad:
-                parts.append(pad_tokens[:pad])
-        input_ids, labels = rows["input_ids"], rows["labels"]
-        position_ids, segment_ids = rows["position_ids"], rows["segment_ids"]
-        try:
-            np.concatenate(parts or [pad_tokens[:0]], out=input_ids.reshape(-1), casting="unsafe")
-        except ValueError:
-            self._raise_short_document(source, tokens, doc_ids, stops)
-            raise
-        np.copyto(labels, input_ids)
-        flat_labels = labels.reshape(-1)
-        flat_labels[first_tokens] = IGNORE_INDEX
-        position_ids.fill(1)
-        position_ids[:, 0] = 0
-        continuing = in_row > 0  # a segment start after another segment of the same row
-        position_ids.reshape(-1)[first_tokens[continuing]] = (
-            1 - sizes[np.flatnonzero(continuing) - 1]
-        )
-        np.cumsum(position_ids, axis=1, out=position_ids)
-        segment_ids.fill(0)
-        segment_ids.reshape(-1)[first_tokens] = 1
-        np.cumsum(segment_ids, axis=1, out=segment_ids)
-        padded = used < seq_len
-        if padded.any():
-            is_pad = np.arange(seq_len) >= used[:, None]
-            labels[is_pad] = IGNORE_INDEX
-            position_ids[is_pad] = 0
-            segment_ids[is_pad] = 0
-        if masks:
-            mask_parts = []
-            for d, start, stop in zip(docs_list, starts_list, stops_list, strict=True):
-                mask = masks.get(d)
-                mask_parts.append(
-                    np.ones(stop - start, np.uint8) if mask is None else mask[start:stop]
-                )
-            no_loss = np.concatenate(mask_parts) == 0
-            flat_labels[_token_positions(first_tokens, sizes)[no_loss]] = IGNORE_INDEX
-
-    @staticmethod
-    def _raise_short_document(source, tokens, doc_ids, stops) -> None:
-        for d, stop in zip(doc_ids.tolist(), stops.tolist(), strict=True):
-            if len(tokens[d]) < stop:
+        piece_domains = np.repeat(domain_ids, row_pieces)
+        present = np.unique(domain_ids).tolist()
+        buffers, masks = [], []
+        span_start = np.empty(sizes.size, dtype=np.int64)  # of each piece in the joined buffer
+        base = 0
+        for domain in present:
+            pieces = slice(None) if len(present) == 1 else np.flatnonzero(piece_domains == domain)
+            wanted, which = np.unique(doc_ids[pieces], return_inverse=True)
+            source = self.sources[domain]
+            flat, starts, doc_lengths, mask = _read_joined(source, wanted)
+            stops = offsets[pieces] + sizes[pieces]
+            short = np.flatnonzero(stops > doc_lengths[which])
+            if short.size:
+                d = int(wanted[which[short[0]]])
                 raise ValueError(
-                    f"{_describe(source)} document {d} has {len(tokens[d])} tokens but the plan "
-                    f"needs [.., {stop}): the source's lengths do not match its records"
+                    f"{_describe(source)} document {d} has {int(doc_lengths[which[short[0]]])} "
+                    f"tokens but the plan needs [.., {int(stops[short[0]])}): the source's "
+                    "lengths do not match its records"
                 )
+            span_start[pieces] = base + starts[which] + offsets[pieces]
+            buffers.append(flat)
+            masks.append(mask)
+            base += flat.size
+        joined = buffers[0] if len(buffers) == 1 else np.concatenate(buffers)
+        piece_start = np.cumsum(sizes) - sizes
+        gather = np.repeat(span_start - piece_start, sizes) + np.arange(int(sizes.sum()))
+        tokens = joined[gather]
+        if all(mask is None for mask in masks):
+            return tokens, None
+        joined_mask = np.concatenate(
+            [
+                np.ones(buffer.size, np.uint8) if mask is None else mask
+                for buffer, mask in zip(buffers, masks, strict=True)
+            ]
+        )
+        return tokens, np.flatnonzero(joined_mask[gather] == 0)
 
 
 class SliceRows:
@@ -234,6 +229,9 @@ class SliceRows:
         sliced["row_pieces"] = row_pieces[self.start : self.stop]
         sliced["domain_ids"] = batch["domain_ids"][self.start : self.stop]
         return sliced
+
+    def __repr__(self) -> str:
+        return f"SliceRows({self.start}, {self.stop})"
 
 
 def rename_domains(batch: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
@@ -258,9 +256,6 @@ def rename_domains(batch: dict[str, Any], names: Sequence[str]) -> dict[str, Any
         renamed[key] = counts
     return renamed
 
-    def __repr__(self) -> str:
-        return f"SliceRows({self.start}, {self.stop})"
-
 
 class ReadSlice:
     """The loader's worker function: a global batch plan -> this rank's rows (numpy), plus the
@@ -279,12 +274,6 @@ class ReadSlice:
         return batch
 
 
-def _token_positions(first_tokens: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Flat (n * L) positions of every planned token, pieces in order."""
-    starts = np.repeat(first_tokens - (np.cumsum(sizes) - sizes), sizes)
-    return starts + np.arange(int(sizes.sum()))
-
-
 def _describe(source: Any) -> str:
     """The source, for error messages: its path when it has one."""
     path = getattr(source, "path", None)
@@ -294,6 +283,29 @@ def _describe(source: Any) -> str:
         return f"{type(source).__name__} of {len(source)} documents"
     text = repr(source)
     return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _read_joined(source: Any, indices: np.ndarray):
+    """Documents `indices` of `source` joined: (tokens (T,), starts (n,), lengths (n,),
+    loss mask (T,) uint8 or None). A source with `read_tokens` (a prepared dataset) fills
+    the buffer in one join; any other source is read with `read_documents`."""
+    read_tokens = getattr(source, "read_tokens", None)
+    if read_tokens is not None and getattr(source, "lengths", None) is not None:
+        flat, starts = read_tokens(indices)
+        return flat, starts, np.asarray(source.lengths[indices], dtype=np.int64), None
+    tokens, masks = read_documents(source, indices.tolist())
+    docs = [tokens[i] for i in indices.tolist()]
+    lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+    flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+    mask = None
+    if masks:
+        mask = np.concatenate(
+            [
+                np.ones(len(doc), np.uint8) if masks.get(i) is None else masks[i]
+                for i, doc in zip(indices.tolist(), docs, strict=True)
+            ]
+        ).astype(np.uint8, copy=False)
+    return flat, np.cumsum(lengths) - lengths, lengths, mask
 
 
 def read_documents(
