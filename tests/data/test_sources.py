@@ -187,20 +187,16 @@ def _counting(source):
     return calls
 
 
-def test_reads_record_by_record_grouped_by_shard(token_dataset, token_docs):
+def test_reads_seek_record_by_record_in_request_order(token_dataset, token_docs):
     source = sources.open_dataset(token_dataset)
     calls = _counting(source)
     wanted = [20, 1, 12, 2, 19, 10]
     got = source.__getitems__(wanted)
-    # Shard by shard, request order within a shard: seek + read, no thread-pool batch.
+    # (shard, record within shard) of each request, in request order; no thread-pool batch.
     assert calls == [
-        ("seek", 0, 1),
-        ("seek", 0, 2),
-        ("seek", 2, 3),
+        ("seek", 3, 3), ("seek", 0, 1), ("seek", 2, 3), ("seek", 0, 2), ("seek", 3, 2),
         ("seek", 2, 1),
-        ("seek", 3, 3),
-        ("seek", 3, 2),
-    ]
+    ]  # fmt: skip
     for index, doc in zip(wanted, got, strict=True):
         np.testing.assert_array_equal(doc, token_docs[index])
 

@@ -29,6 +29,7 @@ import numpy as np
 IGNORE_INDEX = -100
 ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
 PLAN_KEYS = ("doc_ids", "offsets", "lengths")
+_DOC_BITS = 40  # document index bits in the (domain, document) keys of one read
 
 __all__ = [
     "IGNORE_INDEX",
@@ -125,10 +126,11 @@ class RowReader:
             return {**rows, "domain_ids": domain_ids}
         piece_start = np.cumsum(sizes) - sizes  # of each piece in the batch's planned tokens
         row_first = np.cumsum(row_pieces) - row_pieces  # first piece of each row
-        if row_pieces.min() < 1 or sizes.min() < 1:
+        if row_pieces.min() < 1 or sizes.min() < 1 or doc_ids.min() < 0:
             raise ValueError(
-                f"plan rows of {int(row_pieces.min())} pieces or pieces of {int(sizes.min())} "
-                "tokens: every row holds >= 1 piece and every piece >= 1 token"
+                f"plan rows of {int(row_pieces.min())} pieces, pieces of {int(sizes.min())} "
+                f"tokens or document {int(doc_ids.min())}: every row holds >= 1 piece, every "
+                "piece >= 1 token of a document >= 0"
             )
         used = np.add.reduceat(sizes, row_first)
         if used.max() > seq_len:
@@ -136,67 +138,78 @@ class RowReader:
                 f"plan rows hold {int(used.min())} to {int(used.max())} tokens: not a plan for "
                 f"seq_len={seq_len}"
             )
-        tokens, no_loss = self._planned_tokens(domain_ids, row_pieces, doc_ids, offsets, sizes)
-        # Per planned token: position in its piece (a piece is a segment) and segment number.
-        in_piece = np.arange(tokens.size) - np.repeat(piece_start, sizes)
-        segment = np.repeat(np.arange(sizes.size) - np.repeat(row_first, row_pieces) + 1, sizes)
-        input_ids = tokens.astype(np.int32)
-        labels = input_ids.copy()
-        labels[piece_start] = IGNORE_INDEX  # nothing predicts a segment's first token
+        piece_domains = np.repeat(domain_ids, row_pieces)
+        tokens, no_loss = self._planned_tokens(piece_domains, doc_ids, offsets, sizes, piece_start)
+        # The four fields of every planned token, stacked: (4, T) int32.
+        fields = np.empty((len(ROW_KEYS), tokens.size), dtype=np.int32)
+        fields[0] = tokens
+        fields[1] = fields[0]
+        fields[1][piece_start] = IGNORE_INDEX  # nothing predicts a segment's first token
         if no_loss is not None:
-            labels[no_loss] = IGNORE_INDEX
-        fields = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": in_piece.astype(np.int32),
-            "segment_ids": segment.astype(np.int32),
-        }
+            fields[1][no_loss] = IGNORE_INDEX
+        # A piece is a segment: positions restart at 0, segments count 1, 2, ... per row. Both
+        # are running sums of increments scattered at piece starts (int32, no (T,) temporaries).
+        fields[2] = 1
+        fields[2][piece_start] = np.concatenate([[0], 1 - sizes[:-1]])
+        np.cumsum(fields[2], out=fields[2])
+        fields[3] = 0
+        fields[3][piece_start] = 1
+        fields[3][piece_start[row_first]] = np.concatenate([[1], 1 - row_pieces[:-1]])
+        np.cumsum(fields[3], out=fields[3])
         if tokens.size == n * seq_len:  # no padding: rows are the planned tokens in order
-            rows = {key: fields[key].reshape(n, seq_len) for key in ROW_KEYS}
-        else:  # padding ends each row: pad ids, labels -100, positions and segments 0
-            pads = np.asarray(self.pad_ids, dtype=np.int32)[domain_ids]
-            fill = {"input_ids": pads[:, None], "labels": IGNORE_INDEX}
-            planned = np.flatnonzero(np.arange(seq_len) < used[:, None])
-            rows = {}
-            for key in ROW_KEYS:
-                rows[key] = np.empty((n, seq_len), dtype=np.int32)
-                rows[key][...] = fill.get(key, 0)
-                rows[key].reshape(-1)[planned] = fields[key]
+            stacked = fields.reshape(len(ROW_KEYS), n, seq_len)
+        else:  # padding ends each row: pad id, labels -100, positions and segments 0
+            stacked = np.empty((len(ROW_KEYS), n, seq_len), dtype=np.int32)
+            fill = np.zeros((len(ROW_KEYS), n), dtype=np.int32)
+            fill[0] = np.asarray(self.pad_ids, dtype=np.int32)[domain_ids]
+            fill[1] = IGNORE_INDEX
+            row_start = (np.cumsum(used) - used).tolist()
+            # Python per row (a few per batch), numpy per token.
+            for row, (start, count) in enumerate(zip(row_start, used.tolist(), strict=True)):
+                stacked[:, row, :count] = fields[:, start : start + count]
+                stacked[:, row, count:] = fill[:, row, None]
+        rows = dict(zip(ROW_KEYS, stacked, strict=True))
         rows["domain_ids"] = domain_ids
         return rows
 
-    def _planned_tokens(self, domain_ids, row_pieces, doc_ids, offsets, sizes):
+    def _planned_tokens(self, piece_domains, doc_ids, offsets, sizes, piece_start):
         """(tokens (T,), positions of no-loss tokens or None) of every piece, in piece order.
 
         Reads each domain's documents once (`read_tokens` when the source has it, else its
-        documents concatenated) and gathers the pieces' spans from the joined buffer.
+        documents concatenated) and gathers the pieces' spans from the joined buffers.
         """
-        piece_domains = np.repeat(domain_ids, row_pieces)
-        present = np.unique(domain_ids).tolist()
-        buffers, masks = [], []
-        span_start = np.empty(sizes.size, dtype=np.int64)  # of each piece in the joined buffer
+        # One sort for all domains: (domain, document) keys, documents ascending per domain.
+        keys = (piece_domains.astype(np.int64) << _DOC_BITS) | doc_ids
+        wanted, which = np.unique(keys, return_inverse=True)
+        wanted_domains, wanted_docs = wanted >> _DOC_BITS, wanted & ((1 << _DOC_BITS) - 1)
+        bounds = [0, *(np.flatnonzero(np.diff(wanted_domains)) + 1).tolist(), wanted.size]
+        buffers, masks, doc_starts, doc_lengths = [], [], [], []
         base = 0
-        for domain in present:
-            pieces = slice(None) if len(present) == 1 else np.flatnonzero(piece_domains == domain)
-            wanted, which = np.unique(doc_ids[pieces], return_inverse=True)
-            source = self.sources[domain]
-            flat, starts, doc_lengths, mask = _read_joined(source, wanted)
-            stops = offsets[pieces] + sizes[pieces]
-            short = np.flatnonzero(stops > doc_lengths[which])
-            if short.size:
-                d = int(wanted[which[short[0]]])
-                raise ValueError(
-                    f"{_describe(source)} document {d} has {int(doc_lengths[which[short[0]]])} "
-                    f"tokens but the plan needs [.., {int(stops[short[0]])}): the source's "
-                    "lengths do not match its records"
-                )
-            span_start[pieces] = base + starts[which] + offsets[pieces]
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            flat, starts, lengths, mask = _read_joined(
+                self.sources[int(wanted_domains[a])], wanted_docs[a:b]
+            )
             buffers.append(flat)
             masks.append(mask)
+            doc_starts.append(starts + base)
+            doc_lengths.append(lengths)
             base += flat.size
+        doc_length = np.concatenate(doc_lengths)[which]
+        stops = offsets + sizes
+        short = np.flatnonzero(stops > doc_length)
+        if short.size:
+            bad = int(short[0])
+            raise ValueError(
+                f"{_describe(self.sources[int(piece_domains[bad])])} document "
+                f"{int(doc_ids[bad])} has {int(doc_length[bad])} tokens but the plan needs "
+                f"[.., {int(stops[bad])}): the source's lengths do not match its records"
+            )
         joined = buffers[0] if len(buffers) == 1 else np.concatenate(buffers)
-        piece_start = np.cumsum(sizes) - sizes
-        gather = np.repeat(span_start - piece_start, sizes) + np.arange(int(sizes.sum()))
+        # Index into `joined` of every planned token: a running sum that jumps at piece starts.
+        span_start = np.concatenate(doc_starts)[which] + offsets
+        gather = np.ones(int(piece_start[-1] + sizes[-1]), dtype=np.int64)
+        gather[piece_start] = span_start - np.concatenate([[0], span_start[:-1] + sizes[:-1] - 1])
+        np.cumsum(gather, out=gather)
         tokens = joined[gather]
         if all(mask is None for mask in masks):
             return tokens, None

@@ -387,7 +387,8 @@ class DocumentSource:
                 f"{lengths_path}: expected ({len(self)},) int64 (one per record), "
                 f"got {lengths.shape} {lengths.dtype}; prepare the dataset again"
             )
-        return lengths
+        # A plain array over the same mapping: np.memmap indexing costs a Python call.
+        return lengths.view(np.ndarray)
 
     @property
     def num_tokens(self) -> int | None:
@@ -478,17 +479,16 @@ class DocumentSource:
         """Records in the order of `indices` (a token record must hold its planned length)."""
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         shards, locals_ = self._locate(indices)
-        order, records = self._read_records(shards, locals_)
+        records = self._read_records(shards, locals_)
         planned = (
-            np.asarray(self.lengths[locals_ + self._starts[shards]]).tolist()
+            self.lengths[locals_ + self._starts[shards]].tolist()
             if self.lengths is not None
             else [0] * len(indices)
         )
-        out: list[Any] = [None] * len(indices)
-        for position, record in zip(order.tolist(), records, strict=True):
-            shard, local = int(shards[position]), int(locals_[position])
-            out[position] = self._decode(record, shard, local, planned[position])
-        return out
+        return [
+            self._decode(*entry)
+            for entry in zip(records, shards.tolist(), locals_.tolist(), planned, strict=True)
+        ]
 
     def read_tokens(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Documents `indices` of a `tokens` dataset in one buffer: `(tokens, starts)`.
@@ -502,50 +502,36 @@ class DocumentSource:
             raise TypeError(f"{self.path} holds {self.format} records, not tokens")
         indices = np.asarray(indices, dtype=np.int64).reshape(-1)
         shards, locals_ = self._locate(indices)
-        order, records = self._read_records(shards, locals_)
-        planned = np.asarray(self.lengths[(locals_ + self._starts[shards])[order]])
-        itemsize = self._token_dtype_le.itemsize
+        records = self._read_records(shards, locals_)
+        planned = self.lengths[locals_ + self._starts[shards]]
         sizes = np.fromiter(map(len, records), np.int64, len(records))
-        wrong = np.flatnonzero(sizes != planned * itemsize)
-        if wrong.size:
-            at = int(order[wrong[0]])
-            self._decode(
-                records[wrong[0]], int(shards[at]), int(locals_[at]), int(planned[wrong[0]])
-            )
-        read_starts = np.cumsum(planned) - planned
-        starts = np.empty_like(read_starts)
-        starts[order] = read_starts
-        return np.frombuffer(b"".join(records), dtype=self._token_dtype_le), starts
+        wrong = np.flatnonzero(sizes != planned * self._token_dtype_le.itemsize)
+        if wrong.size:  # the record's own check names shard, record and the fix
+            at = int(wrong[0])
+            self._decode(records[at], int(shards[at]), int(locals_[at]), int(planned[at]))
+        tokens = np.frombuffer(b"".join(records), dtype=self._token_dtype_le)
+        return tokens, np.cumsum(planned) - planned
 
-    def _read_records(
-        self, shards: np.ndarray, locals_: np.ndarray
-    ) -> tuple[np.ndarray, list[bytes]]:
-        """(positions (n,), records): every requested record once, read shard by shard;
-        `records[j]` is the one asked for at `positions[j]`.
+    def _read_records(self, shards: np.ndarray, locals_: np.ndarray) -> list[bytes]:
+        """The records at (`shards`, `locals_`), in request order.
 
         A reader's cursor is shared state, so reads hold the source's lock. Records go by
-        `seek` + `read`: a batched `read(indices)` costs ~100 us per call and was no faster
-        per record even at 512 records of one shard.
+        `seek` + `read`, a stretch of one shard at a time: a batched `read(indices)` costs
+        ~100 us per call and was no faster per record even at 512 records of one shard.
         """
         if not shards.size:
-            return shards, []
-        if shards[0] == shards[-1] and (shards == shards[0]).all():
-            order, runs = np.arange(shards.size), [(int(shards[0]), 0, shards.size)]
-        else:
-            order = np.argsort(shards, kind="stable")
-            cuts = np.flatnonzero(np.diff(shards[order])) + 1
-            bounds = [0, *cuts.tolist(), shards.size]
-            runs = [
-                (int(shards[order[a]]), a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-            ]
+            return []
+        cuts = (np.flatnonzero(np.diff(shards)) + 1).tolist()
+        runs = [
+            (int(shards[a]), a, b) for a, b in zip([0, *cuts], [*cuts, shards.size], strict=True)
+        ]
         readers = {shard: self._reader(shard) for shard, _, _ in runs}
         records: list[bytes] = []
         with self._lock:
             for shard, a, b in runs:
-                reader = readers[shard]
-                seek, read = reader.seek, reader.read
-                records += [seek(local) or read() for local in locals_[order[a:b]].tolist()]
-        return order, records
+                seek, read = readers[shard].seek, readers[shard].read
+                records += [seek(local) or read() for local in locals_[a:b].tolist()]
+        return records
 
     def close(self) -> None:
         """Close the open shard readers (they reopen lazily on the next read)."""
