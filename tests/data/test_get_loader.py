@@ -157,6 +157,16 @@ def test_missing_source_names_the_prepare_command(shards, tmp_path):
         get_loader(cfg)
 
 
+def test_factory_names_keep_their_old_import_paths():
+    import wf_data.data
+    from wf_data.data import factory, loader
+
+    for name in ("get_loader", "get_eval_loaders"):
+        assert getattr(loader, name) is getattr(factory, name) is getattr(wf_data.data, name)
+    with pytest.raises(AttributeError, match="has no attribute 'get_loaders'"):
+        loader.get_loaders  # noqa: B018
+
+
 def test_jax_framework_gives_jax_arrays(shards):
     jax = pytest.importorskip("jax")
     batch = next(get_loader(config(shards), framework="jax"))

@@ -7,6 +7,7 @@ import pytest
 
 from wf_data.data.factory import reader_of
 from wf_data.data.loader import DataLoader, LoaderStateError, check_fingerprint
+from wf_data.data.loader_state import PendingLosses
 from wf_data.data.mixing import Exp3Policy, mix_plans
 from wf_data.data.odm import Exp3
 from wf_data.data.packing import pack
@@ -244,6 +245,48 @@ def test_observed_losses_are_part_of_the_state():
         assert each.mixer.live_policy.bandit.step == 1
     assert restored.mixture == pytest.approx(loader.mixture)
     assert restored.state_dict()["feedback"]["a"] == [0.0, 0.0]
+
+
+def test_pending_losses_take_means_once_and_round_trip_through_the_state():
+    pending = PendingLosses(("a", "b", "c"))
+    assert pending.take() is None, "nothing observed: no update"
+    pending.add(np.array([6.0, 2.0, 0.0]), np.array([2, 1, 0]))
+    pending.add(np.array([3.0, 0.0, 0.0]), np.array([2, 0, 0]))
+    restored = PendingLosses.from_state(json.loads(json.dumps(pending.to_state())), ("c", "a"))
+    np.testing.assert_array_equal(pending.take(), [9.0 / 4, 2.0, np.nan])
+    assert pending.take() is None, "taking clears"
+    np.testing.assert_array_equal(restored.take(), [np.nan, 9.0 / 4])  # matched by name
+    with pytest.raises(LoaderStateError, match="'feedback': domain 'a' must map to two numbers"):
+        PendingLosses.from_state({"a": [1.0]}, ("a",))
+
+
+def test_reset_restarts_the_stream_and_keeps_the_mixture():
+    loader = make_loader("exp3", prefetch=1)
+    run([loader], 7)  # feedback moves the weights
+    loader.observe_losses(np.ones(3), np.ones(3))
+    mixture = loader.mixture
+    assert mixture != pytest.approx(WEIGHTS)
+    loader.reset()
+    assert loader.step == 0
+    assert loader.mixture == pytest.approx(mixture), "the bandit belongs to the run"
+    assert loader.state_dict()["feedback"]["a"] == [0.0, 0.0]
+    assert loader.stats()["data/rows_served"] == 0
+    static = make_loader("static", prefetch=1)
+    first = run([static], 3)
+    static.reset()
+    assert_batches_equal(run([static], 3), first)
+
+
+@pytest.mark.slow
+def test_reset_and_restore_restart_worker_processes():
+    reference = make_loader("exp3", prefetch=2)
+    run([reference], 3)
+    state = json.loads(json.dumps(reference.state_dict()))
+    with make_loader("exp3", num_workers=2, prefetch=2) as loader:
+        expected = run([loader], 6)
+        loader.reset()  # a second iterator of the same pipeline, then a third
+        loader.load_state_dict(state)
+        assert_batches_equal(run([loader], 3, start_step=3), expected[3:])
 
 
 def test_bad_arguments():

@@ -81,26 +81,25 @@ class DataLoader:
         self.num_workers, self.prefetch = int(num_workers), int(prefetch)
         # Computed on first use (a state save or restore): it may sum every document length.
         self._fingerprint = None if fingerprint is None else dict(fingerprint)
-        self._iterator = None
-        self.reset()
-
-    def _pipeline_iterator(self, pipeline_state: Mapping[str, Any] | None = None) -> Any:
-        """A new iterator of the whole pipeline, at `pipeline_state` if given."""
-        plans = batch_plans(self.mixer, self.global_batch_size, domain_names=self.domain_names)
+        # Built once (an immutable recipe, as in Grain); every (re)start is a new iterator of it.
+        plans = batch_plans(mixer, self.global_batch_size, domain_names=mixer.names)
         if self.step_shard is not None:
             plans = grain.experimental.WithOptionsIterDataset(
-                plans.filter(self.step_shard),
+                plans.filter(self.step_shard),  # skipping other shards' steps is no cause to warn
                 grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None),
             )
         first = self.dp_rank * self.local_batch_size
-        rows = SliceRows(first, first + self.local_batch_size)
-        read = ReadSlice(self.reader, rows, self.domain_names)
-        iterator = iter(
-            ProcessMap(plans, read, num_workers=self.num_workers, lookahead=self.prefetch)
-        )
+        read = ReadSlice(reader, SliceRows(first, first + self.local_batch_size), mixer.names)
+        self._pipeline = ProcessMap(plans, read, num_workers=num_workers, lookahead=prefetch)
+        self._iterator = None
+        self.reset()
+
+    def _restart(self, pipeline_state: Mapping[str, Any] | None = None) -> None:
+        """Stops the pipeline iterator and starts a new one, at `pipeline_state` if given."""
+        self.close()
+        self._iterator = iter(self._pipeline)
         if pipeline_state is not None:
-            iterator.set_state(pipeline_state)
-        return iterator
+            self._iterator.set_state(pipeline_state)
 
     def reset(self) -> None:
         """Starts over from the first batch (an eval loader is reset before each evaluation).
@@ -108,8 +107,7 @@ class DataLoader:
         The mixture policy (the EXP3 bandit) carries over: it belongs to the run, not the stream.
         """
         policy = self.mixer.live_policy.state_dict()
-        self.close()
-        self._iterator = self._pipeline_iterator()
+        self._restart()
         if policy is not None:
             self.mixer.live_policy.load_state_dict(policy, self.domain_names)
         self._step = 0
@@ -164,13 +162,11 @@ class DataLoader:
         self.mixer.update(losses)
 
     def observe_losses(self, loss_sums: np.ndarray, row_counts: np.ndarray) -> None:
-        """Adds (K,) per-domain loss sums and row counts (already all-reduced) to the pending
-        feedback, which `apply_observed` hands to `update_mixture`. Part of the state."""
+        """Adds (K,) per-domain loss sums and row counts, all-reduced, to the pending feedback."""
         self._pending.add(loss_sums, row_counts)
 
     def apply_observed(self) -> None:
-        """Updates the mixture with the mean loss of every observed domain, then clears them.
-        No domain observed: no update."""
+        """Feeds the pending mean losses to `update_mixture` and clears them (none: no update)."""
         means = self._pending.take()
         if means is not None:
             self.update_mixture(means)
@@ -200,11 +196,10 @@ class DataLoader:
         served = by_domain(state["stats"], "stats", self.domain_names, np.int64)
         pending = PendingLosses.from_state(state["feedback"], self.domain_names)
         previous = self._iterator.get_state()
-        self.close()
         try:
-            self._iterator = self._pipeline_iterator(state["pipeline"])
+            self._restart(state["pipeline"])
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
-            self._iterator = self._pipeline_iterator(previous)  # keep serving where it was
+            self._restart(previous)  # keep serving where it was
             raise LoaderStateError(
                 f"loader state entry 'pipeline' does not restore: {error}"
             ) from error
