@@ -17,8 +17,7 @@ names stay importable from here.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import grain
@@ -79,7 +78,6 @@ class DataLoader:
         self.step_shard = None if step_shard is None else StepShard(*step_shard)
         self.framework, self.device, self.pin_memory = framework, device, pin_memory
         self.jax_sharding = jax_sharding
-        self._to_framework = _converter(framework, device, pin_memory, jax_sharding)
         self.num_workers, self.prefetch = int(num_workers), int(prefetch)
         # Computed on first use (a state save or restore): it may sum every document length.
         self._fingerprint = None if fingerprint is None else dict(fingerprint)
@@ -145,7 +143,11 @@ class DataLoader:
         batch = next(self._iterator)
         self._step = int(batch.pop("step")) + 1
         self._served = np.stack([batch.pop("served_rows"), batch.pop("served_tokens")])
-        return self._to_framework(batch)
+        if self.framework == "torch":
+            return to_torch(batch, device=self.device, pin_memory=self.pin_memory)
+        if self.framework == "jax":
+            return to_jax(batch, sharding=self.jax_sharding)
+        return batch
 
     # ------------------------------------------------------------------ mixture feedback
 
@@ -247,17 +249,6 @@ def _check_arguments(
         )
     if num_workers < 0 or prefetch < 0:
         raise ValueError(f"num_workers ({num_workers}) and prefetch ({prefetch}) must be >= 0")
-
-
-def _converter(
-    framework: str, device: Any, pin_memory: bool | None, jax_sharding: Any
-) -> Callable[[dict[str, np.ndarray]], Any]:
-    """numpy batch -> the same batch as `framework` arrays (numpy: unchanged)."""
-    if framework == "torch":
-        return functools.partial(to_torch, device=device, pin_memory=pin_memory)
-    if framework == "jax":
-        return functools.partial(to_jax, sharding=jax_sharding)
-    return lambda batch: batch
 
 
 def __getattr__(name: str) -> Any:
