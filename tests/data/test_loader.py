@@ -22,8 +22,10 @@ def domain_source(domain: int, num_docs: int = 80) -> InMemorySource:
     rng = np.random.default_rng([11, domain])
     lengths = rng.integers(4, 70, size=num_docs)
     return InMemorySource(
-        [(domain * 100_000 + doc * 100 + np.arange(n) % 100).astype(np.uint32)
-         for doc, n in enumerate(lengths)],
+        [
+            (domain * 100_000 + doc * 100 + np.arange(n) % 100).astype(np.uint32)
+            for doc, n in enumerate(lengths)
+        ],
         format="tokens",
     )
 
@@ -31,8 +33,9 @@ def domain_source(domain: int, num_docs: int = 80) -> InMemorySource:
 def mixing(kind="static", num_epochs=None, names=("a", "b", "c"), weights=WEIGHTS):
     """(mixer, reader) over best_fit packed domains."""
     datasets = {
-        name: pack(domain_source(i), SEQ_LEN, "best_fit", window_size=16, seed=i,
-                   num_epochs=num_epochs)
+        name: pack(
+            domain_source(i), SEQ_LEN, "best_fit", window_size=16, seed=i, num_epochs=num_epochs
+        )
         for i, name in ((("a", "b", "c").index(name), name) for name in names)
     }
     weights = {name: weights[name] for name in names}
@@ -40,16 +43,21 @@ def mixing(kind="static", num_epochs=None, names=("a", "b", "c"), weights=WEIGHT
     if kind == "exp3":
         policy = Exp3Policy(Exp3(len(names), prior=list(weights.values())))
     stop = "stop" if num_epochs is not None else "restart"
-    mixer = mix_plans({n: ds.plans for n, ds in datasets.items()}, policy, seed=1,
-                      on_exhausted=stop)
+    mixer = mix_plans(
+        {n: ds.plans for n, ds in datasets.items()}, policy, seed=1, on_exhausted=stop
+    )
     return mixer, reader_of(datasets)
 
 
 def make_loader(kind="static", rank=0, world=1, **kwargs):
     options = {k: kwargs.pop(k) for k in ("num_epochs",) if k in kwargs}
     return DataLoader(
-        *mixing(kind, **options), global_batch_size=GLOBAL_BATCH, dp_rank=rank,
-        dp_world_size=world, framework="numpy", **kwargs,
+        *mixing(kind, **options),
+        global_batch_size=GLOBAL_BATCH,
+        dp_rank=rank,
+        dp_world_size=world,
+        framework="numpy",
+        **kwargs,
     )
 
 
@@ -106,8 +114,9 @@ def test_exact_resume_through_state_dict(kind, prefetch, cut):
 def test_elastic_resume_repeats_and_skips_no_row(kind, world_before, world_after):
     single = run([make_loader(kind)], 14)
     # prefetch 2: the state holds two planned global batches, read by the new ranks
-    before = [make_loader(kind, rank=r, world=world_before, prefetch=2)
-              for r in range(world_before)]
+    before = [
+        make_loader(kind, rank=r, world=world_before, prefetch=2) for r in range(world_before)
+    ]
     run(before, 6)
     states = [json.loads(json.dumps(loader.state_dict())) for loader in before]
     assert all(state == states[0] for state in states), "the state is global, alike on ranks"
@@ -118,8 +127,9 @@ def test_elastic_resume_repeats_and_skips_no_row(kind, world_before, world_after
 
 
 def test_restore_into_added_domain_reads_planned_batches_by_name():
-    old = DataLoader(*mixing(names=("a", "c")), global_batch_size=GLOBAL_BATCH,
-                     framework="numpy", prefetch=2)
+    old = DataLoader(
+        *mixing(names=("a", "c")), global_batch_size=GLOBAL_BATCH, framework="numpy", prefetch=2
+    )
     run([old], 3, feed=False)
     state = json.loads(json.dumps(old.state_dict()))
     expected = run([old], 2, feed=False)  # the two batches planned before the state was taken
