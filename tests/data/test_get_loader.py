@@ -28,12 +28,16 @@ def shards(tmp_path_factory):
         cut = max(2, len(docs) // 10)
         for split, texts in (("train", docs[cut:]), ("validation", docs[:cut])):
             jsonl = write_jsonl(root / f"{domain}-{split}.jsonl", texts)
-            prepare([jsonl], root / split / domain, tokenizer="wf-data-demo", name=domain,
-                    progress=False)
+            prepare(
+                [jsonl],
+                root / split / domain,
+                tokenizer="wf-data-demo",
+                name=domain,
+                progress=False,
+            )
     # The same domain name with other documents: a state from one must not restore the other.
     jsonl = write_jsonl(root / "math-other.jsonl", corpus["math"][-100:])
-    prepare([jsonl], root / "other" / "math", tokenizer="wf-data-demo", name="math",
-            progress=False)
+    prepare([jsonl], root / "other" / "math", tokenizer="wf-data-demo", name="math", progress=False)
     return root
 
 
@@ -47,8 +51,7 @@ def config(shards, names=DOMAINS, weights=None, mixing="static", **extra):
         "prefetch": 1,
         "mixing": {"kind": mixing},
         "sources": {
-            name: {"path": str(shards / "train" / name), "weight": weights[name]}
-            for name in names
+            name: {"path": str(shards / "train" / name), "weight": weights[name]} for name in names
         },
         "eval_sources": {name: {"path": str(shards / "validation" / name)} for name in names},
         **extra,
@@ -105,8 +108,9 @@ def test_reweighted_and_added_source_continue_unchanged_sources(shards):
     for i, name in enumerate(names):
         plans = iter(old.mixer.datasets[name])
         plans.set_state(domains[name]["state"])
-        expected[name] = np.stack([old.reader({**next(plans), "domain": i})["input_ids"]
-                                   for _ in range(6)])
+        expected[name] = np.stack(
+            [old.reader({**next(plans), "domain": i})["input_ids"] for _ in range(6)]
+        )
     weights = {"prose": 1.0, "code": 1.0, "math": 4.0}
     new = get_loader(config(shards, weights=weights, prefetch=0), framework="numpy")
     new.load_state_dict(state)
@@ -155,6 +159,16 @@ def test_missing_source_names_the_prepare_command(shards, tmp_path):
     cfg["sources"]["math"]["path"] = str(tmp_path / "nowhere")
     with pytest.raises(ValueError, match="wf-data prepare"):
         get_loader(cfg)
+
+
+def test_factory_names_keep_their_old_import_paths():
+    import wf_data.data
+    from wf_data.data import factory, loader
+
+    for name in ("get_loader", "get_eval_loaders"):
+        assert getattr(loader, name) is getattr(factory, name) is getattr(wf_data.data, name)
+    with pytest.raises(AttributeError, match="has no attribute 'get_loaders'"):
+        loader.get_loaders  # noqa: B018
 
 
 def test_jax_framework_gives_jax_arrays(shards):

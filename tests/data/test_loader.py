@@ -7,6 +7,7 @@ import pytest
 
 from wf_data.data.factory import reader_of
 from wf_data.data.loader import DataLoader, LoaderStateError, check_fingerprint
+from wf_data.data.loader_state import PendingLosses
 from wf_data.data.mixing import Exp3Policy, mix_plans
 from wf_data.data.odm import Exp3
 from wf_data.data.packing import pack
@@ -21,8 +22,10 @@ def domain_source(domain: int, num_docs: int = 80) -> InMemorySource:
     rng = np.random.default_rng([11, domain])
     lengths = rng.integers(4, 70, size=num_docs)
     return InMemorySource(
-        [(domain * 100_000 + doc * 100 + np.arange(n) % 100).astype(np.uint32)
-         for doc, n in enumerate(lengths)],
+        [
+            (domain * 100_000 + doc * 100 + np.arange(n) % 100).astype(np.uint32)
+            for doc, n in enumerate(lengths)
+        ],
         format="tokens",
     )
 
@@ -30,8 +33,9 @@ def domain_source(domain: int, num_docs: int = 80) -> InMemorySource:
 def mixing(kind="static", num_epochs=None, names=("a", "b", "c"), weights=WEIGHTS):
     """(mixer, reader) over best_fit packed domains."""
     datasets = {
-        name: pack(domain_source(i), SEQ_LEN, "best_fit", window_size=16, seed=i,
-                   num_epochs=num_epochs)
+        name: pack(
+            domain_source(i), SEQ_LEN, "best_fit", window_size=16, seed=i, num_epochs=num_epochs
+        )
         for i, name in ((("a", "b", "c").index(name), name) for name in names)
     }
     weights = {name: weights[name] for name in names}
@@ -39,16 +43,21 @@ def mixing(kind="static", num_epochs=None, names=("a", "b", "c"), weights=WEIGHT
     if kind == "exp3":
         policy = Exp3Policy(Exp3(len(names), prior=list(weights.values())))
     stop = "stop" if num_epochs is not None else "restart"
-    mixer = mix_plans({n: ds.plans for n, ds in datasets.items()}, policy, seed=1,
-                      on_exhausted=stop)
+    mixer = mix_plans(
+        {n: ds.plans for n, ds in datasets.items()}, policy, seed=1, on_exhausted=stop
+    )
     return mixer, reader_of(datasets)
 
 
 def make_loader(kind="static", rank=0, world=1, **kwargs):
     options = {k: kwargs.pop(k) for k in ("num_epochs",) if k in kwargs}
     return DataLoader(
-        *mixing(kind, **options), global_batch_size=GLOBAL_BATCH, dp_rank=rank,
-        dp_world_size=world, framework="numpy", **kwargs,
+        *mixing(kind, **options),
+        global_batch_size=GLOBAL_BATCH,
+        dp_rank=rank,
+        dp_world_size=world,
+        framework="numpy",
+        **kwargs,
     )
 
 
@@ -105,8 +114,9 @@ def test_exact_resume_through_state_dict(kind, prefetch, cut):
 def test_elastic_resume_repeats_and_skips_no_row(kind, world_before, world_after):
     single = run([make_loader(kind)], 14)
     # prefetch 2: the state holds two planned global batches, read by the new ranks
-    before = [make_loader(kind, rank=r, world=world_before, prefetch=2)
-              for r in range(world_before)]
+    before = [
+        make_loader(kind, rank=r, world=world_before, prefetch=2) for r in range(world_before)
+    ]
     run(before, 6)
     states = [json.loads(json.dumps(loader.state_dict())) for loader in before]
     assert all(state == states[0] for state in states), "the state is global, alike on ranks"
@@ -117,8 +127,9 @@ def test_elastic_resume_repeats_and_skips_no_row(kind, world_before, world_after
 
 
 def test_restore_into_added_domain_reads_planned_batches_by_name():
-    old = DataLoader(*mixing(names=("a", "c")), global_batch_size=GLOBAL_BATCH,
-                     framework="numpy", prefetch=2)
+    old = DataLoader(
+        *mixing(names=("a", "c")), global_batch_size=GLOBAL_BATCH, framework="numpy", prefetch=2
+    )
     run([old], 3, feed=False)
     state = json.loads(json.dumps(old.state_dict()))
     expected = run([old], 2, feed=False)  # the two batches planned before the state was taken
@@ -244,6 +255,48 @@ def test_observed_losses_are_part_of_the_state():
         assert each.mixer.live_policy.bandit.step == 1
     assert restored.mixture == pytest.approx(loader.mixture)
     assert restored.state_dict()["feedback"]["a"] == [0.0, 0.0]
+
+
+def test_pending_losses_take_means_once_and_round_trip_through_the_state():
+    pending = PendingLosses(("a", "b", "c"))
+    assert pending.take() is None, "nothing observed: no update"
+    pending.add(np.array([6.0, 2.0, 0.0]), np.array([2, 1, 0]))
+    pending.add(np.array([3.0, 0.0, 0.0]), np.array([2, 0, 0]))
+    restored = PendingLosses.from_state(json.loads(json.dumps(pending.to_state())), ("c", "a"))
+    np.testing.assert_array_equal(pending.take(), [9.0 / 4, 2.0, np.nan])
+    assert pending.take() is None, "taking clears"
+    np.testing.assert_array_equal(restored.take(), [np.nan, 9.0 / 4])  # matched by name
+    with pytest.raises(LoaderStateError, match="'feedback': domain 'a' must map to two numbers"):
+        PendingLosses.from_state({"a": [1.0]}, ("a",))
+
+
+def test_reset_restarts_the_stream_and_keeps_the_mixture():
+    loader = make_loader("exp3", prefetch=1)
+    run([loader], 7)  # feedback moves the weights
+    loader.observe_losses(np.ones(3), np.ones(3))
+    mixture = loader.mixture
+    assert mixture != pytest.approx(WEIGHTS)
+    loader.reset()
+    assert loader.step == 0
+    assert loader.mixture == pytest.approx(mixture), "the bandit belongs to the run"
+    assert loader.state_dict()["feedback"]["a"] == [0.0, 0.0]
+    assert loader.stats()["data/rows_served"] == 0
+    static = make_loader("static", prefetch=1)
+    first = run([static], 3)
+    static.reset()
+    assert_batches_equal(run([static], 3), first)
+
+
+@pytest.mark.slow
+def test_reset_and_restore_restart_worker_processes():
+    reference = make_loader("exp3", prefetch=2)
+    run([reference], 3)
+    state = json.loads(json.dumps(reference.state_dict()))
+    with make_loader("exp3", num_workers=2, prefetch=2) as loader:
+        expected = run([loader], 6)
+        loader.reset()  # a second iterator of the same pipeline, then a third
+        loader.load_state_dict(state)
+        assert_batches_equal(run([loader], 3, start_step=3), expected[3:])
 
 
 def test_bad_arguments():

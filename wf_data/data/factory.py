@@ -1,18 +1,20 @@
-"""From a data config to loader parts: packed domains, the mixer, the reader, the fingerprint.
+"""The config factory: from a data config to a `DataLoader` (`get_loader`, `get_eval_loaders`).
 
-`get_loader` (in `wf_data.data.loader`) calls `build_domains` (one packed dataset per source:
-tokenizer loaded once, seeds keyed by source name), `build_mixer` (the plans of every domain
-under the configured policy) and `loader_fingerprint` (what a saved state must match).
+`get_loader` calls `build_domains` (one packed dataset per source: tokenizer loaded once, seeds
+keyed by source name), `build_mixer` (the plans of every domain under the configured policy),
+`reader_of` (the rows of every domain) and `loader_fingerprint` (what a saved state must match),
+and hands them to `wf_data.data.loader.DataLoader`.
 """
 
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from wf_data.data.loader import DataLoader
 from wf_data.data.mixing import Exp3Policy, MixPlans, StaticWeights, mix_plans, validate_weights
 from wf_data.data.packing import PackedDataset
 from wf_data.data.rows import RowReader
@@ -22,11 +24,96 @@ __all__ = [
     "build_domains",
     "build_mixer",
     "domain_seed",
+    "get_eval_loaders",
+    "get_loader",
     "json_safe",
     "load_tokenizer",
     "loader_fingerprint",
     "reader_of",
 ]
+
+
+def get_loader(
+    cfg: Any,
+    *,
+    dp_rank: int = 0,
+    dp_world_size: int = 1,
+    framework: str = "torch",
+    overrides: Sequence[str] = (),
+    num_workers: int | None = None,
+    step_shard: tuple[int, int] | None = None,
+    device: Any = None,
+    pin_memory: bool | None = None,
+    jax_sharding: Any = None,
+) -> DataLoader:
+    """The loader a config describes, for data-parallel rank `dp_rank` of `dp_world_size`.
+
+    `cfg` is a `DataConfig`, a dict, or a config name from `configs/data` (`"demo"`,
+    `"mixed_pretrain"`) with Hydra `overrides`. Workers: `WF_DATA_NUM_WORKERS` beats
+    `num_workers` beats the config. `step_shard=(index, count)` yields only global steps
+    `s % count == index` (one torch `DataLoader` worker's share); the state stays global.
+    """
+    from wf_data.config import load_data_config, resolve_num_workers
+
+    cfg = load_data_config(cfg, overrides)
+    domains = build_domains(cfg)
+    weights = {name: source.weight for name, source in cfg.enabled_sources().items()}
+    loader = DataLoader(
+        build_mixer(cfg, domains, weights),
+        reader_of(domains),
+        global_batch_size=cfg.global_batch_size,
+        dp_rank=dp_rank,
+        dp_world_size=dp_world_size,
+        step_shard=step_shard,
+        framework=framework,
+        device=device,
+        pin_memory=pin_memory,
+        jax_sharding=jax_sharding,
+        num_workers=resolve_num_workers(cfg, num_workers),
+        prefetch=cfg.prefetch,
+        fingerprint=loader_fingerprint(cfg, domains),
+    )
+    # What LoaderDataset needs to build this loader again in a torch worker.
+    loader.recipe = (
+        cfg,
+        dict(
+            dp_rank=dp_rank,
+            dp_world_size=dp_world_size,
+            num_workers=num_workers,
+            device=device,
+            pin_memory=pin_memory,
+        ),
+    )
+    return loader
+
+
+def get_eval_loaders(
+    cfg: Any, *, overrides: Sequence[str] = (), framework: str = "torch", **kwargs: Any
+) -> dict[str, DataLoader]:
+    """One finite, deterministic loader per held-out source (`eval_sources`), by name.
+
+    Each reads its source once, in a fixed order, and ends with its last full batch.
+    """
+    from wf_data.config import load_data_config
+
+    cfg = load_data_config(cfg, overrides)
+    if not cfg.eval_sources:
+        raise ValueError("the config has no eval_sources: add held-out sources to evaluate on")
+    loaders = {}
+    for name, source in cfg.eval_sources.items():
+        domains = build_domains(cfg, sources={name: source}, num_epochs=1)
+        mixer = mix_plans(
+            {name: domains[name].plans}, {name: 1.0}, seed=cfg.seed, on_exhausted="stop"
+        )
+        loaders[name] = DataLoader(
+            mixer,
+            reader_of(domains),
+            global_batch_size=cfg.global_batch_size,
+            framework=framework,
+            fingerprint=loader_fingerprint(cfg, domains),
+            **kwargs,
+        )
+    return loaders
 
 
 def domain_seed(seed: int, name: str) -> int:

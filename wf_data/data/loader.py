@@ -1,4 +1,4 @@
-"""The loader a trainer touches: `get_loader(cfg)` -> `DataLoader`, a composition of Grain parts.
+"""`DataLoader`: a composition of Grain parts that a trainer iterates, checkpoints and feeds back.
 
     mix_plans -> batch_plans (global batches) -> [filter(StepShard)] -> ProcessMap(read this
     rank's rows) -> framework arrays
@@ -10,20 +10,25 @@ rank count that divides the global batch. The mixer (and so the EXP3 bandit) liv
 process only; workers read rows from plans they are handed. `ProcessMap` pulls `prefetch`
 batches ahead at a fixed lag, so an EXP3 update reaches the batch `prefetch + 1` steps later,
 whatever the worker count, and its state always describes the last batch handed out.
+
+The config factory (`get_loader`, `get_eval_loaders`) lives in `wf_data.data.factory`; both
+names stay importable from here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import grain
 import numpy as np
 
 from wf_data.data.batching import StepShard, batch_plans
+from wf_data.data.interop import to_jax, to_torch
 from wf_data.data.loader_state import (
     STATE_VERSION,
     LoaderStateError,
+    PendingLosses,
     by_domain,
     check_fingerprint,
     check_state,
@@ -63,17 +68,9 @@ class DataLoader:
         prefetch: int = 0,
         fingerprint: Mapping[str, Any] | None = None,
     ):
-        if framework not in FRAMEWORKS:
-            raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
-        if dp_world_size < 1 or not 0 <= dp_rank < dp_world_size:
-            raise ValueError(f"dp_rank {dp_rank} is not in range for dp_world_size {dp_world_size}")
-        if global_batch_size % dp_world_size:
-            raise ValueError(
-                f"global_batch_size {global_batch_size} is not divisible by "
-                f"dp_world_size {dp_world_size}"
-            )
-        if num_workers < 0 or prefetch < 0:
-            raise ValueError(f"num_workers ({num_workers}) and prefetch ({prefetch}) must be >= 0")
+        _check_arguments(
+            framework, global_batch_size, dp_rank, dp_world_size, num_workers, prefetch
+        )
         self.mixer, self.reader = mixer, reader
         self.global_batch_size = int(global_batch_size)
         self.dp_rank, self.dp_world_size = int(dp_rank), int(dp_world_size)
@@ -84,26 +81,25 @@ class DataLoader:
         self.num_workers, self.prefetch = int(num_workers), int(prefetch)
         # Computed on first use (a state save or restore): it may sum every document length.
         self._fingerprint = None if fingerprint is None else dict(fingerprint)
+        # Built once (an immutable recipe, as in Grain); every (re)start is a new iterator of it.
+        plans = batch_plans(mixer, self.global_batch_size, domain_names=mixer.names)
+        if self.step_shard is not None:
+            plans = grain.experimental.WithOptionsIterDataset(
+                plans.filter(self.step_shard),  # skipping other shards' steps is no cause to warn
+                grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None),
+            )
+        first = self.dp_rank * self.local_batch_size
+        read = ReadSlice(reader, SliceRows(first, first + self.local_batch_size), mixer.names)
+        self._pipeline = ProcessMap(plans, read, num_workers=num_workers, lookahead=prefetch)
         self._iterator = None
         self.reset()
 
-    def _pipeline(self) -> grain.IterDataset:
-        plans = batch_plans(self.mixer, self.global_batch_size, domain_names=self.domain_names)
-        if self.step_shard is not None:
-            plans = grain.experimental.WithOptionsIterDataset(
-                plans.filter(self.step_shard),
-                grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None),
-            )
-        start = self.dp_rank * self.local_batch_size
-        read = ReadSlice(
-            self.reader, SliceRows(start, start + self.local_batch_size), self.domain_names
-        )
-        return ProcessMap(plans, read, num_workers=self.num_workers, lookahead=self.prefetch)
-
-    def _restored(self, pipeline_state: Mapping[str, Any]) -> Any:
-        iterator = iter(self._pipeline())
-        iterator.set_state(pipeline_state)
-        return iterator
+    def _restart(self, pipeline_state: Mapping[str, Any] | None = None) -> None:
+        """Stops the pipeline iterator and starts a new one, at `pipeline_state` if given."""
+        self.close()
+        self._iterator = iter(self._pipeline)
+        if pipeline_state is not None:
+            self._iterator.set_state(pipeline_state)
 
     def reset(self) -> None:
         """Starts over from the first batch (an eval loader is reset before each evaluation).
@@ -111,13 +107,12 @@ class DataLoader:
         The mixture policy (the EXP3 bandit) carries over: it belongs to the run, not the stream.
         """
         policy = self.mixer.live_policy.state_dict()
-        self.close()
-        self._iterator = iter(self._pipeline())
+        self._restart()
         if policy is not None:
             self.mixer.live_policy.load_state_dict(policy, self.domain_names)
         self._step = 0
         self._served = np.zeros((2, self.num_domains), dtype=np.int64)  # rows, tokens
-        self._observed = np.zeros((2, self.num_domains), dtype=np.float64)  # loss sums, rows
+        self._pending = PendingLosses(self.domain_names)
 
     @property
     def fingerprint(self) -> dict[str, Any]:
@@ -128,10 +123,12 @@ class DataLoader:
 
     @property
     def domain_names(self) -> tuple[str, ...]:
+        """The mixture's domain names, in the order of `domain_ids` and of (K,) loss arrays."""
         return self.mixer.names
 
     @property
     def num_domains(self) -> int:
+        """K, the number of domains."""
         return len(self.mixer.names)
 
     @property
@@ -147,12 +144,8 @@ class DataLoader:
         self._step = int(batch.pop("step")) + 1
         self._served = np.stack([batch.pop("served_rows"), batch.pop("served_tokens")])
         if self.framework == "torch":
-            from wf_data.data.interop import to_torch
-
             return to_torch(batch, device=self.device, pin_memory=self.pin_memory)
         if self.framework == "jax":
-            from wf_data.data.interop import to_jax
-
             return to_jax(batch, sharding=self.jax_sharding)
         return batch
 
@@ -169,21 +162,14 @@ class DataLoader:
         self.mixer.update(losses)
 
     def observe_losses(self, loss_sums: np.ndarray, row_counts: np.ndarray) -> None:
-        """Adds (K,) per-domain loss sums and row counts (already all-reduced) to the pending
-        feedback, which `apply_observed` hands to `update_mixture`. Part of the state."""
-        self._observed += np.stack(
-            [np.asarray(loss_sums, np.float64), np.asarray(row_counts, np.float64)]
-        )
+        """Adds (K,) per-domain loss sums and row counts, all-reduced, to the pending feedback."""
+        self._pending.add(loss_sums, row_counts)
 
     def apply_observed(self) -> None:
-        """Updates the mixture with the mean loss of every observed domain, then clears them.
-        No domain observed: no update."""
-        sums, counts = self._observed
-        self._observed = np.zeros_like(self._observed)
-        if counts.any():
-            self.update_mixture(
-                np.divide(sums, counts, out=np.full(len(sums), np.nan), where=counts > 0)
-            )
+        """Feeds the pending mean losses to `update_mixture` and clears them (none: no update)."""
+        means = self._pending.take()
+        if means is not None:
+            self.update_mixture(means)
 
     # ------------------------------------------------------------------ state
 
@@ -195,7 +181,7 @@ class DataLoader:
             "step": self._step,
             "pipeline": self._iterator.get_state(),
             "stats": from_domains(self.domain_names, self._served, int),
-            "feedback": from_domains(self.domain_names, self._observed, float),
+            "feedback": self._pending.to_state(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -208,17 +194,16 @@ class DataLoader:
         check_state(state)
         check_fingerprint(state["fingerprint"], self.fingerprint)
         served = by_domain(state["stats"], "stats", self.domain_names, np.int64)
-        observed = by_domain(state["feedback"], "feedback", self.domain_names, np.float64)
+        pending = PendingLosses.from_state(state["feedback"], self.domain_names)
         previous = self._iterator.get_state()
-        self.close()
         try:
-            self._iterator = self._restored(state["pipeline"])
+            self._restart(state["pipeline"])
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
-            self._iterator = self._restored(previous)  # keep serving where it was
+            self._restart(previous)  # keep serving where it was
             raise LoaderStateError(
                 f"loader state entry 'pipeline' does not restore: {error}"
             ) from error
-        self._step, self._served, self._observed = state["step"], served, observed
+        self._step, self._served, self._pending = state["step"], served, pending
 
     # ------------------------------------------------------------------ extras
 
@@ -244,87 +229,33 @@ class DataLoader:
         self.close()
 
 
-def get_loader(
-    cfg: Any,
-    *,
-    dp_rank: int = 0,
-    dp_world_size: int = 1,
-    framework: str = "torch",
-    overrides: Sequence[str] = (),
-    num_workers: int | None = None,
-    step_shard: tuple[int, int] | None = None,
-    device: Any = None,
-    pin_memory: bool | None = None,
-    jax_sharding: Any = None,
-) -> DataLoader:
-    """The loader a config describes, for data-parallel rank `dp_rank` of `dp_world_size`.
-
-    `cfg` is a `DataConfig`, a dict, or a config name from `configs/data` (`"demo"`,
-    `"mixed_pretrain"`) with Hydra `overrides`. Workers: `WF_DATA_NUM_WORKERS` beats
-    `num_workers` beats the config. `step_shard=(index, count)` yields only global steps
-    `s % count == index` (one torch `DataLoader` worker's share); the state stays global.
-    """
-    from wf_data.config import load_data_config, resolve_num_workers
-    from wf_data.data.factory import build_domains, build_mixer, loader_fingerprint, reader_of
-
-    cfg = load_data_config(cfg, overrides)
-    domains = build_domains(cfg)
-    weights = {name: source.weight for name, source in cfg.enabled_sources().items()}
-    loader = DataLoader(
-        build_mixer(cfg, domains, weights),
-        reader_of(domains),
-        global_batch_size=cfg.global_batch_size,
-        dp_rank=dp_rank,
-        dp_world_size=dp_world_size,
-        step_shard=step_shard,
-        framework=framework,
-        device=device,
-        pin_memory=pin_memory,
-        jax_sharding=jax_sharding,
-        num_workers=resolve_num_workers(cfg, num_workers),
-        prefetch=cfg.prefetch,
-        fingerprint=loader_fingerprint(cfg, domains),
-    )
-    # What LoaderDataset needs to build this loader again in a torch worker.
-    loader.recipe = (
-        cfg,
-        dict(
-            dp_rank=dp_rank,
-            dp_world_size=dp_world_size,
-            num_workers=num_workers,
-            device=device,
-            pin_memory=pin_memory,
-        ),
-    )
-    return loader
-
-
-def get_eval_loaders(
-    cfg: Any, *, overrides: Sequence[str] = (), framework: str = "torch", **kwargs: Any
-) -> dict[str, DataLoader]:
-    """One finite, deterministic loader per held-out source (`eval_sources`), by name.
-
-    Each reads its source once, in a fixed order, and ends with its last full batch.
-    """
-    from wf_data.config import load_data_config
-    from wf_data.data.factory import build_domains, loader_fingerprint, reader_of
-    from wf_data.data.mixing import mix_plans
-
-    cfg = load_data_config(cfg, overrides)
-    if not cfg.eval_sources:
-        raise ValueError("the config has no eval_sources: add held-out sources to evaluate on")
-    loaders = {}
-    for name, source in cfg.eval_sources.items():
-        domains = build_domains(cfg, sources={name: source}, num_epochs=1)
-        mixer = mix_plans(
-            {name: domains[name].plans}, {name: 1.0}, seed=cfg.seed, on_exhausted="stop"
+def _check_arguments(
+    framework: str,
+    global_batch_size: int,
+    dp_rank: int,
+    dp_world_size: int,
+    num_workers: int,
+    prefetch: int,
+) -> None:
+    """Raises `ValueError` naming the first `DataLoader` argument out of range."""
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"framework must be one of {FRAMEWORKS}, got {framework!r}")
+    if dp_world_size < 1 or not 0 <= dp_rank < dp_world_size:
+        raise ValueError(f"dp_rank {dp_rank} is not in range for dp_world_size {dp_world_size}")
+    if global_batch_size % dp_world_size:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} is not divisible by "
+            f"dp_world_size {dp_world_size}"
         )
-        loaders[name] = DataLoader(
-            mixer,
-            reader_of(domains),
-            global_batch_size=cfg.global_batch_size,
-            framework=framework,
-            fingerprint=loader_fingerprint(cfg, domains),
-            **kwargs,
-        )
-    return loaders
+    if num_workers < 0 or prefetch < 0:
+        raise ValueError(f"num_workers ({num_workers}) and prefetch ({prefetch}) must be >= 0")
+
+
+def __getattr__(name: str) -> Any:
+    # The config factory moved to `wf_data.data.factory` (which imports this module); resolved
+    # on first use, so the old import path `wf_data.data.loader.get_loader` keeps working.
+    if name in ("get_loader", "get_eval_loaders"):
+        from wf_data.data import factory
+
+        return getattr(factory, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,11 @@
-"""The loader state format: validation, fingerprints and per-domain entries.
+"""The loader state format: validation, fingerprints, per-domain entries, pending feedback.
 
 A `DataLoader.state_dict()` is a JSON-safe dict, the same on every rank:
 
     {"version": 2, "fingerprint": {...settings and one entry per source...},
      "step": int, "pipeline": {...the Grain pipeline iterator's state...},
-     "stats": {name: [rows, real tokens] served}, "feedback": {name: [loss sum, rows] pending}}
+     "stats": {name: [rows, real tokens] served},
+     "feedback": {name: [loss sum, rows] pending (`PendingLosses`)}}
 
 Everything read back is checked here first: a malformed or foreign state is a
 `LoaderStateError` naming the entry, the value and what was expected.
@@ -30,6 +31,7 @@ _STATE_KEYS = {
 
 __all__ = [
     "LoaderStateError",
+    "PendingLosses",
     "STATE_VERSION",
     "by_domain",
     "check_fingerprint",
@@ -90,6 +92,44 @@ def by_domain(entry: Mapping[str, Any], key: str, names: Sequence[str], dtype) -
 def from_domains(names: Sequence[str], pairs: np.ndarray, kind: type) -> dict[str, list]:
     """The state entry of a (2, K) array: {name: [first, second]}."""
     return {name: [kind(a), kind(b)] for name, a, b in zip(names, *pairs, strict=True)}
+
+
+class PendingLosses:
+    """Per-domain training-loss sums and row counts not yet handed to the mixture.
+
+    The loader adds to it after each (micro-)batch and takes the means out when the trainer
+    applies feedback; what is pending is the state entry "feedback" (`{name: [loss sum, rows]}`),
+    so a checkpoint between the two calls loses nothing.
+    """
+
+    def __init__(self, names: Sequence[str], pairs: np.ndarray | None = None):
+        self.names = tuple(names)
+        self._pairs = np.zeros((2, len(self.names))) if pairs is None else pairs
+
+    @classmethod
+    def from_state(cls, entry: Mapping[str, Any], names: Sequence[str]) -> PendingLosses:
+        """The pending losses of a state's "feedback" entry, in `names` order (a domain added
+        since has none); `LoaderStateError` if malformed."""
+        return cls(names, by_domain(entry, "feedback", names, np.float64))
+
+    def to_state(self) -> dict[str, list[float]]:
+        """The state entry: `{name: [loss sum, rows]}`."""
+        return from_domains(self.names, self._pairs, float)
+
+    def add(self, loss_sums: Any, row_counts: Any) -> None:
+        """Adds (K,) per-domain loss sums and row counts (already all-reduced over ranks)."""
+        self._pairs += np.stack(
+            [np.asarray(loss_sums, np.float64), np.asarray(row_counts, np.float64)]
+        )
+
+    def take(self) -> np.ndarray | None:
+        """(K,) mean loss per domain, NaN where none was observed, or None if no domain was;
+        clears what is pending either way."""
+        sums, counts = self._pairs
+        self._pairs = np.zeros_like(self._pairs)
+        if not counts.any():
+            return None
+        return np.divide(sums, counts, out=np.full(len(sums), np.nan), where=counts > 0)
 
 
 def stats_summary(
