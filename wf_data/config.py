@@ -165,8 +165,10 @@ class DataConfig:
     with the package; a token source prepared with a tokenizer of other token ids is refused
     unless ``allow_tokenizer_mismatch``. ``window_size`` ``None`` keeps the packer's default;
     ``pad_id`` ``None`` takes the tokenizer's. ``num_epochs`` ``None`` repeats forever.
-    ``num_workers`` is overridden by ``resolve_num_workers``. ``prefetch``: batches are planned
-    and read in groups of ``prefetch + 1`` (an EXP3 update reaches the next group). A
+    ``num_workers`` is overridden by ``resolve_num_workers``. ``prefetch``: batches planned
+    ahead of the one delivered, so an EXP3 update reaches the batch ``prefetch + 1`` steps
+    later; without workers they are read in groups of ``prefetch + 1``, with workers in
+    parallel. A
     ``DataConfig`` built in Python is checked by passing it through ``load_data_config``.
     """
 

@@ -59,7 +59,10 @@ class ProcessMap(grain.IterDataset):
     module free of grain/JAX imports: workers import it at start) and returns
     ``dict[str, np.ndarray]``, e.g. ``(B, L) int32`` rows. ``lookahead`` elements are pulled
     ahead of the consumer and computed in parallel; with ``num_workers > 0`` it bounds the
-    parallelism, so use at least ``num_workers``.
+    parallelism, so use at least ``num_workers``. With ``num_workers=0`` and an ``fn`` that
+    has ``many(plans) -> [fn(plan) for plan in plans]`` (one call sharing fixed costs, as
+    :class:`wf_data.data.rows.ReadSlice` reads several batches at once), the in-flight
+    elements are computed together, ``lookahead + 1`` at a time.
     """
 
     def __init__(
@@ -115,6 +118,7 @@ class ProcessMap(grain.IterDataset):
 class _InFlight:
     plan: Plan
     ticket: tuple[int, int] | None = None  # (worker, task) once submitted to the current pool
+    result: dict[str, np.ndarray] | None = None  # computed ahead inline (``fn.many``)
 
 
 class ProcessMapIterator(grain.DatasetIterator):
@@ -153,7 +157,7 @@ class ProcessMapIterator(grain.DatasetIterator):
             raise StopIteration
         try:
             if self._num_workers == 0:
-                result = check_result(self._fn(self._in_flight[0].plan))
+                result = self._inline_result()
             else:
                 result = self._result_from_pool()
         except Exception as error:
@@ -241,6 +245,25 @@ class ProcessMapIterator(grain.DatasetIterator):
                 break
             index = self._delivered + len(self._in_flight)
             self._in_flight.append(_InFlight(_check_plan(plan, index)))
+
+    def _inline_result(self) -> dict[str, np.ndarray]:
+        """The head's result computed here; with ``fn.many``, together with every in-flight
+        element not yet computed (their results wait in order)."""
+        head = self._in_flight[0]
+        if head.result is None:
+            many = getattr(self._fn, "many", None)
+            pending = [entry for entry in self._in_flight if entry.result is None]
+            if many is not None and len(pending) > 1:
+                try:
+                    results = many([entry.plan for entry in pending])
+                except Exception:
+                    results = None  # the head alone, below, names the element that fails
+                if results is not None:
+                    for entry, result in zip(pending, results, strict=True):
+                        entry.result = check_result(result)
+            if head.result is None:
+                head.result = check_result(self._fn(head.plan))
+        return head.result
 
     def _result_from_pool(self) -> dict[str, np.ndarray]:
         if self._pool is None:

@@ -450,10 +450,13 @@ class DocumentSource:
     def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Global record indices -> (shard index, index within the shard)."""
         n = len(self)
-        if indices.size and (indices.min() < -n or indices.max() >= n):
-            bad = indices[(indices < -n) | (indices >= n)][0]
-            raise IndexError(f"record {bad} out of range for {self.path} with {n} records")
-        indices = np.where(indices < 0, indices + n, indices)
+        if indices.size:
+            lowest, highest = int(indices.min()), int(indices.max())
+            if lowest < -n or highest >= n:
+                bad = indices[(indices < -n) | (indices >= n)][0]
+                raise IndexError(f"record {bad} out of range for {self.path} with {n} records")
+            if lowest < 0:
+                indices = np.where(indices < 0, indices + n, indices)
         shards = np.searchsorted(self._starts, indices, side="right") - 1
         return shards, indices - self._starts[shards]
 

@@ -1,0 +1,103 @@
+"""Reading several batches in one call: `ReadSlice.many` and `ProcessMap`'s inline groups."""
+
+from __future__ import annotations
+
+import itertools
+
+import grain
+import numpy as np
+import pytest
+
+from tests.data.process_map_fns import rows
+from tests.data.test_loader import make_loader, mixing
+from wf_data.data.batching import batch_plans
+from wf_data.data.process_map import ProcessMap
+from wf_data.data.rows import ReadSlice, SliceRows
+
+
+def assert_results_equal(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for index, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.keys() == b.keys(), index
+        for key in b:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=f"element {index} {key}")
+
+
+@pytest.mark.parametrize("rank_rows", [(0, 4), (1, 3)])
+def test_many_equals_one_batch_at_a_time(rank_rows):
+    mixer, reader = mixing("static")
+    plans = list(itertools.islice(batch_plans(mixer, 4, domain_names=mixer.names), 9))
+    # One batch planned under other domain names (before a restore) is read by name too.
+    plans[4] = dict(plans[4], domain_names='["c", "b", "a"]', domain_ids=2 - plans[4]["domain_ids"])
+    read = ReadSlice(reader, SliceRows(*rank_rows), mixer.names)
+    assert_results_equal(read.many(plans), [read(plan) for plan in plans])
+    assert read.many(plans)[4]["domain_ids"].tolist() == read(plans[4])["domain_ids"].tolist()
+
+
+class CountingRows:
+    """`rows` with a `many` that records its group sizes and fails on element `fail_at`."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.groups: list[int] = []
+        self.fail_at = fail_at
+
+    def __call__(self, plan: dict) -> dict:
+        if int(plan["index"]) == self.fail_at:
+            raise ValueError(f"element {self.fail_at} is bad")
+        return rows(plan)
+
+    def many(self, plans: list[dict]) -> list[dict]:
+        self.groups.append(len(plans))
+        return [self(plan) for plan in plans]
+
+
+def plan_stream() -> grain.IterDataset:
+    return (
+        grain.MapDataset.range(20)
+        .map(
+            lambda i: {"index": np.int64(i), "docs": np.arange(i % 3), "weight": i / 2, "name": "p"}
+        )
+        .to_iter_dataset()
+    )
+
+
+@pytest.mark.parametrize("lookahead", [0, 2, 5])
+def test_inline_groups_of_lookahead_plus_one_same_stream(lookahead):
+    fn = CountingRows()
+    got = list(ProcessMap(plan_stream(), fn, num_workers=0, lookahead=lookahead))
+    assert_results_equal(got, [rows(plan) for plan in plan_stream()])
+    if lookahead:
+        assert fn.groups[0] == lookahead + 1 and max(fn.groups) == lookahead + 1
+        assert sum(fn.groups) == 20
+
+
+def test_a_failing_group_fails_at_its_element_and_resumes_exactly():
+    fn = CountingRows(fail_at=7)
+    iterator = iter(ProcessMap(plan_stream(), fn, num_workers=0, lookahead=3))
+    delivered = []
+    with pytest.raises(ValueError, match="element 7 is bad") as error:
+        while True:
+            delivered.append(next(iterator))
+    assert len(delivered) == 7  # every element before the bad one, none after
+    assert any("element 7" in note for note in error.value.__notes__)
+    state = iterator.get_state()
+    fn.fail_at = None
+    resumed = iter(ProcessMap(plan_stream(), fn, num_workers=0, lookahead=3))
+    resumed.set_state(state)
+    assert_results_equal(delivered + list(resumed), [rows(plan) for plan in plan_stream()])
+
+
+def test_loader_without_workers_reads_prefetch_plus_one_batches_per_call(monkeypatch):
+    calls = []
+    many = ReadSlice.many
+
+    def counting(self, plans):
+        calls.append(len(plans))
+        return many(self, plans)
+
+    monkeypatch.setattr(ReadSlice, "many", counting)
+    grouped = make_loader("static", prefetch=2)
+    got = [next(grouped) for _ in range(6)]
+    assert calls == [3, 3]
+    one_by_one = make_loader("static", prefetch=0)
+    assert_results_equal(got, [next(one_by_one) for _ in range(6)])
