@@ -37,15 +37,33 @@ def write_token_dataset(out_dir, docs, tokenizer_identity=None):
         written = sources.write_shard(
             out_dir / file, [sources.encode_record(d, "tokens", np.uint16) for d in part]
         )
-        shards.append({"file": file, "records": written["records"],
-                       "tokens": int(sum(len(d) for d in part)), "sha256": written["sha256"]})
+        shards.append(
+            {
+                "file": file,
+                "records": written["records"],
+                "tokens": int(sum(len(d) for d in part)),
+                "sha256": written["sha256"],
+            }
+        )
     np.save(out_dir / sources.LENGTHS_NAME, np.array([len(d) for d in docs], dtype=np.int64))
-    sources.write_manifest(out_dir, {
-        "version": 1, "name": "docs", "format": "tokens", "token_dtype": "uint16",
-        "tokenizer": tokenizer_identity, "append_eos": False, "shards": shards,
-        "totals": {"records": len(docs), "tokens": int(sum(len(d) for d in docs)),
-                   "dropped_empty": 0, "skipped_bad": 0},
-    })
+    sources.write_manifest(
+        out_dir,
+        {
+            "version": 1,
+            "name": "docs",
+            "format": "tokens",
+            "token_dtype": "uint16",
+            "tokenizer": tokenizer_identity,
+            "append_eos": False,
+            "shards": shards,
+            "totals": {
+                "records": len(docs),
+                "tokens": int(sum(len(d) for d in docs)),
+                "dropped_empty": 0,
+                "skipped_bad": 0,
+            },
+        },
+    )
     return sources.open_dataset(out_dir)
 
 
@@ -65,8 +83,9 @@ def test_prepared_tokens_source(tmp_path, packing):
     assert np.array_equal(real_tokens(rows), expected)
     # identical to packing the source directly with the same seed
     direct = list(pack(source, 64, packing, seed=3, num_epochs=2))
-    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(rows, direct,
-                                                                            strict=True))
+    assert all(
+        np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(rows, direct, strict=True)
+    )
     # resume from a JSON state in the middle
     iterator = iter(dataset)
     for _ in range(len(rows) // 3):
@@ -81,8 +100,9 @@ def test_prepared_tokens_source(tmp_path, packing):
 
 def test_text_source_is_tokenized_on_the_fly(tokenizer):
     source = InMemorySource(TEXTS, format="text")
-    dataset = PretrainDataset(source, seq_len=32, tokenizer=tokenizer, seed=1, num_epochs=1,
-                              window_size=4)
+    dataset = PretrainDataset(
+        source, seq_len=32, tokenizer=tokenizer, seed=1, num_epochs=1, window_size=4
+    )
     assert isinstance(dataset, BestFitPackedDataset)
     assert dataset.pad_id == tokenizer.pad_id
     rows = list(dataset)
@@ -93,10 +113,58 @@ def test_text_source_is_tokenized_on_the_fly(tokenizer):
         assert (row["labels"][starts] == IGNORE_INDEX).all()
         assert (row["position_ids"][starts] == 0).all()
     # a tokenizer name works too, and the fingerprint names source and tokenizer
-    by_name = PretrainDataset(source, seq_len=32, tokenizer="wf-data-demo", seed=1,
-                              num_epochs=1, window_size=4)
+    by_name = PretrainDataset(
+        source, seq_len=32, tokenizer="wf-data-demo", seed=1, num_epochs=1, window_size=4
+    )
     assert by_name.fingerprint() == dataset.fingerprint()
     assert isinstance(dataset.docs, TokenizedDocuments)
+
+
+class CountingTokenizer:
+    """Wraps a tokenizer, counting the documents it encodes."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.encoded = tokenizer, 0
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+    def encode_batch(self, texts):
+        self.encoded += len(texts)
+        return self.tokenizer.encode_batch(texts)
+
+
+@pytest.mark.parametrize("cache_tokens", [1 << 24, 0])
+def test_best_fit_tokenizes_each_text_document_once(tokenizer, cache_tokens, monkeypatch):
+    from wf_data.data.datasets import pretrain
+
+    monkeypatch.setattr(pretrain, "CACHE_TOKENS", cache_tokens)
+    texts = [f"document {i} " + "word " * (i % 17) for i in range(40)]
+    counting = CountingTokenizer(tokenizer)
+    dataset = PretrainDataset(
+        InMemorySource(texts, format="text"),
+        seq_len=32,
+        tokenizer=counting,
+        seed=3,
+        num_epochs=1,
+        window_size=8,
+    )
+    rows = list(dataset)
+    assert np.array_equal(real_tokens(rows), np.sort(np.concatenate(tokenizer.encode_batch(texts))))
+    # Planning measures every window (40 documents); reading them again hits the cache.
+    assert counting.encoded == (40 if cache_tokens else 80)
+
+
+def test_tokenized_documents_cache_is_bounded_and_not_pickled(tokenizer):
+    import pickle
+
+    texts = ["a b c d e f g h"] * 50
+    docs = TokenizedDocuments(InMemorySource(texts, format="text"), tokenizer, cache_tokens=64)
+    docs.__getitems__(list(range(50)))
+    assert docs._recent._tokens <= 64 and len(docs._recent._arrays) < 50
+    clone = pickle.loads(pickle.dumps(docs))
+    assert not clone._recent._arrays
+    np.testing.assert_array_equal(clone[7], docs[7])
 
 
 def test_text_source_errors(tokenizer):
@@ -131,13 +199,20 @@ def test_pad_id_defaults(tmp_path, tokenizer):
     docs = [np.arange(5, dtype=np.uint16)]
     bare = write_token_dataset(tmp_path / "bare", docs)
     assert PretrainDataset(bare, seq_len=8).pad_id == 0
-    identity = {"name": "t", "vocab_size": 100, "bos_id": None, "eos_id": 2, "pad_id": 7,
-                "sha256": "0" * 64}
+    identity = {
+        "name": "t",
+        "vocab_size": 100,
+        "bos_id": None,
+        "eos_id": 2,
+        "pad_id": 7,
+        "sha256": "0" * 64,
+    }
     named = write_token_dataset(tmp_path / "named", docs, tokenizer_identity=identity)
     assert PretrainDataset(named, seq_len=8).pad_id == 7
     with pytest.warns(UserWarning, match="allowed by allow_tokenizer_mismatch"):
-        mismatched = PretrainDataset(named, seq_len=8, tokenizer=tokenizer,
-                                     allow_tokenizer_mismatch=True)
+        mismatched = PretrainDataset(
+            named, seq_len=8, tokenizer=tokenizer, allow_tokenizer_mismatch=True
+        )
     assert mismatched.pad_id == tokenizer.pad_id
     dataset = PretrainDataset(named, seq_len=8, pad_id=5)
     assert dataset.pad_id == 5 and next(iter(dataset))["input_ids"].tolist()[-3:] == [5, 5, 5]

@@ -6,7 +6,9 @@ of the documents each epoch, so a resume needs no more state than the packer's p
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +19,10 @@ from wf_data.data.tokenization import check_source_tokenizer
 
 __all__ = ["PretrainDataset", "TokenizedDocuments"]
 
+# Tokens of recently tokenized documents a `TokenizedDocuments` keeps (int32: 64 MB): more than
+# a best-fit window of 4096 documents of a few thousand tokens.
+CACHE_TOKENS = 1 << 24
+
 
 class TokenizedDocuments:
     """Random-access view of a `text` source as `(n,) int32` token arrays, tokenized on read.
@@ -24,18 +30,33 @@ class TokenizedDocuments:
     One `encode_batch` per batched read. Lengths are unknown up front (`lengths = None`), so
     `best_fit` learns them a window at a time and `concat` refuses the source. `fingerprint`
     covers the source and the tokenizer, so a saved state refuses a restore under another one.
+
+    `best_fit` tokenizes a window to measure it, then reads the same documents again to build
+    rows; the most recently tokenized documents (up to `cache_tokens` tokens, default
+    `CACHE_TOKENS`, per process: a
+    pickled copy starts empty) are kept so that, without worker processes, each document is
+    tokenized once.
     """
 
     lengths = None
     format = "tokens"
 
-    def __init__(self, source: Any, tokenizer: Any):
+    def __init__(self, source: Any, tokenizer: Any, *, cache_tokens: int | None = None):
         self.source = source
         self.tokenizer = tokenizer
         digest = hashlib.sha256()
         digest.update(str(_source_fingerprint(source)).encode())
         digest.update(str(tokenizer.fingerprint()).encode())
         self.fingerprint = digest.hexdigest()
+        self.cache_tokens = CACHE_TOKENS if cache_tokens is None else int(cache_tokens)
+        self._recent = _RecentTokens(self.cache_tokens)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_recent": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._recent = _RecentTokens(self.cache_tokens)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -47,8 +68,20 @@ class TokenizedDocuments:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[np.ndarray]:
-        """Token arrays of records `indices` (one batched read, one batched encode)."""
+        """Token arrays of records `indices` (one batched read and encode of those not kept)."""
         indices = [int(i) for i in indices]
+        found = self._recent.get_many(indices)
+        missing = [index for index, tokens in zip(indices, found, strict=True) if tokens is None]
+        if missing:
+            fresh = dict(zip(missing, self._tokenize(missing), strict=True))
+            self._recent.put_many(fresh)
+            found = [
+                fresh[i] if tokens is None else tokens
+                for i, tokens in zip(indices, found, strict=True)
+            ]
+        return found
+
+    def _tokenize(self, indices: list[int]) -> list[np.ndarray]:
         getitems = getattr(self.source, "__getitems__", None)
         texts = getitems(indices) if getitems is not None else [self.source[i] for i in indices]
         for index, text in zip(indices, texts, strict=True):
@@ -59,6 +92,35 @@ class TokenizedDocuments:
                     "(no tokenizer)"
                 )
         return [np.asarray(ids, dtype=np.int32) for ids in self.tokenizer.encode_batch(texts)]
+
+
+class _RecentTokens:
+    """Token arrays by record index, the least recently used dropped beyond `capacity`
+    tokens; safe to share between reader threads."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._arrays: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+        self._tokens = 0
+        self._lock = threading.Lock()
+
+    def get_many(self, indices: list[int]) -> list[np.ndarray | None]:
+        with self._lock:
+            found = [self._arrays.get(index) for index in indices]
+            for index, tokens in zip(indices, found, strict=True):
+                if tokens is not None:
+                    self._arrays.move_to_end(index)
+        return found
+
+    def put_many(self, arrays: dict[int, np.ndarray]) -> None:
+        with self._lock:
+            for index, tokens in arrays.items():
+                if tokens.size <= self.capacity and index not in self._arrays:
+                    tokens.setflags(write=False)  # shared with every later reader
+                    self._arrays[index] = tokens
+                    self._tokens += tokens.size
+            while self._tokens > self.capacity:
+                self._tokens -= self._arrays.popitem(last=False)[1].size
 
 
 def PretrainDataset(  # noqa: N802 - a dataset constructor, named like SFTDataset
