@@ -62,7 +62,14 @@ class Worker:
         except (OSError, RuntimeError):
             self.returncode = STATUS_LOST  # the zygote died too and took the status along
         os.close(self._pidfd)
+        self._pidfd = -1
         return self.returncode
+
+    def fileno(self) -> int:
+        """The pidfd, readable once the worker exited (for ``select``); only until reaped."""
+        if self._pidfd < 0:
+            raise ValueError(f"worker pid {self.pid} was reaped: its pidfd is closed")
+        return self._pidfd
 
     def kill(self) -> None:
         """SIGKILL through the pidfd: never hits a process that reused the pid."""
