@@ -223,3 +223,58 @@ def test_process_map_zygote_killed_mid_stream():
     assert len(delivered) == len(expected)
     for got, want in zip(delivered, expected, strict=True):
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+
+
+@pytest.mark.timeout(60)  # a regression hangs: fail it fast
+@pytest.mark.parametrize("how", ["stop", "sleep"])
+def test_process_map_stuck_worker_times_out(tmp_path, how):
+    """A worker alive but stuck in fn (SIGSTOP, or asleep like a hung read): next() raises a
+    WorkerError naming pid, seconds and element within a few seconds instead of hanging, the
+    stuck worker is killed and reaped, and the stream continues exactly like 0 workers."""
+    import grain
+    import numpy as np
+
+    from tests.data.process_map_fns import StuckWhileFileExists, rows
+    from wf_data.data.process_map import ProcessMap, WorkerError
+
+    parent = grain.MapDataset.range(24).map(
+        lambda i: {"index": i, "docs": np.arange(i % 3, dtype=np.int32), "weight": 0.5, "name": "s"}
+    )
+    with iter(ProcessMap(parent, rows, num_workers=0, lookahead=4)) as it:
+        expected = list(it)
+    flag = tmp_path / "stuck"
+    flag.touch()
+    fn = StuckWhileFileExists(str(flag), index=7, how=how)
+    with iter(ProcessMap(parent, fn, num_workers=2, lookahead=4, timeout_s=1.0)) as it:
+        delivered = [next(it) for _ in range(7)]
+        first_pids = it.worker_pids
+        stuck = first_pids[7 % 2]  # tasks go round-robin from element 0
+        started = time.monotonic()
+        with pytest.raises(WorkerError) as raised:
+            next(it)
+        waited = time.monotonic() - started
+        try:
+            assert 1.0 <= waited < 5.0
+            message = str(raised.value)
+            assert f"(pid {stuck}) made no progress computing a result for 1." in message
+            assert "timeout_s=1" in message and "worker_timeout_s" in message
+            notes = "\n".join(raised.value.__notes__)
+            assert "element 7" in notes and "index=7" in notes
+            assert _wait_exited(first_pids, within_s=1.0) == []  # killed and reaped: no zombie
+            state = it.get_state()
+            assert state["in_flight"][0]["index"] == 7
+            flag.unlink()
+            delivered += list(it)  # the same iterator restarts its workers
+            assert set(it.worker_pids).isdisjoint(first_pids)
+            last_pids = it.worker_pids
+        finally:
+            _kill_all(first_pids)
+    assert _wait_exited(last_pids, within_s=1.0) == []
+    with iter(ProcessMap(parent, rows, num_workers=0, lookahead=4)) as it:
+        it.set_state(state)
+        restored = list(it)
+    assert len(delivered) == len(expected) and len(restored) == len(expected) - 7
+    for got, want in zip(delivered + restored, expected + expected[7:], strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
