@@ -278,3 +278,40 @@ def test_process_map_stuck_worker_times_out(tmp_path, how):
         assert got.keys() == want.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.timeout(60)
+def test_process_map_stopped_zygote_times_out():
+    """A zygote that cannot answer (stopped, or stuck importing on a hung filesystem) fails
+    the pool start after timeout_s instead of hanging it; the next next() forks from a new
+    zygote and the stream is exact."""
+    import grain
+    import numpy as np
+
+    from tests.data.process_map_fns import rows
+    from wf_data.data.process_map import ProcessMap
+    from wf_data.data.zygote import zygote
+
+    parent = grain.MapDataset.range(12).map(
+        lambda i: {"index": i, "docs": np.arange(2, dtype=np.int32), "weight": 1.0, "name": "z"}
+    )
+    expected = [rows(plan) for plan in parent]
+    with iter(ProcessMap(parent, rows, num_workers=1, lookahead=0)) as it:
+        next(it)  # the zygote is up and has answered: what follows tests a request, not its start
+    stopped = zygote().pid
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        with iter(ProcessMap(parent, rows, num_workers=2, lookahead=3, timeout_s=1.0)) as it:
+            started = time.monotonic()
+            stuck = rf"zygote \(pid {stopped}\) did not answer its spawn within 1 s"
+            with pytest.raises(RuntimeError, match=stuck):
+                next(it)
+            assert time.monotonic() - started < 5.0
+            assert _wait_exited([stopped], within_s=1.0) == []
+            delivered = list(it)
+            assert zygote().pid != stopped
+    finally:
+        _kill_all([stopped])
+    assert len(delivered) == len(expected)
+    for got, want in zip(delivered, expected, strict=True):
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])

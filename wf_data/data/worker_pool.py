@@ -90,12 +90,16 @@ class WorkerPool:
         self._next_task = 0
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, os.getpid())
-        for index in range(num_workers):
-            self._workers.append(_start_worker(index))
-        # Sent once all have started: a large fn fills the pipe and blocks until read.
-        init = (list(sys.path), fn_pickle)
-        for worker in self._workers:
-            self._send(worker, init)
+        try:
+            for index in range(num_workers):
+                self._workers.append(_start_worker(index, timeout_s))
+            # Sent once all have started: a large fn fills the pipe until the worker reads it.
+            init = (list(sys.path), fn_pickle)
+            for worker in self._workers:
+                self._send(worker, init)
+        except BaseException:
+            self.close()  # the workers started so far, now rather than at garbage collection
+            raise
 
     @property
     def pids(self) -> list[int]:
@@ -241,12 +245,16 @@ class WorkerPool:
         )
 
 
-def _start_worker(index: int) -> _Worker:
+def _start_worker(index: int, timeout_s: float | None) -> _Worker:
     task_read, task_write = os.pipe()
     result_read, result_write = os.pipe()
     memory_fd = os.memfd_create(f"wf-data-process-map-{index}")
     try:
-        process = zygote().spawn((task_read, result_write, memory_fd))
+        process = zygote().spawn((task_read, result_write, memory_fd), timeout_s)
+    except BaseException:
+        for fd in (task_write, result_read, memory_fd):
+            os.close(fd)
+        raise
     finally:
         os.close(task_read)  # the worker holds its own copies now
         os.close(result_write)
