@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -85,10 +86,10 @@ def environment(plan: dict) -> dict[str, np.ndarray]:
     }
 
 
-class StuckWhileFileExists:
+class BreakWhileFileExists:
     """``rows``, but element ``index`` never returns while ``path`` exists: the worker stops
-    itself (``"stop"``, like SIGSTOP from outside) or sleeps in a syscall (``"sleep"``, like a
-    hung network read)."""
+    itself (``"stop"``, like SIGSTOP from outside), sleeps in a syscall (``"sleep"``, like a
+    hung network read) or exits with status 0 (``"exit"``, like a library calling exit)."""
 
     def __init__(self, path: str, index: int, how: str):
         self.path = path
@@ -97,6 +98,8 @@ class StuckWhileFileExists:
 
     def __call__(self, plan: dict) -> dict[str, np.ndarray]:
         if int(plan["index"]) == self.index and os.path.exists(self.path):
+            if self.how == "exit":
+                sys.exit(0)
             if self.how == "stop":
                 os.kill(os.getpid(), signal.SIGSTOP)
             time.sleep(600)

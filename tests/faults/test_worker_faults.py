@@ -226,15 +226,16 @@ def test_process_map_zygote_killed_mid_stream():
 
 
 @pytest.mark.timeout(60)  # a regression hangs: fail it fast
-@pytest.mark.parametrize("how", ["stop", "sleep"])
-def test_process_map_stuck_worker_times_out(tmp_path, how):
-    """A worker alive but stuck in fn (SIGSTOP, or asleep like a hung read): next() raises a
-    WorkerError naming pid, seconds and element within a few seconds instead of hanging, the
-    stuck worker is killed and reaped, and the stream continues exactly like 0 workers."""
+@pytest.mark.parametrize("how", ["stop", "sleep", "exit"])
+def test_process_map_stuck_or_exiting_worker(tmp_path, how):
+    """A worker alive but stuck in fn (SIGSTOP, or asleep like a hung read) or exiting with
+    status 0: next() raises a WorkerError naming pid, seconds (or exit code) and element within
+    a few seconds instead of hanging, the worker is killed and reaped, and the stream continues
+    exactly like 0 workers."""
     import grain
     import numpy as np
 
-    from tests.data.process_map_fns import StuckWhileFileExists, rows
+    from tests.data.process_map_fns import BreakWhileFileExists, rows
     from wf_data.data.process_map import ProcessMap, WorkerError
 
     parent = grain.MapDataset.range(24).map(
@@ -242,22 +243,29 @@ def test_process_map_stuck_worker_times_out(tmp_path, how):
     )
     with iter(ProcessMap(parent, rows, num_workers=0, lookahead=4)) as it:
         expected = list(it)
-    flag = tmp_path / "stuck"
+    flag = tmp_path / "break"
     flag.touch()
-    fn = StuckWhileFileExists(str(flag), index=7, how=how)
-    with iter(ProcessMap(parent, fn, num_workers=2, lookahead=4, timeout_s=1.0)) as it:
+    fn = BreakWhileFileExists(str(flag), index=7, how=how)
+    # An exited worker is seen by the next task sent to it, which lookahead sends before the
+    # consumer reaches element 7: no lookahead, so that element 7 is the one waited on.
+    lookahead = 0 if how == "exit" else 4
+    with iter(ProcessMap(parent, fn, num_workers=2, lookahead=lookahead, timeout_s=1.0)) as it:
         delivered = [next(it) for _ in range(7)]
         first_pids = it.worker_pids
-        stuck = first_pids[7 % 2]  # tasks go round-robin from element 0
+        broken = first_pids[7 % 2]  # tasks go round-robin from element 0
         started = time.monotonic()
         with pytest.raises(WorkerError) as raised:
             next(it)
         waited = time.monotonic() - started
         try:
-            assert 1.0 <= waited < 5.0
             message = str(raised.value)
-            assert f"(pid {stuck}) made no progress computing a result for 1." in message
-            assert "timeout_s=1" in message and "worker_timeout_s" in message
+            if how == "exit":
+                assert waited < 5.0
+                assert f"(pid {broken}) exited with code 0 while computing a result" in message
+            else:
+                assert 1.0 <= waited < 5.0
+                assert f"(pid {broken}) made no progress computing a result for 1." in message
+                assert "timeout_s=1" in message and "worker_timeout_s" in message
             notes = "\n".join(raised.value.__notes__)
             assert "element 7" in notes and "index=7" in notes
             assert _wait_exited(first_pids, within_s=1.0) == []  # killed and reaped: no zombie

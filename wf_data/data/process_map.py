@@ -313,6 +313,11 @@ class ProcessMapIterator(grain.DatasetIterator):
             # next call re-submits everything in order, the head first.
             self._restart_sequence()
             raise
+        except BaseException:
+            # Ctrl-C may fall between the two halves of a message: the pipes are no longer
+            # trusted, so the next call starts fresh workers.
+            self._stop_pool()
+            raise
 
     def _start_pool(self) -> None:
         # One slot more than the most elements a worker can hold unread (the in-flight

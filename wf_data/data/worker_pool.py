@@ -194,9 +194,7 @@ class WorkerPool:
         while True:
             remaining = _MAX_SELECT_S
             if self._timeout_s is not None:
-                remaining = min(remaining, started + self._timeout_s - time.monotonic())
-                if remaining <= 0:
-                    raise self._stuck(worker, time.monotonic() - started, doing)
+                remaining = max(0.0, min(remaining, started + self._timeout_s - time.monotonic()))
             # The pidfd, not EOF, reports a death: a fork of this process (not ours) may hold
             # the pipe's other end.
             readable, writable, _ = select.select(
@@ -209,6 +207,11 @@ class WorkerPool:
                 return
             if readable:
                 raise self._death(worker, doing)
+            # Checked after a select, so a result that came while this process was stopped
+            # still counts.
+            waited_s = time.monotonic() - started
+            if self._timeout_s is not None and waited_s >= self._timeout_s:
+                raise self._stuck(worker, waited_s, doing)
 
     def _stuck(self, worker: _Worker, waited_s: float, doing: str) -> WorkerError:
         worker.process.kill()
