@@ -14,6 +14,7 @@ import pytest
 from tests.data.process_map_fns import (
     FailWhileFileExists,
     LoadsOnlyInItsProcess,
+    SleepyRows,
     environment,
     growing,
     not_a_dict,
@@ -263,12 +264,12 @@ def test_workers_see_the_environment_of_their_pool_start(tmp_path, monkeypatch):
     assert result["cwd"][0] == str(tmp_path)
 
 
-@pytest.mark.parametrize("timeout_s", [None, 0.5])
-def test_timeout_never_fires_on_a_healthy_stream(timeout_s):
-    """No timeout (None) and a short one on fast elements give the same exact stream; the
-    timeout bounds one wait, not the whole run."""
-    parent = plans()
-    with iter(ProcessMap(parent, rows, num_workers=2, lookahead=3, timeout_s=timeout_s)) as it:
+@pytest.mark.parametrize("timeout_s", [None, 1.0])
+def test_timeout_bounds_one_wait_not_the_run(timeout_s):
+    """Elements of 0.1 s, 1.5 s in all on 2 workers: a 1 s timeout never fires, and the
+    stream is the one without a timeout."""
+    fn = SleepyRows(0.1)
+    with iter(ProcessMap(plans(), fn, num_workers=2, lookahead=3, timeout_s=timeout_s)) as it:
         assert_same_stream(list(it), reference())
 
 

@@ -297,7 +297,7 @@ def test_process_map_stopped_zygote_times_out():
     import numpy as np
 
     from tests.data.process_map_fns import rows
-    from wf_data.data.process_map import ProcessMap
+    from wf_data.data.process_map import ProcessMap, WorkerError
     from wf_data.data.zygote import zygote
 
     parent = grain.MapDataset.range(12).map(
@@ -312,7 +312,7 @@ def test_process_map_stopped_zygote_times_out():
         with iter(ProcessMap(parent, rows, num_workers=2, lookahead=3, timeout_s=1.0)) as it:
             started = time.monotonic()
             stuck = rf"zygote \(pid {stopped}\) did not answer its spawn within 1 s"
-            with pytest.raises(RuntimeError, match=stuck):
+            with pytest.raises(WorkerError, match=stuck):
                 next(it)
             assert time.monotonic() - started < 5.0
             assert _wait_exited([stopped], within_s=1.0) == []

@@ -59,6 +59,18 @@ def check_result(result) -> dict[str, np.ndarray]:
     return dict(result)
 
 
+def _free(mapping: mmap.mmap, offset: int, length: int) -> None:
+    """Gives the pages of a region nobody reads again back to the system (a hole in the file).
+
+    Called for a slot's old region once it moved: the consumer has read the slot's last
+    result (the reuse rule), so without this its memory stays taken until the pool closes.
+    """
+    try:
+        mapping.madvise(mmap.MADV_REMOVE, offset, length)
+    except (AttributeError, OSError):
+        pass  # a kernel or sandbox without MADV_REMOVE: freed at close, as before
+
+
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
@@ -84,10 +96,7 @@ class SlotWriter:
             self._grow(offset + capacity)
             self._regions[slot] = (offset, capacity)
             if old is not None:
-                # The consumer has read the slot's last result (the reuse rule), so nothing
-                # reads the old region again: give its pages back to the system now rather
-                # than when the pool closes (a hole; the file only looks bigger).
-                self._map.madvise(mmap.MADV_REMOVE, *old)
+                _free(self._map, *old)
         metas = []
         for key, array in arrays.items():
             if array.nbytes:

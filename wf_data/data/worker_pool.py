@@ -254,9 +254,15 @@ def _start_worker(index: int, timeout_s: float | None) -> _Worker:
     memory_fd = os.memfd_create(f"wf-data-process-map-{index}")
     try:
         process = zygote().spawn((task_read, result_write, memory_fd), timeout_s)
-    except BaseException:
+    except BaseException as error:
         for fd in (task_write, result_read, memory_fd):
             os.close(fd)
+        if isinstance(error, RuntimeError):  # the zygote is stuck or gone
+            raise WorkerError(
+                f"ProcessMap could not start worker {index}: {error}. The iterator's "
+                f"get_state() still describes the last element it delivered: call next() again "
+                f"to retry with a new zygote, or restore from it."
+            ) from error
         raise
     finally:
         os.close(task_read)  # the worker holds its own copies now
