@@ -326,3 +326,33 @@ def test_grown_slots_keep_one_mapping_and_free_old_memory():
         # freeing, every region of the run stays allocated: ~4.3 x the largest result here.
         assert _memfd_allocated_bytes(worker) <= 2 * (1.25 * largest + 4096)
     assert _memfd_mappings(os.getpid()) == mappings_before
+
+
+class _Interrupt(BaseException):
+    """Stands for KeyboardInterrupt (which would stop pytest itself if it came late)."""
+
+
+def test_interrupted_next_restarts_workers_and_loses_nothing():
+    """A signal whose handler raises (Ctrl-C) while next() waits: the pipes may hold half a
+    message, so the next call starts fresh workers, and the stream is exact."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise _Interrupt
+
+    parent = grain.MapDataset.range(6).map(make_plan)
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with iter(ProcessMap(parent, SleepyRows(0.5), num_workers=2, lookahead=1)) as it:
+            head = [next(it), next(it)]  # the second was computed beside the first
+            pids = it.worker_pids
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            with pytest.raises(_Interrupt):
+                head.append(next(it))  # the third takes 0.5 s from now
+            assert len(head) == 2
+            rest = list(it)
+            assert set(it.worker_pids).isdisjoint(pids)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert_same_stream(head + rest, reference(parent))
