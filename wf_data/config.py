@@ -168,7 +168,8 @@ class DataConfig:
     ``num_workers`` is overridden by ``resolve_num_workers``. ``prefetch``: batches planned
     ahead of the one delivered, so an EXP3 update reaches the batch ``prefetch + 1`` steps
     later; without workers they are read in groups of ``prefetch + 1``, with workers in
-    parallel. A
+    parallel. ``worker_timeout_s``: a worker that gives no batch for this long is killed and
+    the loader raises ``WorkerError`` (``None``: wait forever). A
     ``DataConfig`` built in Python is checked by passing it through ``load_data_config``.
     """
 
@@ -188,6 +189,7 @@ class DataConfig:
     num_epochs: int | None = None
     num_workers: int = 0
     prefetch: int = 2
+    worker_timeout_s: float | None = 300.0  # = ProcessMap's DEFAULT_TIMEOUT_S (kept light)
     eval_sources: dict[str, SourceConfig] = field(default_factory=dict)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
@@ -582,6 +584,10 @@ def _validate(data: DataConfig) -> None:
         value = getattr(data, key)
         if value is not None and value < 0:
             raise ConfigError(f"{ROOT_KEY}.{key}: must be >= 0, got {value}")
+    timeout = data.worker_timeout_s
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise ConfigError(f"{ROOT_KEY}.worker_timeout_s: must be finite and > 0 seconds, or null "
+                          f"to wait forever for a stuck worker; got {timeout}")
     for section in ("sources", "eval_sources"):
         for name, source in getattr(data, section).items():
             _validate_source(source, f"{ROOT_KEY}.{section}.{name}", data.kind)

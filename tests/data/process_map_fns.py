@@ -6,6 +6,8 @@ Kept apart from the test modules so that workers import numpy only, not grain (s
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 
 import numpy as np
@@ -82,3 +84,30 @@ def environment(plan: dict) -> dict[str, np.ndarray]:
         "value": np.array([os.environ.get("WF_DATA_TEST_VALUE", "")]),
         "cwd": np.array([os.getcwd()]),
     }
+
+
+class BreakWhileFileExists:
+    """``rows``, but element ``index`` never returns while ``path`` exists: the worker stops
+    itself (``"stop"``, like SIGSTOP from outside), sleeps in a syscall (``"sleep"``, like a
+    hung network read) or exits with status 0 (``"exit"``, like a library calling exit)."""
+
+    def __init__(self, path: str, index: int, how: str):
+        self.path = path
+        self.index = index
+        self.how = how
+
+    def __call__(self, plan: dict) -> dict[str, np.ndarray]:
+        if int(plan["index"]) == self.index and os.path.exists(self.path):
+            if self.how == "exit":
+                sys.exit(0)
+            if self.how == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+            time.sleep(600)
+        return rows(plan)
+
+
+def growing(plan: dict) -> dict[str, np.ndarray]:
+    """``(n,)`` int32 of value ``index``, ``n`` 30% larger at every element: each result
+    outgrows the shared slot it is written to."""
+    index = int(plan["index"])
+    return {"values": np.full(int(1024 * 1.3**index), index, dtype=np.int32)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -13,11 +14,15 @@ import pytest
 from tests.data.process_map_fns import (
     FailWhileFileExists,
     LoadsOnlyInItsProcess,
+    SleepyRows,
     environment,
+    growing,
     not_a_dict,
     rows,
 )
+from wf_data.config import DataConfig, load_data_config
 from wf_data.data.process_map import (
+    DEFAULT_TIMEOUT_S,
     ProcessMap,
     RemoteTraceback,
     decode_plan,
@@ -182,6 +187,9 @@ def test_bad_arguments_and_plans_are_refused():
         ProcessMap(plans(), rows, num_workers=-1, lookahead=1)
     with pytest.raises(ValueError, match="lookahead must be an int >= 0, got 1.5"):
         ProcessMap(plans(), rows, num_workers=0, lookahead=1.5)
+    for timeout_s in (0, -1.0, float("nan"), float("inf"), True, "60"):
+        with pytest.raises(ValueError, match=rf"timeout_s must be .* got {timeout_s!r}"):
+            ProcessMap(plans(), rows, num_workers=1, lookahead=1, timeout_s=timeout_s)
     bad = grain.MapDataset.range(3).map(lambda i: {"index": i, "docs": [1, 2]})
     with pytest.raises(TypeError, match="element 0 key 'docs' holds list"):
         next(iter(ProcessMap(bad, rows, num_workers=0, lookahead=0)))
@@ -254,3 +262,97 @@ def test_workers_see_the_environment_of_their_pool_start(tmp_path, monkeypatch):
         result = next(it)
     assert result["value"][0] == "set-later"
     assert result["cwd"][0] == str(tmp_path)
+
+
+@pytest.mark.parametrize("timeout_s", [None, 1.0])
+def test_timeout_bounds_one_wait_not_the_run(timeout_s):
+    """Elements of 0.1 s, 1.5 s in all on 2 workers: a 1 s timeout never fires, and the
+    stream is the one without a timeout."""
+    fn = SleepyRows(0.1)
+    with iter(ProcessMap(plans(), fn, num_workers=2, lookahead=3, timeout_s=timeout_s)) as it:
+        assert_same_stream(list(it), reference())
+
+
+def test_config_worker_timeout_default_and_checks():
+    """The config's default is ProcessMap's (config.py cannot import it: it stays light), and
+    a timeout that could never wait is refused with the field named."""
+    default = next(f for f in dataclasses.fields(DataConfig) if f.name == "worker_timeout_s")
+    assert default.default == DEFAULT_TIMEOUT_S
+    assert load_data_config("demo", ["worker_timeout_s=null"], check_paths=False)
+    for bad in ("0", "-5", "inf"):
+        with pytest.raises(ValueError, match="data.worker_timeout_s: must be finite and > 0"):
+            load_data_config("demo", [f"worker_timeout_s={bad}"], check_paths=False)
+
+
+MEMFD = "memfd:wf-data-process-map"
+
+
+def _memfd_mappings(pid: int) -> int:
+    with open(f"/proc/{pid}/maps") as maps:
+        return sum(MEMFD in line for line in maps)
+
+
+def _memfd_allocated_bytes(pid: int) -> int:
+    """Bytes of memory the ProcessMap shared files open in process ``pid`` hold."""
+    files = {}  # by inode: an mmap holds its own dup of the fd
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if MEMFD in os.readlink(path):
+                stat = os.stat(path)
+                files[stat.st_dev, stat.st_ino] = stat.st_blocks * 512
+        except FileNotFoundError:
+            pass  # closed meanwhile (the listing fd itself)
+    return sum(files.values())
+
+
+def test_grown_slots_keep_one_mapping_and_free_old_memory():
+    """Results that outgrow their slot at every element: each side keeps one mapping of the
+    shared file, and the file holds only the current slots, not every region ever used."""
+    gc.collect()  # pools of earlier tests, dropped without close(), unmap now
+    mappings_before = _memfd_mappings(os.getpid())
+    num_plans = 24
+    parent = grain.MapDataset.range(num_plans).map(lambda index: {"index": index})
+    with iter(ProcessMap(parent, growing, num_workers=1, lookahead=0)) as it:  # 2 slots
+        for index in range(num_plans):
+            values = next(it)["values"]
+            assert values.shape == growing({"index": index})["values"].shape
+            assert (values == index).all()
+        (worker,) = it.worker_pids
+        assert _memfd_mappings(worker) == 1
+        assert _memfd_mappings(os.getpid()) == mappings_before + 1
+        largest = growing({"index": num_plans - 1})["values"].nbytes
+        # Two slots of at most 1.25 x the largest result (rounded up to a page); without the
+        # freeing, every region of the run stays allocated: ~4.3 x the largest result here.
+        assert _memfd_allocated_bytes(worker) <= 2 * (1.25 * largest + 4096)
+    assert _memfd_mappings(os.getpid()) == mappings_before
+
+
+class _Interrupt(BaseException):
+    """Stands for KeyboardInterrupt (which would stop pytest itself if it came late)."""
+
+
+def test_interrupted_next_restarts_workers_and_loses_nothing():
+    """A signal whose handler raises (Ctrl-C) while next() waits: the pipes may hold half a
+    message, so the next call starts fresh workers, and the stream is exact."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise _Interrupt
+
+    parent = grain.MapDataset.range(6).map(make_plan)
+    previous = signal.signal(signal.SIGUSR1, interrupt)
+    try:
+        with iter(ProcessMap(parent, SleepyRows(0.5), num_workers=2, lookahead=1)) as it:
+            head = [next(it), next(it)]  # the second was computed beside the first
+            pids = it.worker_pids
+            threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1)).start()
+            with pytest.raises(_Interrupt):
+                head.append(next(it))  # the third takes 0.5 s from now
+            assert len(head) == 2
+            rest = list(it)
+            assert set(it.worker_pids).isdisjoint(pids)
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert_same_stream(head + rest, reference(parent))

@@ -223,3 +223,104 @@ def test_process_map_zygote_killed_mid_stream():
     assert len(delivered) == len(expected)
     for got, want in zip(delivered, expected, strict=True):
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+
+
+@pytest.mark.timeout(60)  # a regression hangs: fail it fast
+@pytest.mark.parametrize("how", ["stop", "sleep", "exit"])
+def test_process_map_stuck_or_exiting_worker(tmp_path, how):
+    """A worker alive but stuck in fn (SIGSTOP, or asleep like a hung read) or exiting with
+    status 0: next() raises a WorkerError naming pid, seconds (or exit code) and element within
+    a few seconds instead of hanging, the worker is killed and reaped, and the stream continues
+    exactly like 0 workers."""
+    import grain
+    import numpy as np
+
+    from tests.data.process_map_fns import BreakWhileFileExists, rows
+    from wf_data.data.process_map import ProcessMap, WorkerError
+
+    parent = grain.MapDataset.range(24).map(
+        lambda i: {"index": i, "docs": np.arange(i % 3, dtype=np.int32), "weight": 0.5, "name": "s"}
+    )
+    with iter(ProcessMap(parent, rows, num_workers=0, lookahead=4)) as it:
+        expected = list(it)
+    flag = tmp_path / "break"
+    flag.touch()
+    fn = BreakWhileFileExists(str(flag), index=7, how=how)
+    # An exited worker is seen by the next task sent to it, which lookahead sends before the
+    # consumer reaches element 7: no lookahead, so that element 7 is the one waited on.
+    lookahead = 0 if how == "exit" else 4
+    with iter(ProcessMap(parent, fn, num_workers=2, lookahead=lookahead, timeout_s=1.0)) as it:
+        delivered = [next(it) for _ in range(7)]
+        first_pids = it.worker_pids
+        broken = first_pids[7 % 2]  # tasks go round-robin from element 0
+        started = time.monotonic()
+        with pytest.raises(WorkerError) as raised:
+            next(it)
+        waited = time.monotonic() - started
+        try:
+            message = str(raised.value)
+            if how == "exit":
+                assert waited < 5.0
+                assert f"(pid {broken}) exited with code 0 while computing a result" in message
+            else:
+                assert 1.0 <= waited < 5.0
+                assert f"(pid {broken}) made no progress computing a result for 1." in message
+                assert "timeout_s=1" in message and "worker_timeout_s" in message
+            notes = "\n".join(raised.value.__notes__)
+            assert "element 7" in notes and "index=7" in notes
+            # Killed and reaped before the error is raised: not even a zombie is left.
+            assert [pid for pid in first_pids if os.path.exists(f"/proc/{pid}")] == []
+            state = it.get_state()
+            assert state["in_flight"][0]["index"] == 7
+            flag.unlink()
+            delivered += list(it)  # the same iterator restarts its workers
+            assert set(it.worker_pids).isdisjoint(first_pids)
+            last_pids = it.worker_pids
+        finally:
+            _kill_all(first_pids)
+    assert _wait_exited(last_pids, within_s=1.0) == []
+    with iter(ProcessMap(parent, rows, num_workers=0, lookahead=4)) as it:
+        it.set_state(state)
+        restored = list(it)
+    assert len(delivered) == len(expected) and len(restored) == len(expected) - 7
+    for got, want in zip(delivered + restored, expected + expected[7:], strict=True):
+        assert got.keys() == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
+@pytest.mark.timeout(60)
+def test_process_map_stopped_zygote_times_out():
+    """A zygote that cannot answer (stopped, or stuck importing on a hung filesystem) fails
+    the pool start after timeout_s instead of hanging it; the next next() forks from a new
+    zygote and the stream is exact."""
+    import grain
+    import numpy as np
+
+    from tests.data.process_map_fns import rows
+    from wf_data.data.process_map import ProcessMap, WorkerError
+    from wf_data.data.zygote import zygote
+
+    parent = grain.MapDataset.range(12).map(
+        lambda i: {"index": i, "docs": np.arange(2, dtype=np.int32), "weight": 1.0, "name": "z"}
+    )
+    expected = [rows(plan) for plan in parent]
+    with iter(ProcessMap(parent, rows, num_workers=1, lookahead=0)) as it:
+        next(it)  # the zygote is up and has answered: what follows tests a request, not its start
+    stopped = zygote().pid
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        with iter(ProcessMap(parent, rows, num_workers=2, lookahead=3, timeout_s=1.0)) as it:
+            started = time.monotonic()
+            stuck = rf"zygote \(pid {stopped}\) did not answer its spawn within 1 s"
+            with pytest.raises(WorkerError, match=stuck):
+                next(it)
+            assert time.monotonic() - started < 5.0
+            assert _wait_exited([stopped], within_s=1.0) == []
+            delivered = list(it)
+            assert zygote().pid != stopped
+    finally:
+        _kill_all([stopped])
+    assert len(delivered) == len(expected)
+    for got, want in zip(delivered, expected, strict=True):
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])

@@ -71,6 +71,7 @@ def get_loader(
         jax_sharding=jax_sharding,
         num_workers=resolve_num_workers(cfg, num_workers),
         prefetch=cfg.prefetch,
+        worker_timeout_s=cfg.worker_timeout_s,
         fingerprint=loader_fingerprint(cfg, domains),
     )
     # What LoaderDataset needs to build this loader again in a torch worker.

@@ -36,7 +36,7 @@ from wf_data.data.loader_state import (
     stats_summary,
 )
 from wf_data.data.mixing import MixPlans
-from wf_data.data.process_map import ProcessMap
+from wf_data.data.process_map import DEFAULT_TIMEOUT_S, ProcessMap
 from wf_data.data.rows import ReadSlice, RowReader, SliceRows
 
 FRAMEWORKS = ("numpy", "torch", "jax")
@@ -66,6 +66,7 @@ class DataLoader:
         jax_sharding: Any = None,
         num_workers: int = 0,
         prefetch: int = 0,
+        worker_timeout_s: float | None = DEFAULT_TIMEOUT_S,
         fingerprint: Mapping[str, Any] | None = None,
     ):
         _check_arguments(
@@ -90,7 +91,9 @@ class DataLoader:
             )
         first = self.dp_rank * self.local_batch_size
         read = ReadSlice(reader, SliceRows(first, first + self.local_batch_size), mixer.names)
-        self._pipeline = ProcessMap(plans, read, num_workers=num_workers, lookahead=prefetch)
+        self._pipeline = ProcessMap(
+            plans, read, num_workers=num_workers, lookahead=prefetch, timeout_s=worker_timeout_s
+        )
         self._iterator = None
         self.reset()
 

@@ -17,10 +17,11 @@ Invariants:
   pulled but not delivered, JSON-safe>]}``: it always describes the last element handed to
   the consumer, also after a worker died or ``fn`` raised. ``set_state`` re-submits the
   in-flight plans, then continues from the parent; states move freely between 0 and N workers.
-- **Failures.** A worker death raises :class:`WorkerError` (naming pid and signal) and the
-  next ``next()`` restarts the workers and continues the exact stream; an exception of
-  ``fn`` is re-raised here with the worker's traceback and the element, and the same element
-  is tried again on the next ``next()``.
+- **Failures.** A worker death raises :class:`WorkerError` (naming pid and signal), and so
+  does a worker that gives no result for ``timeout_s`` seconds while ``next()`` waits on it
+  (stuck in ``fn``: it is killed first); the next ``next()`` restarts the workers and
+  continues the exact stream. An exception of ``fn`` is re-raised here with the worker's
+  traceback and the element, and the same element is tried again on the next ``next()``.
 - **Results** are fresh arrays (copied out of shared memory): the consumer may keep them.
   Workers start at the first ``next()`` (or ``start_prefetch()``), stop at ``close()``.
 """
@@ -41,10 +42,22 @@ import grain
 import numpy as np
 
 from wf_data.data.shm_ring import check_result
-from wf_data.data.worker_pool import RemoteTraceback, WorkerError, WorkerPool
+from wf_data.data.worker_pool import (
+    DEFAULT_TIMEOUT_S,
+    RemoteTraceback,
+    WorkerError,
+    WorkerPool,
+)
 from wf_data.data.zygote import zygote
 
-__all__ = ["ProcessMap", "RemoteTraceback", "WorkerError", "decode_plan", "encode_plan"]
+__all__ = [
+    "DEFAULT_TIMEOUT_S",
+    "ProcessMap",
+    "RemoteTraceback",
+    "WorkerError",
+    "decode_plan",
+    "encode_plan",
+]
 
 Plan = dict[str, Any]  # flat: np.ndarray | np.generic | int | float | str | bool values
 _PLAN_SCALARS = (int, float, str)
@@ -62,7 +75,10 @@ class ProcessMap(grain.IterDataset):
     parallelism, so use at least ``num_workers``. With ``num_workers=0`` and an ``fn`` that
     has ``many(plans) -> [fn(plan) for plan in plans]`` (one call sharing fixed costs, as
     :class:`wf_data.data.rows.ReadSlice` reads several batches at once), the in-flight
-    elements are computed together, ``lookahead + 1`` at a time.
+    elements are computed together, ``lookahead + 1`` at a time. A worker that gives no
+    result for ``timeout_s`` seconds while ``next()`` waits on it is killed and ``next()``
+    raises ``WorkerError``; ``None`` waits forever (``num_workers=0`` never times out: ``fn``
+    runs inline).
     """
 
     def __init__(
@@ -72,6 +88,7 @@ class ProcessMap(grain.IterDataset):
         *,
         num_workers: int,
         lookahead: int,
+        timeout_s: float | None = DEFAULT_TIMEOUT_S,
     ):
         if isinstance(parent, grain.MapDataset):
             # Plans are cheap and computed in memory: reader threads would only compete with
@@ -84,6 +101,16 @@ class ProcessMap(grain.IterDataset):
         for name, value in (("num_workers", num_workers), ("lookahead", lookahead)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"ProcessMap {name} must be an int >= 0, got {value!r}")
+        if timeout_s is not None and (
+            isinstance(timeout_s, bool)
+            or not isinstance(timeout_s, (int, float))
+            or not math.isfinite(timeout_s)
+            or timeout_s <= 0
+        ):
+            raise ValueError(
+                f"ProcessMap timeout_s must be a finite number of seconds > 0, or None to wait "
+                f"forever for a stuck worker; got {timeout_s!r}"
+            )
         if num_workers and not hasattr(os, "memfd_create"):
             raise ValueError(
                 f"ProcessMap num_workers={num_workers} needs Linux (memfd shared memory); "
@@ -94,6 +121,7 @@ class ProcessMap(grain.IterDataset):
         self._fn = fn
         self._num_workers = num_workers
         self._lookahead = lookahead
+        self._timeout_s = None if timeout_s is None else float(timeout_s)
         self._fn_pickle = _pickle_fn(fn) if num_workers else b""
         if num_workers:
             zygote()  # starts importing numpy now, while the caller builds the rest
@@ -105,12 +133,14 @@ class ProcessMap(grain.IterDataset):
             self._fn_pickle,
             num_workers=self._num_workers,
             lookahead=self._lookahead,
+            timeout_s=self._timeout_s,
         )
 
     def __str__(self) -> str:
         return (
             f"ProcessMap(fn={getattr(self._fn, '__name__', type(self._fn).__name__)}, "
-            f"num_workers={self._num_workers}, lookahead={self._lookahead})"
+            f"num_workers={self._num_workers}, lookahead={self._lookahead}, "
+            f"timeout_s={self._timeout_s})"
         )
 
 
@@ -136,6 +166,7 @@ class ProcessMapIterator(grain.DatasetIterator):
         *,
         num_workers: int,
         lookahead: int,
+        timeout_s: float | None,
     ):
         super().__init__(parent)
         self._plans = parent  # our own handle: Grain's `_parent` is private
@@ -143,6 +174,7 @@ class ProcessMapIterator(grain.DatasetIterator):
         self._fn_pickle = fn_pickle
         self._num_workers = num_workers
         self._lookahead = lookahead
+        self._timeout_s = timeout_s
         self._in_flight: collections.deque[_InFlight] = collections.deque()
         self._parent_exhausted = False
         self._pool: WorkerPool | None = None
@@ -281,12 +313,17 @@ class ProcessMapIterator(grain.DatasetIterator):
             # next call re-submits everything in order, the head first.
             self._restart_sequence()
             raise
+        except BaseException:
+            # Ctrl-C may fall between the two halves of a message: the pipes are no longer
+            # trusted, so the next call starts fresh workers.
+            self._stop_pool()
+            raise
 
     def _start_pool(self) -> None:
         # One slot more than the most elements a worker can hold unread (the in-flight
         # elements plus the head, round-robin), so a slot is rewritten only once read.
         slots = math.ceil((self._lookahead + 1) / self._num_workers) + 1
-        self._pool = WorkerPool(self._fn_pickle, self._num_workers, slots)
+        self._pool = WorkerPool(self._fn_pickle, self._num_workers, slots, self._timeout_s)
 
     def _restart_sequence(self) -> None:
         """Forgets every submitted task; a worker death here just stops the pool."""

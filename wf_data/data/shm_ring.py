@@ -5,7 +5,9 @@ maps the same file. The worker copies the arrays of one result into a slot and s
 ``(key, dtype, shape, offset)`` metadata over a pipe; the consumer copies them out. A memfd
 has no name, so nothing can be left in ``/dev/shm`` whatever kills either side, and no
 resource tracker is involved. A slot grows (moves to the end of the file) when a result does
-not fit; the consumer remaps when an offset lies past its mapping.
+not fit, and the pages of its old region are freed at once (``MADV_REMOVE``); the consumer
+remaps when an offset lies past its mapping, unmapping the old mapping (results are copies,
+so no array refers to it). Each side holds one mapping of the file at any time.
 
 Safety rests on one rule the caller keeps: a slot is reused only after the consumer has read
 the result last written to it.
@@ -57,6 +59,18 @@ def check_result(result) -> dict[str, np.ndarray]:
     return dict(result)
 
 
+def _free(mapping: mmap.mmap, offset: int, length: int) -> None:
+    """Gives the pages of a region nobody reads again back to the system (a hole in the file).
+
+    Called for a slot's old region once it moved: the consumer has read the slot's last
+    result (the reuse rule), so without this its memory stays taken until the pool closes.
+    """
+    try:
+        mapping.madvise(mmap.MADV_REMOVE, offset, length)
+    except (AttributeError, OSError):
+        pass  # a kernel or sandbox without MADV_REMOVE: freed at close, as before
+
+
 def _aligned(nbytes: int) -> int:
     return -(-nbytes // _ALIGN) * _ALIGN
 
@@ -76,10 +90,13 @@ class SlotWriter:
         offset, capacity = self._regions.get(slot, (0, -1))
         if needed > capacity:
             # Room for 25% growth, so results that vary a little do not move every time.
+            old = (offset, capacity) if capacity > 0 else None
             capacity = max(_PAGE, -(-(needed + needed // 4) // _PAGE) * _PAGE)
             offset = self._size
             self._grow(offset + capacity)
             self._regions[slot] = (offset, capacity)
+            if old is not None:
+                _free(self._map, *old)
         metas = []
         for key, array in arrays.items():
             if array.nbytes:
@@ -141,10 +158,23 @@ class SlotReader:
             self._map = None
 
 
+HEADER_SIZE = _HEADER.size
+
+
+def frame_message(message) -> bytes:
+    """``message`` pickled behind its length: the bytes :func:`send_message` writes."""
+    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return _HEADER.pack(len(payload)) + payload
+
+
+def payload_length(header: bytes) -> int:
+    """The payload length a ``HEADER_SIZE``-byte message header announces."""
+    return _HEADER.unpack(header)[0]
+
+
 def send_message(fd: int, message) -> None:
     """Writes one pickled, length-prefixed message to pipe ``fd`` (blocking)."""
-    payload = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(_HEADER.pack(len(payload)) + payload)
+    view = memoryview(frame_message(message))
     while view:
         view = view[os.write(fd, view) :]
 
@@ -154,7 +184,7 @@ def receive_message(fd: int):
 
     Only for pipes between this process and its own workers: the payload is a pickle.
     """
-    (length,) = _HEADER.unpack(_read_exactly(fd, _HEADER.size))
+    length = payload_length(_read_exactly(fd, HEADER_SIZE))
     return pickle.loads(_read_exactly(fd, length))  # ipc-pickle
 
 

@@ -27,21 +27,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from wf_data.data.shm_ring import (
+    HEADER_SIZE,
     SlotReader,
     SlotWriter,
     check_result,
+    frame_message,
+    payload_length,
     receive_message,
     send_message,
 )
 from wf_data.data.worker_lifetime import die_with_parent
 from wf_data.data.zygote import STATUS_LOST, Worker, zygote
 
-_LIVENESS_POLL_S = 0.2
 _CLOSE_GRACE_S = 0.2
+DEFAULT_TIMEOUT_S = 300.0  # far above a healthy read, even a slow network one; see README
+_MAX_SELECT_S = 3600.0  # select() refuses timeouts near 2**63 ns: wait in chunks
 
 
 class WorkerError(RuntimeError):
-    """A ProcessMap worker process died (killed, crashed, out of memory) before answering.
+    """A ProcessMap worker process died (killed, crashed, out of memory) before answering, or
+    sent nothing for ``timeout_s`` seconds and was killed (stuck in ``fn``).
 
     The iterator's state still describes the last element it delivered: restore a new
     iterator from ``get_state()``, or call ``next()`` again to restart the pool.
@@ -72,21 +77,29 @@ class WorkerPool:
 
     ``slots`` bounds the tasks in flight per worker: the caller never has more than ``slots``
     unread tasks on one worker (it reads results in submission order), which is what makes
-    reusing a slot safe.
+    reusing a slot safe. A worker that neither takes a task nor answers for ``timeout_s``
+    seconds (``None``: wait forever) while the caller waits on it is killed: ``WorkerError``.
     """
 
-    def __init__(self, fn_pickle: bytes, num_workers: int, slots: int):
+    def __init__(
+        self, fn_pickle: bytes, num_workers: int, slots: int, timeout_s: float | None = None
+    ):
         self._slots = slots
+        self._timeout_s = timeout_s
         self._next_worker = 0
         self._next_task = 0
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, os.getpid())
-        for index in range(num_workers):
-            self._workers.append(_start_worker(index))
-        # Sent once all have started: a large fn fills the pipe and blocks until read.
-        init = (list(sys.path), fn_pickle)
-        for worker in self._workers:
-            self._send(worker, init)
+        try:
+            for index in range(num_workers):
+                self._workers.append(_start_worker(index, timeout_s))
+            # Sent once all have started: a large fn fills the pipe until the worker reads it.
+            init = (list(sys.path), fn_pickle)
+            for worker in self._workers:
+                self._send(worker, init)
+        except BaseException:
+            self.close()  # the workers started so far, now rather than at garbage collection
+            raise
 
     @property
     def pids(self) -> list[int]:
@@ -143,24 +156,76 @@ class WorkerPool:
         self._finalizer()
 
     def _send(self, worker: _Worker, message) -> None:
-        try:
-            send_message(worker.task_fd, message)
-        except (BrokenPipeError, OSError) as error:
-            raise self._death(worker, "while receiving a task") from error
+        doing = "receiving a task"
+        started = time.monotonic()
+        view = memoryview(frame_message(message))
+        while view:
+            try:
+                view = view[os.write(worker.task_fd, view) :]
+            except BlockingIOError:  # the pipe is full: the worker is busy, or stuck
+                self._wait(worker, worker.task_fd, started, doing)
+            except OSError as error:  # EPIPE: the worker is gone
+                raise self._death(worker, doing) from error
 
     def _receive(self, worker: _Worker):
+        started = time.monotonic()
+        length = payload_length(self._read(worker, HEADER_SIZE, started))
+        return pickle.loads(self._read(worker, length, started))  # ipc-pickle
+
+    def _read(self, worker: _Worker, count: int, started: float) -> bytes:
+        chunks = []
+        while count:
+            try:
+                chunk = os.read(worker.result_fd, min(count, 1 << 20))
+            except BlockingIOError:
+                self._wait(worker, worker.result_fd, started, "computing a result")
+                continue
+            if not chunk:
+                raise self._death(worker, "computing a result")
+            chunks.append(chunk)
+            count -= len(chunk)
+        return b"".join(chunks)
+
+    def _wait(self, worker: _Worker, fd: int, started: float, doing: str) -> None:
+        """Blocks until pipe ``fd`` of ``worker`` is ready (readable, or writable if it is the
+        task pipe); ``WorkerError`` once the worker exits or ``timeout_s`` passed since
+        ``started``. Waits in ``select`` on the pipe and the worker's pidfd: no polling."""
+        writing = fd == worker.task_fd
         while True:
-            readable, _, _ = select.select([worker.result_fd], [], [], _LIVENESS_POLL_S)
-            # A fork of this process (not ours) may hold the pipe's write end, so EOF alone
-            # cannot be trusted to report a death: poll the process as well.
-            if readable or worker.process.poll() is not None:
-                break
-        try:
-            if readable or _has_data(worker.result_fd):
-                return receive_message(worker.result_fd)
-        except EOFError:
-            pass
-        raise self._death(worker, "while computing a result")
+            remaining = _MAX_SELECT_S
+            if self._timeout_s is not None:
+                remaining = max(0.0, min(remaining, started + self._timeout_s - time.monotonic()))
+            # The pidfd, not EOF, reports a death: a fork of this process (not ours) may hold
+            # the pipe's other end.
+            readable, writable, _ = select.select(
+                [worker.process] if writing else [fd, worker.process],
+                [fd] if writing else [],
+                [],
+                remaining,
+            )
+            if writable or fd in readable:
+                return
+            if readable:
+                raise self._death(worker, doing)
+            # Checked after a select, so a result that came while this process was stopped
+            # still counts.
+            waited_s = time.monotonic() - started
+            if self._timeout_s is not None and waited_s >= self._timeout_s:
+                raise self._stuck(worker, waited_s, doing)
+
+    def _stuck(self, worker: _Worker, waited_s: float, doing: str) -> WorkerError:
+        worker.process.kill()
+        worker.process.wait()
+        self.close()
+        return WorkerError(
+            f"ProcessMap worker {worker.index} (pid {worker.process.pid}) made no progress "
+            f"{doing} for {waited_s:.1f} s (timeout_s={self._timeout_s:g}) and was killed: fn "
+            f"is stuck (a hung read, a deadlock, a stopped process) or slower than the timeout. "
+            f"If this element legitimately takes longer, raise data.worker_timeout_s (or "
+            f"ProcessMap timeout_s; None waits forever). The iterator's get_state() still "
+            f"describes the last element it delivered: restore from it, or call next() again "
+            f"to restart the workers."
+        )
 
     def _death(self, worker: _Worker, doing: str) -> WorkerError:
         try:
@@ -177,25 +242,34 @@ class WorkerPool:
             how = f"exited with code {code}"
         self.close()
         return WorkerError(
-            f"ProcessMap worker {worker.index} (pid {worker.process.pid}) {how} {doing}. The "
+            f"ProcessMap worker {worker.index} (pid {worker.process.pid}) {how} while {doing}. The "
             f"iterator's get_state() still describes the last element it delivered: restore "
             f"from it, or call next() again to restart the workers."
         )
 
 
-def _has_data(fd: int) -> bool:
-    return bool(select.select([fd], [], [], 0)[0])
-
-
-def _start_worker(index: int) -> _Worker:
+def _start_worker(index: int, timeout_s: float | None) -> _Worker:
     task_read, task_write = os.pipe()
     result_read, result_write = os.pipe()
     memory_fd = os.memfd_create(f"wf-data-process-map-{index}")
     try:
-        process = zygote().spawn((task_read, result_write, memory_fd))
+        process = zygote().spawn((task_read, result_write, memory_fd), timeout_s)
+    except BaseException as error:
+        for fd in (task_write, result_read, memory_fd):
+            os.close(fd)
+        if isinstance(error, RuntimeError):  # the zygote is stuck or gone
+            raise WorkerError(
+                f"ProcessMap could not start worker {index}: {error}. The iterator's "
+                f"get_state() still describes the last element it delivered: call next() again "
+                f"to retry with a new zygote, or restore from it."
+            ) from error
+        raise
     finally:
         os.close(task_read)  # the worker holds its own copies now
         os.close(result_write)
+    # Our ends never block, so that every wait goes through `WorkerPool._wait` and its timeout.
+    os.set_blocking(task_write, False)
+    os.set_blocking(result_read, False)
     return _Worker(index, process, task_write, result_read, memory_fd, SlotReader(memory_fd))
 
 

@@ -6,8 +6,9 @@ a busy machine. The zygote pays it once: a clean interpreter, started on first u
 imports numpy and the worker loop and never runs anything else, so forking it is safe (no
 threads but its parent watch, no open readers; unlike forking the trainer).
 
-Requests come over a ``SOCK_SEQPACKET`` socket: ``spawn`` carries the worker's three fds
-(``SCM_RIGHTS``) and returns its pid; ``reap`` waits for a worker and returns its exit code.
+Requests come over a ``SOCK_SEQPACKET`` socket, after the zygote's "ready": ``spawn``
+carries the worker's three fds (``SCM_RIGHTS``) and returns its pid; ``reap`` waits for a
+worker and returns its exit code. A zygote that does not answer in time is killed.
 The zygote does not reap on its own, so a dead worker stays a zombie until ``reap``: its pid
 cannot be reused while this process holds a pidfd on it. The zygote and its workers die with
 this process (:mod:`wf_data.data.worker_lifetime`). Linux only.
@@ -33,6 +34,8 @@ _BOOTSTRAP = (
     "from wf_data.data.zygote import zygote_main; zygote_main(sys.argv[2:])"
 )
 _MAX_MESSAGE = 1 << 20  # a spawn request carries the environment
+_REAP_TIMEOUT_S = 60.0  # a reap follows the worker's exit: only a stuck zygote takes long
+_START_TIMEOUT_S = 60.0  # at least, for its imports on a busy machine (a few seconds at worst)
 STATUS_LOST = 255  # exit code reported for a worker whose zygote died before reaping it
 
 
@@ -62,7 +65,14 @@ class Worker:
         except (OSError, RuntimeError):
             self.returncode = STATUS_LOST  # the zygote died too and took the status along
         os.close(self._pidfd)
+        self._pidfd = -1
         return self.returncode
+
+    def fileno(self) -> int:
+        """The pidfd, readable once the worker exited (for ``select``); only until reaped."""
+        if self._pidfd < 0:
+            raise ValueError(f"worker pid {self.pid} was reaped: its pidfd is closed")
+        return self._pidfd
 
     def kill(self) -> None:
         """SIGKILL through the pidfd: never hits a process that reused the pid."""
@@ -81,6 +91,10 @@ class Zygote:
             theirs.close()
         self._socket = ours
         self._lock = threading.Lock()
+        self._ready = False  # the zygote says "ready" once it has imported the worker loop
+        # Set once a request finds the zygote gone: its socket closes before it can be reaped,
+        # so `poll()` alone would hand a dying zygote to the next pool start.
+        self._gone = False
 
     @property
     def pid(self) -> int:
@@ -88,23 +102,53 @@ class Zygote:
         return self._process.pid
 
     def alive(self) -> bool:
-        """Whether the zygote process still runs."""
-        return self._process.poll() is None
+        """Whether the zygote process still runs and answers."""
+        return not self._gone and self._process.poll() is None
 
-    def spawn(self, fds: tuple[int, int, int]) -> Worker:
-        """Forks a worker that runs ``worker_main`` on ``fds`` (task, result, memory)."""
+    def spawn(self, fds: tuple[int, int, int], timeout_s: float | None = None) -> Worker:
+        """Forks a worker that runs ``worker_main`` on ``fds`` (task, result, memory).
+
+        A zygote that does not answer within ``timeout_s`` (stuck importing on a hung
+        filesystem, stopped) is killed, and a RuntimeError says so; the next call starts anew.
+        """
         context = (os.getpid(), dict(os.environ), os.getcwd())  # as of now, not zygote start
-        return Worker(self, self._request(("spawn", context), fds))
+        return Worker(self, self._request(("spawn", context), fds, timeout_s))
 
     def reap(self, pid: int) -> int:
         """The exit code of exited worker ``pid`` (negative: the signal that killed it)."""
-        return self._request(("reap", pid))
+        return self._request(("reap", pid), timeout_s=_REAP_TIMEOUT_S)
 
-    def _request(self, message, fds=()):
+    def _request(self, message, fds=(), timeout_s: float | None = None):
         with self._lock:
-            socket.send_fds(self._socket, [pickle.dumps(message)], list(fds))
+            if not self._ready:
+                start_timeout_s = None if timeout_s is None else max(timeout_s, _START_TIMEOUT_S)
+                self._reply("start", start_timeout_s)
+                self._ready = True
+            try:
+                socket.send_fds(self._socket, [pickle.dumps(message)], list(fds))
+            except OSError as error:
+                self._gone = True
+                raise RuntimeError(
+                    f"the ProcessMap zygote (pid {self._process.pid}) is gone ({error})"
+                ) from error
+            return self._reply(message[0], timeout_s)
+
+    def _reply(self, what: str, timeout_s: float | None):
+        if not select.select([self._socket], [], [], timeout_s)[0]:
+            self._gone = True
+            self._process.kill()
+            self._process.wait()
+            raise RuntimeError(
+                f"the ProcessMap zygote (pid {self._process.pid}) did not answer its {what} "
+                f"within {timeout_s:g} s (stopped, or stuck on a hung filesystem) and was "
+                f"killed; the next pool start forks from a new one"
+            )
+        try:
             reply = self._socket.recv(_MAX_MESSAGE)
+        except OSError:  # ECONNRESET: the zygote died
+            reply = b""
         if not reply:
+            self._gone = True
             raise RuntimeError(
                 f"the ProcessMap zygote (pid {self._process.pid}) exited: "
                 f"code {self._process.poll()}"
@@ -153,6 +197,7 @@ def zygote_main(argv: list[str]) -> None:
     from wf_data.data import worker_pool  # imported once here, inherited by every worker
 
     requests = socket.socket(fileno=socket_fd)
+    requests.send(pickle.dumps(("ok", "ready")))
     while True:
         try:
             data, fds, _, _ = socket.recv_fds(requests, _MAX_MESSAGE, 3)
