@@ -111,3 +111,21 @@ def growing(plan: dict) -> dict[str, np.ndarray]:
     outgrows the shared slot it is written to."""
     index = int(plan["index"])
     return {"values": np.full(int(1024 * 1.3**index), index, dtype=np.int32)}
+
+
+class CountingRows:
+    """`rows` with a `many` that records its group sizes and fails on element `fail_at`."""
+
+    def __init__(self, fail_at: int | None = None):
+        self.groups: list[int] = []
+        self.fail_at = fail_at
+
+    def __call__(self, plan: dict) -> dict:
+        if int(plan["index"]) == self.fail_at:
+            raise ValueError(f"element {self.fail_at} is bad")
+        return rows(plan)
+
+    def many(self, plans: list[dict]) -> list[dict]:
+        """Results tagged with `group`, the number of plans computed together."""
+        self.groups.append(len(plans))
+        return [{**self(plan), "group": np.array([len(plans)])} for plan in plans]

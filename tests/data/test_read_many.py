@@ -8,7 +8,7 @@ import grain
 import numpy as np
 import pytest
 
-from tests.data.process_map_fns import rows
+from tests.data.process_map_fns import CountingRows, rows
 from tests.data.test_loader import make_loader, mixing
 from wf_data.data.batching import batch_plans
 from wf_data.data.process_map import ProcessMap
@@ -34,23 +34,6 @@ def test_many_equals_one_batch_at_a_time(rank_rows):
     assert read.many(plans)[4]["domain_ids"].tolist() == read(plans[4])["domain_ids"].tolist()
 
 
-class CountingRows:
-    """`rows` with a `many` that records its group sizes and fails on element `fail_at`."""
-
-    def __init__(self, fail_at: int | None = None):
-        self.groups: list[int] = []
-        self.fail_at = fail_at
-
-    def __call__(self, plan: dict) -> dict:
-        if int(plan["index"]) == self.fail_at:
-            raise ValueError(f"element {self.fail_at} is bad")
-        return rows(plan)
-
-    def many(self, plans: list[dict]) -> list[dict]:
-        self.groups.append(len(plans))
-        return [self(plan) for plan in plans]
-
-
 def plan_stream() -> grain.IterDataset:
     return (
         grain.MapDataset.range(20)
@@ -65,6 +48,8 @@ def plan_stream() -> grain.IterDataset:
 def test_inline_groups_of_lookahead_plus_one_same_stream(lookahead):
     fn = CountingRows()
     got = list(ProcessMap(plan_stream(), fn, num_workers=0, lookahead=lookahead))
+    for result in got:
+        result.pop("group", None)
     assert_results_equal(got, [rows(plan) for plan in plan_stream()])
     if lookahead:
         assert fn.groups[0] == lookahead + 1 and max(fn.groups) == lookahead + 1
@@ -84,7 +69,10 @@ def test_a_failing_group_fails_at_its_element_and_resumes_exactly():
     fn.fail_at = None
     resumed = iter(ProcessMap(plan_stream(), fn, num_workers=0, lookahead=3))
     resumed.set_state(state)
-    assert_results_equal(delivered + list(resumed), [rows(plan) for plan in plan_stream()])
+    got = delivered + list(resumed)
+    for result in got:
+        result.pop("group", None)
+    assert_results_equal(got, [rows(plan) for plan in plan_stream()])
 
 
 def test_loader_without_workers_reads_prefetch_plus_one_batches_per_call(monkeypatch):
@@ -101,3 +89,27 @@ def test_loader_without_workers_reads_prefetch_plus_one_batches_per_call(monkeyp
     assert calls == [3, 3]
     one_by_one = make_loader("static", prefetch=0)
     assert_results_equal(got, [next(one_by_one) for _ in range(6)])
+
+
+@pytest.mark.slow
+def test_workers_compute_waiting_tasks_together_same_stream_and_errors():
+    expected = [rows(plan) for plan in plan_stream()]
+    with iter(ProcessMap(plan_stream(), CountingRows(), num_workers=2, lookahead=5)) as grouped:
+        got = list(grouped)
+    assert max(int(result.pop("group", [1])[0]) for result in got) > 1  # some computed together
+    assert_results_equal(got, expected)
+    failing = iter(ProcessMap(plan_stream(), CountingRows(fail_at=7), num_workers=2, lookahead=5))
+    delivered = []
+    with pytest.raises(ValueError, match="element 7 is bad"):
+        while True:
+            delivered.append(next(failing))
+    assert len(delivered) == 7
+    state = failing.get_state()
+    failing.close()
+    resumed = iter(ProcessMap(plan_stream(), CountingRows(), num_workers=2, lookahead=5))
+    resumed.set_state(state)
+    rest = list(resumed)
+    resumed.close()
+    for result in delivered + rest:
+        result.pop("group", None)
+    assert_results_equal(delivered + rest, expected)

@@ -324,19 +324,36 @@ def worker_main(argv: list[str]) -> None:
     except Exception as error:  # e.g. fn defined in a script's __main__: answer every task
         fn, init_error = None, _exception_payload(error)
     writer = SlotWriter(memory_fd)
+    many = getattr(fn, "many", None)
     while True:
         try:
-            task_id, slot, plan = receive_message(task_fd)
+            tasks = [receive_message(task_fd)]
+            # Tasks already waiting are computed together when fn shares costs over several
+            # (`many`, e.g. one read for several batches); their answers go out in order.
+            while many is not None and init_error is None and _readable(task_fd):
+                tasks.append(receive_message(task_fd))
         except EOFError:
             return
         if init_error is not None:
-            send_message(result_fd, (task_id, "error", init_error))
+            send_message(result_fd, (tasks[0][0], "error", init_error))
             continue
-        try:
-            result = check_result(fn(plan))
-            send_message(result_fd, (task_id, "ok", writer.write(slot, result)))
-        except Exception as error:
-            send_message(result_fd, (task_id, "error", _exception_payload(error)))
+        results = None
+        if len(tasks) > 1:
+            try:
+                results = [check_result(result) for result in many([t[2] for t in tasks])]
+            except Exception:
+                results = None  # one by one below, so each error answers its own task
+        for index, (task_id, slot, plan) in enumerate(tasks):
+            try:
+                result = results[index] if results is not None else check_result(fn(plan))
+                send_message(result_fd, (task_id, "ok", writer.write(slot, result)))
+            except Exception as error:
+                send_message(result_fd, (task_id, "error", _exception_payload(error)))
+
+
+def _readable(fd: int) -> bool:
+    """Whether a read of `fd` would not block (a message, or EOF, is waiting)."""
+    return bool(select.select([fd], [], [], 0)[0])
 
 
 def _exception_payload(error: Exception) -> tuple[bytes, str]:
