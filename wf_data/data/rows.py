@@ -140,34 +140,45 @@ class RowReader:
             )
         piece_domains = np.repeat(domain_ids, row_pieces)
         tokens, no_loss = self._planned_tokens(piece_domains, doc_ids, offsets, sizes, piece_start)
-        # The four fields of every planned token, stacked: (4, T) int32.
-        fields = np.empty((len(ROW_KEYS), tokens.size), dtype=np.int32)
-        fields[0] = tokens
-        fields[1] = fields[0]
-        fields[1][piece_start] = IGNORE_INDEX  # nothing predicts a segment's first token
-        if no_loss is not None:
-            fields[1][no_loss] = IGNORE_INDEX
-        # A piece is a segment: positions restart at 0, segments count 1, 2, ... per row. Both
-        # are running sums of increments scattered at piece starts (int32, no (T,) temporaries).
-        fields[2] = 1
-        fields[2][piece_start] = np.concatenate([[0], 1 - sizes[:-1]])
-        np.cumsum(fields[2], out=fields[2])
-        fields[3] = 0
-        fields[3][piece_start] = 1
-        fields[3][piece_start[row_first]] = np.concatenate([[1], 1 - row_pieces[:-1]])
-        np.cumsum(fields[3], out=fields[3])
-        if tokens.size == n * seq_len:  # no padding: rows are the planned tokens in order
-            stacked = fields.reshape(len(ROW_KEYS), n, seq_len)
-        else:  # padding ends each row: pad id, labels -100, positions and segments 0
-            stacked = np.empty((len(ROW_KEYS), n, seq_len), dtype=np.int32)
-            fill = np.zeros((len(ROW_KEYS), n), dtype=np.int32)
-            fill[0] = np.asarray(self.pad_ids, dtype=np.int32)[domain_ids]
-            fill[1] = IGNORE_INDEX
-            row_start = (np.cumsum(used) - used).tolist()
+        # The four fields are built in place in one (4, n, L) int32 block, each in a pass or
+        # two over it: rows are the planned tokens in order, then padding to the end.
+        stacked = np.empty((len(ROW_KEYS), n, seq_len), dtype=np.int32)
+        input_ids, labels, positions, segments = stacked
+        row_start = piece_start[row_first]  # of each row in the planned tokens
+        padded = tokens.size != n * seq_len
+        if padded:
+            pads = np.asarray(self.pad_ids, dtype=np.int32)[domain_ids].tolist()
+            spans = list(zip(row_start.tolist(), used.tolist(), strict=True))
             # Python per row (a few per batch), numpy per token.
-            for row, (start, count) in enumerate(zip(row_start, used.tolist(), strict=True)):
-                stacked[:, row, :count] = fields[:, start : start + count]
-                stacked[:, row, count:] = fill[:, row, None]
+            for row, (start, count) in enumerate(spans):
+                input_ids[row, :count] = tokens[start : start + count]
+                input_ids[row, count:] = pads[row]
+            # Flat position in the rows of a planned token = its index + this shift of its row.
+            shift = np.arange(n) * seq_len - row_start
+            at = piece_start + np.repeat(shift, row_pieces)  # where each piece starts
+        else:
+            input_ids.reshape(-1)[:] = tokens
+            at = piece_start
+        labels[...] = input_ids
+        flat_labels = labels.reshape(-1)
+        flat_labels[at] = IGNORE_INDEX  # nothing predicts a segment's first token
+        if no_loss is not None:
+            flat_labels[no_loss + np.repeat(shift, used)[no_loss] if padded else no_loss] = (
+                IGNORE_INDEX
+            )
+        # A piece is a segment: positions restart at 0 and segments count 1, 2, ... along each
+        # row, as running sums of increments scattered at piece starts.
+        positions.fill(1)
+        positions.reshape(-1)[at] = np.concatenate([[0], 1 - sizes[:-1]])
+        positions.reshape(-1)[at[row_first]] = 0
+        np.cumsum(positions, axis=1, out=positions)
+        segments.fill(0)
+        segments.reshape(-1)[at] = 1
+        np.cumsum(segments, axis=1, out=segments)
+        if padded:  # padding: labels -100, positions and segments 0
+            tail = np.array([[IGNORE_INDEX], [0], [0]], dtype=np.int32)
+            for row, (_, count) in enumerate(spans):
+                stacked[1:, row, count:] = tail
         rows = dict(zip(ROW_KEYS, stacked, strict=True))
         rows["domain_ids"] = domain_ids
         return rows
