@@ -113,3 +113,29 @@ def test_workers_compute_waiting_tasks_together_same_stream_and_errors():
     for result in delivered + rest:
         result.pop("group", None)
     assert_results_equal(delivered + rest, expected)
+
+
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_slice_and_gather_paths_build_the_same_rows(monkeypatch, with_masks):
+    from wf_data.data import rows as rows_module
+    from wf_data.data.packing import pack
+
+    rng = np.random.default_rng(5)
+    docs = []
+    for n in rng.integers(1, 90, size=60).tolist():
+        tokens = rng.integers(0, 1000, n).astype(np.int32)
+        docs.append(
+            {"input_ids": tokens, "loss_mask": rng.random(n) < 0.7} if with_masks else tokens
+        )
+    packed = pack(docs, 64, "best_fit", window_size=16, seed=2)
+    plans = list(itertools.islice(batch_plans(packed.plans, 5), 6))
+    built = {}
+    for name, threshold in (("slices", 0), ("gather", 1 << 30)):
+        monkeypatch.setattr(rows_module, "_SLICE_COPY_MIN_TOKENS", threshold)
+        built[name] = [packed.reader.read_batch(plan) for plan in plans]
+    assert_results_equal(built["slices"], built["gather"])
+    if with_masks:
+        assert any(
+            (batch["labels"] == -100).sum() > (batch["segment_ids"] == 0).sum()
+            for batch in built["gather"]
+        )

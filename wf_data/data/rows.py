@@ -30,6 +30,9 @@ IGNORE_INDEX = -100
 ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
 PLAN_KEYS = ("doc_ids", "offsets", "lengths")
 _DOC_BITS = 40  # document index bits in the (domain, document) keys of one read
+# Mean piece size from which copying a slice per piece (~0.4 us each) beats one gather of
+# every token (~2.2 ns a token, its index included).
+_SLICE_COPY_MIN_TOKENS = 200
 
 __all__ = [
     "IGNORE_INDEX",
@@ -216,12 +219,25 @@ class RowReader:
                 f"[.., {int(stops[bad])}): the source's lengths do not match its records"
             )
         joined = buffers[0] if len(buffers) == 1 else np.concatenate(buffers)
-        # Index into `joined` of every planned token: a running sum that jumps at piece starts.
         span_start = np.concatenate(doc_starts)[which] + offsets
-        gather = np.ones(int(piece_start[-1] + sizes[-1]), dtype=np.int64)
-        gather[piece_start] = span_start - np.concatenate([[0], span_start[:-1] + sizes[:-1] - 1])
-        np.cumsum(gather, out=gather)
-        tokens = joined[gather]
+        num_tokens = int(piece_start[-1] + sizes[-1])
+        if num_tokens >= _SLICE_COPY_MIN_TOKENS * sizes.size:  # long pieces: a slice each
+            spans = list(zip(span_start.tolist(), (span_start + sizes).tolist(), strict=True))
+
+            def take(buffer: np.ndarray) -> np.ndarray:
+                return np.concatenate([buffer[start:stop] for start, stop in spans])
+
+        else:  # short pieces: one gather, its index a running sum that jumps at piece starts
+            gather = np.ones(num_tokens, dtype=np.int64)
+            gather[piece_start] = span_start - np.concatenate(
+                [[0], span_start[:-1] + sizes[:-1] - 1]
+            )
+            np.cumsum(gather, out=gather)
+
+            def take(buffer: np.ndarray) -> np.ndarray:
+                return buffer[gather]
+
+        tokens = take(joined)
         if all(mask is None for mask in masks):
             return tokens, None
         joined_mask = np.concatenate(
@@ -230,7 +246,7 @@ class RowReader:
                 for buffer, mask in zip(buffers, masks, strict=True)
             ]
         )
-        return tokens, np.flatnonzero(joined_mask[gather] == 0)
+        return tokens, np.flatnonzero(take(joined_mask) == 0)
 
 
 class SliceRows:
