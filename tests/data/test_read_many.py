@@ -139,3 +139,14 @@ def test_slice_and_gather_paths_build_the_same_rows(monkeypatch, with_masks):
             (batch["labels"] == -100).sum() > (batch["segment_ids"] == 0).sum()
             for batch in built["gather"]
         )
+
+
+def test_int64_labels_are_built_as_such_with_the_same_values():
+    mixer, reader = mixing("static")
+    plans = list(itertools.islice(batch_plans(mixer, 4, domain_names=mixer.names), 4))
+    narrow = ReadSlice(reader, SliceRows(0, 4), mixer.names).many(plans)
+    wide = ReadSlice(reader, SliceRows(0, 4), mixer.names, labels_dtype="int64").many(plans)
+    for a, b in zip(narrow, wide, strict=True):
+        assert a["labels"].dtype == np.int32 and b["labels"].dtype == np.int64
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+        assert all(b[key].dtype == np.int32 for key in ("input_ids", "position_ids"))

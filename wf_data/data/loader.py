@@ -90,7 +90,9 @@ class DataLoader:
                 grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None),
             )
         first = self.dp_rank * self.local_batch_size
-        read = ReadSlice(reader, SliceRows(first, first + self.local_batch_size), mixer.names)
+        rows = SliceRows(first, first + self.local_batch_size)
+        labels = "int64" if framework == "torch" else "int32"  # torch's losses take int64
+        read = ReadSlice(reader, rows, mixer.names, labels_dtype=labels)
         self._pipeline = ProcessMap(
             plans, read, num_workers=num_workers, lookahead=prefetch, timeout_s=worker_timeout_s
         )

@@ -100,8 +100,11 @@ class RowReader:
             row["domain_ids"] = batch["domain_ids"][0]
         return row
 
-    def read_batch(self, plan: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """`(B, L)` int32 rows and `(B,)` int32 `domain_ids` of a batch plan.
+    def read_batch(
+        self, plan: Mapping[str, Any], labels_dtype: Any = np.int32
+    ) -> dict[str, np.ndarray]:
+        """`(B, L)` int32 rows and `(B,)` int32 `domain_ids` of a batch plan; `labels` of
+        `labels_dtype` (int64 for torch's losses: written so, not converted afterwards).
 
         One read per domain of the documents the pieces name; every field of every row is then
         a whole-batch gather or `repeat`, with no Python loop over pieces or tokens.
@@ -126,6 +129,7 @@ class RowReader:
             )
         if n == 0:
             rows = {key: np.empty((0, seq_len), dtype=np.int32) for key in ROW_KEYS}
+            rows["labels"] = rows["labels"].astype(labels_dtype)
             return {**rows, "domain_ids": domain_ids}
         piece_start = np.cumsum(sizes) - sizes  # of each piece in the batch's planned tokens
         row_first = np.cumsum(row_pieces) - row_pieces  # first piece of each row
@@ -145,8 +149,9 @@ class RowReader:
         tokens, no_loss = self._planned_tokens(piece_domains, doc_ids, offsets, sizes, piece_start)
         # The four fields are built in place in one (4, n, L) int32 block, each in a pass or
         # two over it: rows are the planned tokens in order, then padding to the end.
-        stacked = np.empty((len(ROW_KEYS), n, seq_len), dtype=np.int32)
-        input_ids, labels, positions, segments = stacked
+        stacked = np.empty((3, n, seq_len), dtype=np.int32)
+        input_ids, positions, segments = stacked
+        labels = np.empty((n, seq_len), dtype=labels_dtype)
         row_start = piece_start[row_first]  # of each row in the planned tokens
         padded = tokens.size != n * seq_len
         if padded:
@@ -179,10 +184,15 @@ class RowReader:
         segments.reshape(-1)[at] = 1
         np.cumsum(segments, axis=1, out=segments)
         if padded:  # padding: labels -100, positions and segments 0
-            tail = np.array([[IGNORE_INDEX], [0], [0]], dtype=np.int32)
             for row, (_, count) in enumerate(spans):
-                stacked[1:, row, count:] = tail
-        rows = dict(zip(ROW_KEYS, stacked, strict=True))
+                labels[row, count:] = IGNORE_INDEX
+                stacked[1:, row, count:] = 0
+        rows = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": positions,
+            "segment_ids": segments,
+        }
         rows["domain_ids"] = domain_ids
         return rows
 
@@ -299,10 +309,18 @@ def rename_domains(batch: dict[str, Any], names: Sequence[str]) -> dict[str, Any
 
 class ReadSlice:
     """The loader's worker function: a global batch plan -> this rank's rows (numpy), plus the
-    plan's `step` and cumulative `served_rows` / `served_tokens`, which the loader pops."""
+    plan's `step` and cumulative `served_rows` / `served_tokens`, which the loader pops.
+    `labels_dtype` "int64" builds the labels torch's losses take (the loader's torch batches)."""
 
-    def __init__(self, reader: RowReader, rows: SliceRows, domain_names: Sequence[str]):
+    def __init__(
+        self,
+        reader: RowReader,
+        rows: SliceRows,
+        domain_names: Sequence[str],
+        labels_dtype: str = "int32",
+    ):
         self.reader, self.rows, self.domain_names = reader, rows, tuple(domain_names)
+        self.labels_dtype = np.dtype(labels_dtype)
         self._names_json = json.dumps(list(self.domain_names))
 
     def __call__(self, plan: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -322,7 +340,8 @@ class ReadSlice:
             {
                 key: np.concatenate([part[key] for part in sliced])
                 for key in (*PLAN_KEYS, "row_pieces", "domain_ids")
-            }
+            },
+            self.labels_dtype,
         )
         size = self.rows.stop - self.rows.start
         results = []
