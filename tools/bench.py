@@ -664,7 +664,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--loader-batches",
         type=int,
         default=None,
-        help="timed batches per loader round (default 800, --quick 20)",
+        help="timed batches per loader round (default 2400, --quick 20)",
     )
     parser.add_argument("--vocab-size", type=int, default=32000, help=">65536 stores uint32")
     parser.add_argument("--num-shards", type=int, default=4)
@@ -706,7 +706,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     defaults = {
         "tokens": 300_000 if quick else 30_000_000,
         "rounds": 1 if quick else 3,
-        "loader_batches": 20 if quick else 800,
+        "loader_batches": 20 if quick else 2400,
         "grain_seconds": 0.3 if quick else 4.0,
         "window_sizes": [256] if quick else [1024, 4096, 16384],
         "first_batch_docs": [100_000] if quick else [1_000_000, 10_000_000, 100_000_000],
