@@ -89,7 +89,8 @@ def environment(plan: dict) -> dict[str, np.ndarray]:
 class BreakWhileFileExists:
     """``rows``, but element ``index`` never returns while ``path`` exists: the worker stops
     itself (``"stop"``, like SIGSTOP from outside), sleeps in a syscall (``"sleep"``, like a
-    hung network read) or exits with status 0 (``"exit"``, like a library calling exit)."""
+    hung network read) or exits with status 0 (``"exit"``, like a library calling exit). The
+    worker that breaks writes its pid to ``path + ".pid"`` first."""
 
     def __init__(self, path: str, index: int, how: str):
         self.path = path
@@ -98,6 +99,8 @@ class BreakWhileFileExists:
 
     def __call__(self, plan: dict) -> dict[str, np.ndarray]:
         if int(plan["index"]) == self.index and os.path.exists(self.path):
+            with open(self.path + ".pid", "w") as pid_file:  # which worker broke, for the test
+                pid_file.write(str(os.getpid()))
             if self.how == "exit":
                 sys.exit(0)
             if self.how == "stop":
