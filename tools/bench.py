@@ -52,8 +52,8 @@ from bench_planning import LENGTHS, MAX_LENGTH, MIN_LENGTH  # noqa: E402
 
 DOMAIN_WEIGHTS = {"web": 0.5, "code": 0.2, "math": 0.3}
 NOISE_NOTE = (
-    "shared 2-core machine, other users running: compare ratios (same process, interleaved "
-    "rounds), not absolute figures"
+    "compare ratios (same process, interleaved rounds), not absolute figures, on a machine "
+    "that others may share"
 )
 
 
@@ -734,7 +734,10 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
 
     imports = time.perf_counter() - start
     corpora = {label: make_corpus(args, label) for label in LENGTHS}
-    print(f"# wf-data bench ({NOISE_NOTE}; {os.cpu_count()} CPUs)")
+    print(
+        f"# wf-data bench ({NOISE_NOTE}; {os.cpu_count()} CPUs, load average "
+        f"{os.getloadavg()[0]:.2f} at start)"
+    )
     for corpus in corpora.values():
         mean, sigma = LENGTHS[corpus.label]
         print(

@@ -47,7 +47,7 @@ from wf_data import atomic  # noqa: E402
 MIN_LENGTH, MAX_LENGTH = 8, 32768
 # name -> (lognormal mean, sigma) of document lengths in tokens (the same as tools/bench.py).
 LENGTHS = {"long": (6.0, 1.1), "short": (4.0, 1.0)}
-NOISE_NOTE = "shared 2-core machine, other users running: figures are upper bounds"
+NOISE_NOTE = "on a machine that others may share, figures are upper bounds"
 STEP_SECONDS = (1.0, 10.0)
 
 
@@ -501,7 +501,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.cell:
         print(json.dumps(measure_cell(*args.cell, args)))
         return []
-    print(f"# wf-data planning cost per rank ({NOISE_NOTE}; {os.cpu_count()} CPUs)")
+    print(
+        f"# wf-data planning cost per rank ({NOISE_NOTE}; {os.cpu_count()} CPUs, load "
+        f"average {os.getloadavg()[0]:.2f} at start)"
+    )
     print(
         f"{args.lengths} documents: lognormal{LENGTHS[args.lengths]} lengths split evenly over "
         f"the domains, best_fit (default window) + EXP3 updated every step, "

@@ -106,8 +106,9 @@ class RowReader:
         """`(B, L)` int32 rows and `(B,)` int32 `domain_ids` of a batch plan; `labels` of
         `labels_dtype` (int64 for torch's losses: written so, not converted afterwards).
 
-        One read per domain of the documents the pieces name; every field of every row is then
-        a whole-batch gather or `repeat`, with no Python loop over pieces or tokens.
+        One read per domain of the documents the pieces name; then numpy per token and at most
+        Python per row (padded rows are filled a slice each) or per long piece (see
+        `_planned_tokens`), never per token.
         """
         doc_ids = np.asarray(plan["doc_ids"], dtype=np.int64)
         offsets = np.asarray(plan["offsets"], dtype=np.int64)
@@ -147,8 +148,8 @@ class RowReader:
             )
         piece_domains = np.repeat(domain_ids, row_pieces)
         tokens, no_loss = self._planned_tokens(piece_domains, doc_ids, offsets, sizes, piece_start)
-        # The four fields are built in place in one (4, n, L) int32 block, each in a pass or
-        # two over it: rows are the planned tokens in order, then padding to the end.
+        # The fields are built in place (input, positions and segments in one (3, n, L) int32
+        # block), each in a pass or two: rows are the planned tokens in order, then padding.
         stacked = np.empty((3, n, seq_len), dtype=np.int32)
         input_ids, positions, segments = stacked
         labels = np.empty((n, seq_len), dtype=labels_dtype)
