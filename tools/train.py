@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from wf_data.data.loader_state import PendingLosses  # noqa: E402
 from wf_data.distributed import (  # noqa: E402
     ParallelDims,
     apply_fsdp,
@@ -196,7 +197,7 @@ class SyntheticBatches:
         self.rows = slice(dp_rank * self.local_batch_size, (dp_rank + 1) * self.local_batch_size)
         self.step = 0
         self.last_domain_loss: np.ndarray | None = None
-        self._observed = np.zeros((2, num_domains))
+        self._pending = PendingLosses([str(domain) for domain in range(num_domains)])
 
     def __iter__(self) -> SyntheticBatches:
         return self
@@ -228,14 +229,13 @@ class SyntheticBatches:
 
     def observe_losses(self, loss_sums: np.ndarray, row_counts: np.ndarray) -> None:
         """Mixture feedback: (K,) per-domain loss sums and row counts, all-reduced."""
-        self._observed += np.stack([loss_sums, row_counts])
+        self._pending.add(loss_sums, row_counts)
 
     def apply_observed(self) -> None:
-        """Keeps the (K,) mean loss per domain, NaN where unobserved (not used)."""
-        sums, counts = self._observed
-        self.last_domain_loss = np.divide(sums, counts, out=np.full(len(sums), np.nan),
-                                          where=counts > 0)
-        self._observed = np.zeros_like(self._observed)
+        """Keeps the (K,) mean loss per domain, NaN where unobserved (not used), if any was."""
+        means = self._pending.take()
+        if means is not None:
+            self.last_domain_loss = means
 
     def state_dict(self) -> dict[str, int]:
         """Loader state: the number of batches served."""
