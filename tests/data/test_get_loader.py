@@ -176,3 +176,20 @@ def test_jax_framework_gives_jax_arrays(shards):
     batch = next(get_loader(config(shards), framework="jax"))
     assert isinstance(batch["input_ids"], jax.Array)
     assert batch["input_ids"].shape == (4, 64)
+
+
+@pytest.mark.parametrize("timeout", [7.5, None])
+def test_worker_timeout_reaches_the_loaders_process_map(shards, timeout):
+    loader = get_loader(config(shards, worker_timeout_s=timeout), framework="numpy")
+    assert f"timeout_s={timeout})" in str(loader._pipeline)
+
+
+def test_torch_batches_carry_int64_labels_equal_to_the_numpy_ones(shards):
+    as_numpy = take(get_loader(config(shards), framework="numpy"), 3)
+    as_torch = take(get_loader(config(shards), framework="torch"), 3)
+    for a, b in zip(as_numpy, as_torch, strict=True):
+        assert (
+            str(b["labels"].dtype) == "torch.int64" and str(b["input_ids"].dtype) == "torch.int32"
+        )
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key].numpy())
