@@ -150,3 +150,21 @@ def test_int64_labels_are_built_as_such_with_the_same_values():
         assert a["labels"].dtype == np.int32 and b["labels"].dtype == np.int64
         np.testing.assert_array_equal(a["labels"], b["labels"])
         assert all(b[key].dtype == np.int32 for key in ("input_ids", "position_ids"))
+
+
+def test_a_plan_outside_its_documents_is_refused_naming_the_value():
+    mixer, reader = mixing("static")
+    plan = next(iter(batch_plans(mixer, 4, domain_names=mixer.names)))
+    for key, value, match in (
+        ("offsets", -3, "offset -3"),
+        ("doc_ids", -1, "document -1"),
+        ("lengths", 0, "pieces of 0 tokens"),
+    ):
+        bad = dict(plan, **{key: plan[key].copy()})
+        bad[key][0] = value
+        with pytest.raises(ValueError, match=match):
+            reader.read_batch(bad)
+    beyond = dict(plan, offsets=plan["offsets"].copy())
+    beyond["offsets"][0] += 10_000
+    with pytest.raises(ValueError, match="tokens but the plan needs"):
+        reader.read_batch(beyond)

@@ -134,11 +134,12 @@ class RowReader:
             return {**rows, "domain_ids": domain_ids}
         piece_start = np.cumsum(sizes) - sizes  # of each piece in the batch's planned tokens
         row_first = np.cumsum(row_pieces) - row_pieces  # first piece of each row
-        if row_pieces.min() < 1 or sizes.min() < 1 or doc_ids.min() < 0:
+        if row_pieces.min() < 1 or sizes.min() < 1 or doc_ids.min() < 0 or offsets.min() < 0:
             raise ValueError(
                 f"plan rows of {int(row_pieces.min())} pieces, pieces of {int(sizes.min())} "
-                f"tokens or document {int(doc_ids.min())}: every row holds >= 1 piece, every "
-                "piece >= 1 token of a document >= 0"
+                f"tokens, document {int(doc_ids.min())} or offset {int(offsets.min())}: every "
+                "row holds >= 1 piece, every piece >= 1 token of a document >= 0 from an "
+                "offset >= 0"
             )
         used = np.add.reduceat(sizes, row_first)
         if used.max() > seq_len:
