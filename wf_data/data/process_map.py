@@ -47,6 +47,7 @@ from wf_data.data.worker_pool import (
     RemoteTraceback,
     WorkerError,
     WorkerPool,
+    results_together,
 )
 from wf_data.data.zygote import zygote
 
@@ -283,17 +284,12 @@ class ProcessMapIterator(grain.DatasetIterator):
         element not yet computed (their results wait in order)."""
         head = self._in_flight[0]
         if head.result is None:
-            many = getattr(self._fn, "many", None)
             pending = [entry for entry in self._in_flight if entry.result is None]
-            if many is not None and len(pending) > 1:
-                try:
-                    results = many([entry.plan for entry in pending])
-                except Exception:
-                    results = None  # the head alone, below, names the element that fails
-                if results is not None:
-                    for entry, result in zip(pending, results, strict=True):
-                        entry.result = check_result(result)
-            if head.result is None:
+            results = results_together(self._fn, [entry.plan for entry in pending])
+            if results is not None:
+                for entry, result in zip(pending, results, strict=True):
+                    entry.result = result
+            if head.result is None:  # computed alone, it names the element that fails
                 head.result = check_result(self._fn(head.plan))
         return head.result
 

@@ -337,18 +337,33 @@ def worker_main(argv: list[str]) -> None:
         if init_error is not None:
             send_message(result_fd, (tasks[0][0], "error", init_error))
             continue
-        results = None
-        if len(tasks) > 1:
-            try:
-                results = [check_result(result) for result in many([t[2] for t in tasks])]
-            except Exception:
-                results = None  # one by one below, so each error answers its own task
+        try:
+            results = results_together(fn, [plan for _, _, plan in tasks])
+        except ValueError:
+            results = None  # a `many` that broke its contract: one by one below
         for index, (task_id, slot, plan) in enumerate(tasks):
             try:
                 result = results[index] if results is not None else check_result(fn(plan))
                 send_message(result_fd, (task_id, "ok", writer.write(slot, result)))
             except Exception as error:
                 send_message(result_fd, (task_id, "error", _exception_payload(error)))
+
+
+def results_together(fn, plans: list) -> list[dict[str, np.ndarray]] | None:
+    """``fn.many(plans)``, each result checked, when ``fn`` has ``many`` and there are several
+    plans; None otherwise, and when ``many`` raised: the caller then runs ``fn`` plan by plan,
+    so that each error belongs to its own plan. ValueError if ``many`` returns another count.
+    """
+    many = getattr(fn, "many", None)
+    if many is None or len(plans) < 2:
+        return None
+    try:
+        results = [check_result(result) for result in many(plans)]
+    except Exception:
+        return None
+    if len(results) != len(plans):
+        raise ValueError(f"{fn!r}.many returned {len(results)} results for {len(plans)} plans")
+    return results
 
 
 def _readable(fd: int) -> bool:
