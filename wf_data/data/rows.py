@@ -373,8 +373,8 @@ def _read_joined(source: Any, indices: np.ndarray):
     the buffer in one join; any other source is read with `read_documents`."""
     read_tokens = getattr(source, "read_tokens", None)
     if read_tokens is not None and getattr(source, "lengths", None) is not None:
-        flat, starts = read_tokens(indices)
-        return flat, starts, np.asarray(source.lengths[indices], dtype=np.int64), None
+        flat, starts = read_tokens(indices)  # back to back, in the order asked
+        return flat, starts, np.diff(starts, append=flat.size), None
     tokens, masks = read_documents(source, indices.tolist())
     docs = [tokens[i] for i in indices.tolist()]
     lengths = np.fromiter(map(len, docs), np.int64, len(docs))

@@ -496,8 +496,8 @@ class DocumentSource:
     def read_tokens(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Documents `indices` of a `tokens` dataset in one buffer: `(tokens, starts)`.
 
-        `tokens` is a (T,) read-only array of the token dtype holding every document once,
-        `starts` (n,) int64 where document `indices[i]` begins, so it is
+        `tokens` is a (T,) read-only array of the token dtype holding the documents back to
+        back in the order asked, `starts` (n,) int64 where document `indices[i]` begins, so it is
         `tokens[starts[i] : starts[i] + lengths[indices[i]]]`. One join of the records
         instead of an array per record; every record's size is checked against lengths.npy.
         """

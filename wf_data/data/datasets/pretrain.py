@@ -33,9 +33,8 @@ class TokenizedDocuments:
 
     `best_fit` tokenizes a window to measure it, then reads the same documents again to build
     rows; the most recently tokenized documents (up to `cache_tokens` tokens, default
-    `CACHE_TOKENS`, per process: a
-    pickled copy starts empty) are kept so that, without worker processes, each document is
-    tokenized once.
+    `CACHE_TOKENS`, per process: a pickled copy starts empty) are kept so that, without worker
+    processes, each document is tokenized once.
     """
 
     lengths = None
