@@ -198,7 +198,7 @@ def run_arm(
     """Train one arm for `options.steps` steps and evaluate every `options.eval_every`."""
     import torch
 
-    from wf_data.data.loader import get_eval_loaders, get_loader
+    from wf_data.data.factory import get_eval_loaders, get_loader
     from wf_data.demo import DemoOptions, build_tiny_llama, evaluate
 
     started = time.perf_counter()

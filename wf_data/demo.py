@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from wf_data.data.checkpoint import load_with_dcp, save_with_dcp
 from wf_data.data.demo_corpus import ensure_demo_data
-from wf_data.data.loader import get_eval_loaders, get_loader
+from wf_data.data.factory import get_eval_loaders, get_loader
 from wf_data.influence import MixtureFeedback, row_loss_from_logits
 
 

@@ -189,7 +189,7 @@ class _LoaderIterator:
 
     def _ensure_loader(self) -> Any:
         if self.loader is None:
-            from wf_data.data.loader import get_loader
+            from wf_data.data.factory import get_loader
 
             self.loader = get_loader(
                 self._dataset.config,

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torchtitan.components.dataloader import BaseDataLoader
 
-from wf_data.data.loader import get_loader
+from wf_data.data.factory import get_loader
 
 __all__ = ["WfDataTitanLoader"]
 
