@@ -23,6 +23,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+
+class Loader:
+    """A minimal Stateful data loader: checkpoint tests save and restore its position."""
+
+    def __init__(self, position: int = 0):
+        self.position = position
+
+    def state_dict(self) -> dict:
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.position = state["position"]
+
+
 TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
             tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")

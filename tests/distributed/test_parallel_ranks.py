@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.distributed.dist_harness import (
+    Loader,
     mean_loss,
     run_group,
     tiny_batch,
@@ -30,19 +31,6 @@ from wf_data.distributed import (
 
 pytestmark = pytest.mark.slow
 SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B")
-
-
-class Loader:
-    """A minimal Stateful data loader."""
-
-    def __init__(self, position: int = 0):
-        self.position = position
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
 
 
 def _logits(model: torch.nn.Module, batch: dict) -> torch.Tensor:

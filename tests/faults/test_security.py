@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.distributed.dist_harness import Loader
 from wf_data import atomic
 
 torch = pytest.importorskip("torch")
@@ -27,17 +28,6 @@ class Payload:
 
     def __reduce__(self):
         return (open, (str(self.marker), "w"))
-
-
-class Loader:
-    def __init__(self, position: int = 0):
-        self.position = position
-
-    def state_dict(self) -> dict:
-        return {"position": self.position}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.position = state["position"]
 
 
 def _model_and_optimizer():
