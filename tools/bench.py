@@ -32,7 +32,6 @@ import os
 import pathlib
 import statistics
 import sys
-import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterator
@@ -686,7 +685,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir",
         type=pathlib.Path,
-        default=pathlib.Path(tempfile.gettempdir()) / "wf-data-bench",
+        default=bench_planning.CACHE_DIR,
     )
     parser.add_argument(
         "--prefetch",

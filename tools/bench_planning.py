@@ -47,6 +47,8 @@ from wf_data import atomic  # noqa: E402
 MIN_LENGTH, MAX_LENGTH = 8, 32768
 # name -> (lognormal mean, sigma) of document lengths in tokens (the same as tools/bench.py).
 LENGTHS = {"long": (6.0, 1.1), "short": (4.0, 1.0)}
+# Generated data of both benches (bench.py reuses this module's lengths files).
+CACHE_DIR = pathlib.Path(tempfile.gettempdir()) / "wf-data-bench"
 NOISE_NOTE = "on a machine that others may share, figures are upper bounds"
 STEP_SECONDS = (1.0, 10.0)
 
@@ -472,7 +474,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cache-dir",
         type=pathlib.Path,
-        default=pathlib.Path(tempfile.gettempdir()) / "wf-data-bench",
+        default=CACHE_DIR,
     )
     parser.add_argument(
         "--cell",
