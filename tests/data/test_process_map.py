@@ -6,6 +6,7 @@ import dataclasses
 import gc
 import json
 import os
+import pickle
 
 import grain
 import numpy as np
@@ -29,6 +30,7 @@ from wf_data.data.process_map import (
     encode_plan,
 )
 from wf_data.data.worker_lifetime import process_exited
+from wf_data.data.worker_pool import pack_plan, unpack_plan
 
 NUM_PLANS = 30
 
@@ -118,25 +120,39 @@ def test_set_state_on_a_running_iterator_rewinds():
         assert_same_stream(list(it), expected[3:])
 
 
-def test_plan_encoding_round_trips_dtypes_and_scalars():
+def state_round_trip(plan: dict) -> dict:
+    return decode_plan(json.loads(json.dumps(encode_plan(plan))))
+
+
+def task_round_trip(plan: dict) -> dict:
+    return unpack_plan(pickle.loads(pickle.dumps(pack_plan(plan))))
+
+
+@pytest.mark.parametrize("round_trip", [state_round_trip, task_round_trip])
+def test_plan_encoding_round_trips_dtypes_and_scalars(round_trip):
+    """Both plan codecs: the JSON-safe one of states and the one of worker task messages."""
     plan = {
         "ids": np.array([[1, -2], [3, 2**40]], dtype=np.int64),
         "flags": np.array([True, False]),
         "scores": np.array([0.5, np.nan, -np.inf], dtype=np.float32),
         "names": np.array(["ab", "c"]),
         "empty": np.zeros((0, 3), dtype=np.uint16),
+        "big_endian": np.arange(4, dtype=">i4"),
+        "zero_d": np.array(2.5),
         "step": np.int32(7),
         "count": 3,
         "ratio": 0.25,
         "tag": "x",
     }
-    decoded = decode_plan(json.loads(json.dumps(encode_plan(plan))))
+    decoded = round_trip(plan)
     assert decoded.keys() == plan.keys()
     for key, value in plan.items():
         assert type(decoded[key]) is type(value), key
         if isinstance(value, (np.ndarray, np.generic)):
             assert decoded[key].dtype == value.dtype and decoded[key].shape == value.shape
             np.testing.assert_array_equal(decoded[key], value)
+            if isinstance(value, np.ndarray):
+                assert decoded[key].flags.writeable, key
         else:
             assert decoded[key] == value
 
