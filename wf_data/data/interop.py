@@ -93,14 +93,18 @@ def to_torch(
         pin = False
 
     labels_dtype = getattr(torch, labels_dtype) if isinstance(labels_dtype, str) else labels_dtype
+    # The common case, CPU tensors unpinned, skips the device checks (a few us per array).
+    host_only = target.type == "cpu" and not pin
 
     def convert(path: tuple, value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             tensor = value
         else:
             tensor = torch.from_dlpack(host_array(value, _key_name(path)))
-        if labels_dtype is not None and path[-1:] == ("labels",):
+        if labels_dtype is not None and tensor.dtype != labels_dtype and path[-1:] == ("labels",):
             tensor = tensor.to(labels_dtype)
+        if host_only and tensor.device.type == "cpu":
+            return tensor
         if pin and tensor.device.type == "cpu" and not tensor.is_pinned():
             tensor = tensor.pin_memory()
         if tensor.device != target:
