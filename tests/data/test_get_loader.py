@@ -181,7 +181,7 @@ def test_jax_framework_gives_jax_arrays(shards):
 @pytest.mark.parametrize("timeout", [7.5, None])
 def test_worker_timeout_reaches_the_loaders_process_map(shards, timeout):
     loader = get_loader(config(shards, worker_timeout_s=timeout), framework="numpy")
-    assert f"timeout_s={timeout})" in str(loader._pipeline)
+    assert f"timeout_s={timeout})" in str(loader.pipeline)
 
 
 def test_torch_batches_carry_int64_labels_equal_to_the_numpy_ones(shards):
@@ -193,3 +193,24 @@ def test_torch_batches_carry_int64_labels_equal_to_the_numpy_ones(shards):
         )
         for key in a:
             np.testing.assert_array_equal(a[key], b[key].numpy())
+
+
+def test_loader_pipeline_is_the_grain_dataset_the_loader_serves(shards):
+    """`loader.pipeline` (`loader_pipeline`) is a plain Grain dataset: iterated by itself, with
+    workers, it yields the loader's batches, and its iterator state resumes it exactly."""
+    loader = get_loader(config(shards, mixing="exp3"), framework="numpy")
+    expected = [next(loader) for _ in range(8)]
+    pipeline = get_loader(config(shards, mixing="exp3"), framework="numpy", num_workers=2).pipeline
+    iterator = iter(pipeline)
+    first = [next(iterator) for _ in range(5)]
+    state = iterator.get_state()
+    iterator.close()
+    resumed = iter(pipeline)
+    resumed.set_state(json.loads(json.dumps(state)))
+    rest = [next(resumed) for _ in range(3)]
+    resumed.close()
+    for step, (got, want) in enumerate(zip(first + rest, expected, strict=True)):
+        assert int(got.pop("step")) == step
+        assert {key for key in got if not key.startswith("served_")} == want.keys()
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"step {step} {key}")

@@ -26,6 +26,7 @@ _EXPORTS = {
     "Exp3Policy": "wf_data.data.mixing",
     "Exp3": "wf_data.data.odm",
     "DataLoader": "wf_data.data.loader",
+    "loader_pipeline": "wf_data.data.loader",
     "get_loader": "wf_data.data.factory",
     "get_eval_loaders": "wf_data.data.factory",
     "LoaderStateError": "wf_data.data.loader",

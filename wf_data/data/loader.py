@@ -3,6 +3,9 @@
     mix_plans -> batch_plans (global batches) -> [filter(StepShard)] -> ProcessMap(read this
     rank's rows) -> framework arrays
 
+(`loader_pipeline` builds the Grain part, up to numpy batches; `DataLoader` adds the framework
+arrays, the checkpoint with its fingerprint, and mixture feedback.)
+
 Every data-parallel rank plans the same global batch (plans need only document lengths) and
 reads only its slice of rows, so ranks receive disjoint rows whose concatenation is the
 single-process batch, and the loader state is the same on every rank: it restores with any
@@ -42,13 +45,45 @@ from wf_data.data.rows import ReadSlice, RowReader, SliceRows
 FRAMEWORKS = ("numpy", "torch", "jax")
 
 
+def loader_pipeline(
+    mixer: MixPlans,
+    reader: RowReader,
+    *,
+    global_batch_size: int,
+    rows: tuple[int, int] | None = None,
+    step_shard: tuple[int, int] | None = None,
+    labels_dtype: str = "int32",
+    num_workers: int = 0,
+    prefetch: int = 0,
+    worker_timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> ProcessMap:
+    """The Grain pipeline a `DataLoader` iterates: batch plans of `mixer`'s rows -> owned steps
+    (`step_shard`) -> `ProcessMap(ReadSlice)` reading rows `[start, stop)` of each global batch
+    (`rows`, default all) with `num_workers` processes, `prefetch` batches ahead. Its elements
+    are numpy batches plus `step`, `served_rows` and `served_tokens`; its iterator checkpoints
+    with `get_state`/`set_state` like any Grain iterator."""
+    plans = batch_plans(mixer, global_batch_size, domain_names=mixer.names)
+    if step_shard is not None:
+        plans = grain.experimental.WithOptionsIterDataset(
+            plans.filter(StepShard(*step_shard)),  # other shards' steps are no cause to warn
+            grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None),
+        )
+    read = ReadSlice(
+        reader, SliceRows(*(rows or (0, global_batch_size))), mixer.names, labels_dtype=labels_dtype
+    )
+    return ProcessMap(
+        plans, read, num_workers=num_workers, lookahead=prefetch, timeout_s=worker_timeout_s
+    )
+
+
 class DataLoader:
     """Fixed-shape batches for one data-parallel rank; a torchdata `Stateful`.
 
     Batches are dicts (`input_ids`, `labels`, `position_ids`, `segment_ids` `(b, L)` int32 and
     `domain_ids` `(b,)` int32, `b = global_batch_size / dp_world_size`) as numpy arrays, torch
-    tensors or JAX arrays (`framework`). `step_shard=(index, count)` yields only global steps
-    `s` with `s % count == index` (all steps are planned, only owned ones are read).
+    tensors (int64 `labels`) or JAX arrays (`framework`). `step_shard=(index, count)` yields
+    only global steps `s` with `s % count == index` (all steps are planned, only owned ones are
+    read). `pipeline` is the Grain dataset behind it (`loader_pipeline`).
     """
 
     def __init__(
@@ -82,19 +117,18 @@ class DataLoader:
         self.num_workers, self.prefetch = int(num_workers), int(prefetch)
         # Computed on first use (a state save or restore): it may sum every document length.
         self._fingerprint = None if fingerprint is None else dict(fingerprint)
-        # Built once (an immutable recipe, as in Grain); every (re)start is a new iterator of it.
-        plans = batch_plans(mixer, self.global_batch_size, domain_names=mixer.names)
-        if self.step_shard is not None:
-            plans = grain.experimental.WithOptionsIterDataset(
-                plans.filter(self.step_shard),  # skipping other shards' steps is no cause to warn
-                grain.experimental.DatasetOptions(filter_warn_threshold_ratio=None),
-            )
         first = self.dp_rank * self.local_batch_size
-        rows = SliceRows(first, first + self.local_batch_size)
-        labels = "int64" if framework == "torch" else "int32"  # torch's losses take int64
-        read = ReadSlice(reader, rows, mixer.names, labels_dtype=labels)
-        self._pipeline = ProcessMap(
-            plans, read, num_workers=num_workers, lookahead=prefetch, timeout_s=worker_timeout_s
+        # Built once (an immutable recipe, as in Grain); every (re)start is a new iterator of it.
+        self.pipeline = loader_pipeline(
+            mixer,
+            reader,
+            global_batch_size=self.global_batch_size,
+            rows=(first, first + self.local_batch_size),
+            step_shard=step_shard,
+            labels_dtype="int64" if framework == "torch" else "int32",  # torch's losses: int64
+            num_workers=self.num_workers,
+            prefetch=self.prefetch,
+            worker_timeout_s=worker_timeout_s,
         )
         self._iterator = None
         self.reset()
@@ -102,7 +136,7 @@ class DataLoader:
     def _restart(self, pipeline_state: Mapping[str, Any] | None = None) -> None:
         """Stops the pipeline iterator and starts a new one, at `pipeline_state` if given."""
         self.close()
-        self._iterator = iter(self._pipeline)
+        self._iterator = iter(self.pipeline)
         if pipeline_state is not None:
             self._iterator.set_state(pipeline_state)
 
