@@ -399,17 +399,23 @@ class MixPlansIterator(grain.DatasetIterator):
 
     def _restart(self, domain: int) -> dict[str, Any]:
         name = self._mixer.names[domain]
+        fresh = iter(self._mixer.datasets[name])
+        try:
+            plan = next(fresh)
+        except StopIteration:
+            # Also under "stop": an empty domain would end the stream at its first draw,
+            # silently, however much the other domains hold.
+            raise ValueError(
+                f"domain {name!r} has no rows: cannot draw from an empty dataset (no documents, "
+                "only empty ones, or a filter that drops every plan); remove it or give it "
+                "weight 0"
+            ) from None
         if self._mixer.on_exhausted == "stop":
             self._stopped = True
             raise StopIteration
         self._restarts[domain] += 1
-        self._domain_iters[domain] = iter(self._mixer.datasets[name])
-        try:
-            return next(self._domain_iters[domain])
-        except StopIteration:
-            raise ValueError(
-                f"domain {name!r} has no rows: cannot draw from an empty dataset"
-            ) from None
+        self._domain_iters[domain] = fresh
+        return plan
 
     def get_state(self) -> dict[str, Any]:
         return {

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import numbers
 import sys
 import threading
 from collections.abc import Sequence
@@ -98,14 +99,33 @@ def _check_int(name: str, value: Any, low: int) -> int:
 
 
 def _is_lengths(value: Any) -> bool:
-    """Whether `value` is token counts rather than a document source."""
+    """Whether `value` is token counts rather than a document source.
+
+    Fails on numbers that are not ints (floats, bools): they are meant as lengths, and read as
+    a document source they would fail later with an error about documents.
+    """
     if hasattr(value, "lengths") or hasattr(value, "__getitems__"):
         return False
     if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biufc" and (value.ndim != 1 or value.dtype.kind not in "iu"):
+            if value.ndim != 1 and value.dtype.kind in "iu":
+                return False  # a 2-D int array: rows of tokens, a document source
+            raise ValueError(
+                f"lengths must be an (N,) integer array of token counts, got dtype "
+                f"{value.dtype} and shape {value.shape}: cast whole numbers with "
+                ".astype(np.int64)"
+            )
         return value.ndim == 1 and value.dtype.kind in "iu"
-    return isinstance(value, list | tuple) and all(
-        isinstance(v, int | np.integer) and not isinstance(v, bool) for v in value
-    )
+    if not isinstance(value, list | tuple):
+        return False
+    is_int = [isinstance(v, int | np.integer) and not isinstance(v, bool) for v in value]
+    if not all(is_int) and all(isinstance(v, numbers.Number | np.bool_) for v in value):
+        bad = is_int.index(False)
+        raise ValueError(
+            f"lengths must be int token counts, got lengths[{bad}] = {value[bad]!r} "
+            f"({type(value[bad]).__name__}): pass ints, or an np.int64 array"
+        )
+    return all(is_int)
 
 
 class _Plans:
@@ -551,12 +571,21 @@ class BestFitPlansIterator(grain.DatasetIterator):
         if self._key is not None and self._row < len(self._rows):
             self._row += 1
             return self._rows[self._row - 1]
+        empty_windows = 0
         while not self._exhausted():
             rows = self._window_rows()
             if self._row < len(rows):
                 self._row += 1
                 return rows[self._row - 1]
+            empty_windows += 1 if not rows else 0
+            if empty_windows >= self._plans.windows_per_epoch:
+                # Every window of an epoch empty (every document empty): so is every epoch,
+                # and with `num_epochs=None` this loop would never end.
+                raise StopIteration
+            epoch = self._epoch
             self._advance_window()
+            if self._epoch != epoch:
+                empty_windows = 0  # count the windows of one epoch only
         raise StopIteration
 
     def get_state(self) -> dict[str, Any]:
