@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from wf_data.data import mix_plans, plan_best_fit, plan_concat, read_rows
+from wf_data.data import batch_plans, mix_plans, plan_best_fit, plan_concat, read_rows
 
 # Zero-length documents, documents several times seq_len, and one-token ones.
 EDGE_LENGTHS = [0, 5, 0, 37, 3, 0, 100, 1, 16, 0]
@@ -180,3 +180,13 @@ def test_read_rows_of_a_list_of_token_lists(first):
     documents = [first, [3, 4, 5]]
     row = read_rows(documents, 8)(next(iter(plan_concat([len(d) for d in documents], 8))))
     assert row["input_ids"][:5].tolist() == first + [3, 4, 5] + [0] * (2 - len(first))
+
+
+def test_batch_plans_without_the_mixers_names_says_how_to_fix():
+    mixer = mix_plans(
+        {"a": plan_concat([8] * 8, 4), "b": plan_concat([8] * 8, 4)}, {"a": 1, "b": 1}
+    )
+    with pytest.raises(ValueError, match=r"domain 1, but domain_names \[''\].*mixer.names"):
+        next(iter(batch_plans(mixer, 8)))
+    batch = next(iter(batch_plans(mixer, 8, domain_names=mixer.names)))
+    assert set(batch["domain_ids"].tolist()) == {0, 1}

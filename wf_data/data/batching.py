@@ -99,8 +99,11 @@ class BatchPlansIterator(grain.DatasetIterator):
         )
         domain_ids = np.fromiter((row.get("domain", 0) for row in rows), np.int32, len(rows))
         if domain_ids.min() < 0 or domain_ids.max() >= self._num_domains:
+            bad = int(domain_ids[(domain_ids < 0) | (domain_ids >= self._num_domains)][0])
             raise ValueError(
-                f"plan of domain {int(domain_ids.max())} in batches of {self._num_domains} domains"
+                f"batch_plans got a plan of domain {bad}, but domain_names {list(self._names)} "
+                f"name {self._num_domains} domain(s): pass one name per domain of the mixer, "
+                "in its order (domain_names=mixer.names)"
             )
         batch["domain_ids"] = domain_ids
         row_tokens = np.add.reduceat(
