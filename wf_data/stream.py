@@ -9,6 +9,14 @@ from typing import Any
 from tqdm import tqdm
 
 
+def _positive_int(text: str) -> int:
+    """An int >= 1, for --steps (0 used to stream one batch anyway)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
 def add_stream_parser(subparsers: Any) -> None:
     """Registers `wf-data stream [--config NAME] [--steps N] [overrides...]`."""
     parser = subparsers.add_parser(
@@ -20,7 +28,7 @@ def add_stream_parser(subparsers: Any) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
     parser.add_argument("--config", default="demo", help="data config name or YAML path")
-    parser.add_argument("--steps", type=int, default=200, help="batches to stream")
+    parser.add_argument("--steps", type=_positive_int, default=200, help="batches to stream")
     parser.add_argument("--dp-rank", type=int, default=0)
     parser.add_argument("--dp-world-size", type=int, default=1)
     parser.add_argument("--workers", type=int, default=None, help="worker processes")
@@ -67,6 +75,11 @@ def run_stream(args: argparse.Namespace) -> int:
         f"({stats['data/tokens_served'] / elapsed / 1e6:.2f}M tokens/s over all ranks' rows), "
         f"fill {stats['data/fill']:.4f}"
     )
+    if steps < args.steps:
+        print(
+            f"the data ended after {steps} of {args.steps} batches (num_epochs "
+            f"{loader.recipe[0].num_epochs}; a partial last global batch is dropped)"
+        )
     for name in loader.domain_names:
         print(
             f"  {name:<16} weight {stats[f'data/weight/{name}']:.3f}  row share "
