@@ -214,3 +214,16 @@ def test_loader_pipeline_is_the_grain_dataset_the_loader_serves(shards):
         assert {key for key in got if not key.startswith("served_")} == want.keys()
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"step {step} {key}")
+
+
+def test_a_source_of_no_documents_is_refused_naming_it(shards, tmp_path):
+    # prepare drops empty records: a source of only those used to fail at its domain's first
+    # draw, far from the config. Text format: no tokenizer to load, the same check.
+    empty = tmp_path / "empty"
+    prepare([write_jsonl(tmp_path / "empty.jsonl", ["", ""])], empty, progress=False)
+    cfg = config(shards, names=("prose",))
+    cfg["sources"]["nothing"] = {"path": str(empty), "weight": 1.0, "format": "text"}
+    with pytest.raises(ValueError, match=r"source 'nothing' \(.*empty\) holds 0 documents"):
+        get_loader(cfg, framework="numpy")
+    cfg["sources"]["nothing"]["weight"] = 0.0  # disabled: never opened
+    assert next(get_loader(cfg, framework="numpy"))["input_ids"].shape == (4, 64)

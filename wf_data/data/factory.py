@@ -134,6 +134,13 @@ def build_domain(source, cfg, *, tokenizer, num_epochs) -> PackedDataset:
     from wf_data.data.sources import open_dataset
 
     documents = open_dataset(source.path)
+    if len(documents) == 0 or documents.num_tokens == 0:
+        # Caught here, naming the source, rather than at the first draw from its domain.
+        raise ValueError(
+            f"source {source.name!r} ({source.path}) holds {len(documents)} documents and "
+            f"{documents.num_tokens} tokens (wf-data prepare drops empty records): prepare "
+            "it from non-empty inputs, or remove the source (weight 0 disables it)"
+        )
     seed = domain_seed(cfg.seed, source.name)
     common = dict(seq_len=cfg.seq_len, seed=seed, num_epochs=num_epochs, pad_id=cfg.pad_id)
     if cfg.window_size is not None:
