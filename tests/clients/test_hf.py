@@ -73,7 +73,7 @@ class RecordInputs(TrainerCallback):
             control.should_training_stop = True
 
 
-def run_trainer(config, output_dir, max_steps, stop_at=None, resume=None):
+def run_trainer(config, output_dir, max_steps, stop_at=None, resume=None, per_device=None):
     dataset = LoaderDataset(config, rows=True)
     model = tiny_llama()
     seen = []
@@ -86,7 +86,7 @@ def run_trainer(config, output_dir, max_steps, stop_at=None, resume=None):
         max_steps=max_steps,
         save_steps=2,
         save_strategy="steps",
-        per_device_train_batch_size=config.global_batch_size,
+        per_device_train_batch_size=per_device or config.global_batch_size,
         learning_rate=1e-3,
         ignore_data_skip=True,
         dataloader_num_workers=0,
@@ -118,6 +118,22 @@ def test_trainer_resume_sees_the_uninterrupted_batches(demo_config, tmp_path):
     assert saved["loader"]["step"] == 2
     resumed, _ = run_trainer(
         demo_config, tmp_path / "run", max_steps=4, resume=str(tmp_path / "run" / "checkpoint-2")
+    )
+    assert_streams_equal(resumed, straight[2:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("per_device", [3, 8])
+def test_trainer_batches_of_other_sizes_than_the_loaders_resume_exactly(
+    demo_config, tmp_path, per_device
+):
+    # The consumed state used to count trainer steps as loader batches: with 3 rows per
+    # trainer step and 4 per loader batch, the resume skipped rows (8 per step: repeated).
+    straight, _ = run_trainer(demo_config, tmp_path / "straight", 4, per_device=per_device)
+    run_trainer(demo_config, tmp_path / "run", 4, stop_at=2, per_device=per_device)
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    resumed, _ = run_trainer(
+        demo_config, tmp_path / "run", 4, resume=checkpoint, per_device=per_device
     )
     assert_streams_equal(resumed, straight[2:])
 

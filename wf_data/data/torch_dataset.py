@@ -143,6 +143,16 @@ class LoaderDataset(IterableDataset):
             raise RuntimeError("state_at before iterating: no batch has been delivered yet")
         return self._live.state_at(step)
 
+    def state_at_rows(self, num_rows: int) -> dict[str, Any]:
+        """With ``rows=True``: the state right after row ``num_rows`` (a count from the stream's
+        start) was delivered, for clients whose batches are not the loader's (a ``Trainer``
+        batching 2 or 12 rows of loader batches of 8)."""
+        if self._live is None:
+            raise RuntimeError("state_at_rows before iterating: no row has been delivered yet")
+        if not self.rows:
+            raise ValueError("state_at_rows needs LoaderDataset(..., rows=True)")
+        return self._live.state_at_rows(num_rows)
+
 
 class _InProcessDataset(IterableDataset):
     """A live loader as an ``IterableDataset`` for ``num_workers=0`` only (it has no recipe)."""
@@ -182,6 +192,7 @@ class _LoaderIterator:
         self._batch: dict[str, Any] | None = None  # rows mode: the batch being handed out
         self._row = 0
         self._before: dict[str, Any] | None = None  # rows mode: loader state before _batch
+        self._rows_per_batch: int | None = None  # rows mode: rows of each loader batch
         self._history: collections.OrderedDict[int, dict] = collections.OrderedDict()
 
     def __iter__(self) -> _LoaderIterator:
@@ -200,6 +211,8 @@ class _LoaderIterator:
             start, self._start = self._start, None
             if start is not None:
                 self._restore(start)
+            if self.loader.step not in self._history:  # where the first batch starts
+                self._remember_at(self.loader.step, self.loader.state_dict())
         return self.loader
 
     def _restore(self, state: Mapping[str, Any]) -> None:
@@ -212,10 +225,12 @@ class _LoaderIterator:
                 f"worker {self._shard[0]} of {self._shard[1]}: restore with the same num_workers"
             )
         self.loader.load_state_dict(state["loader"])
+        self._remember_at(self.loader.step, state["loader"])
         self._batch, self._row = None, int(state["row"])
         if self._row:
             self._before = state["loader"]
             self._batch = next(self.loader)
+            self._rows_per_batch = len(self._batch["domain_ids"])
 
     def __next__(self) -> dict[str, Any]:
         loader = self._ensure_loader()
@@ -226,6 +241,7 @@ class _LoaderIterator:
         if self._batch is None or self._row == len(self._batch["domain_ids"]):
             self._before = loader.state_dict()
             self._batch, self._row = next(loader), 0
+            self._rows_per_batch = len(self._batch["domain_ids"])
         row = {key: value[self._row] for key, value in self._batch.items()}
         self._row += 1
         if self._row == len(self._batch["domain_ids"]):
@@ -233,7 +249,11 @@ class _LoaderIterator:
         return row
 
     def _remember(self) -> None:
-        self._history[self.loader.step] = self.state_dict()
+        self._remember_at(self.loader.step, self.state_dict()["loader"])
+
+    def _remember_at(self, step: int, loader_state: dict[str, Any]) -> None:
+        """Keeps the state after global step ``step`` (at a batch boundary: row 0)."""
+        self._history[step] = {"loader": loader_state, "row": 0, "step_shard": list(self._shard)}
         while len(self._history) > HISTORY:
             self._history.popitem(last=False)
 
@@ -260,6 +280,14 @@ class _LoaderIterator:
                 f"{list(self._history)} (the last {HISTORY} delivered batches)"
             )
         return self._history[step]
+
+    def state_at_rows(self, num_rows: int) -> dict[str, Any]:
+        if num_rows == 0 or self._rows_per_batch is None:
+            return self.state_at(min(self._history))
+        steps, row = divmod(int(num_rows), self._rows_per_batch)
+        # Row `row` of the batch after step `steps`: restored as that batch's start state plus
+        # the rows already handed out of it.
+        return {**self.state_at(steps), "row": row}
 
 
 # ----------------------------------------------------------------------------- models

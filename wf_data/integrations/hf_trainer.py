@@ -2,9 +2,10 @@
 
 accelerate reads one batch ahead of the trainer, so the loader's own state at a save points
 one batch past what the model saw: resuming from it would skip a batch. ``LoaderStateCallback``
-saves instead the state after ``global_step * gradient_accumulation_steps`` batches (the
-``LoaderDataset`` keeps the states of its last few batches) into ``checkpoint-N/``, and on
-resume loads it back into the dataset before the first batch is read.
+saves instead the state after the rows consumed, ``global_step * gradient_accumulation_steps *
+train_batch_size`` (the ``LoaderDataset`` keeps the states of its last few batches; the
+Trainer's batch size need not be the loader's), into ``checkpoint-N/``, and on resume loads it
+back into the dataset before the first batch is read.
 
     dataset = LoaderDataset("demo", rows=True)          # the Trainer batches rows itself
     args = TrainingArguments(..., per_device_train_batch_size=b, max_steps=...,
@@ -65,8 +66,9 @@ class LoaderStateCallback(TrainerCallback):
             self.dataset.load_state_dict(read_json(path))
 
     def on_save(self, args, state, control, **kwargs: Any):
-        consumed = state.global_step * args.gradient_accumulation_steps
-        loader_state = self.dataset.state_at(consumed)
+        # Counted in rows: the Trainer's batches need not be the loader's.
+        consumed = state.global_step * args.gradient_accumulation_steps * args.train_batch_size
+        loader_state = self.dataset.state_at_rows(consumed)
         if state.is_world_process_zero:  # the state is global: the same on every rank
             write_json(checkpoint_dir(args, state.global_step) / STATE_FILE, loader_state)
 
