@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from wf_data.data import batch_plans, mix_plans, plan_best_fit, plan_concat, read_rows
+from wf_data.data import (
+    InMemorySource,
+    batch_plans,
+    mix_plans,
+    pack,
+    plan_best_fit,
+    plan_concat,
+    read_rows,
+)
 
 # Zero-length documents, documents several times seq_len, and one-token ones.
 EDGE_LENGTHS = [0, 5, 0, 37, 3, 0, 100, 1, 16, 0]
@@ -190,3 +198,22 @@ def test_batch_plans_without_the_mixers_names_says_how_to_fix():
         next(iter(batch_plans(mixer, 8)))
     batch = next(iter(batch_plans(mixer, 8, domain_names=mixer.names)))
     assert set(batch["domain_ids"].tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("container", ["arrays", "lists", "dicts", "tuple"])
+def test_concat_packs_a_python_list_of_documents(container):
+    # pack(docs, L, "concat") over a plain list (the README's composition snippet) used to
+    # fail: "concat packing needs document lengths, and list has no `.lengths`".
+    tokens = [np.arange(1, n + 1) + 1000 * i for i, n in enumerate(EDGE_LENGTHS)]
+    docs = {
+        "arrays": [t.astype(np.int32) for t in tokens],
+        "lists": [t.tolist() for t in tokens],
+        "dicts": [{"input_ids": t} for t in tokens],
+        "tuple": tuple(t.astype(np.int32) for t in tokens),
+    }[container]
+    packed = pack(docs, 8, "concat", seed=3)
+    reference = pack(InMemorySource(tokens), 8, "concat", seed=3)
+    assert len(packed) == len(reference) == -(-sum(EDGE_LENGTHS) // 8)
+    for got, want in zip(packed, reference, strict=True):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])

@@ -116,13 +116,31 @@ class PackedDataset:
         return f"{type(self).__name__}({self.plans}, pad_id={self.pad_id})"
 
 
+def _in_memory_lengths(docs: Any) -> np.ndarray | None:
+    """(N,) int64 token counts of a Python list or tuple of documents (token arrays or lists,
+    or dicts with "input_ids"), measured here; None for any other source (or document)."""
+    if hasattr(docs, "lengths") or not isinstance(docs, list | tuple):
+        return None
+    lengths = np.empty(len(docs), dtype=np.int64)
+    for index, doc in enumerate(docs):
+        tokens = doc.get("input_ids") if isinstance(doc, dict) else doc
+        if not isinstance(tokens, np.ndarray | list | tuple):
+            return None
+        lengths[index] = len(tokens)
+    return lengths
+
+
 class ConcatPackedDataset(PackedDataset, grain.MapDataset):
-    """Concat-packed rows: random access (`packed[i]`), 100% fill. Needs `docs.lengths`."""
+    """Concat-packed rows: random access (`packed[i]`), 100% fill. Needs `docs.lengths`, or
+    `docs` a Python list of documents (measured)."""
 
     def __init__(self, docs, seq_len: int, *, pad_id: int = 0, seed=None, num_epochs=1):
         super().__init__()
         _check_docs(docs)
-        self.plans = ConcatPlans(docs, seq_len, seed=seed, num_epochs=num_epochs)
+        lengths = _in_memory_lengths(docs)
+        self.plans = ConcatPlans(
+            docs if lengths is None else lengths, seq_len, seed=seed, num_epochs=num_epochs
+        )
         self._set_reader(docs, pad_id)
 
     def __len__(self) -> int:
