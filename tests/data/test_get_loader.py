@@ -87,6 +87,31 @@ def test_state_refused_after_seq_len_change(shards):
         other.load_state_dict(state)
 
 
+def test_state_refused_after_global_batch_size_change(shards):
+    # It used to load, then fail at the next batch: "rows [0, 8) of a 4-row batch".
+    loader = get_loader(config(shards), framework="numpy")
+    take(loader, 3)
+    state = loader.state_dict()
+    other = get_loader(config(shards, global_batch_size=8), framework="numpy")
+    with pytest.raises(LoaderStateError, match="global_batch_size: state has 4, loader has 8"):
+        other.load_state_dict(state)
+    assert next(other)["input_ids"].shape == (8, 64)  # still serving from where it was
+
+
+def test_state_without_global_batch_size_still_restores(shards):
+    # States saved before the fingerprint recorded global_batch_size.
+    loader = get_loader(config(shards), framework="numpy")
+    take(loader, 3)
+    state = loader.state_dict()
+    del state["fingerprint"]["global_batch_size"]
+    expected = take(loader, 2)
+    restored = get_loader(config(shards), framework="numpy")
+    restored.load_state_dict(json.loads(json.dumps(state)))
+    for got, want in zip(take(restored, 2), expected, strict=True):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+
+
 def test_state_refused_after_source_data_change(shards):
     loader = get_loader(config(shards), framework="numpy")
     take(loader, 3)

@@ -236,6 +236,8 @@ def loader_fingerprint(cfg, domains: Mapping[str, PackedDataset]) -> dict[str, A
         "packing": cfg.packing if cfg.kind == "pretrain" else "best_fit",
         "window_size": cfg.window_size,
         "seed": cfg.seed,
+        # In-flight batch plans have this many rows: another size cannot continue them.
+        "global_batch_size": cfg.global_batch_size,
         "tokenizer": cfg.tokenizer,
         "num_epochs": cfg.num_epochs,
         "mixing": cfg.mixing.kind,

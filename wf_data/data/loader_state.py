@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 
 STATE_VERSION = 2
+# Fingerprint settings that states saved by older versions do not record: compared only when
+# the state has them, so those states still restore.
+LATER_SETTINGS = ("global_batch_size",)
 _STATE_KEYS = {
     "version": int,
     "fingerprint": dict,
@@ -154,10 +157,13 @@ def check_fingerprint(saved: Mapping[str, Any], current: Mapping[str, Any]) -> N
     """Raises `LoaderStateError` naming every setting or source that differs.
 
     Per-source entries are compared only for sources present in both; added and removed
-    sources are allowed (that is what re-weighting and extending a mixture needs).
+    sources are allowed (that is what re-weighting and extending a mixture needs). A setting
+    of `LATER_SETTINGS` is compared only if the saved state records it.
     """
     differences = []
     for key in sorted(set(saved) | set(current)):
+        if key in LATER_SETTINGS and key not in saved:
+            continue
         if key != "sources" and saved.get(key) != current.get(key):
             differences.append(
                 f"{key}: state has {saved.get(key)!r}, loader has {current.get(key)!r}"
