@@ -1,6 +1,7 @@
 """get_loader from configs over prepared shards: fingerprints, re-weighting, eval loaders."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -177,6 +178,20 @@ def test_eval_loaders_are_finite_and_deterministic(shards):
         assert len(first) == len(second)
         for a, b in zip(first, second, strict=True):
             np.testing.assert_array_equal(a, b)
+
+
+def test_eval_source_smaller_than_a_batch_warns(shards):
+    # Its loader yields no batch at all; that used to go unnoticed (a NaN eval loss later).
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaders = get_eval_loaders(config(shards, global_batch_size=512), framework="numpy")
+    warned = " ".join(str(w.message) for w in caught)
+    for name in DOMAINS:
+        assert f"eval source {name!r} packs into at most" in warned
+        assert list(loaders[name]) == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list(get_eval_loaders(config(shards), framework="numpy")["prose"])
 
 
 def test_missing_source_names_the_prepare_command(shards, tmp_path):

@@ -8,6 +8,7 @@ and hands them to `wf_data.data.loader.DataLoader`.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -103,6 +104,7 @@ def get_eval_loaders(
     loaders = {}
     for name, source in cfg.eval_sources.items():
         domains = build_domains(cfg, sources={name: source}, num_epochs=1)
+        _warn_if_no_batch(name, domains[name], cfg.global_batch_size)
         mixer = mix_plans(
             {name: domains[name].plans}, {name: 1.0}, seed=cfg.seed, on_exhausted="stop"
         )
@@ -115,6 +117,22 @@ def get_eval_loaders(
             **kwargs,
         )
     return loaders
+
+
+def _warn_if_no_batch(name: str, domain: PackedDataset, global_batch_size: int) -> None:
+    """Warns when an eval source cannot fill one global batch: its loader would yield none."""
+    if domain.lengths is None:
+        return  # text tokenized on the fly: no lengths to count rows from
+    # Every row holds at most seq_len tokens of pieces cut at seq_len: rows <= pieces.
+    max_rows = int((-(-domain.lengths // domain.seq_len)).sum())
+    if max_rows < global_batch_size:
+        warnings.warn(
+            f"eval source {name!r} packs into at most {max_rows} rows, fewer than one global "
+            f"batch of {global_batch_size}: its loader yields no batch (a partial last batch "
+            "is dropped). Lower global_batch_size for evaluation or add documents",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def domain_seed(seed: int, name: str) -> int:
