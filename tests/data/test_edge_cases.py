@@ -217,3 +217,15 @@ def test_concat_packs_a_python_list_of_documents(container):
     for got, want in zip(packed, reference, strict=True):
         for key in want:
             np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_concat_plans_wrap_indices_like_grain_sources():
+    # Grain's `.repeat()` indexes past the parent's length and expects it to wrap; a
+    # ConcatPlans used to raise IndexError at the second epoch.
+    plans = plan_concat(EDGE_LENGTHS, 8, seed=2)
+    once = [p["doc_ids"].tolist() for p in plans]
+    twice = [p["doc_ids"].tolist() for p in plans.repeat(2)]
+    assert twice == once + once
+    assert plans[-1]["doc_ids"].tolist() == once[-1]
+    with pytest.raises(IndexError, match="has no rows"):
+        plan_concat([0, 0], 8)[0]

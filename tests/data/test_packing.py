@@ -374,8 +374,9 @@ def test_concat_is_a_random_access_map_dataset():
             assert np.array_equal(packed[i][key], rows[i][key])
     sliced = packed[5:8]
     assert len(sliced) == 3 and np.array_equal(sliced[0]["input_ids"], rows[5]["input_ids"])
-    with pytest.raises(IndexError):
-        packed[len(rows)]
+    # Indices wrap around, as in Grain's sources (`.repeat()` relies on it).
+    assert np.array_equal(packed[len(rows)]["input_ids"], rows[0]["input_ids"])
+    assert np.array_equal(packed[-1]["input_ids"], rows[-1]["input_ids"])
 
 
 def test_best_fit_is_an_iter_dataset():

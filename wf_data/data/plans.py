@@ -339,7 +339,11 @@ class ConcatPlans(_Plans, grain.MapDataset):
     def __getitem__(self, index):
         if isinstance(index, slice):
             return self.slice(index)
-        return self.plan_rows(np.array([index]))[0]
+        length = len(self)
+        if not length:
+            raise IndexError(f"{self} has no rows (no tokens)")
+        # Indices wrap around, as in Grain's sources: `.repeat()` and negative indices rely on it.
+        return self.plan_rows(np.array([index % length]))[0]
 
     def __iter__(self) -> ConcatPlansIterator:
         return ConcatPlansIterator(self)
