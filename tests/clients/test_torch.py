@@ -176,3 +176,18 @@ def test_loader_as_torch_dataset_starts_where_the_loader_stands(demo_config):
     assert isinstance(dataset, LoaderDataset)
     assert_streams_equal(take(TorchDataLoader(dataset, batch_size=None), 2), want)
     np.testing.assert_array_equal(want[0]["domain_ids"], want[0]["domain_ids"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("started", [0, 3])
+def test_as_torch_dataset_splits_a_loader_over_spawned_workers(demo_config, started):
+    # loader.as_torch_dataset() with torch workers used to be refused at any step ("state was
+    # saved by torch worker 0 of 1"), and a started loader's planned-ahead batches then came
+    # out twice: now worker w continues at step s + w, in torch's round-robin order.
+    reference = take(get_loader(demo_config, framework="torch"), started + STEPS)
+    loader = get_loader(demo_config, framework="torch")
+    take(loader, started)
+    workers = TorchDataLoader(
+        loader.as_torch_dataset(), batch_size=None, num_workers=2, multiprocessing_context="spawn"
+    )
+    assert_streams_equal(take(workers, STEPS), reference[started:])

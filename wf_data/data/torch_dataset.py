@@ -186,7 +186,8 @@ class _LoaderIterator:
 
     def __init__(self, dataset: LoaderDataset, shard: tuple[int, int], start):
         self._dataset = dataset
-        self._shard = shard
+        self._worker = shard  # (torch worker id, workers)
+        self._shard = shard  # (index, count): the global steps its loader reads
         self._start = start
         self.loader = None
         self._batch: dict[str, Any] | None = None  # rows mode: the batch being handed out
@@ -202,6 +203,7 @@ class _LoaderIterator:
         if self.loader is None:
             from wf_data.data.factory import get_loader
 
+            self._shard = self._loader_shard(self._start) or self._worker
             self.loader = get_loader(
                 self._dataset.config,
                 framework="torch",
@@ -215,38 +217,69 @@ class _LoaderIterator:
                 self._remember_at(self.loader.step, self.loader.state_dict())
         return self.loader
 
+    def _loader_shard(self, start: Mapping[str, Any] | None) -> tuple[int, int] | None:
+        """The global steps this worker reads, ``(index, count)``, given its start state.
+
+        A global state (``step_shard`` ``[0, 1]``: a plain loader's, as ``from_loader`` gives,
+        or a 0-worker dataset's between batches) at step ``s`` starts worker ``w`` at step
+        ``s + w``: torch's round robin begins with worker 0, so the stream stays in order.
+        A worker's own state keeps the steps it was reading.
+        """
+        worker, count = self._worker
+        if start is None or start["loader"] is None:
+            return self._worker
+        saved_index, saved_count = start["step_shard"]
+        if saved_count == count:
+            return (int(saved_index), count)
+        if saved_count == 1 and not start["row"]:
+            return ((int(start["loader"]["step"]) + worker) % count, count)
+        return None  # another worker count's state: `_restore` refuses it
+
     def _restore(self, state: Mapping[str, Any]) -> None:
         shard = state["step_shard"]
         if state["loader"] is None:
             return
-        if list(shard) != list(self._shard):
+        if self._loader_shard(state) != tuple(self._shard):  # None: refused
             raise ValueError(
                 f"LoaderDataset state was saved by torch worker {shard[0]} of {shard[1]}; this is "
-                f"worker {self._shard[0]} of {self._shard[1]}: restore with the same num_workers"
+                f"worker {self._worker[0]} of {self._worker[1]}: restore with the same "
+                "num_workers (or from a state between two batches of a 0-worker loader)"
             )
         self.loader.load_state_dict(state["loader"])
         self._remember_at(self.loader.step, state["loader"])
         self._batch, self._row = None, int(state["row"])
         if self._row:
             self._before = state["loader"]
-            self._batch = next(self.loader)
+            self._batch = self._next_owned()
             self._rows_per_batch = len(self._batch["domain_ids"])
 
     def __next__(self) -> dict[str, Any]:
         loader = self._ensure_loader()
         if not self._dataset.rows:
-            batch = next(loader)
+            batch = self._next_owned()
             self._remember()
             return batch
         if self._batch is None or self._row == len(self._batch["domain_ids"]):
             self._before = loader.state_dict()
-            self._batch, self._row = next(loader), 0
+            self._batch, self._row = self._next_owned(), 0
             self._rows_per_batch = len(self._batch["domain_ids"])
         row = {key: value[self._row] for key, value in self._batch.items()}
         self._row += 1
         if self._row == len(self._batch["domain_ids"]):
             self._remember()
         return row
+
+    def _next_owned(self) -> dict[str, Any]:
+        """The loader's next batch of a step this worker owns.
+
+        After a restore from a global state, the batches it had planned ahead come out whatever
+        their step (they were planned before the step shard applied): skip the others'.
+        """
+        index, count = self._shard
+        while True:
+            batch = next(self.loader)
+            if count == 1 or (self.loader.step - 1) % count == index:
+                return batch
 
     def _remember(self) -> None:
         self._remember_at(self.loader.step, self.state_dict()["loader"])
