@@ -447,18 +447,20 @@ class DocumentSource:
                     self._readers[shard] = reader
         return reader
 
-    def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global record indices -> (shard index, index within the shard)."""
+    def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Global record indices (negative from the end) -> (the indices made non-negative,
+        shard index, index within the shard)."""
         n = len(self)
         if indices.size:
-            lowest, highest = int(indices.min()), int(indices.max())
+            # ufunc reductions: `ndarray.min()` costs twice as much through its Python wrapper.
+            lowest, highest = int(np.minimum.reduce(indices)), int(np.maximum.reduce(indices))
             if lowest < -n or highest >= n:
                 bad = indices[(indices < -n) | (indices >= n)][0]
                 raise IndexError(f"record {bad} out of range for {self.path} with {n} records")
             if lowest < 0:
                 indices = np.where(indices < 0, indices + n, indices)
-        shards = np.searchsorted(self._starts, indices, side="right") - 1
-        return shards, indices - self._starts[shards]
+        shards = self._starts.searchsorted(indices, side="right") - 1
+        return indices, shards, indices - self._starts[shards]
 
     def _decode(self, record: bytes, shard: int, local: int, expected: int) -> Any:
         """The record's document; a token record must hold `expected` tokens (lengths.npy)."""
@@ -480,60 +482,53 @@ class DocumentSource:
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """Records in the order of `indices` (a token record must hold its planned length)."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        shards, locals_ = self._locate(indices)
+        indices, shards, locals_ = self._locate(np.asarray(indices, dtype=np.int64).reshape(-1))
         records = self._read_records(shards, locals_)
-        planned = (
-            self.lengths[locals_ + self._starts[shards]].tolist()
-            if self.lengths is not None
-            else [0] * len(indices)
-        )
+        planned = self.lengths[indices].tolist() if self.lengths is not None else [0] * len(indices)
         return [
             self._decode(*entry)
             for entry in zip(records, shards.tolist(), locals_.tolist(), planned, strict=True)
         ]
 
     def read_tokens(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Documents `indices` of a `tokens` dataset in one buffer: `(tokens, starts)`.
+        """Documents `indices` of a `tokens` dataset in one buffer: `(tokens, lengths)`.
 
         `tokens` is a (T,) read-only array of the token dtype holding the documents back to
-        back in the order asked, `starts` (n,) int64 where document `indices[i]` begins, so it is
-        `tokens[starts[i] : starts[i] + lengths[indices[i]]]`. One join of the records
-        instead of an array per record; every record's size is checked against lengths.npy.
+        back in the order asked, `lengths` (n,) int64 their token counts (lengths.npy), so
+        document `indices[i]` starts at `lengths[:i].sum()`. One join of the records instead
+        of an array per record; every record's size is checked against lengths.npy.
         """
         if self._token_dtype_le is None:
             raise TypeError(f"{self.path} holds {self.format} records, not tokens")
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        shards, locals_ = self._locate(indices)
+        indices, shards, locals_ = self._locate(np.asarray(indices, dtype=np.int64).reshape(-1))
         records = self._read_records(shards, locals_)
-        planned = self.lengths[locals_ + self._starts[shards]]
-        sizes = np.fromiter(map(len, records), np.int64, len(records))
-        wrong = np.flatnonzero(sizes != planned * self._token_dtype_le.itemsize)
-        if wrong.size:  # the record's own check names shard, record and the fix
-            at = int(wrong[0])
-            self._decode(records[at], int(shards[at]), int(locals_[at]), int(planned[at]))
-        tokens = np.frombuffer(b"".join(records), dtype=self._token_dtype_le)
-        return tokens, np.cumsum(planned) - planned
+        lengths = self.lengths[indices]
+        expected = (lengths * self._token_dtype_le.itemsize).tolist()
+        sizes = list(map(len, records))
+        if sizes != expected:  # the record's own check names shard, record and the fix
+            at = next(i for i, size in enumerate(sizes) if size != expected[i])
+            self._decode(records[at], int(shards[at]), int(locals_[at]), int(lengths[at]))
+        return np.frombuffer(b"".join(records), dtype=self._token_dtype_le), lengths
 
     def _read_records(self, shards: np.ndarray, locals_: np.ndarray) -> list[bytes]:
         """The records at (`shards`, `locals_`), in request order.
 
-        A reader's cursor is shared state, so reads hold the source's lock. Records go by
-        `seek` + `read`, a stretch of one shard at a time: a batched `read(indices)` costs
-        ~100 us per call and was no faster per record even at 512 records of one shard.
+        A reader's cursor is shared state, so reads hold the source's lock (readers open
+        before, as opening takes it). Records go by `seek` + `read`: a batched
+        `read(indices)` costs ~100 us per call and was no faster per record even at 512
+        records of one shard. The loop is plain Python over the few records of a read: cutting
+        it into per-shard runs with numpy cost more than it saved.
         """
-        if not shards.size:
-            return []
-        cuts = (np.flatnonzero(np.diff(shards)) + 1).tolist()
-        runs = [
-            (int(shards[a]), a, b) for a, b in zip([0, *cuts], [*cuts, shards.size], strict=True)
-        ]
-        readers = {shard: self._reader(shard) for shard, _, _ in runs}
+        shard_list = shards.tolist()
+        for shard in set(shard_list):
+            self._reader(shard)
+        readers = self._readers
         records: list[bytes] = []
         with self._lock:
-            for shard, a, b in runs:
-                seek, read = readers[shard].seek, readers[shard].read
-                records += [seek(local) or read() for local in locals_[a:b].tolist()]
+            for shard, local in zip(shard_list, locals_.tolist(), strict=True):
+                reader = readers[shard]
+                reader.seek(local)
+                records.append(reader.read())
         return records
 
     def close(self) -> None:
