@@ -305,9 +305,11 @@ class SliceRows:
         row_pieces = batch["row_pieces"]
         if self.stop > row_pieces.size:
             raise ValueError(f"rows [{self.start}, {self.stop}) of a {row_pieces.size}-row batch")
-        bounds = np.concatenate([[0], np.cumsum(row_pieces)])
-        first, last = int(bounds[self.start]), int(bounds[self.stop])
         sliced = dict(batch)
+        if self.start == 0 and self.stop == row_pieces.size:  # the whole batch (one rank)
+            return sliced
+        first = int(np.add.reduce(row_pieces[: self.start]))
+        last = first + int(np.add.reduce(row_pieces[self.start : self.stop]))
         for key in PLAN_KEYS:
             sliced[key] = batch[key][first:last]
         sliced["row_pieces"] = row_pieces[self.start : self.stop]
@@ -370,13 +372,13 @@ class ReadSlice:
             for plan in plans
         ]
         sliced = [self.rows(plan) for plan in plans]
-        rows = self.reader.read_batch(
-            {
+        joined = sliced[0]
+        if len(sliced) > 1:
+            joined = {
                 key: np.concatenate([part[key] for part in sliced])
                 for key in (*PLAN_KEYS, "row_pieces", "domain_ids")
-            },
-            self.labels_dtype,
-        )
+            }
+        rows = self.reader.read_batch(joined, self.labels_dtype)
         size = self.rows.stop - self.rows.start
         results = []
         for index, plan in enumerate(plans):
