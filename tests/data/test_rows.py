@@ -161,7 +161,11 @@ def _plan(doc_ids, offsets, sizes, row_pieces, domain_ids):
     "plan, error, match",
     [
         (_plan([0], [0], [1], [1], [3]), ValueError, "plan names domain 3; this reader has 3"),
-        (_plan([0], [0], [1], [1], [-1]), ValueError, "plan names domain -1; this reader has 3"),
+        (
+            _plan([0, 0], [0, 0], [1, 1], [1, 1], [0, -1]),
+            ValueError,
+            "names domain -1; this reader",
+        ),
         (_plan([0, 1], [0, 0], [1, 1], [1], [0]), ValueError, "plan has 1 pieces by row_pieces"),
         (_plan([0], [0], [1], [1, 0], [0, 0]), ValueError, "plan rows of 0 pieces"),
         (_plan([0], [0], [0], [1], [0]), ValueError, "pieces of 0 tokens"),

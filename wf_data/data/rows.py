@@ -126,9 +126,9 @@ class RowReader:
             raise ValueError(f"plan has {n} rows but domain_ids of shape {domain_ids.shape}")
         pieces_per_row, domains = row_pieces.tolist(), domain_ids.tolist()
         if n and (min(domains) < 0 or max(domains) >= len(self.sources)):
+            bad = min(domains) if min(domains) < 0 else max(domains)
             raise ValueError(
-                f"plan names domain {max(domains) if max(domains) >= 0 else min(domains)}; "
-                f"this reader has {len(self.sources)} sources"
+                f"plan names domain {bad}; this reader has {len(self.sources)} sources"
             )
         num_pieces = sum(pieces_per_row)
         if not doc_ids.shape == offsets.shape == sizes.shape == (num_pieces,):
@@ -144,7 +144,7 @@ class RowReader:
             min(pieces_per_row) < 1
             or _lowest(sizes) < 1
             or _lowest(doc_ids) < 0
-            or (_lowest(offsets) < 0)
+            or _lowest(offsets) < 0
         ):
             raise ValueError(
                 f"plan rows of {min(pieces_per_row)} pieces, pieces of {_lowest(sizes)} "
@@ -288,8 +288,10 @@ def _distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     first = np.empty(keys.size, dtype=bool)  # of a run of equal keys
     first[0] = True
     np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    rank = np.add.accumulate(first, dtype=np.int64)  # 1 + index among the distinct keys
+    rank -= 1
     which = np.empty(keys.size, dtype=np.int64)
-    which[order] = first.cumsum() - 1
+    which[order] = rank
     return ordered[first], which
 
 

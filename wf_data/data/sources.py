@@ -527,7 +527,8 @@ class DocumentSource:
         starts, readers = self._starts, self._readers
         shards = [bisect.bisect_right(starts, index) - 1 for index in indices]
         for shard in set(shards):
-            self._reader(shard)
+            if readers[shard] is None:
+                self._reader(shard)
         records: list[bytes] = []
         with self._lock:
             for index, shard in zip(indices, shards, strict=True):
