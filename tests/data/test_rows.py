@@ -115,9 +115,12 @@ def test_read_batch_equals_the_row_by_row_reference(domains, monkeypatch, branch
     reader = RowReader(found, SEQ_LEN, PAD_IDS[:domain_count])
     doc_lengths = [[len(d["input_ids"] if isinstance(d, dict) else d) for d in ds] for ds in docs]
     rng = np.random.default_rng([domain_count, len(branch)])
-    padded = 0
+    padded = repeated = 0
     for _ in range(60):
         plan = random_plan(rng, doc_lengths, SEQ_LEN)
+        piece_domains = plan["domain_ids"].repeat(plan["row_pieces"]).tolist()
+        pieces = list(zip(piece_domains, plan["doc_ids"].tolist(), strict=True))
+        repeated += len(set(pieces)) < len(pieces)  # a document read once for two pieces
         got = reader.read_batch(plan)
         want = reference_rows(docs, plan, SEQ_LEN, PAD_IDS)
         assert got.keys() == want.keys()
@@ -125,7 +128,7 @@ def test_read_batch_equals_the_row_by_row_reference(domains, monkeypatch, branch
             assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
             np.testing.assert_array_equal(got[key], value, err_msg=key)
         padded += bool((got["segment_ids"] == 0).any())
-    assert 0 < padded < 60  # both padded and full batches were read
+    assert 0 < padded < 60 and repeated  # padded and full batches, repeated documents
 
 
 def test_int64_labels_and_single_row_plans_match_the_reference(domains):

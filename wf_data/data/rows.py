@@ -155,7 +155,6 @@ class RowReader:
         piece_stop = np.add.accumulate(sizes)  # of each piece in the batch's planned tokens
         piece_start = piece_stop - sizes
         row_stops = list(itertools.accumulate(pieces_per_row))  # of each row's pieces
-        row_first = [0, *row_stops[:-1]]  # first piece of each row
         stop_tokens = piece_stop.tolist()
         row_stop = [stop_tokens[stop - 1] for stop in row_stops]  # in the planned tokens
         row_start = [0, *row_stop[:-1]]
@@ -166,7 +165,7 @@ class RowReader:
                 f"seq_len={seq_len}"
             )
         tokens, no_loss = self._planned_tokens(
-            domain_ids, row_pieces, doc_ids, offsets, sizes, piece_start
+            domain_ids, row_pieces, doc_ids, offsets, sizes, piece_start, stop_tokens[-1]
         )
         # The fields are built in place (input, positions and segments in one (3, n, L) int32
         # block), each in a pass or two: rows are the planned tokens in order, then padding.
@@ -193,11 +192,9 @@ class RowReader:
             flat_labels[no_loss + shift.repeat(used)[no_loss] if padded else no_loss] = IGNORE_INDEX
         # A piece is a segment: positions restart at 0 and segments count 1, 2, ... along each
         # row, as running sums of increments scattered at piece starts.
-        restarts = np.empty_like(sizes)  # at each piece's start: back to 0 from the last one
-        np.subtract(1, sizes[:-1], out=restarts[1:])
-        restarts[row_first] = 0
         positions.fill(1)
-        positions.reshape(-1)[at] = restarts
+        positions.reshape(-1)[at[1:]] = 1 - sizes[:-1]  # back to 0 from the piece before
+        positions[:, 0] = 0  # a row starts with its first piece
         segments.fill(0)
         segments.reshape(-1)[at] = 1
         np.add.accumulate(stacked[1:], axis=2, out=stacked[1:])
@@ -213,8 +210,11 @@ class RowReader:
             "domain_ids": domain_ids,
         }
 
-    def _planned_tokens(self, domain_ids, row_pieces, doc_ids, offsets, sizes, piece_start):
-        """(tokens (T,), positions of no-loss tokens or None) of every piece, in piece order.
+    def _planned_tokens(
+        self, domain_ids, row_pieces, doc_ids, offsets, sizes, piece_start, num_tokens
+    ):
+        """(tokens (num_tokens,), positions of no-loss tokens or None) of every piece, in
+        piece order.
 
         Reads each domain's documents once (`read_tokens` when the source has it, else its
         documents concatenated) and gathers the pieces' spans from the joined buffers.
@@ -246,7 +246,6 @@ class RowReader:
             )
         joined = buffers[0] if len(buffers) == 1 else np.concatenate(buffers)
         span_start = doc_start[which] + offsets
-        num_tokens = int(piece_start[-1] + sizes[-1])
         if num_tokens >= _SLICE_COPY_MIN_TOKENS * sizes.size:  # long pieces: a slice each
             spans = list(zip(span_start.tolist(), (span_start + sizes).tolist(), strict=True))
 
