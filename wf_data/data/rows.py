@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -105,10 +106,15 @@ class RowReader:
         return row
 
     def read_batch(
-        self, plan: Mapping[str, Any], labels_dtype: Any = np.int32
+        self,
+        plan: Mapping[str, Any],
+        labels_dtype: Any = np.int32,
+        allocate: Callable[[int], np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """`(B, L)` int32 rows and `(B,)` int32 `domain_ids` of a batch plan; `labels` of
-        `labels_dtype` (int64 for torch's losses: written so, not converted afterwards).
+        `labels_dtype` (int64 for torch's losses: written so, not converted afterwards). The
+        rows are built in memory from `allocate(nbytes) -> (nbytes,) uint8` when given (a
+        worker's shared-memory slot: the rows then need no copy into it).
 
         One read per domain of the documents the pieces name; then numpy per token and at most
         Python per row (padded rows are filled a slice each) or per long piece (see
@@ -169,9 +175,9 @@ class RowReader:
         )
         # The fields are built in place (input, positions and segments in one (3, n, L) int32
         # block), each in a pass or two: rows are the planned tokens in order, then padding.
-        stacked = np.empty((3, n, seq_len), dtype=np.int32)
+        stacked = _empty((3, n, seq_len), np.int32, allocate)
         input_ids, positions, segments = stacked
-        labels = np.empty((n, seq_len), dtype=labels_dtype)
+        labels = _empty((n, seq_len), labels_dtype, allocate)
         padded = tokens.size != n * seq_len
         if padded:
             pads = [self.pad_ids[domain] for domain in domains]
@@ -274,6 +280,14 @@ class RowReader:
         return tokens, np.flatnonzero(take(joined_mask) == 0)
 
 
+def _empty(shape: tuple[int, ...], dtype: Any, allocate: Callable[[int], np.ndarray] | None):
+    """An uninitialised array, in memory from `allocate(nbytes)` when given."""
+    if allocate is None:
+        return np.empty(shape, dtype)
+    dtype = np.dtype(dtype)
+    return allocate(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+
+
 def _lowest(values: np.ndarray) -> int:
     """The smallest of a non-empty int array (the ufunc: `ndarray.min` adds a Python layer)."""
     return int(np.minimum.reduce(values))
@@ -363,9 +377,15 @@ class ReadSlice:
     def __call__(self, plan: dict[str, Any]) -> dict[str, np.ndarray]:
         return self.many([plan])[0]
 
-    def many(self, plans: Sequence[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+    def many(
+        self,
+        plans: Sequence[dict[str, Any]],
+        allocate: Callable[[int], np.ndarray] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
         """`[self(plan) for plan in plans]` from one read of all their rows: a read has a fixed
-        cost (a sort, one call per domain and shard) that several batches then share."""
+        cost (a sort, one call per domain and shard) that several batches then share. Rows are
+        built in memory from `allocate` when given (see `RowReader.read_batch`; `ProcessMap`'s
+        workers pass their result slot's)."""
         plans = [
             plan
             if plan["domain_names"] == self._names_json  # else planned before a restore
@@ -379,7 +399,7 @@ class ReadSlice:
                 key: np.concatenate([part[key] for part in sliced])
                 for key in (*PLAN_KEYS, "row_pieces", "domain_ids")
             }
-        rows = self.reader.read_batch(joined, self.labels_dtype)
+        rows = self.reader.read_batch(joined, self.labels_dtype, allocate)
         size = self.rows.stop - self.rows.start
         results = []
         for index, plan in enumerate(plans):
