@@ -295,7 +295,7 @@ def _lowest(values: np.ndarray) -> int:
 
 def _distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(the distinct `keys` ascending, the index of each key among them): what
-    `np.unique(keys, return_inverse=True)` returns, at a quarter of its cost on tens of keys."""
+    `np.unique(keys, return_inverse=True)` returns, at about half its cost on tens of keys."""
     order = keys.argsort()
     ordered = keys[order]
     first = np.empty(keys.size, dtype=bool)  # of a run of equal keys
