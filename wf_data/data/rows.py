@@ -61,15 +61,24 @@ def read_rows(sources: Any, seq_len: int, pad_id: int | Sequence[int] = 0) -> Ro
     return RowReader(sources, seq_len, pad_id)
 
 
+def _is_document(value: Any) -> bool:
+    """Whether `value` is a document (tokens or a dict), not a source: the first element of a
+    list that `read_rows` takes for one source's documents. A list of ints, empty included,
+    is a document (an empty source cannot be read from)."""
+    if isinstance(value, int | np.integer | np.ndarray | dict):
+        return True
+    return isinstance(value, list | tuple) and (
+        not value or isinstance(value[0], int | np.integer)
+    )
+
+
 class RowReader:
     """Plan -> rows, for one or several domains' document sources. Small and picklable."""
 
     def __init__(self, sources: Any, seq_len: int, pad_id: int | Sequence[int] = 0):
         if isinstance(sources, Mapping):
             sources = list(sources.values())
-        elif not isinstance(sources, list | tuple) or (
-            sources and isinstance(sources[0], int | np.integer | np.ndarray | dict)
-        ):
+        elif not isinstance(sources, list | tuple) or (sources and _is_document(sources[0])):
             sources = [sources]  # one source (possibly itself a list of documents)
         if not sources:
             raise ValueError("read_rows needs at least one document source")
