@@ -132,3 +132,28 @@ class CountingRows:
         """Results tagged with `group`, the number of plans computed together."""
         self.groups.append(len(plans))
         return [{**self(plan), "group": np.array([len(plans)])} for plan in plans]
+
+
+class InPlaceRows:
+    """``rows`` built in memory ``many`` is lent (a worker's shared slot), in two requests: a
+    small one, then one sized by ``factor`` (large factors outgrow the slot after lending)."""
+
+    def __init__(self, factor: int = 1):
+        self.factor = factor
+
+    def __call__(self, plan: dict) -> dict[str, np.ndarray]:
+        return rows(plan)
+
+    def many(self, plans: list, allocate=None) -> list[dict[str, np.ndarray]]:
+        results = []
+        for plan in plans:
+            result = rows(plan)
+            if allocate is not None:
+                for key in ("weight", "input_ids"):
+                    value = result[key]
+                    size = value.nbytes * (self.factor if key == "input_ids" else 1)
+                    built = allocate(size)[: value.nbytes].view(value.dtype).reshape(value.shape)
+                    built[...] = value
+                    result[key] = built
+            results.append(result)
+        return results

@@ -14,6 +14,7 @@ import pytest
 
 from tests.data.process_map_fns import (
     FailWhileFileExists,
+    InPlaceRows,
     LoadsOnlyInItsProcess,
     SleepyRows,
     environment,
@@ -29,6 +30,7 @@ from wf_data.data.process_map import (
     decode_plan,
     encode_plan,
 )
+from wf_data.data.shm_ring import SlotReader, SlotWriter
 from wf_data.data.worker_lifetime import process_exited
 from wf_data.data.worker_pool import pack_plan, unpack_plan
 
@@ -372,3 +374,47 @@ def test_interrupted_next_restarts_workers_and_loses_nothing():
     finally:
         signal.signal(signal.SIGUSR1, previous)
     assert_same_stream(head + rest, reference(parent))
+
+
+@pytest.mark.parametrize("factor", [1, 1000])
+@pytest.mark.parametrize("num_workers,lookahead", [(1, 0), (2, 3)])
+def test_results_built_in_lent_shared_memory(num_workers, lookahead, factor):
+    """An fn whose `many` takes `allocate` builds results in its worker's slot; the stream is
+    the inline one, also when a request outgrows the slot after part of it was lent."""
+    with iter(
+        ProcessMap(plans(), InPlaceRows(factor), num_workers=num_workers, lookahead=lookahead)
+    ) as it:
+        assert_same_stream(list(it), reference())
+
+
+def test_slot_writer_sends_lent_memory_without_copying():
+    """Arrays built in lent memory are described where they lie; the others are copied after
+    them; a slot that must move copies everything; the consumer reads the same arrays."""
+    fd = os.memfd_create("wf-data-test-slots")
+    try:
+        writer, reader = SlotWriter(fd), SlotReader(fd)
+        for slot, size in ((0, 4096), (0, 4096), (1, 64), (0, 40_000)):
+            lent = writer.allocate(slot, size)
+            built = lent.view(np.int32)
+            built[:] = np.arange(built.size, dtype=np.int32) + slot
+            copied = np.arange(7, dtype=np.float64)
+            in_other_memory = lent.copy()
+            metas = writer.write(slot, {"built": built, "copied": copied, "other": lent[:0]})
+            offsets = {key: offset for key, _, _, offset in metas}
+            assert offsets["built"] == built.ctypes.data - writer._address  # noqa: SLF001
+            assert offsets["copied"] >= offsets["built"] + built.nbytes
+            result = reader.read(metas)
+            np.testing.assert_array_equal(result["built"], built)
+            np.testing.assert_array_equal(result["copied"], copied)
+            np.testing.assert_array_equal(in_other_memory.view(np.int32), built)
+        # A second request that no longer fits after lending: plain memory, copied by write.
+        first = writer.allocate(1, 64)
+        outside = writer.allocate(1, 1 << 20)
+        first[:] = 5
+        outside[:] = 9
+        result = reader.read(writer.write(1, {"first": first, "outside": outside}))
+        assert (result["first"] == 5).all() and (result["outside"] == 9).all()
+        assert result["outside"].size == 1 << 20
+    finally:
+        reader.close()
+        os.close(fd)

@@ -12,7 +12,7 @@ from tests.data.process_map_fns import CountingRows, rows
 from tests.data.test_loader import make_loader, mixing
 from wf_data.data.batching import batch_plans
 from wf_data.data.process_map import ProcessMap
-from wf_data.data.rows import ReadSlice, SliceRows
+from wf_data.data.rows import ROW_KEYS, ReadSlice, SliceRows
 
 
 def assert_results_equal(got: list[dict], want: list[dict]) -> None:
@@ -167,3 +167,19 @@ def test_a_plan_outside_its_documents_is_refused_naming_the_value():
     beyond["offsets"][0] += 10_000
     with pytest.raises(ValueError, match="tokens but the plan needs"):
         reader.read_batch(beyond)
+
+
+def test_rows_built_in_lent_memory_lie_there_and_equal_the_others():
+    mixer, reader = mixing("static")
+    plan = next(iter(batch_plans(mixer, 4, domain_names=mixer.names)))
+    read = ReadSlice(reader, SliceRows(0, 4), mixer.names, labels_dtype="int64")
+    lent = []
+
+    def allocate(nbytes):
+        lent.append(np.full(nbytes, 0xAB, np.uint8))  # garbage: every byte must be written
+        return lent[-1]
+
+    got = read.many([plan], allocate=allocate)
+    assert_results_equal(got, read.many([plan]))
+    for key in ROW_KEYS:
+        assert any(np.shares_memory(got[0][key], block) for block in lent), key

@@ -76,7 +76,10 @@ class ProcessMap(grain.IterDataset):
     parallelism, so use at least ``num_workers``. With ``num_workers=0`` and an ``fn`` that
     has ``many(plans) -> [fn(plan) for plan in plans]`` (one call sharing fixed costs, as
     :class:`wf_data.data.rows.ReadSlice` reads several batches at once), the in-flight
-    elements are computed together, ``lookahead + 1`` at a time. A worker that gives no
+    elements are computed together, ``lookahead + 1`` at a time; in a worker, a ``many`` with
+    an ``allocate`` keyword is passed ``allocate(nbytes) -> (nbytes,) uint8 array`` for a lone
+    task: memory of the result's shared slot, so the arrays it builds there are not copied
+    again (``ReadSlice`` builds its rows so). A worker that gives no
     result for ``timeout_s`` seconds while ``next()`` waits on it is killed and ``next()``
     raises ``WorkerError``; ``None`` waits forever (``num_workers=0`` never times out: ``fn``
     runs inline).

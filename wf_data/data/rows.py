@@ -19,9 +19,11 @@ processes import it to unpickle their function.
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import operator
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,7 @@ IGNORE_INDEX = -100
 ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
 PLAN_KEYS = ("doc_ids", "offsets", "lengths")
 _DOC_BITS = 40  # document index bits in the (domain, document) keys of one read
+_DOC_MASK = (1 << _DOC_BITS) - 1
 # Mean piece size from which copying a slice per piece (~0.4 us each) beats one gather of
 # every token (~2.2 ns a token, its index included).
 _SLICE_COPY_MIN_TOKENS = 200
@@ -58,15 +61,24 @@ def read_rows(sources: Any, seq_len: int, pad_id: int | Sequence[int] = 0) -> Ro
     return RowReader(sources, seq_len, pad_id)
 
 
+def _is_document(value: Any) -> bool:
+    """Whether `value` is a document (tokens or a dict), not a source: the first element of a
+    list that `read_rows` takes for one source's documents. A list of ints, empty included,
+    is a document (an empty source cannot be read from)."""
+    if isinstance(value, int | np.integer | np.ndarray | dict):
+        return True
+    return isinstance(value, list | tuple) and (
+        not value or isinstance(value[0], int | np.integer)
+    )
+
+
 class RowReader:
     """Plan -> rows, for one or several domains' document sources. Small and picklable."""
 
     def __init__(self, sources: Any, seq_len: int, pad_id: int | Sequence[int] = 0):
         if isinstance(sources, Mapping):
             sources = list(sources.values())
-        elif not isinstance(sources, list | tuple) or (
-            sources and isinstance(sources[0], int | np.integer | np.ndarray | dict)
-        ):
+        elif not isinstance(sources, list | tuple) or (sources and _is_document(sources[0])):
             sources = [sources]  # one source (possibly itself a list of documents)
         if not sources:
             raise ValueError("read_rows needs at least one document source")
@@ -78,6 +90,8 @@ class RowReader:
         self.sources = tuple(sources)
         self.seq_len = int(seq_len)
         self.pad_ids = tuple(int(p) for p in pad_ids)
+        # The first (domain, document) key of each domain, and one past the last domain.
+        self._domain_keys = np.arange(len(self.sources) + 1, dtype=np.int64) << _DOC_BITS
 
     def __repr__(self) -> str:
         return f"RowReader({len(self.sources)} sources, seq_len={self.seq_len})"
@@ -101,14 +115,21 @@ class RowReader:
         return row
 
     def read_batch(
-        self, plan: Mapping[str, Any], labels_dtype: Any = np.int32
+        self,
+        plan: Mapping[str, Any],
+        labels_dtype: Any = np.int32,
+        allocate: Callable[[int], np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """`(B, L)` int32 rows and `(B,)` int32 `domain_ids` of a batch plan; `labels` of
-        `labels_dtype` (int64 for torch's losses: written so, not converted afterwards).
+        `labels_dtype` (int64 for torch's losses: written so, not converted afterwards). The
+        rows are built in memory from `allocate(nbytes) -> (nbytes,) uint8` when given (a
+        worker's shared-memory slot: the rows then need no copy into it).
 
         One read per domain of the documents the pieces name; then numpy per token and at most
         Python per row (padded rows are filled a slice each) or per long piece (see
-        `_planned_tokens`), never per token.
+        `_planned_tokens`), never per token. A plan has a few rows and tens of pieces, so
+        per-row values are Python ints and reductions call ufuncs directly: a numpy call on
+        a tiny array costs microseconds, most of a batch's fixed cost.
         """
         doc_ids = np.asarray(plan["doc_ids"], dtype=np.int64)
         offsets = np.asarray(plan["offsets"], dtype=np.int64)
@@ -118,54 +139,64 @@ class RowReader:
         domain_ids = np.asarray(plan.get("domain_ids", np.zeros(n)), dtype=np.int32)
         if domain_ids.shape != (n,):
             raise ValueError(f"plan has {n} rows but domain_ids of shape {domain_ids.shape}")
-        if domain_ids.size and (domain_ids.min() < 0 or domain_ids.max() >= len(self.sources)):
+        pieces_per_row, domains = row_pieces.tolist(), domain_ids.tolist()
+        if n and (min(domains) < 0 or max(domains) >= len(self.sources)):
+            bad = min(domains) if min(domains) < 0 else max(domains)
             raise ValueError(
-                f"plan names domain {int(domain_ids.max())}; this reader has "
-                f"{len(self.sources)} sources"
+                f"plan names domain {bad}; this reader has {len(self.sources)} sources"
             )
-        if not doc_ids.shape == offsets.shape == sizes.shape == (int(row_pieces.sum()),):
+        num_pieces = sum(pieces_per_row)
+        if not doc_ids.shape == offsets.shape == sizes.shape == (num_pieces,):
             raise ValueError(
-                f"plan has {int(row_pieces.sum())} pieces by row_pieces, but doc_ids, offsets "
+                f"plan has {num_pieces} pieces by row_pieces, but doc_ids, offsets "
                 f"and lengths of shapes {doc_ids.shape}, {offsets.shape}, {sizes.shape}"
             )
         if n == 0:
             rows = {key: np.empty((0, seq_len), dtype=np.int32) for key in ROW_KEYS}
             rows["labels"] = rows["labels"].astype(labels_dtype)
             return {**rows, "domain_ids": domain_ids}
-        piece_start = np.cumsum(sizes) - sizes  # of each piece in the batch's planned tokens
-        row_first = np.cumsum(row_pieces) - row_pieces  # first piece of each row
-        if row_pieces.min() < 1 or sizes.min() < 1 or doc_ids.min() < 0 or offsets.min() < 0:
+        if (
+            min(pieces_per_row) < 1
+            or _lowest(sizes) < 1
+            or _lowest(doc_ids) < 0
+            or _lowest(offsets) < 0
+        ):
             raise ValueError(
-                f"plan rows of {int(row_pieces.min())} pieces, pieces of {int(sizes.min())} "
-                f"tokens, document {int(doc_ids.min())} or offset {int(offsets.min())}: every "
+                f"plan rows of {min(pieces_per_row)} pieces, pieces of {_lowest(sizes)} "
+                f"tokens, document {_lowest(doc_ids)} or offset {_lowest(offsets)}: every "
                 "row holds >= 1 piece, every piece >= 1 token of a document >= 0 from an "
                 "offset >= 0"
             )
-        used = np.add.reduceat(sizes, row_first)
-        if used.max() > seq_len:
+        piece_stop = np.add.accumulate(sizes)  # of each piece in the batch's planned tokens
+        piece_start = piece_stop - sizes
+        row_stops = list(itertools.accumulate(pieces_per_row))  # of each row's pieces
+        stop_tokens = piece_stop.tolist()
+        row_stop = [stop_tokens[stop - 1] for stop in row_stops]  # in the planned tokens
+        row_start = [0, *row_stop[:-1]]
+        used = [stop - start for start, stop in zip(row_start, row_stop, strict=True)]
+        if max(used) > seq_len:
             raise ValueError(
-                f"plan rows hold {int(used.min())} to {int(used.max())} tokens: not a plan for "
+                f"plan rows hold {min(used)} to {max(used)} tokens: not a plan for "
                 f"seq_len={seq_len}"
             )
-        piece_domains = np.repeat(domain_ids, row_pieces)
-        tokens, no_loss = self._planned_tokens(piece_domains, doc_ids, offsets, sizes, piece_start)
+        tokens, no_loss = self._planned_tokens(
+            domain_ids, row_pieces, doc_ids, offsets, sizes, piece_start, stop_tokens[-1]
+        )
         # The fields are built in place (input, positions and segments in one (3, n, L) int32
         # block), each in a pass or two: rows are the planned tokens in order, then padding.
-        stacked = np.empty((3, n, seq_len), dtype=np.int32)
+        stacked = _empty((3, n, seq_len), np.int32, allocate)
         input_ids, positions, segments = stacked
-        labels = np.empty((n, seq_len), dtype=labels_dtype)
-        row_start = piece_start[row_first]  # of each row in the planned tokens
+        labels = _empty((n, seq_len), labels_dtype, allocate)
         padded = tokens.size != n * seq_len
         if padded:
-            pads = np.asarray(self.pad_ids, dtype=np.int32)[domain_ids].tolist()
-            spans = list(zip(row_start.tolist(), used.tolist(), strict=True))
+            pads = [self.pad_ids[domain] for domain in domains]
             # Python per row (a few per batch), numpy per token.
-            for row, (start, count) in enumerate(spans):
+            for row, (start, count) in enumerate(zip(row_start, used, strict=True)):
                 input_ids[row, :count] = tokens[start : start + count]
                 input_ids[row, count:] = pads[row]
             # Flat position in the rows of a planned token = its index + this shift of its row.
-            shift = np.arange(n) * seq_len - row_start
-            at = piece_start + np.repeat(shift, row_pieces)  # where each piece starts
+            shift = np.array([row * seq_len - start for row, start in enumerate(row_start)])
+            at = piece_start + shift.repeat(row_pieces)  # where each piece starts
         else:
             input_ids.reshape(-1)[:] = tokens
             at = piece_start
@@ -173,66 +204,63 @@ class RowReader:
         flat_labels = labels.reshape(-1)
         flat_labels[at] = IGNORE_INDEX  # nothing predicts a segment's first token
         if no_loss is not None:
-            flat_labels[no_loss + np.repeat(shift, used)[no_loss] if padded else no_loss] = (
-                IGNORE_INDEX
-            )
+            flat_labels[no_loss + shift.repeat(used)[no_loss] if padded else no_loss] = IGNORE_INDEX
         # A piece is a segment: positions restart at 0 and segments count 1, 2, ... along each
         # row, as running sums of increments scattered at piece starts.
         positions.fill(1)
-        positions.reshape(-1)[at] = np.concatenate([[0], 1 - sizes[:-1]])
-        positions.reshape(-1)[at[row_first]] = 0
-        np.cumsum(positions, axis=1, out=positions)
+        positions.reshape(-1)[at[1:]] = 1 - sizes[:-1]  # back to 0 from the piece before
+        positions[:, 0] = 0  # a row starts with its first piece
         segments.fill(0)
         segments.reshape(-1)[at] = 1
-        np.cumsum(segments, axis=1, out=segments)
+        np.add.accumulate(stacked[1:], axis=2, out=stacked[1:])
         if padded:  # padding: labels -100, positions and segments 0
-            for row, (_, count) in enumerate(spans):
+            for row, count in enumerate(used):
                 labels[row, count:] = IGNORE_INDEX
                 stacked[1:, row, count:] = 0
-        rows = {
+        return {
             "input_ids": input_ids,
             "labels": labels,
             "position_ids": positions,
             "segment_ids": segments,
+            "domain_ids": domain_ids,
         }
-        rows["domain_ids"] = domain_ids
-        return rows
 
-    def _planned_tokens(self, piece_domains, doc_ids, offsets, sizes, piece_start):
-        """(tokens (T,), positions of no-loss tokens or None) of every piece, in piece order.
+    def _planned_tokens(
+        self, domain_ids, row_pieces, doc_ids, offsets, sizes, piece_start, num_tokens
+    ):
+        """(tokens (num_tokens,), positions of no-loss tokens or None) of every piece, in
+        piece order.
 
         Reads each domain's documents once (`read_tokens` when the source has it, else its
         documents concatenated) and gathers the pieces' spans from the joined buffers.
         """
         # One sort for all domains: (domain, document) keys, documents ascending per domain.
-        keys = (piece_domains.astype(np.int64) << _DOC_BITS) | doc_ids
-        wanted, which = np.unique(keys, return_inverse=True)
-        wanted_domains, wanted_docs = wanted >> _DOC_BITS, wanted & ((1 << _DOC_BITS) - 1)
-        bounds = [0, *(np.flatnonzero(np.diff(wanted_domains)) + 1).tolist(), wanted.size]
-        buffers, masks, doc_starts, doc_lengths = [], [], [], []
-        base = 0
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            flat, starts, lengths, mask = _read_joined(
-                self.sources[int(wanted_domains[a])], wanted_docs[a:b]
-            )
-            buffers.append(flat)
-            masks.append(mask)
-            doc_starts.append(starts + base)
-            doc_lengths.append(lengths)
-            base += flat.size
-        doc_length = np.concatenate(doc_lengths)[which]
+        keys = np.left_shift(domain_ids, _DOC_BITS, dtype=np.int64).repeat(row_pieces)
+        keys |= doc_ids
+        wanted, which = _distinct(keys)
+        wanted_docs = wanted & _DOC_MASK
+        # Each domain's slice of the sorted keys (a domain no row names has an empty one).
+        bounds = wanted.searchsorted(self._domain_keys).tolist()
+        buffers, masks, doc_lengths = [], [], []
+        for domain, (first, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            if first < stop:
+                flat, lengths, mask = _read_joined(self.sources[domain], wanted_docs[first:stop])
+                buffers.append(flat)
+                masks.append(mask)
+                doc_lengths.append(lengths)
+        lengths = doc_lengths[0] if len(doc_lengths) == 1 else np.concatenate(doc_lengths)
+        doc_start = np.add.accumulate(lengths) - lengths  # in the joined buffers
+        doc_length = lengths[which]
         stops = offsets + sizes
-        short = np.flatnonzero(stops > doc_length)
-        if short.size:
-            bad = int(short[0])
+        if np.maximum.reduce(stops - doc_length) > 0:
+            bad = int(np.flatnonzero(stops > doc_length)[0])
             raise ValueError(
-                f"{_describe(self.sources[int(piece_domains[bad])])} document "
+                f"{_describe(self.sources[int(keys[bad] >> _DOC_BITS)])} document "
                 f"{int(doc_ids[bad])} has {int(doc_length[bad])} tokens but the plan needs "
                 f"[.., {int(stops[bad])}): the source's lengths do not match its records"
             )
         joined = buffers[0] if len(buffers) == 1 else np.concatenate(buffers)
-        span_start = np.concatenate(doc_starts)[which] + offsets
-        num_tokens = int(piece_start[-1] + sizes[-1])
+        span_start = doc_start[which] + offsets
         if num_tokens >= _SLICE_COPY_MIN_TOKENS * sizes.size:  # long pieces: a slice each
             spans = list(zip(span_start.tolist(), (span_start + sizes).tolist(), strict=True))
 
@@ -240,11 +268,11 @@ class RowReader:
                 return np.concatenate([buffer[start:stop] for start, stop in spans])
 
         else:  # short pieces: one gather, its index a running sum that jumps at piece starts
+            jumps = span_start.copy()  # from the last token of the piece before
+            jumps[1:] -= span_start[:-1] + sizes[:-1] - 1
             gather = np.ones(num_tokens, dtype=np.int64)
-            gather[piece_start] = span_start - np.concatenate(
-                [[0], span_start[:-1] + sizes[:-1] - 1]
-            )
-            np.cumsum(gather, out=gather)
+            gather[piece_start] = jumps
+            np.add.accumulate(gather, out=gather)
 
             def take(buffer: np.ndarray) -> np.ndarray:
                 return buffer[gather]
@@ -261,6 +289,34 @@ class RowReader:
         return tokens, np.flatnonzero(take(joined_mask) == 0)
 
 
+def _empty(shape: tuple[int, ...], dtype: Any, allocate: Callable[[int], np.ndarray] | None):
+    """An uninitialised array, in memory from `allocate(nbytes)` when given."""
+    if allocate is None:
+        return np.empty(shape, dtype)
+    dtype = np.dtype(dtype)
+    return allocate(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+
+
+def _lowest(values: np.ndarray) -> int:
+    """The smallest of a non-empty int array (the ufunc: `ndarray.min` adds a Python layer)."""
+    return int(np.minimum.reduce(values))
+
+
+def _distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct `keys` ascending, the index of each key among them): what
+    `np.unique(keys, return_inverse=True)` returns, at about half its cost on tens of keys."""
+    order = keys.argsort()
+    ordered = keys[order]
+    first = np.empty(keys.size, dtype=bool)  # of a run of equal keys
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    rank = np.add.accumulate(first, dtype=np.int64)  # 1 + index among the distinct keys
+    rank -= 1
+    which = np.empty(keys.size, dtype=np.int64)
+    which[order] = rank
+    return ordered[first], which
+
+
 class SliceRows:
     """Batch plan -> the batch plan of rows `[start, stop)` (a data-parallel rank's rows)."""
 
@@ -273,9 +329,11 @@ class SliceRows:
         row_pieces = batch["row_pieces"]
         if self.stop > row_pieces.size:
             raise ValueError(f"rows [{self.start}, {self.stop}) of a {row_pieces.size}-row batch")
-        bounds = np.concatenate([[0], np.cumsum(row_pieces)])
-        first, last = int(bounds[self.start]), int(bounds[self.stop])
         sliced = dict(batch)
+        if self.start == 0 and self.stop == row_pieces.size:  # the whole batch (one rank)
+            return sliced
+        first = int(np.add.reduce(row_pieces[: self.start]))
+        last = first + int(np.add.reduce(row_pieces[self.start : self.stop]))
         for key in PLAN_KEYS:
             sliced[key] = batch[key][first:last]
         sliced["row_pieces"] = row_pieces[self.start : self.stop]
@@ -328,9 +386,15 @@ class ReadSlice:
     def __call__(self, plan: dict[str, Any]) -> dict[str, np.ndarray]:
         return self.many([plan])[0]
 
-    def many(self, plans: Sequence[dict[str, Any]]) -> list[dict[str, np.ndarray]]:
+    def many(
+        self,
+        plans: Sequence[dict[str, Any]],
+        allocate: Callable[[int], np.ndarray] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
         """`[self(plan) for plan in plans]` from one read of all their rows: a read has a fixed
-        cost (a sort, one call per domain and shard) that several batches then share."""
+        cost (a sort, one call per domain and shard) that several batches then share. Rows are
+        built in memory from `allocate` when given (see `RowReader.read_batch`; `ProcessMap`'s
+        workers pass their result slot's)."""
         plans = [
             plan
             if plan["domain_names"] == self._names_json  # else planned before a restore
@@ -338,13 +402,13 @@ class ReadSlice:
             for plan in plans
         ]
         sliced = [self.rows(plan) for plan in plans]
-        rows = self.reader.read_batch(
-            {
+        joined = sliced[0]
+        if len(sliced) > 1:
+            joined = {
                 key: np.concatenate([part[key] for part in sliced])
                 for key in (*PLAN_KEYS, "row_pieces", "domain_ids")
-            },
-            self.labels_dtype,
-        )
+            }
+        rows = self.reader.read_batch(joined, self.labels_dtype, allocate)
         size = self.rows.stop - self.rows.start
         results = []
         for index, plan in enumerate(plans):
@@ -368,13 +432,12 @@ def _describe(source: Any) -> str:
 
 
 def _read_joined(source: Any, indices: np.ndarray):
-    """Documents `indices` of `source` joined: (tokens (T,), starts (n,), lengths (n,),
-    loss mask (T,) uint8 or None). A source with `read_tokens` (a prepared dataset) fills
-    the buffer in one join; any other source is read with `read_documents`."""
+    """Documents `indices` of `source` joined: (tokens (T,), lengths (n,), loss mask (T,)
+    uint8 or None). A source with `read_tokens` (a prepared dataset) fills the buffer in one
+    join; any other source is read with `read_documents`."""
     read_tokens = getattr(source, "read_tokens", None)
     if read_tokens is not None and getattr(source, "lengths", None) is not None:
-        flat, starts = read_tokens(indices)  # back to back, in the order asked
-        return flat, starts, np.diff(starts, append=flat.size), None
+        return (*read_tokens(indices), None)  # back to back, in the order asked
     tokens, masks = read_documents(source, indices.tolist())
     docs = [tokens[i] for i in indices.tolist()]
     lengths = np.fromiter(map(len, docs), np.int64, len(docs))
@@ -387,7 +450,7 @@ def _read_joined(source: Any, indices: np.ndarray):
                 for i, doc in zip(indices.tolist(), docs, strict=True)
             ]
         ).astype(np.uint8, copy=False)
-    return flat, np.cumsum(lengths) - lengths, lengths, mask
+    return flat, lengths, mask
 
 
 def read_documents(

@@ -76,42 +76,98 @@ def _aligned(nbytes: int) -> int:
 
 
 class SlotWriter:
-    """Worker side: writes result arrays into slots of the shared file ``fd``."""
+    """Worker side: writes result arrays into slots of the shared file ``fd``.
+
+    ``fn`` may also build a result in place, in memory of its slot lent by :meth:`allocate`;
+    :meth:`write` then describes the arrays that lie there instead of copying them.
+    """
 
     def __init__(self, fd: int):
         self._fd = fd
         self._size = os.fstat(fd).st_size
         self._map: mmap.mmap | None = None
+        self._address = 0  # of the file's first byte in ``_map``
         self._regions: dict[int, tuple[int, int]] = {}  # slot -> (offset, capacity)
+        self._lent: dict[int, int] = {}  # slot -> bytes lent by `allocate` since its last write
+
+    def allocate(self, slot: int, nbytes: int) -> np.ndarray:
+        """``(nbytes,)`` uint8 memory in ``slot`` for the result :meth:`write` sends next from
+        it; plain memory (copied by ``write``) if the slot would have to move to hold it after
+        part of it was lent already."""
+        lent = self._lent.get(slot, 0)
+        offset, capacity = self._regions.get(slot, (0, -1))
+        if lent + _aligned(nbytes) > capacity:
+            if lent:
+                return np.empty(nbytes, np.uint8)
+            offset, _ = self._move(slot, nbytes)
+        self._lent[slot] = lent + _aligned(nbytes)
+        # frombuffer holds the mapping open (an export) for as long as the array lives.
+        return np.frombuffer(self._map, np.uint8, count=nbytes, offset=offset + lent)
 
     def write(self, slot: int, arrays: dict[str, np.ndarray]) -> list[ArrayMeta]:
-        """Copies ``arrays`` into ``slot``; returns the metadata the consumer needs to read them."""
-        needed = sum(_aligned(array.nbytes) for array in arrays.values())
+        """Copies ``arrays`` into ``slot`` (but for those already there, built in memory lent
+        by :meth:`allocate`); returns the metadata the consumer needs to read them."""
         offset, capacity = self._regions.get(slot, (0, -1))
-        if needed > capacity:
-            # Room for 25% growth, so results that vary a little do not move every time.
+        lent = self._lent.pop(slot, 0)
+        placed = {key: self._lent_offset(array, offset, lent) for key, array in arrays.items()}
+        to_copy = [key for key, at in placed.items() if at is None]
+        needed = lent + sum(_aligned(arrays[key].nbytes) for key in to_copy)
+        old = None
+        if needed > capacity:  # the slot moves: everything is copied to its new region
+            placed, to_copy = dict.fromkeys(arrays), list(arrays)
+            needed = sum(_aligned(array.nbytes) for array in arrays.values())
             old = (offset, capacity) if capacity > 0 else None
-            capacity = max(_PAGE, -(-(needed + needed // 4) // _PAGE) * _PAGE)
-            offset = self._size
-            self._grow(offset + capacity)
-            self._regions[slot] = (offset, capacity)
-            if old is not None:
-                _free(self._map, *old)
-        metas = []
-        for key, array in arrays.items():
+            (offset, capacity), lent = self._new_region(slot, needed), 0
+        cursor = offset + lent
+        for key in to_copy:
+            array = arrays[key]
             if array.nbytes:
-                target = np.ndarray(array.shape, array.dtype, buffer=self._map, offset=offset)
+                target = np.ndarray(array.shape, array.dtype, buffer=self._map, offset=cursor)
                 np.copyto(target, array, casting="no")
-                del target  # no view may outlive a remap
-            metas.append((key, array.dtype.str, tuple(array.shape), offset))
-            offset += _aligned(array.nbytes)
-        return metas
+                del target
+            placed[key] = cursor
+            cursor += _aligned(array.nbytes)
+        if old is not None:  # after the copies: arrays built in place may have lain there
+            _free(self._map, *old)
+        return [
+            (key, array.dtype.str, tuple(array.shape), placed[key])
+            for key, array in arrays.items()
+        ]
+
+    def _lent_offset(self, array: np.ndarray, offset: int, lent: int) -> int | None:
+        """The file offset of ``array`` if it lies in the ``lent`` bytes of the region at
+        ``offset`` of the current mapping, as one C-contiguous block; else None."""
+        if not lent or not array.nbytes or not array.flags.c_contiguous:
+            return None
+        at = array.ctypes.data - self._address
+        return at if offset <= at and at + array.nbytes <= offset + lent else None
+
+    def _move(self, slot: int, needed: int) -> tuple[int, int]:
+        """Gives ``slot`` a new region for ``needed`` bytes and frees its old one, whose last
+        result the consumer has read (the reuse rule)."""
+        old = self._regions.get(slot)
+        region = self._new_region(slot, needed)
+        if old is not None:
+            _free(self._map, *old)
+        return region
+
+    def _new_region(self, slot: int, needed: int) -> tuple[int, int]:
+        # Room for 25% growth, so results that vary a little do not move every time.
+        capacity = max(_PAGE, -(-(needed + needed // 4) // _PAGE) * _PAGE)
+        offset = self._size
+        self._grow(offset + capacity)
+        self._regions[slot] = (offset, capacity)
+        return offset, capacity
 
     def _grow(self, size: int) -> None:
         os.ftruncate(self._fd, size)
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # arrays of a result still refer to it: unmapped once they are gone
         self._map = mmap.mmap(self._fd, size)
+        self._address = np.frombuffer(self._map, np.uint8, count=1).ctypes.data
         self._size = size
 
 

@@ -22,7 +22,9 @@ The small writer helpers here (`write_shard`, `write_json_atomic`, `file_sha256`
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import json
 import os
 import pathlib
@@ -365,9 +367,10 @@ class DocumentSource:
         self.shard_paths = [self.path / shard["file"] for shard in self.manifest["shards"]]
         for shard, shard_path in zip(self.manifest["shards"], self.shard_paths, strict=True):
             _check_size(shard_path, shard["bytes"], self.path)
-        counts = np.array([shard["records"] for shard in self.manifest["shards"]], dtype=np.int64)
+        counts = [int(shard["records"]) for shard in self.manifest["shards"]]
         # starts[k] = global index of shard k's first record; starts[-1] = total records.
-        self._starts = np.concatenate([[0], np.cumsum(counts)])
+        # Python ints: a read locates its few records with `bisect`, cheaper than numpy calls.
+        self._starts = list(itertools.accumulate(counts, initial=0))
         self.lengths = self._load_lengths() if self.format == "tokens" else None
         self._readers: list[Any] = [None] * len(self.shard_paths)
         self._lock = threading.Lock()
@@ -402,7 +405,7 @@ class DocumentSource:
         moved across shards; the per-record check in `__getitems__` catches the rest."""
         if self.lengths is None:
             return
-        start, stop = int(self._starts[shard]), int(self._starts[shard + 1])
+        start, stop = self._starts[shard], self._starts[shard + 1]
         total = int(np.sum(self.lengths[start:stop]))
         expected = self.manifest["shards"][shard]
         if total != expected["tokens"]:
@@ -413,7 +416,7 @@ class DocumentSource:
             )
 
     def __len__(self) -> int:
-        return int(self._starts[-1])
+        return self._starts[-1]
 
     def __repr__(self) -> str:
         return f"DocumentSource(path={str(self.path)!r}, fingerprint={self.fingerprint[:16]!r})"
@@ -447,31 +450,38 @@ class DocumentSource:
                     self._readers[shard] = reader
         return reader
 
-    def _locate(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Global record indices -> (shard index, index within the shard)."""
-        n = len(self)
-        if indices.size:
-            lowest, highest = int(indices.min()), int(indices.max())
-            if lowest < -n or highest >= n:
-                bad = indices[(indices < -n) | (indices >= n)][0]
+    def _locate(self, indices: Sequence[int]) -> tuple[np.ndarray, list[int]]:
+        """Global record indices (negative from the end) -> the same made non-negative, as a
+        (n,) int64 array and as Python ints; IndexError naming the first out of range."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        index_list, n = indices.tolist(), len(self)
+        if index_list and (min(index_list) < 0 or max(index_list) >= n):
+            bad = next((index for index in index_list if not -n <= index < n), None)
+            if bad is not None:
                 raise IndexError(f"record {bad} out of range for {self.path} with {n} records")
-            if lowest < 0:
-                indices = np.where(indices < 0, indices + n, indices)
-        shards = np.searchsorted(self._starts, indices, side="right") - 1
-        return shards, indices - self._starts[shards]
+            indices = np.where(indices < 0, indices + n, indices)
+            index_list = indices.tolist()
+        return indices, index_list
 
-    def _decode(self, record: bytes, shard: int, local: int, expected: int) -> Any:
-        """The record's document; a token record must hold `expected` tokens (lengths.npy)."""
+    def _shard_of(self, index: int) -> tuple[int, int]:
+        """Record `index` (>= 0) -> (its shard, its index within the shard)."""
+        shard = bisect.bisect_right(self._starts, index) - 1  # past empty shards
+        return shard, index - self._starts[shard]
+
+    def _decode(self, record: bytes, index: int, expected: int) -> Any:
+        """Record `index`'s document; a token record must hold `expected` tokens
+        (lengths.npy)."""
         if self._token_dtype_le is not None:
             if len(record) == expected * self._token_dtype_le.itemsize:
                 return np.frombuffer(record, dtype=self._token_dtype_le)
+            shard, local = self._shard_of(index)
             raise ValueError(
                 f"{self.path}: shard {self.shard_paths[shard].name} record {local}: "
                 f"{len(record)} bytes, but lengths.npy plans {expected} {self.token_dtype.name} "
                 f"tokens (corrupt shard or lengths.npy); check with "
                 f"`wf-data inspect {self.path} --verify`"
             )
-        # The slow path formats the location only when there is something to report.
+        shard, local = self._shard_of(index)
         where = f"shard {self.shard_paths[shard].name} record {local}"
         return decode_record(record, self.format, self.token_dtype, where)
 
@@ -480,60 +490,51 @@ class DocumentSource:
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """Records in the order of `indices` (a token record must hold its planned length)."""
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        shards, locals_ = self._locate(indices)
-        records = self._read_records(shards, locals_)
-        planned = (
-            self.lengths[locals_ + self._starts[shards]].tolist()
-            if self.lengths is not None
-            else [0] * len(indices)
-        )
-        return [
-            self._decode(*entry)
-            for entry in zip(records, shards.tolist(), locals_.tolist(), planned, strict=True)
-        ]
+        indices, index_list = self._locate(indices)
+        records = self._read_records(index_list)
+        planned = self.lengths[indices].tolist() if self.lengths is not None else [0] * len(records)
+        return [self._decode(*entry) for entry in zip(records, index_list, planned, strict=True)]
 
     def read_tokens(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Documents `indices` of a `tokens` dataset in one buffer: `(tokens, starts)`.
+        """Documents `indices` of a `tokens` dataset in one buffer: `(tokens, lengths)`.
 
         `tokens` is a (T,) read-only array of the token dtype holding the documents back to
-        back in the order asked, `starts` (n,) int64 where document `indices[i]` begins, so it is
-        `tokens[starts[i] : starts[i] + lengths[indices[i]]]`. One join of the records
-        instead of an array per record; every record's size is checked against lengths.npy.
+        back in the order asked, `lengths` (n,) int64 their token counts (lengths.npy), so
+        document `indices[i]` starts at `lengths[:i].sum()`. One join of the records instead
+        of an array per record; every record's size is checked against lengths.npy.
         """
         if self._token_dtype_le is None:
             raise TypeError(f"{self.path} holds {self.format} records, not tokens")
-        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-        shards, locals_ = self._locate(indices)
-        records = self._read_records(shards, locals_)
-        planned = self.lengths[locals_ + self._starts[shards]]
-        sizes = np.fromiter(map(len, records), np.int64, len(records))
-        wrong = np.flatnonzero(sizes != planned * self._token_dtype_le.itemsize)
-        if wrong.size:  # the record's own check names shard, record and the fix
-            at = int(wrong[0])
-            self._decode(records[at], int(shards[at]), int(locals_[at]), int(planned[at]))
-        tokens = np.frombuffer(b"".join(records), dtype=self._token_dtype_le)
-        return tokens, np.cumsum(planned) - planned
+        indices, index_list = self._locate(indices)
+        records = self._read_records(index_list)
+        lengths = self.lengths[indices]
+        expected = (lengths * self._token_dtype_le.itemsize).tolist()
+        sizes = list(map(len, records))
+        if sizes != expected:  # the record's own check names shard, record and the fix
+            at = next(i for i, size in enumerate(sizes) if size != expected[i])
+            self._decode(records[at], index_list[at], int(lengths[at]))
+        return np.frombuffer(b"".join(records), dtype=self._token_dtype_le), lengths
 
-    def _read_records(self, shards: np.ndarray, locals_: np.ndarray) -> list[bytes]:
-        """The records at (`shards`, `locals_`), in request order.
+    def _read_records(self, indices: list[int]) -> list[bytes]:
+        """Records `indices` (>= 0), in request order.
 
-        A reader's cursor is shared state, so reads hold the source's lock. Records go by
-        `seek` + `read`, a stretch of one shard at a time: a batched `read(indices)` costs
-        ~100 us per call and was no faster per record even at 512 records of one shard.
+        A reader's cursor is shared state, so reads hold the source's lock (readers open
+        before, as opening takes it). Records go by `seek` + `read`: a batched
+        `read(indices)` costs ~100 us per call and was no faster per record even at 512
+        records of one shard. A read is a few records, so they are located in plain Python:
+        numpy calls on a few values cost more than they save.
         """
-        if not shards.size:
-            return []
-        cuts = (np.flatnonzero(np.diff(shards)) + 1).tolist()
-        runs = [
-            (int(shards[a]), a, b) for a, b in zip([0, *cuts], [*cuts, shards.size], strict=True)
-        ]
-        readers = {shard: self._reader(shard) for shard, _, _ in runs}
+        starts, readers = self._starts, self._readers
+        shards = [bisect.bisect_right(starts, index) - 1 for index in indices]
+        for shard in set(shards):
+            if readers[shard] is None:
+                self._reader(shard)
         records: list[bytes] = []
         with self._lock:
-            for shard, a, b in runs:
-                seek, read = readers[shard].seek, readers[shard].read
-                records += [seek(local) or read() for local in locals_[a:b].tolist()]
+            for index, shard in zip(indices, shards, strict=True):
+                reader = readers[shard]
+                reader.seek(index - starts[shard])
+                records.append(reader.read())
         return records
 
     def close(self) -> None:

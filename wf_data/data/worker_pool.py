@@ -13,6 +13,8 @@ named resource behind. Linux only (memfd, pidfd, parent-death signal).
 from __future__ import annotations
 
 import collections
+import functools
+import inspect
 import os
 import pickle
 import select
@@ -325,6 +327,7 @@ def worker_main(argv: list[str]) -> None:
         fn, init_error = None, _exception_payload(error)
     writer = SlotWriter(memory_fd)
     many = getattr(fn, "many", None)
+    builds_in_place = many is not None and "allocate" in inspect.signature(many).parameters
     while True:
         try:
             tasks = [receive_message(task_fd)]
@@ -338,8 +341,11 @@ def worker_main(argv: list[str]) -> None:
         if init_error is not None:
             send_message(result_fd, (tasks[0][0], "error", init_error))
             continue
+        allocate = None
+        if builds_in_place and len(tasks) == 1:  # one result: built in its slot, not copied
+            allocate = functools.partial(writer.allocate, tasks[0][1])
         try:
-            results = results_together(fn, [plan for _, _, plan in tasks])
+            results = results_together(fn, [plan for _, _, plan in tasks], allocate)
         except ValueError:
             results = None  # a `many` that broke its contract: one by one below
         for index, (task_id, slot, plan) in enumerate(tasks):
@@ -348,6 +354,8 @@ def worker_main(argv: list[str]) -> None:
                 send_message(result_fd, (task_id, "ok", writer.write(slot, result)))
             except Exception as error:
                 send_message(result_fd, (task_id, "error", _exception_payload(error)))
+        # No view into the shared file may outlive its result: a slot that grows remaps it.
+        results = result = None
 
 
 def pack_plan(plan: dict) -> dict:
@@ -378,16 +386,18 @@ def unpack_plan(packed: dict) -> dict:
     return plan
 
 
-def results_together(fn, plans: list) -> list[dict[str, np.ndarray]] | None:
+def results_together(fn, plans: list, allocate=None) -> list[dict[str, np.ndarray]] | None:
     """``fn.many(plans)``, each result checked, when ``fn`` has ``many`` and there are several
-    plans; None otherwise, and when ``many`` raised: the caller then runs ``fn`` plan by plan,
-    so that each error belongs to its own plan. ValueError if ``many`` returns another count.
+    plans, or one and ``allocate`` (passed on: ``many`` may build its results in that memory);
+    None otherwise, and when ``many`` raised: the caller then runs ``fn`` plan by plan, so that
+    each error belongs to its own plan. ValueError if ``many`` returns another count.
     """
     many = getattr(fn, "many", None)
-    if many is None or len(plans) < 2:
+    if many is None or len(plans) < (1 if allocate is not None else 2):
         return None
     try:
-        results = [check_result(result) for result in many(plans)]
+        produced = many(plans) if allocate is None else many(plans, allocate=allocate)
+        results = [check_result(result) for result in produced]
     except Exception:
         return None
     if len(results) != len(plans):
