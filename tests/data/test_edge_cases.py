@@ -177,12 +177,7 @@ def test_rows_reassemble_the_documents(documents, kind):
         assert got.tolist() == expected.tolist()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rows.py (not ours): a list of token lists is taken for a list of sources, so "
-    "read_rows(list_of_lists) fails with 'document 0: expected a 1-D integer token array... "
-    "got int' or an IndexError when the first document is empty",
-)
+# Fixed on main (rows.py): a list of token lists is one source, an empty first one too.
 @pytest.mark.parametrize("first", [[1, 2], []], ids=["nonempty_first", "empty_first"])
 def test_read_rows_of_a_list_of_token_lists(first):
     documents = [first, [3, 4, 5]]
