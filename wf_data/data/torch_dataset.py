@@ -315,7 +315,7 @@ class _LoaderIterator:
         return self._history[step]
 
     def state_at_rows(self, num_rows: int) -> dict[str, Any]:
-        if num_rows == 0 or self._rows_per_batch is None:
+        if self._rows_per_batch is None:  # no batch read yet: where the first one starts
             return self.state_at(min(self._history))
         steps, row = divmod(int(num_rows), self._rows_per_batch)
         # Row `row` of the batch after step `steps`: restored as that batch's start state plus
