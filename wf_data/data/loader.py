@@ -236,13 +236,21 @@ class DataLoader:
         pending = PendingLosses.from_state(state["feedback"], self.domain_names)
         previous = self._iterator.get_state()
         try:
-            self._restart(state["pipeline"])
+            self._restart(self._owned(state["pipeline"]))
         except (AttributeError, IndexError, KeyError, TypeError, ValueError) as error:
             self._restart(previous)  # keep serving where it was
             raise LoaderStateError(
                 f"loader state entry 'pipeline' does not restore: {error}"
             ) from error
         self._step, self._served, self._pending = state["step"], served, pending
+
+    def _owned(self, pipeline_state: Mapping[str, Any]) -> Mapping[str, Any]:
+        """`pipeline_state` without the batches it planned ahead for steps that `step_shard`
+        does not own (a state saved by a loader of all steps, or of another shard)."""
+        if self.step_shard is None:
+            return pipeline_state
+        in_flight = [plan for plan in pipeline_state["in_flight"] if self.step_shard(plan)]
+        return {**pipeline_state, "in_flight": in_flight}
 
     # ------------------------------------------------------------------ extras
 

@@ -250,36 +250,24 @@ class _LoaderIterator:
         self._batch, self._row = None, int(state["row"])
         if self._row:
             self._before = state["loader"]
-            self._batch = self._next_owned()
+            self._batch = next(self.loader)
             self._rows_per_batch = len(self._batch["domain_ids"])
 
     def __next__(self) -> dict[str, Any]:
         loader = self._ensure_loader()
         if not self._dataset.rows:
-            batch = self._next_owned()
+            batch = next(self.loader)
             self._remember()
             return batch
         if self._batch is None or self._row == len(self._batch["domain_ids"]):
             self._before = loader.state_dict()
-            self._batch, self._row = self._next_owned(), 0
+            self._batch, self._row = next(self.loader), 0
             self._rows_per_batch = len(self._batch["domain_ids"])
         row = {key: value[self._row] for key, value in self._batch.items()}
         self._row += 1
         if self._row == len(self._batch["domain_ids"]):
             self._remember()
         return row
-
-    def _next_owned(self) -> dict[str, Any]:
-        """The loader's next batch of a step this worker owns.
-
-        After a restore from a global state, the batches it had planned ahead come out whatever
-        their step (they were planned before the step shard applied): skip the others'.
-        """
-        index, count = self._shard
-        while True:
-            batch = next(self.loader)
-            if count == 1 or (self.loader.step - 1) % count == index:
-                return batch
 
     def _remember(self) -> None:
         self._remember_at(self.loader.step, self.state_dict()["loader"])
