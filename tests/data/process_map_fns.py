@@ -157,3 +157,17 @@ class InPlaceRows:
                     result[key] = built
             results.append(result)
         return results
+
+
+class RowsAndPid:
+    """``rows`` plus the pid of the process that computed them, ``slow_s`` seconds slower in a
+    process other than ``consumer_pid`` (workers that cannot keep up)."""
+
+    def __init__(self, consumer_pid: int, slow_s: float):
+        self.consumer_pid = consumer_pid
+        self.slow_s = slow_s
+
+    def __call__(self, plan: dict) -> dict[str, np.ndarray]:
+        if os.getpid() != self.consumer_pid:
+            time.sleep(self.slow_s)
+        return {**rows(plan), "pid": np.array([os.getpid()])}

@@ -15,6 +15,7 @@ import pytest
 from tests.data.process_map_fns import (
     FailWhileFileExists,
     InPlaceRows,
+    RowsAndPid,
     LoadsOnlyInItsProcess,
     SleepyRows,
     environment,
@@ -418,3 +419,23 @@ def test_slot_writer_sends_lent_memory_without_copying():
     finally:
         reader.close()
         os.close(fd)
+
+
+def test_consumer_computes_waiting_elements_while_workers_lag():
+    """With workers slower than the consumer, the consumer computes the elements no worker has
+    room for instead of waiting: both compute some, and the stream is the inline one."""
+    fn = RowsAndPid(os.getpid(), slow_s=0.05)
+    with iter(ProcessMap(plans(), fn, num_workers=1, lookahead=4)) as it:
+        results = list(it)
+        worker_pids = set(it.worker_pids)
+    pids = [int(result.pop("pid")[0]) for result in results]
+    assert os.getpid() in pids and worker_pids & set(pids), pids
+    assert_same_stream(results, reference())
+
+
+def test_lookahead_defaults_to_at_least_the_workers():
+    assert "lookahead=2" in str(ProcessMap(plans(), rows, num_workers=0))
+    pipeline = ProcessMap(plans(), rows, num_workers=3)
+    assert "lookahead=3" in str(pipeline)
+    with iter(pipeline) as it:
+        assert_same_stream(list(it), reference())

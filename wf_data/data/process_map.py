@@ -73,7 +73,10 @@ class ProcessMap(grain.IterDataset):
     module free of grain/JAX imports: workers import it at start) and returns
     ``dict[str, np.ndarray]``, e.g. ``(B, L) int32`` rows. ``lookahead`` elements are pulled
     ahead of the consumer and computed in parallel; with ``num_workers > 0`` it bounds the
-    parallelism, so use at least ``num_workers``. With ``num_workers=0`` and an ``fn`` that
+    parallelism, so use at least ``num_workers`` (default: ``max(2, num_workers)``). Workers
+    hold all but about one in-flight element each; while the head's result is not ready, this
+    process computes the elements left waiting instead of idling. With ``num_workers=0`` and
+    an ``fn`` that
     has ``many(plans) -> [fn(plan) for plan in plans]`` (one call sharing fixed costs, as
     :class:`wf_data.data.rows.ReadSlice` reads several batches at once), the in-flight
     elements are computed together, ``lookahead + 1`` at a time; in a worker, a ``many`` with
@@ -91,9 +94,11 @@ class ProcessMap(grain.IterDataset):
         fn: Callable[[Plan], dict[str, np.ndarray]],
         *,
         num_workers: int,
-        lookahead: int,
+        lookahead: int | None = None,
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
     ):
+        if lookahead is None:
+            lookahead = max(2, num_workers) if isinstance(num_workers, int) else 2
         if isinstance(parent, grain.MapDataset):
             # Plans are cheap and computed in memory: reader threads would only compete with
             # the workers for the GIL and the cores (Grain's advice for in-memory data).
@@ -285,25 +290,51 @@ class ProcessMapIterator(grain.DatasetIterator):
     def _inline_result(self) -> dict[str, np.ndarray]:
         """The head's result computed here; with ``fn.many``, together with every in-flight
         element not yet computed (their results wait in order)."""
-        head = self._in_flight[0]
-        if head.result is None:
-            pending = [entry for entry in self._in_flight if entry.result is None]
-            results = results_together(self._fn, [entry.plan for entry in pending])
-            if results is not None:
-                for entry, result in zip(pending, results, strict=True):
-                    entry.result = result
-            if head.result is None:  # computed alone, it names the element that fails
-                head.result = check_result(self._fn(head.plan))
-        return head.result
+        if self._in_flight[0].result is None:
+            self._compute_here([entry for entry in self._in_flight if entry.result is None])
+        return self._in_flight[0].result
+
+    def _compute_here(self, pending: list[_InFlight]) -> None:
+        """Computes the results of ``pending`` in this process: together with ``fn.many``;
+        otherwise (or if ``many`` failed) the head alone if it is pending, so that an error
+        names it, else the last of them, whose error waits until it is computed again."""
+        results = results_together(self._fn, [entry.plan for entry in pending])
+        if results is not None:
+            for entry, result in zip(pending, results, strict=True):
+                entry.result = result
+        elif pending[0] is self._in_flight[0]:
+            pending[0].result = check_result(self._fn(pending[0].plan))
+        else:
+            try:
+                pending[-1].result = check_result(self._fn(pending[-1].plan))
+            except Exception:
+                pass  # raised again, and named, when its element is computed as the head
 
     def _result_from_pool(self) -> dict[str, np.ndarray]:
+        """The head's result. Elements go to the least busy worker while one has room; the
+        others wait here, and while the head is not ready this process computes them rather
+        than idle (results are the same whoever computes them): workers that cannot keep up
+        (as many workers as cores, a slow ``fn``) cost the stream less."""
         if self._pool is None:
             self._start_pool()
+        head = self._in_flight[0]
         try:
             for entry in self._in_flight:
-                if entry.ticket is None:
+                if entry.ticket is None and entry.result is None:
                     entry.ticket = self._pool.submit(entry.plan)
-            return self._pool.result(self._in_flight[0].ticket)
+                    if entry.ticket is None:
+                        break  # every worker is busy
+            helped = False
+            while head.result is None:
+                waiting = [e for e in self._in_flight if e.ticket is None and e.result is None]
+                if waiting and (
+                    head.ticket is None or not (helped or self._pool.ready(head.ticket))
+                ):
+                    self._compute_here(waiting)  # computes the head if it is waiting too
+                    helped = True
+                else:
+                    head.result = self._pool.result(head.ticket)
+            return head.result
         except WorkerError:
             self._stop_pool()
             raise
@@ -319,9 +350,9 @@ class ProcessMapIterator(grain.DatasetIterator):
             raise
 
     def _start_pool(self) -> None:
-        # One slot more than the most elements a worker can hold unread (the in-flight
-        # elements plus the head, round-robin), so a slot is rewritten only once read.
-        slots = math.ceil((self._lookahead + 1) / self._num_workers) + 1
+        # Workers hold all but about one element per worker of the in-flight ones: those wait
+        # here, for this process to compute while its head is not ready.
+        slots = max(1, math.ceil((self._lookahead + 1) / self._num_workers) - 1)
         self._pool = WorkerPool(self._fn_pickle, self._num_workers, slots, self._timeout_s)
 
     def _restart_sequence(self) -> None:

@@ -77,10 +77,11 @@ class _Worker:
 class WorkerPool:
     """``num_workers`` processes applying ``fn`` to tasks; results read back in task order.
 
-    ``slots`` bounds the tasks in flight per worker: the caller never has more than ``slots``
-    unread tasks on one worker (it reads results in submission order), which is what makes
-    reusing a slot safe. A worker that neither takes a task nor answers for ``timeout_s``
-    seconds (``None``: wait forever) while the caller waits on it is killed: ``WorkerError``.
+    ``slots`` bounds the unread tasks per worker: :meth:`submit` gives a task to the least busy
+    worker below that bound, and the caller reads each worker's results in submission order,
+    which is what makes reusing a slot safe. A worker that neither takes a task nor answers for
+    ``timeout_s`` seconds (``None``: wait forever) while the caller waits on it is killed:
+    ``WorkerError``.
     """
 
     def __init__(
@@ -88,7 +89,6 @@ class WorkerPool:
     ):
         self._slots = slots
         self._timeout_s = timeout_s
-        self._next_worker = 0
         self._next_task = 0
         self._workers: list[_Worker] = []
         self._finalizer = weakref.finalize(self, _shutdown, self._workers, os.getpid())
@@ -108,21 +108,24 @@ class WorkerPool:
         """Process ids of the workers, in worker order."""
         return [worker.process.pid for worker in self._workers]
 
-    def submit(self, plan) -> tuple[int, int]:
-        """Sends ``plan`` to the next worker; returns the ticket to pass to :meth:`result`."""
-        worker = self._workers[self._next_worker]
-        self._next_worker = (self._next_worker + 1) % len(self._workers)
+    def submit(self, plan) -> tuple[int, int] | None:
+        """Sends ``plan`` to the least busy worker (the first of equals); returns the ticket to
+        pass to :meth:`result`, or None (nothing sent) when every worker has ``slots`` unread
+        tasks."""
+        worker = min(self._workers, key=lambda candidate: len(candidate.outstanding))
         if len(worker.outstanding) >= self._slots:
-            raise RuntimeError(
-                f"ProcessMap worker {worker.index} has {len(worker.outstanding)} unread results; "
-                f"at most {self._slots} fit its shared buffer"
-            )
+            return None
         task_id = self._next_task
         self._next_task += 1
         self._send(worker, (task_id, worker.submitted % self._slots, pack_plan(plan)))
         worker.submitted += 1
         worker.outstanding.append(task_id)
         return worker.index, task_id
+
+    def ready(self, ticket: tuple[int, int]) -> bool:
+        """Whether the worker of ``ticket`` has begun to answer (or died), so that
+        :meth:`result` of its oldest unread task would not wait for a computation."""
+        return _readable(self._workers[ticket[0]].result_fd)
 
     def result(self, ticket: tuple[int, int]) -> dict[str, np.ndarray]:
         """The result of ``ticket``, which must be its worker's oldest unread task.
