@@ -104,6 +104,10 @@ class SlotWriter:
         # frombuffer holds the mapping open (an export) for as long as the array lives.
         return np.frombuffer(self._map, np.uint8, count=nbytes, offset=offset + lent)
 
+    def forget_lent(self, slot: int) -> None:
+        """Forgets what :meth:`allocate` lent in ``slot`` for a result that will not be sent."""
+        self._lent.pop(slot, None)
+
     def write(self, slot: int, arrays: dict[str, np.ndarray]) -> list[ArrayMeta]:
         """Copies ``arrays`` into ``slot`` (but for those already there, built in memory lent
         by :meth:`allocate`); returns the metadata the consumer needs to read them."""

@@ -330,7 +330,7 @@ def worker_main(argv: list[str]) -> None:
         fn, init_error = None, _exception_payload(error)
     writer = SlotWriter(memory_fd)
     many = getattr(fn, "many", None)
-    builds_in_place = many is not None and "allocate" in inspect.signature(many).parameters
+    builds_in_place = _takes_allocate(many)
     while True:
         try:
             tasks = [receive_message(task_fd)]
@@ -356,9 +356,20 @@ def worker_main(argv: list[str]) -> None:
                 result = results[index] if results is not None else check_result(fn(plan))
                 send_message(result_fd, (task_id, "ok", writer.write(slot, result)))
             except Exception as error:
+                writer.forget_lent(slot)
                 send_message(result_fd, (task_id, "error", _exception_payload(error)))
         # No view into the shared file may outlive its result: a slot that grows remaps it.
         results = result = None
+
+
+def _takes_allocate(many) -> bool:
+    """Whether ``fn.many`` has an ``allocate`` parameter (memory to build its results in)."""
+    if many is None:
+        return False
+    try:
+        return "allocate" in inspect.signature(many).parameters
+    except (TypeError, ValueError):  # a callable without a signature (a builtin)
+        return False
 
 
 def pack_plan(plan: dict) -> dict:
