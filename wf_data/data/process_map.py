@@ -7,7 +7,8 @@ a batch), and hand them back through shared memory (:mod:`wf_data.data.shm_ring`
 Invariants:
 
 - **Order.** Results come in the parent's order, whatever ``num_workers`` is; ``num_workers=0``
-  runs ``fn`` inline and gives the identical stream.
+  runs ``fn`` inline and gives the identical stream. With workers, elements that no worker has
+  room for are computed in this process while it waits: the same results, whoever computes.
 - **Lookahead.** After the consumer has taken ``k`` elements, exactly ``k + lookahead`` have
   been pulled from the parent (fewer at its end; one more while a failed ``next()`` awaits its
   retry), synchronously inside ``__next__``. A feedback call between two ``next()`` (a mixture

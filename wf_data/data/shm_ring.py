@@ -1,13 +1,15 @@
 """Shared-memory hand-off of result arrays from a worker process to its consumer.
 
 Each worker owns one anonymous shared file (``memfd``) divided into ``slots``; the consumer
-maps the same file. The worker copies the arrays of one result into a slot and sends only
-``(key, dtype, shape, offset)`` metadata over a pipe; the consumer copies them out. A memfd
+maps the same file. The worker copies the arrays of one result into a slot (or builds them
+there, in memory the slot lends) and sends only ``(key, dtype, shape, offset)`` metadata over
+a pipe; the consumer copies them out. A memfd
 has no name, so nothing can be left in ``/dev/shm`` whatever kills either side, and no
 resource tracker is involved. A slot grows (moves to the end of the file) when a result does
 not fit, and the pages of its old region are freed at once (``MADV_REMOVE``); the consumer
 remaps when an offset lies past its mapping, unmapping the old mapping (results are copies,
-so no array refers to it). Each side holds one mapping of the file at any time.
+so no array refers to it). Each side holds one mapping of the file at any time, but for a
+worker's mapping that arrays of a result being built still refer to (freed once they are).
 
 Safety rests on one rule the caller keeps: a slot is reused only after the consumer has read
 the result last written to it.
