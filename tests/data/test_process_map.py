@@ -15,8 +15,8 @@ import pytest
 from tests.data.process_map_fns import (
     FailWhileFileExists,
     InPlaceRows,
-    RowsAndPid,
     LoadsOnlyInItsProcess,
+    RowsAndPid,
     SleepyRows,
     environment,
     growing,

@@ -67,9 +67,7 @@ def _is_document(value: Any) -> bool:
     is a document (an empty source cannot be read from)."""
     if isinstance(value, int | np.integer | np.ndarray | dict):
         return True
-    return isinstance(value, list | tuple) and (
-        not value or isinstance(value[0], int | np.integer)
-    )
+    return isinstance(value, list | tuple) and (not value or isinstance(value[0], int | np.integer))
 
 
 class RowReader:

@@ -136,8 +136,7 @@ class SlotWriter:
         if old is not None:  # after the copies: arrays built in place may have lain there
             _free(self._map, *old)
         return [
-            (key, array.dtype.str, tuple(array.shape), placed[key])
-            for key, array in arrays.items()
+            (key, array.dtype.str, tuple(array.shape), placed[key]) for key, array in arrays.items()
         ]
 
     def _lent_offset(self, array: np.ndarray, offset: int, lent: int) -> int | None:
