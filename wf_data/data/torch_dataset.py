@@ -256,12 +256,12 @@ class _LoaderIterator:
     def __next__(self) -> dict[str, Any]:
         loader = self._ensure_loader()
         if not self._dataset.rows:
-            batch = next(self.loader)
+            batch = next(loader)
             self._remember()
             return batch
         if self._batch is None or self._row == len(self._batch["domain_ids"]):
             self._before = loader.state_dict()
-            self._batch, self._row = next(self.loader), 0
+            self._batch, self._row = next(loader), 0
             self._rows_per_batch = len(self._batch["domain_ids"])
         row = {key: value[self._row] for key, value in self._batch.items()}
         self._row += 1
