@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def demo_cache(tmp_path_factory):
     """The demo corpus prepared once per test session in a private cache (WF_DATA_CACHE)."""
-    from wf_data.data.demo_corpus import ensure_demo_data
+    from wf_data.data.prepare.demo_corpus import ensure_demo_data
 
     cache = tmp_path_factory.mktemp("wf-data-cache")
     previous = os.environ.get("WF_DATA_CACHE")

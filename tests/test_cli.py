@@ -14,8 +14,8 @@ import yaml
 
 from wf_data import cli
 from wf_data.config import config_dir
-from wf_data.data import out_dir as out_dir_lib
-from wf_data.data import sources
+from wf_data.data.prepare import out_dir as out_dir_lib
+from wf_data.data.shards import sources
 
 
 def _corpus(directory, files=3, docs=40):
@@ -214,7 +214,7 @@ def test_prepare_several_text_keys(tmp_path, capsys):
 
 
 def test_prepare_nemotron_records_feed_sft(tmp_path, capsys):
-    from wf_data.data.datasets.sft import SFTDataset
+    from wf_data.data.read.sft import SFTDataset
 
     rows = [
         {"input": [{"role": "user", "content": "what is the answer"}], "output": "fine thanks",
@@ -247,8 +247,8 @@ def test_prepare_nemotron_records_feed_sft(tmp_path, capsys):
 
 SLOW_RUN = """
 import importlib, sys, time
-from wf_data.data import sources
-prepare_module = importlib.import_module("wf_data.data.prepare")
+from wf_data.data.shards import sources
+prepare_module = importlib.import_module("wf_data.data.prepare.run")
 real = sources.write_shard
 def slow(*args, **kwargs):
     time.sleep(0.04)

@@ -6,7 +6,7 @@
 
 Fairness rules every section follows:
 - Both sides read the same ArrayRecord shards (written once under `--cache-dir` with
-  `wf_data.data.sources.write_shard`) in a shuffled order: ours through the packers' seeded
+  `wf_data.data.shards.sources.write_shard`) in a shuffled order: ours through the packers' seeded
   epoch permutation, Grain's through `MapDataset.source(...).shuffle(seed)`. Neither reads in
   file order (random access costs both the same).
 - Sides run in interleaved rounds (A, B, A, B, ...) so that load from other users of a shared
@@ -42,7 +42,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from wf_data.data import sources  # noqa: E402
+from wf_data.data.shards import sources  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_loader  # noqa: E402
@@ -728,8 +728,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     import torch  # noqa: F401
 
     import wf_data.config  # noqa: F401
-    import wf_data.data.interop  # noqa: F401
-    import wf_data.data.loader  # noqa: F401
+    import wf_data.data.deliver.interop  # noqa: F401
+    import wf_data.data.deliver.loader  # noqa: F401
 
     imports = time.perf_counter() - start
     corpora = {label: make_corpus(args, label) for label in LENGTHS}

@@ -12,12 +12,12 @@ import time
 
 import numpy as np
 
-from wf_data.data.datasets.pretrain import PretrainDataset
-from wf_data.data.factory import reader_of
-from wf_data.data.loader import DataLoader
-from wf_data.data.mixing import Exp3Policy, RowUniforms, draw_domains, mix_plans
-from wf_data.data.odm import Exp3
-from wf_data.data.sources import DocumentSource
+from wf_data.data.deliver.factory import reader_of
+from wf_data.data.deliver.loader import DataLoader
+from wf_data.data.mix.exp3 import Exp3
+from wf_data.data.mix.mixing import Exp3Policy, RowUniforms, draw_domains, mix_plans
+from wf_data.data.read.pretrain import PretrainDataset
+from wf_data.data.shards.sources import DocumentSource
 
 DOMAINS = ("web", "code", "math")
 # The data configs' default: batches planned and read in groups of 3.

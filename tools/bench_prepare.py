@@ -3,7 +3,7 @@
     uv run python tools/bench_prepare.py                  # ~30 MB corpus, --workers 2
     uv run python tools/bench_prepare.py --mb 5 --workers 1 2
 
-Corpus: the demo corpus (`wf_data.data.demo_corpus`: prose, code, math), repeated with a
+Corpus: the demo corpus (`wf_data.data.prepare.demo_corpus`: prose, code, math), repeated with a
 deterministic per-copy prefix until `--mb` megabytes, written as `--files` jsonl files. Raw:
 `TokenizerWrapper.encode_batch` over the same texts in batches of the size prepare uses, in one
 process with the tokenizer's own thread pool on every core. Prepare: wall-clock of
@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
 
 def build_texts(megabytes: float) -> list[str]:
     """Deterministic documents totalling about `megabytes` MB of UTF-8."""
-    from wf_data.data.demo_corpus import build_demo_corpus
+    from wf_data.data.prepare.demo_corpus import build_demo_corpus
 
     corpus = build_demo_corpus(seed=0)
     base = [text for domain in sorted(corpus) for text in corpus[domain] if text.strip()]
@@ -78,8 +78,8 @@ def tokenizer_path(texts: list[str], work: pathlib.Path) -> str:
 
 def raw_throughput(path: str, texts: list[str]) -> tuple[float, int]:
     """(seconds, tokens) of `encode_batch` over `texts`, batch by batch, all cores."""
-    from wf_data.data.prepare import BATCH_DOCS
-    from wf_data.data.tokenization import TokenizerWrapper
+    from wf_data.data.prepare.encoding import BATCH_DOCS
+    from wf_data.data.text.tokenization import TokenizerWrapper
 
     tokenizer = TokenizerWrapper.from_pretrained(path, add_bos=False, add_eos=False)
     tokenizer.encode_batch(texts[:BATCH_DOCS])  # warm up the thread pool

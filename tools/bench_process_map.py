@@ -54,7 +54,7 @@ def run_once(fn, num_workers: int, num_results: int) -> tuple[float, ...]:
     per result. CPU times hold on a loaded machine, wall times do not."""
     import grain
 
-    from wf_data.data.process_map import ProcessMap
+    from wf_data.data.workers.process_map import ProcessMap
 
     rows = np.random.default_rng(0).integers(0, ROWS - BATCH, size=num_results + 1)
     plans = grain.MapDataset.source(rows).map(lambda row: {"row": int(row)})  # no reader threads

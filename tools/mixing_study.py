@@ -120,9 +120,9 @@ def prepare_study_data(root: str | os.PathLike | None = None) -> dict[str, dict[
     The demo domains come from `ensure_demo_data`; ``random`` and ``small`` are written under
     ``root`` (default: beside the demo cache) on first use.
     """
-    from wf_data.data.demo_corpus import demo_cache_dir, ensure_demo_data
     from wf_data.data.prepare import prepare
-    from wf_data.data.tokenization import TokenizerWrapper
+    from wf_data.data.prepare.demo_corpus import demo_cache_dir, ensure_demo_data
+    from wf_data.data.text.tokenization import TokenizerWrapper
 
     demo = ensure_demo_data(progress=False)
     root = Path(root) if root is not None else demo_cache_dir().parent / "mixing-study"
@@ -174,8 +174,8 @@ def study_config(paths, mixing: dict, seed: int, options: StudyOptions) -> dict:
 
 def _train_steps(model, optimizer, loader, batches, steps: int, learns: bool) -> None:
     """`steps` optimizer steps; an online mixture gets each step's per-domain mean loss."""
+    from wf_data.data.mix.feedback import per_domain_loss
     from wf_data.demo import row_losses
-    from wf_data.influence import per_domain_loss
 
     for _ in range(steps):
         batch = next(batches)
@@ -198,7 +198,7 @@ def run_arm(
     """Train one arm for `options.steps` steps and evaluate every `options.eval_every`."""
     import torch
 
-    from wf_data.data.factory import get_eval_loaders, get_loader
+    from wf_data.data.deliver.factory import get_eval_loaders, get_loader
     from wf_data.demo import DemoOptions, build_tiny_llama, evaluate
 
     started = time.perf_counter()
@@ -245,7 +245,7 @@ def run_arm(
 
 def loader_vocab_size() -> int:
     """Vocabulary of the demo tokenizer (the model's output size)."""
-    from wf_data.data.tokenization import TokenizerWrapper
+    from wf_data.data.text.tokenization import TokenizerWrapper
 
     return TokenizerWrapper.from_pretrained(None).vocab_size
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from wf_data import atomic
-from wf_data.data.odm import Exp3
+from wf_data.data.mix.exp3 import Exp3
 
 
 @dataclass(frozen=True)

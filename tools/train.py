@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from wf_data.data.loader_state import PendingLosses  # noqa: E402
+from wf_data.data.deliver.loader_state import PendingLosses  # noqa: E402
 from wf_data.distributed import (  # noqa: E402
     ParallelDims,
     apply_fsdp,
@@ -331,7 +331,7 @@ def world_sum(value: float | torch.Tensor, device: torch.device) -> float:
 
 def run(cfg: Any) -> list[dict[str, float]]:
     """Train for `cfg.steps` steps (resuming when a checkpoint exists); returns the step log."""
-    from wf_data.influence import MixtureFeedback
+    from wf_data.data.mix.feedback import MixtureFeedback
 
     options = cfg.distributed
     dims = ParallelDims(dp_replicate=options.dp_replicate, dp_shard=options.dp_shard,

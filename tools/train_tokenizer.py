@@ -5,7 +5,7 @@
 The result is deterministic: the same corpus (same Python minor version) and options give
 byte-identical files, so the shipped tokenizer can be regenerated and checked at any time.
 Special tokens: ``<|endoftext|>`` (id 0; bos, eos and pad), ``<|im_start|>``, ``<|im_end|>``.
-The ChatML chat template is plain Jinja; ``wf_data.data.chat`` finds the assistant tokens (the
+The ChatML chat template is plain Jinja; ``wf_data.data.text.chat`` finds the assistant tokens (the
 SFT loss mask) by rendering conversation prefixes.
 """
 
@@ -24,7 +24,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from wf_data import atomic  # noqa: E402
-from wf_data.data.demo_corpus import build_demo_corpus, corpus_fingerprint  # noqa: E402
+from wf_data.data.prepare.demo_corpus import build_demo_corpus, corpus_fingerprint  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "wf_data" / "assets" / "tokenizer"
 DEFAULT_VOCAB_SIZE = 8192
@@ -35,7 +35,7 @@ EOS_TOKEN = "<|endoftext|>"
 SPECIAL_TOKENS = (EOS_TOKEN, "<|im_start|>", "<|im_end|>")
 
 # ChatML in plain Jinja (no {% generation %}: torchtitan's and any plain Jinja must load it).
-# The "\n" between turns opens the next turn, so the prefix method of wf_data.data.chat finds
+# The "\n" between turns opens the next turn, so the prefix method of wf_data.data.text.chat finds
 # each assistant reply plus its closing <|im_end|> as the loss tokens.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"

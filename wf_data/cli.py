@@ -226,14 +226,14 @@ def _print_prepare_summary(args: argparse.Namespace, manifest: dict) -> None:
 
 
 def _prepare_on_beam(args: argparse.Namespace, options: dict) -> dict:
-    """`prepare --runner beam`: the Beam pipeline of wf_data.data.prepare_beam, run to the end."""
+    """`prepare --runner beam`: the Beam pipeline of wf_data.data.prepare.beam, run to the end."""
     if args.workers != 1:
         raise CommandError(
             "--workers applies to --runner local; Beam sets its own parallelism "
             "(--beam-options='--direct_num_workers=N', or the cluster runner's worker options)"
         )
     try:
-        from wf_data.data import prepare_beam
+        from wf_data.data.prepare import beam as prepare_beam
     except ImportError as error:
         raise CommandError(
             f"--runner beam needs Apache Beam ({error}): pip install 'wf-data[beam]'"
@@ -304,7 +304,7 @@ def _decoder(manifest: dict, tokenizer_name: str | None):
     if name is None:
         return None
     try:
-        from wf_data.data.tokenization import TokenizerWrapper
+        from wf_data.data.text.tokenization import TokenizerWrapper
 
         tokenizer = TokenizerWrapper.from_pretrained(name, add_bos=False, add_eos=False)
     except (ImportError, OSError, ValueError) as error:
@@ -327,7 +327,7 @@ def _show(record: Any, decode: Any, limit: int = 300) -> str:
 
 def run_inspect(args: argparse.Namespace) -> int:
     """Print the summary of a dataset directory; exit status 1 when integrity checks fail."""
-    from wf_data.data.sources import open_dataset, read_manifest, verify_dataset
+    from wf_data.data.shards.sources import open_dataset, read_manifest, verify_dataset
 
     manifest = read_manifest(args.path)
     totals = manifest["totals"]

@@ -70,7 +70,7 @@ class SourceConfig:
     ``text_key`` (one column or a list joined by ``text_separator``) and the chat columns
     describe the raw records the directory was prepared from: ``chat_key`` names a column of
     ``[{role, content}]`` messages, ``input_key`` / ``output_key`` / ``system_prompt_key`` the
-    Nemotron-style columns (``None`` = the defaults of ``wf_data.data.chat.to_messages``).
+    Nemotron-style columns (``None`` = the defaults of ``wf_data.data.text.chat.to_messages``).
     ``prepare_command`` is the command that creates ``path`` (``{path}`` and ``{tokenizer}`` are
     substituted); error messages quote it.
     """
@@ -113,7 +113,7 @@ class SourceConfig:
 class MixingConfig:
     """How rows are drawn across sources: fixed weights, or online EXP3 (Online Data Mixing).
 
-    The EXP3 parameters are those of ``wf_data.data.odm.Exp3`` (built by
+    The EXP3 parameters are those of ``wf_data.data.mix.exp3.Exp3`` (built by
     ``odm.bandit_from_config``); ``kind="static"`` uses none of them. ``update_rule``: the
     paper's importance-weighted EXP3 or the authors' repository variant ``smoothed_mean``;
     ``reward``: the loss, its excess over ``reference_losses`` (``{source: loss}``), or its
@@ -676,7 +676,7 @@ def _resolve_paths(data: DataConfig) -> None:
 def check_source_paths(data: DataConfig) -> None:
     """Raise ``ConfigError`` listing every enabled or eval source whose directory is missing or
     unfinished (no manifest), each with the ``wf-data prepare`` command that creates it."""
-    from wf_data.data.sources import MANIFEST_NAME  # lazy: keeps config import light
+    from wf_data.data.shards.sources import MANIFEST_NAME  # lazy: keeps config import light
 
     problems = []
     sections = ((ROOT_KEY + ".sources", data.enabled_sources()),

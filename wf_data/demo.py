@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wf_data.data.checkpoint import load_with_dcp, save_with_dcp
-from wf_data.data.demo_corpus import ensure_demo_data
-from wf_data.data.factory import get_eval_loaders, get_loader
-from wf_data.influence import MixtureFeedback, row_loss_from_logits
+from wf_data.data.deliver.factory import get_eval_loaders, get_loader
+from wf_data.data.mix.feedback import MixtureFeedback, row_loss_from_logits
+from wf_data.data.prepare.demo_corpus import ensure_demo_data
+from wf_data.integrations.checkpoint import load_with_dcp, save_with_dcp
 
 
 @dataclasses.dataclass
@@ -136,7 +136,7 @@ def _make_run(options: DemoOptions):
         "mixing.kind=exp3",
     ]
     loader = get_loader("demo", framework="torch", overrides=overrides)
-    from wf_data.data.tokenization import TokenizerWrapper
+    from wf_data.data.text.tokenization import TokenizerWrapper
 
     vocab_size = TokenizerWrapper.from_pretrained(None).vocab_size
     model = build_tiny_llama(vocab_size, options)

@@ -39,10 +39,10 @@ def add_stream_parser(subparsers: Any) -> None:
 
 
 def run_stream(args: argparse.Namespace) -> int:
-    from wf_data.data.factory import get_loader
+    from wf_data.data.deliver.factory import get_loader
 
     if args.config == "demo":
-        from wf_data.data.demo_corpus import ensure_demo_data
+        from wf_data.data.prepare.demo_corpus import ensure_demo_data
 
         ensure_demo_data()
     loader = get_loader(

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader as TorchDataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from tests.clients.streams import assert_streams_equal
-from wf_data.data.torch_dataset import LoaderDataset, check_model
 from wf_data.integrations.hf_trainer import STATE_FILE, LoaderStateCallback
+from wf_data.integrations.torch_dataset import LoaderDataset, check_model
 
 VOCAB = 8192  # the shipped wf-data-demo tokenizer
 

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader as TorchDataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from tests.clients.streams import OVERRIDES, as_numpy, assert_streams_equal
-from wf_data.data.loader import get_loader
-from wf_data.data.torch_dataset import LoaderDataset
+from wf_data.data.deliver.factory import get_loader
+from wf_data.integrations.torch_dataset import LoaderDataset
 
 STEPS = 6
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -76,7 +76,7 @@ def fork_checks(cache):
     """Forked workers (the parent reads no shard until the end): the 0-worker stream, exactly
     once each, and exact resume through StatefulDataLoader's per-worker states."""
     from wf_data.config import load_data_config
-    from wf_data.data.sources import read_before_fork
+    from wf_data.data.shards.sources import read_before_fork
 
     config = load_data_config("demo", OVERRIDES)
     straight = stateful_resume_checks(

@@ -9,7 +9,7 @@ from torchtitan.components.optimizer import OptimizersContainer
 from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
 from torchtitan.components.optimizer.optimizer import ParamGroupConfig
 
-from wf_data.data.loader import get_loader
+from wf_data.data.deliver.factory import get_loader
 from wf_data.integrations.torchtitan import WfDataTitanLoader
 
 SEQ_LEN = 64  # torchtitan's training.seq_len; wf-data rows are one token longer

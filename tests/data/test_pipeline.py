@@ -15,13 +15,13 @@ import grain
 import numpy as np
 import pytest
 
-from wf_data.data.batching import batch_plans
-from wf_data.data.mixing import Exp3Policy, mix_plans
-from wf_data.data.odm import Exp3
-from wf_data.data.packing import pack
-from wf_data.data.process_map import ProcessMap
-from wf_data.data.rows import read_rows
-from wf_data.data.sources import InMemorySource
+from wf_data.data.mix.exp3 import Exp3
+from wf_data.data.mix.mixing import Exp3Policy, mix_plans
+from wf_data.data.plan.batching import batch_plans
+from wf_data.data.read.packing import pack
+from wf_data.data.read.rows import read_rows
+from wf_data.data.shards.sources import InMemorySource
+from wf_data.data.workers.process_map import ProcessMap
 
 SEQ_LEN = 24
 NAMES = ("prose", "code", "math")

@@ -76,7 +76,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 120):
 # workers re-import it (as __mp_main__), so the slowdown reaches them too.
 SLOW_PREPARE = """
 import sys, time
-from wf_data.data import sources
+from wf_data.data.shards import sources
 
 real_write_shard = sources.write_shard
 

@@ -34,7 +34,7 @@ KILLS = 5
 FORK_SERVER = textwrap.dedent("""
     import itertools, os, signal, sys
     import torch
-    from wf_data.data.checkpoint import save_with_dcp
+    from wf_data.integrations.checkpoint import save_with_dcp
     from wf_data.distributed import save_checkpoint
 
     class Loader:
@@ -104,8 +104,8 @@ class Loader:
 
 def _load_latest(root: Path, writer: str) -> int:
     """The counter `i` of the latest checkpoint, after checking every part agrees with it."""
-    from wf_data.data.checkpoint import load_with_dcp
     from wf_data.distributed import load_checkpoint
+    from wf_data.integrations.checkpoint import load_with_dcp
 
     loader, model = Loader(), torch.nn.Linear(32, 32)
     if writer == "dcp":
@@ -215,7 +215,7 @@ def test_a_failed_save_leaves_the_previous_one(tmp_path):
 
 @pytest.fixture
 def saved(tmp_path):
-    from wf_data.data.checkpoint import save_with_dcp
+    from wf_data.integrations.checkpoint import save_with_dcp
 
     class State:
         def state_dict(self):
@@ -236,7 +236,7 @@ def _damage(file: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how", ["truncated", "flipped"])
 def test_damaged_loader_state_is_an_error_naming_the_file(saved, how):
-    from wf_data.data.checkpoint import load_with_dcp
+    from wf_data.integrations.checkpoint import load_with_dcp
 
     file = saved / atomic.LOADER_STATE_FILE
     if how == "flipped":  # flip a byte of the JSON syntax, not of a digit
@@ -249,7 +249,7 @@ def test_damaged_loader_state_is_an_error_naming_the_file(saved, how):
 
 @pytest.mark.parametrize("how", ["truncated", "flipped"])
 def test_damaged_dcp_metadata_is_an_error_naming_the_file(saved, how):
-    from wf_data.data.checkpoint import load_with_dcp
+    from wf_data.integrations.checkpoint import load_with_dcp
 
     _damage(saved / ".metadata", how)
     state = {"model": torch.nn.Linear(4, 4).state_dict()}

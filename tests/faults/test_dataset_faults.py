@@ -13,8 +13,8 @@ import pytest
 
 from tests.faults._prepare_helpers import WordTokenizer, corpus
 from wf_data import cli
-from wf_data.data import sources
 from wf_data.data.prepare import prepare
+from wf_data.data.shards import sources
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ import signal
 
 import pytest
 
-from tests.data.test_loader import assert_batches_equal, losses_for, make_loader, run
-from wf_data.data.loader import LoaderStateError
-from wf_data.data.process_map import WorkerError
+from tests.data.deliver.test_loader import assert_batches_equal, losses_for, make_loader, run
+from wf_data.data.deliver.loader import LoaderStateError
+from wf_data.data.workers.process_map import WorkerError
 
 
 def feed(loader, batch_index):

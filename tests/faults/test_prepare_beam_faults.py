@@ -20,18 +20,19 @@ import pytest
 
 pytest.importorskip("apache_beam", reason="the optional extra wf-data[beam]")
 
-from wf_data.data import out_dir as out_dir_lib  # noqa: E402
-from wf_data.data import prepare as prepare_lib  # noqa: E402
-from wf_data.data import prepare_beam  # noqa: E402
+from wf_data.data.prepare import beam as prepare_beam  # noqa: E402
+from wf_data.data.prepare import out_dir as out_dir_lib  # noqa: E402  # noqa: E402
+from wf_data.data.prepare import run as prepare_lib  # noqa: E402
 
 OPTIONS = {"num_shards": 2, "piece_bytes": 1500}
 
 CHILD = textwrap.dedent("""
     import json, os, signal, sys
-    from wf_data.data import prepare as prepare_lib, prepare_beam
+    from wf_data.data.prepare import parts
+    from wf_data.data.prepare import beam as prepare_beam
 
     inputs, out, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
-    real = prepare_lib.prepare_file
+    real = parts.prepare_file
 
     def prepare_then_die(task, part_path, **kwargs):
         result = real(task, part_path, **kwargs)
@@ -39,7 +40,7 @@ CHILD = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
-    prepare_lib.prepare_file = prepare_then_die
+    parts.prepare_file = prepare_then_die
     prepare_beam.run(inputs, out, **options)
 """)
 
@@ -48,7 +49,7 @@ def _output_files(out_dir: Path) -> dict[str, str]:
     return {
         str(path.relative_to(out_dir)): hashlib.sha256(path.read_bytes()).hexdigest()
         for path in sorted(out_dir.rglob("*"))
-        if path.is_file() and prepare_lib.WORK_DIR_NAME not in path.parts
+        if path.is_file() and out_dir_lib.WORK_DIR_NAME not in path.parts
     }
 
 
@@ -68,12 +69,12 @@ def test_rerun_after_sigkill_mid_part_is_identical_and_clean(tmp_path):
         timeout=120,
     )
     assert child.returncode == -signal.SIGKILL, child.stderr[-2000:]
-    work = out_dir_lib.build_dir(out) / prepare_lib.WORK_DIR_NAME  # built beside --out
+    work = out_dir_lib.build_dir(out) / out_dir_lib.WORK_DIR_NAME  # built beside --out
     assert list(work.glob("part-000002.array_record.attempt-*"))  # what the kill left
     assert not out.exists()
 
     prepare_beam.run(inputs, out, **OPTIONS)
     prepare_lib.prepare(inputs, tmp_path / "local", progress=False, **OPTIONS)
     assert _output_files(out) == _output_files(tmp_path / "local")
-    assert not list((out / prepare_lib.WORK_DIR_NAME).glob("*.attempt-*"))
+    assert not list((out / out_dir_lib.WORK_DIR_NAME).glob("*.attempt-*"))
     assert not work.exists()

@@ -29,9 +29,9 @@ from tests.faults._prepare_helpers import (
     write_jsonl,
 )
 from wf_data import cli
-from wf_data.data import out_dir as out_dir_lib
-from wf_data.data import sources
+from wf_data.data.prepare import out_dir as out_dir_lib
 from wf_data.data.prepare import prepare
+from wf_data.data.shards import sources
 
 
 def _dataset_files(out_dir):

@@ -75,8 +75,8 @@ def test_pickle_in_place_of_a_json_document_is_refused(tmp_path, marker, documen
 
 @pytest.mark.parametrize("writer", ["dcp", "fsdp2"])
 def test_crafted_dcp_metadata_is_refused(tmp_path, marker, writer):
-    from wf_data.data.checkpoint import load_with_dcp, save_with_dcp
     from wf_data.distributed import load_checkpoint, save_checkpoint
+    from wf_data.integrations.checkpoint import load_with_dcp, save_with_dcp
 
     model, optimizer = _model_and_optimizer()
     if writer == "dcp":
@@ -94,7 +94,7 @@ def test_crafted_dcp_metadata_is_refused(tmp_path, marker, writer):
 def test_crafted_non_tensor_value_is_refused(tmp_path, marker):
     """DCP stores non-tensor values (optimizer hyper-parameters) as pickles: a crafted one is
     refused by the weights_only load, and genuine ones still load."""
-    from wf_data.data.checkpoint import load_with_dcp, save_with_dcp
+    from wf_data.integrations.checkpoint import load_with_dcp, save_with_dcp
 
     save_with_dcp(tmp_path / "good", Loader(), {"config": {"lr": 0.5, "betas": (0.9, 0.95)}})
     state = {"config": {"lr": 0.0, "betas": (0.0, 0.0)}}
@@ -122,7 +122,11 @@ UNSAFE = {
 # The worker transport pickles between the trainer's process and the workers it forked, over
 # pipes it created: nothing there comes from disk. Such lines carry IPC_MARK, only in these files.
 IPC_MARK = "# ipc-pickle"
-IPC_FILES = {"wf_data/data/zygote.py", "wf_data/data/worker_pool.py", "wf_data/data/shm_ring.py"}
+IPC_FILES = {
+    "wf_data/data/workers/zygote.py",
+    "wf_data/data/workers/pool.py",
+    "wf_data/data/workers/shm_ring.py",
+}
 
 
 def _allowed(file: str, line: str) -> bool:
@@ -144,9 +148,9 @@ def test_no_unsafe_loading_in_the_package_or_tools():
 
 def test_the_ipc_mark_is_honoured_only_in_the_worker_transport():
     line = f"value = pickle.loads(blob)  {IPC_MARK}"
-    assert _allowed("wf_data/data/zygote.py", line)
+    assert _allowed("wf_data/data/workers/zygote.py", line)
     assert not _allowed("wf_data/data/checkpoint.py", line)
-    assert not _allowed("wf_data/data/zygote.py", "value = pickle.loads(blob)")
+    assert not _allowed("wf_data/data/workers/zygote.py", "value = pickle.loads(blob)")
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from wf_data.data.worker_lifetime import process_exited
+from wf_data.data.workers.lifetime import process_exited
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,7 +55,7 @@ def _kill_all(pids: list[int]) -> None:
 
 CHILD = """
 import sys, time
-from wf_data.data.worker_lifetime import die_with_parent
+from wf_data.data.workers.lifetime import die_with_parent
 die_with_parent(int(sys.argv[1]))
 print("ready", flush=True)
 time.sleep(60)
@@ -99,9 +99,9 @@ def test_die_with_parent_after_kill_9(layout):
 
 PROCESS_MAP_RUNNER = """
 import grain, numpy as np
-from tests.data.process_map_fns import SleepyRows
-from wf_data.data.process_map import ProcessMap
-from wf_data.data.zygote import zygote
+from tests.data.workers.process_map_fns import SleepyRows
+from wf_data.data.workers.process_map import ProcessMap
+from wf_data.data.workers.zygote import zygote
 
 plans = grain.MapDataset.range(10**6).map(
     lambda i: {"index": i, "docs": np.arange(3, dtype=np.int32), "weight": 1.0, "name": "x"}
@@ -164,8 +164,8 @@ def test_process_map_worker_killed_mid_stream(resume):
     import grain
     import numpy as np
 
-    from tests.data.process_map_fns import SleepyRows, rows
-    from wf_data.data.process_map import ProcessMap, WorkerError
+    from tests.data.workers.process_map_fns import SleepyRows, rows
+    from wf_data.data.workers.process_map import ProcessMap, WorkerError
 
     def make_plan(index):
         return {"index": index, "docs": np.arange(index % 3, dtype=np.int32), "weight": 0.5}
@@ -202,9 +202,9 @@ def test_process_map_zygote_killed_mid_stream():
     import grain
     import numpy as np
 
-    from tests.data.process_map_fns import rows
-    from wf_data.data.process_map import ProcessMap, WorkerError
-    from wf_data.data.zygote import zygote
+    from tests.data.workers.process_map_fns import rows
+    from wf_data.data.workers.process_map import ProcessMap, WorkerError
+    from wf_data.data.workers.zygote import zygote
 
     parent = grain.MapDataset.range(30).map(
         lambda i: {"index": i, "docs": np.arange(2, dtype=np.int32), "weight": 1.0, "name": "z"}
@@ -235,8 +235,8 @@ def test_process_map_stuck_or_exiting_worker(tmp_path, how):
     import grain
     import numpy as np
 
-    from tests.data.process_map_fns import BreakWhileFileExists, rows
-    from wf_data.data.process_map import ProcessMap, WorkerError
+    from tests.data.workers.process_map_fns import BreakWhileFileExists, rows
+    from wf_data.data.workers.process_map import ProcessMap, WorkerError
 
     parent = grain.MapDataset.range(24).map(
         lambda i: {"index": i, "docs": np.arange(i % 3, dtype=np.int32), "weight": 0.5, "name": "s"}
@@ -298,9 +298,9 @@ def test_process_map_stopped_zygote_times_out():
     import grain
     import numpy as np
 
-    from tests.data.process_map_fns import rows
-    from wf_data.data.process_map import ProcessMap, WorkerError
-    from wf_data.data.zygote import zygote
+    from tests.data.workers.process_map_fns import rows
+    from wf_data.data.workers.process_map import ProcessMap, WorkerError
+    from wf_data.data.workers.zygote import zygote
 
     parent = grain.MapDataset.range(12).map(
         lambda i: {"index": i, "docs": np.arange(2, dtype=np.int32), "weight": 1.0, "name": "z"}

@@ -6,8 +6,8 @@ import pathlib
 
 from transformers import AutoTokenizer
 
-from wf_data.data.demo_corpus import build_demo_corpus, corpus_fingerprint
-from wf_data.data.tokenization import DEMO_TOKENIZER_PATH
+from wf_data.data.prepare.demo_corpus import build_demo_corpus, corpus_fingerprint
+from wf_data.data.text.tokenization import DEMO_TOKENIZER_PATH
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "tools" / "train_tokenizer.py"
 FILES = [
@@ -42,7 +42,7 @@ def test_regenerates_shipped_tokenizer(tmp_path):
 
 
 def test_chat_template_assistant_mask():
-    from wf_data.data.chat import render_with_mask
+    from wf_data.data.text.chat import render_with_mask
 
     tokenizer = AutoTokenizer.from_pretrained(DEMO_TOKENIZER_PATH, local_files_only=True)
     messages = [

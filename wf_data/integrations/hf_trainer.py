@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from wf_data.atomic import read_json, write_json
-from wf_data.data.torch_dataset import LoaderDataset, check_model
+from wf_data.integrations.torch_dataset import LoaderDataset, check_model
 
 __all__ = ["STATE_FILE", "LoaderStateCallback"]
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torchtitan.components.dataloader import BaseDataLoader
 
-from wf_data.data.factory import get_loader
+from wf_data.data.deliver.factory import get_loader
 
 __all__ = ["WfDataTitanLoader"]
 
@@ -131,7 +131,7 @@ def _check_tokenizer(tokenizer: Any, data_config: Any) -> None:
     """
     if tokenizer is None or not hasattr(tokenizer, "get_vocab_size") or not data_config.tokenizer:
         return
-    from wf_data.data.tokenization import TokenizerWrapper
+    from wf_data.data.text.tokenization import TokenizerWrapper
 
     ours = TokenizerWrapper.from_pretrained(data_config.tokenizer).vocab_size
     theirs = tokenizer.get_vocab_size()

@@ -1,0 +1,160 @@
+"""Reward transforms of online data mixing: per-domain loss stream in, per-domain reward out.
+
+The bandit (`wf_data.data.mix.exp3.Exp3`) calls `transform.step(losses)` once per update with a
+(K,) float64 array of mean losses, NaN for unobserved domains, and feeds the (K,) rewards it
+returns (NaN where unobserved) to its update rule. Each transform is a pure function of the
+loss stream it has seen; the little it remembers is in `state_dict()`, which the bandit
+checkpoints inside its own state, so the loader never needs to know which reward is in use.
+
+- ``loss``: the loss itself (the ODM paper). It favours the hardest domain, even an
+  unlearnable one.
+- ``excess_loss``: ``max(L_i - ref_i, 0)`` against a fixed per-domain reference loss (DoReMi's
+  excess loss, clipped at 0 as DoReMi does): a domain at or below its reference earns nothing.
+- ``loss_decrease``: learning progress (ADO-style). The loss of each domain is smoothed by an
+  EMA, ``s <- beta s + (1 - beta) min(L, 2 s)`` (``s = L`` at the first observation; the clip
+  keeps one loss spike from reading as progress long after it), and the reward is
+  how much ``s`` fell over the last ``window`` observations of that domain,
+  ``s[n - m] - s[n]`` with ``m = min(n, window)`` (0 at the first observation). A domain that
+  no longer improves, such as one of random tokens, earns nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+__all__ = ["REWARDS", "ExcessLoss", "Loss", "LossDecrease", "make_reward"]
+
+REWARDS = ("loss", "excess_loss", "loss_decrease")
+
+
+class Loss:
+    """``reward = loss``: stateless."""
+
+    name = "loss"
+
+    def __init__(self, num_domains: int):
+        self.num_domains = num_domains
+
+    def step(self, losses: np.ndarray) -> np.ndarray:
+        """(K,) rewards for (K,) losses (NaN = unobserved, kept NaN)."""
+        return losses.copy()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to remember."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Accepts the empty state."""
+
+
+class ExcessLoss(Loss):
+    """``reward = max(loss - reference, 0)`` per domain; ``reference`` is (K,) finite floats."""
+
+    name = "excess_loss"
+
+    def __init__(self, num_domains: int, reference: Any):
+        super().__init__(num_domains)
+        if reference is None:
+            raise ValueError(
+                "reward 'excess_loss' needs reference losses, one per domain "
+                "(mixing.reference_losses: {domain_name: loss})"
+            )
+        values = np.asarray(reference, dtype=np.float64)
+        if values.shape != (num_domains,) or not np.isfinite(values).all():
+            raise ValueError(
+                f"reference losses must be {num_domains} finite floats, got {values.tolist()}"
+            )
+        self.reference = values
+
+    def step(self, losses: np.ndarray) -> np.ndarray:
+        """(K,) rewards: the excess over the reference, clipped at 0; NaN stays NaN."""
+        return np.maximum(losses - self.reference, 0.0, where=~np.isnan(losses), out=losses.copy())
+
+
+class LossDecrease(Loss):
+    """Learning progress: decrease of the EMA-smoothed loss over the last ``window`` observations.
+
+    State: ``history`` (K, window + 1) ring buffer of smoothed losses, ``count`` (K,) number of
+    observations per domain; the newest smoothed loss of domain i is at ``(count_i - 1) %
+    (window + 1)``.
+    """
+
+    name = "loss_decrease"
+
+    def __init__(self, num_domains: int, *, smoothing: float = 0.9, window: int = 16):
+        super().__init__(num_domains)
+        smoothing = float(smoothing)
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"loss_smoothing must be in [0, 1), got {smoothing}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise ValueError(f"progress_window must be an int >= 1, got {window!r}")
+        self.smoothing = smoothing
+        self.window = window
+        self._history = np.zeros((num_domains, window + 1))
+        self._count = np.zeros(num_domains, dtype=np.int64)
+
+    def step(self, losses: np.ndarray) -> np.ndarray:
+        """(K,) rewards ``s[n - m] - s[n]`` for the observed domains, NaN for the others."""
+        observed = np.flatnonzero(~np.isnan(losses))
+        size = self.window + 1
+        count = self._count[observed]
+        newest = self._history[observed, (count - 1) % size]
+        # A loss above twice the smoothed one counts as twice: one spike (or corrupted value)
+        # would otherwise sit in the EMA and read as progress for many observations after it.
+        clipped = np.minimum(losses[observed], 2.0 * newest)
+        smoothed = np.where(
+            count == 0,
+            losses[observed],
+            self.smoothing * newest + (1.0 - self.smoothing) * clipped,
+        )
+        self._history[observed, count % size] = smoothed
+        count = count + 1
+        self._count[observed] = count
+        back = np.minimum(count - 1, self.window)
+        rewards = np.full(self.num_domains, np.nan)
+        rewards[observed] = self._history[observed, (count - 1 - back) % size] - smoothed
+        return rewards
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe: the ring buffer and the per-domain observation counts."""
+        return {"history": self._history.tolist(), "count": self._count.tolist()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores `state_dict()` output; refuses another K or window, or non-finite values."""
+        try:
+            history = np.array(state["history"], dtype=np.float64)
+            count = np.array(state["count"], dtype=np.int64)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"loss_decrease state: expected history and count, got {err}"
+            ) from None
+        expected = (self.num_domains, self.window + 1)
+        if history.shape != expected or count.shape != (self.num_domains,):
+            raise ValueError(
+                f"loss_decrease state: history shape {history.shape} / count shape {count.shape} "
+                f"do not match {expected} (num_domains, progress_window + 1)"
+            )
+        if not np.isfinite(history).all() or (count < 0).any():
+            raise ValueError("loss_decrease state: history must be finite and counts >= 0")
+        self._history, self._count = history, count
+
+
+def make_reward(
+    kind: str,
+    num_domains: int,
+    *,
+    reference: Any = None,
+    smoothing: float = 0.9,
+    window: int = 16,
+) -> Loss:
+    """The reward transform named ``kind`` (one of `REWARDS`) for ``num_domains`` domains."""
+    if kind == "loss":
+        return Loss(num_domains)
+    if kind == "excess_loss":
+        return ExcessLoss(num_domains, reference)
+    if kind == "loss_decrease":
+        return LossDecrease(num_domains, smoothing=smoothing, window=window)
+    raise ValueError(f"reward must be one of {REWARDS}, got {kind!r}")

@@ -1,0 +1,679 @@
+"""Row plans as Grain datasets: which document pieces fill each packed row, from lengths only.
+
+A *row plan* is a flat dict of small arrays, one entry per piece of document in row order:
+
+    {"doc_ids": (P,) int64, "offsets": (P,) int64, "lengths": (P,) int64, "epoch": int}
+
+(`offsets` is where the piece starts in its document). Mixing adds `"domain": int`. Plans
+carry no tokens: they are cheap to make, to filter, to ship to a worker and to keep in a
+checkpoint; `wf_data.data.read.rows.read_rows` turns them into token rows.
+
+- `plan_concat(lengths, seq_len)`: a `MapDataset`. Documents laid end to end (per epoch, in a
+  seeded order) and cut every `seq_len` tokens: 100% fill, row `i` is random access.
+- `plan_best_fit(lengths, seq_len, window_size)`: an `IterDataset`. Best-fit-decreasing over
+  windows of `window_size` documents; its iterator state is `(epoch, window, row)` and a
+  restore replans one window.
+
+Every token of every document is planned exactly once per epoch; a document longer than
+`seq_len` is cut into pieces. Epoch `e` visits documents in the order of a `LazyPermutation`
+keyed by `(seed, e)` (`seed=None`: source order), computed only where it is needed: a window of
+documents for best_fit, chunks of `ORDER_CHUNK` documents for concat (whose row offsets need
+the running token count of the epoch's order). Start-up costs one window or chunk whatever
+the number of documents.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import numbers
+import sys
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from wf_data.data.plan.permutation import LazyPermutation
+
+# Documents per best-fit window: >= 99% fill on lognormal document lengths with seq_len 2048
+# (see tools/bench.py); planning cost grows only linearly with it.
+DEFAULT_WINDOW_SIZE = 4096
+# Tokens (of rows) a concat iterator plans per vectorised call, at most 512 rows: small enough
+# that the first call stays well under 100 ms at any corpus size.
+CONCAT_BLOCK_TOKENS = 1 << 17
+# Documents per chunk of an epoch's order whose token offsets concat computes at a time.
+ORDER_CHUNK = 1 << 16
+
+__all__ = [
+    "BestFitPlans",
+    "ConcatPlans",
+    "DEFAULT_WINDOW_SIZE",
+    "best_fit_decreasing",
+    "plan_best_fit",
+    "plan_concat",
+]
+
+
+def plan_concat(
+    lengths: Any,
+    seq_len: int,
+    *,
+    seed: int | None = None,
+    num_epochs: int | None = 1,
+    source_fingerprint: Any = None,
+) -> ConcatPlans:
+    """Concat row plans of documents with `lengths` ((N,) int token counts): a `MapDataset`."""
+    return ConcatPlans(
+        lengths, seq_len, seed=seed, num_epochs=num_epochs, source_fingerprint=source_fingerprint
+    )
+
+
+def plan_best_fit(
+    lengths: Any,
+    seq_len: int,
+    window_size: int = DEFAULT_WINDOW_SIZE,
+    *,
+    seed: int | None = None,
+    num_epochs: int | None = 1,
+    source_fingerprint: Any = None,
+) -> BestFitPlans:
+    """Best-fit row plans: an `IterDataset`. `lengths` is (N,) int, or a document source
+    without lengths (its windows are read, e.g. tokenized, to measure them)."""
+    return BestFitPlans(
+        lengths,
+        seq_len,
+        window_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        source_fingerprint=source_fingerprint,
+    )
+
+
+def _check_int(name: str, value: Any, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return int(value)
+
+
+def _is_lengths(value: Any) -> bool:
+    """Whether `value` is token counts rather than a document source.
+
+    Fails on numbers that are not ints (floats, bools): they are meant as lengths, and read as
+    a document source they would fail later with an error about documents.
+    """
+    if hasattr(value, "lengths") or hasattr(value, "__getitems__"):
+        return False
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind in "biufc" and (value.ndim != 1 or value.dtype.kind not in "iu"):
+            if value.ndim != 1 and value.dtype.kind in "iu":
+                return False  # a 2-D int array: rows of tokens, a document source
+            raise ValueError(
+                f"lengths must be an (N,) integer array of token counts, got dtype "
+                f"{value.dtype} and shape {value.shape}: cast whole numbers with "
+                ".astype(np.int64)"
+            )
+        return value.ndim == 1 and value.dtype.kind in "iu"
+    if not isinstance(value, list | tuple):
+        return False
+    is_int = [isinstance(v, int | np.integer) and not isinstance(v, bool) for v in value]
+    if not all(is_int) and all(isinstance(v, numbers.Number | np.bool_) for v in value):
+        bad = is_int.index(False)
+        raise ValueError(
+            f"lengths must be int token counts, got lengths[{bad}] = {value[bad]!r} "
+            f"({type(value[bad]).__name__}): pass ints, or an np.int64 array"
+        )
+    return all(is_int)
+
+
+class _Plans:
+    """What both planners share: lengths, seq_len, seed, epochs, epoch order, state check."""
+
+    method: str
+
+    def _configure(self, lengths, seq_len, seed, num_epochs, source_fingerprint) -> None:
+        self.seq_len = _check_int("seq_len", seq_len, 1)
+        if seed is not None:
+            seed = _check_int("seed", seed, 0)
+        if num_epochs is not None and (
+            isinstance(num_epochs, bool) or not isinstance(num_epochs, int) or num_epochs < 1
+        ):
+            raise ValueError(
+                f"num_epochs must be None (forever) or an int >= 1, got {num_epochs!r}"
+            )
+        self.seed = seed
+        self.num_epochs = num_epochs
+        self.docs = None
+        self._num_tokens = None
+        if not _is_lengths(lengths):
+            self.docs = lengths  # a source: use its lengths, or measure windows by reading
+            if not hasattr(lengths, "__len__") or not hasattr(lengths, "__getitem__"):
+                raise TypeError(
+                    "lengths must be an (N,) int array or a random-access document source "
+                    f"(__len__, __getitem__), got {type(lengths)}"
+                )
+            if source_fingerprint is None:
+                source_fingerprint = getattr(lengths, "fingerprint", None)
+                if callable(source_fingerprint):
+                    source_fingerprint = source_fingerprint()
+            num_docs = len(lengths)
+            self._num_tokens = getattr(lengths, "num_tokens", None)
+            lengths = getattr(lengths, "lengths", None)
+        else:
+            num_docs = len(lengths)
+        if lengths is not None:
+            # No scan here (100M lengths cost ~100 ms each): signs are checked per window as
+            # it is planned (`_check_lengths`), the total only when a fingerprint needs it.
+            lengths = np.asarray(lengths, dtype=np.int64)
+            if lengths.shape != (num_docs,):
+                raise ValueError(f"lengths has shape {lengths.shape}, expected ({num_docs},)")
+        self.lengths = lengths
+        self.num_docs = num_docs
+        self.source_fingerprint = source_fingerprint
+        self._lock = threading.Lock()  # Grain may read a MapDataset from threads
+
+    def permutation(self, epoch: int) -> LazyPermutation | _Identity:
+        """Epoch `epoch`'s document order: `.take(positions)` -> (n,) int64 document indices."""
+        if self.seed is None:
+            return _Identity(self.num_docs)
+        key = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
+        return LazyPermutation(self.num_docs, int(key))
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """(N,) int64 document indices in epoch `epoch`'s order (materialised: O(N))."""
+        return self.permutation(epoch).take(np.arange(self.num_docs))
+
+    @property
+    def num_tokens(self) -> int | None:
+        """Tokens per epoch: the source's own count if it has one, else summed once."""
+        if self._num_tokens is None and self.lengths is not None:
+            self._num_tokens = int(self.lengths.sum())
+        return self._num_tokens
+
+    def fingerprint(self) -> dict:
+        """Configuration that determines the plans: method, sizes, seed and source."""
+        return {
+            "method": self.method,
+            "seq_len": self.seq_len,
+            "window_size": getattr(self, "window_size", None),
+            "seed": self.seed,
+            "num_docs": self.num_docs,
+            "num_tokens": self.num_tokens,
+            "source": self.source_fingerprint,
+        }
+
+    def state_check(self) -> dict[str, str]:
+        """The part of an iterator state that must match on restore: method and a config hash."""
+        check = self.__dict__.get("_check")
+        if check is None:
+            digest = hashlib.sha256(
+                json.dumps(self.fingerprint(), sort_keys=True, default=str).encode()
+            )
+            check = self._check = {"method": self.method, "config": digest.hexdigest()[:16]}
+        return dict(check)
+
+    def verify_state(self, state: dict[str, Any]) -> None:
+        for key, value in self.state_check().items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"plan iterator state does not match this dataset: {key}={state.get(key)!r} "
+                    f"in the state, {value!r} here ({self}); the method, seq_len, window_size, "
+                    "seed and source must be unchanged"
+                )
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_offsets", None)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        if isinstance(self, ConcatPlans):
+            self._offsets = {}
+
+
+class _Identity:
+    """The source order, with `LazyPermutation`'s `take`."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def take(self, positions: np.ndarray) -> np.ndarray:
+        return np.asarray(positions, dtype=np.int64)
+
+
+class _EpochOffsets:
+    """Token offsets of one epoch's documents in visiting order, a chunk at a time.
+
+    `window(lo, hi)` returns consecutive documents covering tokens `[lo, hi)` with their
+    absolute offsets, computing chunk sums only up to `hi`.
+    """
+
+    def __init__(self, lengths: np.ndarray, order: LazyPermutation | _Identity):
+        self._lengths = lengths
+        self._order = order
+        self._num_docs = len(lengths)
+        self._num_chunks = -(-self._num_docs // ORDER_CHUNK)
+        self._chunk_starts = [0]  # token offset of chunk c, known for c < len
+        self._chunks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _chunk(self, c: int) -> tuple[np.ndarray, np.ndarray]:
+        """(doc ids (n,), absolute token offsets (n + 1,)) of chunk `c` (needs its start)."""
+        chunk = self._chunks.get(c)
+        if chunk is None:
+            positions = np.arange(c * ORDER_CHUNK, min((c + 1) * ORDER_CHUNK, self._num_docs))
+            doc_ids = self._order.take(positions)
+            offsets = np.empty(doc_ids.size + 1, dtype=np.int64)
+            offsets[0] = self._chunk_starts[c]
+            np.cumsum(self._lengths[doc_ids], out=offsets[1:])
+            offsets[1:] += offsets[0]
+            if len(self._chunks) >= 4:
+                self._chunks.pop(next(iter(self._chunks)))
+            chunk = self._chunks[c] = (doc_ids, offsets)
+        return chunk
+
+    def window(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(doc ids (m,), offsets (m + 1,)) of consecutive documents covering `[lo, hi)`."""
+        starts = self._chunk_starts
+        while starts[-1] < hi and len(starts) <= self._num_chunks:
+            starts.append(int(self._chunk(len(starts) - 1)[1][-1]))
+        first = max(int(np.searchsorted(starts, lo, side="right")) - 1, 0)
+        first = min(first, self._num_chunks - 1)
+        last = min(max(int(np.searchsorted(starts, hi, side="left")), first + 1), self._num_chunks)
+        chunks = [self._chunk(c) for c in range(first, last)]
+        doc_ids = np.concatenate([ids for ids, _ in chunks])
+        offsets = np.concatenate([chunks[0][1][:1]] + [offs[1:] for _, offs in chunks])
+        return doc_ids, offsets
+
+
+def split_rows(
+    doc_ids: np.ndarray,
+    offsets: np.ndarray,
+    lengths: np.ndarray,
+    row_pieces: np.ndarray,
+    epochs: Sequence[int],
+) -> list[dict[str, Any]]:
+    """Row plans from flat piece arrays and the number of pieces of each row."""
+    bounds = np.concatenate([[0], np.cumsum(row_pieces)]).tolist()
+    return [
+        {"doc_ids": doc_ids[a:b], "offsets": offsets[a:b], "lengths": lengths[a:b], "epoch": epoch}
+        for a, b, epoch in zip(bounds[:-1], bounds[1:], epochs, strict=True)
+    ]
+
+
+class ConcatPlans(_Plans, grain.MapDataset):
+    """Documents laid end to end and cut every `seq_len` tokens: 100% fill, random access.
+
+    Row `i` covers tokens `[i * L, (i + 1) * L)` of the stream epoch 0, epoch 1, ...; only the
+    very last row (finite `num_epochs`) is short. A piece continuing from the previous row
+    starts a new segment when read. Iterating plans `CONCAT_BLOCK_TOKENS` worth of rows per call.
+    """
+
+    method = "concat"
+
+    def __init__(self, lengths, seq_len: int, *, seed=None, num_epochs=1, source_fingerprint=None):
+        super().__init__()
+        self._configure(lengths, seq_len, seed, num_epochs, source_fingerprint)
+        if self.lengths is None:
+            raise ValueError(
+                f"concat packing needs document lengths, and {type(self.docs).__name__} has no "
+                "`.lengths` (text tokenized on the fly?): pre-tokenize with "
+                "`wf-data prepare --tokenizer ...` or use method='best_fit'"
+            )
+        # Concat needs every offset anyway, so it checks and sums all lengths up front.
+        _check_lengths(self.lengths)
+        self.tokens_per_epoch = int(self.lengths.sum())
+        self._offsets: dict[int, _EpochOffsets] = {}
+
+    def __len__(self) -> int:
+        if self.tokens_per_epoch == 0:
+            return 0
+        if self.num_epochs is None:
+            return sys.maxsize
+        return -(-self.num_epochs * self.tokens_per_epoch // self.seq_len)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        length = len(self)
+        if not length:
+            raise IndexError(f"{self} has no rows (no tokens)")
+        # Indices wrap around, as in Grain's sources: `.repeat()` and negative indices rely on it.
+        return self.plan_rows(np.array([index % length]))[0]
+
+    def __iter__(self) -> ConcatPlansIterator:
+        return ConcatPlansIterator(self)
+
+    def __str__(self) -> str:
+        return f"ConcatPlans(seq_len={self.seq_len}, seed={self.seed}, docs={self.num_docs})"
+
+    def _epoch_offsets(self, epoch: int) -> _EpochOffsets:
+        """The epoch's offsets cache (two epochs kept); call with `_lock` held."""
+        offsets = self._offsets.get(epoch)
+        if offsets is None:
+            if len(self._offsets) >= 2:
+                self._offsets.pop(next(iter(self._offsets)))
+            offsets = self._offsets[epoch] = _EpochOffsets(self.lengths, self.permutation(epoch))
+        return offsets
+
+    def plan_rows(self, rows: np.ndarray) -> list[dict[str, Any]]:
+        """Row plans of rows `rows` ((n,) int, any order), vectorised over all of them."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        length = len(self)
+        if rows.size and (rows.min() < 0 or rows.max() >= length):
+            bad = int(rows[(rows < 0) | (rows >= length)][0])
+            raise IndexError(f"row {bad} out of range for {self} with {length} rows")
+        if not rows.size:
+            return []
+        return split_rows(
+            *self._pieces(rows), (rows * self.seq_len // self.tokens_per_epoch).tolist()
+        )
+
+    def _pieces(self, rows: np.ndarray):
+        """(doc_ids, offsets, lengths, row_pieces) of `rows`: flat arrays in row order."""
+        tokens, seq_len = self.tokens_per_epoch, self.seq_len
+        span_start = rows * seq_len
+        span_stop = span_start + seq_len
+        if self.num_epochs is not None:
+            np.minimum(span_stop, self.num_epochs * tokens, out=span_stop)
+        # Cut each row's token span at epoch boundaries into (row, epoch, lo, hi) spans.
+        spans = []
+        span_rows = np.arange(rows.size)
+        while span_rows.size:
+            epoch = span_start // tokens
+            base = epoch * tokens
+            cut = np.minimum(span_stop, base + tokens)
+            spans.append((span_rows, epoch, span_start - base, cut - base))
+            more = cut < span_stop
+            span_rows, span_start, span_stop = span_rows[more], cut[more], span_stop[more]
+        span_rows, span_epochs, span_lo, span_hi = (
+            np.concatenate(part) for part in zip(*spans, strict=True)
+        )
+        piece_rows, piece_docs, piece_offsets, piece_stops = [], [], [], []
+        for epoch in np.unique(span_epochs).tolist():
+            select = np.flatnonzero(span_epochs == epoch)
+            lo, hi = span_lo[select], span_hi[select]
+            with self._lock:  # the chunk cache is shared by Grain's reader threads
+                doc_ids, cumsum = self._epoch_offsets(epoch).window(int(lo.min()), int(hi.max()))
+            # Documents k with cumsum[k] <= lo < cumsum[k + 1] up to the last starting before hi.
+            first = np.searchsorted(cumsum, lo, side="right") - 1
+            count = np.searchsorted(cumsum, hi, side="left") - first
+            span_of = np.repeat(np.arange(select.size), count)
+            k = np.arange(span_of.size) - np.repeat(np.cumsum(count) - count - first, count)
+            doc_start, doc_stop = cumsum[k], cumsum[k + 1]
+            starts = np.maximum(lo[span_of] - doc_start, 0)
+            stops = np.minimum(hi[span_of], doc_stop) - doc_start
+            keep = stops > starts  # drops empty documents
+            piece_rows.append(span_rows[select][span_of[keep]])
+            piece_docs.append(doc_ids[k[keep]])
+            piece_offsets.append(starts[keep])
+            piece_stops.append(stops[keep])
+        # A row's spans were added in epoch order, which a stable sort by row keeps.
+        piece_rows = np.concatenate(piece_rows)
+        by_row = np.argsort(piece_rows, kind="stable")
+        offsets = np.concatenate(piece_offsets)[by_row]
+        return (
+            np.concatenate(piece_docs)[by_row],
+            offsets,
+            np.concatenate(piece_stops)[by_row] - offsets,
+            np.bincount(piece_rows, minlength=rows.size),
+        )
+
+
+class ConcatPlansIterator(grain.DatasetIterator):
+    """Concat plans in order, `CONCAT_BLOCK_TOKENS` worth of rows planned per vectorised call.
+
+    State: `{"row": next row, "method", "config"}`.
+    """
+
+    def __init__(self, plans: ConcatPlans):
+        super().__init__()
+        self._plans = plans
+        self._row = 0
+        self._block: list[dict[str, Any]] = []
+        self._block_start = 0
+
+    def __next__(self) -> dict[str, Any]:
+        index = self._row - self._block_start
+        if not 0 <= index < len(self._block):
+            block = min(512, max(1, CONCAT_BLOCK_TOKENS // self._plans.seq_len))
+            stop = min(self._row + block, len(self._plans))
+            if self._row >= stop:
+                raise StopIteration
+            self._block = self._plans.plan_rows(np.arange(self._row, stop))
+            self._block_start, index = self._row, 0
+        self._row += 1
+        return self._block[index]
+
+    def get_state(self) -> dict[str, Any]:
+        return {**self._plans.state_check(), "row": self._row}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._plans.verify_state(state)
+        row = int(state["row"])
+        if not 0 <= row <= len(self._plans):
+            raise ValueError(f"row {row} out of range for {self._plans}")
+        self._row = row
+
+    def __str__(self) -> str:
+        return f"ConcatPlansIterator({self._plans}, row={self._row})"
+
+
+class BestFitPlans(_Plans, grain.IterDataset):
+    """Best-fit-decreasing plans over windows of `window_size` documents (an IterDataset).
+
+    Windows follow the epoch's document order and never cross an epoch; pieces of documents
+    longer than `seq_len` are packed as items of their own. Rows of a window come out in a
+    seeded order, so every batch mixes long and short rows. Without lengths, the window's
+    documents are read to measure them.
+    """
+
+    method = "best_fit"
+
+    def __init__(
+        self,
+        lengths,
+        seq_len: int,
+        window_size: int = DEFAULT_WINDOW_SIZE,
+        *,
+        seed=None,
+        num_epochs=1,
+        source_fingerprint=None,
+    ):
+        super().__init__()
+        self.window_size = _check_int("window_size", window_size, 1)
+        self._configure(lengths, seq_len, seed, num_epochs, source_fingerprint)
+        self.windows_per_epoch = -(-self.num_docs // self.window_size)
+
+    def __iter__(self) -> BestFitPlansIterator:
+        return BestFitPlansIterator(self)
+
+    def __str__(self) -> str:
+        return (
+            f"BestFitPlans(seq_len={self.seq_len}, window_size={self.window_size}, "
+            f"seed={self.seed}, docs={self.num_docs})"
+        )
+
+    def window_docs(self, epoch: int, window: int) -> np.ndarray:
+        """Document indices of window `window` of epoch `epoch`, in epoch order."""
+        start = window * self.window_size
+        stop = min(start + self.window_size, self.num_docs)
+        return self.permutation(epoch).take(np.arange(start, stop))
+
+    def window_lengths(self, doc_ids: np.ndarray) -> np.ndarray:
+        """(n,) int64 lengths of documents `doc_ids` (read from the source if unknown)."""
+        if self.lengths is not None:
+            return _check_lengths(self.lengths[doc_ids], doc_ids)
+        from wf_data.data.read.rows import read_documents
+
+        tokens, _ = read_documents(self.docs, doc_ids.tolist())
+        return np.fromiter((len(tokens[i]) for i in doc_ids.tolist()), np.int64, len(doc_ids))
+
+    def plan_window(self, epoch: int, window: int) -> list[dict[str, Any]]:
+        """Row plans of one window."""
+        doc_ids = self.window_docs(epoch, window)
+        lengths = self.window_lengths(doc_ids)
+        items_doc, items_start, items_stop = _split_pieces(doc_ids, lengths, self.seq_len)
+        bins = best_fit_decreasing(items_stop - items_start, self.seq_len)
+        num_bins = int(bins.max()) + 1 if bins.size else 0
+        # Group items by bin; within a bin keep the (decreasing size) order they were placed in.
+        placed = np.argsort(items_start - items_stop, kind="stable")
+        by_bin = placed[np.argsort(bins[placed], kind="stable")]
+        row_pieces = np.bincount(bins, minlength=num_bins)
+        rows = split_rows(
+            items_doc[by_bin],
+            items_start[by_bin],
+            (items_stop - items_start)[by_bin],
+            row_pieces,
+            [epoch] * num_bins,
+        )
+        if self.seed is None:
+            return rows
+        # Bins come out largest-item first; shuffle so every batch mixes long and short rows.
+        order = np.random.default_rng([self.seed, epoch, window]).permutation(num_bins)
+        return [rows[b] for b in order.tolist()]
+
+
+class BestFitPlansIterator(grain.DatasetIterator):
+    """Best-fit plans window by window. State: `{"epoch", "window", "row", "method", "config"}`;
+    `set_state` replans only the window it lands in."""
+
+    def __init__(self, plans: BestFitPlans):
+        super().__init__()
+        self._plans = plans
+        self._epoch = self._window = self._row = 0
+        self._key: tuple[int, int] | None = None
+        self._rows: list[dict[str, Any]] = []
+
+    def _exhausted(self) -> bool:
+        plans = self._plans
+        return plans.windows_per_epoch == 0 or (
+            plans.num_epochs is not None and self._epoch >= plans.num_epochs
+        )
+
+    def _window_rows(self) -> list[dict[str, Any]]:
+        key = (self._epoch, self._window)
+        if self._key != key:
+            self._rows = self._plans.plan_window(*key)
+            self._key = key
+        return self._rows
+
+    def _advance_window(self) -> None:
+        self._key = None  # the planned rows are of the window left behind
+        self._window += 1
+        self._row = 0
+        if self._window >= self._plans.windows_per_epoch:
+            self._epoch += 1
+            self._window = 0
+
+    def __next__(self) -> dict[str, Any]:
+        # Fast path: the next row of the window already planned (all but one call per window).
+        if self._key is not None and self._row < len(self._rows):
+            self._row += 1
+            return self._rows[self._row - 1]
+        empty_windows = 0
+        while not self._exhausted():
+            rows = self._window_rows()
+            if self._row < len(rows):
+                self._row += 1
+                return rows[self._row - 1]
+            empty_windows += 1 if not rows else 0
+            if empty_windows >= self._plans.windows_per_epoch:
+                # Every window of an epoch empty (every document empty): so is every epoch,
+                # and with `num_epochs=None` this loop would never end.
+                raise StopIteration
+            epoch = self._epoch
+            self._advance_window()
+            if self._epoch != epoch:
+                empty_windows = 0  # count the windows of one epoch only
+        raise StopIteration
+
+    def get_state(self) -> dict[str, Any]:
+        return {
+            **self._plans.state_check(),
+            "epoch": self._epoch,
+            "window": self._window,
+            "row": self._row,
+        }
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        plans = self._plans
+        plans.verify_state(state)
+        epoch, window, row = (int(state[key]) for key in ("epoch", "window", "row"))
+        if epoch < 0 or not 0 <= window < max(plans.windows_per_epoch, 1) or row < 0:
+            raise ValueError(f"invalid best_fit position {(epoch, window, row)} for {plans}")
+        self._epoch, self._window, self._row = epoch, window, row
+        if self._exhausted():
+            self._key = None  # no window here: nothing planned may be served
+        elif row > len(self._window_rows()):
+            raise ValueError(
+                f"row {row} out of range for window {window} of epoch {epoch} in {plans}"
+            )
+
+    def __str__(self) -> str:
+        return f"BestFitPlansIterator({self._plans}, {(self._epoch, self._window, self._row)})"
+
+
+def _check_lengths(lengths: np.ndarray, doc_ids: np.ndarray | None = None) -> np.ndarray:
+    """Returns `lengths` ((n,) of documents `doc_ids`, default all), failing on a negative one."""
+    if lengths.size and lengths.min() < 0:
+        bad = int(np.flatnonzero(lengths < 0)[0])
+        doc = bad if doc_ids is None else int(doc_ids[bad])
+        raise ValueError(f"lengths[{doc}] is {int(lengths[bad])}: lengths must be >= 0")
+    return lengths
+
+
+def _split_pieces(doc_ids: np.ndarray, lengths: np.ndarray, seq_len: int):
+    """Cut documents into pieces of at most `seq_len`: (doc, start, stop) int64 arrays."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    num_pieces = -(-lengths // seq_len)
+    items_doc = np.repeat(np.asarray(doc_ids, dtype=np.int64), num_pieces)
+    first_item = np.cumsum(num_pieces) - num_pieces
+    piece_index = np.arange(items_doc.size, dtype=np.int64) - np.repeat(first_item, num_pieces)
+    items_start = piece_index * seq_len
+    items_stop = np.minimum(items_start + seq_len, np.repeat(lengths, num_pieces))
+    return items_doc, items_start, items_stop
+
+
+def best_fit_decreasing(item_lengths: np.ndarray, capacity: int) -> np.ndarray:
+    """Bin index for each item (all `<= capacity`): best-fit-decreasing bin packing.
+
+    Items are placed largest first into the open bin whose remaining space is the smallest that
+    still fits (ties: lowest bin), else a new bin. Open bins live in one sorted list of keys
+    `remaining * K + bin`, so each item costs one bisect. Returns (n,) int64, bins numbered in
+    order of creation.
+    """
+    item_lengths = np.asarray(item_lengths, dtype=np.int64)
+    if item_lengths.size and (item_lengths.max() > capacity or item_lengths.min() < 1):
+        raise ValueError(f"items must have lengths in [1, {capacity}]")
+    order = np.argsort(-item_lengths, kind="stable")
+    sorted_lengths = item_lengths[order]
+    bins = np.empty(item_lengths.size, dtype=np.int64)
+    # Items longer than half a bin never share one: each opens its own bin, no search needed.
+    num_big = int(np.searchsorted(-sorted_lengths, -(capacity // 2), side="left"))
+    bins[order[:num_big]] = np.arange(num_big)
+    key_base = item_lengths.size + 1
+    remaining = capacity - sorted_lengths[:num_big]
+    has_room = np.flatnonzero(remaining)
+    open_keys = np.sort(remaining[has_room] * key_base + has_room).tolist()
+    assigned: list[int] = []
+    num_bins = num_big
+    bisect_left, insort = bisect.bisect_left, bisect.insort
+    for length in sorted_lengths[num_big:].tolist():
+        j = bisect_left(open_keys, length * key_base)
+        if j == len(open_keys):
+            b = num_bins
+            num_bins += 1
+            room = capacity - length
+        else:
+            room, b = divmod(open_keys.pop(j), key_base)
+            room -= length
+        assigned.append(b)
+        if room:
+            insort(open_keys, room * key_base + b)
+    bins[order[num_big:]] = assigned
+    return bins

@@ -1,0 +1,278 @@
+"""Documents to record bytes: batched tokenization (long texts in pieces), and the
+tokenizer `prepare` and its worker processes encode with (`BackendEncoder`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from wf_data.data.shards import sources
+
+BATCH_DOCS = 512  # documents per encode_batch call
+
+
+BATCH_CHARS = 4 << 20  # and at most this many characters (bounds the tokenizer's memory)
+
+
+# Long documents are tokenized in pieces of about this many characters (see `_text_pieces`).
+PIECE_CHARS = 1 << 16
+
+
+def _batches(documents: Iterator[Any], size: int, max_chars: int) -> Iterator[list[Any]]:
+    """Lists of up to `size` documents holding up to `max_chars` characters (or one document)."""
+    batch: list[Any] = []
+    chars = 0
+    for document in documents:
+        length = len(document) if isinstance(document, str) else 0
+        if batch and chars + length > max_chars:
+            yield batch
+            batch, chars = [], 0
+        batch.append(document)
+        chars += length
+        if len(batch) == size:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+# A single whitespace character between two non-space ones: where byte-level BPE and whitespace
+# pre-tokenizers begin a new pre-token anyway.
+_PIECE_CUT = re.compile(r"(?<=\S)\s(?=\S)")
+
+
+def _text_pieces(text: str, size: int = PIECE_CHARS) -> list[str]:
+    """`text` cut into pieces of about `size` characters (a text up to `2 * size` stays whole).
+
+    Each cut falls before a single whitespace character between two non-space characters, so
+    the tokens of the pieces, concatenated, equal those of the whole text for byte-level BPE
+    and whitespace pre-tokenizers (tested with the shipped tokenizer). Only a stretch of
+    `16 * size` characters without such a place is cut at its end, where the tokens may differ.
+    """
+    if len(text) <= 2 * size:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > 2 * size:
+        match = _PIECE_CUT.search(text, start + size, start + 16 * size)
+        cut = match.start() if match else start + 16 * size
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
+    """`tokenizer.encode_batch(texts)`, long texts encoded piece by piece (`_text_pieces`).
+
+    Pieces go to the tokenizer at most `BATCH_CHARS` characters a call, which bounds its
+    memory whatever the document length; bos/eos added per text by the tokenizer's flags are
+    kept only at the start and end of each whole text.
+    """
+    pieces, counts = [], []  # counts: pieces per text
+    for text in texts:
+        split = _text_pieces(text)
+        pieces += split
+        counts.append(len(split))
+    if len(pieces) == len(texts):
+        return tokenizer.encode_batch(texts)
+    encoded: list[np.ndarray] = []
+    for group in _batches(iter(pieces), len(pieces), BATCH_CHARS):
+        encoded += tokenizer.encode_batch(group)
+    head = int(bool(getattr(tokenizer, "add_bos", False)))
+    tail = int(bool(getattr(tokenizer, "add_eos", False)))
+    result, start = [], 0
+    for count in counts:
+        parts = encoded[start : start + count]
+        start += count
+        result.append(
+            np.concatenate(
+                [
+                    ids[(head if k else 0) : len(ids) - (tail if k < count - 1 else 0)]
+                    for k, ids in enumerate(parts)
+                ]
+            )
+        )
+    return result
+
+
+def _encode_untokenized(documents, format, lengths, progress) -> Iterator[bytes]:
+    for batch in _batches(documents, BATCH_DOCS, BATCH_CHARS):
+        for document in batch:
+            yield sources.encode_record(document, format)
+        if progress:
+            progress(len(batch), 0)
+
+
+def _encode_tokens(
+    documents, tokenizer, dtype, append_eos, lengths, stats, task, progress
+) -> Iterator[bytes]:
+    eos_id = tokenizer.eos_id
+    if append_eos and eos_id is None:
+        raise ValueError(f"append_eos needs an eos token; tokenizer {tokenizer.name} has none")
+    limit = np.iinfo(dtype).max
+    for batch in _batches(documents, BATCH_DOCS, BATCH_CHARS):
+        encoded = _encode_batch(tokenizer, batch)
+        batch_tokens = 0
+        for ids in encoded:
+            ids = np.asarray(ids)
+            if append_eos and (ids.size == 0 or ids[-1] != eos_id):
+                ids = np.append(ids, eos_id)
+            if ids.size == 0:
+                stats["dropped_empty"] += 1
+                continue
+            if ids.max() > limit or ids.min() < 0:
+                raise ValueError(
+                    f"{task.path}: token id {int(ids.max())} does not fit {dtype.name} "
+                    f"(tokenizer {tokenizer.name} vocab_size {tokenizer.vocab_size})"
+                )
+            lengths.append(int(ids.size))
+            batch_tokens += int(ids.size)
+            yield ids.astype(dtype).tobytes()
+        if progress:
+            progress(len(batch), batch_tokens)
+
+
+class _BackendEncoder:
+    """`TokenizerWrapper.encode_batch` for worker processes, over the bare `tokenizers` backend.
+
+    It pickles as the backend's JSON, so a spawned worker starts in a fraction of a second
+    instead of importing transformers (and torch) to reload a `TokenizerWrapper`. It applies
+    the wrapper's bos/eos flags the same way; the tests check it equals `encode_batch`.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.backend = tokenizer.hf_tokenizer.backend_tokenizer
+        self.name, self.vocab_size = tokenizer.name, tokenizer.vocab_size
+        self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
+        self.add_bos = bool(getattr(tokenizer, "add_bos", False))
+        self.add_eos = bool(getattr(tokenizer, "add_eos", False))
+        self._fingerprint = tokenizer.fingerprint()
+        self._vocab_fingerprint = tokenizer.vocab_fingerprint()
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> _BackendEncoder:
+        """`tokenizer` itself if it is one, else one built from the `TokenizerWrapper`."""
+        return tokenizer if isinstance(tokenizer, cls) else cls(tokenizer)
+
+    _FIELDS = ("name", "vocab_size", "bos_id", "eos_id", "pad_id", "add_bos", "add_eos")
+
+    def describe(self) -> dict:
+        """A JSON-safe description: the backend's JSON, the ids and flags, the fingerprint."""
+        fields = {field: getattr(self, field) for field in self._FIELDS}
+        return dict(
+            fields,
+            backend=self.backend.to_str(),
+            fingerprint=self._fingerprint,
+            vocab_fingerprint=self._vocab_fingerprint,
+        )
+
+    @classmethod
+    def from_description(cls, description: dict) -> _BackendEncoder:
+        """Inverse of `describe`."""
+        from tokenizers import Tokenizer
+
+        encoder = cls.__new__(cls)
+        for field in cls._FIELDS:
+            setattr(encoder, field, description[field])
+        encoder.backend = Tokenizer.from_str(description["backend"])
+        encoder._fingerprint = description["fingerprint"]
+        encoder._vocab_fingerprint = description["vocab_fingerprint"]
+        return encoder
+
+    def fingerprint(self) -> str:
+        """The wrapped tokenizer's `fingerprint()`, taken at construction."""
+        return self._fingerprint
+
+    def vocab_fingerprint(self) -> str:
+        """The wrapped tokenizer's `vocab_fingerprint()`, taken at construction."""
+        return self._vocab_fingerprint
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """One `(n_i,) int32` array per text, bos/eos added per the flags."""
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        head = [self.bos_id] if self.add_bos else []
+        tail = [self.eos_id] if self.add_eos else []
+        return [
+            np.array(head + encoding.ids + tail, dtype=np.int32)
+            for encoding in encode(texts, add_special_tokens=False)
+        ]
+
+
+def _load_tokenizer(tokenizer: Any) -> Any:
+    """A tokenizer name or path loaded as a `_BackendEncoder`; anything else unchanged.
+
+    Loading goes through transformers, which imports torch (about 600 MB resident). Unless
+    this process has imported it already, the loading runs in a short-lived process, so that
+    prepare itself stays small and its memory is the documents'.
+    """
+    if tokenizer is None or not isinstance(tokenizer, str | os.PathLike):
+        return tokenizer
+    if "transformers" in sys.modules:
+        return _load_encoder(os.fspath(tokenizer))
+    name = os.fspath(tokenizer)
+    # Loading costs seconds: keep one description per name and state of its files.
+    key = (name, _files_state(name))
+    if key not in _LOADED_TOKENIZERS:
+        # A plain subprocess, not multiprocessing: it must not re-import the caller's main.
+        process = subprocess.run(
+            [sys.executable, "-c", _LOAD_TOKENIZER, name, str(os.getpid())],
+            capture_output=True,
+            text=True,
+        )
+        if process.returncode != 0:
+            lines = process.stderr.strip().splitlines() or [f"exit status {process.returncode}"]
+            raise ValueError(f"cannot load tokenizer {name!r}: {lines[-1]}")
+        _LOADED_TOKENIZERS[key] = json.loads(process.stdout)
+    return _BackendEncoder.from_description(_LOADED_TOKENIZERS[key])
+
+
+_LOADED_TOKENIZERS: dict[tuple, dict] = {}
+
+
+def _files_state(name: str) -> tuple:
+    """(name, size, mtime) of each file of a tokenizer directory: a changed file reloads."""
+    if not os.path.isdir(name):
+        return ()
+    entries = [entry for entry in os.scandir(name) if entry.is_file()]
+    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries))
+
+
+_LOAD_TOKENIZER = """
+import json, os, sys
+from wf_data.data.workers import lifetime as worker_lifetime
+worker_lifetime.die_with_parent(int(sys.argv[2]))
+from wf_data.data.prepare.encoding import _load_encoder
+sys.stdout.write(json.dumps(_load_encoder(sys.argv[1]).describe()))
+sys.stdout.flush()
+os._exit(0)  # skip the slow teardown of torch and jax
+"""
+
+
+def _load_encoder(name_or_path: str) -> _BackendEncoder:
+    from wf_data.data.text.tokenization import TokenizerWrapper
+
+    return _BackendEncoder(
+        TokenizerWrapper.from_pretrained(name_or_path, add_bos=False, add_eos=False)
+    )
+
+
+def _tokenizer_identity(tokenizer: Any) -> dict | None:
+    if tokenizer is None:
+        return None
+    return {
+        "name": str(tokenizer.name),
+        "vocab_size": int(tokenizer.vocab_size),
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "pad_id": tokenizer.pad_id,
+        "sha256": tokenizer.fingerprint(),
+        "vocab_fingerprint": tokenizer.vocab_fingerprint(),
+    }

@@ -1,0 +1,524 @@
+"""Reading rows from plans: `read_rows(sources, seq_len)`, a stateless, picklable map.
+
+`read_rows(...)(plan)` reads the documents a plan names (one batched `__getitems__` per
+domain) and builds the rows with whole-batch numpy operations:
+
+- a row plan (see `wf_data.data.plan.plans`) gives one row: `input_ids`, `labels`, `position_ids`,
+  `segment_ids`, each `(L,)` int32 (plus a 0-d `domain_ids` when the plan has a `domain`);
+- a batch plan (see `wf_data.data.plan.batching`, it has `row_pieces`) gives `(B, L)` int32 arrays
+  plus `domain_ids` `(B,)` int32; `ReadSlice` reads one rank's rows of a global batch plan
+  (the loader's worker function).
+
+Row layout: `labels` are the tokens with -100 on padding and on the first token of every
+segment (and, for dict documents with a `loss_mask`, wherever the mask is 0); `position_ids`
+restart at 0 per segment and are 0 on padding; `segment_ids` number the row's segments 1, 2,
+... and are 0 on padding, which always ends the row. The output is a pure function of the plan,
+so rows read in a worker process equal rows read inline. This module imports no Grain: worker
+processes import it to unpickle their function.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
+PLAN_KEYS = ("doc_ids", "offsets", "lengths")
+_DOC_BITS = 40  # document index bits in the (domain, document) keys of one read
+_DOC_MASK = (1 << _DOC_BITS) - 1
+# Mean piece size from which copying a slice per piece (~0.4 us each) beats one gather of
+# every token (~2.2 ns a token, its index included).
+_SLICE_COPY_MIN_TOKENS = 200
+
+__all__ = [
+    "IGNORE_INDEX",
+    "PLAN_KEYS",
+    "ROW_KEYS",
+    "ReadSlice",
+    "RowReader",
+    "SliceRows",
+    "read_documents",
+    "read_rows",
+    "rename_domains",
+]
+
+
+def read_rows(sources: Any, seq_len: int, pad_id: int | Sequence[int] = 0) -> RowReader:
+    """The map from plans to rows of `seq_len` tokens.
+
+    `sources` is one random-access document source (`__len__`, `__getitem__`, optionally
+    `__getitems__`), or a sequence / mapping of them indexed by the plans' domain (mapping
+    values in domain order). A document is a 1-D int array or a dict {"input_ids": (n,) int,
+    "loss_mask": (n,) bool}. `pad_id` is one int or one per domain.
+    """
+    return RowReader(sources, seq_len, pad_id)
+
+
+def _is_document(value: Any) -> bool:
+    """Whether `value` is a document (tokens or a dict), not a source: the first element of a
+    list that `read_rows` takes for one source's documents. A list of ints, empty included,
+    is a document (an empty source cannot be read from)."""
+    if isinstance(value, int | np.integer | np.ndarray | dict):
+        return True
+    return isinstance(value, list | tuple) and (not value or isinstance(value[0], int | np.integer))
+
+
+class RowReader:
+    """Plan -> rows, for one or several domains' document sources. Small and picklable."""
+
+    def __init__(self, sources: Any, seq_len: int, pad_id: int | Sequence[int] = 0):
+        if isinstance(sources, Mapping):
+            sources = list(sources.values())
+        elif not isinstance(sources, list | tuple) or (sources and _is_document(sources[0])):
+            sources = [sources]  # one source (possibly itself a list of documents)
+        if not sources:
+            raise ValueError("read_rows needs at least one document source")
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int | np.integer) or seq_len < 1:
+            raise ValueError(f"seq_len must be an int >= 1, got {seq_len!r}")
+        pad_ids = [pad_id] * len(sources) if isinstance(pad_id, int | np.integer) else pad_id
+        if len(pad_ids) != len(sources):
+            raise ValueError(f"pad_id has {len(pad_ids)} entries for {len(sources)} sources")
+        self.sources = tuple(sources)
+        self.seq_len = int(seq_len)
+        self.pad_ids = tuple(int(p) for p in pad_ids)
+        # The first (domain, document) key of each domain, and one past the last domain.
+        self._domain_keys = np.arange(len(self.sources) + 1, dtype=np.int64) << _DOC_BITS
+
+    def __repr__(self) -> str:
+        return f"RowReader({len(self.sources)} sources, seq_len={self.seq_len})"
+
+    def __call__(self, plan: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        if "row_pieces" in plan:
+            return self.read_batch(plan)
+        domain = plan.get("domain")
+        batch = self.read_batch(
+            {
+                "doc_ids": plan["doc_ids"],
+                "offsets": plan["offsets"],
+                "lengths": plan["lengths"],
+                "row_pieces": np.array([len(plan["doc_ids"])]),
+                "domain_ids": np.array([0 if domain is None else domain], dtype=np.int32),
+            }
+        )
+        row = {key: batch[key][0] for key in ROW_KEYS}
+        if domain is not None:
+            row["domain_ids"] = batch["domain_ids"][0]
+        return row
+
+    def read_batch(
+        self,
+        plan: Mapping[str, Any],
+        labels_dtype: Any = np.int32,
+        allocate: Callable[[int], np.ndarray] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """`(B, L)` int32 rows and `(B,)` int32 `domain_ids` of a batch plan; `labels` of
+        `labels_dtype` (int64 for torch's losses: written so, not converted afterwards). The
+        rows are built in memory from `allocate(nbytes) -> (nbytes,) uint8` when given (a
+        worker's shared-memory slot: the rows then need no copy into it).
+
+        One read per domain of the documents the pieces name; then numpy per token and at most
+        Python per row (padded rows are filled a slice each) or per long piece (see
+        `_planned_tokens`), never per token. A plan has a few rows and tens of pieces, so
+        per-row values are Python ints and reductions call ufuncs directly: a numpy call on
+        a tiny array costs microseconds, most of a batch's fixed cost.
+        """
+        doc_ids = np.asarray(plan["doc_ids"], dtype=np.int64)
+        offsets = np.asarray(plan["offsets"], dtype=np.int64)
+        sizes = np.asarray(plan["lengths"], dtype=np.int64)
+        row_pieces = np.asarray(plan["row_pieces"], dtype=np.int64)
+        n, seq_len = row_pieces.size, self.seq_len
+        domain_ids = np.asarray(plan.get("domain_ids", np.zeros(n)), dtype=np.int32)
+        if domain_ids.shape != (n,):
+            raise ValueError(f"plan has {n} rows but domain_ids of shape {domain_ids.shape}")
+        pieces_per_row, domains = row_pieces.tolist(), domain_ids.tolist()
+        if n and (min(domains) < 0 or max(domains) >= len(self.sources)):
+            bad = min(domains) if min(domains) < 0 else max(domains)
+            raise ValueError(
+                f"plan names domain {bad}; this reader has {len(self.sources)} sources"
+            )
+        num_pieces = sum(pieces_per_row)
+        if not doc_ids.shape == offsets.shape == sizes.shape == (num_pieces,):
+            raise ValueError(
+                f"plan has {num_pieces} pieces by row_pieces, but doc_ids, offsets "
+                f"and lengths of shapes {doc_ids.shape}, {offsets.shape}, {sizes.shape}"
+            )
+        if n == 0:
+            rows = {key: np.empty((0, seq_len), dtype=np.int32) for key in ROW_KEYS}
+            rows["labels"] = rows["labels"].astype(labels_dtype)
+            return {**rows, "domain_ids": domain_ids}
+        if (
+            min(pieces_per_row) < 1
+            or _lowest(sizes) < 1
+            or _lowest(doc_ids) < 0
+            or _lowest(offsets) < 0
+        ):
+            raise ValueError(
+                f"plan rows of {min(pieces_per_row)} pieces, pieces of {_lowest(sizes)} "
+                f"tokens, document {_lowest(doc_ids)} or offset {_lowest(offsets)}: every "
+                "row holds >= 1 piece, every piece >= 1 token of a document >= 0 from an "
+                "offset >= 0"
+            )
+        piece_stop = np.add.accumulate(sizes)  # of each piece in the batch's planned tokens
+        piece_start = piece_stop - sizes
+        row_stops = list(itertools.accumulate(pieces_per_row))  # of each row's pieces
+        stop_tokens = piece_stop.tolist()
+        row_stop = [stop_tokens[stop - 1] for stop in row_stops]  # in the planned tokens
+        row_start = [0, *row_stop[:-1]]
+        used = [stop - start for start, stop in zip(row_start, row_stop, strict=True)]
+        if max(used) > seq_len:
+            raise ValueError(
+                f"plan rows hold {min(used)} to {max(used)} tokens: not a plan for "
+                f"seq_len={seq_len}"
+            )
+        tokens, no_loss = self._planned_tokens(
+            domain_ids, row_pieces, doc_ids, offsets, sizes, piece_start, stop_tokens[-1]
+        )
+        # The fields are built in place (input, positions and segments in one (3, n, L) int32
+        # block), each in a pass or two: rows are the planned tokens in order, then padding.
+        stacked = _empty((3, n, seq_len), np.int32, allocate)
+        input_ids, positions, segments = stacked
+        labels = _empty((n, seq_len), labels_dtype, allocate)
+        padded = tokens.size != n * seq_len
+        if padded:
+            pads = [self.pad_ids[domain] for domain in domains]
+            # Python per row (a few per batch), numpy per token.
+            for row, (start, count) in enumerate(zip(row_start, used, strict=True)):
+                input_ids[row, :count] = tokens[start : start + count]
+                input_ids[row, count:] = pads[row]
+            # Flat position in the rows of a planned token = its index + this shift of its row.
+            shift = np.array([row * seq_len - start for row, start in enumerate(row_start)])
+            at = piece_start + shift.repeat(row_pieces)  # where each piece starts
+        else:
+            input_ids.reshape(-1)[:] = tokens
+            at = piece_start
+        labels[...] = input_ids
+        flat_labels = labels.reshape(-1)
+        flat_labels[at] = IGNORE_INDEX  # nothing predicts a segment's first token
+        if no_loss is not None:
+            flat_labels[no_loss + shift.repeat(used)[no_loss] if padded else no_loss] = IGNORE_INDEX
+        # A piece is a segment: positions restart at 0 and segments count 1, 2, ... along each
+        # row, as running sums of increments scattered at piece starts.
+        positions.fill(1)
+        positions.reshape(-1)[at[1:]] = 1 - sizes[:-1]  # back to 0 from the piece before
+        positions[:, 0] = 0  # a row starts with its first piece
+        segments.fill(0)
+        segments.reshape(-1)[at] = 1
+        np.add.accumulate(stacked[1:], axis=2, out=stacked[1:])
+        if padded:  # padding: labels -100, positions and segments 0
+            for row, count in enumerate(used):
+                labels[row, count:] = IGNORE_INDEX
+                stacked[1:, row, count:] = 0
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": positions,
+            "segment_ids": segments,
+            "domain_ids": domain_ids,
+        }
+
+    def _planned_tokens(
+        self, domain_ids, row_pieces, doc_ids, offsets, sizes, piece_start, num_tokens
+    ):
+        """(tokens (num_tokens,), positions of no-loss tokens or None) of every piece, in
+        piece order.
+
+        Reads each domain's documents once (`read_tokens` when the source has it, else its
+        documents concatenated) and gathers the pieces' spans from the joined buffers.
+        """
+        # One sort for all domains: (domain, document) keys, documents ascending per domain.
+        keys = np.left_shift(domain_ids, _DOC_BITS, dtype=np.int64).repeat(row_pieces)
+        keys |= doc_ids
+        wanted, which = _distinct(keys)
+        wanted_docs = wanted & _DOC_MASK
+        # Each domain's slice of the sorted keys (a domain no row names has an empty one).
+        bounds = wanted.searchsorted(self._domain_keys).tolist()
+        buffers, masks, doc_lengths = [], [], []
+        for domain, (first, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+            if first < stop:
+                flat, lengths, mask = _read_joined(self.sources[domain], wanted_docs[first:stop])
+                buffers.append(flat)
+                masks.append(mask)
+                doc_lengths.append(lengths)
+        lengths = doc_lengths[0] if len(doc_lengths) == 1 else np.concatenate(doc_lengths)
+        doc_start = np.add.accumulate(lengths) - lengths  # in the joined buffers
+        doc_length = lengths[which]
+        stops = offsets + sizes
+        if np.maximum.reduce(stops - doc_length) > 0:
+            bad = int(np.flatnonzero(stops > doc_length)[0])
+            raise ValueError(
+                f"{_describe(self.sources[int(keys[bad] >> _DOC_BITS)])} document "
+                f"{int(doc_ids[bad])} has {int(doc_length[bad])} tokens but the plan needs "
+                f"[.., {int(stops[bad])}): the source's lengths do not match its records"
+            )
+        joined = buffers[0] if len(buffers) == 1 else np.concatenate(buffers)
+        span_start = doc_start[which] + offsets
+        if num_tokens >= _SLICE_COPY_MIN_TOKENS * sizes.size:  # long pieces: a slice each
+            spans = list(zip(span_start.tolist(), (span_start + sizes).tolist(), strict=True))
+
+            def take(buffer: np.ndarray) -> np.ndarray:
+                return np.concatenate([buffer[start:stop] for start, stop in spans])
+
+        else:  # short pieces: one gather, its index a running sum that jumps at piece starts
+            jumps = span_start.copy()  # from the last token of the piece before
+            jumps[1:] -= span_start[:-1] + sizes[:-1] - 1
+            gather = np.ones(num_tokens, dtype=np.int64)
+            gather[piece_start] = jumps
+            np.add.accumulate(gather, out=gather)
+
+            def take(buffer: np.ndarray) -> np.ndarray:
+                return buffer[gather]
+
+        tokens = take(joined)
+        if all(mask is None for mask in masks):
+            return tokens, None
+        joined_mask = np.concatenate(
+            [
+                np.ones(buffer.size, np.uint8) if mask is None else mask
+                for buffer, mask in zip(buffers, masks, strict=True)
+            ]
+        )
+        return tokens, np.flatnonzero(take(joined_mask) == 0)
+
+
+def _empty(shape: tuple[int, ...], dtype: Any, allocate: Callable[[int], np.ndarray] | None):
+    """An uninitialised array, in memory from `allocate(nbytes)` when given."""
+    if allocate is None:
+        return np.empty(shape, dtype)
+    dtype = np.dtype(dtype)
+    return allocate(math.prod(shape) * dtype.itemsize).view(dtype).reshape(shape)
+
+
+def _lowest(values: np.ndarray) -> int:
+    """The smallest of a non-empty int array (the ufunc: `ndarray.min` adds a Python layer)."""
+    return int(np.minimum.reduce(values))
+
+
+def _distinct(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct `keys` ascending, the index of each key among them): what
+    `np.unique(keys, return_inverse=True)` returns, at about half its cost on tens of keys."""
+    order = keys.argsort()
+    ordered = keys[order]
+    first = np.empty(keys.size, dtype=bool)  # of a run of equal keys
+    first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    rank = np.add.accumulate(first, dtype=np.int64)  # 1 + index among the distinct keys
+    rank -= 1
+    which = np.empty(keys.size, dtype=np.int64)
+    which[order] = rank
+    return ordered[first], which
+
+
+class SliceRows:
+    """Batch plan -> the batch plan of rows `[start, stop)` (a data-parallel rank's rows)."""
+
+    def __init__(self, start: int, stop: int):
+        if not 0 <= start < stop:
+            raise ValueError(f"SliceRows needs 0 <= start < stop, got {start}, {stop}")
+        self.start, self.stop = int(start), int(stop)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        row_pieces = batch["row_pieces"]
+        if self.stop > row_pieces.size:
+            raise ValueError(f"rows [{self.start}, {self.stop}) of a {row_pieces.size}-row batch")
+        sliced = dict(batch)
+        if self.start == 0 and self.stop == row_pieces.size:  # the whole batch (one rank)
+            return sliced
+        first = int(np.add.reduce(row_pieces[: self.start]))
+        last = first + int(np.add.reduce(row_pieces[self.start : self.stop]))
+        for key in PLAN_KEYS:
+            sliced[key] = batch[key][first:last]
+        sliced["row_pieces"] = row_pieces[self.start : self.stop]
+        sliced["domain_ids"] = batch["domain_ids"][self.start : self.stop]
+        return sliced
+
+    def __repr__(self) -> str:
+        return f"SliceRows({self.start}, {self.stop})"
+
+
+def rename_domains(batch: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """`batch` with domain ids and served counts re-indexed to `names` (matched by name).
+
+    A batch planned under other domains (before a restore into an extended or re-ordered
+    mixture) keeps its rows' domains; a domain it has and `names` lacks is an error.
+    """
+    planned = json.loads(batch["domain_names"])
+    if planned == list(names):
+        return batch
+    missing = sorted(set(planned) - set(names))
+    if missing:
+        raise ValueError(f"a planned batch has rows of domains {missing}, which this loader lacks")
+    index = np.array([list(names).index(name) for name in planned], dtype=np.int32)
+    renamed = dict(
+        batch, domain_ids=index[batch["domain_ids"]], domain_names=json.dumps(list(names))
+    )
+    for key in ("served_rows", "served_tokens"):
+        counts = np.zeros(len(names), dtype=np.int64)
+        counts[index] = batch[key]
+        renamed[key] = counts
+    return renamed
+
+
+class ReadSlice:
+    """The loader's worker function: a global batch plan -> this rank's rows (numpy), plus the
+    plan's `step` and cumulative `served_rows` / `served_tokens`, which the loader pops.
+    `labels_dtype` "int64" builds the labels torch's losses take (the loader's torch batches)."""
+
+    def __init__(
+        self,
+        reader: RowReader,
+        rows: SliceRows,
+        domain_names: Sequence[str],
+        labels_dtype: str = "int32",
+    ):
+        self.reader, self.rows, self.domain_names = reader, rows, tuple(domain_names)
+        self.labels_dtype = np.dtype(labels_dtype)
+        self._names_json = json.dumps(list(self.domain_names))
+
+    def __call__(self, plan: dict[str, Any]) -> dict[str, np.ndarray]:
+        return self.many([plan])[0]
+
+    def many(
+        self,
+        plans: Sequence[dict[str, Any]],
+        allocate: Callable[[int], np.ndarray] | None = None,
+    ) -> list[dict[str, np.ndarray]]:
+        """`[self(plan) for plan in plans]` from one read of all their rows: a read has a fixed
+        cost (a sort, one call per domain and shard) that several batches then share. Rows are
+        built in memory from `allocate` when given (see `RowReader.read_batch`; `ProcessMap`'s
+        workers pass their result slot's)."""
+        plans = [
+            plan
+            if plan["domain_names"] == self._names_json  # else planned before a restore
+            else rename_domains(plan, self.domain_names)
+            for plan in plans
+        ]
+        sliced = [self.rows(plan) for plan in plans]
+        joined = sliced[0]
+        if len(sliced) > 1:
+            joined = {
+                key: np.concatenate([part[key] for part in sliced])
+                for key in (*PLAN_KEYS, "row_pieces", "domain_ids")
+            }
+        rows = self.reader.read_batch(joined, self.labels_dtype, allocate)
+        size = self.rows.stop - self.rows.start
+        results = []
+        for index, plan in enumerate(plans):
+            batch = {key: value[index * size : (index + 1) * size] for key, value in rows.items()}
+            batch["step"] = np.asarray(plan["step"], dtype=np.int64)
+            batch["served_rows"] = plan["served_rows"]
+            batch["served_tokens"] = plan["served_tokens"]
+            results.append(batch)
+        return results
+
+
+def _describe(source: Any) -> str:
+    """The source, for error messages: its path when it has one."""
+    path = getattr(source, "path", None)
+    if path is not None:
+        return f"{type(source).__name__}({path})"
+    if isinstance(source, list | tuple):
+        return f"{type(source).__name__} of {len(source)} documents"
+    text = repr(source)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _read_joined(source: Any, indices: np.ndarray):
+    """Documents `indices` of `source` joined: (tokens (T,), lengths (n,), loss mask (T,)
+    uint8 or None). A source with `read_tokens` (a prepared dataset) fills the buffer in one
+    join; any other source is read with `read_documents`."""
+    read_tokens = getattr(source, "read_tokens", None)
+    if read_tokens is not None and getattr(source, "lengths", None) is not None:
+        return (*read_tokens(indices), None)  # back to back, in the order asked
+    tokens, masks = read_documents(source, indices.tolist())
+    docs = [tokens[i] for i in indices.tolist()]
+    lengths = np.fromiter(map(len, docs), np.int64, len(docs))
+    flat = np.concatenate(docs) if docs else np.zeros(0, np.int32)
+    mask = None
+    if masks:
+        mask = np.concatenate(
+            [
+                np.ones(len(doc), np.uint8) if masks.get(i) is None else masks[i]
+                for i, doc in zip(indices.tolist(), docs, strict=True)
+            ]
+        ).astype(np.uint8, copy=False)
+    return flat, lengths, mask
+
+
+def read_documents(
+    source: Any, indices: list[int]
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """One batched read: (index -> (n,) int tokens, index -> (n,) loss mask for dict docs)."""
+    if not indices:
+        return {}, {}
+    getitems = getattr(source, "__getitems__", None)
+    raw = getitems(indices) if getitems is not None else [source[i] for i in indices]
+    if len(raw) != len(indices):
+        raise ValueError(
+            f"{type(source).__name__}.__getitems__ returned {len(raw)} documents for "
+            f"{len(indices)} indices"
+        )
+    if _plain_token_arrays(raw):
+        return dict(zip(indices, raw, strict=True)), {}
+    tokens, masks = {}, {}
+    for index, doc in zip(indices, raw, strict=True):
+        tokens[index], mask = _as_document(doc, index, source)
+        if mask is not None:
+            masks[index] = mask
+    return tokens, masks
+
+
+def _plain_token_arrays(docs: list) -> bool:
+    """Whether every document is a 1-D integer numpy array (checked with C-level maps)."""
+    if set(map(type, docs)) != {np.ndarray} or set(map(_NDIM, docs)) != {1}:
+        return False
+    return set(map(_DTYPE_KIND, docs)) <= {"i", "u"}  # kinds: hashing dtypes is slow
+
+
+_NDIM, _DTYPE_KIND = operator.attrgetter("ndim"), operator.attrgetter("dtype.kind")
+
+
+def _as_document(doc: Any, index: int, source: Any) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens (n,) int, loss_mask (n,) or None) from a token array or an SFT dict."""
+    if type(doc) is np.ndarray and doc.ndim == 1 and doc.dtype.kind in "iu":
+        return doc, None
+    where = f"{_describe(source)} document {index}"
+    if isinstance(doc, dict):
+        if "input_ids" not in doc:
+            raise ValueError(
+                f"{where}: dict without 'input_ids' (keys: {sorted(doc)}); expected "
+                "{'input_ids': ..., 'loss_mask': ...}"
+            )
+        tokens = np.asarray(doc["input_ids"])
+        if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
+            raise TypeError(
+                f"{where}: field 'input_ids' must be a 1-D integer array, got shape "
+                f"{tokens.shape} and dtype {tokens.dtype}"
+            )
+        mask = doc.get("loss_mask")
+        if mask is not None:
+            mask = np.asarray(mask)
+            if mask.shape != tokens.shape:
+                raise ValueError(
+                    f"{where}: field 'loss_mask' has shape {mask.shape}, 'input_ids' {tokens.shape}"
+                )
+        return tokens, mask
+    if isinstance(doc, str | bytes):
+        raise TypeError(
+            f"{where} is text ({type(doc).__name__}), packing needs token ids: "
+            "tokenize it (PretrainDataset(..., tokenizer=...)) or pre-tokenize with "
+            "`wf-data prepare --tokenizer ...`"
+        )
+    array = np.asarray(doc)
+    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
+        raise TypeError(
+            f"{where}: expected a 1-D integer token array or a dict with 'input_ids', "
+            f"got {type(doc).__name__} with shape {array.shape} and dtype {array.dtype}"
+        )
+    return array, None
