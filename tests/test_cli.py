@@ -198,13 +198,26 @@ def test_prepare_several_text_keys(tmp_path, capsys):
     path = tmp_path / "in.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "out"
-    argv = ["prepare", str(path), "--out", str(out), "--text-key", "q", "--text-key", "r,a",
-            "--text-separator", "\\n---\\n", "--quiet"]
+    argv = [
+        "prepare",
+        str(path),
+        "--out",
+        str(out),
+        "--text-key",
+        "q",
+        "--text-key",
+        "r,a",
+        "--text-separator",
+        "\\n---\\n",
+        "--quiet",
+    ]
     assert cli.main(argv) == 0
     source = sources.open_dataset(out)
     assert [source[0], source[1]] == ["Q0\n---\nR0\n---\nA0", "Q1\n---\nA1"]
-    assert source.manifest["input_fields"] == {"text_key": ["q", "r", "a"],
-                                               "text_separator": "\n---\n"}
+    assert source.manifest["input_fields"] == {
+        "text_key": ["q", "r", "a"],
+        "text_separator": "\n---\n",
+    }
     assert cli.build_parser().parse_args(argv).text_separator == "\n---\n"
     assert cli.main(["prepare", str(path), "--out", str(out) + "2", "--text-key", "q,r,x"]) == 1
     assert "in.jsonl:1: missing key 'x'" in capsys.readouterr().err
@@ -217,8 +230,11 @@ def test_prepare_nemotron_records_feed_sft(tmp_path, capsys):
     from wf_data.data.read.sft import SFTDataset
 
     rows = [
-        {"input": [{"role": "user", "content": "what is the answer"}], "output": "fine thanks",
-         "system_prompt": "detailed thinking on"},
+        {
+            "input": [{"role": "user", "content": "what is the answer"}],
+            "output": "fine thanks",
+            "system_prompt": "detailed thinking on",
+        },
         {"input": "hello there", "output": "how are you", "system_prompt": "detailed thinking off"},
         {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
     ]
@@ -226,8 +242,10 @@ def test_prepare_nemotron_records_feed_sft(tmp_path, capsys):
     path.parent.mkdir(parents=True)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     out = tmp_path / "out"
-    command = (f"wf-data prepare {tmp_path / 'SFT' / 'chat'} --out {out} --chat-key messages "
-               "--input-key input --output-key output --system-prompt-key system_prompt --quiet")
+    command = (
+        f"wf-data prepare {tmp_path / 'SFT' / 'chat'} --out {out} --chat-key messages "
+        "--input-key input --output-key output --system-prompt-key system_prompt --quiet"
+    )
     assert cli.main(shlex.split(command)[1:]) == 0
     assert "format chat" in capsys.readouterr().out
     source = sources.open_dataset(out)
@@ -240,8 +258,12 @@ def test_prepare_nemotron_records_feed_sft(tmp_path, capsys):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps(rows[0]) + "\n" + json.dumps({"input": "q", "output": 1}) + "\n")
-    assert cli.main(["prepare", str(bad), "--out", str(tmp_path / "b"), "--input-key", "input",
-                     "--quiet"]) == 1
+    assert (
+        cli.main(
+            ["prepare", str(bad), "--out", str(tmp_path / "b"), "--input-key", "input", "--quiet"]
+        )
+        == 1
+    )
     assert "bad.jsonl:2: field 'output' must be a string, got int" in capsys.readouterr().err
 
 

@@ -25,8 +25,9 @@ from wf_data.config import (
 
 # configs/data/synthetic.yaml parametrises tools/train.py's SyntheticBatches, not a DataConfig.
 NOT_DATA_CONFIGS = {"synthetic"}
-SHIPPED = sorted(path for path in (config_dir() / "data").glob("*.yaml")
-                 if path.stem not in NOT_DATA_CONFIGS)
+SHIPPED = sorted(
+    path for path in (config_dir() / "data").glob("*.yaml") if path.stem not in NOT_DATA_CONFIGS
+)
 
 
 def minimal(tmp_path, **changes) -> dict:
@@ -62,16 +63,28 @@ def test_every_shipped_config_loads_and_validates(path):
 
 
 def test_required_configs_are_shipped():
-    required = {"mixed_pretrain", "fineweb", "downstream", "sft_nemotron", "c4_validation",
-                "fineweb_validation", "demo"}
+    required = {
+        "mixed_pretrain",
+        "fineweb",
+        "downstream",
+        "sft_nemotron",
+        "c4_validation",
+        "fineweb_validation",
+        "demo",
+    }
     assert required <= set(available_configs())
 
 
 def test_mixed_pretrain_weights_and_disabled_sources():
     cfg = load_data_config("mixed_pretrain", check_paths=False)
     assert {name: s.weight for name, s in cfg.sources.items()} == {
-        "fineweb_edu": 0.5, "github_code": 0.2, "finemath": 0.3,
-        "dclm": 0.0, "slimpajama": 0.0, "synth": 0.0}
+        "fineweb_edu": 0.5,
+        "github_code": 0.2,
+        "finemath": 0.3,
+        "dclm": 0.0,
+        "slimpajama": 0.0,
+        "synth": 0.0,
+    }
     assert cfg.domain_names() == ["fineweb_edu", "github_code", "finemath"]
     assert cfg.mixing.kind == "exp3"
     assert cfg.sources["synth"].text_key == ["query", "synthetic_reasoning", "synthetic_answer"]
@@ -91,8 +104,9 @@ def test_demo_config_paths_follow_cache_env(monkeypatch, tmp_path):
 def test_sft_nemotron_has_column_styles():
     cfg = load_data_config("sft_nemotron", check_paths=False)
     assert cfg.kind == "sft"
-    styles = {(s.input_key, s.output_key, s.system_prompt_key, s.chat_key)
-              for s in cfg.sources.values()}
+    styles = {
+        (s.input_key, s.output_key, s.system_prompt_key, s.chat_key) for s in cfg.sources.values()
+    }
     assert ("input", "output", "system_prompt", None) in styles
     assert (None, None, None, "messages") in styles
 
@@ -114,8 +128,10 @@ def test_dataconfig_built_in_python_is_completed_and_checked(tmp_path):
     cfg = load_data_config(built, check_paths=False)
     assert cfg.seq_len == 128 and cfg.packing == "best_fit" and cfg.mixing.kind == "static"
     assert built.sources["a"].path == str(tmp_path / "a") and built.paths.root is None  # as given
-    mixed = load_data_config({"sources": {"a": SourceConfig("a", str(tmp_path / "a"))},
-                              "seq_len": 128}, check_paths=False)
+    mixed = load_data_config(
+        {"sources": {"a": SourceConfig("a", str(tmp_path / "a"))}, "seq_len": 128},
+        check_paths=False,
+    )
     assert mixed == cfg
     with pytest.raises(ConfigError, match=r"data\.seq_len: must be > 0"):
         load_data_config(dataclasses.replace(built, seq_len=0), check_paths=False)
@@ -124,8 +140,14 @@ def test_dataconfig_built_in_python_is_completed_and_checked(tmp_path):
 def test_overrides_change_add_delete():
     cfg = load_data_config(
         "mixed_pretrain",
-        overrides=["seq_len=512", "mixing.kind=static", "sources.dclm.weight=0.25",
-                   "~sources.synth", "+sources.extra.path=/tmp/extra", "num_epochs=2"],
+        overrides=[
+            "seq_len=512",
+            "mixing.kind=static",
+            "sources.dclm.weight=0.25",
+            "~sources.synth",
+            "+sources.extra.path=/tmp/extra",
+            "num_epochs=2",
+        ],
         check_paths=False,
     )
     assert cfg.seq_len == 512
@@ -180,8 +202,11 @@ def test_unknown_key_names_path_and_lists_valid_keys(overrides, needle):
 
 
 def test_unknown_top_level_key_in_dict(tmp_path):
-    with pytest.raises(ConfigError, match=r"data\.batch_size: unknown key.*valid keys for data: "
-                                          r".*global_batch_size"):
+    with pytest.raises(
+        ConfigError,
+        match=r"data\.batch_size: unknown key.*valid keys for data: "
+        r".*global_batch_size",
+    ):
         load_data_config(minimal(tmp_path, batch_size=4), check_paths=False)
 
 
@@ -211,28 +236,43 @@ def test_wrong_type_names_path_and_expected_type(tmp_path, changes, needle):
 def test_wrong_source_field_type(tmp_path):
     cfg = minimal(tmp_path)
     cfg["sources"]["a"]["text_key"] = {"col": 1}
-    with pytest.raises(ConfigTypeError, match=r"data\.sources\.a\.text_key: expected str \| "
-                                              r"list\[str\], got dict"):
+    with pytest.raises(
+        ConfigTypeError,
+        match=r"data\.sources\.a\.text_key: expected str \| "
+        r"list\[str\], got dict",
+    ):
         load_data_config(cfg, check_paths=False)
 
 
 @pytest.mark.parametrize(
     "changes, needle",
     [
-        ({"packing": "first_fit"}, r"data\.packing: 'first_fit' is not one of 'best_fit', "
-                                   r"'concat'"),
-        ({"mixing": {"kind": "ucb"}}, r"data\.mixing\.kind: 'ucb' is not one of 'static', "
-                                      r"'exp3'"),
+        (
+            {"packing": "first_fit"},
+            r"data\.packing: 'first_fit' is not one of 'best_fit', "
+            r"'concat'",
+        ),
+        (
+            {"mixing": {"kind": "ucb"}},
+            r"data\.mixing\.kind: 'ucb' is not one of 'static', "
+            r"'exp3'",
+        ),
         ({"global_batch_size": 0}, r"data\.global_batch_size: must be > 0"),
         ({"seq_len": -1}, r"data\.seq_len: must be > 0"),
         ({"num_workers": -2}, r"data\.num_workers: must be >= 0"),
         ({"mixing": {"alpha": 1.5}}, r"data\.mixing\.alpha: must be in \[0, 1\]"),
         ({"mixing": {"update_every": 0}}, r"data\.mixing\.update_every: must be >= 1"),
-        ({"mixing": {"min_weight": 0.6}}, r"data\.mixing\.min_weight: 0\.6 x 2 enabled sources "
-                                          r"exceeds 1"),
+        (
+            {"mixing": {"min_weight": 0.6}},
+            r"data\.mixing\.min_weight: 0\.6 x 2 enabled sources "
+            r"exceeds 1",
+        ),
         ({"mixing": {"max_weight": 0.4}}, r"data\.mixing\.max_weight: 0\.4 x 2 enabled"),
-        ({"kind": "sft", "packing": "concat"}, r"data\.packing: SFT conversations are packed "
-                                               r"with 'best_fit'"),
+        (
+            {"kind": "sft", "packing": "concat"},
+            r"data\.packing: SFT conversations are packed "
+            r"with 'best_fit'",
+        ),
     ],
 )
 def test_bad_values(tmp_path, changes, needle):
@@ -257,12 +297,15 @@ def test_all_weights_zero_is_refused(tmp_path):
 
 
 def test_sources_as_list_and_unique_names(tmp_path):
-    as_list = minimal(tmp_path, sources=[{"name": "a", "path": "/x/a"},
-                                         {"name": "b", "path": "/x/b", "weight": 3}])
+    as_list = minimal(
+        tmp_path,
+        sources=[{"name": "a", "path": "/x/a"}, {"name": "b", "path": "/x/b", "weight": 3}],
+    )
     cfg = load_data_config(as_list, check_paths=False)
     assert cfg.domain_names() == ["a", "b"] and cfg.sources["b"].weight == 3.0
-    duplicated = minimal(tmp_path, sources=[{"name": "a", "path": "/x/a"},
-                                            {"name": "a", "path": "/x/b"}])
+    duplicated = minimal(
+        tmp_path, sources=[{"name": "a", "path": "/x/a"}, {"name": "a", "path": "/x/b"}]
+    )
     with pytest.raises(ConfigError, match=r"duplicate name 'a'.*unique"):
         load_data_config(duplicated, check_paths=False)
     mismatched = minimal(tmp_path, sources={"a": {"name": "z", "path": "/x/a"}})
@@ -275,8 +318,9 @@ def test_sources_as_list_and_unique_names(tmp_path):
 def test_missing_path_names_the_prepare_command(tmp_path):
     make_prepared(tmp_path / "a")
     cfg = minimal(tmp_path)
-    cfg["sources"]["b"]["prepare_command"] = "wf-data prepare raw/b --out {path} --tokenizer " \
-                                             "{tokenizer}"
+    cfg["sources"]["b"]["prepare_command"] = (
+        "wf-data prepare raw/b --out {path} --tokenizer {tokenizer}"
+    )
     with pytest.raises(ConfigError) as info:
         load_data_config(cfg)
     message = str(info.value)
@@ -294,8 +338,11 @@ def test_path_checks_skip_disabled_sources_and_cover_eval_sources(tmp_path):
     assert load_data_config(cfg).domain_names() == ["a"]
     cfg["eval_sources"] = {"a": {"path": str(tmp_path / "held_out")}}
     (tmp_path / "held_out").mkdir()
-    with pytest.raises(ConfigError, match=r"eval_sources\.a: .*held_out has no manifest\.json"
-                                          r"[\s\S]*wf-data prepare INPUT\.\.\. --out"):
+    with pytest.raises(
+        ConfigError,
+        match=r"eval_sources\.a: .*held_out has no manifest\.json"
+        r"[\s\S]*wf-data prepare INPUT\.\.\. --out",
+    ):
         load_data_config(cfg)
 
 
@@ -344,8 +391,9 @@ def test_bad_override_syntax_and_interpolation(tmp_path):
     with pytest.raises(ConfigError, match="invalid override"):
         load_data_config("demo", ["seq_len=[1,"], check_paths=False)
     with pytest.raises(ConfigError, match=r"data\.tokenizer: cannot resolve interpolation"):
-        load_data_config(minimal(tmp_path, tokenizer="${oc.env:WF_DATA_SURELY_UNSET_VAR}"),
-                         check_paths=False)
+        load_data_config(
+            minimal(tmp_path, tokenizer="${oc.env:WF_DATA_SURELY_UNSET_VAR}"), check_paths=False
+        )
 
 
 def test_literal_dollar_brace_survives_round_trip(tmp_path):
@@ -362,8 +410,7 @@ def test_section_of_a_hydra_app_config(tmp_path):
     from hydra import compose, initialize_config_dir
 
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "demo.yaml").write_text(
-        (config_dir() / "data" / "demo.yaml").read_text())
+    (tmp_path / "data" / "demo.yaml").write_text((config_dir() / "data" / "demo.yaml").read_text())
     (tmp_path / "config.yaml").write_text("defaults:\n  - data: demo\n  - _self_\nsteps: 3\n")
     with initialize_config_dir(config_dir=str(tmp_path), version_base=None):
         app_cfg = compose(config_name="config", overrides=["data.seq_len=128"])

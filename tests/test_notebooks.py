@@ -61,8 +61,13 @@ def test_mixtures_notebook_executes_and_writes_pngs(tmp_path, monkeypatch):
     )
     client.execute(cwd=str(REPO_ROOT))  # raises CellExecutionError naming the failing cell
 
-    errors = [output for cell in notebook.cells if cell.cell_type == "code"
-              for output in cell.outputs if output.output_type == "error"]
+    errors = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "error"
+    ]
     assert not errors
     written = sorted(path.name for path in tmp_path.glob("*.png"))
     assert written == sorted(EXPECTED_PNGS)
@@ -72,8 +77,13 @@ def test_mixtures_notebook_executes_and_writes_pngs(tmp_path, monkeypatch):
         assert width >= 300 and height >= 200, f"{name} is only {width}x{height}"
         assert path.stat().st_size > 10_000, f"{name} is nearly empty ({path.stat().st_size} B)"
     # Figures are also shown inline, and the last cell lists the PNG paths it wrote.
-    images = [output for cell in notebook.cells if cell.cell_type == "code"
-              for output in cell.outputs if "image/png" in output.get("data", {})]
+    images = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if "image/png" in output.get("data", {})
+    ]
     assert len(images) >= len(EXPECTED_PNGS)
     listing = "".join(output.get("text", "") for output in notebook.cells[-1].outputs)
     for name in EXPECTED_PNGS:

@@ -56,10 +56,16 @@ def packed_batch() -> dict[str, np.ndarray]:
     labels[0, [0, 5]] = -100  # first token of each segment
     labels[1, 0] = -100
     labels[1, 1:4] = -100  # a prompt without loss, as in SFT
-    position_ids = np.array([list(range(5)) + list(range(4)) + [0] * 3, list(range(12))],
-                            dtype=np.int32)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-            "segment_ids": segment_ids, "domain_ids": np.array([2, 0], dtype=np.int32)}
+    position_ids = np.array(
+        [list(range(5)) + list(range(4)) + [0] * 3, list(range(12))], dtype=np.int32
+    )
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "segment_ids": segment_ids,
+        "domain_ids": np.array([2, 0], dtype=np.int32),
+    }
 
 
 class FakeTokenizer:
@@ -75,8 +81,11 @@ class FakeTokenizer:
 
 def test_length_histograms_name_domains_and_seq_len():
     rng = np.random.default_rng([0, 2])
-    lengths = {"prose": rng.integers(10, 5000, 80), "code": rng.integers(100, 20000, 200),
-               "math": rng.integers(40, 80, 3000)}
+    lengths = {
+        "prose": rng.integers(10, 5000, 80),
+        "code": rng.integers(100, 20000, 200),
+        "math": rng.integers(40, 80, 3000),
+    }
     fig = viz.plot_length_histograms(lengths, seq_len=256)
     assert_readable(fig, expected_in_legend=(*NAMES, "seq_len = 256", "3,000 docs"))
     assert len(fig.axes) == 3
@@ -131,8 +140,9 @@ def test_policy_plot_validates_shapes():
 
 def test_token_share_with_reference():
     steps, shares = policy_fixture()
-    fig = viz.plot_token_share(steps, shares, NAMES, reference=np.full(3, 1 / 3),
-                               reference_label="target weight")
+    fig = viz.plot_token_share(
+        steps, shares, NAMES, reference=np.full(3, 1 / 3), reference_label="target weight"
+    )
     assert_readable(fig, expected_in_legend=(*NAMES, "target weight"))
     assert fig.axes[0].get_ylabel() == "share of real tokens"
     fig = viz.plot_token_share(steps, shares, NAMES, reference=shares)
@@ -148,8 +158,12 @@ def test_policy_comparison_side_by_side():
     fig = viz.plot_policy_comparison(steps, policies, NAMES, token_shares=policies)
     assert_readable(fig)
     titles = [ax.get_title() for ax in fig.axes]
-    assert titles == ["static: sampling weights", "EXP3: sampling weights",
-                      "static: realised token share", "EXP3: realised token share"]
+    assert titles == [
+        "static: sampling weights",
+        "EXP3: sampling weights",
+        "static: realised token share",
+        "EXP3: realised token share",
+    ]
     assert len(viz.plot_policy_comparison(steps, policies, NAMES).axes) == 2
     with pytest.raises(ValueError, match="differ"):
         viz.plot_policy_comparison(steps, policies, NAMES, token_shares={"static": static})
@@ -176,8 +190,16 @@ def test_fill_flat_and_per_domain():
 def test_packed_rows_figure_marks_segments_and_loss_mask():
     batch = packed_batch()
     fig = viz.plot_packed_rows(batch, names=NAMES)
-    assert_readable(fig, expected_in_legend=("segment 1", "segment 2", "no loss (labels = -100)",
-                                             "padding", "segment start"))
+    assert_readable(
+        fig,
+        expected_in_legend=(
+            "segment 1",
+            "segment 2",
+            "no loss (labels = -100)",
+            "padding",
+            "segment start",
+        ),
+    )
     ax = fig.axes[0]
     ticks = [label.get_text() for label in ax.get_yticklabels()]
     assert ticks == ["row 0 (math, 75% full)", "row 1 (prose, 100% full)"]
@@ -188,19 +210,20 @@ def test_packed_rows_figure_marks_segments_and_loss_mask():
     np.testing.assert_array_equal(is_grey, expected)
     assert np.all(image[0, 9:] == 1.0)  # padding is white
     # A list of row dicts gives the same picture.
-    rows = [{key: value[i] for key, value in batch.items() if key != "domain_ids"}
-            for i in range(2)]
-    np.testing.assert_array_equal(viz.plot_packed_rows(rows).axes[0].images[0].get_array(),
-                                  image)
+    rows = [
+        {key: value[i] for key, value in batch.items() if key != "domain_ids"} for i in range(2)
+    ]
+    np.testing.assert_array_equal(viz.plot_packed_rows(rows).axes[0].images[0].get_array(), image)
 
 
 def test_render_packed_rows_html():
     batch = packed_batch()
     batch["input_ids"][0, 2] = 13  # a newline token
     html = viz.render_packed_rows(batch, FakeTokenizer(), n_rows=2, names=NAMES)
-    body = html[html.index("<b>row 0"):]  # skip the legend
+    body = html[html.index("<b>row 0") :]  # skip the legend
     assert body.count("line-through") == int(
-        ((batch["labels"] == -100) & (batch["segment_ids"] > 0)).sum())
+        ((batch["labels"] == -100) & (batch["segment_ids"] > 0)).sum()
+    )
     assert body.count("border-left:3px") == 3  # segment starts: 2 in row 0, 1 in row 1
     assert body.count(">·<") == 3  # padding
     assert "&lt;t11&gt;" in body  # decoded and escaped
@@ -210,8 +233,9 @@ def test_render_packed_rows_html():
     one_row = viz.render_packed_rows(batch, FakeTokenizer(), n_rows=1, max_tokens=4)
     assert "row 1" not in one_row and "(8 more)" in one_row
     with pytest.raises(ValueError, match="segment_ids"):
-        viz.render_packed_rows({"input_ids": batch["input_ids"], "labels": batch["labels"]},
-                               FakeTokenizer())
+        viz.render_packed_rows(
+            {"input_ids": batch["input_ids"], "labels": batch["labels"]}, FakeTokenizer()
+        )
 
 
 # ----------------------------------------------------------------------------- saving

@@ -59,9 +59,15 @@ def make_loader(corpus, args, framework="torch", **kwargs) -> DataLoader:
     }
     policy = Exp3Policy(Exp3(len(DOMAINS), prior=[0.5, 0.2, 0.3], seed=args.seed))
     mixer = mix_plans({name: ds.plans for name, ds in datasets.items()}, policy, seed=args.seed)
-    return DataLoader(mixer, reader_of(datasets), global_batch_size=args.batch_size,
-                      framework=framework, prefetch=args.prefetch,
-                      num_workers=getattr(args, "workers", 0), **kwargs)
+    return DataLoader(
+        mixer,
+        reader_of(datasets),
+        global_batch_size=args.batch_size,
+        framework=framework,
+        prefetch=args.prefetch,
+        num_workers=getattr(args, "workers", 0),
+        **kwargs,
+    )
 
 
 def _losses(step: int) -> np.ndarray:
@@ -95,10 +101,14 @@ def _grain_best_fit(corpus, args, batches: int, seconds: float = 20.0) -> tuple[
             .map(lambda tokens: {"tokens": np.asarray(tokens[: args.seq_len], np.int32)})
             .to_iter_dataset()
         )
-        packed.append(grain.experimental.BestFitPackIterDataset(
-            domain, length_struct={"tokens": args.seq_len}, num_packing_bins=args.grain_bins,
-            shuffle_bins=False,
-        ))
+        packed.append(
+            grain.experimental.BestFitPackIterDataset(
+                domain,
+                length_struct={"tokens": args.seq_len},
+                num_packing_bins=args.grain_bins,
+                shuffle_bins=False,
+            )
+        )
     pipeline = grain.IterDataset.mix(packed, [0.5, 0.2, 0.3]).batch(args.batch_size)
     iterator = iter(pipeline)
     next(iterator)
@@ -123,10 +133,22 @@ def bench_loader(args, corpus) -> list[dict]:
     grain_batches = max(20, batches // 10)
     grain_seconds, grain_real = _grain_best_fit(corpus, args, grain_batches)
     grain_speed = grain_real / grain_seconds
-    rows.append({"name": "wf-data loader (best_fit, EXP3, torch)", "tokens_per_s": ours,
-                 "batches": batches, "vs_grain": ours / grain_speed})
-    rows.append({"name": f"grain shuffle+BestFit({args.grain_bins})+mix+batch",
-                 "tokens_per_s": grain_speed, "batches": grain_batches, "vs_grain": 1.0})
+    rows.append(
+        {
+            "name": "wf-data loader (best_fit, EXP3, torch)",
+            "tokens_per_s": ours,
+            "batches": batches,
+            "vs_grain": ours / grain_speed,
+        }
+    )
+    rows.append(
+        {
+            "name": f"grain shuffle+BestFit({args.grain_bins})+mix+batch",
+            "tokens_per_s": grain_speed,
+            "batches": grain_batches,
+            "vs_grain": 1.0,
+        }
+    )
     return rows
 
 
@@ -138,8 +160,14 @@ def bench_memory(args, corpus) -> list[dict]:
     before = _rss_bytes()
     _run_loader(loader, total - (1_000 if not args.quick else 200))
     after = _rss_bytes()
-    return [{"name": f"RSS after {total:,} batches", "rss_before_mb": before / 2**20,
-             "rss_after_mb": after / 2**20, "growth": after / before - 1}]
+    return [
+        {
+            "name": f"RSS after {total:,} batches",
+            "rss_before_mb": before / 2**20,
+            "rss_after_mb": after / 2**20,
+            "growth": after / before - 1,
+        }
+    ]
 
 
 def _state_at(corpus, args, steps: int) -> dict:
@@ -159,8 +187,13 @@ def bench_state(args, corpus) -> list[dict]:
         fresh.load_state_dict(state)
         next(fresh)
         restore = time.perf_counter() - start
-        rows.append({"name": f"state at step {steps:,}", "state_bytes": len(json.dumps(state)),
-                     "restore_ms": 1e3 * restore})
+        rows.append(
+            {
+                "name": f"state at step {steps:,}",
+                "state_bytes": len(json.dumps(state)),
+                "restore_ms": 1e3 * restore,
+            }
+        )
     return rows
 
 

@@ -48,8 +48,12 @@ from wf_data.distributed import (  # noqa: E402
 
 log = logging.getLogger("train")
 IGNORE_INDEX = -100
-DTYPES = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-          "float16": torch.float16}
+DTYPES = {
+    None: None,
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass
@@ -76,9 +80,14 @@ class DistributedConfig:
 class TrainConfig:
     """The trainer's schema; `data` and `model` are free-form groups (DataConfig, LlamaConfig)."""
 
-    defaults: list[Any] = field(default_factory=lambda: [
-        "_self_", {"data": "demo"}, {"model": "tiny_llama"}, {"distributed": "single"},
-    ])
+    defaults: list[Any] = field(
+        default_factory=lambda: [
+            "_self_",
+            {"data": "demo"},
+            {"model": "tiny_llama"},
+            {"distributed": "single"},
+        ]
+    )
     data: Any = None
     model: Any = None
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -106,8 +115,11 @@ def init_distributed(device: str) -> torch.device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
-    return torch.device(device, torch.cuda.current_device()) if device == "cuda" else (
-        torch.device(device))
+    return (
+        torch.device(device, torch.cuda.current_device())
+        if device == "cuda"
+        else (torch.device(device))
+    )
 
 
 def model_config(model_cfg: Any) -> Any:
@@ -128,28 +140,43 @@ def build_model(config: Any, seed: int, device: torch.device) -> torch.nn.Module
     return LlamaForCausalLM(config).to(device)
 
 
-def parallelize(model: torch.nn.Module, dims: ParallelDims, options: DistributedConfig,
-                loss_fn: Any) -> tuple[list[torch.nn.Module], Any]:
+def parallelize(
+    model: torch.nn.Module, dims: ParallelDims, options: DistributedConfig, loss_fn: Any
+) -> tuple[list[torch.nn.Module], Any]:
     """TP, then FSDP/HSDP, per pipeline stage when pp > 1: (this rank's model parts, pipeline)."""
 
     def parallelize_part(part: torch.nn.Module) -> torch.nn.Module:
         if dims.tp_enabled:
-            apply_tp(part, dims.mesh["tp"], sequence_parallel=options.sequence_parallel,
-                     loss_parallel=options.loss_parallel)
+            apply_tp(
+                part,
+                dims.mesh["tp"],
+                sequence_parallel=options.sequence_parallel,
+                loss_parallel=options.loss_parallel,
+            )
         if dims.dp_enabled:
-            apply_fsdp(part, dims.dp_mesh(), param_dtype=DTYPES[options.param_dtype],
-                       reduce_dtype=DTYPES[options.reduce_dtype],
-                       reshard_after_forward=options.reshard_after_forward,
-                       cpu_offload=options.cpu_offload,
-                       activation_checkpointing=options.activation_checkpointing)
+            apply_fsdp(
+                part,
+                dims.dp_mesh(),
+                param_dtype=DTYPES[options.param_dtype],
+                reduce_dtype=DTYPES[options.reduce_dtype],
+                reshard_after_forward=options.reshard_after_forward,
+                cpu_offload=options.cpu_offload,
+                activation_checkpointing=options.activation_checkpointing,
+            )
         return part
 
     if not dims.pp_enabled:
         return [parallelize_part(model)], None
-    pipeline = build_pipeline(model, dims.mesh["pp"], schedule=options.pp_schedule,
-                              n_microbatches=options.pp_microbatches, loss_fn=loss_fn,
-                              split_points=options.pp_split_points,
-                              parallelize_fn=parallelize_part, scale_grads=False)
+    pipeline = build_pipeline(
+        model,
+        dims.mesh["pp"],
+        schedule=options.pp_schedule,
+        n_microbatches=options.pp_microbatches,
+        loss_fn=loss_fn,
+        split_points=options.pp_split_points,
+        parallelize_fn=parallelize_part,
+        scale_grads=False,
+    )
     return pipeline.modules, pipeline
 
 
@@ -161,11 +188,14 @@ def build_batches(data_cfg: Any, model_cfg: Any, dims: ParallelDims) -> Any:
     """
     if data_cfg.get("name") == "synthetic":
         return SyntheticBatches(
-            seq_len=data_cfg.seq_len, global_batch_size=data_cfg.global_batch_size,
+            seq_len=data_cfg.seq_len,
+            global_batch_size=data_cfg.global_batch_size,
             vocab_size=data_cfg.get("vocab_size") or model_cfg.vocab_size,
-            num_domains=data_cfg.num_domains, seed=data_cfg.seed,
+            num_domains=data_cfg.num_domains,
+            seed=data_cfg.seed,
             mean_document_length=data_cfg.mean_document_length,
-            dp_rank=dims.dp_rank, dp_world_size=dims.dp_world_size,
+            dp_rank=dims.dp_rank,
+            dp_world_size=dims.dp_world_size,
         )
     from wf_data.data import get_loader
 
@@ -184,12 +214,23 @@ class SyntheticBatches:
     State: {"step": int}, the same on every rank.
     """
 
-    def __init__(self, *, seq_len: int, global_batch_size: int, vocab_size: int,
-                 num_domains: int = 3, seed: int = 0, mean_document_length: int = 32,
-                 dp_rank: int = 0, dp_world_size: int = 1):
+    def __init__(
+        self,
+        *,
+        seq_len: int,
+        global_batch_size: int,
+        vocab_size: int,
+        num_domains: int = 3,
+        seed: int = 0,
+        mean_document_length: int = 32,
+        dp_rank: int = 0,
+        dp_world_size: int = 1,
+    ):
         if global_batch_size % dp_world_size:
-            raise ValueError(f"global_batch_size {global_batch_size} is not divisible by "
-                             f"dp_world_size {dp_world_size}")
+            raise ValueError(
+                f"global_batch_size {global_batch_size} is not divisible by "
+                f"dp_world_size {dp_world_size}"
+            )
         self.seq_len, self.vocab_size, self.seed = seq_len, vocab_size, seed
         self.global_batch_size, self.num_domains = global_batch_size, num_domains
         self.mean_document_length = mean_document_length
@@ -214,8 +255,10 @@ class SyntheticBatches:
         position_ids = columns - np.maximum.accumulate(np.where(starts, columns, 0), axis=1)
         domain_ids = rng.integers(0, self.num_domains, size=shape[0])
         first_token = rng.integers(0, self.vocab_size, size=(shape[0], self.seq_len + 1))
-        counting = (np.take_along_axis(first_token, segment_ids, axis=1)
-                    + position_ids * (domain_ids[:, None] + 1)) % (self.vocab_size - 1) + 1
+        counting = (
+            np.take_along_axis(first_token, segment_ids, axis=1)
+            + position_ids * (domain_ids[:, None] + 1)
+        ) % (self.vocab_size - 1) + 1
         noise = rng.integers(1, self.vocab_size, size=shape)
         input_ids = np.where(valid, np.where(rng.random(shape) < 0.1, noise, counting), 0)
         batch = {
@@ -257,8 +300,12 @@ def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     batch, length = labels.shape
-    losses = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                             reduction="none", ignore_index=IGNORE_INDEX)
+    losses = F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(),
+        labels[:, 1:].flatten(),
+        reduction="none",
+        ignore_index=IGNORE_INDEX,
+    )
     if isinstance(losses, DTensor):
         losses = losses.to_local()
     return losses.view(batch, length - 1)
@@ -299,8 +346,13 @@ class LossScale:
         return torch.cat([rows for rows, _ in calls]), sum(total for _, total in calls)
 
 
-def forward_backward(parts: list[torch.nn.Module], pipeline: Any, batch: dict[str, torch.Tensor],
-                     loss_scale: LossScale, options: DistributedConfig):
+def forward_backward(
+    parts: list[torch.nn.Module],
+    pipeline: Any,
+    batch: dict[str, torch.Tensor],
+    loss_scale: LossScale,
+    options: DistributedConfig,
+):
     """One forward + backward; returns this rank's `(B,)` row losses (None on pipeline stages
     before the last) and its token-loss sum."""
     if pipeline is not None:
@@ -314,8 +366,10 @@ def forward_backward(parts: list[torch.nn.Module], pipeline: Any, batch: dict[st
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
     """numpy int32 batch -> int64 torch tensors on `device`."""
-    return {key: torch.as_tensor(np.asarray(value)).to(device, torch.long, non_blocking=True)
-            for key, value in batch.items()}
+    return {
+        key: torch.as_tensor(np.asarray(value)).to(device, torch.long, non_blocking=True)
+        for key, value in batch.items()
+    }
 
 
 def world_sum(value: float | torch.Tensor, device: torch.device) -> float:
@@ -334,13 +388,17 @@ def run(cfg: Any) -> list[dict[str, float]]:
     from wf_data.data.mix.feedback import MixtureFeedback
 
     options = cfg.distributed
-    dims = ParallelDims(dp_replicate=options.dp_replicate, dp_shard=options.dp_shard,
-                        tp=options.tp, pp=options.pp)
+    dims = ParallelDims(
+        dp_replicate=options.dp_replicate, dp_shard=options.dp_shard, tp=options.tp, pp=options.pp
+    )
     config = model_config(cfg.model)
     validate_tp(config, dims.tp)  # both before any collective
-    validate_pp(config, dims.pp,
-                stages_per_rank=2 if options.pp_schedule == "Interleaved1F1B" else 1,
-                split_points=options.pp_split_points)
+    validate_pp(
+        config,
+        dims.pp,
+        stages_per_rank=2 if options.pp_schedule == "Interleaved1F1B" else 1,
+        split_points=options.pp_split_points,
+    )
     if dims.pp_enabled and options.loss_parallel:
         raise ValueError("loss_parallel is not supported with pp > 1")
     device = init_distributed(cfg.device)
@@ -350,10 +408,11 @@ def run(cfg: Any) -> list[dict[str, float]]:
         raise ValueError(f"world_size {dims.world_size} needs torchrun (RANK is not set)")
 
     loss_scale = LossScale(dims.dp_world_size)
-    parts, pipeline = parallelize(build_model(config, cfg.seed, device), dims, options,
-                                  loss_scale)
-    optimizers = [torch.optim.AdamW(part.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-                  for part in parts]
+    parts, pipeline = parallelize(build_model(config, cfg.seed, device), dims, options, loss_scale)
+    optimizers = [
+        torch.optim.AdamW(part.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        for part in parts
+    ]
     loader = build_batches(cfg.data, cfg.model, dims)
     # Mixture feedback all-reduced over every rank (the default group): tp copies of a row and
     # pipeline stages that see no loss leave each domain's mean loss unchanged.
@@ -363,8 +422,9 @@ def run(cfg: Any) -> list[dict[str, float]]:
     start = 0
     checkpoint = latest_checkpoint(cfg.checkpoint_dir) if cfg.resume else None
     if checkpoint is not None:
-        start, _ = load_checkpoint(checkpoint, model=parts, optimizer=optimizers,
-                                   dataloader=loader, parallel_dims=dims)
+        start, _ = load_checkpoint(
+            checkpoint, model=parts, optimizer=optimizers, dataloader=loader, parallel_dims=dims
+        )
         _log0(f"resumed from {checkpoint} at step {start}")
 
     history, pending_save = [], None
@@ -379,8 +439,11 @@ def run(cfg: Any) -> list[dict[str, float]]:
             row_loss, batch["domain_ids"] = np.zeros(0), np.zeros(0, dtype=np.int64)
         feedback.observe(row_loss, batch["domain_ids"])
         if cfg.max_grad_norm:
-            clip_grad_norm_([p for part in parts for p in part.parameters()], cfg.max_grad_norm,
-                            pp_mesh=dims.mesh["pp"] if dims.pp_enabled else None)
+            clip_grad_norm_(
+                [p for part in parts for p in part.parameters()],
+                cfg.max_grad_norm,
+                pp_mesh=dims.mesh["pp"] if dims.pp_enabled else None,
+            )
         for optimizer in optimizers:
             optimizer.step()
             optimizer.zero_grad()
@@ -396,8 +459,13 @@ def run(cfg: Any) -> list[dict[str, float]]:
             if pending_save is not None:
                 pending_save.result()
             pending_save = save_checkpoint(
-                cfg.checkpoint_dir, step=step, model=parts, optimizer=optimizers,
-                dataloader=loader, parallel_dims=dims, async_save=cfg.async_checkpoint,
+                cfg.checkpoint_dir,
+                step=step,
+                model=parts,
+                optimizer=optimizers,
+                dataloader=loader,
+                parallel_dims=dims,
+                async_save=cfg.async_checkpoint,
                 extra={"loss": loss},
             )
             if not cfg.async_checkpoint:
@@ -426,10 +494,13 @@ def register_configs() -> None:
 
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
-    store.store(name="train", node={
-        "defaults": ["train_schema", "_self_"],
-        "hydra": {"run": {"dir": "outputs/train/hydra/${now:%Y-%m-%d_%H-%M-%S}"}},
-    })
+    store.store(
+        name="train",
+        node={
+            "defaults": ["train_schema", "_self_"],
+            "hydra": {"run": {"dir": "outputs/train/hydra/${now:%Y-%m-%d_%H-%M-%S}"}},
+        },
+    )
 
 
 def main() -> None:

@@ -259,8 +259,9 @@ def load_data_config(
             check_source_paths(data)
     except ConfigError as error:
         where = f"{origin}: " if origin else ""
-        given = f" (overrides: {list(overrides)})" if overrides and "override" not in str(
-            error) else ""
+        given = (
+            f" (overrides: {list(overrides)})" if overrides and "override" not in str(error) else ""
+        )
         raise type(error)(f"{where}{error}{given}") from error
     return data
 
@@ -286,11 +287,15 @@ def _to_node(cfg: Any) -> tuple[DictConfig, str]:
         except (yaml.YAMLError, OmegaConfBaseException) as error:
             raise ConfigError(f"{path}: not a valid YAML config: {error}") from error
         if not isinstance(loaded, DictConfig):
-            raise ConfigTypeError(f"{path}: expected a mapping of data config keys at top level, "
-                                  f"got a list; valid keys: {_key_list(DataConfig)}")
+            raise ConfigTypeError(
+                f"{path}: expected a mapping of data config keys at top level, "
+                f"got a list; valid keys: {_key_list(DataConfig)}"
+            )
         return loaded, str(path)
-    raise ConfigTypeError(f"load_data_config: expected a DataConfig, a dict, a DictConfig or a "
-                          f"config name, got {type(cfg).__name__}")
+    raise ConfigTypeError(
+        f"load_data_config: expected a DataConfig, a dict, a DictConfig or a "
+        f"config name, got {type(cfg).__name__}"
+    )
 
 
 def _plain(value: Any) -> Any:
@@ -325,8 +330,10 @@ def _config_path(name: str | os.PathLike) -> Path:
         return path
     path = config_dir() / "data" / f"{text.removeprefix('data/')}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown data config {text!r}; available in {path.parent}: "
-                          f"{', '.join(available_configs())}")
+        raise ConfigError(
+            f"unknown data config {text!r}; available in {path.parent}: "
+            f"{', '.join(available_configs())}"
+        )
     return path
 
 
@@ -362,8 +369,10 @@ def _apply_overrides(node: DictConfig, overrides: Sequence[str]) -> None:
     for override in parsed:
         line, key = override.input_line, override.key_or_group
         if override.package is not None or override.is_sweep_override():
-            raise ConfigError(f"override {line!r}: config groups, packages and sweeps are not "
-                              "supported in a data config")
+            raise ConfigError(
+                f"override {line!r}: config groups, packages and sweeps are not "
+                "supported in a data config"
+            )
         value = override.value()
         exists = OmegaConf.select(node, key, default=_MISSING) is not _MISSING
         try:
@@ -374,8 +383,10 @@ def _apply_overrides(node: DictConfig, overrides: Sequence[str]) -> None:
                 parent = OmegaConf.select(node, parent_key) if parent_key else node
                 del parent[leaf]
             elif override.is_add() and exists and not isinstance(value, dict | list):
-                raise ConfigError(f"override {line!r}: {ROOT_KEY}.{key} already exists; use "
-                                  f"{line[1:]!r} to change it or '+{line}' to force")
+                raise ConfigError(
+                    f"override {line!r}: {ROOT_KEY}.{key} already exists; use "
+                    f"{line[1:]!r} to change it or '+{line}' to force"
+                )
             elif override.is_add() or override.is_force_add():
                 OmegaConf.update(node, key, value, merge=True, force_add=True)
             else:
@@ -401,19 +412,24 @@ def _check_override_key(node: DictConfig, key: str, line: str) -> Any:
         if dataclasses.is_dataclass(hint):
             fields = _field_types(hint)
             if part not in fields:
-                raise ConfigError(_unknown_key_message(f"{path}.{part}", hint) +
-                                  f" (from override {line!r})")
+                raise ConfigError(
+                    _unknown_key_message(f"{path}.{part}", hint) + f" (from override {line!r})"
+                )
             hint = fields[part]
         elif typing.get_origin(hint) is dict:
             names = list(current) if isinstance(current, DictConfig) else []
             if part not in names:
-                raise ConfigError(f"{path}.{part}: no entry {part!r} in {path} (entries: "
-                                  f"{', '.join(map(str, names)) or 'none'}); to add one use "
-                                  f"'+{line}'")
+                raise ConfigError(
+                    f"{path}.{part}: no entry {part!r} in {path} (entries: "
+                    f"{', '.join(map(str, names)) or 'none'}); to add one use "
+                    f"'+{line}'"
+                )
             hint = typing.get_args(hint)[1]
         else:
-            raise ConfigError(f"override {line!r}: {path} holds a single value "
-                              f"({_type_name(hint)}), it has no key {part!r}")
+            raise ConfigError(
+                f"override {line!r}: {path} holds a single value "
+                f"({_type_name(hint)}), it has no key {part!r}"
+            )
         path = f"{path}.{part}"
         current = current.get(part) if isinstance(current, DictConfig) else None
     return hint
@@ -478,18 +494,23 @@ def _build_dataclass(cls: type, value: Any, path: str) -> Any:
     if isinstance(value, str) and cls in _SHORTHAND_FIELD:
         value = {_SHORTHAND_FIELD[cls]: value}
     if not isinstance(value, Mapping):
-        raise ConfigTypeError(f"{path}: expected a mapping with keys {_key_list(cls)}, got "
-                              f"{_describe(value)}")
+        raise ConfigTypeError(
+            f"{path}: expected a mapping with keys {_key_list(cls)}, got {_describe(value)}"
+        )
     fields = _field_types(cls)
     for key in value:
         if key not in fields:
             raise ConfigError(_unknown_key_message(f"{path}.{key}", cls))
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in value]
     if missing:
-        raise ConfigError(f"{path}: missing required key(s) {', '.join(missing)}; valid keys: "
-                          f"{_key_list(cls)}")
+        raise ConfigError(
+            f"{path}: missing required key(s) {', '.join(missing)}; valid keys: {_key_list(cls)}"
+        )
     kwargs = {key: _build(fields[key], item, f"{path}.{key}") for key, item in value.items()}
     return cls(**kwargs)
 
@@ -500,16 +521,19 @@ def _build_named_dict(item_hint: Any, value: Any, path: str) -> dict:
         entries: dict = {}
         for index, item in enumerate(value):
             if not isinstance(item, Mapping) or "name" not in item:
-                raise ConfigError(f"{path}[{index}]: a list entry needs a 'name' key, got "
-                                  f"{_describe(item)}")
+                raise ConfigError(
+                    f"{path}[{index}]: a list entry needs a 'name' key, got {_describe(item)}"
+                )
             if item["name"] in entries:
-                raise ConfigError(f"{path}[{index}]: duplicate name {item['name']!r}; source "
-                                  "names must be unique")
+                raise ConfigError(
+                    f"{path}[{index}]: duplicate name {item['name']!r}; source names must be unique"
+                )
             entries[item["name"]] = item
         value = entries
     if not isinstance(value, Mapping):
-        raise ConfigTypeError(f"{path}: expected a mapping of name -> source, got "
-                              f"{_describe(value)}")
+        raise ConfigTypeError(
+            f"{path}: expected a mapping of name -> source, got {_describe(value)}"
+        )
     built = {}
     for name, item in value.items():
         if not isinstance(name, str) or not name:
@@ -517,8 +541,9 @@ def _build_named_dict(item_hint: Any, value: Any, path: str) -> dict:
         item_path = f"{path}.{name}"
         if isinstance(item, Mapping) and item_hint is SourceConfig:
             if item.get("name", name) != name:
-                raise ConfigError(f"{item_path}.name: {item['name']!r} differs from its key "
-                                  f"{name!r}")
+                raise ConfigError(
+                    f"{item_path}.name: {item['name']!r} differs from its key {name!r}"
+                )
             item = {**item, "name": name}
         built[name] = _build(item_hint, item, item_path)
     return built
@@ -586,33 +611,42 @@ def _validate(data: DataConfig) -> None:
             raise ConfigError(f"{ROOT_KEY}.{key}: must be >= 0, got {value}")
     timeout = data.worker_timeout_s
     if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-        raise ConfigError(f"{ROOT_KEY}.worker_timeout_s: must be finite and > 0 seconds, or null "
-                          f"to wait forever for a stuck worker; got {timeout}")
+        raise ConfigError(
+            f"{ROOT_KEY}.worker_timeout_s: must be finite and > 0 seconds, or null "
+            f"to wait forever for a stuck worker; got {timeout}"
+        )
     for section in ("sources", "eval_sources"):
         for name, source in getattr(data, section).items():
             _validate_source(source, f"{ROOT_KEY}.{section}.{name}", data.kind)
     if not data.sources:
         raise ConfigError(f"{ROOT_KEY}.sources: at least one source is required")
     if sum(source.weight for source in data.sources.values()) <= 0:
-        raise ConfigError(f"{ROOT_KEY}.sources: every weight is 0 (0 = disabled); give a positive "
-                          f"weight to one of: {', '.join(data.sources)}")
+        raise ConfigError(
+            f"{ROOT_KEY}.sources: every weight is 0 (0 = disabled); give a positive "
+            f"weight to one of: {', '.join(data.sources)}"
+        )
     _validate_mixing(data.mixing, len(data.enabled_sources()))
     if data.kind == "sft" and data.packing != "best_fit":
-        raise ConfigError(f"{ROOT_KEY}.packing: SFT conversations are packed with 'best_fit' "
-                          f"(never split across rows), got {data.packing!r}")
+        raise ConfigError(
+            f"{ROOT_KEY}.packing: SFT conversations are packed with 'best_fit' "
+            f"(never split across rows), got {data.packing!r}"
+        )
 
 
 def _validate_source(source: SourceConfig, path: str, kind: str) -> None:
     if not math.isfinite(source.weight) or source.weight < 0:
-        raise ConfigError(f"{path}.weight: must be finite and >= 0 (0 = disabled), got "
-                          f"{source.weight}")
+        raise ConfigError(
+            f"{path}.weight: must be finite and >= 0 (0 = disabled), got {source.weight}"
+        )
     if not source.path:
         raise ConfigError(f"{path}.path: must not be empty")
     if isinstance(source.text_key, list) and not source.text_key:
         raise ConfigError(f"{path}.text_key: list of columns must not be empty")
     if kind == "sft" and source.format in ("tokens", "text"):
-        raise ConfigError(f"{path}.format: an SFT source holds chat records ('chat' or null), "
-                          f"got {source.format!r}")
+        raise ConfigError(
+            f"{path}.format: an SFT source holds chat records ('chat' or null), "
+            f"got {source.format!r}"
+        )
 
 
 def _validate_mixing(mixing: MixingConfig, num_enabled: int) -> None:
@@ -679,17 +713,24 @@ def check_source_paths(data: DataConfig) -> None:
     from wf_data.data.shards.sources import MANIFEST_NAME  # lazy: keeps config import light
 
     problems = []
-    sections = ((ROOT_KEY + ".sources", data.enabled_sources()),
-                (ROOT_KEY + ".eval_sources", data.eval_sources))
+    sections = (
+        (ROOT_KEY + ".sources", data.enabled_sources()),
+        (ROOT_KEY + ".eval_sources", data.eval_sources),
+    )
     for section, sources in sections:
         for name, source in sources.items():
             path = Path(source.path)
             if (path / MANIFEST_NAME).is_file():
                 continue
-            state = ("has no " + MANIFEST_NAME + " (unfinished prepare?)" if path.is_dir()
-                     else "does not exist")
-            problems.append(f"{section}.{name}: {path} {state}; create it with:\n    "
-                            f"{source.prepare_hint(data.tokenizer)}")
+            state = (
+                "has no " + MANIFEST_NAME + " (unfinished prepare?)"
+                if path.is_dir()
+                else "does not exist"
+            )
+            problems.append(
+                f"{section}.{name}: {path} {state}; create it with:\n    "
+                f"{source.prepare_hint(data.tokenizer)}"
+            )
     if problems:
         raise ConfigError("prepared source directories are missing:\n  " + "\n  ".join(problems))
 
@@ -710,4 +751,3 @@ def resolve_num_workers(data: DataConfig | None = None, arg: int | None = None) 
             raise ConfigError(f"num_workers argument: expected an integer >= 0, got {arg!r}")
         return arg
     return data.num_workers if data is not None else 0
-

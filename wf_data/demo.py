@@ -185,8 +185,7 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     stats = loader.stats()
     tokens_served = stats["data/tokens_served"]
     expected: list[torch.Tensor] = []
-    _train_steps(model, optimizer, feedback, batches, options.resume_check_steps,
-                 record=expected)
+    _train_steps(model, optimizer, feedback, batches, options.resume_check_steps, record=expected)
 
     # A fresh process would do exactly this: new loader, model and optimizer, then restore.
     loader2, model2, optimizer2, feedback2, _ = _make_run(options)
@@ -194,8 +193,9 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     load_with_dcp(checkpoint, loader2, state)
     load_training_state(model2, optimizer2, state)
     resumed: list[torch.Tensor] = []
-    _train_steps(model2, optimizer2, feedback2, iter(loader2), options.resume_check_steps,
-                 record=resumed)
+    _train_steps(
+        model2, optimizer2, feedback2, iter(loader2), options.resume_check_steps, record=resumed
+    )
     identical = all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=True))
     print(
         f"\nResume check: {options.resume_check_steps} batches after restoring step "
@@ -236,8 +236,10 @@ def _print_summary(summary: dict, names) -> None:
     # configured: the sources' weights (the bandit's prior); final: the policy rows are drawn
     # with now; realised: the share of training tokens each domain actually got.
     print(f"\nSummary (mixing: {summary['mixing']})")
-    print(f"{'domain':<8} {'configured':>10} {'final':>7} {'realised':>9} {'eval before':>11} "
-          f"{'eval after':>10}")
+    print(
+        f"{'domain':<8} {'configured':>10} {'final':>7} {'realised':>9} {'eval before':>11} "
+        f"{'eval after':>10}"
+    )
     for name in names:
         print(
             f"{name:<8} {summary['initial_weights'][name]:>10.3f} "
@@ -251,4 +253,3 @@ def _print_summary(summary: dict, names) -> None:
         f"{'identical' if summary['resume_identical'] else 'DIFFERENT'}, checkpoint "
         f"{summary['checkpoint']}, {summary['seconds']:.0f} s in all"
     )
-

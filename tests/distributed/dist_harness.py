@@ -37,9 +37,18 @@ class Loader:
         self.position = state["position"]
 
 
-TINY = dict(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-            tie_word_embeddings=False, use_cache=False, attn_implementation="sdpa")
+TINY = dict(
+    vocab_size=256,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+    use_cache=False,
+    attn_implementation="sdpa",
+)
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides: Any) -> torch.nn.Module:
@@ -47,7 +56,8 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides: Any) -> torch.
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config_class, model_class = {
-        "llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
     }[family]
     torch.manual_seed(seed)
     return model_class(config_class(**{**TINY, **overrides}))
@@ -58,10 +68,14 @@ def tiny_batch(rows: int = 4, seq_len: int = 16, seed: int = 1) -> dict[str, tor
     generator = torch.Generator().manual_seed(seed)
     input_ids = torch.randint(0, TINY["vocab_size"], (rows, seq_len), generator=generator)
     cut1, cut2 = seq_len // 4, seq_len // 2 + 1
-    positions = torch.cat([torch.arange(cut1), torch.arange(cut2 - cut1),
-                           torch.arange(seq_len - cut2)])
-    return {"input_ids": input_ids, "labels": input_ids.clone(),
-            "position_ids": positions.repeat(rows, 1)}
+    positions = torch.cat(
+        [torch.arange(cut1), torch.arange(cut2 - cut1), torch.arange(seq_len - cut2)]
+    )
+    return {
+        "input_ids": input_ids,
+        "labels": input_ids.clone(),
+        "position_ids": positions.repeat(rows, 1),
+    }
 
 
 def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -69,15 +83,19 @@ def mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
 
 
-def train_losses(model: torch.nn.Module, batch: dict[str, torch.Tensor], rows: slice,
-                 steps: int = 3) -> list[float]:
+def train_losses(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], rows: slice, steps: int = 3
+) -> list[float]:
     """AdamW steps on `batch[rows]`; returns each step's loss averaged over the world."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(steps):
-        loss = mean_loss(model(input_ids=batch["input_ids"][rows],
-                               position_ids=batch["position_ids"][rows]).logits,
-                         batch["labels"][rows])
+        loss = mean_loss(
+            model(
+                input_ids=batch["input_ids"][rows], position_ids=batch["position_ids"][rows]
+            ).logits,
+            batch["labels"][rows],
+        )
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -93,8 +111,13 @@ def _entry(rank: int, fn: Callable, world_size: int, workdir: str, args: tuple) 
     faulthandler.enable()  # a crash in a worker prints its Python stack
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{workdir}/store", rank=rank,
-                            world_size=world_size, timeout=datetime.timedelta(seconds=90))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{workdir}/store",
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=90),
+    )
     try:
         result = fn(rank, world_size, Path(workdir), *args)
         torch.save({"result": result}, f"{workdir}/result-{rank}.pt")
@@ -105,10 +128,17 @@ def _entry(rank: int, fn: Callable, world_size: int, workdir: str, args: tuple) 
         dist.destroy_process_group()
 
 
-PRELOAD = ["torch", "torch.distributed.checkpoint", "torch.distributed.fsdp",
-           "torch.distributed.pipelining", "torch.distributed.tensor.parallel",
-           "transformers.models.llama.modeling_llama", "transformers.models.qwen2.modeling_qwen2",
-           "wf_data.distributed", "tests.distributed.dist_harness"]
+PRELOAD = [
+    "torch",
+    "torch.distributed.checkpoint",
+    "torch.distributed.fsdp",
+    "torch.distributed.pipelining",
+    "torch.distributed.tensor.parallel",
+    "transformers.models.llama.modeling_llama",
+    "transformers.models.qwen2.modeling_qwen2",
+    "wf_data.distributed",
+    "tests.distributed.dist_harness",
+]
 
 
 def run_group(fn: Callable, world_size: int, workdir: Path, *args: Any) -> list[Any]:
@@ -116,11 +146,20 @@ def run_group(fn: Callable, world_size: int, workdir: Path, *args: Any) -> list[
     workdir.mkdir(parents=True, exist_ok=True)
     mp.get_context("forkserver").set_forkserver_preload(PRELOAD)
     try:
-        mp.start_processes(_entry, args=(fn, world_size, str(workdir), args), nprocs=world_size,
-                           start_method=os.environ.get("WF_TEST_START_METHOD", "forkserver"))
+        mp.start_processes(
+            _entry,
+            args=(fn, world_size, str(workdir), args),
+            nprocs=world_size,
+            start_method=os.environ.get("WF_TEST_START_METHOD", "forkserver"),
+        )
     except mp.ProcessRaisedException:
-        errors = [torch.load(workdir / f"result-{r}.pt", weights_only=False).get("error")
-                  for r in range(world_size) if (workdir / f"result-{r}.pt").exists()]
+        errors = [
+            torch.load(workdir / f"result-{r}.pt", weights_only=False).get("error")
+            for r in range(world_size)
+            if (workdir / f"result-{r}.pt").exists()
+        ]
         raise AssertionError("worker failed:\n" + "\n".join(e for e in errors if e)) from None
-    return [torch.load(workdir / f"result-{r}.pt", weights_only=False)["result"]
-            for r in range(world_size)]
+    return [
+        torch.load(workdir / f"result-{r}.pt", weights_only=False)["result"]
+        for r in range(world_size)
+    ]

@@ -58,15 +58,22 @@ def _outputs(model):
 @pytest.mark.parametrize("loader_class", [Loader, GrainLike])
 def test_round_trip_restores_model_optimizer_loader_and_extra(tmp_path, loader_class):
     model, optimizer = _trained()
-    path = save_checkpoint(tmp_path, step=7, model=model, optimizer=optimizer,
-                           dataloader=loader_class(5), extra={"loss": 1.5})
+    path = save_checkpoint(
+        tmp_path,
+        step=7,
+        model=model,
+        optimizer=optimizer,
+        dataloader=loader_class(5),
+        extra={"loss": 1.5},
+    )
     assert path == tmp_path / "step-7" and (path / ".metadata").is_file()
     assert not (tmp_path / "step-7.tmp").exists()
 
     restored, restored_optimizer = _trained(seed=1, steps=1)
     loader = loader_class()
-    assert load_checkpoint(tmp_path, model=restored, optimizer=restored_optimizer,
-                           dataloader=loader) == (7, {"loss": 1.5})
+    assert load_checkpoint(
+        tmp_path, model=restored, optimizer=restored_optimizer, dataloader=loader
+    ) == (7, {"loss": 1.5})
     assert loader.position == 5
     torch.testing.assert_close(_outputs(restored), _outputs(model), atol=0, rtol=0)
     expected = optimizer.state_dict()["state"]
@@ -111,15 +118,22 @@ def test_saving_a_step_again_replaces_it_and_an_old_copy_counts(tmp_path):
     (tmp_path / "step-5").rename(tmp_path / "step-5.old")
     assert latest_checkpoint(tmp_path) == tmp_path / "step-5.old"
     loader = Loader()
-    assert load_checkpoint(tmp_path / "step-5", model=tiny_model(), optimizer=None,
-                           dataloader=loader) == (5, None)
+    assert load_checkpoint(
+        tmp_path / "step-5", model=tiny_model(), optimizer=None, dataloader=loader
+    ) == (5, None)
     assert loader.position == 2
 
 
 def test_checkpoint_metadata_is_json(tmp_path):
     model, optimizer = _trained(steps=1)
-    path = save_checkpoint(tmp_path, step=4, model=model, optimizer=optimizer,
-                           dataloader={"position": 3}, extra={"loss": 0.5})
+    path = save_checkpoint(
+        tmp_path,
+        step=4,
+        model=model,
+        optimizer=optimizer,
+        dataloader={"position": 3},
+        extra={"loss": 0.5},
+    )
     assert json.loads((path / "meta.json").read_text()) == {"step": 4, "extra": {"loss": 0.5}}
     assert json.loads((path / "loader_state.json").read_text()) == {"position": 3}
 
@@ -146,8 +160,9 @@ def test_latest_checkpoint_orders_steps_numerically(tmp_path):
 @pytest.mark.slow
 def test_async_save_publishes_after_the_write(tmp_path):
     model, optimizer = _trained()
-    future = save_checkpoint(tmp_path, step=4, model=model, optimizer=optimizer,
-                             dataloader=Loader(3), async_save=True)
+    future = save_checkpoint(
+        tmp_path, step=4, model=model, optimizer=optimizer, dataloader=Loader(3), async_save=True
+    )
     # A save started meanwhile cleans up leftovers of killed saves, not the one in flight.
     save_checkpoint(tmp_path, step=3, model=model, optimizer=optimizer)
     assert future.result(timeout=60) == tmp_path / "step-4"

@@ -49,11 +49,18 @@ def _two_rank_worker(rank: int, world: int, workdir: Path) -> dict:
             # (An optimizer must be built before any forward: after a forward without backward
             # FSDP's root exposes its unsharded parameters.)
             optimizer = torch.optim.AdamW(model.parameters())
-            save_checkpoint(workdir / "ckpt2", step=3, model=model, optimizer=optimizer,
-                            dataloader=Loader(7), parallel_dims=dims)
+            save_checkpoint(
+                workdir / "ckpt2",
+                step=3,
+                model=model,
+                optimizer=optimizer,
+                dataloader=Loader(7),
+                parallel_dims=dims,
+            )
             out["fsdp_logits"] = _logits(model, batch).detach()
-            future = save_checkpoint(workdir / "async", step=1, model=model, optimizer=optimizer,
-                                     async_save=True)
+            future = save_checkpoint(
+                workdir / "async", step=1, model=model, optimizer=optimizer, async_save=True
+            )
             out["async_path"] = str(future.result())
 
     # Checkpoint saved by 1 process (the test) -> FSDP over 2 ranks.
@@ -61,8 +68,9 @@ def _two_rank_worker(rank: int, world: int, workdir: Path) -> dict:
     dims.build_mesh("cpu")
     model = apply_fsdp(tiny_model(seed=5), dims.dp_mesh())
     loader = Loader()
-    out["ckpt1_step"] = load_checkpoint(workdir.parent / "ckpt1", model=model, optimizer=None,
-                                        dataloader=loader, parallel_dims=dims)
+    out["ckpt1_step"] = load_checkpoint(
+        workdir.parent / "ckpt1", model=model, optimizer=None, dataloader=loader, parallel_dims=dims
+    )
     out["ckpt1_logits"], out["ckpt1_loader"] = _logits(model, batch), loader.position
 
     tp_dims = ParallelDims(dp_shard=1, tp=2)
@@ -77,22 +85,29 @@ def _two_rank_worker(rank: int, world: int, workdir: Path) -> dict:
 
     model = apply_tp(tiny_model(), tp_mesh, loss_parallel=True)
     with loss_parallel():
-        loss = mean_loss(model(input_ids=batch["input_ids"],
-                               position_ids=batch["position_ids"]).logits, batch["labels"])
+        loss = mean_loss(
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits,
+            batch["labels"],
+        )
         loss.backward()
     out["tp_loss_parallel"] = loss.full_tensor().item()
     out["tp_grad_q0"] = model.model.layers[0].self_attn.q_proj.weight.grad.full_tensor()
 
     pp_mesh = ParallelDims(dp_shard=1, pp=2).build_mesh("cpu")["pp"]
     for schedule in SCHEDULES:
-        pipeline = build_pipeline(tiny_model(), pp_mesh, schedule=schedule, n_microbatches=2,
-                                  loss_fn=mean_loss)
-        losses = pipeline.step(batch["input_ids"], batch["labels"],
-                               position_ids=batch["position_ids"])
+        pipeline = build_pipeline(
+            tiny_model(), pp_mesh, schedule=schedule, n_microbatches=2, loss_fn=mean_loss
+        )
+        losses = pipeline.step(
+            batch["input_ids"], batch["labels"], position_ids=batch["position_ids"]
+        )
         out[schedule] = {
             "losses": [loss.item() for loss in losses],
-            "grads": {name: param.grad for module in pipeline.modules
-                      for name, param in module.named_parameters()},
+            "grads": {
+                name: param.grad
+                for module in pipeline.modules
+                for name, param in module.named_parameters()
+            },
         }
 
     try:
@@ -107,9 +122,14 @@ def workdir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("ranks")
     # A checkpoint saved by a single process, for the 2-rank group to load.
     model = tiny_model(seed=3)
-    save_checkpoint(root / "ckpt1", step=11, model=model,
-                    optimizer=torch.optim.AdamW(model.parameters()), dataloader=Loader(42),
-                    extra={"note": "one process"})
+    save_checkpoint(
+        root / "ckpt1",
+        step=11,
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters()),
+        dataloader=Loader(42),
+        extra={"note": "one process"},
+    )
     return root
 
 
@@ -126,8 +146,12 @@ def reference() -> dict:
     loss = mean_loss(logits, batch["labels"])
     loss.backward()
     grads = {name: param.grad for name, param in model.named_parameters()}
-    return {"losses": train_losses(tiny_model(), batch, slice(None)), "logits": logits.detach(),
-            "loss": loss.item(), "grads": grads}
+    return {
+        "losses": train_losses(tiny_model(), batch, slice(None)),
+        "logits": logits.detach(),
+        "loss": loss.item(),
+        "grads": grads,
+    }
 
 
 @pytest.mark.parametrize("name", ["fsdp", "ddp"])
@@ -152,9 +176,12 @@ def test_tensor_parallel_qwen2_tied_and_loss_parallel(two_ranks, reference):
         torch.testing.assert_close(result["tp_tied"], tied, atol=1e-5, rtol=0)
         assert result["tp_tied_shared"]
         assert result["tp_loss_parallel"] == pytest.approx(reference["loss"], abs=1e-5)
-        torch.testing.assert_close(result["tp_grad_q0"],
-                                   reference["grads"]["model.layers.0.self_attn.q_proj.weight"],
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            result["tp_grad_q0"],
+            reference["grads"]["model.layers.0.self_attn.q_proj.weight"],
+            atol=1e-6,
+            rtol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -173,12 +200,16 @@ def test_checkpoint_saved_by_two_ranks_loads_on_one(two_ranks, workdir):
     batch = tiny_batch()
     model = tiny_model(seed=9)
     loader = Loader()
-    step, extra = load_checkpoint(workdir / "group2" / "ckpt2", model=model,
-                                  optimizer=torch.optim.AdamW(model.parameters()),
-                                  dataloader=loader)
+    step, extra = load_checkpoint(
+        workdir / "group2" / "ckpt2",
+        model=model,
+        optimizer=torch.optim.AdamW(model.parameters()),
+        dataloader=loader,
+    )
     assert (step, extra, loader.position) == (3, None, 7)
-    torch.testing.assert_close(_logits(model, batch), two_ranks[0]["fsdp_logits"], atol=1e-6,
-                               rtol=0)
+    torch.testing.assert_close(
+        _logits(model, batch), two_ranks[0]["fsdp_logits"], atol=1e-6, rtol=0
+    )
 
 
 def test_checkpoint_saved_by_one_loads_on_two_ranks(two_ranks):
@@ -199,8 +230,10 @@ def test_async_checkpoint_on_two_ranks(two_ranks, workdir):
 
 def test_bad_dims_fail_on_every_rank_with_the_numbers(two_ranks):
     for result in two_ranks:
-        assert "world_size 2 is not divisible by pp(1) * dp_replicate(1) * tp(3) = 3" in (
-            result["bad_dims"])
+        assert (
+            "world_size 2 is not divisible by pp(1) * dp_replicate(1) * tp(3) = 3"
+            in (result["bad_dims"])
+        )
 
 
 # ----------------------------------------------------------------------------- 4 ranks
@@ -244,5 +277,6 @@ def test_hsdp_2x2_matches_single_process(four_ranks, reference):
 
 def test_checkpoint_reshards_from_fsdp_to_fsdp_tp(four_ranks, two_ranks):
     for result in four_ranks:
-        torch.testing.assert_close(result["resharded_logits"], two_ranks[0]["fsdp_logits"],
-                                   atol=1e-6, rtol=0)
+        torch.testing.assert_close(
+            result["resharded_logits"], two_ranks[0]["fsdp_logits"], atol=1e-6, rtol=0
+        )

@@ -23,25 +23,38 @@ from wf_data.distributed import (
 )
 
 
-@pytest.mark.parametrize(("degrees", "world_size", "expected"), [
-    ({}, 8, {"pp": 1, "dp_replicate": 1, "dp_shard": 8, "tp": 1}),
-    ({"tp": 2}, 8, {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 2}),
-    ({"dp_replicate": 2, "pp": 2}, 8, {"pp": 2, "dp_replicate": 2, "dp_shard": 2, "tp": 1}),
-    ({"dp_replicate": -1, "dp_shard": 1}, 4, {"pp": 1, "dp_replicate": 4, "dp_shard": 1, "tp": 1}),
-    ({"dp_shard": 1, "tp": -1}, 2, {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 2}),
-])
+@pytest.mark.parametrize(
+    ("degrees", "world_size", "expected"),
+    [
+        ({}, 8, {"pp": 1, "dp_replicate": 1, "dp_shard": 8, "tp": 1}),
+        ({"tp": 2}, 8, {"pp": 1, "dp_replicate": 1, "dp_shard": 4, "tp": 2}),
+        ({"dp_replicate": 2, "pp": 2}, 8, {"pp": 2, "dp_replicate": 2, "dp_shard": 2, "tp": 1}),
+        (
+            {"dp_replicate": -1, "dp_shard": 1},
+            4,
+            {"pp": 1, "dp_replicate": 4, "dp_shard": 1, "tp": 1},
+        ),
+        ({"dp_shard": 1, "tp": -1}, 2, {"pp": 1, "dp_replicate": 1, "dp_shard": 1, "tp": 2}),
+    ],
+)
 def test_parallel_dims_resolve_the_rest(degrees, world_size, expected):
     dims = ParallelDims(**degrees, world_size=world_size, rank=0)
     assert dims.degrees() == expected
 
 
-@pytest.mark.parametrize(("degrees", "world_size", "message"), [
-    ({"dp_shard": 2, "tp": 2}, 2, "pp(1) * dp_replicate(1) * dp_shard(2) * tp(2) = 4 != "
-                                  "world_size 2"),
-    ({"tp": 3}, 4, "world_size 4 is not divisible by pp(1) * dp_replicate(1) * tp(3) = 3"),
-    ({"dp_replicate": -1}, 4, "at most one degree may be -1"),
-    ({"tp": 0}, 4, "ParallelDims.tp must be an int >= 1 or -1, got 0"),
-])
+@pytest.mark.parametrize(
+    ("degrees", "world_size", "message"),
+    [
+        (
+            {"dp_shard": 2, "tp": 2},
+            2,
+            "pp(1) * dp_replicate(1) * dp_shard(2) * tp(2) = 4 != world_size 2",
+        ),
+        ({"tp": 3}, 4, "world_size 4 is not divisible by pp(1) * dp_replicate(1) * tp(3) = 3"),
+        ({"dp_replicate": -1}, 4, "at most one degree may be -1"),
+        ({"tp": 0}, 4, "ParallelDims.tp must be an int >= 1 or -1, got 0"),
+    ],
+)
 def test_parallel_dims_errors_name_the_numbers(degrees, world_size, message):
     with pytest.raises(ValueError, match=None) as error:
         ParallelDims(**degrees, world_size=world_size, rank=0)
@@ -62,8 +75,10 @@ def test_parallel_dims_validate_from_torchrun_env_without_process_group(monkeypa
 
 
 def test_dp_rank_is_shared_by_tensor_and_pipeline_groups():
-    dims = [ParallelDims(dp_replicate=2, dp_shard=2, tp=2, pp=2, world_size=16, rank=r)
-            for r in range(16)]
+    dims = [
+        ParallelDims(dp_replicate=2, dp_shard=2, tp=2, pp=2, world_size=16, rank=r)
+        for r in range(16)
+    ]
     # Row-major over (pp, dp_replicate, dp_shard, tp): tp neighbours, pp outermost.
     assert [d.coordinate()["tp"] for d in dims[:4]] == [0, 1, 0, 1]
     assert [d.pp_rank for d in dims] == [0] * 8 + [1] * 8
@@ -81,8 +96,11 @@ def test_validate_tp_names_the_sizes_it_does_not_divide():
     with pytest.raises(ValueError) as error:
         validate_tp(config, 4)
     assert str(error.value) == "tensor parallel degree tp=4 does not divide num_key_value_heads=2"
-    with pytest.raises(ValueError, match="tp=3 does not divide num_attention_heads=4, "
-                                         "num_key_value_heads=2, intermediate_size=64"):
+    with pytest.raises(
+        ValueError,
+        match="tp=3 does not divide num_attention_heads=4, "
+        "num_key_value_heads=2, intermediate_size=64",
+    ):
         validate_tp(config, 3)
 
 
@@ -128,8 +146,10 @@ def test_pipeline_stage_modules_compose_to_the_full_model():
     model, batch = tiny_model(), tiny_batch()
     with torch.no_grad():
         expected = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
-        stages = [PipelineStageModule(model, layers, is_first=index == 0, is_last=index == 2)
-                  for index, layers in enumerate(split_layers(TINY["num_hidden_layers"], 3))]
+        stages = [
+            PipelineStageModule(model, layers, is_first=index == 0, is_last=index == 2)
+            for index, layers in enumerate(split_layers(TINY["num_hidden_layers"], 3))
+        ]
         hidden = batch["input_ids"]
         for stage in stages:
             hidden = stage(hidden, position_ids=batch["position_ids"])
@@ -140,9 +160,16 @@ def test_pipeline_stage_modules_compose_to_the_full_model():
 
 @pytest.mark.slow
 def test_distributed_package_imports_nothing_from_data():
-    code = ("import sys, wf_data.distributed, wf_data.distributed.fsdp2, "
-            "wf_data.distributed.parallelism; "
-            "print(sorted(m for m in sys.modules if m.startswith('wf_data.data')))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, cwd=Path(__file__).resolve().parents[2])
+    code = (
+        "import sys, wf_data.distributed, wf_data.distributed.fsdp2, "
+        "wf_data.distributed.parallelism; "
+        "print(sorted(m for m in sys.modules if m.startswith('wf_data.data')))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert result.stdout.strip() == "[]"

@@ -12,10 +12,19 @@ import pytest
 from tests.distributed.dist_harness import run_group
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["data=synthetic", "model=tiny_llama", "model.vocab_size=256", "model.hidden_size=32",
-         "model.intermediate_size=64", "model.num_hidden_layers=2", "data.seq_len=32",
-         "data.global_batch_size=4", "data.mean_document_length=8", "checkpoint_every=2",
-         "log_every=100"]
+SMALL = [
+    "data=synthetic",
+    "model=tiny_llama",
+    "model.vocab_size=256",
+    "model.hidden_size=32",
+    "model.intermediate_size=64",
+    "model.num_hidden_layers=2",
+    "data.seq_len=32",
+    "data.global_batch_size=4",
+    "data.mean_document_length=8",
+    "checkpoint_every=2",
+    "log_every=100",
+]
 
 
 def load_train():
@@ -47,8 +56,7 @@ def test_synthetic_batches_follow_the_schema_and_shard_by_dp_rank():
     train = load_train()
     options = dict(seq_len=32, global_batch_size=4, vocab_size=256, mean_document_length=8)
     full = next(train.SyntheticBatches(**options))
-    halves = [next(train.SyntheticBatches(**options, dp_rank=r, dp_world_size=2))
-              for r in range(2)]
+    halves = [next(train.SyntheticBatches(**options, dp_rank=r, dp_world_size=2)) for r in range(2)]
     for key, value in full.items():
         assert value.dtype == np.int32
         np.testing.assert_array_equal(np.concatenate([h[key] for h in halves]), value)
@@ -77,11 +85,16 @@ def test_resume_continues_the_uninterrupted_run(tmp_path):
 
 def _trainer_worker(rank: int, world: int, workdir: Path) -> dict[str, list[float]]:
     results = {}
-    for name, extra in {"fsdp2": [], "ddp": [], "tp": ["distributed.loss_parallel=true"],
-                        "pp": ["distributed.pp_microbatches=2"]}.items():
+    for name, extra in {
+        "fsdp2": [],
+        "ddp": [],
+        "tp": ["distributed.loss_parallel=true"],
+        "pp": ["distributed.pp_microbatches=2"],
+    }.items():
         steps = 2 if name == "fsdp2" else 3
-        results[name] = run([f"distributed={name}", f"steps={steps}",
-                             f"checkpoint_dir={workdir / name}", *extra])
+        results[name] = run(
+            [f"distributed={name}", f"steps={steps}", f"checkpoint_dir={workdir / name}", *extra]
+        )
     return results
 
 

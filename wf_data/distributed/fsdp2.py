@@ -40,9 +40,16 @@ _async_group = None
 _saving: set[Path] = set()  # step directories of background saves still being written
 
 
-def apply_fsdp(model: nn.Module, dp_mesh, *, param_dtype: torch.dtype | None = None,
-               reduce_dtype: torch.dtype | None = None, reshard_after_forward: bool = True,
-               cpu_offload: bool = False, activation_checkpointing: bool = False) -> nn.Module:
+def apply_fsdp(
+    model: nn.Module,
+    dp_mesh,
+    *,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool = True,
+    cpu_offload: bool = False,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
     """`fully_shard` every decoder layer, then the root (embeddings, norm, lm_head); returns model.
 
     `dp_mesh` 1-D shards over all its ranks (FSDP); 2-D (dp_replicate, dp_shard) replicates over
@@ -147,11 +154,17 @@ def _set_loader_state(dataloader: Any, state: Any) -> None:
         dataloader.set_state(state)
 
 
-def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[nn.Module],
-                    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
-                    dataloader: Any = None, extra: dict | None = None,
-                    parallel_dims: ParallelDims | None = None,
-                    async_save: bool = False) -> Path | Future:
+def save_checkpoint(
+    path: str | Path,
+    *,
+    step: int,
+    model: nn.Module | Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    dataloader: Any = None,
+    extra: dict | None = None,
+    parallel_dims: ParallelDims | None = None,
+    async_save: bool = False,
+) -> Path | Future:
     """Save `path/step-{step}/` atomically; every rank calls it. Returns the directory.
 
     `model`/`optimizer` may be lists (pipeline stages on this rank, one optimizer each). The data
@@ -186,8 +199,12 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[
     if _distributed():
         dist.barrier()
     with atomic.dcp_call() as no_dist:
-        written = dcp.async_save(state, checkpoint_id=str(final) + atomic.TMP_SUFFIX,
-                                 process_group=_checkpoint_group(), no_dist=no_dist)
+        written = dcp.async_save(
+            state,
+            checkpoint_id=str(final) + atomic.TMP_SUFFIX,
+            process_group=_checkpoint_group(),
+            no_dist=no_dist,
+        )
     if hasattr(written, "upload_completion"):  # AsyncSaveResponse (custom stagers)
         written = written.upload_completion
     done: Future = Future()
@@ -210,9 +227,11 @@ def save_checkpoint(path: str | Path, *, step: int, model: nn.Module | Sequence[
 def _recover_steps(root: Path) -> None:
     # Saves killed earlier left step-N.tmp (never complete: removed) or step-N.old (restored
     # if step-N is missing): clean them up before writing more, sparing background saves.
-    leftovers = {root / f"step-{match.group(1)}"
-                 for child in (root.iterdir() if root.is_dir() else ())
-                 if (match := _LEFTOVER.match(child.name))}
+    leftovers = {
+        root / f"step-{match.group(1)}"
+        for child in (root.iterdir() if root.is_dir() else ())
+        if (match := _LEFTOVER.match(child.name))
+    }
     for step_dir in leftovers - _saving:
         atomic.recover(step_dir)
 
@@ -233,8 +252,9 @@ def latest_checkpoint(path: str | Path) -> Path | None:
     root = Path(path)
     if not root.is_dir():
         return None
-    steps = {int(match.group(1)) for child in root.iterdir()
-             if (match := _STEP_DIR.match(child.name))}
+    steps = {
+        int(match.group(1)) for child in root.iterdir() if (match := _STEP_DIR.match(child.name))
+    }
     for step in sorted(steps, reverse=True):
         found = atomic.readable(root / f"step-{step}")
         if found is not None and (found / ".metadata").is_file():
@@ -242,10 +262,14 @@ def latest_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: str | Path, *, model: nn.Module | Sequence[nn.Module],
-                    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
-                    dataloader: Any = None,
-                    parallel_dims: ParallelDims | None = None) -> tuple[int, dict | None]:
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: nn.Module | Sequence[nn.Module],
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None,
+    dataloader: Any = None,
+    parallel_dims: ParallelDims | None = None,
+) -> tuple[int, dict | None]:
     """Load a checkpoint in place into model/optimizer/dataloader; returns `(step, extra)`.
 
     `path` is a `step-N` directory or a checkpoint root (its `latest_checkpoint`). The parallel
@@ -296,7 +320,8 @@ def _read_meta(checkpoint: Path) -> tuple[int, dict | None]:
     meta = atomic.read_json(file)
     if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and "extra" in meta):
         raise atomic.CheckpointFormatError(
-            f"{file}: expected {{\"step\": int, \"extra\": ...}}, got {str(meta)[:200]}")
+            f'{file}: expected {{"step": int, "extra": ...}}, got {str(meta)[:200]}'
+        )
     return meta["step"], meta["extra"]
 
 

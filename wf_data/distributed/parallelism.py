@@ -76,8 +76,10 @@ class ParallelDims:
     def _validate(self) -> None:
         degrees = self.degrees()
         for name, degree in degrees.items():
-            if not isinstance(degree, int) or isinstance(degree, bool) or (
-                degree < 1 and degree != -1
+            if (
+                not isinstance(degree, int)
+                or isinstance(degree, bool)
+                or (degree < 1 and degree != -1)
             ):
                 raise ValueError(f"ParallelDims.{name} must be an int >= 1 or -1, got {degree!r}")
         if not isinstance(self.world_size, int) or self.world_size < 1:
@@ -98,9 +100,7 @@ class ParallelDims:
                 )
             setattr(self, rest[0], self.world_size // product)
         elif product != self.world_size:
-            raise ValueError(
-                f"ParallelDims: {formula} = {product} != world_size {self.world_size}"
-            )
+            raise ValueError(f"ParallelDims: {formula} = {product} != world_size {self.world_size}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"ParallelDims: rank {self.rank} not in [0, {self.world_size})")
 
@@ -213,8 +213,13 @@ def validate_tp(model_config: Any, tp: int) -> None:
         raise ValueError(f"tensor parallel degree tp={tp} does not divide {detail}")
 
 
-def validate_pp(model_config: Any, pp: int, *, stages_per_rank: int = 1,
-                split_points: Sequence[int] | None = None) -> None:
+def validate_pp(
+    model_config: Any,
+    pp: int,
+    *,
+    stages_per_rank: int = 1,
+    split_points: Sequence[int] | None = None,
+) -> None:
     """Raise ValueError unless the decoder layers split into `pp * stages_per_rank` stages."""
     if pp == 1:
         return
@@ -254,10 +259,14 @@ def _check_llama_layout(model: nn.Module) -> list[nn.Module]:
     layers = decoder_layers(model)
     for index, layer in enumerate(layers):
         attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        missing = [f"self_attn.{n}" for n in _ATTENTION_PROJECTIONS
-                   if not isinstance(getattr(attention, n, None), nn.Linear)]
-        missing += [f"mlp.{n}" for n in _MLP_PROJECTIONS
-                    if not isinstance(getattr(mlp, n, None), nn.Linear)]
+        missing = [
+            f"self_attn.{n}"
+            for n in _ATTENTION_PROJECTIONS
+            if not isinstance(getattr(attention, n, None), nn.Linear)
+        ]
+        missing += [
+            f"mlp.{n}" for n in _MLP_PROJECTIONS if not isinstance(getattr(mlp, n, None), nn.Linear)
+        ]
         if missing:
             found = sorted(name for name, _ in layer.named_modules() if name and "." not in name)
             found += sorted(name for name, _ in layer.named_modules() if name.count(".") == 1)
@@ -280,8 +289,9 @@ def _set_local_head_counts(attention: nn.Module, tp: int) -> None:
             setattr(attention, name, value // tp)
 
 
-def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = False,
-             loss_parallel: bool = False) -> nn.Module:
+def apply_tp(
+    model: nn.Module, tp_mesh, *, sequence_parallel: bool = False, loss_parallel: bool = False
+) -> nn.Module:
     """Shard a Llama-family causal LM (or pipeline stage) over the 1-D `tp_mesh`; returns it.
 
     Plan (Megatron layout): q/k/v and gate/up column-wise, o and down row-wise, so each layer needs
@@ -338,17 +348,19 @@ def apply_tp(model: nn.Module, tp_mesh, *, sequence_parallel: bool = False,
             "mlp.down_proj": RowwiseParallel(output_layouts=residual),
         }
         if sequence_parallel:
-            layer_plan.update({
-                "input_layernorm": SequenceParallel(),
-                "post_attention_layernorm": SequenceParallel(),
-                "self_attn": PrepareModuleInput(
-                    input_kwarg_layouts={"hidden_states": Shard(1)},
-                    desired_input_kwarg_layouts={"hidden_states": Replicate()},
-                ),
-                "mlp": PrepareModuleInput(
-                    input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
-                ),
-            })
+            layer_plan.update(
+                {
+                    "input_layernorm": SequenceParallel(),
+                    "post_attention_layernorm": SequenceParallel(),
+                    "self_attn": PrepareModuleInput(
+                        input_kwarg_layouts={"hidden_states": Shard(1)},
+                        desired_input_kwarg_layouts={"hidden_states": Replicate()},
+                    ),
+                    "mlp": PrepareModuleInput(
+                        input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),)
+                    ),
+                }
+            )
         parallelize_module(layer, tp_mesh, layer_plan)
         _set_local_head_counts(layer.self_attn, tp)
 
@@ -363,28 +375,43 @@ def _full_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[t
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if kwargs.get("attention_mask") is None and input_ids is not None:
         position_ids = kwargs.get("position_ids")
-        kwargs["attention_mask"] = _causal_mask(module.config, input_ids.shape, position_ids,
-                                                module.embed_tokens.weight.dtype,
-                                                input_ids.device)
+        kwargs["attention_mask"] = _causal_mask(
+            module.config,
+            input_ids.shape,
+            position_ids,
+            module.embed_tokens.weight.dtype,
+            input_ids.device,
+        )
     return args, kwargs
 
 
-def _causal_mask(config: Any, shape: Sequence[int], position_ids: torch.Tensor | None,
-                 dtype: torch.dtype, device: torch.device):
+def _causal_mask(
+    config: Any,
+    shape: Sequence[int],
+    position_ids: torch.Tensor | None,
+    dtype: torch.dtype,
+    device: torch.device,
+):
     """The decoder's attention mask for `(B, L)` inputs: causal, block-diagonal over packed
     documents when `position_ids` restart; None means plain causal (sdpa's `is_causal`)."""
     from transformers.masking_utils import create_causal_mask
 
     shape_only = torch.empty((*shape[:2], 0), dtype=dtype, device=device)
-    return create_causal_mask(config=config, inputs_embeds=shape_only, attention_mask=None,
-                              cache=None, position_ids=position_ids)
+    return create_causal_mask(
+        config=config,
+        inputs_embeds=shape_only,
+        attention_mask=None,
+        cache=None,
+        position_ids=position_ids,
+    )
 
 
 # ----------------------------------------------------------------------------- pipeline parallel
 
 
-def split_layers(num_layers: int, num_stages: int,
-                 split_points: Sequence[int] | None = None) -> list[range]:
+def split_layers(
+    num_layers: int, num_stages: int, split_points: Sequence[int] | None = None
+) -> list[range]:
     """Contiguous layer ranges, one per stage: even (earlier stages take the remainder) or cut
     before each index in `split_points` (strictly increasing, in (0, num_layers))."""
     if num_stages < 1 or num_layers < num_stages:
@@ -398,8 +425,10 @@ def split_layers(num_layers: int, num_stages: int,
         bounds = [0, *itertools.accumulate(sizes)]
     else:
         points = list(split_points)
-        if len(points) != num_stages - 1 or points != sorted(set(points)) or (
-            points and (points[0] <= 0 or points[-1] >= num_layers)
+        if (
+            len(points) != num_stages - 1
+            or points != sorted(set(points))
+            or (points and (points[0] <= 0 or points[-1] >= num_layers))
         ):
             raise ValueError(
                 f"split_points {points} must be {num_stages - 1} strictly increasing layer "
@@ -441,8 +470,9 @@ class PipelineStageModule(nn.Module):
         mask = _causal_mask(self.config, shape, position_ids, hidden.dtype, x.device)
         rotary = self.model.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.model.layers.values():
-            hidden = layer(hidden, attention_mask=mask, position_ids=position_ids,
-                           position_embeddings=rotary)
+            hidden = layer(
+                hidden, attention_mask=mask, position_ids=position_ids, position_embeddings=rotary
+            )
         if self.model.norm is not None:
             hidden = self.model.norm(hidden)
         if self.lm_head is not None:
@@ -462,8 +492,9 @@ class Pipeline:
     has_first_stage: bool
     has_last_stage: bool
 
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor,
-             **stage_kwargs: torch.Tensor) -> list[torch.Tensor]:
+    def step(
+        self, input_ids: torch.Tensor, labels: torch.Tensor, **stage_kwargs: torch.Tensor
+    ) -> list[torch.Tensor]:
         """One forward/backward over `(B, L)` inputs split into microbatches along B.
 
         `stage_kwargs` (e.g. `position_ids=(B, L)`) are split the same way and reach every stage.
@@ -472,16 +503,24 @@ class Pipeline:
         losses: list[torch.Tensor] = []
         args = (input_ids,) if self.has_first_stage else ()
         target = labels if self.has_last_stage else None
-        self.schedule.step(*args, target=target, losses=losses, return_outputs=False,
-                           **stage_kwargs)
+        self.schedule.step(
+            *args, target=target, losses=losses, return_outputs=False, **stage_kwargs
+        )
         return losses
 
 
-def build_pipeline(model: nn.Module, pp_mesh, *, schedule: str = "1F1B", n_microbatches: int,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   split_points: Sequence[int] | None = None, stages_per_rank: int | None = None,
-                   parallelize_fn: Callable[[nn.Module], nn.Module] | None = None,
-                   scale_grads: bool = True) -> Pipeline:
+def build_pipeline(
+    model: nn.Module,
+    pp_mesh,
+    *,
+    schedule: str = "1F1B",
+    n_microbatches: int,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    split_points: Sequence[int] | None = None,
+    stages_per_rank: int | None = None,
+    parallelize_fn: Callable[[nn.Module], nn.Module] | None = None,
+    scale_grads: bool = True,
+) -> Pipeline:
     """Split a Llama-family causal LM into pipeline stages over the 1-D `pp_mesh`.
 
     Decoder layers are split evenly (or before each of `split_points`) into
@@ -520,27 +559,39 @@ def build_pipeline(model: nn.Module, pp_mesh, *, schedule: str = "1F1B", n_micro
     device = next(model.parameters()).device
     modules, stages = [], []
     for stage_index in range(pp_rank, num_stages, pp):
-        module = PipelineStageModule(model, ranges[stage_index], is_first=stage_index == 0,
-                                     is_last=stage_index == num_stages - 1)
+        module = PipelineStageModule(
+            model,
+            ranges[stage_index],
+            is_first=stage_index == 0,
+            is_last=stage_index == num_stages - 1,
+        )
         if parallelize_fn is not None:
             module = parallelize_fn(module)
         modules.append(module)
-        stages.append(PipelineStage(module, stage_index, num_stages, device,
-                                    group=pp_mesh.get_group()))
+        stages.append(
+            PipelineStage(module, stage_index, num_stages, device, group=pp_mesh.get_group())
+        )
     if schedule == "Interleaved1F1B":
-        runner = ScheduleInterleaved1F1B(stages, n_microbatches=n_microbatches, loss_fn=loss_fn,
-                                         scale_grads=scale_grads)
+        runner = ScheduleInterleaved1F1B(
+            stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads
+        )
     else:
         schedule_class = ScheduleGPipe if schedule == "GPipe" else Schedule1F1B
-        runner = schedule_class(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn,
-                                scale_grads=scale_grads)
-    return Pipeline(schedule=runner, stages=stages, modules=modules,
-                    has_first_stage=any(stage.is_first for stage in stages),
-                    has_last_stage=any(stage.is_last for stage in stages))
+        runner = schedule_class(
+            stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads
+        )
+    return Pipeline(
+        schedule=runner,
+        stages=stages,
+        modules=modules,
+        has_first_stage=any(stage.is_first for stage in stages),
+        has_last_stage=any(stage.is_last for stage in stages),
+    )
 
 
-def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, *,
-                    pp_mesh=None) -> torch.Tensor:
+def clip_grad_norm_(
+    parameters: Iterable[torch.Tensor], max_norm: float, *, pp_mesh=None
+) -> torch.Tensor:
     """Clip gradients (plain tensors or DTensors) to a global L2 norm; returns that norm.
 
     Gradients are grouped by device mesh (plain tensors, e.g. tensor-parallel norm weights, are

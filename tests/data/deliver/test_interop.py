@@ -66,12 +66,14 @@ def test_to_torch_labels_dtype():
     logits = torch.zeros(*batch["labels"].shape, 1000)
     with pytest.raises(RuntimeError, match="Long"):
         torch.nn.functional.cross_entropy(logits.transpose(1, 2), kept, ignore_index=-100)
-    torch.nn.functional.cross_entropy(logits.transpose(1, 2), to_torch(batch)["labels"],
-                                      ignore_index=-100)
+    torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), to_torch(batch)["labels"], ignore_index=-100
+    )
 
 
-@pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.int64, np.uint16, np.float32,
-                                   np.float16, np.bool_, np.int8])
+@pytest.mark.parametrize(
+    "dtype", [np.int32, np.uint32, np.int64, np.uint16, np.float32, np.float16, np.bool_, np.int8]
+)
 @pytest.mark.parametrize("shape", [(4, 8), (4,), (), (0, 8)])
 def test_to_torch_preserves_dtype_shape_values(dtype, shape):
     rng = np.random.default_rng(list(shape) + [np.dtype(dtype).itemsize])
@@ -250,12 +252,14 @@ def test_to_jax_global_arrays_on_cpu_mesh():
         jax_checks()
         return
     # jax was initialised before tests/conftest.py could ask for 2 CPU devices: use a subprocess.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    env = dict(
+        os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu"
+    )
     code = textwrap.dedent(f"""
         import runpy
         runpy.run_path({__file__!r})["jax_checks"]()
     """)
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -228,8 +228,11 @@ def test_feedback_observes_then_applies_explicitly():
     assert loader.state_dict()["feedback"] != reference.state_dict()["feedback"]
     feedback.apply()
     assert loader.mixer.live_policy.bandit.step == 1
-    mean, _ = per_domain_loss(np.concatenate([r[0] for r in rows]).astype(np.float64),
-                              np.concatenate([r[1] for r in rows]), 3)
+    mean, _ = per_domain_loss(
+        np.concatenate([r[0] for r in rows]).astype(np.float64),
+        np.concatenate([r[1] for r in rows]),
+        3,
+    )
     reference.update_mixture(mean)
     assert loader.mixture == pytest.approx(reference.mixture)
     feedback.apply()  # nothing pending: no update

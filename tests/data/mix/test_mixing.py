@@ -144,8 +144,11 @@ def test_state_size_does_not_grow():
 def test_stop_ends_at_first_exhausted_domain():
     datasets = packed_domains(num_epochs=1)
     rows_per_domain = [sum(1 for _ in iter(ds.plans)) for ds in datasets.values()]
-    mixer = mix_plans({n: ds.plans for n, ds in datasets.items()},
-                      {"d0": 1, "d1": 1, "d2": 1}, on_exhausted="stop")
+    mixer = mix_plans(
+        {n: ds.plans for n, ds in datasets.items()},
+        {"d0": 1, "d1": 1, "d2": 1},
+        on_exhausted="stop",
+    )
     iterator = iter(mixer)
     counts = np.bincount([plan["domain"] for plan in iterator], minlength=3)
     # The stream stops when a draw hits a finished domain: one domain is complete, none over.
@@ -157,13 +160,16 @@ def test_stop_ends_at_first_exhausted_domain():
 def test_restart_replays_exhausted_domain():
     datasets = packed_domains(num_epochs=1)
     first_rows = list(iter(datasets["d0"]))
-    mixer = mix_plans({n: ds.plans for n, ds in datasets.items()},
-                      {"d0": 1, "d1": 0, "d2": 0}, on_exhausted="restart")
+    mixer = mix_plans(
+        {n: ds.plans for n, ds in datasets.items()},
+        {"d0": 1, "d1": 0, "d2": 0},
+        on_exhausted="restart",
+    )
     iterator = iter(mixer.map(reader_of(datasets)))
     rows = take(iterator, 2 * len(first_rows))
     assert iterator.get_state()["domains"]["d0"]["restarts"] == 1
     assert_rows_equal(
-        [{k: v for k, v in r.items() if k != "domain_ids"} for r in rows[len(first_rows):]],
+        [{k: v for k, v in r.items() if k != "domain_ids"} for r in rows[len(first_rows) :]],
         first_rows,
     )
 
@@ -256,8 +262,9 @@ def test_exp3_deterministic_given_seed_and_updates():
     rows_a = drive(iterators[0], first, 30, skewed_losses)
     rows_b = drive(iterators[1], second, 30, skewed_losses)
     assert_rows_equal(rows_a, rows_b)
-    np.testing.assert_array_equal(first.live_policy.probabilities(),
-                                  second.live_policy.probabilities())
+    np.testing.assert_array_equal(
+        first.live_policy.probabilities(), second.live_policy.probabilities()
+    )
 
 
 def test_exp3_policy_moves_toward_high_loss_domain():
@@ -387,8 +394,9 @@ def test_exp3_state_restores_bandit_in_fresh_iterator():
     fresh, _ = exp3(seed=6)
     fresh_iterator = iter(fresh)
     fresh_iterator.set_state(state)
-    np.testing.assert_array_equal(fresh.live_policy.probabilities(),
-                                  mixer.live_policy.probabilities())
+    np.testing.assert_array_equal(
+        fresh.live_policy.probabilities(), mixer.live_policy.probabilities()
+    )
 
 
 def test_exp3_reweighted_restore_keeps_rewards_by_name():

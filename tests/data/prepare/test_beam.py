@@ -153,9 +153,7 @@ def test_failed_task_is_retried_and_output_is_identical(
 ):
     tasks = prepare_lib.plan_tasks(prepare_lib.expand_inputs([inputs]), OPTIONS["piece_bytes"])
     flag = tmp_path / "failed-once"
-    monkeypatch.setattr(
-        parts, "prepare_file", _FailOnce(parts.prepare_file, tasks[1], flag)
-    )
+    monkeypatch.setattr(parts, "prepare_file", _FailOnce(parts.prepare_file, tasks[1], flag))
     # The bundle-based DirectRunner retries a failed bundle (up to 4 attempts) in this process.
     prepare_beam.run(
         inputs,

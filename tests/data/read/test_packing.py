@@ -133,8 +133,15 @@ def test_every_token_exactly_once_per_epoch(
     lengths, seq_len, method, seed, window_size, num_epochs, pad_id
 ):
     docs = source_of(lengths)
-    packed = pack(docs, seq_len, method, pad_id=pad_id, window_size=window_size, seed=seed,
-                  num_epochs=num_epochs)
+    packed = pack(
+        docs,
+        seq_len,
+        method,
+        pad_id=pad_id,
+        window_size=window_size,
+        seed=seed,
+        num_epochs=num_epochs,
+    )
     rows = all_rows(packed)
     values, counts = token_counts(rows)
     expected = np.unique(expected_tokens(lengths))
@@ -161,8 +168,9 @@ def test_every_token_exactly_once_per_epoch(
     window_size=st.integers(1, 8),
 )
 def test_best_fit_windows_never_cross_epochs(lengths, seq_len, seed, window_size):
-    packed = pack(source_of(lengths), seq_len, "best_fit", window_size=window_size, seed=seed,
-                  num_epochs=3)
+    packed = pack(
+        source_of(lengths), seq_len, "best_fit", window_size=window_size, seed=seed, num_epochs=3
+    )
     plans = list(iter(packed.plans))
     per_epoch = {epoch: [] for epoch in range(3)}
     for plan in plans:
@@ -181,8 +189,9 @@ def test_best_fit_windows_never_cross_epochs(lengths, seq_len, seed, window_size
 def pieces_of(plan):
     """(doc, start, stop) triples of a row plan."""
     stops = plan["offsets"] + plan["lengths"]
-    return list(zip(plan["doc_ids"].tolist(), plan["offsets"].tolist(), stops.tolist(),
-                    strict=True))
+    return list(
+        zip(plan["doc_ids"].tolist(), plan["offsets"].tolist(), stops.tolist(), strict=True)
+    )
 
 
 def test_no_lengths_source_best_fit_plans_each_window_once():
@@ -244,8 +253,10 @@ def test_overlong_documents_are_split_not_truncated(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_mask_documents(method):
     docs = [
-        {"input_ids": np.arange(6, dtype=np.int32) + 100,
-         "loss_mask": np.array([0, 0, 1, 1, 0, 1])},
+        {
+            "input_ids": np.arange(6, dtype=np.int32) + 100,
+            "loss_mask": np.array([0, 0, 1, 1, 0, 1]),
+        },
         {"input_ids": np.arange(3, dtype=np.int32) + 200, "loss_mask": np.ones(3, dtype=bool)},
         np.arange(4, dtype=np.int32) + 300,  # a plain document: loss everywhere
     ]
@@ -302,9 +313,11 @@ def naive_best_fit_decreasing(items, capacity):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.integers(1, 50).flatmap(
-    lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=60))
-))
+@given(
+    st.integers(1, 50).flatmap(
+        lambda cap: st.tuples(st.just(cap), st.lists(st.integers(1, cap), max_size=60))
+    )
+)
 def test_best_fit_decreasing_matches_reference(case):
     capacity, items = case
     bins = best_fit_decreasing(np.array(items, dtype=np.int64), capacity)
@@ -398,10 +411,10 @@ def test_best_fit_is_an_iter_dataset():
     level=st.sampled_from(["rows", "plans"]),
     cut=st.integers(0, 120),
 )
-def test_resume_equality_at_random_points(lengths, seq_len, method, seed, window_size, level,
-                                          cut):
-    packed = pack(source_of(lengths), seq_len, method, seed=seed, window_size=window_size,
-                  num_epochs=2)
+def test_resume_equality_at_random_points(lengths, seq_len, method, seed, window_size, level, cut):
+    packed = pack(
+        source_of(lengths), seq_len, method, seed=seed, window_size=window_size, num_epochs=2
+    )
     dataset = packed if level == "rows" else packed.plans
     iterator = iter(dataset)
     for _ in range(cut):
@@ -496,8 +509,9 @@ def test_epoch_reshuffle_is_deterministic(method):
     def first_docs(seed):
         iterator = iter(pack(source_of(lengths), 7, method, seed=seed, num_epochs=None).plans)
         plans = [next(iterator) for _ in range(120)]  # three epochs of one-document rows
-        return [[int(plan["doc_ids"][0]) for plan in plans[e * 40 : (e + 1) * 40]]
-                for e in range(3)]
+        return [
+            [int(plan["doc_ids"][0]) for plan in plans[e * 40 : (e + 1) * 40]] for e in range(3)
+        ]
 
     epochs = first_docs(11)
     assert epochs == first_docs(11)
@@ -547,8 +561,11 @@ def test_first_plans_at_100m_documents_are_fast(method):
     packed = pack(LengthsOnlyLarge(lengths), 2048, method, seed=1, window_size=4096)
     best = float("inf")
     for epoch_seed in range(3):  # min of 3: the machine is shared
-        plans = pack(LengthsOnlyLarge(lengths), 2048, method, seed=epoch_seed,
-                     window_size=4096).plans if epoch_seed else packed.plans
+        plans = (
+            pack(LengthsOnlyLarge(lengths), 2048, method, seed=epoch_seed, window_size=4096).plans
+            if epoch_seed
+            else packed.plans
+        )
         start = time.perf_counter()
         iterator = iter(plans)
         batch = [next(iterator) for _ in range(64)]
@@ -567,13 +584,14 @@ def test_concat_covers_every_token_once_per_epoch_across_order_chunks(seed, num_
     rows = list(iter(plans))
     assert len(rows) == len(plans)
     doc_ids = np.concatenate([p["doc_ids"] for p in rows])
-    covered = np.bincount(doc_ids, weights=np.concatenate([p["lengths"] for p in rows]),
-                          minlength=len(lengths))
+    covered = np.bincount(
+        doc_ids, weights=np.concatenate([p["lengths"] for p in rows]), minlength=len(lengths)
+    )
     np.testing.assert_array_equal(covered, num_epochs * lengths)
     # random access agrees with iteration, also past the first order chunk
     for index in (0, len(rows) // 2, len(rows) - 1):
         np.testing.assert_array_equal(plans[index]["doc_ids"], rows[index]["doc_ids"])
-    first_docs = doc_ids[: 50]
+    first_docs = doc_ids[:50]
     shuffled = not np.array_equal(first_docs, np.sort(first_docs))
     assert shuffled == (seed is not None)
 

@@ -37,8 +37,7 @@ def make_records(num_records, seed=0):
 
 def rendered(records, tokenizer, chat_template=None):
     """(ids, mask) per record, straight from render_with_mask (checked in test_chat)."""
-    return [render_with_mask(r["messages"], tokenizer.hf_tokenizer, chat_template)
-            for r in records]
+    return [render_with_mask(r["messages"], tokenizer.hf_tokenizer, chat_template) for r in records]
 
 
 def all_rows(dataset):
@@ -52,8 +51,13 @@ def segments_of(rows):
         segment_ids = rows["segment_ids"][r]
         for segment in range(1, int(segment_ids.max()) + 1):
             where = segment_ids == segment
-            yield (r, segment, rows["input_ids"][r][where], rows["labels"][r][where],
-                   rows["position_ids"][r][where])
+            yield (
+                r,
+                segment,
+                rows["input_ids"][r][where],
+                rows["labels"][r][where],
+                rows["position_ids"][r][where],
+            )
 
 
 def test_packed_rows_mask_non_assistant_padding_and_segment_starts(tokenizer):
@@ -61,8 +65,14 @@ def test_packed_rows_mask_non_assistant_padding_and_segment_starts(tokenizer):
     expected = {tuple(ids.tolist()): mask for ids, mask in rendered(records, tokenizer)}
     assert len(expected) == len(records)  # conversations are distinct: segments identify them
     seq_len = 256
-    dataset = SFTDataset(InMemorySource(records, format="chat"), tokenizer=tokenizer,
-                         seq_len=seq_len, num_epochs=1, seed=5, window_size=16)
+    dataset = SFTDataset(
+        InMemorySource(records, format="chat"),
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        num_epochs=1,
+        seed=5,
+        window_size=16,
+    )
     assert isinstance(dataset, PackedDataset) and dataset.method == "best_fit"
     rows = all_rows(dataset)
     assert rows["input_ids"].shape[1] == seq_len
@@ -82,7 +92,8 @@ def test_packed_rows_mask_non_assistant_padding_and_segment_starts(tokenizer):
     assert seen == collections.Counter(list(expected))  # each conversation once per epoch
     # Loss only on assistant tokens: at most the masked tokens carry labels.
     assert (rows["labels"] != IGNORE_INDEX).sum() == sum(
-        int(m[1:].sum()) for m in expected.values())
+        int(m[1:].sum()) for m in expected.values()
+    )
 
 
 def test_prefix_method_template_gives_the_same_packed_documents(tokenizer):
@@ -92,8 +103,9 @@ def test_prefix_method_template_gives_the_same_packed_documents(tokenizer):
     source = InMemorySource(records, format="chat")
     # The shipped template has no markers (plain Jinja loads it): masks come from prefixes.
     prefixes = ChatDocuments(source, tokenizer=tokenizer, seq_len=512)
-    marked = ChatDocuments(source, tokenizer=tokenizer, seq_len=512,
-                           chat_template=SHIPPED_WITH_MARKERS)
+    marked = ChatDocuments(
+        source, tokenizer=tokenizer, seq_len=512, chat_template=SHIPPED_WITH_MARKERS
+    )
     newline = tokenizer.hf_tokenizer.encode("\n")
     for i, (ids, mask) in enumerate(rendered(records, tokenizer)):
         doc = prefixes[i]
@@ -103,8 +115,9 @@ def test_prefix_method_template_gives_the_same_packed_documents(tokenizer):
         np.testing.assert_array_equal(marked[i]["input_ids"], [*ids, *newline])
         np.testing.assert_array_equal(marked[i]["loss_mask"], [*mask, 0])
     assert marked.fingerprint != prefixes.fingerprint
-    np.testing.assert_array_equal(prefixes.lengths, [len(ids) for ids, _ in rendered(
-        records, tokenizer)])
+    np.testing.assert_array_equal(
+        prefixes.lengths, [len(ids) for ids, _ in rendered(records, tokenizer)]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -120,19 +133,30 @@ def overlong_case(tokenizer):
 def test_overlong_error_names_record_length_and_seq_len(tokenizer, overlong_case):
     records, lengths, seq_len, overlong = overlong_case
     first = int(overlong[0])
-    with pytest.raises(ValueError, match=(
-        rf"record {first}: conversation renders to {lengths[first]} tokens > seq_len {seq_len} "
-        rf"\({overlong.size} of {len(records)} records")):
+    with pytest.raises(
+        ValueError,
+        match=(
+            rf"record {first}: conversation renders to {lengths[first]} tokens > seq_len {seq_len} "
+            rf"\({overlong.size} of {len(records)} records"
+        ),
+    ):
         SFTDataset(InMemorySource(records, format="chat"), tokenizer=tokenizer, seq_len=seq_len)
 
 
 def test_overlong_truncate_keeps_first_seq_len_tokens(tokenizer, overlong_case):
     records, lengths, seq_len, overlong = overlong_case
-    dataset = SFTDataset(InMemorySource(records, format="chat"), tokenizer=tokenizer,
-                         seq_len=seq_len, overlong="truncate", num_epochs=1)
+    dataset = SFTDataset(
+        InMemorySource(records, format="chat"),
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        overlong="truncate",
+        num_epochs=1,
+    )
     assert dataset.overlong_counts == {
-        "truncated": overlong.size, "dropped": 0,
-        "truncated_tokens": int((lengths[overlong] - seq_len).sum())}
+        "truncated": overlong.size,
+        "dropped": 0,
+        "truncated_tokens": int((lengths[overlong] - seq_len).sum()),
+    }
     assert dataset.stats["documents"] == len(records)
     np.testing.assert_array_equal(dataset.documents.lengths, np.minimum(lengths, seq_len))
     full = rendered(records, tokenizer)
@@ -148,21 +172,32 @@ def test_overlong_truncate_keeps_first_seq_len_tokens(tokenizer, overlong_case):
 
 def test_overlong_drop_skips_those_records(tokenizer, overlong_case):
     records, lengths, seq_len, overlong = overlong_case
-    dataset = SFTDataset(InMemorySource(records, format="chat"), tokenizer=tokenizer,
-                         seq_len=seq_len, overlong="drop", num_epochs=1, seed=1)
-    assert dataset.overlong_counts == {"truncated": 0, "dropped": overlong.size,
-                                       "truncated_tokens": 0}
+    dataset = SFTDataset(
+        InMemorySource(records, format="chat"),
+        tokenizer=tokenizer,
+        seq_len=seq_len,
+        overlong="drop",
+        num_epochs=1,
+        seed=1,
+    )
+    assert dataset.overlong_counts == {
+        "truncated": 0,
+        "dropped": overlong.size,
+        "truncated_tokens": 0,
+    }
     kept = np.setdiff1d(np.arange(len(records)), overlong)
     np.testing.assert_array_equal(dataset.documents.record_indices, kept)
     np.testing.assert_array_equal(dataset.documents.lengths, lengths[kept])
     full = rendered(records, tokenizer)
     want = collections.Counter(tuple(full[i][0].tolist()) for i in kept)
-    got = collections.Counter(tuple(ids.tolist()) for _, _, ids, _, _ in
-                              segments_of(all_rows(dataset)))
+    got = collections.Counter(
+        tuple(ids.tolist()) for _, _, ids, _, _ in segments_of(all_rows(dataset))
+    )
     assert got == want
     with pytest.raises(ValueError, match="all 40 conversations are longer than seq_len 4"):
-        SFTDataset(InMemorySource(records, format="chat"), tokenizer=tokenizer, seq_len=4,
-                   overlong="drop")
+        SFTDataset(
+            InMemorySource(records, format="chat"), tokenizer=tokenizer, seq_len=4, overlong="drop"
+        )
 
 
 def test_bad_records_are_clear_errors(tokenizer):
@@ -170,8 +205,11 @@ def test_bad_records_are_clear_errors(tokenizer):
     with pytest.raises(ValueError, match=r"record 2: no 'messages' field.*\['prompt'\]"):
         SFTDataset([*good[:2], {"prompt": "hi"}], tokenizer=tokenizer, seq_len=512)
     unknown_role = [*good, {"messages": [{"role": "bot", "content": "x"}]}]
-    with pytest.raises(ValueError, match=r"record 3 message 0: unknown role 'bot'; valid roles: "
-                       r"system, user, assistant, tool"):
+    with pytest.raises(
+        ValueError,
+        match=r"record 3 message 0: unknown role 'bot'; valid roles: "
+        r"system, user, assistant, tool",
+    ):
         SFTDataset(unknown_role, tokenizer=tokenizer, seq_len=512)
     with pytest.raises(TypeError, match=r"holds 'text' records; SFTDataset needs a 'chat' source"):
         SFTDataset(InMemorySource(["some text"], format="text"), tokenizer=tokenizer, seq_len=64)
@@ -186,26 +224,34 @@ def test_bad_records_are_clear_errors(tokenizer):
 
 
 def test_template_failure_names_the_record(tokenizer):
-    strict = ("{% for m in messages %}{% if m['role'] == 'tool' %}"
-              "{{ raise_exception('no tools here') }}{% endif %}{% endfor %}"
-              + tokenizer.chat_template)
+    strict = (
+        "{% for m in messages %}{% if m['role'] == 'tool' %}"
+        "{{ raise_exception('no tools here') }}{% endif %}{% endfor %}" + tokenizer.chat_template
+    )
     records = [*make_records(2), {"messages": [{"role": "tool", "content": "42"}]}]
     with pytest.raises(ValueError, match=r"record 2: the chat template failed: no tools here"):
         ChatDocuments(records, tokenizer=tokenizer, seq_len=512, chat_template=strict)
 
 
 def test_nemotron_style_records(tokenizer):
-    records = [{"input": "what is the answer?", "output": "42", "system_prompt": "be brief"},
-               {"input": "hello", "output": "hello there", "system_prompt": ""}]
+    records = [
+        {"input": "what is the answer?", "output": "42", "system_prompt": "be brief"},
+        {"input": "hello", "output": "hello there", "system_prompt": ""},
+    ]
     documents = ChatDocuments(records, tokenizer=tokenizer, seq_len=128)
     ids, mask = render_with_mask(
-        [{"role": "system", "content": "be brief"},
-         {"role": "user", "content": "what is the answer?"},
-         {"role": "assistant", "content": "42"}], tokenizer.hf_tokenizer)
+        [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "what is the answer?"},
+            {"role": "assistant", "content": "42"},
+        ],
+        tokenizer.hf_tokenizer,
+    )
     np.testing.assert_array_equal(documents[0]["input_ids"], ids)
     np.testing.assert_array_equal(documents[0]["loss_mask"], mask)
     assert tokenizer.decode(documents[1]["input_ids"][documents[1]["loss_mask"] == 1]) == (
-        "hello there<|im_end|>")
+        "hello there<|im_end|>"
+    )
 
 
 def test_source_changed_after_construction_is_detected(tokenizer):
@@ -221,8 +267,9 @@ def test_epochs_reshuffle_resume_and_pickle(tokenizer):
     source = InMemorySource(records, format="chat")
 
     def build(seed):
-        return SFTDataset(source, tokenizer=tokenizer, seq_len=256, seed=seed, num_epochs=2,
-                          window_size=8)
+        return SFTDataset(
+            source, tokenizer=tokenizer, seq_len=256, seed=seed, num_epochs=2, window_size=8
+        )
 
     dataset = build(seed=0)
     rows = list(iter(dataset))

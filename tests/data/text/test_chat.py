@@ -18,12 +18,32 @@ from wf_data.data.text.chat import (
 )
 
 SPECIALS = [
-    "<|im_start|>", "<|im_end|>",
-    "<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
 ]
 WORDS = [
-    "system", "user", "assistant", "tool", "be", "brief", "hi", "there", "hello", "you",
-    "how", "are", "fine", "thanks", "ok", "42", "call", "result",
+    "system",
+    "user",
+    "assistant",
+    "tool",
+    "be",
+    "brief",
+    "hi",
+    "there",
+    "hello",
+    "you",
+    "how",
+    "are",
+    "fine",
+    "thanks",
+    "ok",
+    "42",
+    "call",
+    "result",
 ]
 
 CHATML_MARKERS = (
@@ -100,8 +120,11 @@ def make_word_tokenizer(chat_template=None):
     )
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", bos_token="<|begin_of_text|>",
-        eos_token="<|im_end|>", pad_token="[UNK]",
+        tokenizer_object=backend,
+        unk_token="[UNK]",
+        bos_token="<|begin_of_text|>",
+        eos_token="<|im_end|>",
+        pad_token="[UNK]",
     )
     tokenizer.chat_template = chat_template
     return tokenizer
@@ -151,7 +174,7 @@ def test_template_from_tokenizer_and_both_methods_agree():
         np.testing.assert_array_equal(mask_a, mask_b)
     _, mask = render_with_mask(CONVERSATION[1:4], plain)
     ids, _ = render_with_mask(CONVERSATION[1:3], plain)
-    assert mask.sum() == 5 and mask[len(ids):].sum() == 0
+    assert mask.sum() == 5 and mask[len(ids) :].sum() == 0
     assert render_with_mask(CONVERSATION[:2], plain)[1].sum() == 0
 
 
@@ -207,8 +230,10 @@ def test_shipped_tokenizer_template():
     plain_jinja = jinja2.Environment().from_string(template)  # what torchtitan does
     for prompt in (False, True):
         assert plain_jinja.render(messages=SHIPPED_MESSAGES, add_generation_prompt=prompt) == (
-            hf_tokenizer.apply_chat_template(SHIPPED_MESSAGES, tokenize=False,
-                                             add_generation_prompt=prompt))
+            hf_tokenizer.apply_chat_template(
+                SHIPPED_MESSAGES, tokenize=False, add_generation_prompt=prompt
+            )
+        )
     # Trained: "answer<|im_end|>"; not trained: the "\n" between turns.
     layout = [
         ("<|im_start|>system\nBe brief.<|im_end|>\n", 0),
@@ -222,28 +247,36 @@ def test_shipped_tokenizer_template():
     ]
     pieces = [hf_tokenizer.encode(text, add_special_tokens=False) for text, _ in layout]
     want_ids = np.concatenate([np.asarray(p, np.int32) for p in pieces])
-    want_mask = np.concatenate([np.full(len(p), flag, np.uint8) for p, (_, flag) in
-                                zip(pieces, layout, strict=True)])
+    want_mask = np.concatenate(
+        [np.full(len(p), flag, np.uint8) for p, (_, flag) in zip(pieces, layout, strict=True)]
+    )
     ids, mask = render_with_mask(SHIPPED_MESSAGES, hf_tokenizer)
     np.testing.assert_array_equal(ids, want_ids)
     np.testing.assert_array_equal(mask, want_mask)
     # The same tokens and masks as the markers template, whose only extra is a final "\n".
-    marked_ids, marked_mask = render_with_mask(SHIPPED_MESSAGES, hf_tokenizer,
-                                               chat_template=SHIPPED_WITH_MARKERS)
+    marked_ids, marked_mask = render_with_mask(
+        SHIPPED_MESSAGES, hf_tokenizer, chat_template=SHIPPED_WITH_MARKERS
+    )
     np.testing.assert_array_equal(marked_ids, [*want_ids, *hf_tokenizer.encode("\n")])
     np.testing.assert_array_equal(marked_mask, [*want_mask, 0])
 
 
-@pytest.mark.parametrize("payload", [
-    "{{ ''.__class__.__mro__[1].__subclasses__() }}",
-    "{{ raise_exception.__globals__['os'].system('touch {marker}') }}",
-    "{{ messages.append({'role': 'user', 'content': 'x'}) }}",  # immutable: no mutation either
-], ids=["mro", "os", "mutate"])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "{{ ''.__class__.__mro__[1].__subclasses__() }}",
+        "{{ raise_exception.__globals__['os'].system('touch {marker}') }}",
+        "{{ messages.append({'role': 'user', 'content': 'x'}) }}",  # immutable: no mutation either
+    ],
+    ids=["mro", "os", "mutate"],
+)
 def test_templates_render_in_an_immutable_sandbox(payload, tmp_path):
     marker = tmp_path / "escaped"
     evil = payload.replace("{marker}", str(marker)) + CHATML_PLAIN
-    for method_template in (evil, evil.replace("{% for m in", "{% generation %}{% endgeneration %}"
-                                               "{% for m in")):
+    for method_template in (
+        evil,
+        evil.replace("{% for m in", "{% generation %}{% endgeneration %}{% for m in"),
+    ):
         with pytest.raises(jinja2.exceptions.SecurityError, match="unsafe|not safely"):
             render_with_mask(CONVERSATION, make_word_tokenizer(), chat_template=method_template)
     assert not marker.exists()
@@ -301,10 +334,13 @@ def test_missing_messages_names_record_and_keys():
 
 
 def test_unknown_role_lists_valid_roles():
-    with pytest.raises(ValueError, match=r"record 5 message 1: unknown role 'human'.*" +
-                       ", ".join(VALID_ROLES)):
-        to_messages({"messages": [{"role": "user", "content": "a"},
-                                  {"role": "human", "content": "b"}]}, record_index=5)
+    with pytest.raises(
+        ValueError, match=r"record 5 message 1: unknown role 'human'.*" + ", ".join(VALID_ROLES)
+    ):
+        to_messages(
+            {"messages": [{"role": "user", "content": "a"}, {"role": "human", "content": "b"}]},
+            record_index=5,
+        )
 
 
 @pytest.mark.parametrize(
@@ -331,12 +367,19 @@ def test_nemotron_records_to_messages():
         {"role": "assistant", "content": "hello"},
     ]
     # Empty system prompt: no system turn; list input: the conversation so far.
-    history = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-               {"role": "user", "content": "how are you"}]
+    history = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "how are you"},
+    ]
     assert to_messages({"input": history, "output": "fine", "system_prompt": ""}) == [
-        *history, {"role": "assistant", "content": "fine"}]
+        *history,
+        {"role": "assistant", "content": "fine"},
+    ]
     assert to_messages({"q": "a", "a": "b"}, input_key="q", output_key="a")[1] == {
-        "role": "assistant", "content": "b"}
+        "role": "assistant",
+        "content": "b",
+    }
     with pytest.raises(TypeError, match="'output' must be str"):
         to_messages({"input": "hi", "output": None})
     # A record with `messages` wins over the columns.

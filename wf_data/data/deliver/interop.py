@@ -36,8 +36,10 @@ def host_array(value: Any, key: str = "array") -> np.ndarray:
     """
     array = np.asarray(value)
     if array.dtype.kind not in _NUMERIC_KINDS:
-        raise TypeError(f"{key}: cannot convert an array of dtype {array.dtype} to a tensor; "
-                        "expected bool, integer, float or complex")
+        raise TypeError(
+            f"{key}: cannot convert an array of dtype {array.dtype} to a tensor; "
+            "expected bool, integer, float or complex"
+        )
     if not array.dtype.isnative:
         array = array.astype(array.dtype.newbyteorder("="))
     flags = array.flags
@@ -88,8 +90,10 @@ def to_torch(
         raise RuntimeError(f"to_torch: device {target} requested but CUDA is not available")
     pin = target.type == "cuda" if pin_memory is None else bool(pin_memory)
     if pin and not torch.cuda.is_available():
-        warnings.warn("to_torch: pin_memory=True but CUDA is not available; tensors are not "
-                      "pinned", stacklevel=2)
+        warnings.warn(
+            "to_torch: pin_memory=True but CUDA is not available; tensors are not pinned",
+            stacklevel=2,
+        )
         pin = False
 
     labels_dtype = getattr(torch, labels_dtype) if isinstance(labels_dtype, str) else labels_dtype
@@ -154,8 +158,10 @@ def to_jax(batch: Any, sharding: Any = None, *, global_batch_size: int | None = 
         try:
             return jax.make_array_from_process_local_data(leaf_sharding, local, global_shape)
         except ValueError as error:
-            raise ValueError(f"{key}: cannot place local array of shape {local.shape} with "
-                             f"{leaf_sharding}: {error}") from error
+            raise ValueError(
+                f"{key}: cannot place local array of shape {local.shape} with "
+                f"{leaf_sharding}: {error}"
+            ) from error
 
     return _map_batch(batch, convert)
 
@@ -167,8 +173,9 @@ def _leaf_sharding(sharding: Any, path: tuple, ndim: int) -> Any:
     if isinstance(sharding, Mapping):
         name = path[-1] if path else None
         if name not in sharding:
-            raise KeyError(f"{_key_name(path)}: no sharding given for this key "
-                           f"(have {sorted(sharding)})")
+            raise KeyError(
+                f"{_key_name(path)}: no sharding given for this key (have {sorted(sharding)})"
+            )
         return sharding[name]
     if not isinstance(sharding, NamedSharding):
         return sharding

@@ -296,4 +296,3 @@ def _check_arguments(
         )
     if num_workers < 0 or prefetch < 0:
         raise ValueError(f"num_workers ({num_workers}) and prefetch ({prefetch}) must be >= 0")
-

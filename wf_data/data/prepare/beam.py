@@ -220,9 +220,7 @@ class _PreparePart(beam.DoFn):
         marker_path.unlink(missing_ok=True)
         PARTS_RUN.inc()
         try:
-            result = parts.prepare_file(
-                task, attempt, tokenizer=self._tokenizer, **self._options
-            )
+            result = parts.prepare_file(task, attempt, tokenizer=self._tokenizer, **self._options)
             for written, final in files:  # lengths first: the part's presence vouches for both
                 atomic.publish_file(written, final)
         finally:

@@ -193,4 +193,3 @@ def _count_lines(path: str, stop: int) -> int:
             count += chunk.count(b"\n")
             stop -= len(chunk)
     return count
-

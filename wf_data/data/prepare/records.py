@@ -258,6 +258,7 @@ def _parse_jsonl_line(raw: bytes | int, where: str, fields: RecordFields, max_do
         ) from None
     return fields.extract(obj, where)
 
+
 def _iter_parquet(task: PrepareTask, fields: RecordFields):
     """(where, {column: value}) for each row of a parquet task, the columns `fields` reads."""
     import pyarrow
@@ -280,7 +281,6 @@ def _iter_parquet(task: PrepareTask, fields: RecordFields):
         for values in batch.to_pylist():
             row += 1
             yield f"{task.path}: row {row}", values
-
 
 
 def _parquet_value(values: dict, where: str, fields: RecordFields, max_doc_bytes: int) -> Any:

@@ -123,8 +123,9 @@ class ChatDocuments(grain.MapDataset):
         digest = None if getattr(self._source, "fingerprint", None) else hashlib.sha256()
         lengths = np.empty(num_records, dtype=np.int64)
         show = num_records >= PROGRESS_MIN_RECORDS if progress is None else progress
-        with tqdm(total=num_records, desc="SFT: rendering conversations", unit="conv",
-                  disable=not show) as bar:
+        with tqdm(
+            total=num_records, desc="SFT: rendering conversations", unit="conv", disable=not show
+        ) as bar:
             for start in range(0, num_records, _READ_CHUNK):
                 stop = min(start + _READ_CHUNK, num_records)
                 records = _read_records(self._source, range(start, stop))
@@ -326,6 +327,4 @@ class SFTDataset(BestFitPackedDataset):
         return self.documents.stats
 
     def __str__(self) -> str:
-        return (
-            f"SFTDataset({self.documents}, window_size={self.window_size}, seed={self.seed})"
-        )
+        return f"SFTDataset({self.documents}, window_size={self.window_size}, seed={self.seed})"

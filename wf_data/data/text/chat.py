@@ -198,7 +198,10 @@ def _render_with_markers(conversations, hf_tokenizer, template, record_indices):
     )
     results = []
     for messages, ids, mask, index in zip(
-        conversations, encoded["input_ids"], encoded["assistant_masks"], record_indices,
+        conversations,
+        encoded["input_ids"],
+        encoded["assistant_masks"],
+        record_indices,
         strict=True,
     ):
         input_ids = np.asarray(ids, dtype=np.int32)
