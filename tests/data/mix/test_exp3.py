@@ -646,6 +646,7 @@ def test_config_mixing_section_accepts_every_option():
             "mixing.total_steps=50",
             "mixing.reward_cap=100",
         ],
+        check_paths=False,
     ).mixing
     assert mixing.reference_losses == {"prose": 2.0, "code": 1.0, "math": 1.5}
     assert (mixing.update_rule, mixing.warmup_fraction, mixing.total_steps) == (
