@@ -174,7 +174,9 @@ def _print_warning(message, category, filename, lineno, file=None, line=None) ->
 
 
 def _prepare(args: argparse.Namespace) -> dict:
-    options = dict(
+    from wf_data.data.prepare import PrepareOptions
+
+    options = PrepareOptions(
         tokenizer=args.tokenizer,
         text_key=args.text_key or "text",
         text_separator=args.text_separator,
@@ -186,22 +188,21 @@ def _prepare(args: argparse.Namespace) -> dict:
         append_eos=args.append_eos,
         skip_bad=args.skip_bad,
         name=args.name,
+        **({} if args.max_doc_bytes is None else {"max_doc_bytes": args.max_doc_bytes}),
     )
-    if args.max_doc_bytes is not None:
-        options["max_doc_bytes"] = args.max_doc_bytes
     if args.runner == "beam":
-        return _prepare_on_beam(args, dict(options, overwrite=args.overwrite))
-    from wf_data.data.prepare import prepare
-
+        return _prepare_on_beam(args, options)
     if args.beam_options is not None:
         raise CommandError("--beam-options applies to --runner beam")
+    from wf_data.data.prepare import prepare
+
     return prepare(
         args.inputs,
         args.out,
+        options,
         workers=args.workers,
         progress=not args.quiet,
         overwrite=args.overwrite,
-        **options,
     )
 
 
@@ -225,7 +226,7 @@ def _print_prepare_summary(args: argparse.Namespace, manifest: dict) -> None:
             print(f"    {entry['error']}")
 
 
-def _prepare_on_beam(args: argparse.Namespace, options: dict) -> dict:
+def _prepare_on_beam(args: argparse.Namespace, options: Any) -> dict:
     """`prepare --runner beam`: the Beam pipeline of wf_data.data.prepare.beam, run to the end."""
     if args.workers != 1:
         raise CommandError(
@@ -238,7 +239,13 @@ def _prepare_on_beam(args: argparse.Namespace, options: dict) -> dict:
         raise CommandError(
             f"--runner beam needs Apache Beam ({error}): pip install 'wf-data[beam]'"
         ) from None
-    return prepare_beam.run(args.inputs, args.out, pipeline_options=args.beam_options, **options)
+    return prepare_beam.run(
+        args.inputs,
+        args.out,
+        options,
+        pipeline_options=args.beam_options,
+        overwrite=args.overwrite,
+    )
 
 
 # --------------------------------------------------------------------------- inspect

@@ -39,6 +39,7 @@ from wf_data import atomic
 from wf_data.data.prepare import assemble, parts
 from wf_data.data.prepare import out_dir as out_dir_lib
 from wf_data.data.prepare import run as prepare_lib
+from wf_data.data.prepare.options import PrepareOptions
 from wf_data.data.shards import sources
 
 __all__ = ["build_pipeline", "run"]
@@ -50,32 +51,33 @@ PARTS_RUN = Metrics.counter("wf_data.prepare_beam", "parts_run")
 def build_pipeline(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
+    options: PrepareOptions | None = None,
     *,
-    tokenizer: str | os.PathLike | None = None,
     pipeline_options: PipelineOptions | Sequence[str] | str | None = None,
-    **options: Any,
+    overwrite: bool = False,
+    **option_values: Any,
 ) -> beam.Pipeline:
-    """A Beam pipeline that prepares `inputs` into `out_dir` exactly as `prepare.prepare` does.
+    """A Beam pipeline that prepares `inputs` into `out_dir` exactly as `prepare` does.
 
-    `options` are `prepare_lib.plan_prepare`'s (text_key, chat_key, num_shards, append_eos,
-    skip_bad, name, piece_bytes, ...). `tokenizer` is a name or path: each worker loads it in
-    `setup` and checks its fingerprint against the one planned here. `pipeline_options` are
-    Beam's (a `PipelineOptions`, an argv list, or one string such as
-    "--runner=DirectRunner --direct_num_workers=2"); default: the in-process DirectRunner.
-    Nothing is written until the pipeline runs.
+    `options` are `prepare`'s (a `PrepareOptions`, or its fields as keywords); the tokenizer
+    is a name or path: each worker loads it in `setup` and checks its fingerprint against the
+    one planned here. `pipeline_options` are Beam's (a `PipelineOptions`, an argv list, or one
+    string such as "--runner=DirectRunner --direct_num_workers=2"); default: the in-process
+    DirectRunner. Nothing is written until the pipeline runs.
     """
-    return _build(inputs, out_dir, tokenizer, pipeline_options, options)[0]
+    options = PrepareOptions.of(options, **option_values)
+    return _build(inputs, out_dir, options, pipeline_options, overwrite)[0]
 
 
-def _build(inputs, out_dir, tokenizer, pipeline_options, options):
+def _build(inputs, out_dir, options, pipeline_options, overwrite):
     """(pipeline, the plan it runs): `build_pipeline`, with the plan for `run`'s summary."""
+    tokenizer = options.tokenizer
     if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
         raise TypeError(
             f"prepare on Beam loads the tokenizer on each worker by name: pass its name or "
             f"path, not a {type(tokenizer).__name__}"
         )
-    overwrite = options.pop("overwrite", False)
-    planned = prepare_lib.plan_prepare(inputs, out_dir, tokenizer=tokenizer, **options)
+    planned = prepare_lib.plan_prepare(inputs, out_dir, options)
     planned.check_out_dir(overwrite)
     fingerprint = (planned.plan["tokenizer"] or {}).get("sha256")
     # Workers get the plan without the loaded tokenizer (they load their own by name).
@@ -109,10 +111,11 @@ def _build(inputs, out_dir, tokenizer, pipeline_options, options):
 def run(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
+    options: PrepareOptions | None = None,
     *,
-    tokenizer: str | os.PathLike | None = None,
     pipeline_options: PipelineOptions | Sequence[str] | str | None = None,
-    **options: Any,
+    overwrite: bool = False,
+    **option_values: Any,
 ) -> dict:
     """Build the pipeline (`build_pipeline`'s arguments), run it to the end; returns the manifest.
 
@@ -121,7 +124,8 @@ def run(
     locally, a re-run after a failure re-encodes only the parts that were not finished.
     """
     started = time.perf_counter()
-    pipeline, planned = _build(inputs, out_dir, tokenizer, pipeline_options, options)
+    options = PrepareOptions.of(options, **option_values)
+    pipeline, planned = _build(inputs, out_dir, options, pipeline_options, overwrite)
     result = pipeline.run()
     state = result.wait_until_finish()
     if state != beam.runners.runner.PipelineState.DONE:

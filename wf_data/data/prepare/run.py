@@ -43,7 +43,8 @@ from wf_data.data.prepare.assemble import (
     finalize,
 )
 from wf_data.data.prepare.encoding import _BackendEncoder, _load_tokenizer, _tokenizer_identity
-from wf_data.data.prepare.inputs import PIECE_BYTES, PrepareTask, expand_inputs, plan_tasks
+from wf_data.data.prepare.inputs import PrepareTask, expand_inputs, plan_tasks
+from wf_data.data.prepare.options import PrepareOptions
 from wf_data.data.prepare.parts import (
     _marker_path,
     _out_path,
@@ -51,10 +52,6 @@ from wf_data.data.prepare.parts import (
     _read_marker,
     _work_dir,
     prepare_file,
-)
-from wf_data.data.prepare.records import (
-    MAX_DOC_BYTES,
-    RecordFields,
 )
 from wf_data.data.shards import sources
 from wf_data.data.workers import lifetime as worker_lifetime
@@ -168,61 +165,39 @@ class PreparePlan:
 def plan_prepare(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
-    *,
-    tokenizer: Any = None,
-    text_key: str | Sequence[str] = "text",
-    text_separator: str = "\n\n",
-    chat_key: str | None = None,
-    input_key: str | None = None,
-    output_key: str | None = None,
-    system_prompt_key: str | None = None,
-    num_shards: int | None = None,
-    append_eos: bool = False,
-    skip_bad: bool = False,
-    name: str = "data",
-    piece_bytes: int = PIECE_BYTES,
-    max_doc_bytes: int = MAX_DOC_BYTES,
+    options: PrepareOptions | None = None,
+    **option_values: Any,
 ) -> PreparePlan:
-    """Validate `prepare`'s options and plan its tasks, parts and shards; writes nothing."""
-    fields = RecordFields.from_options(
-        text_key, text_separator, chat_key, input_key, output_key, system_prompt_key
-    )
-    if tokenizer is not None and fields.chat:
-        raise ValueError(
-            "chat records are stored untokenized (tokenized by SFTDataset): give chat_key "
-            "(--chat-key) or input_key/output_key (--input-key/--output-key), or tokenizer "
-            "(--tokenizer), not both"
-        )
-    if max_doc_bytes < 1:
-        raise ValueError(f"max_doc_bytes must be >= 1, got {max_doc_bytes}")
+    """Plan `prepare`'s tasks, parts and shards for `options` (a `PrepareOptions`, or its
+    fields as keywords); writes nothing."""
+    options = PrepareOptions.of(options, **option_values)
+    fields, name, num_shards = options.fields, options.name, options.num_shards
     out_dir = _out_path(out_dir)
     files = expand_inputs(inputs)
-    tasks = plan_tasks(files, piece_bytes)
+    tasks = plan_tasks(files, options.piece_bytes)
     if num_shards is None:
         total_bytes = sum(path.stat().st_size for path in files)
         num_shards = min(MAX_AUTO_SHARDS, max(1, -(-total_bytes // AUTO_SHARD_BYTES)))
-    if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
     shard_files = [sources.shard_name(name, k, num_shards) for k in range(num_shards)]
-    tokenizer = _load_tokenizer(tokenizer)
+    tokenizer = _load_tokenizer(options.tokenizer)
     identity = _tokenizer_identity(tokenizer)
     format = "tokens" if tokenizer is not None else ("chat" if fields.chat else "text")
     token_dtype = sources.token_dtype_for_vocab(identity["vocab_size"]).name if identity else None
-    options = {
+    part_options = {
         "fields": fields,
-        "append_eos": append_eos,
-        "skip_bad": skip_bad,
+        "append_eos": options.append_eos,
+        "skip_bad": options.skip_bad,
         "token_dtype": token_dtype,
-        "max_doc_bytes": max_doc_bytes,
+        "max_doc_bytes": options.max_doc_bytes,
     }
     options_key = json.dumps(
-        [format, identity, dict(options, fields=fields.describe())], sort_keys=True
+        [format, identity, dict(part_options, fields=fields.describe())], sort_keys=True
     )
     part_keys = [
         hashlib.sha256(f"{options_key}|{task.key()}".encode()).hexdigest() for task in tasks
     ]
     plan_key = hashlib.sha256(f"{options_key}|{part_keys}|{shard_files}".encode()).hexdigest()
-    plan_append_eos = bool(append_eos or getattr(tokenizer, "add_eos", False))
+    plan_append_eos = bool(options.append_eos or getattr(tokenizer, "add_eos", False))
     plan = {
         "name": name,
         "format": format,
@@ -238,47 +213,34 @@ def plan_prepare(
         "parts": part_keys,
         "key": plan_key,
         # With the fields above, what `_plan_differences` names when refusing to replace.
-        "skip_bad": skip_bad,
-        "max_doc_bytes": max_doc_bytes,
-        "piece_bytes": piece_bytes,
+        "skip_bad": options.skip_bad,
+        "max_doc_bytes": options.max_doc_bytes,
+        "piece_bytes": options.piece_bytes,
         "inputs": [
             {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
             for path, stat in ((path, path.stat()) for path in files)
         ],
     }
-    return PreparePlan(out_dir, tasks, part_keys, options, tokenizer, plan)
+    return PreparePlan(out_dir, tasks, part_keys, part_options, tokenizer, plan)
 
 
 def prepare(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
+    options: PrepareOptions | None = None,
     *,
-    tokenizer: Any = None,
-    text_key: str | Sequence[str] = "text",
-    text_separator: str = "\n\n",
-    chat_key: str | None = None,
-    input_key: str | None = None,
-    output_key: str | None = None,
-    system_prompt_key: str | None = None,
-    num_shards: int | None = None,
     workers: int = 1,
-    append_eos: bool = False,
-    skip_bad: bool = False,
-    name: str = "data",
     progress: bool = True,
-    piece_bytes: int = PIECE_BYTES,
     overwrite: bool = False,
-    max_doc_bytes: int = MAX_DOC_BYTES,
+    **option_values: Any,
 ) -> dict:
     """Prepare `inputs` into the dataset directory `out_dir`; returns the manifest.
 
-    `tokenizer` (name, path or `TokenizerWrapper`) gives format `tokens`; `chat_key`, or the
-    Nemotron-style columns `input_key`/`output_key`/`system_prompt_key`, give `chat`
-    (records `{"messages": [...]}`); else `text`. A text document is the fields `text_key`
-    (one name or several) joined by `text_separator`, empty values left out (`RecordFields`).
-    The manifest's `input_fields` records these options; changing them redoes the work.
-    `num_shards=None` picks one shard per 256 MiB of input.
-    `workers` processes share the tasks; the output does not depend on it.
+    `options` (a `PrepareOptions`, or its fields as keywords: `tokenizer=`, `text_key=`,
+    `num_shards=`, ...) say what the dataset holds: token arrays with a tokenizer, else text,
+    or chat records with `chat_key` / Nemotron-style columns. The manifest's `input_fields`
+    records the record options; changing any option redoes the work. `workers` processes
+    share the tasks; the output does not depend on it.
 
     The dataset is built beside `out_dir` and replaces it atomically once complete
     (`wf_data.data.prepare.out_dir`): a failed or killed run leaves `out_dir` as it was, and a
@@ -296,25 +258,9 @@ def prepare(
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
     out_dir_lib.prepare_out_dir(_out_path(out_dir))
-    prepared = plan_prepare(
-        inputs,
-        out_dir,
-        tokenizer=tokenizer,
-        text_key=text_key,
-        text_separator=text_separator,
-        chat_key=chat_key,
-        input_key=input_key,
-        output_key=output_key,
-        system_prompt_key=system_prompt_key,
-        num_shards=num_shards,
-        append_eos=append_eos,
-        skip_bad=skip_bad,
-        name=name,
-        piece_bytes=piece_bytes,
-        max_doc_bytes=max_doc_bytes,
-    )
+    prepared = plan_prepare(inputs, out_dir, options, **option_values)
     out_dir, tasks, part_keys = prepared.out_dir, prepared.tasks, prepared.part_keys
-    tokenizer, options, plan = prepared.tokenizer, prepared.options, prepared.plan
+    tokenizer, part_options, plan = prepared.tokenizer, prepared.options, prepared.plan
     num_shards = plan["num_shards"]
     existing = _up_to_date(out_dir, plan)
     if existing is not None:
@@ -331,7 +277,7 @@ def prepare(
     try:
         pool = _make_pool(workers, tokenizer, bar)
         part_results = _run_parts(
-            out_dir, tasks, part_keys, tokenizer, options, pool, bar, bool(todo_shards)
+            out_dir, tasks, part_keys, tokenizer, part_options, pool, bar, bool(todo_shards)
         )
         prepared.write(part_results)
         if pool is None or len(todo_shards) <= 1:
