@@ -3,18 +3,22 @@
 `build_pipeline` plans on the launching machine with `prepare.plan_prepare` (so tasks, part
 names and shard names are the local ones), then builds:
 
-    Start (clear manifest) -> one element per task -> Reshuffle -> PreparePart (prepare_file)
-      -> all parts (ToList) -> WritePlan (plan.json) -> one element per shard -> Reshuffle
+    Start (clear manifest) -> one element per task -> Reshuffle -> SplitParts (plan_chunks)
+      -> one element per chunk -> Reshuffle -> EncodeChunks (encode_chunk) -> GroupByKey(part)
+      -> WriteParts (prepare_file over the part's chunks, in order) -> all parts (ToList)
+      -> WritePlan (plan.json) -> one element per shard -> Reshuffle
       -> AssembleShard (assemble_shard) -> all shards (ToList) -> Finalize (finalize, once)
 
-The per-file and per-shard work is `prepare.prepare_file` / `assemble_shard` / `finalize`, so
-the output is byte-identical to a local run whatever the runner's parallelism. Beam re-runs
-failed bundles, so every step is idempotent: a part is written under a name unique to the
-attempt and renamed over the part's deterministic name; shards, plan and manifest are written
-to a temp file and renamed. As locally, a part whose done marker (same inputs and options) and
-files exist is not encoded again, so re-running a failed job redoes only unfinished parts
-(shards are always assembled again). Input and output paths must be visible to every worker (a local
-disk for the DirectRunner, a shared filesystem on a cluster).
+Chunks (about 1 MiB of a task) spread the encoding over the workers even for one large
+input file; the work is `prepare`'s own (`plan_chunks`, `encode_chunk`, `prepare_file`,
+`assemble_shard`, `finalize`), so the output is byte-identical to a local run whatever the
+runner's parallelism. Beam re-runs failed bundles, so every step is idempotent: a part is
+written under a name unique to the attempt and renamed over the part's deterministic name;
+shards, plan and manifest are written to a temp file and renamed. As locally, a part whose
+done marker (same inputs and options) and files exist is not encoded again, so re-running a
+failed job redoes only unfinished parts (shards are always assembled again). Input and
+output paths must be visible to every worker (a local disk for the DirectRunner, a shared
+filesystem on a cluster).
 
 Needs the optional extra: `pip install 'wf-data[beam]'`.
 """
@@ -36,9 +40,10 @@ from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from wf_data import atomic
-from wf_data.data.prepare import assemble, parts
+from wf_data.data.prepare import assemble, encoding, parts
 from wf_data.data.prepare import out_dir as out_dir_lib
 from wf_data.data.prepare import run as prepare_lib
+from wf_data.data.prepare.inputs import plan_chunks
 from wf_data.data.prepare.options import PrepareOptions
 from wf_data.data.shards import sources
 
@@ -88,16 +93,19 @@ def _build(inputs, out_dir, options, pipeline_options, overwrite):
             zip(planned.tasks, planned.part_paths, planned.part_keys, strict=True)
         )
     ]
+    tokenizer_name = tokenizer and os.fspath(tokenizer)
+    tokens = planned.options["token_dtype"] is not None
     pipeline = beam.Pipeline(options=_pipeline_options(pipeline_options))
     _ = (
         pipeline
         | "Start" >> beam.Create([None])
         | "ClearManifest" >> beam.FlatMap(_start, planned.out_dir, jobs)
         | "SpreadTasks" >> beam.Reshuffle()
-        | "PrepareParts"
-        >> beam.ParDo(
-            _PreparePart(tokenizer and os.fspath(tokenizer), fingerprint, planned.options)
-        )
+        | "SplitParts" >> beam.FlatMap(_split_part, tokens)
+        | "SpreadChunks" >> beam.Reshuffle()
+        | "EncodeChunks" >> beam.ParDo(_EncodeChunk(tokenizer_name, fingerprint, planned.options))
+        | "ByPart" >> beam.GroupByKey()
+        | "WriteParts" >> beam.ParDo(_WritePart(tokens, planned.options, jobs))
         | "AllParts" >> beam.combiners.ToList()
         | "WritePlan" >> beam.FlatMap(_write_plan, planned)
         | "SpreadShards" >> beam.Reshuffle()
@@ -178,8 +186,23 @@ def _start(_: None, out_dir: pathlib.Path, jobs: list) -> list:
     return jobs
 
 
-class _PreparePart(beam.DoFn):
-    """One task -> its part file (`prepare_file`), renamed into place; emits (index, result)."""
+def _split_part(job: tuple, tokens: bool):
+    """A part's job -> its chunks (index, (chunk number, chunk)); a part finished by an earlier
+    run -> (index, (-1, its result)), so a re-run after a failure encodes only unfinished ones."""
+    index, task, part_path, marker_path, key = job
+    finished = _finished_part(pathlib.Path(marker_path), key, _part_files(part_path, tokens))
+    if finished is not None:
+        yield index, (-1, finished)
+        return
+    for number, chunk in enumerate(plan_chunks(task)):
+        yield index, (number, chunk)
+
+
+class _EncodeChunk(beam.DoFn):
+    """(index, (number, chunk)) -> (index, (number, its `EncodedChunk`)); found results pass.
+
+    Loads the planned tokenizer by name on its worker (`setup`).
+    """
 
     def __init__(self, tokenizer: str | None, fingerprint: str | None, options: dict):
         self._tokenizer_name = tokenizer
@@ -190,13 +213,9 @@ class _PreparePart(beam.DoFn):
     def setup(self) -> None:
         if self._tokenizer_name is None:
             return
-        from wf_data.data.text.tokenization import TokenizerWrapper
-
-        # The same flags as the local path; a worker seeing other tokenizer files under the same
-        # name would write other tokens: refuse rather than mix two tokenizers in one dataset.
-        tokenizer = TokenizerWrapper.from_pretrained(
-            self._tokenizer_name, add_bos=False, add_eos=False
-        )
+        # A worker seeing other tokenizer files under the same name would write other tokens:
+        # refuse rather than mix two tokenizers in one dataset.
+        tokenizer = encoding._load_tokenizer(self._tokenizer_name)
         if tokenizer.fingerprint() != self._fingerprint:
             raise ValueError(
                 f"tokenizer {self._tokenizer_name!r} on this worker has fingerprint "
@@ -205,26 +224,50 @@ class _PreparePart(beam.DoFn):
             )
         self._tokenizer = tokenizer
 
-    def process(self, job: tuple):
-        index, task, part_path, marker_path, key = job
+    def process(self, element: tuple):
+        index, (number, chunk) = element
+        if number >= 0:
+            chunk = parts.encode_chunk(chunk, tokenizer=self._tokenizer, **self._options)
+        yield index, (number, chunk)
+
+
+class _WritePart(beam.DoFn):
+    """A part's encoded chunks -> its part file (`prepare_file`), renamed into place; emits
+    (index, result)."""
+
+    def __init__(self, tokens: bool, options: dict, jobs: list):
+        self._tokens, self._options, self._jobs = tokens, options, jobs
+
+    def process(self, element: tuple):
+        index, numbered = element
+        numbered = sorted(numbered, key=lambda item: item[0])
+        if numbered[0][0] < 0:  # found finished
+            yield index, numbered[0][1]
+            return
+        _, task, part_path, marker_path, key = self._jobs[index]
         part_path, marker_path = pathlib.Path(part_path), pathlib.Path(marker_path)
         # A name unique to this attempt (random, but only a name: the bytes are the task's): a
         # retried or duplicated bundle never writes into a file another attempt is writing; the
         # finished part is renamed over the deterministic name.
         attempt = part_path.with_name(f"{part_path.name}.attempt-{uuid.uuid4().hex}")
-        files = [(attempt, part_path)]
-        if self._tokenizer is not None:
-            files.insert(0, (_lengths_path(attempt), _lengths_path(part_path)))
+        files = list(
+            zip(
+                _part_files(attempt, self._tokens),
+                _part_files(part_path, self._tokens),
+                strict=True,
+            )
+        )
         finished = _finished_part(marker_path, key, [final for _, final in files])
-        if finished is not None:  # a re-run after a failure redoes only unfinished parts
+        if finished is not None:  # a retried bundle after the part was written
             yield index, finished
             return
         # As the local runner: a stale marker must not vouch for a part about to change, and the
         # new one (written last) lets a later run, local or Beam, resume from this one's parts.
         marker_path.unlink(missing_ok=True)
         PARTS_RUN.inc()
+        encoded = [chunk for _, chunk in numbered]
         try:
-            result = parts.prepare_file(task, attempt, tokenizer=self._tokenizer, **self._options)
+            result = parts.prepare_file(task, attempt, encoded=encoded, **self._options)
             for written, final in files:  # lengths first: the part's presence vouches for both
                 atomic.publish_file(written, final)
         finally:
@@ -247,6 +290,13 @@ def _finished_part(marker_path: pathlib.Path, key: str, files: list[pathlib.Path
 
 def _lengths_path(part_path: pathlib.Path) -> pathlib.Path:
     return part_path.with_name(part_path.name + ".lengths.npy")
+
+
+def _part_files(part_path: str | os.PathLike, tokens: bool) -> list[pathlib.Path]:
+    """A part's files: for tokens its lengths, then the part itself (published in this order,
+    so the part's presence vouches for both)."""
+    path = pathlib.Path(part_path)
+    return [_lengths_path(path), path] if tokens else [path]
 
 
 def _write_plan(results: list[tuple[int, dict]], planned: prepare_lib.PreparePlan) -> range:

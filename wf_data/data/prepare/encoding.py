@@ -4,6 +4,8 @@ tokenizer `prepare` and its worker processes encode with (`BackendEncoder`).
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import os
 import re
@@ -13,8 +15,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-
-from wf_data.data.shards import sources
 
 BATCH_DOCS = 512  # documents per encode_batch call
 
@@ -103,41 +103,60 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[np.ndarray]:
     return result
 
 
-def _encode_untokenized(documents, format, lengths, progress) -> Iterator[bytes]:
-    for batch in _batches(documents, BATCH_DOCS, BATCH_CHARS):
-        for document in batch:
-            yield sources.encode_record(document, format)
-        if progress:
-            progress(len(batch), 0)
+def _encode_flat(tokenizer: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`_encode_batch(tokenizer, texts)` back to back: (token ids `(T,) int64`, lengths `(n,)
+    int64`); one array per batch, not per text, where the tokenizer can (`encode_batch_flat`)."""
+    flat = getattr(tokenizer, "encode_batch_flat", None)
+    if flat is not None and all(len(text) <= 2 * PIECE_CHARS for text in texts):
+        return flat(texts)
+    encoded = _encode_batch(tokenizer, texts)
+    lengths = np.fromiter((len(ids) for ids in encoded), np.int64, len(encoded))
+    ids = np.concatenate(encoded).astype(np.int64) if encoded else np.zeros(0, np.int64)
+    return ids, lengths
 
 
-def _encode_tokens(
-    documents, tokenizer, dtype, append_eos, lengths, stats, task, progress
-) -> Iterator[bytes]:
+def token_records(
+    tokenizer: Any, texts: list[str], dtype: np.dtype, append_eos: bool, where: str
+) -> tuple[bytes, np.ndarray]:
+    """The token records of `texts`: their ids as `dtype`, back to back, and their lengths
+    `(m,) int64`, empty documents left out (`len(texts) - m` of them). With `append_eos`,
+    each document ends with the tokenizer's eos. A token id that does not fit `dtype` is a
+    ValueError naming `where` (the input)."""
+    ids, lengths = _encode_flat(tokenizer, texts)
     eos_id = tokenizer.eos_id
-    if append_eos and eos_id is None:
-        raise ValueError(f"append_eos needs an eos token; tokenizer {tokenizer.name} has none")
+    if append_eos:
+        if eos_id is None:
+            raise ValueError(f"append_eos needs an eos token; tokenizer {tokenizer.name} has none")
+        ends = np.cumsum(lengths)
+        last = ids[np.maximum(ends - 1, 0)] if ids.size else np.full(len(texts), -1)
+        missing = (lengths == 0) | (last != eos_id)
+        ids = np.insert(ids, ends[missing], eos_id)
+        lengths = lengths + missing
     limit = np.iinfo(dtype).max
-    for batch in _batches(documents, BATCH_DOCS, BATCH_CHARS):
-        encoded = _encode_batch(tokenizer, batch)
-        batch_tokens = 0
-        for ids in encoded:
-            ids = np.asarray(ids)
-            if append_eos and (ids.size == 0 or ids[-1] != eos_id):
-                ids = np.append(ids, eos_id)
-            if ids.size == 0:
-                stats["dropped_empty"] += 1
-                continue
-            if ids.max() > limit or ids.min() < 0:
-                raise ValueError(
-                    f"{task.path}: token id {int(ids.max())} does not fit {dtype.name} "
-                    f"(tokenizer {tokenizer.name} vocab_size {tokenizer.vocab_size})"
-                )
-            lengths.append(int(ids.size))
-            batch_tokens += int(ids.size)
-            yield ids.astype(dtype).tobytes()
-        if progress:
-            progress(len(batch), batch_tokens)
+    if ids.size and (ids.max() > limit or ids.min() < 0):
+        raise ValueError(
+            f"{where}: token id {int(ids.max())} does not fit {dtype.name} "
+            f"(tokenizer {tokenizer.name} vocab_size {tokenizer.vocab_size})"
+        )
+    return ids.astype(dtype).tobytes(), lengths[lengths > 0]
+
+
+@contextlib.contextmanager
+def one_tokenizer_thread() -> Iterator[None]:
+    """`tokenizers` encodes on one thread inside: prepare's parallelism is its processes, and
+    `workers=1` means one core (it reads the variable at each call)."""
+    old = os.environ.get(_PARALLELISM)
+    os.environ[_PARALLELISM] = "false"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(_PARALLELISM, None)
+        else:
+            os.environ[_PARALLELISM] = old
+
+
+_PARALLELISM = "TOKENIZERS_PARALLELISM"
 
 
 class _BackendEncoder:
@@ -204,6 +223,22 @@ class _BackendEncoder:
             np.array(head + encoding.ids + tail, dtype=np.int32)
             for encoding in encode(texts, add_special_tokens=False)
         ]
+
+    def encode_batch_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`encode_batch(texts)` back to back: (ids `(T,) int64`, lengths `(n,) int64`),
+        built in one pass over the encodings rather than one array per text."""
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        encodings = encode(texts, add_special_tokens=False)
+        head = [self.bos_id] if self.add_bos else []
+        tail = [self.eos_id] if self.add_eos else []
+        lengths = np.fromiter((len(e) for e in encodings), np.int64, len(encodings))
+        if head or tail:
+            pieces = (piece for e in encodings for piece in (head, e.ids, tail))
+            lengths += len(head) + len(tail)
+        else:
+            pieces = (e.ids for e in encodings)
+        total = int(lengths.sum())
+        return np.fromiter(itertools.chain.from_iterable(pieces), np.int64, total), lengths
 
 
 def _load_tokenizer(tokenizer: Any) -> Any:

@@ -11,6 +11,7 @@ import os
 import pathlib
 import warnings
 from collections.abc import Sequence
+from typing import BinaryIO
 
 from wf_data.data.prepare import input_streams
 from wf_data.data.prepare.input_streams import InputFileError
@@ -19,6 +20,11 @@ SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".parquet", ".txt")
 
 
 PIECE_BYTES = 64 << 20  # large plain jsonl / parquet inputs split into tasks of about this size
+
+
+CHUNK_BYTES = (
+    1 << 20
+)  # a task's plain jsonl is encoded in chunks of about this size (`plan_chunks`)
 
 
 _COMPRESSION = {".jsonl.gz": "gzip", ".jsonl.zst": "zstd"}
@@ -104,23 +110,36 @@ class PrepareTask:
         return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _line_boundaries(path: pathlib.Path, piece_bytes: int) -> list[int]:
-    """Byte offsets of line starts about every `piece_bytes` (first 0, last the file size)."""
-    size = path.stat().st_size
-    bounds = [0]
+def _line_starts(path: str | os.PathLike, start: int, stop: int, step: int) -> list[int]:
+    """Offsets of line starts in `[start, stop)` about every `step` bytes: `start`, the first
+    line start at or after each previous one plus `step`, ..., `stop`. Reads in blocks, so a
+    long line never has to fit in memory."""
+    bounds = [start]
     with open(path, "rb") as f:
-        target = piece_bytes
-        while target < size:
-            f.seek(target - 1)
-            f.readline()  # skip to the start of the next line
-            position = f.tell()
-            if position >= size:
+        while bounds[-1] + step < stop:
+            position = _next_line_start(f, bounds[-1] + step, stop)
+            if position >= stop:
                 break
-            if position > bounds[-1]:
-                bounds.append(position)
-            target = max(position, target) + piece_bytes
-    bounds.append(size)
+            bounds.append(position)
+    bounds.append(stop)
     return bounds
+
+
+def _next_line_start(f: BinaryIO, position: int, stop: int) -> int:
+    """The first line start at or after `position` (`stop` when there is none before it)."""
+    f.seek(position - 1)
+    while position <= stop:
+        block = f.read(_SCAN_BYTES)
+        if not block:
+            return stop
+        newline = block.find(b"\n")
+        if newline >= 0:
+            return min(position + newline, stop)
+        position += len(block)
+    return stop
+
+
+_SCAN_BYTES = 64 << 10
 
 
 def plan_tasks(files: Sequence[pathlib.Path], piece_bytes: int = PIECE_BYTES) -> list[PrepareTask]:
@@ -129,7 +148,7 @@ def plan_tasks(files: Sequence[pathlib.Path], piece_bytes: int = PIECE_BYTES) ->
     for path in files:
         kind = _suffix(path)
         if kind == ".jsonl" and path.stat().st_size > piece_bytes:
-            bounds = _line_boundaries(path, piece_bytes)
+            bounds = _line_starts(path, 0, path.stat().st_size, piece_bytes)
             tasks += [
                 PrepareTask(str(path), kind, a, b) for a, b in zip(bounds, bounds[1:], strict=False)
             ]
@@ -166,6 +185,31 @@ def _parquet_tasks(path: pathlib.Path, piece_bytes: int) -> list[PrepareTask]:
     return tasks or [PrepareTask(str(path), ".parquet", 0, 0)]
 
 
+def plan_chunks(task: PrepareTask, chunk_bytes: int = CHUNK_BYTES) -> list[PrepareTask]:
+    """`task` cut into the chunks that worker processes encode in parallel, in input order.
+
+    Plain jsonl is cut at line starts about every `chunk_bytes`, parquet at row groups; other
+    inputs (compressed, txt) stay whole. The chunks' records, concatenated, are the task's, so
+    the cut shows neither in the output nor in the resume keys (which are the tasks').
+    """
+    if task.kind == ".jsonl":
+        stop = os.stat(task.path).st_size if task.stop is None else task.stop
+        bounds = _line_starts(task.path, task.start, stop, chunk_bytes)
+        if len(bounds) > 2:
+            return [
+                PrepareTask(task.path, task.kind, a, b)
+                for a, b in zip(bounds, bounds[1:], strict=False)
+            ]
+    elif task.kind == ".parquet" and (task.stop or 0) - task.start > 1:
+        metadata = _open_parquet(task.path).metadata
+        chunks, first_row = [], task.first_row
+        for group in range(task.start, task.stop):
+            chunks.append(PrepareTask(task.path, task.kind, group, group + 1, first_row))
+            first_row += metadata.row_group(group).num_rows
+        return chunks
+    return [task]
+
+
 def _iter_jsonl(task: PrepareTask, max_doc_bytes: int):
     """(where, line) for each non-blank line of a jsonl task; `where()` names file:line.
 
@@ -187,9 +231,27 @@ def _iter_jsonl(task: PrepareTask, max_doc_bytes: int):
 
 
 def _count_lines(path: str, stop: int) -> int:
-    count = 0
+    """Lines before byte `stop` of `path`, counted on from the nearest earlier offset already
+    counted in this process: chunks of a file that each name a bad record read it about once."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    anchors = _LINE_ANCHORS.pop(key, None) or {0: 0}
+    _LINE_ANCHORS[key] = anchors  # most recently used last
+    while len(_LINE_ANCHORS) > _ANCHOR_FILES:
+        del _LINE_ANCHORS[next(iter(_LINE_ANCHORS))]
+    position = max(offset for offset in anchors if offset <= stop)
+    count = anchors[position]
     with open(path, "rb") as f:
-        while stop > 0 and (chunk := f.read(min(stop, 1 << 20))):
+        f.seek(position)
+        while position < stop and (chunk := f.read(min(stop - position, 1 << 20))):
             count += chunk.count(b"\n")
-            stop -= len(chunk)
+            position += len(chunk)
+    if len(anchors) < _ANCHORS_PER_FILE:
+        anchors[stop] = count
     return count
+
+
+# (path, size, mtime) -> {byte offset: lines before it}, for `_count_lines`.
+_LINE_ANCHORS: dict[tuple[str, int, int], dict[int, int]] = {}
+_ANCHOR_FILES = 8
+_ANCHORS_PER_FILE = 1 << 16

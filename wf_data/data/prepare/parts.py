@@ -8,15 +8,22 @@ import dataclasses
 import json
 import os
 import pathlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
 from wf_data import atomic
 from wf_data.data.prepare import out_dir as out_dir_lib
-from wf_data.data.prepare.encoding import _encode_tokens, _encode_untokenized, _load_tokenizer
-from wf_data.data.prepare.inputs import SUFFIXES, PrepareTask, _suffix
+from wf_data.data.prepare.encoding import (
+    BATCH_CHARS,
+    BATCH_DOCS,
+    _batches,
+    _load_tokenizer,
+    one_tokenizer_thread,
+    token_records,
+)
+from wf_data.data.prepare.inputs import SUFFIXES, PrepareTask, _suffix, plan_chunks
 from wf_data.data.prepare.out_dir import WORK_DIR_NAME
 from wf_data.data.prepare.records import MAX_DOC_BYTES, RecordFields, iter_documents
 from wf_data.data.shards import sources
@@ -35,6 +42,7 @@ def prepare_file(
     token_dtype: Any = None,
     progress: Callable[[int, int], None] | None = None,
     max_doc_bytes: int = MAX_DOC_BYTES,
+    encoded: Iterable[EncodedChunk] | None = None,
 ) -> dict:
     """Encode one input file (or task piece) into the ArrayRecord file `part_path`, atomically.
 
@@ -43,58 +51,150 @@ def prepare_file(
     `fields` (default: the string field `text`) says which record fields make a document.
     Skipped bad records (`skip_bad`) are listed in `PART_PATH.skipped.jsonl`, one
     {"record": "file:line", "error": message} a line. `progress(documents, tokens)` is called
-    after each batch. Returns {"records", "tokens", "dropped_empty", "skipped_bad", "sha256"}.
+    after each chunk. `encoded`: the task's chunks (`plan_chunks`) already encoded with these
+    options, in order, e.g. by worker processes; by default they are encoded here, one after
+    the other. Returns {"records", "tokens", "dropped_empty", "skipped_bad", "sha256"}.
     """
-    if not isinstance(task, PrepareTask):
-        path = pathlib.Path(task)
-        if not _suffix(path):
-            raise ValueError(f"{path}: unsupported input type; valid suffixes: {SUFFIXES}")
-        task = PrepareTask(str(path), _suffix(path), 0, None)
-        if task.kind == ".parquet":
-            import pyarrow.parquet as pq
+    task = _as_task(task)
+    options = dict(
+        tokenizer=_load_tokenizer(tokenizer),
+        fields=fields,
+        append_eos=append_eos,
+        skip_bad=skip_bad,
+        token_dtype=token_dtype,
+        max_doc_bytes=max_doc_bytes,
+    )
+    if encoded is None:
+        encoded = (encode_chunk(chunk, **options) for chunk in plan_chunks(task))
+    part_path = pathlib.Path(part_path)
+    stats = {"skipped_bad": 0, "dropped_empty": 0}
+    skip_log = _SkipLog(_skipped_path(part_path))
+    lengths: list[np.ndarray] = []  # of token records; stays empty for text and chat
 
-            task = dataclasses.replace(task, stop=pq.ParquetFile(path).metadata.num_row_groups)
+    def records() -> Iterator[bytes]:
+        for chunk in encoded:
+            for where, message in chunk.skipped:
+                skip_log.add(where, message)
+            stats["skipped_bad"] += len(chunk.skipped)
+            stats["dropped_empty"] += chunk.dropped_empty
+            if chunk.lengths is not None:
+                lengths.append(chunk.lengths)
+            ends = np.cumsum(chunk.sizes).tolist()
+            for start, end in zip([0, *ends], ends, strict=False):
+                yield chunk.records[start:end]
+            if progress:
+                tokens = 0 if chunk.lengths is None else int(chunk.lengths.sum())
+                progress(chunk.documents, tokens)
+
+    try:
+        written = sources.write_shard(part_path, records(), options=PART_WRITER_OPTIONS)
+    except BaseException:
+        skip_log.discard()
+        raise
+    skip_log.close()
+    all_lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    if lengths or options["tokenizer"] is not None:
+        _save_lengths(part_path.with_name(part_path.name + ".lengths.npy"), all_lengths)
+    return {
+        "records": written["records"],
+        "tokens": int(all_lengths.sum()),
+        "dropped_empty": stats["dropped_empty"],
+        "skipped_bad": stats["skipped_bad"],
+        "sha256": written["sha256"],
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedChunk:
+    """One chunk's records, ready to append to its part (what a worker hands back).
+
+    `records` holds them back to back, `sizes` their byte sizes `(n,) int64`, `lengths`
+    their token counts `(n,) int64` (None for text and chat records). Of the `documents` read,
+    `dropped_empty` were empty; `skipped` lists the bad records skipped, (where, error).
+    """
+
+    records: bytes
+    sizes: np.ndarray
+    lengths: np.ndarray | None
+    documents: int
+    dropped_empty: int
+    skipped: list[tuple[str, str]]
+
+
+def encode_chunk(
+    chunk: PrepareTask,
+    *,
+    tokenizer: Any = None,
+    fields: RecordFields | None = None,
+    append_eos: bool = False,
+    skip_bad: bool = False,
+    token_dtype: Any = None,
+    max_doc_bytes: int = MAX_DOC_BYTES,
+) -> EncodedChunk:
+    """Read and encode one chunk of a task (`plan_chunks`), `prepare_file`'s options; a pure
+    function of the chunk and the options, so any process may run it."""
     fields = fields or RecordFields()
     if tokenizer is not None and fields.chat:
         raise ValueError(
             "chat records are stored untokenized: give chat_key or tokenizer, not both"
         )
-    tokenizer = _load_tokenizer(tokenizer)
-    part_path = pathlib.Path(part_path)
     stats = {"skipped_bad": 0, "dropped_empty": 0}
-    skip_log = _SkipLog(_skipped_path(part_path))
+    skipped: list[tuple[str, str]] = []
     documents = iter_documents(
-        task,
+        chunk,
         fields=fields,
         skip_bad=skip_bad,
         stats=stats,
         max_doc_bytes=max_doc_bytes,
-        on_skip=skip_log.add,
+        on_skip=lambda where, message: skipped.append((where, message)),
     )
-    lengths: list[int] = []
+    pieces: list[bytes] = []
+    sizes: list[np.ndarray] = []
+    lengths: list[np.ndarray] = []
+    count = 0
     if tokenizer is None:
         format = "chat" if fields.chat else "text"
-        records = _encode_untokenized(documents, format, lengths, progress)
+        for document in documents:
+            pieces.append(sources.encode_record(document, format))
+        count = len(pieces)
+        sizes.append(np.fromiter(map(len, pieces), np.int64, count))
     else:
         dtype = np.dtype(token_dtype or sources.token_dtype_for_vocab(tokenizer.vocab_size))
-        records = _encode_tokens(
-            documents, tokenizer, dtype, append_eos, lengths, stats, task, progress
-        )
-    try:
-        written = sources.write_shard(part_path, records, options=PART_WRITER_OPTIONS)
-    except BaseException:
-        skip_log.discard()
-        raise
-    skip_log.close()
-    if tokenizer is not None:
-        _save_lengths(part_path.with_name(part_path.name + ".lengths.npy"), lengths)
-    return {
-        "records": written["records"],
-        "tokens": int(sum(lengths)) if tokenizer is not None else 0,
-        "dropped_empty": stats["dropped_empty"],
-        "skipped_bad": stats["skipped_bad"],
-        "sha256": written["sha256"],
-    }
+        with one_tokenizer_thread():
+            for batch in _batches(documents, BATCH_DOCS, BATCH_CHARS):
+                data, batch_lengths = token_records(tokenizer, batch, dtype, append_eos, chunk.path)
+                pieces.append(data)
+                lengths.append(batch_lengths)
+                count += len(batch)
+                stats["dropped_empty"] += len(batch) - len(batch_lengths)
+        sizes = [batch_lengths * dtype.itemsize for batch_lengths in lengths]
+    return EncodedChunk(
+        records=b"".join(pieces),
+        sizes=_concatenate(sizes),
+        lengths=None if tokenizer is None else _concatenate(lengths),
+        documents=count,
+        dropped_empty=stats["dropped_empty"],
+        skipped=skipped,
+    )
+
+
+def _concatenate(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+
+
+def _as_task(task: PrepareTask | str | os.PathLike) -> PrepareTask:
+    """A whole input file as a task (a task unchanged)."""
+    if isinstance(task, PrepareTask):
+        return task
+    path = pathlib.Path(task)
+    if not _suffix(path):
+        raise ValueError(f"{path}: unsupported input type; valid suffixes: {SUFFIXES}")
+    task = PrepareTask(str(path), _suffix(path), 0, None)
+    if task.kind == ".parquet":
+        import pyarrow.parquet as pq
+
+        task = dataclasses.replace(task, stop=pq.ParquetFile(path).metadata.num_row_groups)
+    return task
 
 
 class _SkipLog:

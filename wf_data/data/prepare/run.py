@@ -20,6 +20,7 @@ redoes only unfinished work, and the output is byte-identical whatever `workers`
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as futures
 import dataclasses
 import hashlib
@@ -27,10 +28,9 @@ import json
 import multiprocessing
 import os
 import pathlib
-import queue as queue_lib
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from wf_data.data.prepare import out_dir as out_dir_lib
@@ -43,14 +43,16 @@ from wf_data.data.prepare.assemble import (
     finalize,
 )
 from wf_data.data.prepare.encoding import _BackendEncoder, _load_tokenizer, _tokenizer_identity
-from wf_data.data.prepare.inputs import PrepareTask, expand_inputs, plan_tasks
+from wf_data.data.prepare.inputs import PrepareTask, expand_inputs, plan_chunks, plan_tasks
 from wf_data.data.prepare.options import PrepareOptions
 from wf_data.data.prepare.parts import (
+    EncodedChunk,
     _marker_path,
     _out_path,
     _part_path,
     _read_marker,
     _work_dir,
+    encode_chunk,
     prepare_file,
 )
 from wf_data.data.shards import sources
@@ -68,25 +70,24 @@ SKIPPED_SHOWN = 20  # skipped records in the returned summary (and printed by th
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: Any, progress_queue: Any, parent_pid: int) -> None:
-    # A worker of a killed prepare must not live on, writing into the build directory.
+def _init_worker(tokenizer: Any, parent_pid: int) -> None:
+    # A worker of a killed prepare must not live on.
     worker_lifetime.die_with_parent(parent_pid)
     # One tokenizer thread per worker process: the processes are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER["tokenizer"] = tokenizer
-    _WORKER["queue"] = progress_queue
 
 
-def _run_part(part_path: str, task: PrepareTask, key: str, options: dict) -> dict:
-    """Worker entry: prepare one part, then write its done marker."""
+def _encode_in_worker(chunk: PrepareTask, options: dict) -> EncodedChunk:
+    return encode_chunk(chunk, tokenizer=_WORKER["tokenizer"], **options)
+
+
+def _run_part(part_path: str, task: PrepareTask, key: str, options: dict, **run: Any) -> dict:
+    """Prepare one part (`prepare_file` with `run`'s tokenizer, progress, encoded chunks),
+    then write its done marker."""
     # A stale marker must not vouch for the file about to be rewritten.
     _marker_path(pathlib.Path(part_path)).unlink(missing_ok=True)
-    tokenizer = _WORKER.get("tokenizer", options.pop("tokenizer", None))
-    progress_queue = _WORKER.get("queue")
-    progress = options.pop("progress", None)
-    if progress is None and progress_queue is not None:
-        progress = lambda docs, tokens: progress_queue.put((docs, tokens))  # noqa: E731
-    result = prepare_file(task, part_path, tokenizer=tokenizer, progress=progress, **options)
+    result = prepare_file(task, part_path, **options, **run)
     sources.write_json_atomic(_marker_path(pathlib.Path(part_path)), dict(result, key=key))
     return result
 
@@ -96,7 +97,6 @@ class _Progress:
 
     def __init__(self, enabled: bool):
         self.documents = self.tokens = self.parts_run = 0
-        self.queue = None  # worker processes report (documents, tokens) here
         self.start = time.perf_counter()
         self.bar = None
         if enabled:
@@ -275,9 +275,17 @@ def prepare(
     bar = _Progress(progress)
     pool = None
     try:
-        pool = _make_pool(workers, tokenizer, bar)
+        pool = _make_pool(workers, tokenizer)
         part_results = _run_parts(
-            out_dir, tasks, part_keys, tokenizer, part_options, pool, bar, bool(todo_shards)
+            out_dir,
+            tasks,
+            part_keys,
+            tokenizer,
+            part_options,
+            pool,
+            workers,
+            bar,
+            bool(todo_shards),
         )
         prepared.write(part_results)
         if pool is None or len(todo_shards) <= 1:
@@ -311,7 +319,7 @@ def _summary(started: float, bar: _Progress, out_dir: pathlib.Path, shards_writt
     }
 
 
-def _run_parts(out_dir, tasks, part_keys, tokenizer, options, pool, bar, need_files):
+def _run_parts(out_dir, tasks, part_keys, tokenizer, options, pool, workers, bar, need_files):
     """Run the unfinished part tasks; returns every part's result, in task order.
 
     A part is finished when its marker carries the current key and, if a shard still has to be
@@ -331,53 +339,71 @@ def _run_parts(out_dir, tasks, part_keys, tokenizer, options, pool, bar, need_fi
         else:
             todo.append(index)
     bar.parts_run = len(todo)
-    if todo:
-        jobs = [(os.fspath(_part_path(out_dir, i)), tasks[i], part_keys[i]) for i in todo]
-        _execute(jobs, tokenizer, options, pool, bar, results, todo)
+    ahead = None if pool is None else _EncodeAhead(pool, workers, [tasks[i] for i in todo], options)
+    for position, index in enumerate(todo):
+        results[index] = _run_part(
+            os.fspath(_part_path(out_dir, index)),
+            tasks[index],
+            part_keys[index],
+            options,
+            tokenizer=tokenizer,
+            progress=bar.update,
+            encoded=None if ahead is None else ahead.part(position),
+        )
     return results
 
 
-def _make_pool(workers: int, tokenizer: Any, bar: _Progress):
+def _make_pool(workers: int, tokenizer: Any) -> futures.ProcessPoolExecutor | None:
     """A spawn-context process pool of `workers` (None for 1: everything runs in-process).
 
     Workers die with this process (`worker_lifetime`), so a kill -9 leaves none behind.
     """
     if workers <= 1:
         return None
-    context = multiprocessing.get_context("spawn")
-    bar.queue = context.Queue()
     return futures.ProcessPoolExecutor(
         max_workers=workers,
-        mp_context=context,
+        mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(_BackendEncoder.of(tokenizer) if tokenizer else None, bar.queue, os.getpid()),
+        initargs=(_BackendEncoder.of(tokenizer) if tokenizer else None, os.getpid()),
     )
 
 
-def _execute(jobs, tokenizer, options, pool, bar, results, todo) -> None:
-    if pool is None or len(jobs) == 1:
-        for index, job in zip(todo, jobs, strict=True):
-            results[index] = _run_part(
-                *job, dict(options, tokenizer=tokenizer, progress=bar.update)
-            )
-        return
-    pending = {
-        pool.submit(_run_part, *job, dict(options)): index
-        for index, job in zip(todo, jobs, strict=True)
-    }
-    waiting = set(pending)
-    while waiting:
-        done, waiting = futures.wait(waiting, timeout=0.2)
-        _drain(bar)
-        for future in done:
-            results[pending[future]] = future.result()
-    _drain(bar)
+class _EncodeAhead:
+    """The chunks (`plan_chunks`) of `tasks`, encoded by the processes of `pool` and handed
+    out in order, part by part, while this process writes them.
+
+    `QUEUED_PER_WORKER` chunks a worker are kept submitted, across part boundaries, so the
+    workers never wait for the writer, and a part's last chunks overlap the next part's first.
+    """
+
+    def __init__(self, pool: futures.ProcessPoolExecutor, workers: int, tasks, options: dict):
+        self._pool, self._options = pool, options
+        self._limit = QUEUED_PER_WORKER * workers
+        self._jobs = (
+            (position, chunk) for position, task in enumerate(tasks) for chunk in plan_chunks(task)
+        )
+        self._pending: collections.deque[tuple[int, futures.Future]] = collections.deque()
+
+    def part(self, position: int) -> Iterator[EncodedChunk]:
+        """Task `position`'s encoded chunks, in order (chunks of earlier tasks left unread are
+        dropped)."""
+        while True:
+            self._submit()
+            while self._pending and self._pending[0][0] < position:
+                self._pending.popleft()[1].cancel()
+            if not self._pending or self._pending[0][0] != position:
+                return
+            future = self._pending.popleft()[1]
+            self._submit()
+            yield future.result()
+
+    def _submit(self) -> None:
+        while len(self._pending) < self._limit:
+            job = next(self._jobs, None)
+            if job is None:
+                return
+            future = self._pool.submit(_encode_in_worker, job[1], self._options)
+            self._pending.append((job[0], future))
 
 
-def _drain(bar: _Progress) -> None:
-    while True:
-        try:
-            documents, tokens = bar.queue.get_nowait()
-        except queue_lib.Empty:
-            return
-        bar.update(documents, tokens)
+QUEUED_PER_WORKER = 2  # one chunk encoding, one waiting: workers never wait for the writer
