@@ -1,31 +1,43 @@
-"""Throughput of `wf-data prepare` beside the raw `encode_batch` throughput of its tokenizer.
+"""`wf-data prepare` beside the raw tokenizer it calls, on the same text in the same run.
 
-    uv run python tools/bench_prepare.py                  # ~30 MB corpus, --workers 2
-    uv run python tools/bench_prepare.py --mb 5 --workers 1 2
+    uv run python tools/bench_prepare.py                     # ~50 MB, 1 and os.cpu_count() workers
+    uv run python tools/bench_prepare.py --mb 10 --workers 2 --no-beam
 
-Corpus: the demo corpus (`wf_data.data.prepare.demo_corpus`: prose, code, math), repeated with a
-deterministic per-copy prefix until `--mb` megabytes, written as `--files` jsonl files. Raw:
-`TokenizerWrapper.encode_batch` over the same texts in batches of the size prepare uses, in one
-process with the tokenizer's own thread pool on every core. Prepare: wall-clock of
-`prepare(...)` into a fresh directory, spawned workers and shard assembly included. Target:
-prepare >= 0.8x raw with `--workers 2`. The tokenizer is the shipped one
-(`wf_data/assets/tokenizer`) when present, else a small BPE trained here on the corpus.
+Corpus: the demo corpus (`wf_data.data.prepare.demo_corpus`: prose, code, math), repeated with
+a per-copy prefix up to `--mb` megabytes of text, written as ONE jsonl file (users often have
+one big file; it is also the hardest case to spread over workers). Tokenizer: the shipped
+`wf-data-demo`.
+
+Sides, each timed in a fresh process (so spawned workers re-import only this light script), run
+in turn once per round, `--rounds` rounds:
+- raw: `tokenizers` `encode_batch_fast` (the call prepare makes) over the texts already in
+  memory, in batches of prepare's `BATCH_DOCS`, ids fetched, on 1 and on N rayon threads;
+- prepare: `prepare(..., workers=1 | N)` into a fresh directory: reading, parsing, encoding,
+  writing parts, assembling shards, spawning workers; tokenizer loading excluded;
+- beam: the same on Apache Beam's DirectRunner in multi_processing mode with 1 and N workers,
+  the runner's start-up and each worker's tokenizer loading included.
+
+Rows give median tokens/s with the min-max over rounds, CPU seconds over wall seconds, and the
+median of the per-round ratios with their min-max (each ratio pairs two sides of one round).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import pathlib
+import platform
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+TOKENIZER = "wf-data-demo"
+DEFAULT_MB = 50.0
 
 
 def build_texts(megabytes: float) -> list[str]:
@@ -46,98 +58,238 @@ def build_texts(megabytes: float) -> list[str]:
     return texts
 
 
-def write_corpus(texts: list[str], directory: pathlib.Path, files: int) -> None:
-    """`files` jsonl files of contiguous slices of `texts`."""
-    directory.mkdir(parents=True)
-    per_file = -(-len(texts) // files)
-    for index in range(files):
-        with open(directory / f"corpus-{index:03d}.jsonl", "w", encoding="utf-8") as f:
-            for text in texts[index * per_file : (index + 1) * per_file]:
-                f.write(json.dumps({"text": text}) + "\n")
+def write_corpus(megabytes: float, directory: pathlib.Path) -> pathlib.Path:
+    """One jsonl file of `build_texts(megabytes)` in `directory`; returns its path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "corpus.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for text in build_texts(megabytes):
+            f.write(json.dumps({"text": text}) + "\n")
+    return path
 
 
-def tokenizer_path(texts: list[str], work: pathlib.Path) -> str:
-    """The shipped tokenizer, else a 4k byte-level BPE trained on `texts` (offline)."""
-    shipped = ROOT / "wf_data" / "assets" / "tokenizer"
-    if (shipped / "tokenizer.json").exists():
-        return str(shipped)
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=4096, special_tokens=["<|endoftext|>"])
-    tokenizer.train_from_iterator(texts[:5000], trainer)
-    directory = work / "tokenizer"
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>").save_pretrained(
-        directory
-    )
-    return str(directory)
+# --------------------------------------------------------------------------- sides (children)
 
 
-def raw_throughput(path: str, texts: list[str]) -> tuple[float, int]:
-    """(seconds, tokens) of `encode_batch` over `texts`, batch by batch, all cores."""
-    from wf_data.data.prepare.encoding import BATCH_DOCS
-    from wf_data.data.text.tokenization import TokenizerWrapper
+def _cpu_seconds() -> float:
+    import resource
 
-    tokenizer = TokenizerWrapper.from_pretrained(path, add_bos=False, add_eos=False)
-    tokenizer.encode_batch(texts[:BATCH_DOCS])  # warm up the thread pool
-    start, tokens = time.perf_counter(), 0
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _raw_side(corpus: pathlib.Path, threads: int) -> dict:
+    from wf_data.data.prepare.encoding import BATCH_DOCS, _load_tokenizer
+
+    backend = _load_tokenizer(TOKENIZER).backend
+    with open(corpus, encoding="utf-8") as f:
+        texts = [json.loads(line)["text"] for line in f]
+    backend.encode_batch_fast(texts[:BATCH_DOCS], add_special_tokens=False)  # start the threads
+    start, cpu, tokens = time.perf_counter(), _cpu_seconds(), 0
     for begin in range(0, len(texts), BATCH_DOCS):
-        tokens += sum(ids.size for ids in tokenizer.encode_batch(texts[begin : begin + BATCH_DOCS]))
-    return time.perf_counter() - start, tokens
+        batch = texts[begin : begin + BATCH_DOCS]
+        tokens += sum(
+            len(e.ids) for e in backend.encode_batch_fast(batch, add_special_tokens=False)
+        )
+    return {"seconds": time.perf_counter() - start, "cpu": _cpu_seconds() - cpu, "tokens": tokens}
+
+
+def _prepare_side(corpus: pathlib.Path, out: pathlib.Path, workers: int, beam: bool) -> dict:
+    from wf_data.data.prepare import prepare
+    from wf_data.data.prepare.encoding import _load_tokenizer
+
+    _load_tokenizer(TOKENIZER)  # loading is not what this measures (cached by name)
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    if beam:
+        from wf_data.data.prepare import beam as prepare_beam
+
+        options = (
+            "--runner=DirectRunner --direct_running_mode=multi_processing "
+            f"--direct_num_workers={workers}"
+        )
+        manifest = prepare_beam.run(corpus, out, tokenizer=TOKENIZER, pipeline_options=options)
+    else:
+        manifest = prepare(corpus, out, tokenizer=TOKENIZER, workers=workers, progress=False)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "cpu": _cpu_seconds() - cpu, "tokens": manifest["totals"]["tokens"]}
+
+
+def run_side(side: str, workers: int, corpus: pathlib.Path, work: pathlib.Path) -> dict:
+    """Time one side in a fresh process: {"seconds", "cpu", "tokens", "load"}."""
+    env = dict(os.environ, RAYON_NUM_THREADS=str(workers))
+    env["TOKENIZERS_PARALLELISM"] = "true" if side == "raw" and workers > 1 else "false"
+    out = work / f"out-{side}-{workers}"
+    shutil.rmtree(out, ignore_errors=True)
+    child = subprocess.run(
+        [sys.executable, __file__, "--side", side, "--workers", str(workers)]
+        + ["--corpus", str(corpus), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    if child.returncode != 0:
+        raise RuntimeError(f"bench side {side} x{workers} failed:\n{child.stderr[-3000:]}")
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    return dict(result, load=os.getloadavg()[0])
+
+
+# --------------------------------------------------------------------------- the section
+
+
+def _summary(name: str, runs: list[dict], baseline: list[dict] | None, target: str | None):
+    rates = [run["tokens"] / run["seconds"] for run in runs]
+    row = {
+        "name": name,
+        "rounds": len(runs),
+        "tokens_per_s": statistics.median(rates),
+        "spread": (min(rates), max(rates)),
+        "cpu_per_wall": statistics.median(run["cpu"] / run["seconds"] for run in runs),
+        "load": statistics.median(run["load"] for run in runs),
+    }
+    if baseline is not None:
+        paired = [
+            rate * base["seconds"] / base["tokens"]
+            for rate, base in zip(rates, baseline, strict=True)
+        ]
+        row["ratio"] = statistics.median(paired)
+        row["ratio_spread"] = (min(paired), max(paired))
+    if target is not None:
+        row["target"] = target
+    return row
+
+
+def prepare_vs_raw(
+    megabytes: float = DEFAULT_MB,
+    workers: int | None = None,
+    rounds: int = 3,
+    beam: bool = True,
+    work: pathlib.Path | None = None,
+) -> list[dict]:
+    """The section "prepare vs the raw tokenizer": table rows (see the module docstring).
+
+    `workers` N defaults to the CPU count (at least 2). Rows: raw on 1 and N threads; prepare
+    and (with `beam`) Beam with 1 and N workers, each against raw on as many threads, and N
+    workers against 1. Targets are issue 20's: >= 0.9x raw on as many threads, N workers >=
+    0.9 * N times 1 worker.
+    """
+    workers = workers or max(2, os.cpu_count() or 2)
+    own_work = work is None
+    work = work or pathlib.Path(tempfile.mkdtemp(prefix="wf-bench-prepare-"))
+    try:
+        corpus = write_corpus(megabytes, work / "corpus")
+        sides = [("raw", 1), ("raw", workers), ("prepare", 1), ("prepare", workers)]
+        if beam:
+            sides += [("beam", 1), ("beam", workers)]
+        runs: dict[tuple[str, int], list[dict]] = {side: [] for side in sides}
+        for _ in range(rounds):
+            for side in sides:
+                runs[side].append(run_side(*side, corpus, work))
+        tokens = {run["tokens"] for side_runs in runs.values() for run in side_runs}
+        if len(tokens) != 1:
+            raise RuntimeError(f"the sides counted different token totals: {sorted(tokens)}")
+        scaling = f">= {0.9 * workers:.1f}x"
+        rows = [
+            _summary("raw encode_batch_fast, 1 thread", runs["raw", 1], None, None),
+            _summary(
+                f"raw encode_batch_fast, {workers} threads",
+                runs["raw", workers],
+                runs["raw", 1],
+                None,
+            ),
+        ]
+        for side, label in [
+            ("prepare", "prepare --workers"),
+            ("beam", "prepare --runner beam, workers"),
+        ]:
+            if (side, 1) not in runs:
+                continue
+            rows += [
+                _summary(f"{label} 1 / raw 1 thread", runs[side, 1], runs["raw", 1], ">= 0.9x"),
+                _summary(
+                    f"{label} {workers} / raw {workers} threads",
+                    runs[side, workers],
+                    runs["raw", workers],
+                    ">= 0.9x",
+                ),
+                _summary(
+                    f"{label} {workers} / {label} 1", runs[side, workers], runs[side, 1], scaling
+                ),
+            ]
+        for row in rows:
+            row["documents"] = sum(1 for _ in open(corpus, "rb"))
+        return rows
+    finally:
+        if own_work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def section(args: argparse.Namespace, corpora: object = None) -> list[dict]:
+    """`tools/bench.py`'s section signature: `--quick` uses 2 MB and one round."""
+    quick = getattr(args, "quick", False)
+    return prepare_vs_raw(
+        megabytes=2.0 if quick else getattr(args, "prepare_mb", DEFAULT_MB),
+        rounds=getattr(args, "rounds", None) or (1 if quick else 3),
+    )
+
+
+# --------------------------------------------------------------------------- standalone
+
+
+def _rate(value: float) -> str:
+    return f"{value / 1e6:.2f}M"
+
+
+def format_rows(rows: list[dict]) -> str:
+    """A markdown table of `prepare_vs_raw` rows."""
+    lines = [
+        "| run | tokens/s (median) | min-max | CPU/wall | ratio (median) | per-round ratios "
+        "| target | load |",
+        "| --- |" + " ---: |" * 7,
+    ]
+    for row in rows:
+        ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
+        spread = (
+            f"{row['ratio_spread'][0]:.2f}x-{row['ratio_spread'][1]:.2f}x"
+            if "ratio" in row
+            else "-"
+        )
+        lines.append(
+            f"| {row['name']} | {_rate(row['tokens_per_s'])} | {_rate(row['spread'][0])}-"
+            f"{_rate(row['spread'][1])} | {row['cpu_per_wall']:.2f} | {ratio} | {spread} | "
+            f"{row.get('target', '-')} | {row['load']:.1f} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and print one line per configuration."""
+    """Run the section and print its table (or, with `--side`, time one side as a child)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mb", type=float, default=30.0, help="corpus size in MB")
-    parser.add_argument("--files", type=int, default=8, help="jsonl files in the corpus")
-    parser.add_argument("--workers", type=int, nargs="+", default=[2], help="prepare --workers")
-    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--mb", type=float, default=DEFAULT_MB, help="corpus size in MB")
+    parser.add_argument("--workers", type=int, default=None, help="N (default: CPU count)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-beam", action="store_true", help="leave out the Beam sides")
+    parser.add_argument("--side", choices=["raw", "prepare", "beam"], help=argparse.SUPPRESS)
+    parser.add_argument("--corpus", type=pathlib.Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=pathlib.Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"  # raw uses every core, as prepare's workers do
-
-    from wf_data.data.prepare import prepare
-
-    work = pathlib.Path(tempfile.mkdtemp(prefix="wf-bench-prepare-"))
-    try:
-        texts = build_texts(args.mb)
-        write_corpus(texts, work / "corpus", args.files)
-        path = tokenizer_path(texts, work)
-        megabytes = sum(len(t.encode()) for t in texts) / 1e6
-        print(
-            f"corpus: {len(texts):,} documents, {megabytes:.1f} MB in {args.files} files; "
-            f"tokenizer {path}; {os.cpu_count()} cores"
-        )
-        raw_s, raw_tokens = raw_throughput(path, texts)
-        raw_rate = raw_tokens / raw_s
-        print(
-            f"raw encode_batch        : {raw_tokens:>12,} tokens {raw_s:7.2f} s "
-            f"{raw_rate:>12,.0f} tokens/s"
-        )
-        for workers in args.workers:
-            out = work / f"out-{workers}"
-            start = time.perf_counter()
-            manifest = prepare(
-                [work / "corpus"],
-                out,
-                tokenizer=path,
-                num_shards=args.shards,
-                workers=workers,
-                progress=False,
-            )
-            elapsed = time.perf_counter() - start
-            tokens = manifest["totals"]["tokens"]
-            assert tokens == raw_tokens, (tokens, raw_tokens)
-            rate = tokens / elapsed
-            print(
-                f"prepare --workers {workers:<5}: {tokens:>12,} tokens {elapsed:7.2f} s "
-                f"{rate:>12,.0f} tokens/s  = {rate / raw_rate:.2f}x raw (target >= 0.8x)"
-            )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if args.side == "raw":
+        print(json.dumps(_raw_side(args.corpus, args.workers)))
+        return 0
+    if args.side is not None:
+        print(json.dumps(_prepare_side(args.corpus, args.out, args.workers, args.side == "beam")))
+        return 0
+    began, load = time.perf_counter(), os.getloadavg()
+    rows = prepare_vs_raw(args.mb, args.workers, args.rounds, beam=not args.no_beam)
+    print(
+        f"### prepare vs the raw tokenizer\n\n{datetime.date.today()}, {platform.node()}: "
+        f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
+        f"{load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; {args.mb:g} MB of text in one "
+        f"jsonl file, {rows[0]['documents']:,} documents; {args.rounds} interleaved rounds, "
+        f"{time.perf_counter() - began:.0f} s\n"
+    )
+    print(format_rows(rows))
     return 0
 
 

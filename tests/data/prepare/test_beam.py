@@ -209,3 +209,27 @@ def test_bad_arguments(inputs, tmp_path, capsys):
     assert cli.main([*base, "--beam-options=--direct_num_workers=2"]) == 1
     assert "--beam-options applies to --runner beam" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_chunks_of_one_file_spread_and_match_local(tokenizer_dir, tmp_path, monkeypatch):
+    from wf_data.data.prepare import inputs as inputs_lib
+
+    monkeypatch.setattr(inputs_lib, "CHUNK_BYTES", 1000)  # the in-process runner plans here
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in _texts(9, 300)))
+    options = dict(tokenizer=tokenizer_dir, append_eos=True, num_shards=2)
+    (task,) = prepare_lib.plan_tasks([path])
+    assert len(inputs_lib.plan_chunks(task)) > 10
+    encoded = []
+    real_encode_chunk = parts.encode_chunk
+    monkeypatch.setattr(
+        parts,
+        "encode_chunk",
+        lambda chunk, **kw: encoded.append(chunk) or real_encode_chunk(chunk, **kw),
+    )
+    manifest = prepare_beam.run(path, tmp_path / "beam", **options)
+    assert sorted(encoded, key=lambda chunk: chunk.start) == inputs_lib.plan_chunks(task)
+    prepare_lib.prepare(path, tmp_path / "local", progress=False, **options)
+    assert _output_files(tmp_path / "beam") == _output_files(tmp_path / "local")
+    assert manifest["summary"]["parts_run"] == 1

@@ -185,16 +185,17 @@ def _parquet_tasks(path: pathlib.Path, piece_bytes: int) -> list[PrepareTask]:
     return tasks or [PrepareTask(str(path), ".parquet", 0, 0)]
 
 
-def plan_chunks(task: PrepareTask, chunk_bytes: int = CHUNK_BYTES) -> list[PrepareTask]:
+def plan_chunks(task: PrepareTask, chunk_bytes: int | None = None) -> list[PrepareTask]:
     """`task` cut into the chunks that worker processes encode in parallel, in input order.
 
-    Plain jsonl is cut at line starts about every `chunk_bytes`, parquet at row groups; other
-    inputs (compressed, txt) stay whole. The chunks' records, concatenated, are the task's, so
-    the cut shows neither in the output nor in the resume keys (which are the tasks').
+    Plain jsonl is cut at line starts about every `chunk_bytes` (default `CHUNK_BYTES`),
+    parquet at row groups; other inputs (compressed, txt) stay whole. The chunks' records,
+    concatenated, are the task's, so the cut shows neither in the output nor in the resume
+    keys (which are the tasks').
     """
     if task.kind == ".jsonl":
         stop = os.stat(task.path).st_size if task.stop is None else task.stop
-        bounds = _line_starts(task.path, task.start, stop, chunk_bytes)
+        bounds = _line_starts(task.path, task.start, stop, chunk_bytes or CHUNK_BYTES)
         if len(bounds) > 2:
             return [
                 PrepareTask(task.path, task.kind, a, b)
