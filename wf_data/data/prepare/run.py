@@ -7,7 +7,11 @@ distributed engine:
    at line boundaries every `piece_bytes` and parquet files at row-group boundaries. The split
    depends only on the input files, never on the number of workers.
 2. `prepare_file` turns one task into a *part* (an ArrayRecord file of encoded records plus,
-   for tokens, its `(n,) int64` lengths) under `OUT/.wf-prepare/`.
+   for tokens, its `(n,) int64` lengths) under `OUT/.wf-prepare/`. With `workers` > 1, the
+   tasks' chunks (`plan_chunks`, ~1 MiB each) are read, parsed and tokenized by a pool of
+   that many processes, a few ahead and across part boundaries, while this process writes the
+   parts in order: one big input file keeps every worker busy. With 1, this process does it
+   all, on one tokenizer thread.
 3. `assemble_shard` copies the global record sequence (parts in task order) into shard k of N:
    records `[k * R // N, (k + 1) * R // N)`.
 4. `finalize(out_dir)` writes `lengths.npy`, then `manifest.json`, from the per-shard results.
