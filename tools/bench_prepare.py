@@ -17,8 +17,10 @@ in turn once per round, `--rounds` rounds:
 - beam: the same on Apache Beam's DirectRunner in multi_processing mode with 1 and N workers,
   the runner's start-up and each worker's tokenizer loading included.
 
-Rows give median tokens/s with the min-max over rounds, CPU seconds over wall seconds, and the
-median of the per-round ratios with their min-max (each ratio pairs two sides of one round).
+Rows give median tokens/s with the min-max over rounds, CPU seconds over wall seconds, the
+median of the per-round ratios with their min-max (each ratio pairs two sides of one round),
+and the ratio of tokens per CPU second: on a machine busy with other work, where more
+processes need not get more CPU time, it still shows what prepare spends beside the tokenizer.
 """
 
 from __future__ import annotations
@@ -147,14 +149,15 @@ def _summary(name: str, runs: list[dict], baseline: list[dict] | None, target: s
         "spread": (min(rates), max(rates)),
         "cpu_per_wall": statistics.median(run["cpu"] / run["seconds"] for run in runs),
         "load": statistics.median(run["load"] for run in runs),
+        "runs": runs,
     }
     if baseline is not None:
-        paired = [
-            rate * base["seconds"] / base["tokens"]
-            for rate, base in zip(rates, baseline, strict=True)
-        ]
+        pairs = list(zip(runs, baseline, strict=True))  # same tokens on both sides (checked)
+        paired = [b["seconds"] / run["seconds"] for run, b in pairs]
         row["ratio"] = statistics.median(paired)
         row["ratio_spread"] = (min(paired), max(paired))
+        # Tokens per CPU second against the baseline's: what a busy machine cannot hide.
+        row["cpu_ratio"] = statistics.median(b["cpu"] / run["cpu"] for run, b in pairs)
     if target is not None:
         row["target"] = target
     return row
@@ -245,11 +248,12 @@ def format_rows(rows: list[dict]) -> str:
     """A markdown table of `prepare_vs_raw` rows."""
     lines = [
         "| run | tokens/s (median) | min-max | CPU/wall | ratio (median) | per-round ratios "
-        "| target | load |",
-        "| --- |" + " ---: |" * 7,
+        "| target | tokens per CPU s, ratio | load |",
+        "| --- |" + " ---: |" * 8,
     ]
     for row in rows:
         ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
+        cpu_ratio = f"{row['cpu_ratio']:.2f}x" if "ratio" in row else "-"
         spread = (
             f"{row['ratio_spread'][0]:.2f}x-{row['ratio_spread'][1]:.2f}x"
             if "ratio" in row
@@ -258,7 +262,7 @@ def format_rows(rows: list[dict]) -> str:
         lines.append(
             f"| {row['name']} | {_rate(row['tokens_per_s'])} | {_rate(row['spread'][0])}-"
             f"{_rate(row['spread'][1])} | {row['cpu_per_wall']:.2f} | {ratio} | {spread} | "
-            f"{row.get('target', '-')} | {row['load']:.1f} |"
+            f"{row.get('target', '-')} | {cpu_ratio} | {row['load']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -270,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=None, help="N (default: CPU count)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-beam", action="store_true", help="leave out the Beam sides")
+    parser.add_argument("--json", type=pathlib.Path, help="also write the rows (and runs) here")
     parser.add_argument("--side", choices=["raw", "prepare", "beam"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=pathlib.Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=pathlib.Path, help=argparse.SUPPRESS)
@@ -282,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     began, load = time.perf_counter(), os.getloadavg()
     rows = prepare_vs_raw(args.mb, args.workers, args.rounds, beam=not args.no_beam)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
     print(
         f"### prepare vs the raw tokenizer\n\n{datetime.date.today()}, {platform.node()}: "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "

@@ -372,6 +372,9 @@ def _make_pool(workers: int, tokenizer: Any) -> futures.ProcessPoolExecutor | No
     )
 
 
+QUEUED_PER_WORKER = 2  # one chunk encoding, one waiting: workers never wait for the writer
+
+
 class _EncodeAhead:
     """The chunks (`plan_chunks`) of `tasks`, encoded by the processes of `pool` and handed
     out in order, part by part, while this process writes them.
@@ -408,6 +411,3 @@ class _EncodeAhead:
                 return
             future = self._pool.submit(_encode_in_worker, job[1], self._options)
             self._pending.append((job[0], future))
-
-
-QUEUED_PER_WORKER = 2  # one chunk encoding, one waiting: workers never wait for the writer
