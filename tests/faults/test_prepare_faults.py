@@ -121,7 +121,7 @@ def test_workers_die_with_a_killed_prepare(tmp_path):
 
 
 def _zst(rows, keep=1.0):
-    data = zstandard.ZstdCompressor().compress("".join(rows).encode())
+    data = zstandard.ZstdCompressor(write_checksum=True).compress("".join(rows).encode())
     return data[: int(len(data) * keep)]
 
 

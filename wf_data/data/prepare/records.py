@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -233,6 +234,32 @@ def _string_field(obj: dict, key: str, where: str, flag: str) -> str:
     return value
 
 
+# The JSON escape of a UTF-16 surrogate (\\ud800-\\udfff): a line without one cannot hold one.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _check_no_surrogate(obj: dict, document: Any, where: str, fields: RecordFields) -> None:
+    """BadInputError for a lone surrogate in `document` (the text fields of `obj`, or its
+    messages): no Unicode character, so the text can be neither stored as UTF-8 nor
+    tokenized. A valid escaped pair was parsed into one character and passes."""
+    if isinstance(document, str):
+        texts = [(f"field {key!r}", obj[key]) for key in fields.text_keys]
+    else:
+        texts = [
+            (f"message {i + 1} ({message['role']})", message["content"])
+            for i, message in enumerate(document["messages"])
+        ]
+    for name, text in texts:
+        match = _SURROGATE.search(text)
+        if match:
+            raise BadInputError(
+                f"{where}: {name} holds a lone UTF-16 surrogate \\u{ord(match[0]):04x} at "
+                f"character {match.start() + 1} (a \\u escape without its pair): not Unicode "
+                "text; fix the record or skip it with --skip-bad"
+            )
+
+
 def _too_large(where: str, size: int, max_doc_bytes: int) -> BadInputError:
     return BadInputError(
         f"{where}: record of {size:,} bytes is over max_doc_bytes {max_doc_bytes:,}; raise "
@@ -256,7 +283,10 @@ def _parse_jsonl_line(raw: bytes | int, where: str, fields: RecordFields, max_do
         raise BadInputError(
             f"{where}: malformed JSON: {error.msg} at column {error.colno}"
         ) from None
-    return fields.extract(obj, where)
+    document = fields.extract(obj, where)
+    if _SURROGATE_ESCAPE.search(raw):
+        _check_no_surrogate(obj, document, where, fields)
+    return document
 
 
 def _iter_parquet(task: PrepareTask, fields: RecordFields):
@@ -278,12 +308,48 @@ def _iter_parquet(task: PrepareTask, fields: RecordFields):
             ) from None
         if batch is None:
             return
-        for values in batch.to_pylist():
+        try:
+            rows = batch.to_pylist()
+        except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8
+            rows = _rows_or_errors(batch, f"{task.path}: row ", row)
+        for values in rows:
             row += 1
             yield f"{task.path}: row {row}", values
 
 
-def _parquet_value(values: dict, where: str, fields: RecordFields, max_doc_bytes: int) -> Any:
+def _rows_or_errors(batch, where: str, first_row: int) -> Iterator[dict | BadInputError]:
+    """The rows of a record batch one by one: each row's values, or a BadInputError naming
+    the row and column whose string is not UTF-8 (arrow stores what the writer gave it)."""
+    for index in range(batch.num_rows):
+        row = batch.slice(index, 1)
+        try:
+            yield row.to_pylist()[0]
+        except UnicodeDecodeError as error:
+            column = next(
+                name
+                for name, values in zip(row.schema.names, row.columns, strict=True)
+                if _undecodable(values)
+            )
+            yield BadInputError(
+                f"{where}{first_row + index + 1}: field {column!r} is not valid UTF-8 "
+                f"({error.reason} at byte {error.start}); fix the file or skip the row with "
+                "--skip-bad"
+            )
+
+
+def _undecodable(values) -> bool:
+    try:
+        values.to_pylist()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def _parquet_value(
+    values: dict | BadInputError, where: str, fields: RecordFields, max_doc_bytes: int
+) -> Any:
+    if isinstance(values, BadInputError):
+        raise values
     for column, value in values.items():
         if isinstance(value, bytes):  # binary columns hold UTF-8 text
             try:
