@@ -98,22 +98,26 @@ class PrepareTask:
     first_row: int = 0
 
     def key(self) -> str:
-        """Identity of the task's input: path, size, mtime and range (for resume checks)."""
+        """Identity of the task's input: the file (its real path, however spelled: relative,
+        through a link), size, mtime and range (for resume checks)."""
         stat = os.stat(self.path)
-        text = f"{os.path.abspath(self.path)}|{stat.st_size}|{stat.st_mtime_ns}|{self}"
+        where = (self.kind, self.start, self.stop, self.first_row)
+        text = f"{os.path.realpath(self.path)}|{stat.st_size}|{stat.st_mtime_ns}|{where}"
         return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _line_boundaries(path: pathlib.Path, piece_bytes: int) -> list[int]:
-    """Byte offsets of line starts about every `piece_bytes` (first 0, last the file size)."""
+    """Byte offsets of line starts about every `piece_bytes` (first 0, last the file size).
+
+    The next line start is searched in 1 MiB reads: a line of any length (a 1 GB record)
+    costs no more memory than that.
+    """
     size = path.stat().st_size
     bounds = [0]
     with open(path, "rb") as f:
         target = piece_bytes
         while target < size:
-            f.seek(target - 1)
-            f.readline()  # skip to the start of the next line
-            position = f.tell()
+            position = _next_line_start(f, target - 1)
             if position >= size:
                 break
             if position > bounds[-1]:
@@ -121,6 +125,17 @@ def _line_boundaries(path: pathlib.Path, piece_bytes: int) -> list[int]:
             target = max(position, target) + piece_bytes
     bounds.append(size)
     return bounds
+
+
+def _next_line_start(f, offset: int) -> int:
+    """The offset after the first newline at or after `offset` (the end of the file if none)."""
+    f.seek(offset)
+    while chunk := f.read(input_streams.READ_BYTES):
+        newline = chunk.find(b"\n")
+        if newline >= 0:
+            return offset + newline + 1
+        offset += len(chunk)
+    return offset
 
 
 def plan_tasks(files: Sequence[pathlib.Path], piece_bytes: int = PIECE_BYTES) -> list[PrepareTask]:
