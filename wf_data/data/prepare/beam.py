@@ -36,7 +36,7 @@ from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from wf_data import atomic
-from wf_data.data.prepare import assemble, parts
+from wf_data.data.prepare import assemble, out_guard, parts
 from wf_data.data.prepare import out_dir as out_dir_lib
 from wf_data.data.prepare import run as prepare_lib
 from wf_data.data.prepare.options import PrepareOptions
@@ -108,6 +108,7 @@ def _build(inputs, out_dir, options, pipeline_options, overwrite):
     return pipeline, planned
 
 
+@out_guard.holding_lock
 def run(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
