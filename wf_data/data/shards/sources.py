@@ -23,6 +23,7 @@ The small writer helpers here (`write_shard`, `write_json_atomic`, `file_sha256`
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import itertools
 import json
@@ -70,6 +71,7 @@ __all__ = [
     "InMemorySource",
     "LENGTHS_NAME",
     "MANIFEST_NAME",
+    "ShardReadError",
     "compute_fingerprint",
     "decode_record",
     "encode_record",
@@ -344,6 +346,11 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> dict:
 # --------------------------------------------------------------------------- sources
 
 
+class ShardReadError(ValueError):
+    """A shard that Riegeli cannot read (a chunk hash mismatch: a flipped or lost byte); the
+    message names the dataset, shard and record and suggests `wf-data inspect --verify`."""
+
+
 class DocumentSource:
     """Random access over the records of a prepared dataset directory (all shards, in order).
 
@@ -446,7 +453,12 @@ class DocumentSource:
                     self._check_shard_lengths(shard)
                     global _READ_IN_PID
                     _READ_IN_PID = os.getpid()
-                    reader = ArrayRecordReader(os.fspath(self.shard_paths[shard]), READER_OPTIONS)
+                    try:
+                        reader = ArrayRecordReader(
+                            os.fspath(self.shard_paths[shard]), READER_OPTIONS
+                        )
+                    except RuntimeError as error:  # a damaged footer or index
+                        raise self._damaged(shard, None, error) from None
                     self._readers[shard] = reader
         return reader
 
@@ -531,11 +543,28 @@ class DocumentSource:
                 self._reader(shard)
         records: list[bytes] = []
         with self._lock:
-            for index, shard in zip(indices, shards, strict=True):
-                reader = readers[shard]
-                reader.seek(index - starts[shard])
-                records.append(reader.read())
+            try:
+                for index, shard in zip(indices, shards, strict=True):
+                    reader = readers[shard]
+                    reader.seek(index - starts[shard])
+                    records.append(reader.read())
+            except RuntimeError as error:  # Riegeli's report of a damaged chunk
+                raise self._damaged(shard, index - starts[shard], error) from None
         return records
+
+    def _damaged(self, shard: int, record: int | None, error: RuntimeError) -> ShardReadError:
+        """The error for a shard Riegeli cannot read; its reader is dropped, so that the
+        records of undamaged chunks stay readable."""
+        reader, self._readers[shard] = self._readers[shard], None
+        if reader is not None:
+            with contextlib.suppress(RuntimeError):  # close reports the same failure again
+                reader.close()
+        at = "" if record is None else f" record {record}"
+        return ShardReadError(
+            f"{self.path}: shard {self.shard_paths[shard].name}{at}: unreadable, the file is "
+            f"damaged ({error}); check every file with `wf-data inspect {self.path} --verify`, "
+            "then prepare the dataset again or restore it from a copy"
+        )
 
     def close(self) -> None:
         """Close the open shard readers (they reopen lazily on the next read)."""
