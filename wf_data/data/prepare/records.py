@@ -10,7 +10,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -234,29 +233,44 @@ def _string_field(obj: dict, key: str, where: str, flag: str) -> str:
     return value
 
 
-# The JSON escape of a UTF-16 surrogate (\\ud800-\\udfff): a line without one cannot hold one.
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-_SURROGATE = re.compile("[\ud800-\udfff]")
+SURROGATE_CHECK_CHARS = 1 << 20  # text checked for lone surrogates this much at a time
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """The index of the first lone UTF-16 surrogate in `text` (None: there is none).
+
+    JSON's `\\ud800` escapes parse into such characters, which no encoding can store. ASCII
+    text has none and is known so at no cost; other text is encoded in slices, which fails
+    exactly at one (a valid pair was parsed into one character), in bounded memory.
+    """
+    if text.isascii():
+        return None
+    for start in range(0, len(text), SURROGATE_CHECK_CHARS):
+        try:
+            text[start : start + SURROGATE_CHECK_CHARS].encode("utf-8")
+        except UnicodeEncodeError as error:
+            return start + error.start
+    return None
 
 
 def _check_no_surrogate(obj: dict, document: Any, where: str, fields: RecordFields) -> None:
     """BadInputError for a lone surrogate in `document` (the text fields of `obj`, or its
-    messages): no Unicode character, so the text can be neither stored as UTF-8 nor
-    tokenized. A valid escaped pair was parsed into one character and passes."""
+    messages): not Unicode text, so it can be neither stored as UTF-8 nor tokenized."""
     if isinstance(document, str):
-        texts = [(f"field {key!r}", obj[key]) for key in fields.text_keys]
+        if document.isascii():  # most text: no scan
+            return
+        named: Iterator[tuple[Any, str]] = ((key, obj[key]) for key in fields.text_keys)
+        label = "field {!r}"
     else:
-        texts = [
-            (f"message {i + 1} ({message['role']})", message["content"])
-            for i, message in enumerate(document["messages"])
-        ]
-    for name, text in texts:
-        match = _SURROGATE.search(text)
-        if match:
+        named = enumerate((message["content"] for message in document["messages"]), 1)
+        label = "message {}"
+    for key, text in named:
+        at = _lone_surrogate(text)
+        if at is not None:
             raise BadInputError(
-                f"{where}: {name} holds a lone UTF-16 surrogate \\u{ord(match[0]):04x} at "
-                f"character {match.start() + 1} (a \\u escape without its pair): not Unicode "
-                "text; fix the record or skip it with --skip-bad"
+                f"{where}: {label.format(key)} holds a lone UTF-16 surrogate "
+                f"\\u{ord(text[at]):04x} at character {at + 1} (a \\u escape without its pair): "
+                "not Unicode text; fix the record or skip it with --skip-bad"
             )
 
 
@@ -284,8 +298,7 @@ def _parse_jsonl_line(raw: bytes | int, where: str, fields: RecordFields, max_do
             f"{where}: malformed JSON: {error.msg} at column {error.colno}"
         ) from None
     document = fields.extract(obj, where)
-    if _SURROGATE_ESCAPE.search(raw):
-        _check_no_surrogate(obj, document, where, fields)
+    _check_no_surrogate(obj, document, where, fields)
     return document
 
 
