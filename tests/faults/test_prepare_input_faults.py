@@ -1,16 +1,14 @@
-"""Hostile inputs to `wf-data prepare`, for real (issue 19 cases 2, 10 and 12).
+"""Hostile inputs to `wf-data prepare`, for real (issue 19 cases 2 and 10).
 
 A lone UTF-16 surrogate in a record (jsonl escape, invalid UTF-8 in a parquet string column),
-a flipped byte in a `.jsonl.zst`, and a 1 GB single-line record: each is a bad record or a
-damaged file named by file and line, never a library traceback, silently altered text, or
-memory beyond the README's bound.
+and a flipped byte in a `.jsonl.zst`: each is a bad record named by file and line, or a
+damaged file, never a library traceback or silently altered text. (Case 12, memory, is in
+test_prepare_faults.py beside the 45 MB document.)
 """
 
 import json
 import pathlib
 import re
-import subprocess
-import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -185,49 +183,3 @@ def test_zst_frame_without_checksum_among_checked_ones_warns(tmp_path):
     with pytest.warns(UserWarning, match="carry no content checksum") as caught:
         prepare(path, tmp_path / "out", progress=False)
     assert len([w for w in caught if "checksum" in str(w.message)]) == 1
-
-
-# A fresh process per measurement: its own peak is the prepare's alone (the tokenizer is the
-# in-process `WordTokenizer`, so no loader process is involved).
-MEASURE = """
-import json, resource, sys
-sys.path.insert(0, sys.argv[1])
-from tests.faults._prepare_helpers import WordTokenizer
-from wf_data.data.prepare import prepare
-
-words = sys.argv[4].split()
-manifest = prepare(sys.argv[2], sys.argv[3], tokenizer=WordTokenizer(words), skip_bad=True,
-                   progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(json.dumps({"peak_mib": peak, "totals": manifest["totals"]}))
-"""
-
-
-def measure_prepare(tmp_path, inputs, words) -> dict:
-    """Peak RSS (MiB) and totals of `prepare(inputs, tokenizer=WordTokenizer(words))`."""
-    root = pathlib.Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, "-c", MEASURE, root, inputs, tmp_path / "out", " ".join(words)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout.splitlines()[-1])
-
-
-@pytest.mark.slow
-def test_one_gigabyte_line_in_bounded_memory(tmp_path):
-    """A 1 GB record (over max_doc_bytes) in a file prepare cuts into pieces: refused by its
-    size as it streams by, never held whole (it peaked at 1.84 GiB)."""
-    path = tmp_path / "huge.jsonl"
-    with open(path, "wb") as f:
-        f.write(b'{"text": "')
-        chunk = b"word " * 200_000
-        for _ in range(1000):
-            f.write(chunk)
-        f.write(b'"}\n{"text": "short word"}\n')
-    assert path.stat().st_size > 1_000_000_000
-    measured = measure_prepare(tmp_path, path, ["word", "short"])
-    assert measured["totals"]["records"] == 1 and measured["totals"]["skipped_bad"] == 1
-    assert measured["peak_mib"] < 300, measured
