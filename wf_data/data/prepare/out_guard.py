@@ -51,7 +51,18 @@ def writing(out_dir: str | os.PathLike) -> Iterator[None]:
     """
     out_dir = pathlib.Path(os.path.realpath(out_dir))  # as `prepare` resolves it
     create_parent(out_dir)
-    lock = _lock(out_dir)
+    with _failed_writes_named(out_dir):
+        lock = _lock(out_dir)
+        try:
+            yield
+        finally:
+            # Unlinked while held: a prepare that opened it meanwhile sees it is stale (`_lock`).
+            lock_path(out_dir).unlink(missing_ok=True)
+            os.close(lock)
+
+
+@contextlib.contextmanager
+def _failed_writes_named(out_dir: pathlib.Path) -> Iterator[None]:
     try:
         yield
     except (OSError, RuntimeError) as error:
@@ -59,10 +70,6 @@ def writing(out_dir: str | os.PathLike) -> Iterator[None]:
         if failure is None:
             raise
         raise failure from error
-    finally:
-        # Unlinked while held: a prepare that opened it meanwhile sees it is stale (`_lock`).
-        lock_path(out_dir).unlink(missing_ok=True)
-        os.close(lock)
 
 
 def _lock(out_dir: pathlib.Path) -> int:

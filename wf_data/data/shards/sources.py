@@ -347,8 +347,8 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> dict:
 
 
 class ShardReadError(ValueError):
-    """A shard that Riegeli cannot read (a chunk hash mismatch: a flipped or lost byte); the
-    message names the dataset, shard and record and suggests `wf-data inspect --verify`."""
+    """A shard that Riegeli cannot read (a chunk hash mismatch after a flipped byte, a failed
+    read); the message names the dataset, shard and record and suggests `inspect --verify`."""
 
 
 class DocumentSource:
@@ -561,9 +561,9 @@ class DocumentSource:
                 reader.close()
         at = "" if record is None else f" record {record}"
         return ShardReadError(
-            f"{self.path}: shard {self.shard_paths[shard].name}{at}: unreadable, the file is "
-            f"damaged ({error}); check every file with `wf-data inspect {self.path} --verify`, "
-            "then prepare the dataset again or restore it from a copy"
+            f"{self.path}: shard {self.shard_paths[shard].name}{at}: unreadable ({error}); "
+            f"a damaged file reads this way: check every file with `wf-data inspect "
+            f"{self.path} --verify`, then prepare the dataset again or restore it from a copy"
         )
 
     def close(self) -> None:
