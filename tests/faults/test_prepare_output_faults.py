@@ -7,7 +7,6 @@ the dataset in `--out` as it was; or, for the same files by another spelling, no
 
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -42,11 +41,11 @@ def _big_inputs(directory, files=2):
     return directory
 
 
-def _with_file_size_limit(limit_bytes):
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-
-    return limit
+# Runs argv[2:] with the file size limit argv[1] (bytes), by exec: no preexec_fn in pytest.
+LIMITED = (
+    "import os, resource, sys; limit = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)); os.execv(sys.argv[2], sys.argv[2:])"
+)
 
 
 @pytest.mark.slow
@@ -60,13 +59,8 @@ def test_file_size_limit_is_one_line_exit_2(tmp_path, workers):
     inputs = _big_inputs(tmp_path / "b")
     argv = [sys.executable, "-m", "wf_data.cli", "prepare", str(inputs), "--out", str(out)]
     argv += ["--overwrite", "--quiet", "--workers", str(workers)]
-    result = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        preexec_fn=_with_file_size_limit(256 << 10),
-    )
+    limited = [sys.executable, "-c", LIMITED, str(256 << 10), *argv]
+    result = subprocess.run(limited, capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"wf-data prepare: error: --out {out}: cannot write {tmp_path}/")
