@@ -31,6 +31,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from wf_data.extras import requires
+
 __all__ = [
     "LOADER_STATE_FILE",
     "AtomicWriter",
@@ -341,7 +343,8 @@ def save_dcp(
     Every rank calls it (or one process alone). ``path`` appears complete or not at all, and a
     previous ``path`` survives until the new one is published. Returns ``path``.
     """
-    import torch.distributed.checkpoint as dcp
+    with requires("torch", feature="save_dcp"):
+        import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     for name, value in (documents or {}).items():
@@ -363,8 +366,9 @@ def load_dcp(path: str | os.PathLike, state: dict[str, Any]) -> None:
     that admits only DCP's metadata classes and torch's ``weights_only`` types, so a crafted
     file raises CheckpointFormatError instead of running code.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
+    with requires("torch", feature="load_dcp"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
     reader, planner = _safe_dcp_types()
     reader(os.fspath(path)).read_metadata()  # refuse a crafted .metadata before DCP wraps errors

@@ -31,15 +31,17 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import apache_beam as beam
-from apache_beam.metrics.metric import Metrics, MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
-
 from wf_data import atomic
 from wf_data.data.prepare import assemble, parts
 from wf_data.data.prepare import out_dir as out_dir_lib
 from wf_data.data.prepare import run as prepare_lib
 from wf_data.data.shards import sources
+from wf_data.extras import requires
+
+with requires("beam", feature="wf-data prepare --runner beam"):
+    import apache_beam as beam
+    from apache_beam.metrics.metric import Metrics, MetricsFilter
+    from apache_beam.options.pipeline_options import PipelineOptions
 
 __all__ = ["build_pipeline", "run"]
 
