@@ -11,7 +11,7 @@ _EXPORTS = {
     "DocumentSource": "wf_data.data.shards.sources",
     "InMemorySource": "wf_data.data.shards.sources",
     "TokenizerWrapper": "wf_data.data.text.tokenization",
-    "tokenize": "wf_data.data.text.tokenization",
+    "tokenize": "wf_data.data.text.tokenize_dataset",
     "pack": "wf_data.data.read.packing",
     "PretrainDataset": "wf_data.data.read.pretrain",
     "SFTDataset": "wf_data.data.read.sft",
