@@ -80,13 +80,20 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         os.close(descriptor)
 
 
-def json_text(value: Any, where: str | os.PathLike) -> str:
-    """``value`` as canonical JSON text; TypeError naming ``where`` if it is not JSON-safe."""
+def json_text(value: Any, where: str | os.PathLike, *, indent: int | None = None) -> str:
+    """``value`` as canonical JSON text (sorted keys, no NaN); TypeError naming ``where`` if it
+    is not JSON-safe.
+
+    Without ``indent`` the text is compact ASCII, the form checkpoint digests are taken over;
+    with it, laid out for people (manifests) and non-ASCII characters kept as they are.
+    """
     try:
-        return json.dumps(value, sort_keys=True, allow_nan=False)
+        if indent is None:
+            return json.dumps(value, sort_keys=True, allow_nan=False)
+        return json.dumps(value, sort_keys=True, allow_nan=False, indent=indent, ensure_ascii=False)
     except (TypeError, ValueError) as error:
         raise TypeError(
-            f"{where}: the value to save is not JSON-safe ({error}); checkpoints store plain "
+            f"{where}: the value to save is not JSON-safe ({error}); JSON documents hold plain "
             "dicts, lists, str, int, finite float, bool and None"
         ) from error
 
@@ -189,13 +196,15 @@ def write_npy(path: str | os.PathLike, array: Any) -> None:
         np.save(file, np.asarray(array), allow_pickle=False)
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Write ``value`` as canonical JSON to ``path`` atomically (``AtomicWriter``).
+def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = None) -> None:
+    """Write ``value`` as canonical JSON (``json_text``) to ``path`` atomically
+    (``AtomicWriter``); ``indent`` lays it out for people, one line per value and a final newline.
 
     Raises TypeError naming ``path`` when ``value`` is not JSON-safe (NaN included), before
     anything is written.
     """
-    write_text(path, json_text(value, path))
+    text = json_text(value, path, indent=indent)
+    write_text(path, text if indent is None else text + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -228,7 +228,7 @@ class _PreparePart(beam.DoFn):
         finally:
             for written, _ in files:  # the writers removed their own temp files on failure
                 written.unlink(missing_ok=True)
-        sources.write_json_atomic(marker_path, dict(result, key=key))
+        atomic.write_json(marker_path, dict(result, key=key), indent=2)
         yield index, result
 
 
