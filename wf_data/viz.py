@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from wf_data import atomic
+from wf_data.data import IGNORE_INDEX
 from wf_data.extras import requires
 
 with requires("plot", feature="wf_data.viz"):
@@ -26,7 +27,6 @@ with requires("plot", feature="wf_data.viz"):
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-IGNORE_INDEX = -100
 # Domain colours: tab10 first (distinct, colour-blind friendlier than the default cycle).
 _PALETTE = tuple(
     mcolors.to_hex(c)
