@@ -16,7 +16,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "wf_data"
-TOOLS = ROOT / "tools"
 # The data stages in the order a batch goes through them; a stage imports only earlier ones.
 STAGES = ("workers", "text", "shards", "prepare", "plan", "mix", "read", "deliver")
 # Top-level modules every layer may import (they import no other wf_data module but each other).
@@ -26,34 +25,28 @@ SHARED = {"wf_data.atomic", "wf_data.extras"}
 DATA_MAY_IMPORT = SHARED | {"wf_data.config", "wf_data.data"}
 
 
-def _module_name(file: Path) -> str:
-    parts = list(file.relative_to(ROOT).with_suffix("").parts)
+def _module_name(file: Path, root: Path) -> str:
+    parts = list(file.relative_to(root).with_suffix("").parts)
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
-def _modules() -> dict[str, Path]:
-    """Every module of wf_data/ and tools/ by dotted name (packages by their `__init__`)."""
-    files = [*PACKAGE.rglob("*.py"), *TOOLS.glob("*.py")]
-    return {_module_name(file): file for file in sorted(files)}
-
-
-def _imports(file: Path, modules: dict[str, Path]) -> set[str]:
+def _imports(file: Path, modules: dict[str, Path], root: Path) -> set[str]:
     """The modules of `modules` that `file` imports anywhere (function-level imports included).
 
     `from pkg import name` is `pkg.name` when that is a module, else `pkg`; relative imports
     are resolved; a bare `import bench_loader` in tools/ (run with tools/ on sys.path) is
     `tools.bench_loader`.
     """
-    this = _module_name(file)
+    this = _module_name(file, root)
     package = this if file.name == "__init__.py" else this.rpartition(".")[0]
     found = set()
 
     def resolve(name: str) -> str | None:
         if name in modules:
             return name
-        if file.parent == TOOLS and f"tools.{name}" in modules:
+        if file.parent == root / "tools" and f"tools.{name}" in modules:
             return f"tools.{name}"
         return None
 
@@ -75,10 +68,12 @@ def _imports(file: Path, modules: dict[str, Path]) -> set[str]:
     return found
 
 
-def import_graph() -> dict[str, set[str]]:
-    """`{module: modules it imports}` over wf_data/ and tools/."""
-    modules = _modules()
-    return {name: _imports(file, modules) for name, file in modules.items()}
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """`{module: modules it imports}` over `root`/wf_data/ and `root`/tools/ (packages by their
+    `__init__`)."""
+    files = sorted([*(root / "wf_data").rglob("*.py"), *(root / "tools").glob("*.py")])
+    modules = {_module_name(file, root): file for file in files}
+    return {name: _imports(file, modules, root) for name, file in modules.items()}
 
 
 def find_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -172,7 +167,7 @@ def layering_violations(graph: dict[str, set[str]]) -> list[str]:
 def test_every_data_module_is_in_a_stage():
     strays = [
         name
-        for name in _modules()
+        for name in import_graph()
         if name.startswith("wf_data.data.") and name.split(".")[2] not in STAGES
     ]
     assert not strays, f"data modules outside the stages {STAGES}: {strays}"
@@ -190,7 +185,7 @@ def test_stage_order():
     assert not violations, "imports against the layering:\n" + "\n".join(violations)
 
 
-def test_the_checker_resolves_imports_and_finds_cycles(tmp_path, monkeypatch):
+def test_the_checker_resolves_imports_and_finds_cycles(tmp_path):
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a", "d"}, "d": set(), "e": {"f"}, "f": {"e"}}
     assert find_cycles(graph) == [["a", "b", "c", "a"], ["e", "f", "e"]]
     assert find_cycles({"a": {"b"}, "b": set()}) == []
@@ -224,18 +219,10 @@ def test_the_checker_resolves_imports_and_finds_cycles(tmp_path, monkeypatch):
     )
     (tmp_path / "tools/bench.py").write_text("import bench_planning\n")
     (tmp_path / "tools/bench_planning.py").write_text("from wf_data.data.plan import plans\n")
-    monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path, raising=False)
-    globals().update(ROOT=tmp_path, PACKAGE=tmp_path / "wf_data", TOOLS=tmp_path / "tools")
-    try:
-        graph = import_graph()
-    finally:
-        globals().update(ROOT=ROOT_REAL, PACKAGE=ROOT_REAL / "wf_data", TOOLS=ROOT_REAL / "tools")
+    graph = import_graph(tmp_path)
     assert graph["wf_data.data.plan.batching"] == {"wf_data.data.plan.plans", "wf_data.data.plan"}
     assert graph["tools.bench"] == {"tools.bench_planning"}
     assert graph["tools.bench_planning"] == {"wf_data.data.plan.plans"}
-
-
-ROOT_REAL = ROOT
 
 
 def test_distributed_imports_only_itself_and_the_shared_modules():
@@ -285,9 +272,9 @@ def test_no_private_grain_api():
     attribute of Grain's base classes used or overridden (they change without notice)."""
     private = _grain_private_names()
     assert {"_parent", "_getitems", "_stats", "_MUTATES_ELEMENT_SPEC"} <= private
-    files = sorted([*PACKAGE.rglob("*.py"), *(PACKAGE.parent / "tools").rglob("*.py")])
+    files = sorted([*PACKAGE.rglob("*.py"), *(ROOT / "tools").rglob("*.py")])
     offending = [
-        f"{file.relative_to(PACKAGE.parent)}:{line} {what}"
+        f"{file.relative_to(ROOT)}:{line} {what}"
         for file in files
         for line, what in _private_grain_uses(ast.parse(file.read_text()), private)
     ]
