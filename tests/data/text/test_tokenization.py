@@ -255,8 +255,9 @@ def test_manifest_without_vocab_fingerprint_compares_sizes_and_special_ids(token
     check_source_tokenizer(SimpleNamespace(manifest={"tokenizer": None}), tokenizer)
 
 
-def test_loading_a_tokenizer_does_not_import_grain_or_jax():
-    # Prepare workers and the CLI load tokenizers; importing Grain (and JAX) costs seconds.
+def test_loading_a_tokenizer_does_not_import_grain_jax_or_transformers():
+    # Prepare workers and the CLI load tokenizers; importing Grain (and JAX) costs seconds, and
+    # transformers (and torch with it) is not needed for a plain tokenizer.json.
     import subprocess
     import sys
 
@@ -264,7 +265,7 @@ def test_loading_a_tokenizer_does_not_import_grain_or_jax():
         "import sys\n"
         "from wf_data.data.text.tokenization import TokenizerWrapper\n"
         "TokenizerWrapper.from_pretrained('wf-data-demo').encode('hi')\n"
-        "print(sorted(m for m in ('grain', 'jax') if m in sys.modules))\n"
+        "print(sorted(m for m in ('grain', 'jax', 'transformers', 'torch') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
