@@ -1,4 +1,5 @@
-"""Tests for wf_data.data.text.tokenization: the TokenizerWrapper and the tokenize transform."""
+"""Tests for wf_data.data.text.tokenization: the TokenizerWrapper, its fingerprints and the check
+of a token source's tokenizer."""
 
 import multiprocessing
 import pickle

@@ -6,16 +6,9 @@ import grain
 import numpy as np
 import pytest
 
+from tests.data.text.test_tokenization import TEXTS
 from wf_data.data.text.tokenization import DEMO_TOKENIZER_NAME, TokenizerWrapper
 from wf_data.data.text.tokenize_dataset import TokenizeDataset, tokenize
-
-TEXTS = [
-    "Hello world, this is wf-data.",
-    "def f(x):\n    return x * 2\n",
-    "Question: 3 apples at $2 each?\nAnswer: 3 * 2 = $6.",
-    "",
-    "unicode: naïve café ∑ 😀",
-]
 
 
 @pytest.fixture(scope="module")
