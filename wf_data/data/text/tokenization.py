@@ -102,6 +102,9 @@ class TokenizerWrapper:
         self._special_ids = {key: special_ids.get(key) for key in _SPECIALS}
         self._chat_template = chat_template
         self._hf_tokenizer = hf_tokenizer
+        # Loaded by transformers: decode as it does (it may clean up spaces); the files read
+        # without it decode the same with the backend alone.
+        self._decode = hf_tokenizer.decode if hf_tokenizer is not None else backend.decode
         self._name = name
         self._name_or_path = name_or_path
         self.add_bos = bool(add_bos)
@@ -237,10 +240,7 @@ class TokenizerWrapper:
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         """Text of the token ids ``ids`` (a 1-D int array or sequence)."""
-        ids = np.asarray(ids).tolist()
-        if self._hf_tokenizer is not None:  # loaded by transformers: decode as it does
-            return self._hf_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)
 
     def fingerprint(self) -> str:
         """sha256 hex over the tokenizer files (sorted by name) and the bos/eos flags.
