@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from wf_data.data import IGNORE_INDEX  # noqa: E402
 from wf_data.data.deliver.loader_state import PendingLosses  # noqa: E402
 from wf_data.distributed import (  # noqa: E402
     ParallelDims,
@@ -47,7 +48,6 @@ from wf_data.distributed import (  # noqa: E402
 )
 
 log = logging.getLogger("train")
-IGNORE_INDEX = -100
 DTYPES = {
     None: None,
     "float32": torch.float32,

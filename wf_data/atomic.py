@@ -31,6 +31,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from wf_data.extras import requires
+
 __all__ = [
     "LOADER_STATE_FILE",
     "AtomicWriter",
@@ -78,13 +80,20 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         os.close(descriptor)
 
 
-def json_text(value: Any, where: str | os.PathLike) -> str:
-    """``value`` as canonical JSON text; TypeError naming ``where`` if it is not JSON-safe."""
+def json_text(value: Any, where: str | os.PathLike, *, indent: int | None = None) -> str:
+    """``value`` as canonical JSON text (sorted keys, no NaN); TypeError naming ``where`` if it
+    is not JSON-safe.
+
+    Without ``indent`` the text is compact ASCII, the form checkpoint digests are taken over;
+    with it, laid out for people (manifests) and non-ASCII characters kept as they are.
+    """
     try:
-        return json.dumps(value, sort_keys=True, allow_nan=False)
+        if indent is None:
+            return json.dumps(value, sort_keys=True, allow_nan=False)
+        return json.dumps(value, sort_keys=True, allow_nan=False, indent=indent, ensure_ascii=False)
     except (TypeError, ValueError) as error:
         raise TypeError(
-            f"{where}: the value to save is not JSON-safe ({error}); checkpoints store plain "
+            f"{where}: the value to save is not JSON-safe ({error}); JSON documents hold plain "
             "dicts, lists, str, int, finite float, bool and None"
         ) from error
 
@@ -187,13 +196,15 @@ def write_npy(path: str | os.PathLike, array: Any) -> None:
         np.save(file, np.asarray(array), allow_pickle=False)
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Write ``value`` as canonical JSON to ``path`` atomically (``AtomicWriter``).
+def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = None) -> None:
+    """Write ``value`` as canonical JSON (``json_text``) to ``path`` atomically
+    (``AtomicWriter``); ``indent`` lays it out for people, one line per value and a final newline.
 
     Raises TypeError naming ``path`` when ``value`` is not JSON-safe (NaN included), before
     anything is written.
     """
-    write_text(path, json_text(value, path))
+    text = json_text(value, path, indent=indent)
+    write_text(path, text if indent is None else text + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -341,7 +352,8 @@ def save_dcp(
     Every rank calls it (or one process alone). ``path`` appears complete or not at all, and a
     previous ``path`` survives until the new one is published. Returns ``path``.
     """
-    import torch.distributed.checkpoint as dcp
+    with requires("torch", feature="save_dcp"):
+        import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     for name, value in (documents or {}).items():
@@ -363,8 +375,9 @@ def load_dcp(path: str | os.PathLike, state: dict[str, Any]) -> None:
     that admits only DCP's metadata classes and torch's ``weights_only`` types, so a crafted
     file raises CheckpointFormatError instead of running code.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
+    with requires("torch", feature="load_dcp"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
     reader, planner = _safe_dcp_types()
     reader(os.fspath(path)).read_metadata()  # refuse a crafted .metadata before DCP wraps errors

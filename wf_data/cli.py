@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from wf_data.extras import MissingExtraError
+
 PERCENTILES = (0, 10, 50, 90, 99, 100)
 HISTOGRAM_WIDTH = 40
 LENGTH_SAMPLE = 10_000  # text/chat: lengths measured on this many evenly spaced records
@@ -235,12 +237,8 @@ def _prepare_on_beam(args: argparse.Namespace, options: Any) -> dict:
             "--workers applies to --runner local; Beam sets its own parallelism "
             "(--beam-options='--direct_num_workers=N', or the cluster runner's worker options)"
         )
-    try:
-        from wf_data.data.prepare import beam as prepare_beam
-    except ImportError as error:
-        raise CommandError(
-            f"--runner beam needs Apache Beam ({error}): pip install 'wf-data[beam]'"
-        ) from None
+    from wf_data.data.prepare import beam as prepare_beam
+
     return prepare_beam.run(
         args.inputs,
         args.out,
@@ -457,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CommandError, ValueError, FileNotFoundError) as error:
+    except (CommandError, ValueError, FileNotFoundError, MissingExtraError) as error:
         print(f"wf-data {args.command}: error: {error}", file=sys.stderr)
         return 1
 

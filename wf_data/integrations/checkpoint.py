@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wf_data import atomic
+from wf_data.extras import requires
 
 LOADER_KEY = "loader"
 
@@ -31,8 +32,9 @@ def _loader_state(loader) -> Any:
 def _orbax_args() -> tuple[type, type]:
     """``(save args, restore args)`` classes of the loader-state Orbax item, built on first use
     (Orbax and JAX are optional)."""
-    import jax
-    import orbax.checkpoint as ocp
+    with requires("jax", feature="the Orbax loader-state item"):
+        import jax
+        import orbax.checkpoint as ocp
 
     class LoaderStateHandler(ocp.CheckpointHandler):
         """One JSON file per step, written by the primary host through ``wf_data.atomic``."""
@@ -69,7 +71,8 @@ def orbax_restore_args() -> Any:
 
 def save_with_orbax(manager, step: int, loader, **items: Any) -> bool:
     """Saves the loader state beside other Orbax items (``name=ocp.args...``) at ``step``."""
-    import orbax.checkpoint as ocp
+    with requires("jax", feature="save_with_orbax"):
+        import orbax.checkpoint as ocp
 
     saved = manager.save(
         step, args=ocp.args.Composite(**{LOADER_KEY: orbax_save_args(loader)}, **items)
@@ -83,7 +86,8 @@ def restore_with_orbax(manager, loader, step: int | None = None, **items: Any) -
 
     Other items are restored with the ``ocp.args`` given in ``items``.
     """
-    import orbax.checkpoint as ocp
+    with requires("jax", feature="restore_with_orbax"):
+        import orbax.checkpoint as ocp
 
     step = manager.latest_step() if step is None else step
     if step is None:

@@ -19,11 +19,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
 from wf_data.atomic import read_json, write_json
-from wf_data.integrations.torch_dataset import LoaderDataset, check_model
+from wf_data.extras import requires
+
+with requires("torch", "hf", feature="the Hugging Face Trainer callback"):
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from wf_data.integrations.torch_dataset import LoaderDataset, check_model
 
 __all__ = ["STATE_FILE", "LoaderStateCallback"]
 

@@ -23,9 +23,11 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch.utils.data import IterableDataset, get_worker_info
-
 from wf_data.data.shards.sources import read_before_fork
+from wf_data.extras import requires
+
+with requires("torch", feature="LoaderDataset"):
+    from torch.utils.data import IterableDataset, get_worker_info
 
 __all__ = ["LoaderDataset", "check_model"]
 

@@ -21,10 +21,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torchtitan.components.dataloader import BaseDataLoader
-
 from wf_data.data.deliver.factory import get_loader
+from wf_data.extras import requires
+
+with requires("torch", "titan", feature="the torchtitan data loader"):
+    import torch
+    from torchtitan.components.dataloader import BaseDataLoader
 
 __all__ = ["WfDataTitanLoader"]
 

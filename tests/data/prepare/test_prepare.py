@@ -421,11 +421,11 @@ def test_out_dir_with_other_files_refused(corpus, tmp_path):
 def test_manifest_written_last(corpus, tmp_path, monkeypatch):
     in_dir, _ = corpus
     order = []
-    real_write = sources.write_json_atomic
+    real_write = atomic.write_json
     monkeypatch.setattr(
-        sources,
-        "write_json_atomic",
-        lambda path, obj: order.append(os.path.basename(path)) or real_write(path, obj),
+        atomic,
+        "write_json",
+        lambda path, obj, **kw: order.append(os.path.basename(path)) or real_write(path, obj, **kw),
     )
     _run([in_dir], tmp_path / "out", num_shards=2)
     assert order[-1] == "manifest.json" and order.count("manifest.json") == 1

@@ -287,12 +287,13 @@ def test_write_shard_is_atomic_and_deterministic(tmp_path):
 
 _SPECULATIVE_COPY = """
 import sys
+from wf_data import atomic
 from wf_data.data.shards import sources
 directory, byte = sys.argv[1], int(sys.argv[2])
 records = [bytes([byte]) * 4096] * 64
 for _ in range(25):
     written = sources.write_shard(directory + "/part.array_record", records)
-    sources.write_json_atomic(directory + "/part.done.json", dict(written, byte=byte))
+    atomic.write_json(directory + "/part.done.json", dict(written, byte=byte), indent=2)
 """
 
 

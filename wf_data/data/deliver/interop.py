@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from wf_data.extras import requires
+
 __all__ = ["host_array", "to_jax", "to_torch"]
 
 # Kinds DLPack and both frameworks represent: bool, signed/unsigned int, float, complex.
@@ -83,7 +85,8 @@ def to_torch(
     Without CUDA, pinning is skipped with a warning (as ``torch.utils.data.DataLoader`` does).
     Torch tensors in the batch pass through, moved to ``device`` when elsewhere.
     """
-    import torch
+    with requires("torch", feature="to_torch"):
+        import torch
 
     target = torch.device("cpu" if device is None else device)
     if target.type == "cuda" and not torch.cuda.is_available():
@@ -134,9 +137,10 @@ def to_jax(batch: Any, sharding: Any = None, *, global_batch_size: int | None = 
     (default: inferred by JAX, local rows x processes along the batch axis). Without
     ``jax_enable_x64``, JAX stores 64-bit dtypes as 32-bit; the batch schema is int32 anyway.
     """
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    with requires("jax", feature="to_jax"):
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     if isinstance(sharding, Mesh):
         axis = "data" if "data" in sharding.axis_names else sharding.axis_names[0]

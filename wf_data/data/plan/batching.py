@@ -27,7 +27,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from wf_data.data.read.rows import PLAN_KEYS
+from wf_data.data.plan import PLAN_KEYS
 
 __all__ = ["BatchPlans", "StepShard", "batch_plans"]
 

@@ -82,9 +82,10 @@ def assemble_shard(out_dir: str | os.PathLike, shard: int) -> dict:
         "tokens": int(lengths.sum()),
         "sha256": written["sha256"],
     }
-    sources.write_json_atomic(
+    atomic.write_json(
         _marker_path(_work_dir(out_dir) / file_name),
         dict(entry, key=plan["shard_keys"][shard], size=(build / file_name).stat().st_size),
+        indent=2,
     )
     return entry
 

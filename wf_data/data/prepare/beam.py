@@ -31,16 +31,18 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import apache_beam as beam
-from apache_beam.metrics.metric import Metrics, MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
-
 from wf_data import atomic
 from wf_data.data.prepare import assemble, out_guard, parts
 from wf_data.data.prepare import out_dir as out_dir_lib
 from wf_data.data.prepare import run as prepare_lib
 from wf_data.data.prepare.options import PrepareOptions
 from wf_data.data.shards import sources
+from wf_data.extras import requires
+
+with requires("beam", feature="wf-data prepare --runner beam"):
+    import apache_beam as beam
+    from apache_beam.metrics.metric import Metrics, MetricsFilter
+    from apache_beam.options.pipeline_options import PipelineOptions
 
 __all__ = ["build_pipeline", "run"]
 
@@ -231,7 +233,7 @@ class _PreparePart(beam.DoFn):
         finally:
             for written, _ in files:  # the writers removed their own temp files on failure
                 written.unlink(missing_ok=True)
-        sources.write_json_atomic(marker_path, dict(result, key=key))
+        atomic.write_json(marker_path, dict(result, key=key), indent=2)
         yield index, result
 
 

@@ -33,6 +33,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from wf_data import atomic
 from wf_data.data.prepare import out_dir as out_dir_lib
 from wf_data.data.prepare import out_guard
 from wf_data.data.prepare.assemble import (
@@ -88,7 +89,7 @@ def _run_part(part_path: str, task: PrepareTask, key: str, options: dict) -> dic
     if progress is None and progress_queue is not None:
         progress = lambda docs, tokens: progress_queue.put((docs, tokens))  # noqa: E731
     result = prepare_file(task, part_path, tokenizer=tokenizer, progress=progress, **options)
-    sources.write_json_atomic(_marker_path(pathlib.Path(part_path)), dict(result, key=key))
+    atomic.write_json(_marker_path(pathlib.Path(part_path)), dict(result, key=key), indent=2)
     return result
 
 
@@ -160,7 +161,7 @@ class PreparePlan:
             skipped_bad=sum(result["skipped_bad"] for result in part_results),
         )
         _work_dir(self.out_dir).mkdir(parents=True, exist_ok=True)
-        sources.write_json_atomic(_work_dir(self.out_dir) / "plan.json", plan)
+        atomic.write_json(_work_dir(self.out_dir) / "plan.json", plan, indent=2)
 
 
 def plan_prepare(

@@ -28,9 +28,10 @@ from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from wf_data.data import IGNORE_INDEX
+from wf_data.data.plan import PLAN_KEYS
+
 ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
-PLAN_KEYS = ("doc_ids", "offsets", "lengths")
 _DOC_BITS = 40  # document index bits in the (domain, document) keys of one read
 _DOC_MASK = (1 << _DOC_BITS) - 1
 # Mean piece size from which copying a slice per piece (~0.4 us each) beats one gather of

@@ -16,7 +16,7 @@ any field or file is detected. Opening checks what needs no scan (fingerprint, f
 lengths count; `lengths.npy` is memory-mapped); the first read of a shard checks its lengths'
 sum, and every read checks each token record's length against `lengths.npy`;
 `verify_dataset` (`wf-data inspect --verify`) hashes every file and recomputes the lengths.
-The small writer helpers here (`write_shard`, `write_json_atomic`, `file_sha256`) are what
+The small writer helpers here (`write_shard`, `file_sha256`) are what
 `wf_data.data.prepare.run` uses, so that reading and writing agree on one encoding.
 """
 
@@ -83,7 +83,6 @@ __all__ = [
     "validate_chat_messages",
     "validate_manifest",
     "verify_dataset",
-    "write_json_atomic",
     "write_manifest",
     "write_shard",
 ]
@@ -176,12 +175,6 @@ def decode_record(
 
 
 # --------------------------------------------------------------------------- atomic writers
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as deterministic JSON (sorted keys, indented) atomically (`wf_data.atomic`)."""
-    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
-    atomic.write_text(path, text + "\n")
 
 
 def write_shard(
@@ -339,7 +332,7 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> dict:
     manifest["fingerprint"] = compute_fingerprint(manifest)
     path = out_dir / MANIFEST_NAME
     validate_manifest(manifest, where=str(path))
-    write_json_atomic(path, manifest)
+    atomic.write_json(path, manifest, indent=2)
     return manifest
 
 
