@@ -10,7 +10,8 @@
                                                      batches 0..step (cumulative),
      "domain_names": str                             JSON list of the K domain names}
 
-A partial last batch is dropped. Because a batch plan carries its own step and cumulative
+A batch takes its rows as one block from a parent that hands blocks over (our mixer and
+planners, `wf_data.data.plan.blocks`), else row by row. A partial last batch is dropped. Because a batch plan carries its own step and cumulative
 counts, whoever consumes it (the loader, after worker processes read it) knows the step and the
 statistics of the last batch delivered without any state of its own; and because it names its
 domains, a batch planned before a restore into re-weighted or added domains is read right
@@ -27,7 +28,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from wf_data.data.read.rows import PLAN_KEYS
+from wf_data.data.plan.blocks import PIECE_KEYS, next_rows
 
 __all__ = ["BatchPlans", "StepShard", "batch_plans"]
 
@@ -81,23 +82,22 @@ class BatchPlansIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, Any]:
         if self._ended:
             raise StopIteration
-        rows = []
-        for _ in range(self._batch_size):
-            try:
-                rows.append(next(self._plans))
-            except StopIteration:
-                # A partial batch is dropped on every rank alike: no rank waits for a batch
-                # another rank never gets.
-                self._ended = True
-                raise
-        batch = {
-            key: np.concatenate([row[key] for row in rows]).astype(np.int64, copy=False)
-            for key in PLAN_KEYS
-        }
-        batch["row_pieces"] = np.fromiter(
-            (len(row["doc_ids"]) for row in rows), np.int64, len(rows)
+        try:
+            rows = next_rows(self._plans, self._batch_size)
+        except StopIteration:
+            rows = None
+        if rows is None or len(rows) < self._batch_size:
+            # A partial batch is dropped on every rank alike: no rank waits for a batch
+            # another rank never gets.
+            self._ended = True
+            raise StopIteration
+        batch = dict(zip(PIECE_KEYS, (a.astype(np.int64, copy=False) for a in rows.pieces())))
+        batch["row_pieces"] = rows.row_pieces
+        domain_ids = (
+            np.zeros(len(rows), dtype=np.int32)
+            if rows.domains is None
+            else rows.domains.astype(np.int32)
         )
-        domain_ids = np.fromiter((row.get("domain", 0) for row in rows), np.int32, len(rows))
         if domain_ids.min() < 0 or domain_ids.max() >= self._num_domains:
             bad = int(domain_ids[(domain_ids < 0) | (domain_ids >= self._num_domains)][0])
             raise ValueError(
@@ -106,9 +106,7 @@ class BatchPlansIterator(grain.DatasetIterator):
                 "in its order (domain_names=mixer.names)"
             )
         batch["domain_ids"] = domain_ids
-        row_tokens = np.add.reduceat(
-            batch["lengths"], np.cumsum(batch["row_pieces"]) - batch["row_pieces"]
-        )
+        row_tokens = np.add.reduceat(batch["lengths"], rows.starts[:-1] - rows.starts[0])
         self._rows += np.bincount(domain_ids, minlength=self._num_domains)
         self._tokens += np.bincount(
             domain_ids, weights=row_tokens, minlength=self._num_domains

@@ -30,12 +30,12 @@ import json
 import numbers
 import sys
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
+from wf_data.data.plan.blocks import RowBlock
 from wf_data.data.plan.permutation import LazyPermutation
 
 # Documents per best-fit window: >= 99% fill on lognormal document lengths with seq_len 2048
@@ -290,21 +290,6 @@ class _EpochOffsets:
         return doc_ids, offsets
 
 
-def split_rows(
-    doc_ids: np.ndarray,
-    offsets: np.ndarray,
-    lengths: np.ndarray,
-    row_pieces: np.ndarray,
-    epochs: Sequence[int],
-) -> list[dict[str, Any]]:
-    """Row plans from flat piece arrays and the number of pieces of each row."""
-    bounds = np.concatenate([[0], np.cumsum(row_pieces)]).tolist()
-    return [
-        {"doc_ids": doc_ids[a:b], "offsets": offsets[a:b], "lengths": lengths[a:b], "epoch": epoch}
-        for a, b, epoch in zip(bounds[:-1], bounds[1:], epochs, strict=True)
-    ]
-
-
 class ConcatPlans(_Plans, grain.MapDataset):
     """Documents laid end to end and cut every `seq_len` tokens: 100% fill, random access.
 
@@ -343,7 +328,7 @@ class ConcatPlans(_Plans, grain.MapDataset):
         if not length:
             raise IndexError(f"{self} has no rows (no tokens)")
         # Indices wrap around, as in Grain's sources: `.repeat()` and negative indices rely on it.
-        return self.plan_rows(np.array([index % length]))[0]
+        return self.plan_block(np.array([index % length])).row(0)
 
     def __iter__(self) -> ConcatPlansIterator:
         return ConcatPlansIterator(self)
@@ -362,39 +347,50 @@ class ConcatPlans(_Plans, grain.MapDataset):
 
     def plan_rows(self, rows: np.ndarray) -> list[dict[str, Any]]:
         """Row plans of rows `rows` ((n,) int, any order), vectorised over all of them."""
+        block = self.plan_block(rows)
+        return [block.row(i) for i in range(len(block))]
+
+    def plan_block(self, rows: np.ndarray) -> RowBlock:
+        """The plans of rows `rows` ((n,) int, any order) as one block."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         length = len(self)
         if rows.size and (rows.min() < 0 or rows.max() >= length):
             bad = int(rows[(rows < 0) | (rows >= length)][0])
             raise IndexError(f"row {bad} out of range for {self} with {length} rows")
         if not rows.size:
-            return []
-        return split_rows(
-            *self._pieces(rows), (rows * self.seq_len // self.tokens_per_epoch).tolist()
-        )
+            return RowBlock.empty()
+        return RowBlock.from_counts(*self._pieces(rows))
 
     def _pieces(self, rows: np.ndarray):
-        """(doc_ids, offsets, lengths, row_pieces) of `rows`: flat arrays in row order."""
+        """(doc_ids, offsets, lengths, row_pieces, epochs) of `rows`: flat piece arrays in row
+        order, and the epoch of each row's first token."""
         tokens, seq_len = self.tokens_per_epoch, self.seq_len
-        span_start = rows * seq_len
-        span_stop = span_start + seq_len
-        if self.num_epochs is not None:
-            np.minimum(span_stop, self.num_epochs * tokens, out=span_stop)
-        # Cut each row's token span at epoch boundaries into (row, epoch, lo, hi) spans.
+        # Row r starts at token r * seq_len of the stream of epochs, past int64 for an endless
+        # plan's last rows: with r = q * tokens + rest, it is token rest * seq_len % tokens of
+        # epoch q * seq_len + rest * seq_len // tokens, each term well inside int64.
+        whole, rest = np.divmod(rows, tokens)
+        epoch, span_start = np.divmod(rest * seq_len, tokens)
+        epoch += whole * seq_len
+        row_epochs = epoch
+        remaining = np.full(rows.size, seq_len, dtype=np.int64)
+        if self.num_epochs is not None:  # the stream ends after num_epochs * tokens tokens
+            np.minimum(remaining, (self.num_epochs - epoch) * tokens - span_start, out=remaining)
+        # Cut each row's tokens at epoch boundaries into (row, epoch, lo, hi) spans.
         spans = []
         span_rows = np.arange(rows.size)
         while span_rows.size:
-            epoch = span_start // tokens
-            base = epoch * tokens
-            cut = np.minimum(span_stop, base + tokens)
-            spans.append((span_rows, epoch, span_start - base, cut - base))
-            more = cut < span_stop
-            span_rows, span_start, span_stop = span_rows[more], cut[more], span_stop[more]
+            cut = np.minimum(span_start + remaining, tokens)
+            spans.append((span_rows, epoch, span_start, cut))
+            remaining = remaining - (cut - span_start)
+            more = remaining > 0
+            span_rows, epoch, remaining = span_rows[more], epoch[more] + 1, remaining[more]
+            span_start = np.zeros(span_rows.size, dtype=np.int64)
         span_rows, span_epochs, span_lo, span_hi = (
             np.concatenate(part) for part in zip(*spans, strict=True)
         )
         piece_rows, piece_docs, piece_offsets, piece_stops = [], [], [], []
-        for epoch in np.unique(span_epochs).tolist():
+        epochs = np.unique(span_epochs).tolist()
+        for epoch in epochs:
             select = np.flatnonzero(span_epochs == epoch)
             lo, hi = span_lo[select], span_hi[select]
             with self._lock:  # the chunk cache is shared by Grain's reader threads
@@ -412,15 +408,19 @@ class ConcatPlans(_Plans, grain.MapDataset):
             piece_docs.append(doc_ids[k[keep]])
             piece_offsets.append(starts[keep])
             piece_stops.append(stops[keep])
-        # A row's spans were added in epoch order, which a stable sort by row keeps.
         piece_rows = np.concatenate(piece_rows)
-        by_row = np.argsort(piece_rows, kind="stable")
-        offsets = np.concatenate(piece_offsets)[by_row]
+        docs, offsets, stops = (
+            np.concatenate(part) for part in (piece_docs, piece_offsets, piece_stops)
+        )
+        if len(epochs) > 1:  # pieces came epoch by epoch, a row's in its epochs' order
+            by_row = np.argsort(piece_rows, kind="stable")
+            docs, offsets, stops = docs[by_row], offsets[by_row], stops[by_row]
         return (
-            np.concatenate(piece_docs)[by_row],
+            docs,
             offsets,
-            np.concatenate(piece_stops)[by_row] - offsets,
+            stops - offsets,
             np.bincount(piece_rows, minlength=rows.size),
+            row_epochs,
         )
 
 
@@ -434,20 +434,33 @@ class ConcatPlansIterator(grain.DatasetIterator):
         super().__init__()
         self._plans = plans
         self._row = 0
-        self._block: list[dict[str, Any]] = []
+        self._block = RowBlock.empty()
         self._block_start = 0
 
-    def __next__(self) -> dict[str, Any]:
+    def _block_index(self, rows: int) -> int:
+        """Index of the next row in `_block`, planning at least `rows` rows from it if the
+        block does not hold it. Raises `StopIteration` at the end."""
         index = self._row - self._block_start
         if not 0 <= index < len(self._block):
-            block = min(512, max(1, CONCAT_BLOCK_TOKENS // self._plans.seq_len))
-            stop = min(self._row + block, len(self._plans))
+            default = min(512, max(1, CONCAT_BLOCK_TOKENS // self._plans.seq_len))
+            stop = min(self._row + max(rows, default), len(self._plans))
             if self._row >= stop:
                 raise StopIteration
-            self._block = self._plans.plan_rows(np.arange(self._row, stop))
+            self._block = self._plans.plan_block(np.arange(self._row, stop))
             self._block_start, index = self._row, 0
+        return index
+
+    def __next__(self) -> dict[str, Any]:
+        index = self._block_index(1)  # first: it may plan the next block
         self._row += 1
-        return self._block[index]
+        return self._block.row(index)
+
+    def next_block(self, max_rows: int) -> RowBlock:
+        """The next 1 to `max_rows` rows (see `wf_data.data.plan.blocks.BlockIterator`)."""
+        index = self._block_index(max_rows)
+        stop = min(index + max_rows, len(self._block))
+        self._row += stop - index
+        return self._block.slice(index, stop)
 
     def get_state(self) -> dict[str, Any]:
         return {**self._plans.state_check(), "row": self._row}
@@ -513,29 +526,33 @@ class BestFitPlans(_Plans, grain.IterDataset):
         tokens, _ = read_documents(self.docs, doc_ids.tolist())
         return np.fromiter((len(tokens[i]) for i in doc_ids.tolist()), np.int64, len(doc_ids))
 
-    def plan_window(self, epoch: int, window: int) -> list[dict[str, Any]]:
-        """Row plans of one window."""
+    def plan_window(self, epoch: int, window: int) -> RowBlock:
+        """Row plans of one window, in their seeded order."""
         doc_ids = self.window_docs(epoch, window)
         lengths = self.window_lengths(doc_ids)
         items_doc, items_start, items_stop = _split_pieces(doc_ids, lengths, self.seq_len)
-        bins = best_fit_decreasing(items_stop - items_start, self.seq_len)
+        items_length = items_stop - items_start
+        bins, placed = _best_fit_bins(items_length, self.seq_len)
         num_bins = int(bins.max()) + 1 if bins.size else 0
-        # Group items by bin; within a bin keep the (decreasing size) order they were placed in.
-        placed = np.argsort(items_start - items_stop, kind="stable")
-        by_bin = placed[np.argsort(bins[placed], kind="stable")]
         row_pieces = np.bincount(bins, minlength=num_bins)
-        rows = split_rows(
-            items_doc[by_bin],
-            items_start[by_bin],
-            (items_stop - items_start)[by_bin],
+        # Rows come out in the bins' order, or a seeded one: bins come out largest item
+        # first, and shuffled every batch mixes long and short rows. Within a row, items keep
+        # the (decreasing size) order they were placed in.
+        row_of_bin = bins
+        if self.seed is not None and num_bins:
+            order = np.random.default_rng([self.seed, epoch, window]).permutation(num_bins)
+            row_pieces = row_pieces[order]
+            row_of_bin = np.empty(num_bins, dtype=np.int64)
+            row_of_bin[order] = np.arange(num_bins)
+            row_of_bin = row_of_bin[bins]
+        by_row = placed[np.argsort(row_of_bin[placed], kind="stable")]
+        return RowBlock.from_counts(
+            items_doc[by_row],
+            items_start[by_row],
+            items_length[by_row],
             row_pieces,
-            [epoch] * num_bins,
+            np.full(num_bins, epoch, dtype=np.int64),
         )
-        if self.seed is None:
-            return rows
-        # Bins come out largest-item first; shuffle so every batch mixes long and short rows.
-        order = np.random.default_rng([self.seed, epoch, window]).permutation(num_bins)
-        return [rows[b] for b in order.tolist()]
 
 
 class BestFitPlansIterator(grain.DatasetIterator):
@@ -547,7 +564,7 @@ class BestFitPlansIterator(grain.DatasetIterator):
         self._plans = plans
         self._epoch = self._window = self._row = 0
         self._key: tuple[int, int] | None = None
-        self._rows: list[dict[str, Any]] = []
+        self._rows = RowBlock.empty()
 
     def _exhausted(self) -> bool:
         plans = self._plans
@@ -555,7 +572,7 @@ class BestFitPlansIterator(grain.DatasetIterator):
             plans.num_epochs is not None and self._epoch >= plans.num_epochs
         )
 
-    def _window_rows(self) -> list[dict[str, Any]]:
+    def _window_rows(self) -> RowBlock:
         key = (self._epoch, self._window)
         if self._key != key:
             self._rows = self._plans.plan_window(*key)
@@ -570,27 +587,40 @@ class BestFitPlansIterator(grain.DatasetIterator):
             self._epoch += 1
             self._window = 0
 
-    def __next__(self) -> dict[str, Any]:
+    def _take(self, max_rows: int) -> tuple[int, int]:
+        """Moves past the next 1 to `max_rows` rows of one window: their [start, stop) in
+        `_rows`. Raises `StopIteration` at the end."""
         # Fast path: the next row of the window already planned (all but one call per window).
-        if self._key is not None and self._row < len(self._rows):
-            self._row += 1
-            return self._rows[self._row - 1]
-        empty_windows = 0
-        while not self._exhausted():
-            rows = self._window_rows()
-            if self._row < len(rows):
-                self._row += 1
-                return rows[self._row - 1]
-            empty_windows += 1 if not rows else 0
-            if empty_windows >= self._plans.windows_per_epoch:
-                # Every window of an epoch empty (every document empty): so is every epoch,
-                # and with `num_epochs=None` this loop would never end.
-                raise StopIteration
-            epoch = self._epoch
-            self._advance_window()
-            if self._epoch != epoch:
-                empty_windows = 0  # count the windows of one epoch only
-        raise StopIteration
+        if self._key is None or self._row >= len(self._rows):
+            empty_windows = 0
+            while True:
+                if self._exhausted():
+                    raise StopIteration
+                rows = self._window_rows()
+                if self._row < len(rows):
+                    break
+                empty_windows += 1 if not len(rows) else 0
+                if empty_windows >= self._plans.windows_per_epoch:
+                    # Every window of an epoch empty (every document empty): so is every
+                    # epoch, and with `num_epochs=None` this loop would never end.
+                    raise StopIteration
+                epoch = self._epoch
+                self._advance_window()
+                if self._epoch != epoch:
+                    empty_windows = 0  # count the windows of one epoch only
+        start = self._row
+        self._row = min(start + max_rows, len(self._rows))
+        return start, self._row
+
+    def __next__(self) -> dict[str, Any]:
+        start, _ = self._take(1)  # first: it may plan the next window
+        return self._rows.row(start)
+
+    def next_block(self, max_rows: int) -> RowBlock:
+        """The next 1 to `max_rows` rows of the current window (see
+        `wf_data.data.plan.blocks.BlockIterator`)."""
+        start, stop = self._take(max_rows)
+        return self._rows.slice(start, stop)
 
     def get_state(self) -> dict[str, Any]:
         return {
@@ -643,9 +673,17 @@ def best_fit_decreasing(item_lengths: np.ndarray, capacity: int) -> np.ndarray:
     """Bin index for each item (all `<= capacity`): best-fit-decreasing bin packing.
 
     Items are placed largest first into the open bin whose remaining space is the smallest that
-    still fits (ties: lowest bin), else a new bin. Open bins live in one sorted list of keys
-    `remaining * K + bin`, so each item costs one bisect. Returns (n,) int64, bins numbered in
-    order of creation.
+    still fits (ties: lowest bin), else a new bin. Returns (n,) int64, bins numbered in order of
+    creation.
+    """
+    return _best_fit_bins(item_lengths, capacity)[0]
+
+
+def _best_fit_bins(item_lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bins (n,) int64 of `best_fit_decreasing`, the items in the order they were placed).
+
+    Open bins live in one sorted list of keys `remaining * K + bin`, so each item costs one
+    bisect.
     """
     item_lengths = np.asarray(item_lengths, dtype=np.int64)
     if item_lengths.size and (item_lengths.max() > capacity or item_lengths.min() < 1):
@@ -676,4 +714,4 @@ def best_fit_decreasing(item_lengths: np.ndarray, capacity: int) -> np.ndarray:
         if room:
             insort(open_keys, room * key_base + b)
     bins[order[num_big:]] = assigned
-    return bins
+    return bins, order
