@@ -262,9 +262,7 @@ def test_exp3_deterministic_given_seed_and_updates():
     rows_a = drive(iterators[0], first, 30, skewed_losses)
     rows_b = drive(iterators[1], second, 30, skewed_losses)
     assert_rows_equal(rows_a, rows_b)
-    np.testing.assert_array_equal(
-        first.policy.probabilities(), second.policy.probabilities()
-    )
+    np.testing.assert_array_equal(first.policy.probabilities(), second.policy.probabilities())
 
 
 def test_exp3_policy_moves_toward_high_loss_domain():
@@ -392,9 +390,7 @@ def test_exp3_state_restores_bandit_in_fresh_iterator():
     fresh, _ = exp3(seed=6)
     fresh_iterator = iter(fresh)
     fresh_iterator.set_state(state)
-    np.testing.assert_array_equal(
-        fresh.policy.probabilities(), mixer.policy.probabilities()
-    )
+    np.testing.assert_array_equal(fresh.policy.probabilities(), mixer.policy.probabilities())
 
 
 def test_exp3_reweighted_restore_keeps_rewards_by_name():

@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from wf_data.data.mix.exp3 import Exp3
-from wf_data.data.plan.blocks import BlockIterator, RowBlock, next_rows
+from wf_data.data.plan.blocks import RowBlock, next_rows
 
 ON_EXHAUSTED = ("restart", "stop")
 _UNIFORM_BLOCK = 4096

@@ -11,12 +11,13 @@
      "domain_names": str                             JSON list of the K domain names}
 
 A batch takes its rows as one block from a parent that hands blocks over (our mixer and
-planners, `wf_data.data.plan.blocks`), else row by row. A partial last batch is dropped. Because a batch plan carries its own step and cumulative
-counts, whoever consumes it (the loader, after worker processes read it) knows the step and the
-statistics of the last batch delivered without any state of its own; and because it names its
-domains, a batch planned before a restore into re-weighted or added domains is read right
-(`wf_data.data.read.rows.ReadSlice`). `StepShard` (owned
-steps) is the predicate a loader `.filter`s them with.
+planners, `wf_data.data.plan.blocks`), else row by row. A partial last batch is dropped.
+Because a batch plan carries its own step and cumulative counts, whoever consumes it (the
+loader, after worker processes read it) knows the step and the statistics of the last batch
+delivered without any state of its own; and because it names its domains, a batch planned
+before a restore into re-weighted or added domains is read right
+(`wf_data.data.read.rows.ReadSlice`). `StepShard` (owned steps) is the predicate a loader
+`.filter`s them with.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ class BatchPlansIterator(grain.DatasetIterator):
             # another rank never gets.
             self._ended = True
             raise StopIteration
-        batch = dict(zip(PIECE_KEYS, (a.astype(np.int64, copy=False) for a in rows.pieces())))
+        pieces = (array.astype(np.int64, copy=False) for array in rows.pieces())
+        batch = dict(zip(PIECE_KEYS, pieces, strict=True))
         batch["row_pieces"] = rows.row_pieces
         domain_ids = (
             np.zeros(len(rows), dtype=np.int32)

@@ -112,7 +112,10 @@ class RowBlock:
             starts.append(block.starts[1:] + (offset - int(block.starts[0])))
             offset += int(block.starts[-1] - block.starts[0])
         pieces = [block.pieces() for block in blocks]
-        joined = cls(*(np.concatenate(arrays) for arrays in zip(*pieces)), np.concatenate(starts))
+        joined = cls(
+            *(np.concatenate(arrays) for arrays in zip(*pieces, strict=True)),
+            np.concatenate(starts),
+        )
         if all(b.epochs is not None for b in blocks):
             joined.epochs = np.concatenate([b.epochs for b in blocks])
         if all(b.domains is not None for b in blocks):
