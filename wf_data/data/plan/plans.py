@@ -682,8 +682,11 @@ def best_fit_decreasing(item_lengths: np.ndarray, capacity: int) -> np.ndarray:
 def _best_fit_bins(item_lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
     """(bins (n,) int64 of `best_fit_decreasing`, the items in the order they were placed).
 
-    Open bins live in one sorted list of keys `remaining * K + bin`, so each item costs one
-    bisect.
+    Open bins live in one sorted list of keys `remaining * K + bin`, so a search costs one
+    bisect. Items of equal length (consecutive in the placement order) are placed a bin at a
+    time: the bin with the smallest room that fits one takes as many as fit, since what it has
+    left is then the smallest room that fits the next (nothing lies between), and a new bin
+    takes `capacity // length` of them. This places every item exactly as one by one.
     """
     item_lengths = np.asarray(item_lengths, dtype=np.int64)
     if item_lengths.size and (item_lengths.max() > capacity or item_lengths.min() < 1):
@@ -698,20 +701,29 @@ def _best_fit_bins(item_lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
     remaining = capacity - sorted_lengths[:num_big]
     has_room = np.flatnonzero(remaining)
     open_keys = np.sort(remaining[has_room] * key_base + has_room).tolist()
-    assigned: list[int] = []
+    small = sorted_lengths[num_big:]
+    run_starts = np.flatnonzero(np.diff(small, prepend=0))  # runs of equal lengths
+    run_counts = np.diff(run_starts, append=small.size).tolist()
+    placed_bins, placed_counts = [], []  # runs of consecutive items placed in one bin
     num_bins = num_big
     bisect_left, insort = bisect.bisect_left, bisect.insort
-    for length in sorted_lengths[num_big:].tolist():
-        j = bisect_left(open_keys, length * key_base)
-        if j == len(open_keys):
-            b = num_bins
-            num_bins += 1
-            room = capacity - length
-        else:
-            room, b = divmod(open_keys.pop(j), key_base)
-            room -= length
-        assigned.append(b)
-        if room:
-            insort(open_keys, room * key_base + b)
-    bins[order[num_big:]] = assigned
+    for length, count in zip(small[run_starts].tolist(), run_counts, strict=True):
+        per_new_bin = capacity // length
+        while count:
+            j = bisect_left(open_keys, length * key_base)
+            if j == len(open_keys):
+                b = num_bins
+                num_bins += 1
+                take = min(per_new_bin, count)
+                room = capacity - take * length
+            else:
+                room, b = divmod(open_keys.pop(j), key_base)
+                take = min(room // length, count)
+                room -= take * length
+            placed_bins.append(b)
+            placed_counts.append(take)
+            count -= take
+            if room:
+                insort(open_keys, room * key_base + b)
+    bins[order[num_big:]] = np.repeat(np.array(placed_bins, dtype=np.int64), placed_counts)
     return bins, order
