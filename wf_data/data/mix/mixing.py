@@ -452,7 +452,13 @@ class MixPlansIterator(grain.DatasetIterator):
 
     def _take(self, domain: int, count: int) -> RowBlock:
         """The next `count` rows of `domain`, restarting its parent where it ends."""
-        parts, taken = [], 0
+        try:
+            part = next_rows(self._domain_iters[domain], count)
+        except StopIteration:
+            part = RowBlock.empty()
+        if len(part) == count:  # most often: the parent had them all
+            return part
+        parts, taken = [part], len(part)
         while taken < count:
             try:
                 part = next_rows(self._domain_iters[domain], count - taken)

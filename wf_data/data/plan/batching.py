@@ -100,16 +100,10 @@ class BatchPlansIterator(grain.DatasetIterator):
             if rows.domains is None
             else rows.domains.astype(np.int32)
         )
-        if domain_ids.min() < 0 or domain_ids.max() >= self._num_domains:
-            bad = int(domain_ids[(domain_ids < 0) | (domain_ids >= self._num_domains)][0])
-            raise ValueError(
-                f"batch_plans got a plan of domain {bad}, but domain_names {list(self._names)} "
-                f"name {self._num_domains} domain(s): pass one name per domain of the mixer, "
-                "in its order (domain_names=mixer.names)"
-            )
+        row_counts = self._count_rows(domain_ids)
         batch["domain_ids"] = domain_ids
         row_tokens = np.add.reduceat(batch["lengths"], rows.starts[:-1] - rows.starts[0])
-        self._rows += np.bincount(domain_ids, minlength=self._num_domains)
+        self._rows += row_counts
         self._tokens += np.bincount(
             domain_ids, weights=row_tokens, minlength=self._num_domains
         ).astype(np.int64)
@@ -119,6 +113,21 @@ class BatchPlansIterator(grain.DatasetIterator):
         batch["domain_names"] = self._names_json
         self._step += 1
         return batch
+
+    def _count_rows(self, domain_ids: np.ndarray) -> np.ndarray:
+        """(K,) rows of each domain in a batch; fails on a domain `domain_names` do not name."""
+        try:
+            counts = np.bincount(domain_ids, minlength=self._num_domains)
+        except ValueError:  # a negative domain
+            counts = None
+        if counts is None or counts.size > self._num_domains:
+            bad = int(domain_ids[(domain_ids < 0) | (domain_ids >= self._num_domains)][0])
+            raise ValueError(
+                f"batch_plans got a plan of domain {bad}, but domain_names {list(self._names)} "
+                f"name {self._num_domains} domain(s): pass one name per domain of the mixer, "
+                "in its order (domain_names=mixer.names)"
+            )
+        return counts
 
     def get_state(self) -> dict[str, Any]:
         return {

@@ -23,7 +23,7 @@ import numpy as np
 
 PIECE_KEYS = ("doc_ids", "offsets", "lengths")
 
-__all__ = ["PIECE_KEYS", "BlockIterator", "RowBlock", "next_rows"]
+__all__ = ["PIECE_KEYS", "BlockIterator", "RowBlock", "hands_blocks", "next_rows"]
 
 
 @runtime_checkable
@@ -182,9 +182,11 @@ class RowBlock:
 def next_rows(iterator: Iterator[dict[str, Any]], count: int) -> RowBlock:
     """The next `count` rows of `iterator` as one block (fewer only where it ends; raises
     `StopIteration` when it has none). Whole blocks from a `BlockIterator`, else row by row."""
-    if isinstance(iterator, BlockIterator):
-        blocks: list[RowBlock] = []
-        taken = 0
+    if hands_blocks(iterator):
+        block = iterator.next_block(count)  # most often all of them at once
+        if len(block) == count:
+            return block
+        blocks, taken = [block], len(block)
         while taken < count:
             try:
                 block = iterator.next_block(count - taken)
@@ -192,8 +194,6 @@ def next_rows(iterator: Iterator[dict[str, Any]], count: int) -> RowBlock:
                 break
             blocks.append(block)
             taken += len(block)
-        if not blocks:
-            raise StopIteration
         return RowBlock.concat(blocks)
     plans = []
     for _ in range(count):
@@ -204,3 +204,16 @@ def next_rows(iterator: Iterator[dict[str, Any]], count: int) -> RowBlock:
     if not plans:
         raise StopIteration
     return RowBlock.from_rows(plans)
+
+
+_HANDS_BLOCKS: dict[type, bool] = {}
+
+
+def hands_blocks(iterator: Any) -> bool:
+    """Whether `iterator` is a `BlockIterator` (the protocol check, once per type: a
+    `runtime_checkable` isinstance costs tens of microseconds)."""
+    kind = type(iterator)
+    known = _HANDS_BLOCKS.get(kind)
+    if known is None:
+        known = _HANDS_BLOCKS[kind] = isinstance(iterator, BlockIterator)
+    return known

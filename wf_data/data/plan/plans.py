@@ -30,6 +30,7 @@ import json
 import numbers
 import sys
 import threading
+from collections.abc import Generator
 from typing import Any
 
 import grain
@@ -46,6 +47,9 @@ DEFAULT_WINDOW_SIZE = 4096
 CONCAT_BLOCK_TOKENS = 1 << 17
 # Documents per chunk of an epoch's order whose token offsets concat computes at a time.
 ORDER_CHUNK = 1 << 16
+# Runs of equal-length items best-fit places between two slices of a window planned ahead
+# (tens of microseconds of work).
+BEST_FIT_RUNS_PER_SLICE = 64
 
 __all__ = [
     "BestFitPlans",
@@ -528,11 +532,17 @@ class BestFitPlans(_Plans, grain.IterDataset):
 
     def plan_window(self, epoch: int, window: int) -> RowBlock:
         """Row plans of one window, in their seeded order."""
+        return _run(self.window_steps(epoch, window))
+
+    def window_steps(self, epoch: int, window: int) -> Generator[int, None, RowBlock]:
+        """`plan_window` a slice at a time: a generator that yields (an estimate of) the
+        slices left, each some tens of microseconds of work, and returns the rows."""
+        yield -(-self.window_size // BEST_FIT_RUNS_PER_SLICE) + 2
         doc_ids = self.window_docs(epoch, window)
         lengths = self.window_lengths(doc_ids)
         items_doc, items_start, items_stop = _split_pieces(doc_ids, lengths, self.seq_len)
         items_length = items_stop - items_start
-        bins, placed = _best_fit_bins(items_length, self.seq_len)
+        bins, placed = yield from _best_fit_slices(items_length, self.seq_len)
         num_bins = int(bins.max()) + 1 if bins.size else 0
         row_pieces = np.bincount(bins, minlength=num_bins)
         # Rows come out in the bins' order, or a seeded one: bins come out largest item
@@ -555,6 +565,49 @@ class BestFitPlans(_Plans, grain.IterDataset):
         )
 
 
+class _PlanningAhead:
+    """The next window planned a slice at a time while the current one is served, so that no
+    single call pays for a whole window (the rows are those of `plan_window`)."""
+
+    def __init__(self, plans: BestFitPlans, key: tuple[int, int]):
+        self.key = key
+        self._plans = plans
+        self._steps: Generator[int, None, RowBlock] | None = plans.window_steps(*key)
+        self._left = next(self._steps)
+        self._rows: RowBlock | None = None
+
+    def advance(self, rows_served: int, rows_left: int) -> None:
+        """Does the share of the work left that `rows_served` of `rows_served + rows_left`
+        rows of the current window call for."""
+        slices = -(-max(self._left, 1) * rows_served // max(rows_served + rows_left, 1))
+        for _ in range(slices):
+            if self._rows is not None or self._steps is None:
+                return
+            try:
+                self._left = next(self._steps)
+            except StopIteration as done:
+                self._rows = done.value
+            except Exception:  # e.g. a negative length: raised when the window is due
+                self._steps = None
+
+    def rows(self) -> RowBlock:
+        """The window's rows (finishing what is left of its planning)."""
+        if self._rows is None:
+            if self._steps is None:
+                return self._plans.plan_window(*self.key)
+            self._rows = _run(self._steps)
+        return self._rows
+
+
+def _run(steps: Generator[int, None, RowBlock]) -> RowBlock:
+    """The value a planning generator returns, run to its end."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
 class BestFitPlansIterator(grain.DatasetIterator):
     """Best-fit plans window by window. State: `{"epoch", "window", "row", "method", "config"}`;
     `set_state` replans only the window it lands in."""
@@ -565,6 +618,7 @@ class BestFitPlansIterator(grain.DatasetIterator):
         self._epoch = self._window = self._row = 0
         self._key: tuple[int, int] | None = None
         self._rows = RowBlock.empty()
+        self._ahead: _PlanningAhead | None = None
 
     def _exhausted(self) -> bool:
         plans = self._plans
@@ -575,9 +629,24 @@ class BestFitPlansIterator(grain.DatasetIterator):
     def _window_rows(self) -> RowBlock:
         key = (self._epoch, self._window)
         if self._key != key:
-            self._rows = self._plans.plan_window(*key)
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None and ahead.key == key:
+                self._rows = ahead.rows()
+            else:
+                self._rows = self._plans.plan_window(*key)
             self._key = key
         return self._rows
+
+    def _plan_ahead(self, rows_served: int) -> None:
+        """Plans a share of the next window (none at the last one of the last epoch)."""
+        if self._ahead is None:
+            plans, epoch, window = self._plans, self._epoch, self._window + 1
+            if window >= plans.windows_per_epoch:
+                epoch, window = epoch + 1, 0
+            if plans.num_epochs is not None and epoch >= plans.num_epochs:
+                return
+            self._ahead = _PlanningAhead(plans, (epoch, window))
+        self._ahead.advance(rows_served, len(self._rows) - self._row)
 
     def _advance_window(self) -> None:
         self._key = None  # the planned rows are of the window left behind
@@ -610,6 +679,7 @@ class BestFitPlansIterator(grain.DatasetIterator):
                     empty_windows = 0  # count the windows of one epoch only
         start = self._row
         self._row = min(start + max_rows, len(self._rows))
+        self._plan_ahead(self._row - start)
         return start, self._row
 
     def __next__(self) -> dict[str, Any]:
@@ -680,7 +750,15 @@ def best_fit_decreasing(item_lengths: np.ndarray, capacity: int) -> np.ndarray:
 
 
 def _best_fit_bins(item_lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
-    """(bins (n,) int64 of `best_fit_decreasing`, the items in the order they were placed).
+    """(bins (n,) int64 of `best_fit_decreasing`, the items in the order they were placed)."""
+    return _run(_best_fit_slices(item_lengths, capacity))
+
+
+def _best_fit_slices(
+    item_lengths: np.ndarray, capacity: int
+) -> Generator[int, None, tuple[np.ndarray, np.ndarray]]:
+    """`_best_fit_bins` as a generator yielding the slices left after each slice of
+    `BEST_FIT_RUNS_PER_SLICE` runs of items, returning its result.
 
     Open bins live in one sorted list of keys `remaining * K + bin`, so a search costs one
     bisect. Items of equal length (consecutive in the placement order) are placed a bin at a
@@ -707,7 +785,13 @@ def _best_fit_bins(item_lengths: np.ndarray, capacity: int) -> tuple[np.ndarray,
     placed_bins, placed_counts = [], []  # runs of consecutive items placed in one bin
     num_bins = num_big
     bisect_left, insort = bisect.bisect_left, bisect.insort
-    for length, count in zip(small[run_starts].tolist(), run_counts, strict=True):
+    slices_left = -(-len(run_counts) // BEST_FIT_RUNS_PER_SLICE)
+    for run, (length, count) in enumerate(
+        zip(small[run_starts].tolist(), run_counts, strict=True)
+    ):
+        if run % BEST_FIT_RUNS_PER_SLICE == 0:
+            yield slices_left + 1
+            slices_left -= 1
         per_new_bin = capacity // length
         while count:
             j = bisect_left(open_keys, length * key_base)
