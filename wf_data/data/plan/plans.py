@@ -47,9 +47,11 @@ DEFAULT_WINDOW_SIZE = 4096
 CONCAT_BLOCK_TOKENS = 1 << 17
 # Documents per chunk of an epoch's order whose token offsets concat computes at a time.
 ORDER_CHUNK = 1 << 16
-# Runs of equal-length items best-fit places between two slices of a window planned ahead
-# (tens of microseconds of work).
+# A window planned ahead is planned in slices: BEST_FIT_RUNS_PER_SLICE runs of equal-length
+# items placed (tens of microseconds), or ORDER_SLICE documents of the epoch's order (one
+# permutation call, whose fixed cost is most of it: smaller slices cost more in all).
 BEST_FIT_RUNS_PER_SLICE = 64
+ORDER_SLICE = 4096
 
 __all__ = [
     "BestFitPlans",
@@ -537,12 +539,22 @@ class BestFitPlans(_Plans, grain.IterDataset):
     def window_steps(self, epoch: int, window: int) -> Generator[int, None, RowBlock]:
         """`plan_window` a slice at a time: a generator that yields (an estimate of) the
         slices left, each some tens of microseconds of work, and returns the rows."""
-        yield -(-self.window_size // BEST_FIT_RUNS_PER_SLICE) + 2
-        doc_ids = self.window_docs(epoch, window)
+        start = window * self.window_size
+        stop = min(start + self.window_size, self.num_docs)
+        # Slices left, roughly: the order, a run of items for about every 2 documents, the rest.
+        estimate = -(-(stop - start) // ORDER_SLICE) + (stop - start) // 128 + 4
+        yield estimate
+        order, parts = self.permutation(epoch), []
+        for first in range(start, stop, ORDER_SLICE):
+            parts.append(order.take(np.arange(first, min(first + ORDER_SLICE, stop))))
+            estimate -= 1
+            yield estimate
+        doc_ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
         lengths = self.window_lengths(doc_ids)
         items_doc, items_start, items_stop = _split_pieces(doc_ids, lengths, self.seq_len)
         items_length = items_stop - items_start
         bins, placed = yield from _best_fit_slices(items_length, self.seq_len)
+        yield 2
         num_bins = int(bins.max()) + 1 if bins.size else 0
         row_pieces = np.bincount(bins, minlength=num_bins)
         # Rows come out in the bins' order, or a seeded one: bins come out largest item
@@ -555,6 +567,7 @@ class BestFitPlans(_Plans, grain.IterDataset):
             row_of_bin = np.empty(num_bins, dtype=np.int64)
             row_of_bin[order] = np.arange(num_bins)
             row_of_bin = row_of_bin[bins]
+        yield 1
         by_row = placed[np.argsort(row_of_bin[placed], kind="stable")]
         return RowBlock.from_counts(
             items_doc[by_row],
@@ -660,7 +673,8 @@ class BestFitPlansIterator(grain.DatasetIterator):
         """Moves past the next 1 to `max_rows` rows of one window: their [start, stop) in
         `_rows`. Raises `StopIteration` at the end."""
         # Fast path: the next row of the window already planned (all but one call per window).
-        if self._key is None or self._row >= len(self._rows):
+        switched = self._key is None or self._row >= len(self._rows)
+        if switched:
             empty_windows = 0
             while True:
                 if self._exhausted():
@@ -679,7 +693,9 @@ class BestFitPlansIterator(grain.DatasetIterator):
                     empty_windows = 0  # count the windows of one epoch only
         start = self._row
         self._row = min(start + max_rows, len(self._rows))
-        self._plan_ahead(self._row - start)
+        # A call that moved to the next window has just finished planning it: the window after
+        # starts with the next call.
+        self._plan_ahead(0 if switched else self._row - start)
         return start, self._row
 
     def __next__(self) -> dict[str, Any]:
@@ -770,6 +786,7 @@ def _best_fit_slices(
     if item_lengths.size and (item_lengths.max() > capacity or item_lengths.min() < 1):
         raise ValueError(f"items must have lengths in [1, {capacity}]")
     order = np.argsort(-item_lengths, kind="stable")
+    yield -(-item_lengths.size // (2 * BEST_FIT_RUNS_PER_SLICE)) + 1
     sorted_lengths = item_lengths[order]
     bins = np.empty(item_lengths.size, dtype=np.int64)
     # Items longer than half a bin never share one: each opens its own bin, no search needed.
