@@ -7,7 +7,10 @@ from tools import bench, bench_common, bench_planning
 
 
 def test_summarize_reports_median_spread_and_paired_ratios():
-    ours = [bench_common.Timing(tokens, 1.0, first) for tokens, first in ((30, 0.3), (10, 0.1), (20, 0.2))]
+    ours = [
+        bench_common.Timing(tokens, 1.0, first)
+        for tokens, first in ((30, 0.3), (10, 0.1), (20, 0.2))
+    ]
     grain = [bench_common.Timing(tokens, 1.0, 0.5) for tokens in (2, 1, 4)]
     row = bench_common.summarize("ours", ours, grain, ">= 2x")
     assert row["tokens_per_s"] == 20  # the median, not the best (30)

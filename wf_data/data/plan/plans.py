@@ -47,11 +47,9 @@ DEFAULT_WINDOW_SIZE = 4096
 CONCAT_BLOCK_TOKENS = 1 << 17
 # Documents per chunk of an epoch's order whose token offsets concat computes at a time.
 ORDER_CHUNK = 1 << 16
-# A window planned ahead is planned in slices: BEST_FIT_RUNS_PER_SLICE runs of equal-length
-# items placed (tens of microseconds), or ORDER_SLICE documents of the epoch's order (one
-# permutation call, whose fixed cost is most of it: smaller slices cost more in all).
+# Runs of equal-length items best-fit places in one slice of a window planned ahead (tens of
+# microseconds of work).
 BEST_FIT_RUNS_PER_SLICE = 64
-ORDER_SLICE = 4096
 
 __all__ = [
     "BestFitPlans",
@@ -539,17 +537,12 @@ class BestFitPlans(_Plans, grain.IterDataset):
     def window_steps(self, epoch: int, window: int) -> Generator[int, None, RowBlock]:
         """`plan_window` a slice at a time: a generator that yields (an estimate of) the
         slices left, each some tens of microseconds of work, and returns the rows."""
-        start = window * self.window_size
-        stop = min(start + self.window_size, self.num_docs)
         # Slices left, roughly: the order, a run of items for about every 2 documents, the rest.
-        estimate = -(-(stop - start) // ORDER_SLICE) + (stop - start) // 128 + 4
+        estimate = self.window_size // (2 * BEST_FIT_RUNS_PER_SLICE) + 4
         yield estimate
-        order, parts = self.permutation(epoch), []
-        for first in range(start, stop, ORDER_SLICE):
-            parts.append(order.take(np.arange(first, min(first + ORDER_SLICE, stop))))
-            estimate -= 1
-            yield estimate
-        doc_ids = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+        # One call: a permutation's fixed cost is most of it, smaller slices would cost more.
+        doc_ids = self.window_docs(epoch, window)
+        yield estimate - 1
         lengths = self.window_lengths(doc_ids)
         items_doc, items_start, items_stop = _split_pieces(doc_ids, lengths, self.seq_len)
         items_length = items_stop - items_start
@@ -803,9 +796,7 @@ def _best_fit_slices(
     num_bins = num_big
     bisect_left, insort = bisect.bisect_left, bisect.insort
     slices_left = -(-len(run_counts) // BEST_FIT_RUNS_PER_SLICE)
-    for run, (length, count) in enumerate(
-        zip(small[run_starts].tolist(), run_counts, strict=True)
-    ):
+    for run, (length, count) in enumerate(zip(small[run_starts].tolist(), run_counts, strict=True)):
         if run % BEST_FIT_RUNS_PER_SLICE == 0:
             yield slices_left + 1
             slices_left -= 1
