@@ -793,29 +793,31 @@ def _best_fit_slices(
     run_starts = np.flatnonzero(np.diff(small, prepend=0))  # runs of equal lengths
     run_counts = np.diff(run_starts, append=small.size).tolist()
     placed_bins, placed_counts = [], []  # runs of consecutive items placed in one bin
-    num_bins = num_big
+    add_bin, add_count, pop = placed_bins.append, placed_counts.append, open_keys.pop
     bisect_left, insort = bisect.bisect_left, bisect.insort
-    slices_left = -(-len(run_counts) // BEST_FIT_RUNS_PER_SLICE)
-    for run, (length, count) in enumerate(zip(small[run_starts].tolist(), run_counts, strict=True)):
-        if run % BEST_FIT_RUNS_PER_SLICE == 0:
-            yield slices_left + 1
-            slices_left -= 1
-        per_new_bin = capacity // length
-        while count:
-            j = bisect_left(open_keys, length * key_base)
-            if j == len(open_keys):
-                b = num_bins
-                num_bins += 1
-                take = min(per_new_bin, count)
-                room = capacity - take * length
-            else:
-                room, b = divmod(open_keys.pop(j), key_base)
-                take = min(room // length, count)
+    num_bins = num_big
+    run_lengths, num_runs = small[run_starts].tolist(), len(run_counts)
+    for first in range(0, num_runs, BEST_FIT_RUNS_PER_SLICE):
+        yield -(-(num_runs - first) // BEST_FIT_RUNS_PER_SLICE) + 1
+        last = first + BEST_FIT_RUNS_PER_SLICE
+        for length, count in zip(run_lengths[first:last], run_counts[first:last], strict=True):
+            probe = length * key_base  # the smallest key of a bin with room for one
+            while count:
+                j = bisect_left(open_keys, probe)
+                if j == len(open_keys):
+                    b = num_bins
+                    num_bins += 1
+                    room = capacity
+                else:
+                    room, b = divmod(pop(j), key_base)
+                take = room // length
+                if take > count:
+                    take = count
                 room -= take * length
-            placed_bins.append(b)
-            placed_counts.append(take)
-            count -= take
-            if room:
-                insort(open_keys, room * key_base + b)
+                add_bin(b)
+                add_count(take)
+                count -= take
+                if room:
+                    insort(open_keys, room * key_base + b)
     bins[order[num_big:]] = np.repeat(np.array(placed_bins, dtype=np.int64), placed_counts)
     return bins, order
