@@ -561,7 +561,7 @@ def in_memory_documents(corpus: Corpus, count: int) -> list[np.ndarray]:
 
 
 def bare_best_fit_run(docs, args) -> Timing:
-    """`pack(docs, best_fit)` over a Grain source, row by row, one epoch."""
+    """`pack(docs, best_fit)`, row by row, one epoch."""
     from wf_data.data import pack
 
     start = time.perf_counter()
@@ -582,27 +582,44 @@ def grain_best_fit_run(docs, args) -> Timing:
 
 
 def bench_bare_packer(args, corpora: dict[str, Corpus]) -> list[dict]:
-    """The bare best_fit packer row by row over an in-memory Grain source
-    (`grain.MapDataset.source(list of token arrays)`, no lengths known up front) vs Grain's
-    `BestFitPackIterDataset` over the same source."""
+    """The bare best_fit packer row by row over documents held in memory, beside Grain's
+    `BestFitPackIterDataset` over `grain.MapDataset.source(list of token arrays)`: ours over
+    `InMemorySource` (the same arrays, lengths known, as from a prepared dataset) and over the
+    very Grain source (no lengths: best_fit reads each window to measure it, then again to
+    build the rows)."""
     import grain
 
-    docs = grain.MapDataset.source(in_memory_documents(corpora["long"], args.bare_docs))
+    from wf_data.data import InMemorySource
+
+    arrays = in_memory_documents(corpora["long"], args.bare_docs)
+    in_memory = InMemorySource(arrays, token_dtype=arrays[0].dtype)
+    grain_source = grain.MapDataset.source(arrays)
     results = interleaved(
         {
-            "ours": lambda: bare_best_fit_run(docs, args),
-            "grain": lambda: grain_best_fit_run(docs, args),
+            "ours": lambda: bare_best_fit_run(in_memory, args),
+            "ours over grain": lambda: bare_best_fit_run(grain_source, args),
+            "grain": lambda: grain_best_fit_run(grain_source, args),
         },
         args.rounds,
     )
+    count = f"{len(arrays):,} documents"
     return [
         summarize(
-            f"wf-data best_fit packer, {len(docs):,} documents in memory",
+            f"wf-data best_fit packer, InMemorySource, {count}",
             results["ours"],
             results["grain"],
             ">= 25x",
         ),
-        summarize(f"grain shuffle+BestFit({args.grain_bins})", results["grain"], results["grain"]),
+        summarize(
+            f"wf-data best_fit packer, grain.MapDataset.source, {count}",
+            results["ours over grain"],
+            results["grain"],
+        ),
+        summarize(
+            f"grain shuffle+BestFit({args.grain_bins}), grain.MapDataset.source",
+            results["grain"],
+            results["grain"],
+        ),
     ]
 
 

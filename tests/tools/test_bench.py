@@ -72,8 +72,8 @@ def test_quick_bench_prints_every_section(tmp_path, capsys):
         (100_000, "4,096 rows a step"),
     ]
     assert all(row["us_per_row"] > 0 and row["max_over_mean"] >= 1 for row in planning)
-    bare = results["bare_packer"][0]
-    assert bare["ratio"] > 1 and bare["truncated_pct"] == 0
+    for bare in results["bare_packer"][:2]:
+        assert bare["ratio"] > 1 and bare["truncated_pct"] == 0
     assert 0 < results["vs_grain"][0]["planning_pct"] < 100
     states = results["state"]
     assert states[-1]["state_bytes"] < 2 * states[0]["state_bytes"]
