@@ -3,6 +3,7 @@ one reference, and the block hand-off (`next_block`) against row by row."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 
@@ -10,6 +11,7 @@ import grain
 import numpy as np
 import pytest
 
+from tests.data.read.test_packing import naive_best_fit_decreasing
 from wf_data.data.mix.exp3 import Exp3
 from wf_data.data.mix.mixing import Exp3Policy, mix_plans
 from wf_data.data.plan.batching import batch_plans
@@ -64,23 +66,6 @@ def test_endless_concat_plans_its_last_rows_and_shuffles(seed):
     assert pieces_of(plans[-1]) == pieces_of(plans[len(plans) - 1])
 
 
-def reference_best_fit(lengths: list[int], capacity: int) -> list[int]:
-    """Best-fit-decreasing one item at a time: largest first (ties: lower index), into the
-    fullest bin it fits (ties: lower bin), else a new bin."""
-    rooms: list[int] = []
-    bins = [0] * len(lengths)
-    for item in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        fits = [b for b, room in enumerate(rooms) if room >= lengths[item]]
-        if fits:
-            b = min(fits, key=lambda b: (rooms[b], b))
-        else:
-            b = len(rooms)
-            rooms.append(capacity)
-        rooms[b] -= lengths[item]
-        bins[item] = b
-    return bins
-
-
 @pytest.mark.parametrize("capacity", [1, 2, 7, 64, 100])
 def test_best_fit_decreasing_places_items_as_one_by_one(capacity):
     rng = np.random.default_rng(capacity)
@@ -88,7 +73,7 @@ def test_best_fit_decreasing_places_items_as_one_by_one(capacity):
         items = rng.integers(1, capacity + 1, rng.integers(0, 70))
         if rng.random() < 0.5:  # many equal lengths: the runs placed a bin at a time
             items = np.minimum(items, rng.integers(1, capacity + 1))
-        assert best_fit_decreasing(items, capacity).tolist() == reference_best_fit(
+        assert best_fit_decreasing(items, capacity).tolist() == naive_best_fit_decreasing(
             items.tolist(), capacity
         )
 
@@ -144,12 +129,7 @@ def drive(iterator, mix, take, steps=12):
 
 def one_by_one(iterator, count):
     """Up to `count` rows by `next()`, as a block (StopIteration when none is left)."""
-    plans = []
-    for _ in range(count):
-        try:
-            plans.append(next(iterator))
-        except StopIteration:
-            break
+    plans = list(itertools.islice(iterator, count))
     if not plans:
         raise StopIteration
     return RowBlock.from_rows(plans)

@@ -16,6 +16,7 @@ Grain iterator (a user's `.map` or `.filter` between our stages) is read row by 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -195,12 +196,7 @@ def next_rows(iterator: Iterator[dict[str, Any]], count: int) -> RowBlock:
             blocks.append(block)
             taken += len(block)
         return RowBlock.concat(blocks)
-    plans = []
-    for _ in range(count):
-        try:
-            plans.append(next(iterator))
-        except StopIteration:
-            break
+    plans = list(itertools.islice(iterator, count))
     if not plans:
         raise StopIteration
     return RowBlock.from_rows(plans)
