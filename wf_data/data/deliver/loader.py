@@ -195,7 +195,7 @@ class DataLoader:
     @property
     def mixture(self) -> dict[str, float]:
         """Current mixture weights by domain name (the ones new rows are drawn with)."""
-        return dict(zip(self.domain_names, self.policy.probabilities().tolist(), strict=True))
+        return self.mixer.mixture  # the loader's mixer, driven by `self.policy`
 
     def update_mixture(self, losses: Mapping[str | int, float] | Any) -> None:
         """Feeds per-domain mean losses to the EXP3 mixture (all ranks must pass the same):
