@@ -12,7 +12,11 @@ checkpoint; `wf_data.data.read.rows.read_rows` turns them into token rows.
   seeded order) and cut every `seq_len` tokens: 100% fill, row `i` is random access.
 - `plan_best_fit(lengths, seq_len, window_size)`: an `IterDataset`. Best-fit-decreasing over
   windows of `window_size` documents; its iterator state is `(epoch, window, row)` and a
-  restore replans one window.
+  restore replans one window. The next window is planned a slice at a time while the current
+  one is served, so no call pays for a whole window.
+
+Both iterators also hand over many rows at once as a `RowBlock` (`next_block`, see
+`wf_data.data.plan.blocks`), which is how the mixer and the batcher take them.
 
 Every token of every document is planned exactly once per epoch; a document longer than
 `seq_len` is cut into pieces. Epoch `e` visits documents in the order of a `LazyPermutation`
