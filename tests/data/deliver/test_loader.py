@@ -252,7 +252,7 @@ def test_observed_losses_are_part_of_the_state():
     restored.load_state_dict(state)
     for each in (loader, restored):
         each.apply_observed()  # mean losses a=3, b=2, c unobserved
-        assert each.mixer.live_policy.bandit.step == 1
+        assert each.policy.bandit.step == 1
     assert restored.mixture == pytest.approx(loader.mixture)
     assert restored.state_dict()["feedback"]["a"] == [0.0, 0.0]
 

@@ -20,6 +20,7 @@ names stay importable from here.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,7 +84,8 @@ class DataLoader:
     `domain_ids` `(b,)` int32, `b = global_batch_size / dp_world_size`) as numpy arrays, torch
     tensors (int64 `labels`) or JAX arrays (`framework`). `step_shard=(index, count)` yields
     only global steps `s` with `s % count == index` (all steps are planned, only owned ones are
-    read). `pipeline` is the Grain dataset behind it (`loader_pipeline`).
+    read). `pipeline` is the Grain dataset behind it (`loader_pipeline`), whose mixer draws
+    with `policy`, the loader's own copy of the mixer's policy (`update_mixture` feeds it).
     """
 
     def __init__(
@@ -107,7 +109,10 @@ class DataLoader:
         _check_arguments(
             framework, global_batch_size, dp_rank, dp_world_size, num_workers, prefetch
         )
-        self.mixer, self.reader = mixer, reader
+        # The live mixture policy is the loader's own: its mixer draws with it, every
+        # (re)started iterator continues it, `update_mixture` feeds it and a state restores it.
+        self.policy = copy.deepcopy(mixer.policy)
+        self.mixer, self.reader = mixer.with_policy(self.policy), reader
         self.global_batch_size = int(global_batch_size)
         self.dp_rank, self.dp_world_size = int(dp_rank), int(dp_world_size)
         self.local_batch_size = self.global_batch_size // self.dp_world_size
@@ -120,7 +125,7 @@ class DataLoader:
         first = self.dp_rank * self.local_batch_size
         # Built once (an immutable recipe, as in Grain); every (re)start is a new iterator of it.
         self.pipeline = loader_pipeline(
-            mixer,
+            self.mixer,
             reader,
             global_batch_size=self.global_batch_size,
             rows=(first, first + self.local_batch_size),
@@ -145,10 +150,7 @@ class DataLoader:
 
         The mixture policy (the EXP3 bandit) carries over: it belongs to the run, not the stream.
         """
-        policy = self.mixer.live_policy.state_dict()
         self._restart()
-        if policy is not None:
-            self.mixer.live_policy.load_state_dict(policy, self.domain_names)
         self._step = 0
         self._served = np.zeros((2, self.num_domains), dtype=np.int64)  # rows, tokens
         self._pending = PendingLosses(self.domain_names)
@@ -193,12 +195,12 @@ class DataLoader:
     @property
     def mixture(self) -> dict[str, float]:
         """Current mixture weights by domain name (the ones new rows are drawn with)."""
-        return self.mixer.mixture
+        return self.mixer.mixture  # the loader's mixer, driven by `self.policy`
 
     def update_mixture(self, losses: Mapping[str | int, float] | Any) -> None:
         """Feeds per-domain mean losses to the EXP3 mixture (all ranks must pass the same):
         a mapping name (or index) -> loss, or a (K,) array with NaN for unobserved domains."""
-        self.mixer.update(losses)
+        self.mixer.update(losses)  # the loader's mixer, driven by `self.policy`
 
     def observe_losses(self, loss_sums: np.ndarray, row_counts: np.ndarray) -> None:
         """Adds (K,) per-domain loss sums and row counts, all-reduced, to the pending feedback."""
