@@ -48,9 +48,9 @@ from wf_data.data.workers.pool import (
     WorkerError,
     WorkerPool,
     results_together,
+    worker_zygote,
 )
 from wf_data.data.workers.shm_ring import check_result
-from wf_data.data.workers.zygote import zygote
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -134,7 +134,7 @@ class ProcessMap(grain.IterDataset):
         self._timeout_s = None if timeout_s is None else float(timeout_s)
         self._fn_pickle = _pickle_fn(fn) if num_workers else b""
         if num_workers:
-            zygote()  # starts importing numpy now, while the caller builds the rest
+            worker_zygote()  # starts importing numpy now, while the caller builds the rest
 
     def __iter__(self) -> ProcessMapIterator:
         return ProcessMapIterator(
