@@ -33,8 +33,11 @@ from wf_data.data.deliver.loader_state import (
     PendingLosses,
     by_domain,
     check_fingerprint,
+    check_progress,
+    check_seal,
     check_state,
     from_domains,
+    seal,
     stats_summary,
 )
 from wf_data.data.mix.mixing import MixPlans
@@ -213,27 +216,34 @@ class DataLoader:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """A small JSON-safe state, the same on every rank, of the last batch handed out."""
-        return {
-            "version": STATE_VERSION,
-            "fingerprint": self.fingerprint,
-            "step": self._step,
-            "pipeline": self._iterator.get_state(),
-            "stats": from_domains(self.domain_names, self._served, int),
-            "feedback": self._pending.to_state(),
-        }
+        """A small JSON-safe state, the same on every rank, of the last batch handed out,
+        sealed: `load_state_dict` refuses it once any entry was changed."""
+        return seal(
+            {
+                "version": STATE_VERSION,
+                "fingerprint": self.fingerprint,
+                "step": self._step,
+                "pipeline": self._iterator.get_state(),
+                "stats": from_domains(self.domain_names, self._served, int),
+                "feedback": self._pending.to_state(),
+            }
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores a state saved by a loader over the same data and settings.
 
-        Refuses, naming the difference, a malformed state or one from other data, tokenizer,
-        `seq_len`, packing or seed. Sources are matched by name: a changed weight, an added
-        source (it starts at its first row) or a removed one is accepted.
+        Refuses, naming the difference, a malformed state, one edited or corrupted since it
+        was saved (its seal), or one from other data, tokenizer, `seq_len`, packing or seed.
+        Sources are matched by name: a changed weight, an added source (it starts at its
+        first row) or a removed one is accepted. A state saved before states were sealed is
+        restored with a warning.
         """
         check_state(state)
-        check_fingerprint(state["fingerprint"], self.fingerprint)
         served = by_domain(state["stats"], "stats", self.domain_names, np.int64)
         pending = PendingLosses.from_state(state["feedback"], self.domain_names)
+        check_seal(state)
+        check_fingerprint(state["fingerprint"], self.fingerprint)
+        check_progress(state, self.global_batch_size)
         previous = self._iterator.get_state()
         try:
             self._restart(self._owned(state["pipeline"]))
