@@ -14,13 +14,15 @@ process only; workers read rows from plans they are handed. `ProcessMap` pulls `
 batches ahead at a fixed lag, so an EXP3 update reaches the batch `prefetch + 1` steps later,
 whatever the worker count, and its state always describes the last batch handed out.
 
-The config factory (`get_loader`, `get_eval_loaders`) lives in `wf_data.data.deliver.factory`; both
-names stay importable from here.
+The config factory (`get_loader`, `get_eval_loaders`) lives in `wf_data.data.deliver.factory`; it
+hands each loader its `LoaderRecipe`, what builds the loader again in another process (a torch
+`DataLoader` worker: `wf_data.integrations.torch_dataset.LoaderDataset.from_loader`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grain
@@ -79,6 +81,30 @@ def loader_pipeline(
     )
 
 
+@dataclass(frozen=True)
+class LoaderRecipe:
+    """What `get_loader` built a loader from: its resolved data config and the arguments that
+    hold for every process of a data-parallel rank (not the torch worker's `step_shard`, nor
+    the framework, which the consumer chooses)."""
+
+    config: Any
+    dp_rank: int = 0
+    dp_world_size: int = 1
+    num_workers: int | None = None
+    device: Any = None
+    pin_memory: bool | None = None
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """The `get_loader` keyword arguments besides the config."""
+        return {
+            "dp_rank": self.dp_rank,
+            "dp_world_size": self.dp_world_size,
+            "num_workers": self.num_workers,
+            "device": self.device,
+            "pin_memory": self.pin_memory,
+        }
+
+
 class DataLoader:
     """Fixed-shape batches for one data-parallel rank; a torchdata `Stateful`.
 
@@ -86,7 +112,8 @@ class DataLoader:
     `domain_ids` `(b,)` int32, `b = global_batch_size / dp_world_size`) as numpy arrays, torch
     tensors (int64 `labels`) or JAX arrays (`framework`). `step_shard=(index, count)` yields
     only global steps `s` with `s % count == index` (all steps are planned, only owned ones are
-    read). `pipeline` is the Grain dataset behind it (`loader_pipeline`).
+    read). `pipeline` is the Grain dataset behind it (`loader_pipeline`). `recipe` is what
+    built it from a config (`get_loader`), None for a loader built by hand.
     """
 
     def __init__(
@@ -106,6 +133,7 @@ class DataLoader:
         prefetch: int = 0,
         worker_timeout_s: float | None = DEFAULT_TIMEOUT_S,
         fingerprint: Mapping[str, Any] | None = None,
+        recipe: LoaderRecipe | None = None,
     ):
         _check_arguments(
             framework, global_batch_size, dp_rank, dp_world_size, num_workers, prefetch
@@ -118,6 +146,7 @@ class DataLoader:
         self.framework, self.device, self.pin_memory = framework, device, pin_memory
         self.jax_sharding = jax_sharding
         self.num_workers, self.prefetch = int(num_workers), int(prefetch)
+        self.recipe = recipe
         # Computed on first use (a state save or restore): it may sum every document length.
         self._fingerprint = None if fingerprint is None else dict(fingerprint)
         first = self.dp_rank * self.local_batch_size
@@ -267,12 +296,6 @@ class DataLoader:
     def stats(self) -> dict[str, float]:
         """Flat `data/...` floats for any logger: configured and realised shares, fill."""
         return stats_summary(self.domain_names, self._served, self.mixture, self.reader.seq_len)
-
-    def as_torch_dataset(self, **kwargs: Any):
-        """This loader as a torch `IterableDataset` (see `wf_data.integrations.torch_dataset`)."""
-        from wf_data.integrations.torch_dataset import LoaderDataset
-
-        return LoaderDataset.from_loader(self, **kwargs)
 
     def close(self) -> None:
         """Stops worker processes; the loader can still save its state afterwards."""
