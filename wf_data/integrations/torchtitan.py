@@ -32,6 +32,12 @@ try:
 except ImportError:  # torchtitan main: the Grain-based components/data package
     from torchtitan.components.data.loader import BaseDataLoader
 
+if not hasattr(BaseDataLoader, "Config"):  # torchtitan 0.2 builds loaders from functions
+    raise ImportError(
+        "wf_data.integrations.torchtitan needs torchtitan 0.3 (configurable data loaders); "
+        "the installed one has no BaseDataLoader.Config: pip install 'torchtitan>=0.3,<0.4'"
+    )
+
 from wf_data.data.deliver.factory import get_loader
 
 __all__ = ["WfDataTitanLoader"]
