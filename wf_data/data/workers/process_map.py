@@ -146,6 +146,19 @@ class ProcessMap(grain.IterDataset):
             timeout_s=self._timeout_s,
         )
 
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Refuses Grain's ``mp_prefetch`` (which asks each of its workers for a slice of the
+        stream through this method), naming what to use instead."""
+        del sequential_slice
+        raise ValueError(
+            f"ProcessMap cannot run under Grain's mp_prefetch (each of its workers would take "
+            f"the slice {sl} of the stream): its parent is planned in order, in one process "
+            f"(mixing draws, batch plans, online mixture feedback), so no slice can be computed "
+            f"alone. ProcessMap already runs fn in worker processes: set its num_workers "
+            f"(ProcessMap(..., num_workers=N); for a loader, get_loader(..., num_workers=N) or "
+            f"data.num_workers) instead of mp_prefetch, and move CPU-heavy maps into its fn"
+        )
+
     def __str__(self) -> str:
         return (
             f"ProcessMap(fn={getattr(self._fn, '__name__', type(self._fn).__name__)}, "
