@@ -329,11 +329,11 @@ class _LoaderIterator:
 
     def state_at(self, step: int) -> dict[str, Any]:
         if step not in self._history:
-            kept = list(self._history)
+            kept = f"{min(self._history)}..{max(self._history)}" if self._history else "none"
             raise KeyError(
                 f"no saved state for step {step}: this iterator keeps the states after steps "
-                f"{kept[0]}..{kept[-1]} (the last {HISTORY} delivered batches, and every one "
-                "since the position last passed to mark_consumed)"
+                f"{kept} (the last {HISTORY} delivered batches, and every one since the "
+                "position last passed to mark_consumed)"
             )
         return self._history[step]
 
