@@ -6,6 +6,8 @@ through ``wf_data.atomic`` (temp file, fsync, rename), and read back by every ra
 count. The torch DCP checkpoint directory as a whole is published atomically too: a save killed
 at any point leaves the previous checkpoint loadable. On the Orbax side the JSON file is one
 item of the step; Orbax publishes the step directory by its own rename when every item is done.
+Both record the size and CRC-32 of the files they write (``wf_data.atomic.CHECKSUMS_FILE``) and
+check them before loading: a damaged file is a ``CheckpointFormatError`` naming it.
 """
 
 from __future__ import annotations
@@ -41,10 +43,14 @@ def _orbax_args() -> tuple[type, type]:
 
         def save(self, directory, args) -> None:
             if jax.process_index() == 0:
-                atomic.write_json(Path(os.fspath(directory)) / atomic.LOADER_STATE_FILE, args.state)
+                directory = Path(os.fspath(directory))
+                atomic.write_json(directory / atomic.LOADER_STATE_FILE, args.state)
+                atomic.write_checksums(directory, names=[atomic.LOADER_STATE_FILE])
 
         def restore(self, directory, args=None) -> Any:
-            return atomic.read_json(Path(os.fspath(directory)) / atomic.LOADER_STATE_FILE)
+            directory = Path(os.fspath(directory))
+            atomic.verify_checkpoint(directory, collective=False)  # each host reads it alone
+            return atomic.read_json(directory / atomic.LOADER_STATE_FILE)
 
     @ocp.args.register_with_handler(LoaderStateHandler, for_save=True)
     @dataclasses.dataclass
@@ -108,11 +114,13 @@ def save_with_dcp(path: str | os.PathLike, loader, state: dict[str, Any] | None 
 def load_with_dcp(path: str | os.PathLike, loader, state: dict[str, Any] | None = None) -> None:
     """Loads what ``save_with_dcp`` wrote: ``state`` in place, and the loader's state.
 
-    A ``path`` whose replacement was killed mid-publish is read from the surviving copy.
+    A ``path`` whose replacement was killed mid-publish is read from the surviving copy. Every
+    file is checked against its checksum first: ``CheckpointFormatError`` names a damaged one.
     """
     found = atomic.readable(path)
     if found is None:
         raise FileNotFoundError(f"no checkpoint at {path} (nor {path}.old)")
+    atomic.verify_checkpoint(found)
     if state:
-        atomic.load_dcp(found, state)
+        atomic.load_dcp(found, state, verify=False)
     loader.load_state_dict(atomic.read_json(found / atomic.LOADER_STATE_FILE))

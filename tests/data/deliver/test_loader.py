@@ -197,7 +197,9 @@ def test_torch_framework_and_torch_dataloader():
     batch = next(loader)
     assert batch["input_ids"].dtype == torch.int32
     assert batch["domain_ids"].shape == (GLOBAL_BATCH,)
-    dataset = make_loader("static").as_torch_dataset()
+    from wf_data.integrations.torch_dataset import LoaderDataset
+
+    dataset = LoaderDataset.from_loader(make_loader("static"))
     assert isinstance(dataset, torch.utils.data.IterableDataset)
     wrapped = torch.utils.data.DataLoader(dataset, batch_size=None)
     first = next(iter(wrapped))

@@ -136,6 +136,9 @@ def to_jax(batch: Any, sharding: Any = None, *, global_batch_size: int | None = 
     the sharding per key, as given. ``global_batch_size`` fixes the global leading dimension
     (default: inferred by JAX, local rows x processes along the batch axis). Without
     ``jax_enable_x64``, JAX stores 64-bit dtypes as 32-bit; the batch schema is int32 anyway.
+    The arrays keep the mesh's axis types: on Explicit axes (``jax.make_mesh``'s default from
+    JAX 0.10) they are typed ``int32[B@data, L]`` for explicit-sharding model code; ordinary
+    model code needs a mesh made with ``axis_types=(AxisType.Auto,)``.
     """
     with requires("jax", feature="to_jax"):
         import jax
