@@ -78,7 +78,8 @@ class Block:
         return f"{self.page}:{self.line}"
 
     @property
-    def runs(self) -> bool:
+    def is_code(self) -> bool:
+        """python or bash to run (not a file written for later blocks)."""
         return self.lang in RUNNERS and self.marker != "file"
 
 
@@ -115,7 +116,7 @@ def parse(path: pathlib.Path) -> list[Block]:
 
 
 BLOCKS = [block for page in PAGES for block in parse(page)]
-RUN_OR_SKIP = [block for block in BLOCKS if block.runs]
+CODE_BLOCKS = [block for block in BLOCKS if block.is_code]
 
 
 def test_every_block_is_code_to_run_a_file_or_text():
@@ -127,7 +128,7 @@ def test_every_block_is_code_to_run_a_file_or_text():
         if block.marker == "file":
             assert "/" not in block.argument and block.argument not in ("", ".", "..")
         elif block.marker:
-            assert block.runs, f"{where}: only python and bash blocks are skipped or xfail"
+            assert block.is_code, f"{where}: only python and bash blocks are skipped or xfail"
         else:
             assert block.lang in (*RUNNERS, "text"), (
                 f"{where}: a block is python or bash (run), text (a picture or output), or "
@@ -153,13 +154,13 @@ def test_every_marker_sits_right_above_a_block():
 
 @pytest.mark.parametrize("marker, expected", [("skip", SKIPPED), ("xfail", XFAIL)])
 def test_marked_blocks_are_counted(marker, expected):
-    marked = [block for block in RUN_OR_SKIP if block.marker == marker]
+    marked = [block for block in CODE_BLOCKS if block.marker == marker]
     listing = "\n".join(f"  {block.name}: {block.argument}" for block in marked)
     counts = {}
     for block in marked:
         counts[block.page] = counts.get(block.page, 0) + 1
     assert counts == expected, f"{marker} blocks changed; now:\n{listing}"
-    print(f"{len(RUN_OR_SKIP)} blocks to run, {len(marked)} marked {marker}:\n{listing}")
+    print(f"{len(CODE_BLOCKS)} blocks to run, {len(marked)} marked {marker}:\n{listing}")
 
 
 def test_readme_is_a_front_page():
@@ -233,7 +234,7 @@ class PageRun:
 
 
 def runs_here(block: Block) -> bool:
-    return block.runs and block.marker != "skip"
+    return block.is_code and block.marker != "skip"
 
 
 @pytest.fixture(scope="session")
@@ -254,7 +255,7 @@ def block_results(request, demo_cache, tmp_path_factory):
     pages = {block.page for block in selected if runs_here(block)}
     runs = {
         page: PageRun(page, tmp_path_factory.mktemp(re.sub(r"\W", "_", page)), env)
-        for page in sorted(pages, key=lambda page: -sum(b.page == page for b in RUN_OR_SKIP))
+        for page in sorted(pages, key=lambda page: -sum(b.page == page for b in CODE_BLOCKS))
     }
     with ThreadPoolExecutor(PARALLEL_PAGES) as pool:
         for run in runs.values():
@@ -265,7 +266,7 @@ def block_results(request, demo_cache, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", RUN_OR_SKIP, ids=lambda block: block.name)
+@pytest.mark.parametrize("block", CODE_BLOCKS, ids=lambda block: block.name)
 def test_block_runs(block, block_results):
     if block.marker == "skip":
         pytest.skip(f"not run here: {block.argument}")
