@@ -60,12 +60,28 @@ from wf_data.data.shards import sources
 BENCH_PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
 PAGE_HEADER = """# Benchmarks
 
-Written by `uv run python tools/bench.py` (a run replaces the tables of the sections it ran;
-`--only NAME` runs one). Every table comes from one run of its section: wf-data and its
-baseline side by side in one process, in interleaved rounds, median with the min-max spread
-and the range of per-round ratios; compare ratios, not absolute figures, on a shared machine.
-What each section measures and how it stays fair is in the docstrings of `tools/bench.py`
-and of the section functions.
+<!-- The tables below are written by tools/bench.py, which regenerates this page from a bench
+run: edit the tool, not the tables. Code blocks on this page are run by tests/test_docs.py. -->
+
+This page holds the latest benchmark tables, each with the date, the machine and its load at
+the start of the run that made it. `tools/bench.py` measures wf-data beside its baseline in
+the same process and writes this page again (a run replaces the tables of the sections it
+ran; `--only NAME` runs one):
+
+<!-- docs-test: skip measures for several minutes -->
+```bash
+uv run python tools/bench.py            # every section; --quick for a smoke run
+```
+
+How it measures, in every section:
+
+- Both sides read the same data in the same (shuffled) order.
+- The sides run in interleaved rounds, so that a busy machine slows both alike. Every figure is
+  the median of 3 rounds with its min-max spread, never the best run; ratios are median over
+  median, with the range of the per-round ratios. Compare ratios, not absolute figures, on a
+  shared machine.
+- What each section measures and how it stays fair is in the docstrings of `tools/bench.py`
+  and of the section functions.
 
 """
 DOMAIN_WEIGHTS = {"web": 0.5, "code": 0.2, "math": 0.3}
