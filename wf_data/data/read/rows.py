@@ -193,7 +193,9 @@ class RowReader:
         source = self.sources[domain]
         read_pieces = getattr(source, "read_pieces", None)
         lengths = getattr(source, "lengths", None)
-        if read_pieces is not None and lengths is not None:
+        if read_pieces is not None and lengths is None:  # it checks the pieces itself
+            return read_pieces(doc_ids, offsets, sizes), None
+        if read_pieces is not None:
             if int(np.maximum.reduce(doc_ids)) >= len(lengths):
                 bad = int(doc_ids[doc_ids >= len(lengths)][0])
                 raise IndexError(
