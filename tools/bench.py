@@ -46,7 +46,9 @@ from wf_data.data.shards import sources  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 import bench_loader  # noqa: E402
+import bench_peers  # noqa: E402
 import bench_planning  # noqa: E402
+import bench_text  # noqa: E402
 from bench_planning import LENGTHS, MAX_LENGTH, MIN_LENGTH  # noqa: E402
 
 DOMAIN_WEIGHTS = {"web": 0.5, "code": 0.2, "math": 0.3}
@@ -586,6 +588,8 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, dict[str, Corpus]], list[dict]
     "workers": bench_workers,
     "first_batch": _first_batch_section,
     "packing": bench_packing,
+    "peers": bench_peers.bench_peers,
+    "text": bench_text.bench_text,
     # bench_loader's `loader` section is superseded by `vs_grain` (Grain's reads now shuffled).
     **{
         name: _on_long(section)

@@ -234,7 +234,9 @@ class MappedShards:
         """(T,) tokens of pieces `[offsets[i], offsets[i] + sizes[i])` of records `records`
         (global indices >= 0, pieces within their records), back to back in this order."""
         if self._unready:
-            self._make_ready(records)
+            ready = self._ready[records]
+            if not ready.all():
+                self._make_ready(records[~ready])
         shard = self.starts.searchsorted(records, side="right") - 1
         itemsize = self.token_dtype.itemsize
         payload = self.offsets[records]
@@ -255,11 +257,9 @@ class MappedShards:
         return np.frombuffer(b"".join(parts), dtype=self.token_dtype)
 
     def _make_ready(self, records: np.ndarray) -> None:
-        """Opens the shards of `records`, checks the framing of those never read, and the
-        CRC-32 of every block of them not checked yet (in this process)."""
-        todo = np.unique(records[~self._ready[records]])
-        if not todo.size:
-            return
+        """Opens the shards of `records` (not ready yet), checks their framing and the CRC-32
+        of every block of them not checked yet (in this process)."""
+        todo = np.unique(records)
         shard = self.starts.searchsorted(todo, side="right") - 1
         if self._unopened:
             for index in set(shard.tolist()):
