@@ -159,3 +159,23 @@ def test_layout_arithmetic():
     np.testing.assert_array_equal(mapped.to_content(physical), content)
     sizes = [0, 1, 127, 128, 2**14 - 1, 2**14, 2**21, 2**35]
     np.testing.assert_array_equal(mapped.varint_size(sizes), [1, 1, 1, 2, 2, 3, 4, 6])
+
+
+def test_reader_threads_read_right_and_check_each_record_once(dataset):
+    from concurrent.futures import ThreadPoolExecutor
+
+    path, docs = dataset
+    source = sources.open_dataset(path)
+    pieces = [_random_pieces(docs, 40, seed) for seed in range(16)]
+
+    def read(piece):
+        ids, offsets, sizes = piece
+        return source.read_pieces(ids, offsets, sizes)
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(read, pieces))
+    for (ids, offsets, sizes), got in zip(pieces, results, strict=True):
+        want = [docs[i][o : o + s] for i, o, s in zip(ids, offsets, sizes, strict=True)]
+        np.testing.assert_array_equal(got, np.concatenate(want))
+    distinct = len(set(np.concatenate([ids for ids, _, _ in pieces]).tolist()))
+    assert source._mapped._unready == len(docs) - distinct

@@ -199,10 +199,10 @@ class MappedShards:
         self._maps: list[mmap.mmap | None] = [None] * len(self.shard_paths)
         self._unopened = len(self.shard_paths)
         self._verified = np.zeros(crcs.size, dtype=bool)  # blocks whose CRC matched
-        # Records whose framing and blocks are checked: (N,) bool, 1/8 of lengths.npy.
-        self._ready = np.zeros(offsets.size, dtype=bool)
+        # Records whose framing and blocks are checked, a bit each (1/64 of lengths.npy).
+        self._ready = np.zeros(-(-offsets.size // 8), dtype=np.uint8)
         self._unready = offsets.size
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
 
     def _open(self, shard: int) -> None:
         with self._lock:
@@ -234,9 +234,9 @@ class MappedShards:
         """(T,) tokens of pieces `[offsets[i], offsets[i] + sizes[i])` of records `records`
         (global indices >= 0, pieces within their records), back to back in this order."""
         if self._unready:
-            ready = self._ready[records]
+            ready = (self._ready[records >> 3] >> (records & 7).astype(np.uint8)) & 1
             if not ready.all():
-                self._make_ready(records[~ready])
+                self._make_ready(records[ready == 0])
         shard = self.starts.searchsorted(records, side="right") - 1
         itemsize = self.token_dtype.itemsize
         payload = self.offsets[records]
@@ -259,19 +259,25 @@ class MappedShards:
     def _make_ready(self, records: np.ndarray) -> None:
         """Opens the shards of `records` (not ready yet), checks their framing and the CRC-32
         of every block of them not checked yet (in this process)."""
-        todo = np.unique(records)
-        shard = self.starts.searchsorted(todo, side="right") - 1
-        if self._unopened:
-            for index in set(shard.tolist()):
-                if self._views[index] is None:
-                    self._open(index)
-        record_bytes = self.lengths[todo] * self.token_dtype.itemsize
-        payload = to_content(self.offsets[todo])
-        prefix = payload - varint_size(record_bytes) - CHECKED_PREFIX
-        self._verify(shard, prefix // USABLE, (payload + np.maximum(record_bytes, 1) - 1) // USABLE)
-        self._check_framing(todo, shard, prefix, record_bytes)
-        self._ready[todo] = True
-        self._unready -= todo.size
+        with self._lock:  # reader threads: each record made ready (and counted) once
+            todo = np.unique(records)
+            bits = (1 << (todo & 7)).astype(np.uint8)
+            todo = todo[(self._ready[todo >> 3] & bits) == 0]
+            if not todo.size:
+                return
+            shard = self.starts.searchsorted(todo, side="right") - 1
+            if self._unopened:
+                for index in set(shard.tolist()):
+                    if self._views[index] is None:
+                        self._open(index)
+            record_bytes = self.lengths[todo] * self.token_dtype.itemsize
+            payload = to_content(self.offsets[todo])
+            prefix = payload - varint_size(record_bytes) - CHECKED_PREFIX
+            last = (payload + np.maximum(record_bytes, 1) - 1) // USABLE
+            self._verify(shard, prefix // USABLE, last)
+            self._check_framing(todo, shard, prefix, record_bytes)
+            np.bitwise_or.at(self._ready, todo >> 3, (1 << (todo & 7)).astype(np.uint8))
+            self._unready -= todo.size
 
     def _verify(self, shard: np.ndarray, first_block: np.ndarray, last_block: np.ndarray):
         """CRC-checks the blocks `[first_block, last_block]` (content blocks = file blocks) of
