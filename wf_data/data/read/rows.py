@@ -231,14 +231,15 @@ class _Rows:
     def __init__(self, n, seq_len, used, row_start, labels_dtype, allocate):
         self.n, self.seq_len, self.used, self.row_start = n, seq_len, used, row_start
         self.padded = sum(used) != n * seq_len
-        # input, positions and segments in one (3, n, L) int32 block: one allocation.
-        self.stacked = _empty((3, n, seq_len), np.int32, allocate)
+        self.input_ids = _empty((n, seq_len), np.int32, allocate)
         self.labels = _empty((n, seq_len), labels_dtype, allocate)
+        # Positions and segments: the arrays np.repeat makes, or copied into `allocate`'s.
+        self.allocated = None if allocate is None else _empty((2, n, seq_len), np.int32, allocate)
         self.no_loss: list[np.ndarray] = []
 
     def place(self, tokens, no_loss, rows, pad_id) -> None:
         """Puts a domain's planned tokens (its rows' tokens back to back) into its `rows`."""
-        input_ids, used, seq_len = self.stacked[0], self.used, self.seq_len
+        input_ids, used, seq_len = self.input_ids, self.used, self.seq_len
         if not self.padded and len(rows) == self.n:
             input_ids.reshape(-1)[:] = tokens
             if no_loss is not None:
@@ -258,7 +259,7 @@ class _Rows:
     def finish(self, row_pieces, sizes, piece_start, row_stops, domain_ids):
         """Labels, positions and segments; returns the batch."""
         n, seq_len, used = self.n, self.seq_len, self.used
-        input_ids, positions, segments = self.stacked
+        input_ids = self.input_ids
         num_pieces = sizes.size
         piece_in_row = np.arange(num_pieces) - np.repeat(
             np.asarray(row_stops) - row_pieces, row_pieces
@@ -284,10 +285,17 @@ class _Rows:
         flat_labels[at] = IGNORE_INDEX  # nothing predicts a segment's first token
         for no_loss in self.no_loss:
             flat_labels[no_loss] = IGNORE_INDEX
-        np.subtract(_ramp(n * seq_len), np.repeat(starts, counts), out=positions.reshape(-1))
+        positions = np.repeat(starts, counts)
+        np.subtract(_ramp(n * seq_len), positions, out=positions)
         if numbers is None:
             numbers = (piece_in_row + 1).astype(np.int32)
-        segments.reshape(-1)[:] = np.repeat(numbers, counts)
+        segments = np.repeat(numbers, counts)
+        if self.allocated is None:
+            positions, segments = positions.reshape(n, seq_len), segments.reshape(n, seq_len)
+        else:
+            self.allocated.reshape(2, -1)[0] = positions
+            self.allocated.reshape(2, -1)[1] = segments
+            positions, segments = self.allocated
         if self.padded:  # padding: labels -100, positions 0 (segments are 0 already)
             for row, count in enumerate(used):
                 if count < seq_len:
