@@ -99,7 +99,14 @@ def test_two_forked_workers_equal_zero_workers(demo_cache):
 
 
 def test_fork_after_the_parent_read_shards_is_refused(demo_config):
-    next(get_loader(demo_config, framework="numpy"))  # riegeli's pools are now live here
+    from wf_data.data.shards.sources import open_dataset, read_before_fork
+
+    # Token shards read from memory maps leave nothing a forked child could trip on.
+    want = take(get_loader(demo_config, framework="numpy"), STEPS)
+    assert not read_before_fork()
+    assert_streams_equal(two_worker_stream(demo_config, "fork"), want)
+    source = next(iter(demo_config.enabled_sources().values()))
+    open_dataset(source.path, memory_map=False)[0]  # riegeli's pools are now live here
     with pytest.raises(RuntimeError, match="multiprocessing_context='forkserver'"):
         two_worker_stream(demo_config, "fork")
 
