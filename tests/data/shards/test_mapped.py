@@ -178,4 +178,20 @@ def test_reader_threads_read_right_and_check_each_record_once(dataset):
         want = [docs[i][o : o + s] for i, o, s in zip(ids, offsets, sizes, strict=True)]
         np.testing.assert_array_equal(got, np.concatenate(want))
     distinct = len(set(np.concatenate([ids for ids, _, _ in pieces]).tolist()))
-    assert source._mapped._unready == len(docs) - distinct
+    mapped = source._mapped  # each record counted once: as many ready bits as counted
+    ready = int(np.unpackbits(mapped._ready).sum())
+    assert 0 <= mapped._unready <= len(docs) - distinct and ready == len(docs) - mapped._unready
+
+
+def test_records_beside_a_checked_one_are_ready_but_only_a_bad_one_read_fails(dataset):
+    path, docs = dataset
+    lengths = np.load(path / sources.LENGTHS_NAME)
+    lengths[[21, 22]] = lengths[[22, 21]]  # shard 2 records 1 and 2
+    np.save(path / sources.LENGTHS_NAME, lengths)
+    source = sources.open_dataset(path)
+    np.testing.assert_array_equal(source[23], docs[23])  # shard 2 record 3
+    ready = np.unpackbits(source._mapped._ready, bitorder="little")
+    assert ready[23] and not ready[21] and not ready[22]  # bad framing: never ready
+    assert ready.sum() >= 2  # records beside record 3, checked with its block
+    with pytest.raises(ValueError, match=r"shard docs-00002-of-00004\.array_record record 1: "):
+        source[21]

@@ -257,12 +257,12 @@ class MappedShards:
         return np.frombuffer(b"".join(parts), dtype=self.token_dtype)
 
     def _make_ready(self, records: np.ndarray) -> None:
-        """Opens the shards of `records` (not ready yet), checks their framing and the CRC-32
-        of every block of them not checked yet (in this process)."""
+        """Opens the shards of `records` (not ready yet), CRC-checks every block of them not
+        checked yet (in this process) and checks their framing; records starting in a block
+        checked now are made ready with them (their first read is then free), but only a
+        requested record's bad framing is an error."""
         with self._lock:  # reader threads: each record made ready (and counted) once
-            todo = np.unique(records)
-            bits = (1 << (todo & 7)).astype(np.uint8)
-            todo = todo[(self._ready[todo >> 3] & bits) == 0]
+            todo = self._not_ready(np.unique(records))
             if not todo.size:
                 return
             shard = self.starts.searchsorted(todo, side="right") - 1
@@ -270,23 +270,54 @@ class MappedShards:
                 for index in set(shard.tolist()):
                     if self._views[index] is None:
                         self._open(index)
-            record_bytes = self.lengths[todo] * self.token_dtype.itemsize
-            payload = to_content(self.offsets[todo])
-            prefix = payload - varint_size(record_bytes) - CHECKED_PREFIX
-            last = (payload + np.maximum(record_bytes, 1) - 1) // USABLE
-            self._verify(shard, prefix // USABLE, last)
-            self._check_framing(todo, shard, prefix, record_bytes)
-            np.bitwise_or.at(self._ready, todo >> 3, (1 << (todo & 7)).astype(np.uint8))
-            self._unready -= todo.size
+            first, last = self._blocks_of(todo)
+            fresh = self._verify(shard, first, last)
+            others = self._not_ready(np.setdiff1d(self._records_starting_in(fresh), todo))
+            if others.size:  # ready too where every block of them is checked
+                first, last = self._blocks_of(others)
+                base = self.block_base[self.starts.searchsorted(others, side="right") - 1]
+                checked = self._verified[base + first] & self._verified[base + last]
+                others = others[checked & (last - first <= 1)]
+            candidates = np.concatenate([todo, others])
+            good = self._check_framing(candidates)
+            if not good[: todo.size].all():
+                self._framing_error(todo[np.flatnonzero(~good[: todo.size])[0]])
+            ready = candidates[good]
+            np.bitwise_or.at(self._ready, ready >> 3, (1 << (ready & 7)).astype(np.uint8))
+            self._unready -= ready.size
+
+    def _not_ready(self, records: np.ndarray) -> np.ndarray:
+        """The distinct `records` whose ready bit is not set."""
+        bits = (1 << (records & 7)).astype(np.uint8)
+        return records[(self._ready[records >> 3] & bits) == 0]
+
+    def _blocks_of(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(first, last) block within its shard of each record's framing and tokens."""
+        record_bytes = self.lengths[records] * self.token_dtype.itemsize
+        payload = to_content(self.offsets[records])
+        prefix = payload - varint_size(record_bytes) - CHECKED_PREFIX
+        return prefix // USABLE, (payload + np.maximum(record_bytes, 1) - 1) // USABLE
+
+    def _records_starting_in(self, blocks: list[int]) -> np.ndarray:
+        """Global indices of the records whose tokens start in global blocks `blocks`."""
+        found = []
+        for block in blocks:
+            index = int(self.block_base.searchsorted(block, side="right")) - 1
+            local = block - int(self.block_base[index])
+            first, stop = int(self.starts[index]), int(self.starts[index + 1])
+            bounds = self.offsets[first:stop].searchsorted([local * BLOCK, (local + 1) * BLOCK])
+            found.append(np.arange(first + bounds[0], first + bounds[1]))
+        return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
     def _verify(self, shard: np.ndarray, first_block: np.ndarray, last_block: np.ndarray):
         """CRC-checks the blocks `[first_block, last_block]` (content blocks = file blocks) of
-        each shard not checked yet in this process."""
+        each shard not checked yet in this process; returns those (global block indices)."""
         base = self.block_base[shard]
         count = last_block - first_block + 1
         blocks = np.repeat(base + first_block - np.cumsum(count) + count, count)
         blocks += np.arange(blocks.size)
-        for block in np.unique(blocks[~self._verified[blocks]]).tolist():
+        fresh = np.unique(blocks[~self._verified[blocks]]).tolist()
+        for block in fresh:
             index = int(self.block_base.searchsorted(block, side="right")) - 1
             local = block - int(self.block_base[index])
             data = self._views[index][local * BLOCK : (local + 1) * BLOCK]
@@ -298,6 +329,7 @@ class MappedShards:
                     f"{self.shard_paths[index].parent} --verify`"
                 )
             self._verified[block] = True
+        return fresh
 
     def _near(self, shard: int, block: int) -> str:
         """The first record of `shard` whose payload starts at or after `block` (or its last)."""
@@ -307,29 +339,37 @@ class MappedShards:
         record = first + int(self.offsets[first:stop].searchsorted(block * BLOCK))
         return self.describe_record(min(record, stop - 1))
 
-    def _check_framing(self, records, shard, prefix, record_bytes) -> None:
-        """The `CHECKED_PREFIX` bytes before each record's varint size (content positions
-        `prefix`) are its chunk's decoded size, 0 (no compression) and the varint's size."""
+    def _check_framing(self, records: np.ndarray) -> np.ndarray:
+        """(n,) bool: the `CHECKED_PREFIX` bytes before each record's varint size are its
+        chunk's decoded size, 0 (no compression) and the varint's size."""
+        record_bytes = self.lengths[records] * self.token_dtype.itemsize
+        prefix = to_content(self.offsets[records]) - varint_size(record_bytes) - CHECKED_PREFIX
         positions = to_physical(prefix[:, None] + np.arange(CHECKED_PREFIX))
+        shard = self.starts.searchsorted(records, side="right") - 1
         got = np.zeros(positions.shape, dtype=np.uint8)
         for index in np.unique(shard).tolist():
             rows = shard == index
             data = self._arrays[index]
-            if positions[rows].max(initial=0) < data.size:  # else 0s, reported below
+            if positions[rows].max(initial=0) < data.size:  # else 0s: bad
                 got[rows] = data[positions[rows]]
         decoded = got[:, :8].copy().view("<u8")[:, 0]
-        good = (
+        return (
             (decoded == record_bytes) & (got[:, 8] == 0) & (got[:, 9] == varint_size(record_bytes))
         )
-        if not good.all():
-            bad = int(np.flatnonzero(~good)[0])
-            raise ValueError(
-                f"{self.describe_record(int(records[bad]))}: {int(decoded[bad])} bytes, "
-                "but lengths.npy plans "
-                f"{int(self.lengths[records[bad]])} {self.token_dtype.name} tokens at this "
-                "offset (corrupt shard, lengths.npy or record_offsets.npy); check with "
-                f"`wf-data inspect {self.shard_paths[0].parent} --verify`"
-            )
+
+    def _framing_error(self, record: int):
+        record_bytes = self.lengths[[record]] * self.token_dtype.itemsize
+        prefix = to_content(self.offsets[[record]]) - varint_size(record_bytes) - CHECKED_PREFIX
+        shard = int(self.starts.searchsorted(record, side="right")) - 1
+        positions = to_physical(prefix[0] + np.arange(8))
+        data = self._arrays[shard]
+        decoded = int(data[positions].copy().view("<u8")[0]) if positions[-1] < data.size else 0
+        raise ValueError(
+            f"{self.describe_record(int(record))}: {decoded} bytes, but lengths.npy plans "
+            f"{int(self.lengths[record])} {self.token_dtype.name} tokens at this offset "
+            "(corrupt shard, lengths.npy or record_offsets.npy); check with "
+            f"`wf-data inspect {self.shard_paths[0].parent} --verify`"
+        )
 
 
 def _across_blocks(view: memoryview, start: int, length: int) -> bytes:
