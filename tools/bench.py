@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from tools import bench_loader, bench_planning
+from tools import bench_loader, bench_peers, bench_planning, bench_text
 from tools.bench_common import (
     CACHE_DIR,
     LENGTHS,
@@ -63,7 +63,7 @@ PAGE_HEADER = """# Benchmarks
 <!-- The tables below are written by tools/bench.py, which regenerates this page from a bench
 run: edit the tool, not the tables. Code blocks on this page are run by tests/test_docs.py. -->
 
-This page holds the latest benchmark tables, each with the date, the machine and its load at
+This page has the latest benchmark tables, each with the date, the machine and its load at
 the start of the run that made it. `tools/bench.py` measures wf-data beside its baseline in
 the same process and writes this page again (a run replaces the tables of the sections it
 ran; `--only NAME` runs one):
@@ -662,6 +662,8 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, dict[str, Corpus]], list[dict]
     "packing": bench_packing,
     "bare_packer": bench_bare_packer,
     "restore": bench_restore,
+    "peers": bench_peers.bench_peers,
+    "text": bench_text.bench_text,
     **bench_planning.SECTIONS,  # first_batch, planning
     # bench_loader's `loader` section is superseded by `vs_grain` (Grain's reads now shuffled).
     **{

@@ -148,10 +148,26 @@ def test_state_restored_with_another_worker_count_names_the_fix(demo_cache):
     run_in_a_fresh_process("worker_count_checks", demo_cache)
 
 
-def test_fork_after_the_parent_read_shards_is_refused(demo_config):
-    next(get_loader(demo_config, framework="numpy"))  # riegeli's pools are now live here
+def fork_after_read_checks(cache):
+    """Forked torch workers after the parent read shards: fine after memory-mapped reads (they
+    leave nothing a forked child could trip on), refused after a record-reader read."""
+    from wf_data.config import load_data_config
+    from wf_data.data.shards.sources import open_dataset, read_before_fork
+
+    config = load_data_config("demo", OVERRIDES)
+    want = take(get_loader(config, framework="numpy"), STEPS)
+    assert not read_before_fork()
+    assert_streams_equal(two_worker_stream(config, "fork"), want)
+    source = next(iter(config.enabled_sources().values()))
+    open_dataset(source.path, memory_map=False)[0]  # riegeli's pools are now live here
     with pytest.raises(RuntimeError, match="multiprocessing_context='forkserver'"):
-        two_worker_stream(demo_config, "fork")
+        two_worker_stream(config, "fork")
+
+
+@pytest.mark.slow
+def test_fork_after_the_parent_read_shards_is_refused(demo_cache):
+    # In a fresh process: any earlier test of this session may have read with the record reader.
+    run_in_a_fresh_process("fork_after_read_checks", demo_cache)
 
 
 def test_rows_mode_batches_back_to_the_same_stream(demo_config):

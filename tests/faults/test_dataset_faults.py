@@ -161,16 +161,25 @@ def long_tokens_dataset(tmp_path_factory):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_flipped_record_byte_named_at_read(long_tokens_dataset, tmp_path, workers):
-    """A record whose bytes changed fails its chunk hash when read (Riegeli's RuntimeError):
-    the error names the dataset, shard and record and says how to check the rest."""
+    """A record whose bytes changed fails its check when read: the chunk hash on the record
+    reader (Riegeli), the CRC-32 of its 64 KiB block from memory maps. Either way the error
+    names the dataset, shard and record and says how to check the rest, and the records the
+    damage does not reach still read (the neighbours in its chunk; from memory maps, those
+    outside its block)."""
     dataset = tmp_path / "ds"
     shutil.copytree(long_tokens_dataset, dataset)
     _flip_record_byte(dataset, "data-00001-of-00002.array_record", 37)
-    source = sources.open_dataset(dataset)
     expected = rf"shard data-00001-of-00002\.array_record record 37: .*inspect {dataset} --verify"
+    by_record = sources.open_dataset(dataset, memory_map=False)
     with pytest.raises(sources.ShardReadError, match=expected):
-        source[100 + 37]
-    assert len(source[100 + 38]) > 0 and len(source[36]) > 0  # the rest still reads
+        by_record[100 + 37]
+    assert len(by_record[100 + 38]) > 0 and len(by_record[36]) > 0
+    mapped = sources.open_dataset(dataset)
+    with pytest.raises(sources.ShardReadError, match=expected):
+        mapped[100 + 37]
+    assert len(mapped[36]) > 0  # another shard (here one block holds all of shard 1)
+    # A loader names the record it was reading when it met the damaged block.
+    expected = rf"shard data-00001-of-00002\.array_record record \d+: .*inspect {dataset} --verify"
     from wf_data.data import get_loader
 
     config = {

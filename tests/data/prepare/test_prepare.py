@@ -115,7 +115,8 @@ def test_deterministic_and_independent_of_workers(corpus, tmp_path, tiny_tokeniz
     _run([in_dir], tmp_path / "b", workers=1, **options)
     _run([in_dir], tmp_path / "c", workers=2, **options)
     assert _files(tmp_path / "a") == _files(tmp_path / "b") == _files(tmp_path / "c")
-    assert len(_files(tmp_path / "a")) == 5  # 3 shards, lengths.npy, manifest.json
+    # 3 shards, lengths.npy, record_offsets.npy, block_crc32.npy, manifest.json
+    assert len(_files(tmp_path / "a")) == 7
 
 
 def test_backend_encoder_matches_encode_batch(tiny_tokenizer):

@@ -42,6 +42,7 @@ import numpy as np
 
 from wf_data.data.plan.blocks import RowBlock
 from wf_data.data.plan.permutation import LazyPermutation
+from wf_data.data.shards.documents import read_documents
 
 # Documents per best-fit window: >= 99% fill on lognormal document lengths with seq_len 2048
 # (see tools/bench.py); planning cost grows only linearly with it.
@@ -529,8 +530,6 @@ class BestFitPlans(_Plans, grain.IterDataset):
         """(n,) int64 lengths of documents `doc_ids` (read from the source if unknown)."""
         if self.lengths is not None:
             return _check_lengths(self.lengths[doc_ids], doc_ids)
-        from wf_data.data.read.rows import read_documents
-
         tokens, _ = read_documents(self.docs, doc_ids.tolist())
         return np.fromiter((len(tokens[i]) for i in doc_ids.tolist()), np.int64, len(doc_ids))
 

@@ -53,6 +53,8 @@ def _is_dataset_file(name: str) -> bool:
     return name in (
         sources.MANIFEST_NAME,
         sources.LENGTHS_NAME,
+        sources.OFFSETS_NAME,
+        sources.CRC_NAME,
         WORK_DIR_NAME,
         "skipped.jsonl",
     ) or name.endswith((".array_record", ".tmp"))
