@@ -28,6 +28,18 @@ def test_writers_round_trip_and_leave_only_the_file(tmp_path):
     assert (tmp_path / "a.bin").stat().st_mode & 0o044  # readable by others (no 0600 mkstemp)
 
 
+def test_indented_json_is_for_people_and_the_compact_form_is_unchanged(tmp_path):
+    value = {"name": "café", "shards": [{"records": 3}]}
+    atomic.write_json(tmp_path / "manifest.json", value, indent=2)
+    text = (tmp_path / "manifest.json").read_text(encoding="utf-8")
+    assert text == '{\n  "name": "café",\n  "shards": [\n    {\n      "records": 3\n    }\n  ]\n}\n'
+    # The compact form, which checkpoint digests are taken over, stays ASCII on one line.
+    assert atomic.json_text(value, "x") == '{"name": "caf\\u00e9", "shards": [{"records": 3}]}'
+    with pytest.raises(TypeError, match="manifest.json.*not JSON-safe"):
+        atomic.write_json(tmp_path / "manifest.json", {"mean": float("inf")}, indent=2)
+    assert atomic.read_json(tmp_path / "manifest.json") == value
+
+
 def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "state.json"
     atomic.write_json(path, {"step": 1})

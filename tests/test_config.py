@@ -137,6 +137,24 @@ def test_dataconfig_built_in_python_is_completed_and_checked(tmp_path):
         load_data_config(dataclasses.replace(built, seq_len=0), check_paths=False)
 
 
+@pytest.mark.parametrize(
+    ("seq_len", "batch", "message"),
+    [
+        (10**9, 8, r"data\.seq_len: 1,000,000,000 tokens a row is over the limit 16,777,216 "
+         r"\(2\*\*24; a global batch of 8 rows of 1,000,000,000 tokens takes 119\.2 GiB\)"),
+        (1 << 20, 1 << 13, r"data\.global_batch_size: 8,192 rows x seq_len 1,048,576 = "
+         r"8,589,934,592 tokens a step is over the limit"),
+    ],
+)  # fmt: skip
+def test_batch_shape_beyond_any_run_is_refused(seq_len, batch, message):
+    """`seq_len: 1e9` used to reach the reader and fail there with a raw MemoryError."""
+    given = {"sources": {"a": {"path": "/data/a"}}, "seq_len": seq_len, "global_batch_size": batch}
+    with pytest.raises(ConfigError, match=message):
+        load_data_config(given, check_paths=False)
+    largest = dict(given, seq_len=1 << 24, global_batch_size=256)  # 2**32 tokens: accepted
+    assert load_data_config(largest, check_paths=False).seq_len == 1 << 24
+
+
 def test_overrides_change_add_delete():
     cfg = load_data_config(
         "mixed_pretrain",

@@ -26,29 +26,64 @@ Sections `memory`, `state` and `exp3` come from `tools/bench_loader.py`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import pathlib
+import platform
 import statistics
-import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tools import bench_loader, bench_peers, bench_planning, bench_text
+from tools.bench_common import (
+    CACHE_DIR,
+    LENGTHS,
+    MAX_LENGTH,
+    MIN_LENGTH,
+    CutTo,
+    Timing,
+    grain_domain,
+    grain_packer,
+    interleaved,
+    real_tokens,
+    summarize,
+    time_batches,
+)
+from wf_data.data.shards import sources
 
-from wf_data.data.shards import sources  # noqa: E402
+BENCH_PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
+PAGE_HEADER = """# Benchmarks
 
-sys.path.insert(0, str(ROOT / "tools"))
-import bench_loader  # noqa: E402
-import bench_planning  # noqa: E402
-from bench_planning import LENGTHS, MAX_LENGTH, MIN_LENGTH  # noqa: E402
+<!-- The tables below are written by tools/bench.py, which regenerates this page from a bench
+run: edit the tool, not the tables. Code blocks on this page are run by tests/test_docs.py. -->
 
+This page has the latest benchmark tables, each with the date, the machine and its load at
+the start of the run that made it. `tools/bench.py` measures wf-data beside its baseline in
+the same process and writes this page again (a run replaces the tables of the sections it
+ran; `--only NAME` runs one):
+
+<!-- docs-test: skip measures for several minutes -->
+```bash
+uv run python tools/bench.py            # every section; --quick for a smoke run
+```
+
+How it measures, in every section:
+
+- Both sides read the same data in the same (shuffled) order.
+- The sides run in interleaved rounds, so that a busy machine slows both alike. Every figure is
+  the median of 3 rounds with its min-max spread, never the best run; ratios are median over
+  median, with the range of the per-round ratios. Compare ratios, not absolute figures, on a
+  shared machine.
+- What each section measures and how it stays fair is in the docstrings of `tools/bench.py`
+  and of the section functions.
+
+"""
 DOMAIN_WEIGHTS = {"web": 0.5, "code": 0.2, "math": 0.3}
 NOISE_NOTE = (
     "compare ratios (same process, interleaved rounds), not absolute figures, on a machine "
@@ -178,91 +213,6 @@ def make_corpus(args: argparse.Namespace, label: str) -> Corpus:
 # --------------------------------------------------------------------------- measuring
 
 
-@dataclasses.dataclass
-class Timing:
-    """One round of one side: real tokens after the first batch, their seconds, first batch."""
-
-    tokens: int
-    seconds: float
-    first_s: float
-    extra: dict = dataclasses.field(default_factory=dict)
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Real tokens per wall second after the first batch."""
-        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
-
-
-def interleaved(sides: dict[str, Callable[[], Timing]], rounds: int) -> dict[str, list[Timing]]:
-    """Runs every side once per round, in turn, `rounds` times."""
-    results: dict[str, list[Timing]] = {name: [] for name in sides}
-    for _ in range(rounds):
-        for name, side in sides.items():
-            results[name].append(side())
-    return results
-
-
-def summarize(
-    name: str,
-    timings: list[Timing],
-    baseline: list[Timing] | None = None,
-    target: str | None = None,
-) -> dict:
-    """A table row: median tokens/s and first batch with min-max, ratio to `baseline`."""
-    speeds = [t.tokens_per_s for t in timings]
-    firsts = [1e3 * t.first_s for t in timings]
-    row = {
-        "name": name,
-        "rounds": len(timings),
-        "tokens_per_s": statistics.median(speeds),
-        "spread": (min(speeds), max(speeds)),
-        "first_ms": statistics.median(firsts),
-        "first_spread": (min(firsts), max(firsts)),
-    }
-    if baseline is not None:
-        base = [t.tokens_per_s for t in baseline]
-        row["ratio"] = row["tokens_per_s"] / statistics.median(base)
-        paired = [ours / theirs for ours, theirs in zip(speeds, base, strict=True)]
-        row["ratio_spread"] = (min(paired), max(paired))
-    if target is not None:
-        row["target"] = target
-    for key in timings[0].extra:
-        row[key] = statistics.median(t.extra[key] for t in timings)
-    return row
-
-
-def _real_tokens(segment_ids) -> int:
-    """Non-padding tokens of a (B, L) numpy array or torch tensor of segment ids."""
-    return int((segment_ids > 0).sum())
-
-
-def _time_batches(
-    batches: Iterator,
-    start: float,
-    count: int,
-    seconds: float | None,
-    key: str,
-    after_batch: Callable[[int], None] | None = None,
-) -> Timing:
-    """Times up to `count` batches (or `seconds`) after the first; `start` = construction."""
-    next(batches)
-    first = time.perf_counter() - start
-    if after_batch is not None:
-        after_batch(0)
-    real, begin = 0, time.perf_counter()
-    for step in range(1, count + 1):
-        try:
-            batch = next(batches)
-        except StopIteration:
-            break
-        real += _real_tokens(batch[key])
-        if after_batch is not None:
-            after_batch(step)
-        if seconds is not None and time.perf_counter() - begin > seconds:
-            break
-    return Timing(real, time.perf_counter() - begin, first)
-
-
 # --------------------------------------------------------------------------- our sides
 
 
@@ -319,9 +269,29 @@ def loader_run(
     loader = get_loader(config, framework=framework, num_workers=num_workers)
     update = (lambda step: loader.update_mixture(_losses(names, step))) if feedback else None
     try:
-        return _time_batches(iter(loader), start, batches, None, "segment_ids", update)
+        timing = time_batches(iter(loader), start, batches, None, "segment_ids", update)
     finally:
         loader.close()
+    timing.extra["batches"] = loader.step - 1  # after the first
+    return timing
+
+
+def plans_run(config: dict, *, batches: int) -> Timing:
+    """Planning alone for `loader_run`'s loader: its batch plans, an EXP3 update after each,
+    no read. `extra["batches"]` counts the timed batches."""
+    from wf_data.data import batch_plans, get_loader
+
+    names = tuple(config["sources"])
+    start = time.perf_counter()
+    loader = get_loader(config, framework="numpy")
+    plans = iter(batch_plans(loader.mixer, loader.global_batch_size, domain_names=names))
+    next(plans)
+    first = time.perf_counter() - start
+    begin = time.perf_counter()
+    for step in range(batches):
+        next(plans)
+        loader.update_mixture(_losses(names, step))
+    return Timing(0, time.perf_counter() - begin, first, {"batches": batches})
 
 
 def bare_concat_run(corpus: Corpus, args, rows: int) -> Timing:
@@ -331,44 +301,10 @@ def bare_concat_run(corpus: Corpus, args, rows: int) -> Timing:
     start = time.perf_counter()
     packed = pack(corpus.source(), args.seq_len, "concat", seed=args.seed, num_epochs=None)
     rows_iter = ({"segment_ids": row["segment_ids"]} for row in packed)
-    return _time_batches(rows_iter, start, rows, None, "segment_ids")
+    return time_batches(rows_iter, start, rows, None, "segment_ids")
 
 
 # --------------------------------------------------------------------------- Grain's sides
-
-
-class CutTo:
-    """Grain map: token record -> {"tokens": int32}, cut to `max_len` when given (Grain's fit
-    packers reject longer sequences: cutting is the usual recipe). Counts the tokens it reads
-    and those it cuts, which Grain's side then never emits."""
-
-    def __init__(self, max_len: int | None):
-        self.max_len = max_len
-        self.tokens_in = self.cut = 0
-
-    def __call__(self, tokens: np.ndarray) -> dict:
-        self.tokens_in += len(tokens)
-        if self.max_len is not None:
-            self.cut += max(0, len(tokens) - self.max_len)
-        return {"tokens": np.asarray(tokens[: self.max_len], dtype=np.int32)}
-
-
-def grain_domain(source, seed: int, cut: CutTo):
-    """Plain Grain's reading of one domain: source -> shuffle(seed) -> map(cut) -> iter."""
-    import grain
-
-    return grain.MapDataset.source(source).shuffle(seed=seed).map(cut).to_iter_dataset()
-
-
-def grain_packer(kind: str, parent, seq_len: int, bins: int, seed: int):
-    """Grain's own packer `kind` (ConcatThenSplit, FirstFit, BestFit) over `parent`."""
-    import grain
-
-    lengths = {"tokens": seq_len}
-    if kind == "ConcatThenSplit":
-        return grain.experimental.ConcatThenSplitIterDataset(parent, length_struct=lengths)
-    packer = getattr(grain.experimental, f"{kind}PackIterDataset")
-    return packer(parent, length_struct=lengths, num_packing_bins=bins, seed=seed)
 
 
 def grain_mix_run(corpus: Corpus, args, *, batches: int, seconds: float) -> Timing:
@@ -389,7 +325,7 @@ def grain_mix_run(corpus: Corpus, args, *, batches: int, seconds: float) -> Timi
     pipeline = grain.IterDataset.mix(packed, list(DOMAIN_WEIGHTS.values())).batch(args.batch_size)
     # Grain's mix ends with its first exhausted domain: the corpus is sized well beyond
     # `seconds` of Grain's speed, and a short run still gives a rate.
-    return _time_batches(iter(pipeline), start, batches, seconds, "tokens_segment_ids")
+    return time_batches(iter(pipeline), start, batches, seconds, "tokens_segment_ids")
 
 
 # --------------------------------------------------------------------------- sections
@@ -404,20 +340,30 @@ def bench_vs_grain(args, corpora: dict[str, Corpus]) -> list[dict]:
         results = interleaved(
             {
                 "ours": lambda config=config: loader_run(config, batches=args.loader_batches),
+                "plans": lambda config=config: plans_run(config, batches=args.loader_batches),
                 "grain": lambda corpus=corpus: grain_mix_run(
                     corpus, args, batches=args.loader_batches, seconds=args.grain_seconds
                 ),
             },
             args.rounds,
         )
-        rows.append(
-            summarize(
-                f"{label} docs: wf-data loader best_fit+EXP3",
-                results["ours"],
-                results["grain"],
-                target,
-            )
+        row = summarize(
+            f"{label} docs: wf-data loader best_fit+EXP3",
+            results["ours"],
+            results["grain"],
+            target,
         )
+        # Of the loader's time per batch, the share its planning alone takes (same batches).
+        shares = [
+            (plans.seconds / max(plans.extra["batches"], 1))
+            / (ours.seconds / max(ours.extra["batches"], 1))
+            for ours, plans in zip(results["ours"], results["plans"], strict=True)
+        ]
+        row["planning_pct"] = 100 * statistics.median(shares)
+        row["us_per_batch"] = statistics.median(
+            1e6 * t.seconds / max(t.extra["batches"], 1) for t in results["ours"]
+        )
+        rows.append(row)
         rows.append(
             summarize(
                 f"{label} docs: grain shuffle+BestFit({args.grain_bins})+mix+batch",
@@ -486,10 +432,10 @@ def _packing_timing(
     """
     segments = next(rows)
     first = time.perf_counter() - start
-    real = _real_tokens(segments)
+    real = real_tokens(segments)
     capacity, timed, begin = segments.size, 0, time.perf_counter()
     for segments in rows:
-        count = _real_tokens(segments)
+        count = real_tokens(segments)
         real, timed, capacity = real + count, timed + count, capacity + segments.size
         if seconds is not None and time.perf_counter() - begin > seconds:
             break
@@ -571,8 +517,132 @@ def bench_packing(args, corpora: dict[str, Corpus]) -> list[dict]:
     return rows
 
 
-def _first_batch_section(args, corpora):
-    return bench_planning.bench_first_batch(args)
+def _loader_state_after(config: dict, batches: int) -> dict:
+    """The loader state after `batches` batches, all planned but only the last one read."""
+    from wf_data.data import get_loader
+
+    loader = get_loader(config, framework="numpy", step_shard=(batches - 1, batches))
+    next(loader)
+    loader.close()
+    return json.loads(json.dumps(loader.state_dict()))
+
+
+def restore_run(config: dict, state: dict) -> dict[str, float]:
+    """Seconds to build a loader, restore `state` into it and read its first batch."""
+    from wf_data.data import get_loader
+
+    start, cpu_start = time.perf_counter(), time.thread_time()
+    loader = get_loader(config, framework="numpy")
+    built = time.perf_counter()
+    loader.load_state_dict(state)
+    restored = time.perf_counter()
+    next(loader)
+    done, cpu = time.perf_counter(), time.thread_time() - cpu_start
+    loader.close()
+    return {
+        "build": built - start,
+        "restore": restored - built,
+        "first": done - restored,
+        "cpu": cpu,
+    }
+
+
+def bench_restore(args, corpora: dict[str, Corpus]) -> list[dict]:
+    """Build + restore + first batch of the loader (best_fit + EXP3, long docs, numpy) from
+    states saved after 10, 1k and 10k batches."""
+    config = loader_config(corpora["long"], args)
+    states = {depth: _loader_state_after(config, depth) for depth in args.restore_depths}
+    results = interleaved(
+        {depth: lambda state=state: restore_run(config, state) for depth, state in states.items()},
+        args.rounds,
+    )
+    rows = []
+    for depth, rounds in results.items():
+        total = [1e3 * (r["build"] + r["restore"] + r["first"]) for r in rounds]
+        rows.append(
+            {
+                "name": f"restore after {depth:,} batches + first batch, build included",
+                "rounds": len(rounds),
+                "restore_ms": statistics.median(total),
+                "restore_spread": (min(total), max(total)),
+                "build_ms": statistics.median(1e3 * r["build"] for r in rounds),
+                "restore_ms_part": statistics.median(1e3 * r["restore"] for r in rounds),
+                "first_ms_part": statistics.median(1e3 * r["first"] for r in rounds),
+                "cpu_restore_ms": statistics.median(1e3 * r["cpu"] for r in rounds),
+                "state_bytes": state_bytes(states[depth]),
+                "target": "<= 5 ms",
+            }
+        )
+    return rows
+
+
+def in_memory_documents(corpus: Corpus, count: int) -> list[np.ndarray]:
+    """The first `count` documents of the long corpus's first domain, read into memory."""
+    source = corpus.source()
+    return source.__getitems__(list(range(min(count, len(source)))))
+
+
+def bare_best_fit_run(docs, args) -> Timing:
+    """`pack(docs, best_fit)`, row by row, one epoch."""
+    from wf_data.data import pack
+
+    start = time.perf_counter()
+    rows = (row["segment_ids"] for row in pack(docs, args.seq_len, "best_fit", seed=args.seed))
+    return _packing_timing(rows, start, None, None, lambda real: (0, real))
+
+
+def grain_best_fit_run(docs, args) -> Timing:
+    """Grain's `BestFitPackIterDataset` over the same Grain source, shuffled, row by row."""
+    start = time.perf_counter()
+    counter = CutTo(args.seq_len)
+    parent = grain_domain(docs, args.seed, counter)
+    packer = grain_packer("BestFit", parent, args.seq_len, args.grain_bins, args.seed)
+    rows = (row["tokens_segment_ids"] for row in packer)
+    return _packing_timing(
+        rows, start, args.grain_seconds, None, lambda real: (counter.cut, counter.tokens_in)
+    )
+
+
+def bench_bare_packer(args, corpora: dict[str, Corpus]) -> list[dict]:
+    """The bare best_fit packer row by row over documents held in memory, beside Grain's
+    `BestFitPackIterDataset` over `grain.MapDataset.source(list of token arrays)`: ours over
+    `InMemorySource` (the same arrays, lengths known, as from a prepared dataset) and over the
+    very Grain source (no lengths: best_fit reads each window to measure it, then again to
+    build the rows)."""
+    import grain
+
+    from wf_data.data import InMemorySource
+
+    arrays = in_memory_documents(corpora["long"], args.bare_docs)
+    in_memory = InMemorySource(arrays, token_dtype=arrays[0].dtype)
+    grain_source = grain.MapDataset.source(arrays)
+    results = interleaved(
+        {
+            "ours": lambda: bare_best_fit_run(in_memory, args),
+            "ours over grain": lambda: bare_best_fit_run(grain_source, args),
+            "grain": lambda: grain_best_fit_run(grain_source, args),
+        },
+        args.rounds,
+    )
+    count = f"{len(arrays):,} documents"
+    return [
+        summarize(
+            f"wf-data best_fit packer, InMemorySource, {count}",
+            results["ours"],
+            results["grain"],
+            ">= 25x",
+        ),
+        summarize(
+            f"wf-data best_fit packer, grain.MapDataset.source, {count}",
+            results["ours over grain"],
+            results["grain"],
+        ),
+        summarize(
+            f"grain shuffle+BestFit({args.grain_bins}), grain.MapDataset.source",
+            results["grain"],
+            results["grain"],
+        ),
+    ]
 
 
 def _on_long(section):
@@ -580,12 +650,21 @@ def _on_long(section):
     return lambda args, corpora: section(args, corpora["long"])
 
 
+# Every section: name -> function(args, corpora) -> table rows (dicts with `COLUMNS` keys).
+# Another module's sections join with one line here: `**other_module.SECTIONS`, where
+# `other_module.SECTIONS` maps names to such functions (build rows with `tools.bench_common`;
+# a section that needs no corpus ignores it). Its options: read with `getattr(args, name,
+# default)`, or add them to `parse_args`.
 SECTIONS: dict[str, Callable[[argparse.Namespace, dict[str, Corpus]], list[dict]]] = {
     "vs_grain": bench_vs_grain,
     "concat": bench_concat,
     "workers": bench_workers,
-    "first_batch": _first_batch_section,
     "packing": bench_packing,
+    "bare_packer": bench_bare_packer,
+    "restore": bench_restore,
+    "peers": bench_peers.bench_peers,
+    "text": bench_text.bench_text,
+    **bench_planning.SECTIONS,  # first_batch, planning
     # bench_loader's `loader` section is superseded by `vs_grain` (Grain's reads now shuffled).
     **{
         name: _on_long(section)
@@ -626,7 +705,21 @@ COLUMNS = [
     ("RSS after", "rss_after_mb", lambda mb: f"{mb:.1f} MB"),
     ("RSS growth", "growth", lambda growth: f"{100 * growth:+.2f}%"),
     ("restore + first batch", "restore_ms", lambda ms: f"{ms:.1f} ms"),
+    ("min-max", "restore_spread", lambda spread: _range(spread, lambda ms: f"{ms:.1f}")),
+    ("build", "build_ms", lambda ms: f"{ms:.1f} ms"),
+    ("load_state_dict", "restore_ms_part", lambda ms: f"{ms:.1f} ms"),
+    ("first next()", "first_ms_part", lambda ms: f"{ms:.1f} ms"),
     ("per batch", "us_per_batch", lambda us: f"{us:.1f} us"),
+    ("planning share", "planning_pct", lambda pct: f"{pct:.0f}%"),
+    ("us / global row", "us_per_row", lambda us: f"{us:.2f}"),
+    ("min-max", "us_per_row_spread", lambda spread: _range(spread, lambda us: f"{us:.2f}")),
+    ("ms / step", "ms_per_step", lambda ms: f"{ms:.2f}"),
+    ("worst step / mean", "max_over_mean", lambda ratio: f"{ratio:.1f}x"),
+    ("min-max", "max_over_mean_spread", lambda s: _range(s, lambda r: f"{r:.1f}x")),
+    ("CPU us / global row", "cpu_us_per_row", lambda us: f"{us:.2f}"),
+    ("CPU worst step / mean", "cpu_max_over_mean", lambda ratio: f"{ratio:.1f}x"),
+    ("CPU restore + first batch", "cpu_restore_ms", lambda ms: f"{ms:.1f} ms"),
+    ("steps", "steps", lambda count: f"{count:,.0f}"),
 ]
 
 
@@ -683,9 +776,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="documents for first_batch (default 1M 10M 100M, --quick 100k)",
     )
     parser.add_argument(
+        "--restore-depths",
+        type=int,
+        nargs="+",
+        default=None,
+        help="restore: batches before the saved state (default 10 1000 10000, --quick 2 20)",
+    )
+    parser.add_argument(
+        "--bare-docs",
+        type=int,
+        default=None,
+        help="bare_packer: documents held in memory (default 20000, --quick 2000)",
+    )
+    parser.add_argument(
+        "--planning-docs",
+        type=int,
+        nargs="+",
+        default=None,
+        help="planning: total documents (default 1M 10M 100M, --quick 100k)",
+    )
+    parser.add_argument(
+        "--planning-rows", type=int, nargs="+", default=[256, 4096], help="global rows a step"
+    )
+    parser.add_argument(
+        "--planning-seconds",
+        type=float,
+        default=None,
+        help="planning: steady-state seconds per round (default 1, --quick 0.1)",
+    )
+    parser.add_argument("--min-steps", type=int, default=5, help="planning: steps per round")
+    parser.add_argument(
         "--cache-dir",
         type=pathlib.Path,
-        default=bench_planning.CACHE_DIR,
+        default=CACHE_DIR,
+    )
+    parser.add_argument(
+        "--markdown",
+        type=pathlib.Path,
+        default=None,
+        help=f"the page whose section tables this run replaces (default {BENCH_PAGE}; "
+        "--quick: none)",
     )
     parser.add_argument(
         "--prefetch",
@@ -709,6 +839,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "grain_seconds": 0.3 if quick else 4.0,
         "window_sizes": [256] if quick else [1024, 4096, 16384],
         "first_batch_docs": [100_000] if quick else [1_000_000, 10_000_000, 100_000_000],
+        "restore_depths": [2, 20] if quick else [10, 1_000, 10_000],
+        "bare_docs": 2_000 if quick else 20_000,
+        "planning_docs": [100_000] if quick else [1_000_000, 10_000_000, 100_000_000],
+        "planning_seconds": 0.1 if quick else 1.0,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -750,15 +884,60 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
         f"{imports:.1f}s, data ready in {time.perf_counter() - start - imports:.1f}s\n",
         flush=True,
     )
-    results = {}
+    setting = (
+        f"seq_len {args.seq_len}, global batch {args.batch_size} rows, {args.rounds} "
+        f"interleaved rounds, median (min-max)"
+    )
+    results, tables = {}, {}
     for name in args.only or SECTIONS:
         began = time.perf_counter()
+        load = os.getloadavg()[0]
         results[name] = SECTIONS[name](args, corpora)
-        print(format_table(name, results[name]), flush=True)
+        tables[name] = format_table(name, results[name])
+        print(tables[name], flush=True)
         print(f"({time.perf_counter() - began:.1f}s)\n", flush=True)
+        tables[name] += f"\n\n_{measured_on(load)}; {setting}._"
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=str))
+    page = args.markdown or (None if args.quick else BENCH_PAGE)
+    if page is not None:
+        update_page(page, tables)
+        print(f"tables written to {page}")
     return results
+
+
+def measured_on(load: float) -> str:
+    """When and where a table was measured: date, OS, CPU model and count, load average."""
+    model = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    date = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return (
+        f"measured {date} on {platform.system()} {platform.machine()}, {model}, "
+        f"{os.cpu_count()} CPUs, load average {load:.2f} at start"
+    )
+
+
+def update_page(path: pathlib.Path, tables: dict[str, str]) -> None:
+    """Writes `tables` into the markdown page at `path`, each between its section's markers,
+    replacing that section's previous table and keeping the others (sections in `SECTIONS`
+    order); written atomically."""
+    from wf_data import atomic
+
+    old = path.read_text() if path.exists() else ""
+    blocks = {}
+    for name in SECTIONS:
+        begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+        if name in tables:
+            blocks[name] = f"{begin}\n{tables[name]}\n{end}"
+        elif begin in old and end in old:
+            blocks[name] = old[old.index(begin) : old.index(end) + len(end)]
+    text = PAGE_HEADER + "\n\n".join(blocks.values()) + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_text(path, text)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ if read. `bench_first_batch` (the `first_batch` section of `tools/bench.py`) tim
 batch at 1M/10M/100M documents over documents whose tokens cost no I/O.
 
 `make_global_planner` and `first_batch_loader` are the only functions that build wf-data's
-mixer by hand: adapt them when that API changes.
+mixer by hand: adapt them when that API changes. `SECTIONS` are this module's sections of
+`tools/bench.py`.
 """
 
 from __future__ import annotations
@@ -32,23 +33,22 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from tools.bench_common import (
+    CACHE_DIR,
+    LENGTHS,
+    CutTo,
+    LengthsOnly,
+    SyntheticDocuments,
+    grain_domain,
+    grain_packer,
+    synthetic_lengths,
+)
 
-from wf_data import atomic  # noqa: E402
-
-MIN_LENGTH, MAX_LENGTH = 8, 32768
-# name -> (lognormal mean, sigma) of document lengths in tokens (the same as tools/bench.py).
-LENGTHS = {"long": (6.0, 1.1), "short": (4.0, 1.0)}
-# Generated data of both benches (bench.py reuses this module's lengths files).
-CACHE_DIR = pathlib.Path(tempfile.gettempdir()) / "wf-data-bench"
 NOISE_NOTE = "on a machine that others may share, figures are upper bounds"
 STEP_SECONDS = (1.0, 10.0)
 
@@ -56,76 +56,7 @@ STEP_SECONDS = (1.0, 10.0)
 # --------------------------------------------------------------------------- synthetic data
 
 
-def synthetic_lengths(
-    num_docs: int, seed: int, cache_dir: pathlib.Path | None = None, kind: str = "long"
-) -> np.ndarray:
-    """(num_docs,) int64 lognormal `LENGTHS[kind]` lengths clipped to [8, 32768], cached."""
-    name = f"lengths-{kind}-{num_docs}-s{seed}.npy"
-    path = None if cache_dir is None else cache_dir / name
-    if path is not None and path.exists():
-        return np.load(path).astype(np.int64)
-    lengths = np.empty(num_docs, dtype=np.int64)
-    rng = np.random.default_rng([seed, 2])
-    chunk = 10_000_000  # bounds the float64 temporaries at 100M documents
-    for start in range(0, num_docs, chunk):
-        draws = np.rint(rng.lognormal(*LENGTHS[kind], min(chunk, num_docs - start)))
-        lengths[start : start + len(draws)] = np.clip(draws, MIN_LENGTH, MAX_LENGTH)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic.write_npy(path, lengths.astype(np.uint16))
-    return lengths
-
-
-class LengthsOnly:
-    """A document source known by its lengths alone: reading a document is an error.
-
-    `lengths` (N,) int64. Used to time planning with no token reads (a read would raise).
-    """
-
-    def __init__(self, lengths: np.ndarray, name: str):
-        self.lengths = lengths
-        self.fingerprint = f"synthetic:{name}:{len(lengths)}"
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def __getitem__(self, index: int):
-        raise RuntimeError(f"{self.fingerprint}: planning read document {index}'s tokens")
-
-    __getitems__ = __getitem__
-
-
-class SyntheticDocuments(LengthsOnly):
-    """`LengthsOnly` whose reads return views of one random token buffer: documents, no I/O."""
-
-    def __init__(self, lengths: np.ndarray, name: str, seed: int = 0):
-        super().__init__(lengths, name)
-        self._tokens = np.random.default_rng([seed, 3]).integers(
-            1, 32000, MAX_LENGTH, dtype=np.uint16
-        )
-
-    def __getitem__(self, index: int) -> np.ndarray:
-        return self._tokens[: self.lengths[index]]
-
-    def __getitems__(self, indices) -> list[np.ndarray]:
-        return [self._tokens[:length] for length in self.lengths[np.asarray(indices)].tolist()]
-
-
-# --------------------------------------------------------------------------- adaptation points
-#
-# The two functions below are the only ones that build wf-data's mixer by hand. Each has a
-# branch for the plan-stream API of the issue-11 redesign (`mix_plans`, `batch_plans`) and
-# one for the API before it (`Exp3Mixing`, `next_plans`); delete the second once the
-# redesign is merged.
-
-
-def _has_plan_streams() -> bool:
-    """Whether wf-data has the plan-stream API (`mix_plans`, `batch_plans`, `Exp3Policy`)."""
-    try:
-        from wf_data.data import mix_plans  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# --------------------------------------------------------------------------- wf-data's sides
 
 
 def _losses(num_domains: int, step: int) -> np.ndarray:
@@ -139,64 +70,34 @@ def make_global_planner(
     """What every rank runs each step: draw the domains of `rows` global rows, plan them
     (best_fit from lengths), then the EXP3 update. Returns (step(i) -> rows planned, the
     object holding all planning state)."""
-    from wf_data.data import Exp3, pack
+    from wf_data.data import Exp3, Exp3Policy, batch_plans, mix_plans, plan_best_fit
 
-    sources = {
-        f"d{index}": LengthsOnly(lengths, f"d{index}")
+    plans = {
+        f"d{index}": plan_best_fit(
+            LengthsOnly(lengths, f"d{index}"), seq_len, seed=seed + index, num_epochs=None
+        )
         for index, lengths in enumerate(domain_lengths)
     }
-    num_domains = len(sources)
-    if _has_plan_streams():
-        from wf_data.data import Exp3Policy, batch_plans, mix_plans, plan_best_fit
+    mixer = mix_plans(plans, Exp3Policy(Exp3(len(plans), seed=seed)), seed=seed)
+    batches = iter(batch_plans(mixer, rows, domain_names=list(plans)))
 
-        plans = {
-            name: plan_best_fit(source, seq_len, seed=seed + index, num_epochs=None)
-            for index, (name, source) in enumerate(sources.items())
-        }
-        mixer = mix_plans(plans, Exp3Policy(Exp3(num_domains, seed=seed)), seed=seed)
-        batches = iter(batch_plans(mixer, rows, domain_names=list(sources)))
-
-        def step(index: int) -> int:
-            planned = len(next(batches)["row_pieces"])
-            mixer.update(_losses(num_domains, index))
-            return planned
-
-        return step, batches
-
-    from wf_data.data import Exp3Mixing
-
-    datasets = {
-        name: pack(source, seq_len, "best_fit", seed=seed + index, num_epochs=None)
-        for index, (name, source) in enumerate(sources.items())
-    }
-    mixing = Exp3Mixing(datasets, seed=seed)
-    iterator = iter(mixing)
-
-    def old_step(index: int) -> int:
-        planned = len(iterator.next_plans(rows))
-        mixing.update(_losses(num_domains, index))
+    def step(index: int) -> int:
+        planned = len(next(batches)["row_pieces"])
+        mixer.update(_losses(len(plans), index))
         return planned
 
-    return old_step, iterator
+    return step, batches
 
 
 def first_batch_loader(source, args) -> None:
     """The loader (best_fit + EXP3, numpy) over `source`, up to its first batch."""
-    from wf_data.data import DataLoader, Exp3, pack
+    from wf_data.data import DataLoader, Exp3, Exp3Policy, mix_plans, pack
 
     packed = pack(source, args.seq_len, "best_fit", seed=args.seed, num_epochs=None)
-    if _has_plan_streams():
-        from wf_data.data import Exp3Policy, mix_plans
-
-        mixer = mix_plans({"synthetic": packed.plans}, Exp3Policy(Exp3(1)), seed=args.seed)
-        loader = DataLoader(
-            mixer, packed.reader, global_batch_size=args.batch_size, prefetch=args.prefetch
-        )
-    else:
-        from wf_data.data import Exp3Mixing
-
-        mixing = Exp3Mixing({"synthetic": packed}, seed=args.seed)
-        loader = DataLoader(mixing, global_batch_size=args.batch_size, prefetch=args.prefetch)
+    mixer = mix_plans({"synthetic": packed.plans}, Exp3Policy(Exp3(1)), seed=args.seed)
+    loader = DataLoader(
+        mixer, packed.reader, global_batch_size=args.batch_size, prefetch=args.prefetch
+    )
     next(loader)
     loader.close()
 
@@ -210,8 +111,6 @@ def first_row_packer(source, args, method: str) -> None:
 
 def first_batch_grain(source, args) -> None:
     """Plain Grain over `source`: shuffle -> BestFit -> batch, up to its first batch."""
-    from bench import CutTo, grain_domain, grain_packer
-
     packed = grain_packer(
         "BestFit",
         grain_domain(source, args.seed, CutTo(args.seq_len)),
@@ -267,6 +166,82 @@ def bench_first_batch(args) -> list[dict]:
         del source
         gc.collect()
     return rows
+
+
+# --------------------------------------------------------------------------- planning only
+
+
+def _planning_round(domain_lengths: list[np.ndarray], rows: int, args) -> dict:
+    """One round of one cell: a fresh global planner, its first step, then steady steps for
+    `args.planning_seconds` (at least `args.min_steps`)."""
+    gc.collect()
+    start = time.perf_counter()
+    step, _ = make_global_planner(domain_lengths, seq_len=args.seq_len, rows=rows, seed=args.seed)
+    step(0)
+    first = time.perf_counter() - start
+    steps: list[float] = []
+    cpu: list[float] = []  # this thread's CPU seconds: what the step costs whatever else runs
+    begin = time.perf_counter()
+    while len(steps) < args.min_steps or time.perf_counter() - begin < args.planning_seconds:
+        tick, cpu_tick = time.perf_counter(), time.thread_time()
+        if step(len(steps) + 1) != rows:
+            raise RuntimeError(f"a step planned fewer than {rows} rows")
+        steps.append(time.perf_counter() - tick)
+        cpu.append(time.thread_time() - cpu_tick)
+    mean, cpu_mean = sum(steps) / len(steps), sum(cpu) / len(cpu)
+    return {
+        "first": first,
+        "mean": mean,
+        "max": max(steps),
+        "cpu_mean": cpu_mean,
+        "cpu_max": max(cpu),
+        "steps": len(steps),
+    }
+
+
+def bench_planning_only(args, corpora=None) -> list[dict]:
+    """Planning alone, as every rank runs it: best_fit + EXP3 updated every step over 3 domains
+    of synthetic long-document lengths (no token read), per global row and per step, with the
+    worst step against the mean (interleaved rounds, median and min-max), in wall time and in
+    this thread's CPU time (unaffected by other processes on a shared machine)."""
+    del corpora
+    cells = [(docs, rows) for docs in args.planning_docs for rows in args.planning_rows]
+    lengths = {docs: synthetic_lengths(docs, args.seed, args.cache_dir) for docs, _ in cells}
+    results: dict[tuple[int, int], list[dict]] = {cell: [] for cell in cells}
+    for _ in range(args.rounds):
+        for docs, rows in cells:
+            domains = np.array_split(lengths[docs], 3)  # views: no copy
+            results[docs, rows].append(_planning_round(domains, rows, args))
+    table = []
+    for (docs, rows), rounds in results.items():
+        per_row = [1e6 * r["mean"] / rows for r in rounds]
+        burst = [r["max"] / r["mean"] for r in rounds]
+        table.append(
+            {
+                "name": f"best_fit + EXP3, 3 domains, {rows:,} rows a step",
+                "documents": docs,
+                "rounds": len(rounds),
+                "us_per_row": statistics.median(per_row),
+                "us_per_row_spread": (min(per_row), max(per_row)),
+                "ms_per_step": statistics.median(1e3 * r["mean"] for r in rounds),
+                "cpu_us_per_row": statistics.median(1e6 * r["cpu_mean"] / rows for r in rounds),
+                "cpu_max_over_mean": statistics.median(
+                    r["cpu_max"] / r["cpu_mean"] for r in rounds
+                ),
+                "max_over_mean": statistics.median(burst),
+                "max_over_mean_spread": (min(burst), max(burst)),
+                "first_ms": statistics.median(1e3 * r["first"] for r in rounds),
+                "steps": statistics.median(r["steps"] for r in rounds),
+                "target": "<= 1 us a row, worst step <= 3x mean",
+            }
+        )
+    return table
+
+
+SECTIONS = {
+    "first_batch": lambda args, corpora: bench_first_batch(args),
+    "planning": bench_planning_only,
+}
 
 
 # --------------------------------------------------------------------------- planning cost

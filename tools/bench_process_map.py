@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
@@ -89,8 +88,7 @@ def main() -> None:
     parser.add_argument("--work", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import bench_process_map  # workers unpickle fn from an importable module, not __main__
+    from tools import bench_process_map  # workers unpickle fn from a module, not __main__
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "tokens.int32")

@@ -17,10 +17,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,12 +26,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from wf_data.data.deliver.loader_state import PendingLosses  # noqa: E402
-from wf_data.distributed import (  # noqa: E402
+from wf_data.data import IGNORE_INDEX
+from wf_data.data.deliver.loader_state import PendingLosses
+from wf_data.distributed import (
     ParallelDims,
     apply_fsdp,
     apply_tp,
@@ -47,7 +42,6 @@ from wf_data.distributed import (  # noqa: E402
 )
 
 log = logging.getLogger("train")
-IGNORE_INDEX = -100
 DTYPES = {
     None: None,
     "float32": torch.float32,

@@ -19,12 +19,10 @@ import sys
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+from wf_data import atomic
+from wf_data.data.prepare.demo_corpus import build_demo_corpus, corpus_fingerprint
 
-from wf_data import atomic  # noqa: E402
-from wf_data.data.prepare.demo_corpus import build_demo_corpus, corpus_fingerprint  # noqa: E402
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 DEFAULT_OUT = REPO_ROOT / "wf_data" / "assets" / "tokenizer"
 DEFAULT_VOCAB_SIZE = 8192

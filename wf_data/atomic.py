@@ -14,6 +14,9 @@ without touching the disk.
 Checkpoints keep the loader state as one global JSON document (``LOADER_STATE_FILE``) written
 once by rank 0 beside torch DCP's tensor files; DCP content is read back with a reader that
 allows only DCP's own metadata classes and tensors, so a crafted checkpoint cannot run code.
+Every checkpoint directory carries ``CHECKSUMS_FILE``, the size and CRC-32 of each of its
+files taken at save, checked at load: a truncated, damaged or missing file is a
+``CheckpointFormatError`` naming it, never weights loaded silently wrong.
 Top-level so that ``wf_data.data`` and ``wf_data.distributed`` (which must not import each
 other) share it; torch is imported only by the DCP functions.
 """
@@ -27,11 +30,17 @@ import os
 import re
 import secrets
 import shutil
+import sys
+import warnings
+import zlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+from wf_data.extras import requires
+
 __all__ = [
+    "CHECKSUMS_FILE",
     "LOADER_STATE_FILE",
     "AtomicWriter",
     "CheckpointFormatError",
@@ -50,15 +59,19 @@ __all__ = [
     "start_staging",
     "temp_files",
     "temp_path",
+    "verify_checkpoint",
     "write_bytes",
+    "write_checksums",
     "write_json",
     "write_npy",
     "write_text",
 ]
 
 LOADER_STATE_FILE = "loader_state.json"
+CHECKSUMS_FILE = "checksums.json"
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
+_CHUNK = 8 << 20  # bytes read at a time when checksumming a file
 
 
 class CheckpointFormatError(ValueError):
@@ -78,13 +91,20 @@ def fsync_directory(directory: str | os.PathLike) -> None:
         os.close(descriptor)
 
 
-def json_text(value: Any, where: str | os.PathLike) -> str:
-    """``value`` as canonical JSON text; TypeError naming ``where`` if it is not JSON-safe."""
+def json_text(value: Any, where: str | os.PathLike, *, indent: int | None = None) -> str:
+    """``value`` as canonical JSON text (sorted keys, no NaN); TypeError naming ``where`` if it
+    is not JSON-safe.
+
+    Without ``indent`` the text is compact ASCII, the form checkpoint digests are taken over;
+    with it, laid out for people (manifests) and non-ASCII characters kept as they are.
+    """
     try:
-        return json.dumps(value, sort_keys=True, allow_nan=False)
+        if indent is None:
+            return json.dumps(value, sort_keys=True, allow_nan=False)
+        return json.dumps(value, sort_keys=True, allow_nan=False, indent=indent, ensure_ascii=False)
     except (TypeError, ValueError) as error:
         raise TypeError(
-            f"{where}: the value to save is not JSON-safe ({error}); checkpoints store plain "
+            f"{where}: the value to save is not JSON-safe ({error}); JSON documents hold plain "
             "dicts, lists, str, int, finite float, bool and None"
         ) from error
 
@@ -187,13 +207,15 @@ def write_npy(path: str | os.PathLike, array: Any) -> None:
         np.save(file, np.asarray(array), allow_pickle=False)
 
 
-def write_json(path: str | os.PathLike, value: Any) -> None:
-    """Write ``value`` as canonical JSON to ``path`` atomically (``AtomicWriter``).
+def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = None) -> None:
+    """Write ``value`` as canonical JSON (``json_text``) to ``path`` atomically
+    (``AtomicWriter``); ``indent`` lays it out for people, one line per value and a final newline.
 
     Raises TypeError naming ``path`` when ``value`` is not JSON-safe (NaN included), before
     anything is written.
     """
-    write_text(path, json_text(value, path))
+    text = json_text(value, path, indent=indent)
+    write_text(path, text if indent is None else text + "\n")
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -269,25 +291,35 @@ def start_staging(path: str | os.PathLike) -> Path:
 
 
 def finish_staging(
-    tmp: str | os.PathLike, path: str | os.PathLike, documents: Mapping[str, Any] | None = None
+    tmp: str | os.PathLike,
+    path: str | os.PathLike,
+    documents: Mapping[str, Any] | None = None,
+    checksums: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the JSON ``documents`` (``{file name: value}``) into ``tmp``, then publish it as
-    ``path`` (``publish_directory``)."""
+    """Write the JSON ``documents`` (``{file name: value}``) and the ``CHECKSUMS_FILE`` of
+    every file into ``tmp`` (``write_checksums``, taking those already in ``checksums``), then
+    publish it as ``path`` (``publish_directory``)."""
     for name, value in (documents or {}).items():
         write_json(Path(tmp) / name, value)
+    write_checksums(tmp, checksums)
     publish_directory(tmp, path)
 
 
 @contextlib.contextmanager
 def staging_directory(
-    path: str | os.PathLike, documents: Mapping[str, Any] | None = None, *, primary: bool = True
+    path: str | os.PathLike,
+    documents: Mapping[str, Any] | None = None,
+    *,
+    primary: bool = True,
+    checksums: Mapping[str, Any] | None = None,
 ) -> Iterator[Path]:
-    """Yield an empty ``path.tmp/`` to fill; on a clean exit the JSON ``documents`` are added
-    and it replaces ``path`` atomically (``finish_staging``).
+    """Yield an empty ``path.tmp/`` to fill; on a clean exit the JSON ``documents`` and the
+    checksums are added and it replaces ``path`` atomically (``finish_staging``).
 
     With several processes only the ``primary`` one prepares and publishes; the caller keeps
-    the others in step (barriers) and they only write into the yielded directory. An exception
-    removes the partial directory and leaves ``path`` as it was.
+    the others in step (barriers) and they only write into the yielded directory. The caller
+    may fill ``checksums`` (a dict) inside the block with those of files it already knows. An
+    exception removes the partial directory and leaves ``path`` as it was.
     """
     tmp = start_staging(path) if primary else _sibling(Path(path), TMP_SUFFIX)
     try:
@@ -297,22 +329,156 @@ def staging_directory(
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     if primary:
-        finish_staging(tmp, path, documents)
+        finish_staging(tmp, path, documents, checksums)
+
+
+# ------------------------------------------------------------------------------ checksums
+
+
+def file_checksum(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size": bytes, "crc32": 8 hex digits}`` of the file at ``path``.
+
+    CRC-32 (zlib, in the standard library) detects accidental damage (every burst of up to 32
+    flipped bits, any other change but for 1 in 4e9) at about twice the speed of SHA-256 here;
+    anyone who can rewrite a file can rewrite the manifest too, so a cryptographic hash would
+    buy nothing more.
+    """
+    crc, size = 0, 0
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+            size += len(chunk)
+    return {"size": size, "crc32": f"{crc:08x}"}
+
+
+def _files(directory: Path) -> list[str]:
+    """Relative POSIX paths of the files below ``directory``, but the manifest, sorted."""
+    return sorted(
+        entry.relative_to(directory).as_posix()
+        for entry in directory.rglob("*")
+        if entry.is_file() and entry.name != CHECKSUMS_FILE
+    )
+
+
+def write_checksums(
+    directory: str | os.PathLike,
+    known: Mapping[str, Any] | None = None,
+    names: list[str] | None = None,
+) -> None:
+    """Write ``CHECKSUMS_FILE`` into ``directory``: the ``file_checksum`` of each of ``names``
+    (default: every file below it), taken from ``known`` where given (ranks checksum their
+    share of the files)."""
+    directory = Path(directory)
+    known = known or {}
+    files = {
+        name: known.get(name) or file_checksum(directory / name)
+        for name in (_files(directory) if names is None else names)
+    }
+    write_json(directory / CHECKSUMS_FILE, {"algorithm": "crc32", "files": files})
+
+
+def verify_checkpoint(directory: str | os.PathLike, *, collective: bool = True) -> bool:
+    """Check every file of checkpoint ``directory`` against its ``CHECKSUMS_FILE``.
+
+    Raises ``CheckpointFormatError`` naming each file that is missing, of another size or
+    another checksum (truncated, damaged). Returns False, with a warning, for a checkpoint
+    saved before wf-data wrote checksums: it loads unverified. With an initialised torch
+    process group and ``collective``, every rank calls it and checks its share of the files.
+    """
+    directory = Path(directory)
+    manifest_path = directory / CHECKSUMS_FILE
+    if not manifest_path.is_file():
+        warnings.warn(
+            f"checkpoint {directory} has no {CHECKSUMS_FILE} (saved by a wf-data version "
+            "before checkpoints carried checksums): its files load unverified; save it again "
+            "to protect it",
+            UserWarning,
+            stacklevel=2,
+        )
+        return False
+    files = _manifest_files(manifest_path)
+    rank, world = (_rank(), _world_size()) if collective and _distributed() else (0, 1)
+    problems = [_file_problem(directory, name, files[name]) for name in sorted(files)[rank::world]]
+    problems = [problem for problem in problems if problem]
+    if world > 1:
+        problems = [problem for share in _all_gather(problems) for problem in share]
+    if problems:
+        raise CheckpointFormatError(
+            f"checkpoint {directory} is damaged: " + "; ".join(problems) + ". Restore from "
+            "another checkpoint (or a copy of this one); these files were not loaded"
+        )
+    return True
+
+
+def _manifest_files(manifest_path: Path) -> dict[str, Mapping[str, Any]]:
+    manifest = read_json(manifest_path)
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if (
+        not isinstance(files, dict)
+        or manifest.get("algorithm") != "crc32"
+        or not all(
+            isinstance(entry, dict) and {"size", "crc32"} <= set(entry) for entry in files.values()
+        )
+    ):
+        raise CheckpointFormatError(
+            f"{manifest_path}: expected {{'algorithm': 'crc32', 'files': {{name: {{'size', "
+            f"'crc32'}}}}}}, got {str(manifest)[:200]}; the manifest is damaged"
+        )
+    return files
+
+
+def _file_problem(directory: Path, name: str, expected: Mapping[str, Any]) -> str | None:
+    """What is wrong with file ``name`` of ``directory`` against its manifest entry, or None."""
+    path = directory / name
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if size != expected["size"]:
+        return f"{path} has {size} bytes, {expected['size']} were saved (truncated or replaced)"
+    found = file_checksum(path)["crc32"]
+    if found != expected["crc32"]:
+        return f"{path} has CRC-32 {found}, {expected['crc32']} was saved (damaged on disk)"
+    return None
 
 
 # ------------------------------------------------------------------------------ torch DCP
 
 
 def _distributed() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+    # Without torch imported no process group can exist: JAX-only users never import it here.
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if _distributed() else 0
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if _distributed() else 1
+
+
+def _all_gather(value: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
+def _checksum_share(directory: Path) -> dict[str, Any]:
+    """The ``file_checksum`` of every file of ``directory``, each rank computing its share:
+    a save of N ranks reads its files back once, spread over the ranks."""
+    names = _files(directory)
+    rank, world = _rank(), _world_size()
+    mine = {name: file_checksum(directory / name) for name in names[rank::world]}
+    if world == 1:
+        return mine
+    return {name: entry for share in _all_gather(mine) for name, entry in share.items()}
 
 
 def _barrier() -> None:
@@ -341,31 +507,41 @@ def save_dcp(
     Every rank calls it (or one process alone). ``path`` appears complete or not at all, and a
     previous ``path`` survives until the new one is published. Returns ``path``.
     """
-    import torch.distributed.checkpoint as dcp
+    with requires("torch", feature="save_dcp"):
+        import torch.distributed.checkpoint as dcp
 
     path = Path(path)
     for name, value in (documents or {}).items():
         json_text(value, path / name)  # fail before writing anything, on every rank alike
-    with staging_directory(path, documents, primary=_rank() == 0) as tmp:
+    checksums: dict[str, Any] = {}
+    with staging_directory(path, documents, primary=_rank() == 0, checksums=checksums) as tmp:
         _barrier()  # the directory exists before any rank writes into it
         with dcp_call() as no_dist:
             dcp.save(dict(state), checkpoint_id=str(tmp), no_dist=no_dist)
-        # dcp.save returns on rank 0 only after every rank's data is written (rank 0 gathers
-        # their write results to write .metadata), so publishing now publishes a whole checkpoint.
+        # dcp.save returns only after every rank's data and .metadata are written (rank 0
+        # gathers the write results, writes .metadata, and tells the others), so the files are
+        # complete now: checksum them, and publish a whole checkpoint.
+        checksums.update(_checksum_share(tmp))
     _barrier()
     return path
 
 
-def load_dcp(path: str | os.PathLike, state: dict[str, Any]) -> None:
+def load_dcp(path: str | os.PathLike, state: dict[str, Any], *, verify: bool = True) -> None:
     """Load ``state`` in place from a DCP checkpoint directory, unpickling nothing unsafe.
 
-    DCP stores its metadata and non-tensor values as pickles: they are read with an unpickler
-    that admits only DCP's metadata classes and torch's ``weights_only`` types, so a crafted
-    file raises CheckpointFormatError instead of running code.
+    The files are first checked against their checksums (``verify_checkpoint``; ``verify=False``
+    when the caller did). DCP stores its metadata and non-tensor values as pickles: they are
+    read with an unpickler that admits only DCP's metadata classes and torch's
+    ``weights_only`` types, so a crafted file raises CheckpointFormatError instead of running
+    code. Any other failure to read it (DCP's ``CheckpointException``, a ``BaseException``) is
+    a CheckpointFormatError too, naming ``path``.
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.api import CheckpointException
+    with requires("torch", feature="load_dcp"):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
 
+    if verify:
+        verify_checkpoint(path)
     reader, planner = _safe_dcp_types()
     reader(os.fspath(path)).read_metadata()  # refuse a crafted .metadata before DCP wraps errors
     try:
@@ -374,11 +550,16 @@ def load_dcp(path: str | os.PathLike, state: dict[str, Any]) -> None:
                 state, storage_reader=reader(os.fspath(path)), planner=planner(), no_dist=no_dist
             )
     except CheckpointException as error:
-        for failure in error.failures.values():
-            cause = failure[0] if isinstance(failure, tuple) else failure  # (error, traceback)
-            if isinstance(cause, CheckpointFormatError):
-                raise CheckpointFormatError(f"{path}: {cause}") from error
-        raise
+        causes = [
+            failure[0] if isinstance(failure, tuple) else failure  # (error, traceback)
+            for failure in error.failures.values()
+        ]
+        named = [cause for cause in causes if isinstance(cause, CheckpointFormatError)]
+        detail = named[0] if named else "; ".join(f"{type(c).__name__}: {c}" for c in causes)
+        raise CheckpointFormatError(
+            f"{path}: torch.distributed.checkpoint could not load it ({detail}); the checkpoint "
+            "is damaged or does not hold this state: restore from another one"
+        ) from error
 
 
 # DCP's .metadata pickle references these globals and nothing else (torch 2.x); torch dtypes

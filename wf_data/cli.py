@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from wf_data.extras import MissingExtraError
+
 PERCENTILES = (0, 10, 50, 90, 99, 100)
 HISTOGRAM_WIDTH = 40
 LENGTH_SAMPLE = 10_000  # text/chat: lengths measured on this many evenly spaced records
@@ -37,7 +39,8 @@ def add_prepare_parser(subparsers: Any) -> None:
         "of them) into a dataset directory. Deterministic and resumable: re-run the same "
         "command after an interruption and only unfinished shards are redone. The dataset is "
         "built beside --out and replaces it only once complete. Exit status 1 for a bad "
-        "record, 2 for a damaged input file or an unusable --out.",
+        "record; 2 for a damaged input file, an unusable --out, a failed write there (a full "
+        "disk) or another prepare writing it.",
     )
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="files or directories")
     parser.add_argument("--out", required=True, metavar="DIR", help="output dataset directory")
@@ -149,7 +152,8 @@ def _field_names(value: str) -> list[str]:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """Run `prepare` (locally or on Beam) and print a closing summary; exit status 2 for a
-    damaged input file or an unusable --out (one line on stderr naming the file and the fix)."""
+    damaged or unreadable input file, an unusable --out, a failed write there (a full disk) or
+    another prepare writing it (one line on stderr naming the file and the fix)."""
     prepare_module = importlib.import_module("wf_data.data.prepare")
     try:
         with warnings.catch_warnings():
@@ -158,10 +162,10 @@ def run_prepare(args: argparse.Namespace) -> int:
     except (prepare_module.InputFileError, prepare_module.OutDirError) as error:
         print(f"wf-data prepare: error: {error}", file=sys.stderr)
         return 2
-    except OSError as error:  # e.g. a read-only file system or a full disk
+    except OSError as error:  # an input (the output's failures are OutDirErrors)
+        named = error.filename is not None and error.strerror is not None
         print(
-            f"wf-data prepare: error: {error.filename or args.out}: {error.strerror or error}; "
-            "check that the path exists, is writable and has free space",
+            f"wf-data prepare: error: {f'{error.filename}: {error.strerror}' if named else error}",
             file=sys.stderr,
         )
         return 2
@@ -233,12 +237,8 @@ def _prepare_on_beam(args: argparse.Namespace, options: Any) -> dict:
             "--workers applies to --runner local; Beam sets its own parallelism "
             "(--beam-options='--direct_num_workers=N', or the cluster runner's worker options)"
         )
-    try:
-        from wf_data.data.prepare import beam as prepare_beam
-    except ImportError as error:
-        raise CommandError(
-            f"--runner beam needs Apache Beam ({error}): pip install 'wf-data[beam]'"
-        ) from None
+    from wf_data.data.prepare import beam as prepare_beam
+
     return prepare_beam.run(
         args.inputs,
         args.out,
@@ -455,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CommandError, ValueError, FileNotFoundError) as error:
+    except (CommandError, ValueError, FileNotFoundError, MissingExtraError) as error:
         print(f"wf-data {args.command}: error: {error}", file=sys.stderr)
         return 1
 

@@ -605,6 +605,7 @@ def _validate(data: DataConfig) -> None:
         value = getattr(data, key)
         if value is not None and value <= 0:
             raise ConfigError(f"{ROOT_KEY}.{key}: must be > 0, got {value}")
+    _validate_batch_shape(data.seq_len, data.global_batch_size)
     for key in ("seed", "num_workers", "prefetch", "pad_id"):
         value = getattr(data, key)
         if value is not None and value < 0:
@@ -630,6 +631,33 @@ def _validate(data: DataConfig) -> None:
         raise ConfigError(
             f"{ROOT_KEY}.packing: SFT conversations are packed with 'best_fit' "
             f"(never split across rows), got {data.packing!r}"
+        )
+
+
+# Bounds on the batch shape, far above any training run (the largest use 1M-token rows and
+# ~60M-token steps): a value past them is a typo (1e9 for 1e4) that would otherwise fail as a
+# MemoryError deep in the reader.
+MAX_SEQ_LEN = 1 << 24
+MAX_BATCH_TOKENS = 1 << 32
+BATCH_BYTES_PER_TOKEN = 16  # a row's input_ids, labels, position_ids, segment_ids: int32 each
+
+
+def _validate_batch_shape(seq_len: int, global_batch_size: int) -> None:
+    tokens = seq_len * global_batch_size
+    gib = tokens * BATCH_BYTES_PER_TOKEN / (1 << 30)
+    size = (
+        f"a global batch of {global_batch_size:,} rows of {seq_len:,} tokens takes {gib:,.1f} GiB"
+    )
+    if seq_len > MAX_SEQ_LEN:
+        raise ConfigError(
+            f"{ROOT_KEY}.seq_len: {seq_len:,} tokens a row is over the limit {MAX_SEQ_LEN:,} "
+            f"(2**24; {size}); give the model's context length"
+        )
+    if tokens > MAX_BATCH_TOKENS:
+        raise ConfigError(
+            f"{ROOT_KEY}.global_batch_size: {global_batch_size:,} rows x seq_len {seq_len:,} = "
+            f"{tokens:,} tokens a step is over the limit {MAX_BATCH_TOKENS:,} (2**32; {size}); "
+            "use fewer rows or shorter ones"
         )
 
 

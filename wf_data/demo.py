@@ -14,13 +14,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from wf_data.data.deliver.factory import get_eval_loaders, get_loader
 from wf_data.data.mix.feedback import MixtureFeedback, row_loss_from_logits
 from wf_data.data.prepare.demo_corpus import ensure_demo_data
+from wf_data.extras import requires
 from wf_data.integrations.checkpoint import load_with_dcp, save_with_dcp
+
+with requires("torch", "hf", feature="wf-data demo"):
+    import torch
 
 
 @dataclasses.dataclass
@@ -42,7 +45,8 @@ class DemoOptions:
 
 def build_tiny_llama(vocab_size: int, options: DemoOptions) -> torch.nn.Module:
     """A random-init Llama small enough to train on CPU (nothing downloaded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    with requires("torch", "hf", feature="wf-data demo"):
+        from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(options.seed)
     config = LlamaConfig(

@@ -78,7 +78,7 @@ def run_stream(args: argparse.Namespace) -> int:
     if steps < args.steps:
         print(
             f"the data ended after {steps} of {args.steps} batches (num_epochs "
-            f"{loader.recipe[0].num_epochs}; a partial last global batch is dropped)"
+            f"{loader.recipe.config.num_epochs}; a partial last global batch is dropped)"
         )
     for name in loader.domain_names:
         print(

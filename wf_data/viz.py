@@ -18,18 +18,15 @@ from typing import Any
 import numpy as np
 
 from wf_data import atomic
+from wf_data.data import IGNORE_INDEX
+from wf_data.extras import requires
 
-try:
+with requires("plot", feature="wf_data.viz"):
     import matplotlib.colors as mcolors
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
-except ImportError as error:  # matplotlib is a dev / extra dependency
-    raise ImportError(
-        "wf_data.viz needs matplotlib: `uv sync --group dev` or `pip install matplotlib`"
-    ) from error
 
-IGNORE_INDEX = -100
 # Domain colours: tab10 first (distinct, colour-blind friendlier than the default cycle).
 _PALETTE = tuple(
     mcolors.to_hex(c)
@@ -465,9 +462,6 @@ def plot_packed_rows(
 
 
 def _decode_tokens(tokenizer: Any, ids: np.ndarray) -> list[str]:
-    hf_tokenizer = getattr(tokenizer, "hf_tokenizer", None)
-    if hf_tokenizer is not None:
-        return hf_tokenizer.batch_decode([[int(i)] for i in ids])
     return [tokenizer.decode([int(i)]) for i in ids]
 
 

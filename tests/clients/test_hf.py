@@ -3,12 +3,14 @@
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader as TorchDataLoader
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from tests.clients.streams import assert_streams_equal
+from wf_data.data.deliver.factory import get_loader
 from wf_data.integrations.hf_trainer import STATE_FILE, LoaderStateCallback
 from wf_data.integrations.torch_dataset import LoaderDataset, check_model
 
@@ -73,7 +75,9 @@ class RecordInputs(TrainerCallback):
             control.should_training_stop = True
 
 
-def run_trainer(config, output_dir, max_steps, stop_at=None, resume=None, per_device=None):
+def run_trainer(
+    config, output_dir, max_steps, stop_at=None, resume=None, per_device=None, accumulation=1
+):
     dataset = LoaderDataset(config, rows=True)
     model = tiny_llama()
     seen = []
@@ -87,6 +91,7 @@ def run_trainer(config, output_dir, max_steps, stop_at=None, resume=None, per_de
         save_steps=2,
         save_strategy="steps",
         per_device_train_batch_size=per_device or config.global_batch_size,
+        gradient_accumulation_steps=accumulation,
         learning_rate=1e-3,
         ignore_data_skip=True,
         dataloader_num_workers=0,
@@ -136,6 +141,24 @@ def test_trainer_batches_of_other_sizes_than_the_loaders_resume_exactly(
         demo_config, tmp_path / "run", 4, resume=checkpoint, per_device=per_device
     )
     assert_streams_equal(resumed, straight[2:])
+
+
+@pytest.mark.slow
+def test_device_batches_of_many_loader_batches_with_accumulation_resume_exactly(
+    demo_config, tmp_path
+):
+    # A device batch of 17 loader batches of 4 rows, 2 micro-batches per step: accelerate reads
+    # one micro-batch ahead, so the save at step 2 needs the state 17 + 1 loader batches back.
+    # With a fixed history of the last 16 batch states it failed: "no saved state for step 68".
+    options = dict(per_device=68, accumulation=2)
+    run_trainer(demo_config, tmp_path / "run", 3, stop_at=2, **options)
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    resumed, _ = run_trainer(demo_config, tmp_path / "run", 3, resume=checkpoint, **options)
+    # The uninterrupted stream's micro-batches 4 and 5: rows 272..407 of the loader's stream.
+    loader = get_loader(demo_config, framework="numpy")
+    rows = np.concatenate([next(loader)["input_ids"] for _ in range(102)])
+    want = [{"input_ids": rows[start : start + 68]} for start in (272, 340)]
+    assert_streams_equal(resumed, want)
 
 
 def test_trainer_callback_refuses_data_skip(demo_config, tmp_path):

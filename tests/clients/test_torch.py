@@ -88,20 +88,86 @@ def fork_checks(cache):
     assert_streams_equal(straight, take(get_loader(config, framework="numpy"), 7))
 
 
-@pytest.mark.slow
-def test_two_forked_workers_equal_zero_workers(demo_cache):
-    code = f"import runpy; runpy.run_path({__file__!r})['fork_checks']({str(demo_cache)!r})"
-    env = dict(os.environ, WF_DATA_CACHE=str(demo_cache))
+def worker_count_checks(cache):
+    """A StatefulDataLoader state of 2 forked workers restored with 1 or 3: a LoaderStateError
+    that names both counts and what to do, instead of torchdata's bare AssertionError."""
+    import re
+
+    from wf_data.config import load_data_config
+    from wf_data.data.deliver.loader_state import LoaderStateError
+
+    config = load_data_config("demo", OVERRIDES)
+
+    def make(workers):
+        return StatefulDataLoader(
+            LoaderDataset(config),
+            batch_size=None,
+            num_workers=workers,
+            multiprocessing_context="fork",
+        )
+
+    first = make(2)
+    iterator = iter(first)
+    for _ in range(3):
+        next(iterator)
+    state = first.state_dict()
+    del iterator, first
+    for workers in (1, 3):
+        other = make(workers)
+        other.load_state_dict(state)
+        try:
+            next(iter(other))
+        except LoaderStateError as error:
+            message = str(error)  # from the first worker to report
+            saved = rf"saved by torch DataLoader worker (\d) of 2; this is worker \1 of {workers}\."
+            assert re.search(saved, message), message
+            assert "StatefulDataLoader(..., num_workers=2)" in message
+            assert "LoaderDataset(config, num_workers=N)" in message
+        else:
+            raise AssertionError(f"a 2-worker state restored with {workers} workers")
+
+
+def run_in_a_fresh_process(function, cache):
+    """Runs ``function(cache)`` of this file in a new interpreter (forked torch workers need a
+    parent that has not read shards); fails with its output if it fails."""
+    code = f"import runpy; runpy.run_path({__file__!r})[{function!r}]({str(cache)!r})"
+    env = dict(os.environ, WF_DATA_CACHE=str(cache))
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_fork_after_the_parent_read_shards_is_refused(demo_config):
-    next(get_loader(demo_config, framework="numpy"))  # riegeli's pools are now live here
+@pytest.mark.slow
+def test_two_forked_workers_equal_zero_workers(demo_cache):
+    run_in_a_fresh_process("fork_checks", demo_cache)
+
+
+@pytest.mark.slow
+def test_state_restored_with_another_worker_count_names_the_fix(demo_cache):
+    run_in_a_fresh_process("worker_count_checks", demo_cache)
+
+
+def fork_after_read_checks(cache):
+    """Forked torch workers after the parent read shards: fine after memory-mapped reads (they
+    leave nothing a forked child could trip on), refused after a record-reader read."""
+    from wf_data.config import load_data_config
+    from wf_data.data.shards.sources import open_dataset, read_before_fork
+
+    config = load_data_config("demo", OVERRIDES)
+    want = take(get_loader(config, framework="numpy"), STEPS)
+    assert not read_before_fork()
+    assert_streams_equal(two_worker_stream(config, "fork"), want)
+    source = next(iter(config.enabled_sources().values()))
+    open_dataset(source.path, memory_map=False)[0]  # riegeli's pools are now live here
     with pytest.raises(RuntimeError, match="multiprocessing_context='forkserver'"):
-        two_worker_stream(demo_config, "fork")
+        two_worker_stream(config, "fork")
+
+
+@pytest.mark.slow
+def test_fork_after_the_parent_read_shards_is_refused(demo_cache):
+    # In a fresh process: any earlier test of this session may have read with the record reader.
+    run_in_a_fresh_process("fork_after_read_checks", demo_cache)
 
 
 def test_rows_mode_batches_back_to_the_same_stream(demo_config):
@@ -168,11 +234,11 @@ def test_state_from_another_worker_count_is_refused(demo_config):
         next(iter(dataset))
 
 
-def test_loader_as_torch_dataset_starts_where_the_loader_stands(demo_config):
+def test_dataset_from_a_loader_starts_where_the_loader_stands(demo_config):
     loader = get_loader(demo_config, framework="numpy")
     next(loader)
     want = take(get_loader(demo_config, framework="numpy"), 3)[1:]
-    dataset = loader.as_torch_dataset()
+    dataset = LoaderDataset.from_loader(loader)
     assert isinstance(dataset, LoaderDataset)
     assert_streams_equal(take(TorchDataLoader(dataset, batch_size=None), 2), want)
     np.testing.assert_array_equal(want[0]["domain_ids"], want[0]["domain_ids"])
@@ -180,15 +246,18 @@ def test_loader_as_torch_dataset_starts_where_the_loader_stands(demo_config):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("started", [0, 3])
-def test_as_torch_dataset_splits_a_loader_over_spawned_workers(demo_config, started):
-    # loader.as_torch_dataset() with torch workers used to be refused at any step ("state was
-    # saved by torch worker 0 of 1"), and a started loader's planned-ahead batches then came
-    # out twice: now worker w continues at step s + w, in torch's round-robin order.
+def test_dataset_from_a_loader_splits_it_over_spawned_workers(demo_config, started):
+    # LoaderDataset.from_loader(loader) with torch workers used to be refused at any step
+    # ("state was saved by torch worker 0 of 1"), and a started loader's planned-ahead batches
+    # then came out twice: now worker w continues at step s + w, in torch's round-robin order.
     reference = take(get_loader(demo_config, framework="torch"), started + STEPS)
     loader = get_loader(demo_config, framework="torch")
     take(loader, started)
     workers = TorchDataLoader(
-        loader.as_torch_dataset(), batch_size=None, num_workers=2, multiprocessing_context="spawn"
+        LoaderDataset.from_loader(loader),
+        batch_size=None,
+        num_workers=2,
+        multiprocessing_context="spawn",
     )
     assert_streams_equal(take(workers, STEPS), reference[started:])
 

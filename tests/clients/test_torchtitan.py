@@ -76,14 +76,17 @@ def test_tokenizer_of_another_vocabulary_is_refused(demo_cache):
         config.build(dp_world_size=1, dp_rank=0, seq_len=SEQ_LEN, tokenizer=VocabOnly(32000))
 
 
-def test_state_protocol_keys_by_rank(demo_cache):
+def test_state_protocol_keys_the_global_state_by_rank_0(demo_cache):
     loader = titan_loader(rank=1, world=2)
     take(loader, 2)
     state = loader.state_dict()
-    assert set(state) == {"dp_rank_1", "world_size"} and state["world_size"] == 2
+    assert set(state) == {"dp_rank_0", "world_size"} and state["world_size"] == 2
     other = titan_loader(rank=0, world=2)
     other.load_state_dict({})  # nothing saved yet: a valid no-op in torchtitan
-    other.load_state_dict(state)  # the state is global: rank 1's entry restores rank 0
+    other.load_state_dict(state)  # the state is global: rank 1's state restores rank 0
+    assert other.loader.step == 2
+    # Saved by an earlier version, which keyed each rank's copy by its own rank.
+    other.load_state_dict({"dp_rank_1": state["dp_rank_0"], "world_size": 2})
     assert other.loader.step == 2
     with pytest.raises(ValueError, match="no 'dp_rank_<r>' entry"):
         other.load_state_dict({"world_size": 2})
@@ -124,3 +127,32 @@ def test_checkpoint_manager_round_trip(demo_cache, tmp_path):
     restored.close()
     assert fresh.loader.step == 2
     assert_same(take(fresh, 3), straight[2:])
+
+
+@pytest.mark.parametrize(("saved_world", "loaded_world"), [(1, 2), (2, 1)])
+def test_checkpoint_manager_restores_on_another_dp_world_size(
+    demo_cache, tmp_path, saved_world, loaded_world
+):
+    """Issue 19 case 14: a checkpoint saved by 1 data-parallel rank restored on 2 through
+    CheckpointManager.load failed with "Missing key in checkpoint state_dict:
+    dataloader.dp_rank_1" (DCP plans the load from the current state's keys). Each rank of the
+    new world size continues with its rows of the same global batches."""
+    per_rank = [take(titan_loader(r, saved_world), 5) for r in range(saved_world)]
+    global_batches = [
+        torch.cat([labels for _, labels in parts]) for parts in zip(*per_rank, strict=True)
+    ]
+    saving = titan_loader(rank=saved_world - 1, world=saved_world)
+    take(saving, 2)
+    manager = make_manager(tmp_path, saving)
+    assert manager.save(curr_step=2)
+    manager.close()
+    rows = 4 // loaded_world
+    for rank in range(loaded_world):
+        fresh = titan_loader(rank, loaded_world)
+        restored = make_manager(tmp_path, fresh)
+        assert restored.load(step=2)
+        restored.close()
+        assert fresh.loader.step == 2
+        labels = [batch[1] for batch in take(fresh, 3)]
+        for got, want in zip(labels, global_batches[2:], strict=True):
+            assert torch.equal(got, want[rank * rows : (rank + 1) * rows])

@@ -243,8 +243,13 @@ def test_damaged_loader_state_is_an_error_naming_the_file(saved, how):
         file.write_text(file.read_text().replace("{", "\x84", 1))
     else:
         _damage(file, how)
-    with pytest.raises(atomic.CheckpointFormatError, match=f"{file}: not a JSON document"):
+    with pytest.raises(atomic.CheckpointFormatError, match=f"{file} has "):
         load_with_dcp(saved, Loader())
+    # Saved before checkpoints carried checksums: the JSON reader still names the file.
+    (saved / atomic.CHECKSUMS_FILE).unlink()
+    with pytest.warns(UserWarning, match="no checksums.json"):
+        with pytest.raises(atomic.CheckpointFormatError, match=f"{file}: not a JSON document"):
+            load_with_dcp(saved, Loader())
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped"])
@@ -253,9 +258,130 @@ def test_damaged_dcp_metadata_is_an_error_naming_the_file(saved, how):
 
     _damage(saved / ".metadata", how)
     state = {"model": torch.nn.Linear(4, 4).state_dict()}
-    with pytest.raises(atomic.CheckpointFormatError, match=r"\.metadata: "):
+    with pytest.raises(atomic.CheckpointFormatError, match=rf"{saved / '.metadata'} has "):
         load_with_dcp(saved, Loader(), state)
+    # Saved before checkpoints carried checksums: the safe metadata reader still refuses it.
+    (saved / atomic.CHECKSUMS_FILE).unlink()
+    with pytest.warns(UserWarning, match="no checksums.json"):
+        with pytest.raises(atomic.CheckpointFormatError, match=r"\.metadata: "):
+            load_with_dcp(saved, Loader(), state)
 
 
 def test_loader_state_is_written_once_as_json(saved):
     assert json.loads((saved / atomic.LOADER_STATE_FILE).read_text()) == {"i": 5}
+
+
+# ----------------------------------------------------------------- damaged tensor files
+
+
+class State:
+    def __init__(self, i=5):
+        self.i = i
+
+    def state_dict(self):
+        return {"i": self.i}
+
+
+def _save(root: Path, writer: str, model, async_save=False) -> Path:
+    """A checkpoint of ``model`` (and an AdamW state, a loader state) by ``writer``."""
+    from wf_data.distributed import save_checkpoint
+    from wf_data.integrations.checkpoint import save_with_dcp
+
+    if writer == "dcp":
+        return save_with_dcp(root / "ckpt", State(), {"model": model.state_dict()})
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = save_checkpoint(
+        root, step=1, model=model, optimizer=optimizer, dataloader=State(), async_save=async_save
+    )
+    return saved.result() if async_save else saved
+
+
+def _load(directory: Path, writer: str) -> torch.nn.Module:
+    """The model loaded back from ``directory``."""
+    from wf_data.distributed import load_checkpoint
+    from wf_data.integrations.checkpoint import load_with_dcp
+
+    model = torch.nn.Linear(64, 64)
+    if writer == "dcp":
+        state = {"model": model.state_dict()}
+        load_with_dcp(directory, Loader(), state)
+        model.load_state_dict(state["model"])
+    else:
+        load_checkpoint(directory, model=model, optimizer=None, dataloader=Loader())
+    return model
+
+
+def _damage_tensor_file(file: Path, how: str) -> None:
+    data = bytearray(file.read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    elif how == "garbage":
+        data = bytearray(b"not a checkpoint file " * (len(data) // 22 + 1))[: len(data)]
+    else:  # one byte of the weights, past the header: the file still parses
+        data[-len(data) // 3] ^= 0x01
+    file.write_bytes(bytes(data))
+
+
+WRITERS = ["dcp", "fsdp2", "fsdp2-async"]
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+@pytest.mark.parametrize("how", ["truncated", "garbage", "flipped"])
+def test_damaged_tensor_file_is_an_error_naming_it(tmp_path, writer, how):
+    """A truncated, garbage or bit-flipped .distcp: a CheckpointFormatError (an Exception)
+    naming the file, and nothing loaded. Issue 19 case 4: truncated and garbage files raised
+    torch's CheckpointException, a BaseException that `except Exception` does not catch, and
+    a flipped byte loaded other weights without a word."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    directory = _save(tmp_path, writer.removesuffix("-async"), model, writer.endswith("-async"))
+    kind = writer.removesuffix("-async")
+    torch.testing.assert_close(_load(directory, kind).weight, model.weight)
+    (tensor_file,) = sorted(directory.glob("*.distcp"))[:1]
+    _damage_tensor_file(tensor_file, how)
+    with pytest.raises(atomic.CheckpointFormatError, match=f"{tensor_file} has "):
+        _load(directory, kind)
+
+
+@pytest.mark.parametrize("writer", ["dcp", "fsdp2"])
+def test_checkpoint_saved_before_checksums_loads_with_a_warning(tmp_path, writer):
+    """No manifest (saved before this version): loads unverified with a warning, and damage
+    DCP notices is still an Exception naming the checkpoint, not a BaseException."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(64, 64)
+    directory = _save(tmp_path, writer, model)
+    (directory / atomic.CHECKSUMS_FILE).unlink()
+    with pytest.warns(UserWarning, match="load unverified"):
+        torch.testing.assert_close(_load(directory, writer).weight, model.weight)
+    (tensor_file,) = sorted(directory.glob("*.distcp"))[:1]
+    _damage_tensor_file(tensor_file, "truncated")
+    with pytest.warns(UserWarning, match="load unverified"):
+        with pytest.raises(atomic.CheckpointFormatError, match="could not load it"):
+            _load(directory, writer)
+
+
+def test_every_file_of_a_checkpoint_has_a_checksum(tmp_path):
+    directory = _save(tmp_path, "fsdp2", torch.nn.Linear(8, 8))
+    manifest = json.loads((directory / atomic.CHECKSUMS_FILE).read_text())
+    files = {p.name for p in directory.iterdir()} - {atomic.CHECKSUMS_FILE}
+    assert manifest["algorithm"] == "crc32" and set(manifest["files"]) == files
+    assert {".metadata", "meta.json", atomic.LOADER_STATE_FILE} <= files
+    for name, entry in manifest["files"].items():
+        assert entry == atomic.file_checksum(directory / name)
+
+
+def test_damaged_orbax_loader_item_is_an_error_naming_the_file(tmp_path):
+    pytest.importorskip("orbax.checkpoint")
+    import orbax.checkpoint as ocp
+
+    from wf_data.integrations.checkpoint import restore_with_orbax, save_with_orbax
+
+    with ocp.CheckpointManager(tmp_path / "orbax") as manager:
+        save_with_orbax(manager, 1, State(1234))
+        loader = Loader()
+        restore_with_orbax(manager, loader)
+        assert loader.state == {"i": 1234}
+        (state_file,) = (tmp_path / "orbax").rglob(atomic.LOADER_STATE_FILE)
+        state_file.write_text(state_file.read_text().replace("1234", "1235"))  # still JSON
+        with pytest.raises(atomic.CheckpointFormatError, match=f"{state_file} has CRC-32"):
+            restore_with_orbax(manager, Loader())

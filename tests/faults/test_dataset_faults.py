@@ -1,5 +1,6 @@
 """Faults injected into a prepared dataset for real: swapped lengths, flipped and truncated
-shard bytes, edited manifest fields (issue 10 cases 6 and 7).
+shard bytes, edited manifest fields (issue 10 cases 6 and 7), a flipped byte read by the
+loader (issue 19 case 6).
 
 Each must be caught: by `wf-data inspect --verify` (naming the file), and by the loader at open
 or at the read of the damaged record (naming shard and record), never read as silently wrong
@@ -7,11 +8,12 @@ data.
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
-from tests.faults._prepare_helpers import WordTokenizer, corpus
+from tests.faults._prepare_helpers import WORDS, WordTokenizer, corpus, write_jsonl
 from wf_data import cli
 from wf_data.data.prepare import prepare
 from wf_data.data.shards import sources
@@ -128,3 +130,69 @@ def test_manifest_edit_detected(dataset, capsys, field, value):
         sources.open_dataset(dataset)
     status, printed = _verify(dataset, capsys)
     assert status == 1 and "fingerprint does not match" in printed
+
+
+def _flip_record_byte(dataset, shard_name: str, record: int) -> None:
+    """Flip one byte in the stored bytes of `record` of a shard (uncompressed token records:
+    its token bytes appear verbatim in the file), so that only the chunk hash can tell."""
+    source = sources.open_dataset(dataset)
+    shard_index = [path.name for path in source.shard_paths].index(shard_name)
+    first = sum(s["records"] for s in source.manifest["shards"][:shard_index])
+    payload = source[first + record].tobytes()
+    source.close()
+    path = dataset / shard_name
+    data = bytearray(path.read_bytes())
+    at = data.find(payload)
+    assert at >= 0 and data.find(payload, at + 1) < 0, "record bytes not unique in the shard"
+    data[at] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def long_tokens_dataset(tmp_path_factory):
+    """2 shards of records with distinct, long token runs (each findable in the file)."""
+    root = tmp_path_factory.mktemp("long")
+    rng = np.random.default_rng(0)
+    rows = [{"text": " ".join(rng.choice(WORDS, 60 + i % 50))} for i in range(200)]
+    write_jsonl(root / "in" / "docs.jsonl", rows)
+    prepare(root / "in", root / "ds", tokenizer=WordTokenizer(), num_shards=2, progress=False)
+    return root / "ds"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_flipped_record_byte_named_at_read(long_tokens_dataset, tmp_path, workers):
+    """A record whose bytes changed fails its check when read: the chunk hash on the record
+    reader (Riegeli), the CRC-32 of its 64 KiB block from memory maps. Either way the error
+    names the dataset, shard and record and says how to check the rest, and the records the
+    damage does not reach still read (the neighbours in its chunk; from memory maps, those
+    outside its block)."""
+    dataset = tmp_path / "ds"
+    shutil.copytree(long_tokens_dataset, dataset)
+    _flip_record_byte(dataset, "data-00001-of-00002.array_record", 37)
+    expected = rf"shard data-00001-of-00002\.array_record record 37: .*inspect {dataset} --verify"
+    by_record = sources.open_dataset(dataset, memory_map=False)
+    with pytest.raises(sources.ShardReadError, match=expected):
+        by_record[100 + 37]
+    assert len(by_record[100 + 38]) > 0 and len(by_record[36]) > 0
+    mapped = sources.open_dataset(dataset)
+    with pytest.raises(sources.ShardReadError, match=expected):
+        mapped[100 + 37]
+    assert len(mapped[36]) > 0  # another shard (here one block holds all of shard 1)
+    # A loader names the record it was reading when it met the damaged block.
+    expected = rf"shard data-00001-of-00002\.array_record record \d+: .*inspect {dataset} --verify"
+    from wf_data.data import get_loader
+
+    config = {
+        "tokenizer": None,
+        "seq_len": 64,
+        "global_batch_size": 4,
+        "packing": "concat",
+        "num_epochs": 1,
+        "sources": {"docs": {"path": str(dataset), "format": "tokens"}},
+        "mixing": {"kind": "static"},
+    }
+    loader = get_loader(config, framework="numpy", num_workers=workers)
+    with pytest.raises(sources.ShardReadError, match=expected):
+        for _ in loader:
+            pass
+    loader.close()

@@ -2,7 +2,7 @@
 
 Issue 10 cases 1 (a failing prepare keeps the dataset in --out), 3 (workers die with a killed
 prepare), 8 and 11 (damaged compressed inputs are file errors, exit 2), 9 (inputs given twice)
-and 13 (memory of a 45 MB document).
+and 13 (memory of a 45 MB document); issue 19 case 12 (a 1 GB single-line record).
 """
 
 import gzip
@@ -121,7 +121,7 @@ def test_workers_die_with_a_killed_prepare(tmp_path):
 
 
 def _zst(rows, keep=1.0):
-    data = zstandard.ZstdCompressor().compress("".join(rows).encode())
+    data = zstandard.ZstdCompressor(write_checksum=True).compress("".join(rows).encode())
     return data[: int(len(data) * keep)]
 
 
@@ -224,17 +224,39 @@ def test_unusable_out_is_one_line_exit_2(tmp_path):
         assert str(out.parent) in lines[0] and message in lines[0]
 
 
-# The 45 MB document goes through prepare's own code (parse, pieces, encode, write, copy); the
-# tokenizer is `WordTokenizer` on the bare `tokenizers` library, so that the test runs at tens of
-# MB/s rather than the shipped BPE's ~1 MB/s, and measures prepare, not torch imports.
-LONG_DOCUMENT = """
+# Long documents go through prepare's own code (parse, pieces, encode, write, copy); the
+# tokenizer is `WordTokenizer` on the bare `tokenizers` library, so that the tests run at tens
+# of MB/s rather than the shipped BPE's ~1 MB/s, and measure prepare, not torch imports.
+PREPARE_WITH_WORDS = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from tests.faults._prepare_helpers import WordTokenizer
 from wf_data.data.prepare import prepare
 
-prepare(sys.argv[2], sys.argv[3], tokenizer=WordTokenizer(sys.argv[4].split()), progress=False)
+prepare(sys.argv[2], sys.argv[3], tokenizer=WordTokenizer(sys.argv[4].split()), skip_bad=True,
+        progress=False)
 """
+
+# A fresh, small measuring process: its children's peak is the prepare's alone. (A child forked
+# from the test process would count the test's pages: Linux keeps the peak across exec.)
+MEASURE = (
+    "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
+)
+
+
+def _prepare_peak_mib(inputs, out, words) -> float:
+    """Peak resident memory (MiB) of `prepare(inputs, out)` with a `WordTokenizer(words)`."""
+    root = pathlib.Path(__file__).resolve().parents[2]
+    command = [sys.executable, "-c", PREPARE_WITH_WORDS, root, inputs, out, " ".join(words)]
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, *map(str, command)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return int(result.stdout.split()[-1]) / 1024
 
 
 @pytest.mark.slow
@@ -245,23 +267,28 @@ def test_45mb_document_in_bounded_memory(tmp_path):
     ids = rng.integers(0, len(words), count)
     with open(tmp_path / "long.jsonl", "w") as f:
         f.write('{"text": "' + " ".join(np.array(words)[ids]) + '"}\n{"text": "short"}\n')
-    # A fresh measuring process: its children's peak is this prepare's alone.
-    measure = (
-        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True); "
-        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
-    )
-    root = pathlib.Path(__file__).resolve().parents[2]
-    command = [sys.executable, "-c", LONG_DOCUMENT, root, tmp_path / "long.jsonl", tmp_path / "out"]
-    result = subprocess.run(
-        [sys.executable, "-c", measure, *map(str, command), " ".join(words)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    peak_mib = int(result.stdout.split()[-1]) / 1024
-    assert peak_mib < 1024, f"prepare peaked at {peak_mib:.0f} MiB"
+    peak_mib = _prepare_peak_mib(tmp_path / "long.jsonl", tmp_path / "out", words)
+    assert peak_mib < 512, f"prepare peaked at {peak_mib:.0f} MiB"  # 246 MiB measured
     source = sources.open_dataset(tmp_path / "out")
     assert source.lengths.tolist() == [count, 1]
     np.testing.assert_array_equal(source[0][:1000], ids[:1000] + 2)
     np.testing.assert_array_equal(source[0][-1000:], ids[-1000:] + 2)
+
+
+@pytest.mark.slow
+def test_one_gigabyte_line_in_bounded_memory(tmp_path):
+    """A 1 GB record (over max_doc_bytes) in a file that prepare cuts into pieces: refused by
+    its size as it streams by, never held whole (issue 19 case 12: it peaked at 1.8 GiB)."""
+    path = tmp_path / "huge.jsonl"
+    with open(path, "wb") as f:
+        f.write(b'{"text": "')
+        chunk = b"word " * 200_000
+        for _ in range(1000):
+            f.write(chunk)
+        f.write(b'"}\n{"text": "short word"}\n')
+    assert path.stat().st_size > 1_000_000_000
+    peak_mib = _prepare_peak_mib(path, tmp_path / "out", ["word", "short"])
+    # about one read chunk plus max_doc_bytes (64 MiB) held until the line is known too long
+    assert peak_mib < 256, f"prepare peaked at {peak_mib:.0f} MiB"  # 113 MiB measured
+    manifest = sources.read_manifest(tmp_path / "out")
+    assert manifest["totals"]["records"] == 1 and manifest["totals"]["skipped_bad"] == 1

@@ -69,6 +69,9 @@ def test_pickle_in_place_of_a_json_document_is_refused(tmp_path, marker, documen
     model, optimizer = _model_and_optimizer()
     path = save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer, dataloader=Loader(3))
     (path / document).write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(atomic.CheckpointFormatError, match=f"{document} has 1.. bytes"):
+        load_checkpoint(tmp_path, model=model, optimizer=optimizer, dataloader=Loader())
+    atomic.write_checksums(path)  # whoever can write the file can write its checksum too
     with pytest.raises(atomic.CheckpointFormatError, match=f"{document}: not a JSON document"):
         load_checkpoint(tmp_path, model=model, optimizer=optimizer, dataloader=Loader())
 
@@ -84,6 +87,7 @@ def test_crafted_dcp_metadata_is_refused(tmp_path, marker, writer):
     else:
         path = save_checkpoint(tmp_path, step=1, model=model, optimizer=optimizer)
     (path / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    atomic.write_checksums(path)  # whoever can write the file can write its checksum too
     with pytest.raises(atomic.CheckpointFormatError, match=r"refers to io\.open, which DCP"):
         if writer == "dcp":
             load_with_dcp(path, Loader(), {"model": model.state_dict()})

@@ -101,17 +101,19 @@ PROCESS_MAP_RUNNER = """
 import grain, numpy as np
 from tests.data.workers.process_map_fns import SleepyRows
 from wf_data.data.workers.process_map import ProcessMap
-from wf_data.data.workers.zygote import zygote
+from wf_data.data.workers.pool import worker_zygote
 
 plans = grain.MapDataset.range(10**6).map(
     lambda i: {"index": i, "docs": np.arange(3, dtype=np.int32), "weight": 1.0, "name": "x"}
 )
 # 20 quick elements through shared memory, then workers stuck in fn for a minute: only the
-# parent-death signal (or watch) can stop them in time, not the end of their task pipe.
+# parent-death signal (or watch) can stop them in time, not the end of their task pipe. The
+# pids are printed before any slow element is pulled: this process computes waiting elements
+# itself while its head is not ready, and would sleep in one.
 it = iter(ProcessMap(plans, SleepyRows(60, from_index=20), num_workers=2, lookahead=4))
-for _ in range(18):
+for _ in range(14):
     next(it)
-print(*it.worker_pids, zygote().pid, flush=True)
+print(*it.worker_pids, worker_zygote().pid, flush=True)
 for _ in it:
     pass
 """
@@ -203,8 +205,8 @@ def test_process_map_zygote_killed_mid_stream():
     import numpy as np
 
     from tests.data.workers.process_map_fns import rows
+    from wf_data.data.workers.pool import worker_zygote
     from wf_data.data.workers.process_map import ProcessMap, WorkerError
-    from wf_data.data.workers.zygote import zygote
 
     parent = grain.MapDataset.range(30).map(
         lambda i: {"index": i, "docs": np.arange(2, dtype=np.int32), "weight": 1.0, "name": "z"}
@@ -213,13 +215,13 @@ def test_process_map_zygote_killed_mid_stream():
     delivered = []
     with iter(ProcessMap(parent, rows, num_workers=2, lookahead=3)) as it:
         delivered += [next(it) for _ in range(4)]
-        old_zygote = zygote().pid
+        old_zygote = worker_zygote().pid
         os.kill(old_zygote, signal.SIGKILL)
         with pytest.raises(WorkerError, match="died with its zygote|died with signal SIGKILL"):
             for _ in range(len(expected)):
                 delivered.append(next(it))
         delivered += list(it)
-        assert zygote().pid != old_zygote
+        assert worker_zygote().pid != old_zygote
     assert len(delivered) == len(expected)
     for got, want in zip(delivered, expected, strict=True):
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
@@ -299,8 +301,8 @@ def test_process_map_stopped_zygote_times_out():
     import numpy as np
 
     from tests.data.workers.process_map_fns import rows
+    from wf_data.data.workers.pool import worker_zygote
     from wf_data.data.workers.process_map import ProcessMap, WorkerError
-    from wf_data.data.workers.zygote import zygote
 
     parent = grain.MapDataset.range(12).map(
         lambda i: {"index": i, "docs": np.arange(2, dtype=np.int32), "weight": 1.0, "name": "z"}
@@ -308,7 +310,7 @@ def test_process_map_stopped_zygote_times_out():
     expected = [rows(plan) for plan in parent]
     with iter(ProcessMap(parent, rows, num_workers=1, lookahead=0)) as it:
         next(it)  # the zygote is up and has answered: what follows tests a request, not its start
-    stopped = zygote().pid
+    stopped = worker_zygote().pid
     os.kill(stopped, signal.SIGSTOP)
     try:
         with iter(ProcessMap(parent, rows, num_workers=2, lookahead=3, timeout_s=1.0)) as it:
@@ -319,9 +321,120 @@ def test_process_map_stopped_zygote_times_out():
             assert time.monotonic() - started < 5.0
             assert _wait_exited([stopped], within_s=1.0) == []
             delivered = list(it)
-            assert zygote().pid != stopped
+            assert worker_zygote().pid != stopped
     finally:
         _kill_all([stopped])
+    assert len(delivered) == len(expected)
+    for got, want in zip(delivered, expected, strict=True):
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+
+
+MANY_DESCRIPTORS = """
+import os, resource, signal, sys
+import numpy as np
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+held = [os.open(os.devnull, os.O_RDONLY) for _ in range(3000)]  # a trainer's sockets and shards
+assert held[-1] > 1024 and os.dup(0) > 1024  # every new descriptor is past select's limit
+
+import grain
+from tests.data.deliver.test_loader import assert_batches_equal, make_loader
+from tests.data.workers.process_map_fns import rows
+from wf_data.data.workers.process_map import ProcessMap, WorkerError
+
+reference = make_loader()
+want = [next(reference) for _ in range(8)]
+for timeout_s in (None, 5.0):
+    with make_loader(num_workers=2, prefetch=2, worker_timeout_s=timeout_s) as loader:
+        got = [next(loader) for _ in range(4)]
+        os.kill(loader._iterator.worker_pids[0], signal.SIGKILL)
+        try:
+            while True:
+                got.append(next(loader))
+        except WorkerError as error:  # the death is reported, not a ValueError of select
+            assert "died with signal SIGKILL" in str(error), error
+        got += [next(loader) for _ in range(8 - len(got))]
+    assert_batches_equal(got, want)
+
+# Many workers: their pidfds and pipes are waited on at start and at cleanup.
+plans = grain.MapDataset.range(200).map(
+    lambda i: {"index": i, "docs": np.arange(2, dtype=np.int32), "weight": 1.0, "name": "m"}
+)
+with iter(ProcessMap(plans, rows, num_workers=48, lookahead=96, timeout_s=None)) as it:
+    assert len(list(it)) == 200
+    pids = it.worker_pids
+print("ok", len(pids), flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_workers_in_a_process_with_thousands_of_open_descriptors():
+    """3000 open descriptors (more than select's 1024): loader workers deliver the exact stream
+    with and without a timeout, a killed worker is reported as such, and a pool of 48 workers
+    starts and stops (issue 19 case 1: `filedescriptor out of range in select()` before)."""
+    import resource
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 4096:
+        pytest.skip("the hard RLIMIT_NOFILE is below 4096 descriptors")
+    result = subprocess.run(
+        [sys.executable, "-c", MANY_DESCRIPTORS],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert result.returncode == 0 and result.stdout.strip() == "ok 48", result.stderr[-3000:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("worker_fault", ["killed", "stopped"])
+def test_process_map_stopped_zygote_while_a_worker_fails(worker_fault):
+    """A stopped zygote cannot reap a worker that was killed (from outside, or by the pool
+    after timeout_s when it stopped answering): next() raises within a few timeout_s instead
+    of a fixed 60 s, saying how the worker ended and that the zygote was stuck and killed
+    (issue 19 case 11: 60.1 s and "died with its zygote (exit status lost)" before); the next
+    next() forks from a new zygote and the stream is exact."""
+    import grain
+    import numpy as np
+
+    from tests.data.workers.process_map_fns import SleepyRows, rows
+    from wf_data.data.workers.pool import worker_zygote
+    from wf_data.data.workers.process_map import ProcessMap, WorkerError
+
+    parent = grain.MapDataset.range(30).map(
+        lambda i: {"index": i, "docs": np.arange(2, dtype=np.int32), "weight": 1.0, "name": "z"}
+    )
+    expected = [rows(plan) for plan in parent]
+    fn = SleepyRows(0.02)
+    with iter(ProcessMap(parent, fn, num_workers=2, lookahead=0, timeout_s=1.0)) as it:
+        delivered = [next(it) for _ in range(3)]
+        # Without lookahead every element goes to the first of the idle workers: worker 0.
+        stopped, victim = worker_zygote().pid, it.worker_pids[0]
+        try:
+            os.kill(stopped, signal.SIGSTOP)
+            os.kill(victim, signal.SIGKILL if worker_fault == "killed" else signal.SIGSTOP)
+            started = time.monotonic()
+            with pytest.raises(WorkerError) as raised:
+                for _ in range(len(expected)):
+                    delivered.append(next(it))
+            waited = time.monotonic() - started
+            message = str(raised.value)
+            assert waited < 5.0, message
+            assert f"(pid {victim})" in message
+            if worker_fault == "killed":
+                assert "died with signal SIGKILL (9)" in message
+            else:
+                assert "made no progress computing a result for 1." in message
+                assert "and was killed" in message
+            assert "zygote" not in message.split("Reaping it failed")[0]
+            reaping = f"Reaping it failed: the ProcessMap zygote (pid {stopped}) did not answer"
+            assert reaping in message and "was killed" in message.split(reaping)[1]
+            assert _wait_exited([stopped, victim], within_s=2.0) == []
+            delivered += list(it)
+            assert worker_zygote().pid != stopped
+        finally:
+            _kill_all([stopped, victim])
     assert len(delivered) == len(expected)
     for got, want in zip(delivered, expected, strict=True):
         np.testing.assert_array_equal(got["input_ids"], want["input_ids"])

@@ -1,17 +1,22 @@
 """Everything from shards to batches: sources, tokenization, packing, mixing, loader.
 
 Public names are imported lazily, so that ``import wf_data.data`` stays cheap and a
-numpy-only user never imports torch or JAX.
+numpy-only user never imports torch or JAX. This package imports none of its stages, so every
+stage may take the batch-schema constants below from it.
 """
 
 import importlib
+
+# The `labels` value of a token without loss: padding, each packed document's first token and
+# non-assistant SFT tokens. -100 is what torch's cross_entropy and HF models ignore by default.
+IGNORE_INDEX = -100
 
 _EXPORTS = {
     "open_dataset": "wf_data.data.shards.sources",
     "DocumentSource": "wf_data.data.shards.sources",
     "InMemorySource": "wf_data.data.shards.sources",
     "TokenizerWrapper": "wf_data.data.text.tokenization",
-    "tokenize": "wf_data.data.text.tokenization",
+    "tokenize": "wf_data.data.text.tokenize_dataset",
     "pack": "wf_data.data.read.packing",
     "PretrainDataset": "wf_data.data.read.pretrain",
     "SFTDataset": "wf_data.data.read.sft",
@@ -38,11 +43,13 @@ _EXPORTS = {
     "restore_with_orbax": "wf_data.integrations.checkpoint",
     "save_with_dcp": "wf_data.integrations.checkpoint",
     "load_with_dcp": "wf_data.integrations.checkpoint",
+    "MixtureFeedback": "wf_data.data.mix.feedback",
+    "ProcessMap": "wf_data.data.workers.process_map",
     "build_demo_corpus": "wf_data.data.prepare.demo_corpus",
     "ensure_demo_data": "wf_data.data.prepare.demo_corpus",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "IGNORE_INDEX"])
 
 
 def __getattr__(name: str):

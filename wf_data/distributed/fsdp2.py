@@ -6,8 +6,9 @@ point leaves the previous checkpoints loadable and `latest_checkpoint` never ret
 one. Model and optimizer state are DCP tensors, saved sharded (DTensors) and resharded by DCP on
 load, so a run can resume on a different world size or parallelism. The step, `extra` and the
 data loader state are JSON documents (`meta.json`, `loader_state.json`) written once by rank 0;
-nothing read back is unpickled beyond DCP's own metadata classes and tensors. Works with or
-without an initialised process group.
+nothing read back is unpickled beyond DCP's own metadata classes and tensors. Every file's size
+and CRC-32 is recorded at save (`checksums.json`) and checked before anything is loaded. Works
+with or without an initialised process group.
 """
 
 from __future__ import annotations
@@ -274,9 +275,10 @@ def load_checkpoint(
 
     `path` is a `step-N` directory or a checkpoint root (its `latest_checkpoint`). The parallel
     layout may differ from the saving run's (DCP reshards; `parallel_dims` is not needed). The
-    one global loader state is restored on every rank. A checkpoint holding anything but DCP
-    tensors and JSON (a pickled object, a crafted metadata file) raises
-    `wf_data.atomic.CheckpointFormatError` without running it.
+    one global loader state is restored on every rank. A file damaged or truncated since the
+    save (its checksum), or a checkpoint holding anything but DCP tensors and JSON (a pickled
+    object, a crafted metadata file) raises `wf_data.atomic.CheckpointFormatError` naming the
+    file, before anything is loaded or run.
     """
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
@@ -286,6 +288,7 @@ def load_checkpoint(
 
     del parallel_dims
     checkpoint = _resolve(Path(path))
+    atomic.verify_checkpoint(checkpoint)  # every rank checks its share of the files
     step, extra = _read_meta(checkpoint)
     loader_file = checkpoint / atomic.LOADER_STATE_FILE
     if dataloader is not None and not loader_file.is_file():
@@ -296,7 +299,7 @@ def load_checkpoint(
     if optimizer is not None:
         optimizers = _as_list(optimizer)
         state["optimizer"] = _optimizer_state(parts, optimizers)
-    atomic.load_dcp(checkpoint, state)
+    atomic.load_dcp(checkpoint, state, verify=False)
 
     for part in parts:
         set_model_state_dict(part, state["model"], options=StateDictOptions(strict=False))

@@ -6,6 +6,8 @@ through ``wf_data.atomic`` (temp file, fsync, rename), and read back by every ra
 count. The torch DCP checkpoint directory as a whole is published atomically too: a save killed
 at any point leaves the previous checkpoint loadable. On the Orbax side the JSON file is one
 item of the step; Orbax publishes the step directory by its own rename when every item is done.
+Both record the size and CRC-32 of the files they write (``wf_data.atomic.CHECKSUMS_FILE``) and
+check them before loading: a damaged file is a ``CheckpointFormatError`` naming it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from wf_data import atomic
+from wf_data.extras import requires
 
 LOADER_KEY = "loader"
 
@@ -31,18 +34,23 @@ def _loader_state(loader) -> Any:
 def _orbax_args() -> tuple[type, type]:
     """``(save args, restore args)`` classes of the loader-state Orbax item, built on first use
     (Orbax and JAX are optional)."""
-    import jax
-    import orbax.checkpoint as ocp
+    with requires("jax", feature="the Orbax loader-state item"):
+        import jax
+        import orbax.checkpoint as ocp
 
     class LoaderStateHandler(ocp.CheckpointHandler):
         """One JSON file per step, written by the primary host through ``wf_data.atomic``."""
 
         def save(self, directory, args) -> None:
             if jax.process_index() == 0:
-                atomic.write_json(Path(os.fspath(directory)) / atomic.LOADER_STATE_FILE, args.state)
+                directory = Path(os.fspath(directory))
+                atomic.write_json(directory / atomic.LOADER_STATE_FILE, args.state)
+                atomic.write_checksums(directory, names=[atomic.LOADER_STATE_FILE])
 
         def restore(self, directory, args=None) -> Any:
-            return atomic.read_json(Path(os.fspath(directory)) / atomic.LOADER_STATE_FILE)
+            directory = Path(os.fspath(directory))
+            atomic.verify_checkpoint(directory, collective=False)  # each host reads it alone
+            return atomic.read_json(directory / atomic.LOADER_STATE_FILE)
 
     @ocp.args.register_with_handler(LoaderStateHandler, for_save=True)
     @dataclasses.dataclass
@@ -69,7 +77,8 @@ def orbax_restore_args() -> Any:
 
 def save_with_orbax(manager, step: int, loader, **items: Any) -> bool:
     """Saves the loader state beside other Orbax items (``name=ocp.args...``) at ``step``."""
-    import orbax.checkpoint as ocp
+    with requires("jax", feature="save_with_orbax"):
+        import orbax.checkpoint as ocp
 
     saved = manager.save(
         step, args=ocp.args.Composite(**{LOADER_KEY: orbax_save_args(loader)}, **items)
@@ -83,7 +92,8 @@ def restore_with_orbax(manager, loader, step: int | None = None, **items: Any) -
 
     Other items are restored with the ``ocp.args`` given in ``items``.
     """
-    import orbax.checkpoint as ocp
+    with requires("jax", feature="restore_with_orbax"):
+        import orbax.checkpoint as ocp
 
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -104,11 +114,13 @@ def save_with_dcp(path: str | os.PathLike, loader, state: dict[str, Any] | None 
 def load_with_dcp(path: str | os.PathLike, loader, state: dict[str, Any] | None = None) -> None:
     """Loads what ``save_with_dcp`` wrote: ``state`` in place, and the loader's state.
 
-    A ``path`` whose replacement was killed mid-publish is read from the surviving copy.
+    A ``path`` whose replacement was killed mid-publish is read from the surviving copy. Every
+    file is checked against its checksum first: ``CheckpointFormatError`` names a damaged one.
     """
     found = atomic.readable(path)
     if found is None:
         raise FileNotFoundError(f"no checkpoint at {path} (nor {path}.old)")
+    atomic.verify_checkpoint(found)
     if state:
-        atomic.load_dcp(found, state)
+        atomic.load_dcp(found, state, verify=False)
     loader.load_state_dict(atomic.read_json(found / atomic.LOADER_STATE_FILE))

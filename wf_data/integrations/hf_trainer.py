@@ -3,9 +3,10 @@
 accelerate reads one batch ahead of the trainer, so the loader's own state at a save points
 one batch past what the model saw: resuming from it would skip a batch. ``LoaderStateCallback``
 saves instead the state after the rows consumed, ``global_step * gradient_accumulation_steps *
-train_batch_size`` (the ``LoaderDataset`` keeps the states of its last few batches; the
-Trainer's batch size need not be the loader's), into ``checkpoint-N/``, and on resume loads it
-back into the dataset before the first batch is read.
+train_batch_size``, into ``checkpoint-N/``, and on resume loads it back into the dataset before
+the first batch is read. After each step it tells the ``LoaderDataset`` how many rows were
+consumed, so that the dataset keeps the state of every batch read since, however many loader
+batches a device batch holds (the Trainer's batch size need not be the loader's).
 
     dataset = LoaderDataset("demo", rows=True)          # the Trainer batches rows itself
     args = TrainingArguments(..., per_device_train_batch_size=b, max_steps=...,
@@ -19,11 +20,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
 from wf_data.atomic import read_json, write_json
-from wf_data.integrations.torch_dataset import LoaderDataset, check_model
+from wf_data.extras import requires
+
+with requires("torch", "hf", feature="the Hugging Face Trainer callback"):
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from wf_data.integrations.torch_dataset import LoaderDataset, check_model
 
 __all__ = ["STATE_FILE", "LoaderStateCallback"]
 
@@ -64,13 +68,21 @@ class LoaderStateCallback(TrainerCallback):
                     "restore it with dataset.load_state_dict(...) before trainer.train()"
                 )
             self.dataset.load_state_dict(read_json(path))
+        self.dataset.mark_consumed(consumed_rows(args, state))
+
+    def on_step_end(self, args, state, control, **kwargs: Any):
+        self.dataset.mark_consumed(consumed_rows(args, state))
 
     def on_save(self, args, state, control, **kwargs: Any):
-        # Counted in rows: the Trainer's batches need not be the loader's.
-        consumed = state.global_step * args.gradient_accumulation_steps * args.train_batch_size
-        loader_state = self.dataset.state_at_rows(consumed)
+        loader_state = self.dataset.state_at_rows(consumed_rows(args, state))
         if state.is_world_process_zero:  # the state is global: the same on every rank
             write_json(checkpoint_dir(args, state.global_step) / STATE_FILE, loader_state)
+
+
+def consumed_rows(args, state) -> int:
+    """Rows the Trainer has trained on after ``state.global_step`` steps: counted in rows, as
+    the Trainer's batches need not be the loader's."""
+    return state.global_step * args.gradient_accumulation_steps * args.train_batch_size
 
 
 def checkpoint_dir(args, step: int) -> Path:

@@ -23,13 +23,17 @@ import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from torch.utils.data import IterableDataset, get_worker_info
-
+from wf_data.data.deliver.loader_state import LoaderStateError
 from wf_data.data.shards.sources import read_before_fork
+from wf_data.extras import requires
+
+with requires("torch", feature="LoaderDataset"):
+    from torch.utils.data import IterableDataset, get_worker_info
 
 __all__ = ["LoaderDataset", "check_model"]
 
-# States of the last few fully delivered batches, for clients that read ahead (accelerate).
+# States of batches delivered, kept for clients that read ahead (accelerate): at least the
+# last HISTORY, and every one since the position the consumer last marked (`mark_consumed`).
 HISTORY = 16
 
 
@@ -61,6 +65,7 @@ class LoaderDataset(IterableDataset):
         self.loader_kwargs = dict(loader_kwargs)
         self._start: Mapping[str, Any] | None = None
         self._live: _LoaderIterator | None = None
+        self._consumed_rows: int | None = None  # the consumer's last `mark_consumed`
 
     @classmethod
     def from_loader(cls, loader: Any, *, rows: bool = False) -> IterableDataset:
@@ -69,11 +74,9 @@ class LoaderDataset(IterableDataset):
         A loader built by hand (no config to rebuild it from) gives a dataset that iterates
         that very loader in this process and refuses to run in torch workers.
         """
-        recipe = getattr(loader, "recipe", None)
-        if recipe is None:
+        if loader.recipe is None:
             return _InProcessDataset(loader)
-        config, kwargs = recipe
-        dataset = cls(config, rows=rows, **kwargs)
+        dataset = cls(loader.recipe.config, rows=rows, **loader.recipe.loader_kwargs())
         dataset.load_state_dict({"loader": loader.state_dict(), "row": 0, "step_shard": [0, 1]})
         return dataset
 
@@ -103,7 +106,7 @@ class LoaderDataset(IterableDataset):
                 "'forkserver') or 'spawn', or do not read shards in the parent before forking"
             )
         shard = (0, 1) if info is None else (info.id, info.num_workers)
-        self._live = _LoaderIterator(self, shard, self._start)
+        self._live = _LoaderIterator(self, shard, self._start, self._consumed_rows)
         return self._live
 
     @property
@@ -124,14 +127,14 @@ class LoaderDataset(IterableDataset):
         return dict(self._start or {"loader": None, "row": 0, "step_shard": None})
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """The next ``iter(self)`` starts after the item ``state`` describes."""
-        if not isinstance(state, Mapping) or not {"loader", "row", "step_shard"} <= set(state):
-            raise ValueError(
-                "not a LoaderDataset state: expected keys 'loader', 'row', 'step_shard', got "
-                f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
-            )
-        self._start = dict(state)
+        """The next ``iter(self)`` starts after the item ``state`` describes.
+
+        Raises `LoaderStateError` for a malformed state, and in a torch worker for a state
+        saved with another number of workers (what torchdata restores before its own check).
+        """
+        self._start = _checked_state(state)
         self._live = None
+        self._consumed_rows = None
 
     def state_at(self, step: int) -> dict[str, Any]:
         """The state right after the batch of global step ``step`` (1-based count) was delivered.
@@ -147,11 +150,28 @@ class LoaderDataset(IterableDataset):
         """With ``rows=True``: the state right after row ``num_rows`` (a count from the stream's
         start) was delivered, for clients whose batches are not the loader's (a ``Trainer``
         batching 2 or 12 rows of loader batches of 8)."""
-        if self._live is None:
-            raise RuntimeError("state_at_rows before iterating: no row has been delivered yet")
+        return self._rows_live("state_at_rows").state_at_rows(num_rows)
+
+    def mark_consumed(self, num_rows: int) -> None:
+        """With ``rows=True``: the consumer has used ``num_rows`` rows (a count from the
+        stream's start) and will ask only for states from there on (``state_at_rows``). They are
+        all kept until the next mark, however far the consumer reads ahead (a device batch of
+        many loader batches, gradient accumulation); without marks, the last ``HISTORY``. Mark
+        before iterating too, after a restore: the consumer may read far before its first step
+        ends."""
         if not self.rows:
-            raise ValueError("state_at_rows needs LoaderDataset(..., rows=True)")
-        return self._live.state_at_rows(num_rows)
+            raise ValueError("mark_consumed needs LoaderDataset(..., rows=True)")
+        self._consumed_rows = int(num_rows)
+        if self._live is not None:
+            self._live.consumed_rows = self._consumed_rows
+
+    def _rows_live(self, what: str) -> _LoaderIterator:
+        """The live iterator of a rows-mode dataset, for ``what``."""
+        if self._live is None:
+            raise RuntimeError(f"{what} before iterating: no row has been delivered yet")
+        if not self.rows:
+            raise ValueError(f"{what} needs LoaderDataset(..., rows=True)")
+        return self._live
 
 
 class _InProcessDataset(IterableDataset):
@@ -184,7 +204,13 @@ class _LoaderIterator:
     as ``StatefulDataLoader`` does) costs one build.
     """
 
-    def __init__(self, dataset: LoaderDataset, shard: tuple[int, int], start):
+    def __init__(
+        self,
+        dataset: LoaderDataset,
+        shard: tuple[int, int],
+        start,
+        consumed_rows: int | None = None,
+    ):
         self._dataset = dataset
         self._worker = shard  # (torch worker id, workers)
         self._shard = shard  # (index, count): the global steps its loader reads
@@ -195,6 +221,7 @@ class _LoaderIterator:
         self._before: dict[str, Any] | None = None  # rows mode: loader state before _batch
         self._rows_per_batch: int | None = None  # rows mode: rows of each loader batch
         self._history: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self.consumed_rows = consumed_rows  # states the consumer may still need start there
 
     def __iter__(self) -> _LoaderIterator:
         return self
@@ -236,15 +263,10 @@ class _LoaderIterator:
         return None  # another worker count's state: `_restore` refuses it
 
     def _restore(self, state: Mapping[str, Any]) -> None:
-        shard = state["step_shard"]
         if state["loader"] is None:
             return
         if self._loader_shard(state) != tuple(self._shard):  # None: refused
-            raise ValueError(
-                f"LoaderDataset state was saved by torch worker {shard[0]} of {shard[1]}; this is "
-                f"worker {self._worker[0]} of {self._worker[1]}: restore with the same "
-                "num_workers (or from a state between two batches of a 0-worker loader)"
-            )
+            raise _other_workers(state["step_shard"], self._worker)
         self.loader.load_state_dict(state["loader"])
         self._remember_at(self.loader.step, state["loader"])
         self._batch, self._row = None, int(state["row"])
@@ -252,6 +274,12 @@ class _LoaderIterator:
             self._before = state["loader"]
             self._batch = next(self.loader)
             self._rows_per_batch = len(self._batch["domain_ids"])
+            if self._row >= self._rows_per_batch:
+                raise LoaderStateError(
+                    f"LoaderDataset state entry 'row' is {self._row}, but a batch has "
+                    f"{self._rows_per_batch} rows (row counts rows of the batch being handed "
+                    "out): the state was edited or belongs to another batch size"
+                )
 
     def __next__(self) -> dict[str, Any]:
         loader = self._ensure_loader()
@@ -275,8 +303,14 @@ class _LoaderIterator:
     def _remember_at(self, step: int, loader_state: dict[str, Any]) -> None:
         """Keeps the state after global step ``step`` (at a batch boundary: row 0)."""
         self._history[step] = {"loader": loader_state, "row": 0, "step_shard": list(self._shard)}
-        while len(self._history) > HISTORY:
+        while len(self._history) > HISTORY and not self._may_be_needed(next(iter(self._history))):
             self._history.popitem(last=False)
+
+    def _may_be_needed(self, step: int) -> bool:
+        """Whether ``state_at_rows`` may still ask for the state after step ``step``."""
+        if self.consumed_rows is None or self._rows_per_batch is None:
+            return False
+        return step >= self.consumed_rows // self._rows_per_batch
 
     def state_dict(self) -> dict[str, Any]:
         if self.loader is None:
@@ -289,16 +323,19 @@ class _LoaderIterator:
         return {"loader": loader_state, "row": self._row, "step_shard": list(self._shard)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self._start = dict(state)
+        self._start = _checked_state(state)
+        self.consumed_rows = None
         if self.loader is not None:
             start, self._start = self._start, None
             self._restore(start)
 
     def state_at(self, step: int) -> dict[str, Any]:
         if step not in self._history:
+            kept = f"{min(self._history)}..{max(self._history)}" if self._history else "none"
             raise KeyError(
                 f"no saved state for step {step}: this iterator keeps the states after steps "
-                f"{list(self._history)} (the last {HISTORY} delivered batches)"
+                f"{kept} (the last {HISTORY} delivered batches, and every one since the "
+                "position last passed to mark_consumed)"
             )
         return self._history[step]
 
@@ -309,6 +346,50 @@ class _LoaderIterator:
         # Row `row` of the batch after step `steps`: restored as that batch's start state plus
         # the rows already handed out of it.
         return {**self.state_at(steps), "row": row}
+
+
+def _checked_state(state: Any) -> dict[str, Any]:
+    """``state`` as a dict once its entries have the right types (`LoaderStateError` naming
+    the entry otherwise) and, in a torch worker, it was saved with this number of workers."""
+    if not isinstance(state, Mapping) or not {"loader", "row", "step_shard"} <= set(state):
+        raise LoaderStateError(
+            "not a LoaderDataset state: expected keys 'loader', 'row', 'step_shard', got "
+            f"{sorted(state) if isinstance(state, Mapping) else type(state).__name__}"
+        )
+    row, shard, loader = state["row"], state["step_shard"], state["loader"]
+    if isinstance(row, bool) or not isinstance(row, int) or row < 0:
+        raise LoaderStateError(f"LoaderDataset state entry 'row' must be an int >= 0, got {row!r}")
+    if shard is not None and not (
+        isinstance(shard, list | tuple)
+        and len(shard) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in shard)
+        and 0 <= shard[0] < shard[1]
+    ):
+        raise LoaderStateError(
+            f"LoaderDataset state entry 'step_shard' must be [worker, workers], got {shard!r}"
+        )
+    if loader is not None and not isinstance(loader, Mapping):
+        raise LoaderStateError(
+            f"LoaderDataset state entry 'loader' must be a loader state (dict) or None, got "
+            f"{type(loader).__name__}"
+        )
+    info = get_worker_info()
+    if info is not None and loader is not None and shard is not None:
+        global_between_batches = shard[1] == 1 and not row  # any worker can start from it
+        if shard[1] != info.num_workers and not global_between_batches:
+            raise _other_workers(shard, (info.id, info.num_workers))
+    return dict(state)
+
+
+def _other_workers(saved: Sequence[int], worker: tuple[int, int]) -> LoaderStateError:
+    return LoaderStateError(
+        f"LoaderDataset state was saved by torch DataLoader worker {saved[0]} of {saved[1]}; "
+        f"this is worker {worker[0]} of {worker[1]}. Restore it with the same num_workers "
+        f"({saved[1]}), e.g. StatefulDataLoader(..., num_workers={saved[1]}). To change the "
+        "worker count between runs, use the loader's own worker processes instead "
+        "(LoaderDataset(config, num_workers=N) under a torch loader with num_workers=0): its "
+        "state restores with any number of them"
+    )
 
 
 # ----------------------------------------------------------------------------- models

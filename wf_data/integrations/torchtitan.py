@@ -1,5 +1,9 @@
 """torchtitan adapter: a ``BaseDataLoader`` yielding torchtitan's ``(inputs, labels)`` layout.
 
+Works with torchtitan 0.3 (``components.dataloader.BaseDataLoader``); torchtitan's main branch
+moved the class into its Grain-based ``components/data`` package, which is imported where the
+old module is gone (untested until a release ships it; pyproject bounds the tested versions).
+
 torchtitan trains on ``({"input": (b, S), "positions": (b, S)}, labels (b, S))`` with labels
 already shifted. A wf-data row of ``L = S + 1`` tokens gives exactly that: ``input`` is
 ``input_ids[:, :-1]``, ``labels`` is ``labels[:, 1:]`` (-100 on padding and on each packed
@@ -21,21 +25,37 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torchtitan.components.dataloader import BaseDataLoader
-
 from wf_data.data.deliver.factory import get_loader
+from wf_data.extras import requires
+
+with requires("torch", "titan", feature="the torchtitan data loader"):
+    import torch
+
+    try:
+        from torchtitan.components.dataloader import BaseDataLoader
+    except ImportError:  # torchtitan main: the Grain-based components/data package
+        from torchtitan.components.data.loader import BaseDataLoader
+
+if not hasattr(BaseDataLoader, "Config"):  # torchtitan 0.2 builds loaders from functions
+    raise ImportError(
+        "wf_data.integrations.torchtitan needs torchtitan 0.3 (configurable data loaders); "
+        "the installed one has no BaseDataLoader.Config: pip install 'torchtitan>=0.3,<0.4'"
+    )
 
 __all__ = ["WfDataTitanLoader"]
+
+# The key of the (global) loader state on every rank.
+_STATE_KEY = "dp_rank_0"
 
 
 class WfDataTitanLoader(BaseDataLoader):
     """A wf-data loader for one data-parallel rank, as torchtitan's ``BaseDataLoader``.
 
-    ``state_dict`` follows torchtitan's protocol, keyed by rank (``{"dp_rank_<r>": <JSON of the
-    loader state>, "world_size": W}``), as JSON rather than pickle. The loader state is the
-    same on every rank, so any rank's entry restores any rank, also after a change of
-    ``dp_world_size`` that still divides the global batch.
+    ``state_dict`` follows torchtitan's protocol (``{"dp_rank_<r>": <JSON of the loader state>,
+    "world_size": W}``), as JSON rather than pickle. The loader state is the same on every rank,
+    so every rank gives it under rank 0's key: torchtitan's ``CheckpointManager`` loads through
+    DCP, which plans the load from the keys of the current state, and that key exists in every
+    checkpoint whatever ``dp_world_size`` saved it (any value that divides the global batch).
     """
 
     @dataclass(kw_only=True, slots=True)
@@ -102,21 +122,18 @@ class WfDataTitanLoader(BaseDataLoader):
         self.loader.update_mixture(losses)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            f"dp_rank_{self.dp_rank}": json.dumps(self.loader.state_dict()),
-            "world_size": self.dp_world_size,
-        }
+        return {_STATE_KEY: json.dumps(self.loader.state_dict()), "world_size": self.dp_world_size}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         if not state_dict:  # torchtitan: an empty state is valid (nothing saved yet)
             return
-        own = f"dp_rank_{self.dp_rank}"
         ranks = sorted(key for key in state_dict if key.startswith("dp_rank_"))
         if not ranks:
             raise ValueError(
                 f"not a WfDataTitanLoader state: no 'dp_rank_<r>' entry in {sorted(state_dict)}"
             )
-        self.loader.load_state_dict(json.loads(state_dict[own if own in state_dict else ranks[0]]))
+        # Any rank's entry: states saved before every rank used rank 0's key hold one per rank.
+        self.loader.load_state_dict(json.loads(state_dict[ranks[0]]))
 
     def close(self) -> None:
         """Stops the loader's worker processes."""

@@ -197,7 +197,9 @@ def test_torch_framework_and_torch_dataloader():
     batch = next(loader)
     assert batch["input_ids"].dtype == torch.int32
     assert batch["domain_ids"].shape == (GLOBAL_BATCH,)
-    dataset = make_loader("static").as_torch_dataset()
+    from wf_data.integrations.torch_dataset import LoaderDataset
+
+    dataset = LoaderDataset.from_loader(make_loader("static"))
     assert isinstance(dataset, torch.utils.data.IterableDataset)
     wrapped = torch.utils.data.DataLoader(dataset, batch_size=None)
     first = next(iter(wrapped))
@@ -252,7 +254,7 @@ def test_observed_losses_are_part_of_the_state():
     restored.load_state_dict(state)
     for each in (loader, restored):
         each.apply_observed()  # mean losses a=3, b=2, c unobserved
-        assert each.mixer.live_policy.bandit.step == 1
+        assert each.policy.bandit.step == 1
     assert restored.mixture == pytest.approx(loader.mixture)
     assert restored.state_dict()["feedback"]["a"] == [0.0, 0.0]
 

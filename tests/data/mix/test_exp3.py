@@ -666,7 +666,7 @@ def test_mixture_update_refuses_bool_keys_and_string_values_end_to_end():
     domain = grain.MapDataset.range(4).map(lambda i: {"doc": i}).to_iter_dataset()
     policy = Exp3Policy(Exp3(2))
     mixer = mix_plans({"a": domain, "b": domain}, policy)
-    iterator = iter(mixer)  # the live iterator holds the policy state updates reach
+    iterator = iter(mixer)  # draws with `policy`, the object updates reach
     for bad, match in [
         ({True: 1.0}, "key True must be a domain name"),
         ({1.5: 1.0}, "key 1.5 must be a domain name"),
@@ -675,7 +675,7 @@ def test_mixture_update_refuses_bool_keys_and_string_values_end_to_end():
     ]:
         with pytest.raises(TypeError, match=match):
             mixer.update(bad)
-    assert mixer.live_policy.bandit.step == 0
+    assert mixer.policy.bandit.step == 0
     mixer.update({"a": 2.0, 1: 3.0})
-    assert mixer.live_policy.bandit.step == 1 and (mixer.live_policy.bandit.rewards > 0).all()
+    assert mixer.policy.bandit.step == 1 and (mixer.policy.bandit.rewards > 0).all()
     assert iterator is not None

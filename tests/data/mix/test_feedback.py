@@ -224,10 +224,10 @@ def test_feedback_observes_then_applies_explicitly():
         row_loss = torch.tensor([3.0, 1.0, float("nan"), 2.0]) + step
         feedback.observe(row_loss, torch.as_tensor(batch["domain_ids"]))
         rows.append((row_loss.numpy(), batch["domain_ids"]))
-    assert loader.mixer.live_policy.bandit.step == 0, "observe alone never updates"
+    assert loader.policy.bandit.step == 0, "observe alone never updates"
     assert loader.state_dict()["feedback"] != reference.state_dict()["feedback"]
     feedback.apply()
-    assert loader.mixer.live_policy.bandit.step == 1
+    assert loader.policy.bandit.step == 1
     mean, _ = per_domain_loss(
         np.concatenate([r[0] for r in rows]).astype(np.float64),
         np.concatenate([r[1] for r in rows]),
@@ -236,7 +236,7 @@ def test_feedback_observes_then_applies_explicitly():
     reference.update_mixture(mean)
     assert loader.mixture == pytest.approx(reference.mixture)
     feedback.apply()  # nothing pending: no update
-    assert loader.mixer.live_policy.bandit.step == 1
+    assert loader.policy.bandit.step == 1
 
 
 def test_feedback_takes_numpy_and_jax_and_refuses_non_loaders():

@@ -262,19 +262,17 @@ def test_exp3_deterministic_given_seed_and_updates():
     rows_a = drive(iterators[0], first, 30, skewed_losses)
     rows_b = drive(iterators[1], second, 30, skewed_losses)
     assert_rows_equal(rows_a, rows_b)
-    np.testing.assert_array_equal(
-        first.live_policy.probabilities(), second.live_policy.probabilities()
-    )
+    np.testing.assert_array_equal(first.policy.probabilities(), second.policy.probabilities())
 
 
 def test_exp3_policy_moves_toward_high_loss_domain():
     mixer, rows = exp3()
     iterator = iter(rows)
     drive(iterator, mixer, 60, skewed_losses)
-    policy = mixer.live_policy.probabilities()
+    policy = mixer.policy.probabilities()
     assert policy[0] > policy[1] > policy[2]
     assert mixer.mixture["d0"] == pytest.approx(policy[0])
-    assert mixer.policy.bandit.step == 0, "the dataset's policy is a template, never updated"
+    assert mixer.policy.bandit.step == 60, "the mixer draws with the policy it was given"
 
 
 @pytest.mark.parametrize("cut_step", [0, 3, 17])
@@ -304,7 +302,7 @@ def test_exp3_rows_drawn_with_the_reported_policy():
     uniforms = RowUniforms(9)
     row = 0
     for step in range(25):
-        policy = mixer.live_policy.probabilities()
+        policy = mixer.policy.probabilities()
         expected = draw_domains(policy, uniforms.take(row, 8))
         assert domains_of(iterator, 8).tolist() == expected.tolist()
         row += 8
@@ -320,7 +318,7 @@ def test_exp3_bulk_draws_match_row_by_row_across_blocks():
     uniforms = RowUniforms(4)
     row = 0
     for step, count in enumerate([3, 70, 500, 3600, 1, 4200, 130]):
-        policy = mixer.live_policy.probabilities()
+        policy = mixer.policy.probabilities()
         expected = draw_domains(policy, uniforms.take(row, count))
         assert domains_of(iterator, count).tolist() == expected.tolist()
         row += count
@@ -335,10 +333,10 @@ def test_exp3_update_lag_is_prefetch_depth(prefetch):
     iterator = iter(mixer)
     uniforms = RowUniforms(1)
     buffer = domains_of(iterator, prefetch).tolist()  # the read-ahead buffer, drawn pre-update
-    old_policy = mixer.live_policy.probabilities()
+    old_policy = mixer.policy.probabilities()
     for step in range(12):
         mixer.update(skewed_losses(step))
-    new_policy = mixer.live_policy.probabilities()
+    new_policy = mixer.policy.probabilities()
     assert not np.allclose(old_policy, new_policy)
     consumed = buffer + domains_of(iterator, 16).tolist()
     u = uniforms.take(0, prefetch + 16)
@@ -351,7 +349,7 @@ def test_exp3_realised_proportions_follow_policy():
     iterator = iter(mixer)
     for step in range(40):
         mixer.update(skewed_losses(step))
-    policy = mixer.live_policy.probabilities()
+    policy = mixer.policy.probabilities()
     n = 3000
     counts = np.bincount(domains_of(iterator, n), minlength=3)
     for index in range(3):
@@ -360,13 +358,11 @@ def test_exp3_realised_proportions_follow_policy():
 
 def test_exp3_update_keys():
     mixer, _ = exp3()
-    with pytest.raises(RuntimeError, match="no live iterator"):
-        mixer.update({"d0": 1.0})
     iterator = iter(mixer)
     for _ in range(10):
         mixer.update({"d0": 5.0, "d2": 0.1})
     mixer.update({0: 5.0, 2: 0.1})
-    assert mixer.live_policy.bandit.step == 11
+    assert mixer.policy.bandit.step == 11
     with pytest.raises(KeyError, match="unknown domain 'zz'"):
         mixer.update({"zz": 1.0})
     with pytest.raises(TypeError, match="key True"):
@@ -375,7 +371,7 @@ def test_exp3_update_keys():
         mixer.update({3: 1.0})
     with pytest.raises(TypeError, match="must be a number"):
         mixer.update({"d0": "high"})
-    assert mixer.live_policy.bandit.step == 11
+    assert mixer.policy.bandit.step == 11
     next(iterator)
 
 
@@ -394,9 +390,7 @@ def test_exp3_state_restores_bandit_in_fresh_iterator():
     fresh, _ = exp3(seed=6)
     fresh_iterator = iter(fresh)
     fresh_iterator.set_state(state)
-    np.testing.assert_array_equal(
-        fresh.live_policy.probabilities(), mixer.live_policy.probabilities()
-    )
+    np.testing.assert_array_equal(fresh.policy.probabilities(), mixer.policy.probabilities())
 
 
 def test_exp3_reweighted_restore_keeps_rewards_by_name():
@@ -414,6 +408,6 @@ def test_exp3_reweighted_restore_keeps_rewards_by_name():
     reordered_iterator = iter(reordered)
     with pytest.warns(UserWarning, match="rewards carried over by name"):
         reordered_iterator.set_state(state)
-    restored = reordered.live_policy.bandit.state_dict()
+    restored = reordered.policy.bandit.state_dict()
     assert restored["rewards"] == [rewards["d2"], rewards["d0"], rewards["d1"]]
     assert restored["step"] == 20

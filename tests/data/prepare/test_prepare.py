@@ -115,7 +115,8 @@ def test_deterministic_and_independent_of_workers(corpus, tmp_path, tiny_tokeniz
     _run([in_dir], tmp_path / "b", workers=1, **options)
     _run([in_dir], tmp_path / "c", workers=2, **options)
     assert _files(tmp_path / "a") == _files(tmp_path / "b") == _files(tmp_path / "c")
-    assert len(_files(tmp_path / "a")) == 5  # 3 shards, lengths.npy, manifest.json
+    # 3 shards, lengths.npy, record_offsets.npy, block_crc32.npy, manifest.json
+    assert len(_files(tmp_path / "a")) == 7
 
 
 def test_backend_encoder_matches_encode_batch(tiny_tokenizer):
@@ -421,11 +422,11 @@ def test_out_dir_with_other_files_refused(corpus, tmp_path):
 def test_manifest_written_last(corpus, tmp_path, monkeypatch):
     in_dir, _ = corpus
     order = []
-    real_write = sources.write_json_atomic
+    real_write = atomic.write_json
     monkeypatch.setattr(
-        sources,
-        "write_json_atomic",
-        lambda path, obj: order.append(os.path.basename(path)) or real_write(path, obj),
+        atomic,
+        "write_json",
+        lambda path, obj, **kw: order.append(os.path.basename(path)) or real_write(path, obj, **kw),
     )
     _run([in_dir], tmp_path / "out", num_shards=2)
     assert order[-1] == "manifest.json" and order.count("manifest.json") == 1

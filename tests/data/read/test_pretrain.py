@@ -134,11 +134,8 @@ class CountingTokenizer:
         return self.tokenizer.encode_batch(texts)
 
 
-@pytest.mark.parametrize("cache_tokens", [1 << 24, 0])
-def test_best_fit_tokenizes_each_text_document_once(tokenizer, cache_tokens, monkeypatch):
-    from wf_data.data.read import pretrain
-
-    monkeypatch.setattr(pretrain, "CACHE_TOKENS", cache_tokens)
+@pytest.mark.parametrize("method", ["rows", "loader"])
+def test_best_fit_tokenizes_each_text_document_once(tokenizer, method):
     texts = [f"document {i} " + "word " * (i % 17) for i in range(40)]
     counting = CountingTokenizer(tokenizer)
     dataset = PretrainDataset(
@@ -149,10 +146,24 @@ def test_best_fit_tokenizes_each_text_document_once(tokenizer, cache_tokens, mon
         num_epochs=1,
         window_size=8,
     )
-    rows = list(dataset)
-    assert np.array_equal(real_tokens(rows), np.sort(np.concatenate(tokenizer.encode_batch(texts))))
-    # Planning measures every window (40 documents); reading them again hits the cache.
-    assert counting.encoded == (40 if cache_tokens else 80)
+    if method == "rows":
+        rows = list(dataset)
+    else:  # batch plans read by the loader's reader, rows of several batches at once
+        from wf_data.data.plan.batching import batch_plans
+        from wf_data.data.read.rows import ReadSlice, SliceRows
+
+        read = ReadSlice(dataset.reader, SliceRows(0, 3), [""])
+        batches = read.many(list(batch_plans(dataset.plans, 3)))
+        rows = [{key: batch[key][i] for key in ROW_KEYS} for batch in batches for i in range(3)]
+    tokens = real_tokens(rows)
+    assert np.array_equal(
+        tokens, np.sort(np.concatenate(tokenizer.encode_batch(texts)))[: len(tokens)]
+    )
+    # Planning measures every window (40 documents); reading takes their kept tokens, which
+    # go once read.
+    assert counting.encoded == 40
+    if method == "rows":  # every row read: nothing kept
+        assert dataset.docs._kept._tokens == 0
 
 
 def test_tokenized_documents_cache_is_bounded_and_not_pickled(tokenizer):
@@ -160,10 +171,11 @@ def test_tokenized_documents_cache_is_bounded_and_not_pickled(tokenizer):
 
     texts = ["a b c d e f g h"] * 50
     docs = TokenizedDocuments(InMemorySource(texts, format="text"), tokenizer, cache_tokens=64)
-    docs.__getitems__(list(range(50)))
-    assert docs._recent._tokens <= 64 and len(docs._recent._arrays) < 50
+    for start in range(0, 50, 5):  # batches of 45 tokens: at most max(64, 2 * 45) kept
+        docs.__getitems__(list(range(start, start + 5)))
+    assert docs._kept._tokens <= 90 and len(docs._kept._arrays) <= 10
     clone = pickle.loads(pickle.dumps(docs))
-    assert not clone._recent._arrays
+    assert not clone._kept._arrays
     np.testing.assert_array_equal(clone[7], docs[7])
 
 

@@ -116,8 +116,8 @@ def test_workers_compute_waiting_tasks_together_same_stream_and_errors():
 
 @pytest.mark.parametrize("with_masks", [False, True])
 def test_slice_and_gather_paths_build_the_same_rows(monkeypatch, with_masks):
-    from wf_data.data.read import rows as rows_module
     from wf_data.data.read.packing import pack
+    from wf_data.data.shards import sources
 
     rng = np.random.default_rng(5)
     docs = []
@@ -130,7 +130,7 @@ def test_slice_and_gather_paths_build_the_same_rows(monkeypatch, with_masks):
     plans = list(itertools.islice(batch_plans(packed.plans, 5), 6))
     built = {}
     for name, threshold in (("slices", 0), ("gather", 1 << 30)):
-        monkeypatch.setattr(rows_module, "_SLICE_COPY_MIN_TOKENS", threshold)
+        monkeypatch.setattr(sources, "_SLICE_COPY_MIN_TOKENS", threshold)
         built[name] = [packed.reader.read_batch(plan) for plan in plans]
     assert_results_equal(built["slices"], built["gather"])
     if with_masks:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from tests.data.shards.test_sources import _write_dataset
-from wf_data.data.read import rows as rows_module
 from wf_data.data.read.rows import IGNORE_INDEX, ROW_KEYS, RowReader
 from wf_data.data.shards import sources
 
@@ -105,13 +104,22 @@ def domains(tmp_path_factory):
     return docs, found
 
 
+@pytest.mark.parametrize("memory_map", [True, False])
 @pytest.mark.parametrize("branch", ["slices", "gather"])
 @pytest.mark.parametrize("domain_count", [1, 2, 3])
-def test_read_batch_equals_the_row_by_row_reference(domains, monkeypatch, branch, domain_count):
+def test_read_batch_equals_the_row_by_row_reference(
+    domains, monkeypatch, branch, domain_count, memory_map
+):
     docs, found = domains
     docs, found = docs[:domain_count], found[:domain_count]
+    found = [
+        sources.open_dataset(source.path, memory_map=memory_map)
+        if isinstance(source, sources.DocumentSource)
+        else source
+        for source in found
+    ]
     threshold = 0 if branch == "slices" else 1 << 30  # pieces copied a slice each, or gathered
-    monkeypatch.setattr(rows_module, "_SLICE_COPY_MIN_TOKENS", threshold)
+    monkeypatch.setattr(sources, "_SLICE_COPY_MIN_TOKENS", threshold)
     reader = RowReader(found, SEQ_LEN, PAD_IDS[:domain_count])
     doc_lengths = [[len(d["input_ids"] if isinstance(d, dict) else d) for d in ds] for ds in docs]
     rng = np.random.default_rng([domain_count, len(branch)])

@@ -95,12 +95,17 @@ def test_manifest_round_trip(token_dataset):
 def test_manifest_lists_every_file(token_dataset):
     manifest = sources.read_manifest(token_dataset)
     lengths = token_dataset / "lengths.npy"
-    assert manifest["version"] == sources.MANIFEST_VERSION == 2
-    assert manifest["lengths"] == {
-        "file": "lengths.npy",
-        "bytes": lengths.stat().st_size,
-        "sha256": sources.file_sha256(lengths),
-    }
+    assert manifest["version"] == sources.MANIFEST_VERSION == 3
+    for entry, path in (
+        (manifest["lengths"], lengths),
+        (manifest["mapped"]["offsets"], token_dataset / "record_offsets.npy"),
+        (manifest["mapped"]["block_crc32"], token_dataset / "block_crc32.npy"),
+    ):
+        assert entry == {
+            "file": path.name,
+            "bytes": path.stat().st_size,
+            "sha256": sources.file_sha256(path),
+        }
     for shard in manifest["shards"]:
         assert shard["bytes"] == (token_dataset / shard["file"]).stat().st_size
     assert sources.verify_dataset(token_dataset) == []
@@ -188,7 +193,7 @@ def _counting(source):
 
 
 def test_reads_seek_record_by_record_in_request_order(token_dataset, token_docs):
-    source = sources.open_dataset(token_dataset)
+    source = sources.open_dataset(token_dataset, memory_map=False)  # the record reader
     calls = _counting(source)
     wanted = [20, 1, 12, 2, 19, 10]
     got = source.__getitems__(wanted)
@@ -287,12 +292,13 @@ def test_write_shard_is_atomic_and_deterministic(tmp_path):
 
 _SPECULATIVE_COPY = """
 import sys
+from wf_data import atomic
 from wf_data.data.shards import sources
 directory, byte = sys.argv[1], int(sys.argv[2])
 records = [bytes([byte]) * 4096] * 64
 for _ in range(25):
     written = sources.write_shard(directory + "/part.array_record", records)
-    sources.write_json_atomic(directory + "/part.done.json", dict(written, byte=byte))
+    atomic.write_json(directory + "/part.done.json", dict(written, byte=byte), indent=2)
 """
 
 

@@ -1,10 +1,10 @@
-"""Tests for wf_data.data.text.tokenization: the TokenizerWrapper and the tokenize transform."""
+"""Tests for wf_data.data.text.tokenization: the TokenizerWrapper, its fingerprints and the check
+of a token source's tokenizer."""
 
 import multiprocessing
 import pickle
 import shutil
 
-import grain
 import jinja2
 import numpy as np
 import pytest
@@ -12,9 +12,7 @@ import pytest
 from wf_data.data.text.tokenization import (
     DEMO_TOKENIZER_NAME,
     DEMO_TOKENIZER_PATH,
-    TokenizeDataset,
     TokenizerWrapper,
-    tokenize,
 )
 
 TEXTS = [
@@ -130,56 +128,23 @@ def test_fingerprint_stable_and_flag_sensitive(tmp_path):
     assert TokenizerWrapper.from_pretrained(tmp_path / "tok").fingerprint() != base
 
 
-def test_non_fast_tokenizer_rejected():
+def test_non_fast_tokenizer_rejected(monkeypatch, tmp_path):
+    # A directory without tokenizer.json goes to transformers, which may give a slow tokenizer.
+    transformers = pytest.importorskip("transformers")
+
     class SlowTokenizer:
         is_fast = False
 
+    monkeypatch.setattr(
+        transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: SlowTokenizer()
+    )
     with pytest.raises(ValueError, match="not a fast tokenizer"):
-        TokenizerWrapper(SlowTokenizer(), name="slow", name_or_path="slow")
+        TokenizerWrapper.from_pretrained(tmp_path)
 
 
 def test_missing_tokenizer_is_clear_error(tmp_path):
     with pytest.raises(ValueError, match="offline"):
         TokenizerWrapper.from_pretrained(tmp_path / "does-not-exist")
-
-
-def test_tokenize_dataset(tokenizer):
-    ds = tokenize(TEXTS, tokenizer)
-    assert isinstance(ds, TokenizeDataset) and isinstance(ds, grain.MapDataset)
-    assert len(ds) == len(TEXTS)
-    for index, text in enumerate(TEXTS):
-        np.testing.assert_array_equal(ds[index], tokenizer.encode(text))
-    batch = ds.__getitems__([4, 0, 2])
-    for got, index in zip(batch, [4, 0, 2], strict=True):
-        np.testing.assert_array_equal(got, tokenizer.encode(TEXTS[index]))
-    np.testing.assert_array_equal(list(ds[1:3])[1], tokenizer.encode(TEXTS[2]))
-    assert [len(x) for x in ds.to_iter_dataset()] == [len(tokenizer.encode(t)) for t in TEXTS]
-
-
-def test_tokenize_accepts_name_and_map_dataset():
-    ds = tokenize(grain.MapDataset.source(TEXTS), DEMO_TOKENIZER_NAME)
-    assert ds.tokenizer.name == DEMO_TOKENIZER_NAME
-    assert ds[0][-1] == ds.tokenizer.eos_id
-
-
-def test_tokenize_dataset_type_error_names_index(tokenizer):
-    ds = TokenizeDataset(grain.MapDataset.source(["fine", {"text": "dict"}]), tokenizer)
-    with pytest.raises(TypeError, match="element 1 is dict"):
-        ds[1]
-    with pytest.raises(TypeError, match="element 1 is dict"):
-        ds.__getitems__([0, 1])
-    with pytest.raises(TypeError, match="TokenizerWrapper"):
-        TokenizeDataset(grain.MapDataset.source(["x"]), "wf-data-demo")
-
-
-def test_tokenize_dataset_passes_none_through(tokenizer):
-    ds = TokenizeDataset(
-        grain.MapDataset.source(["a", "b", "c"]).filter(lambda t: t != "b"), tokenizer
-    )
-    assert ds[1] is None
-    got = ds.__getitems__([0, 1, 2])
-    assert got[1] is None
-    np.testing.assert_array_equal(got[2], tokenizer.encode("c"))
 
 
 # ----------------------------------------------------------------- tokenizer of a token source
@@ -291,8 +256,9 @@ def test_manifest_without_vocab_fingerprint_compares_sizes_and_special_ids(token
     check_source_tokenizer(SimpleNamespace(manifest={"tokenizer": None}), tokenizer)
 
 
-def test_loading_a_tokenizer_does_not_import_grain_or_jax():
-    # Prepare workers and the CLI load tokenizers; importing Grain (and JAX) costs seconds.
+def test_loading_a_tokenizer_does_not_import_grain_jax_or_transformers():
+    # Prepare workers and the CLI load tokenizers; importing Grain (and JAX) costs seconds, and
+    # transformers (and torch with it) is not needed for a plain tokenizer.json.
     import subprocess
     import sys
 
@@ -300,16 +266,7 @@ def test_loading_a_tokenizer_does_not_import_grain_or_jax():
         "import sys\n"
         "from wf_data.data.text.tokenization import TokenizerWrapper\n"
         "TokenizerWrapper.from_pretrained('wf-data-demo').encode('hi')\n"
-        "print(sorted(m for m in ('grain', 'jax') if m in sys.modules))\n"
+        "print(sorted(m for m in ('grain', 'jax', 'transformers', 'torch') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-
-
-def test_tokenize_dataset_uses_only_public_grain_api(tokenizer):
-    # The batch read goes through Grain's own batching too (its default per-element path).
-    ds = tokenize(grain.MapDataset.source(TEXTS), tokenizer).batch(2, batch_fn=list)
-    assert [len(batch) for batch in ds] == [2, 2, 1]
-    np.testing.assert_array_equal(ds[2][0], tokenizer.encode(TEXTS[4]))
-    restored = pickle.loads(pickle.dumps(tokenize(TEXTS, tokenizer)))
-    np.testing.assert_array_equal(restored[3], tokenizer.encode(TEXTS[3]))

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from wf_data.data.deliver.loader import DataLoader
+from wf_data.data.deliver.loader import DataLoader, LoaderRecipe
 from wf_data.data.mix.mixing import Exp3Policy, MixPlans, StaticWeights, mix_plans, validate_weights
 from wf_data.data.read.packing import PackedDataset
 from wf_data.data.read.rows import RowReader
@@ -59,7 +59,7 @@ def get_loader(
     cfg = load_data_config(cfg, overrides)
     domains = build_domains(cfg)
     weights = {name: source.weight for name, source in cfg.enabled_sources().items()}
-    loader = DataLoader(
+    return DataLoader(
         build_mixer(cfg, domains, weights),
         reader_of(domains),
         global_batch_size=cfg.global_batch_size,
@@ -74,19 +74,8 @@ def get_loader(
         prefetch=cfg.prefetch,
         worker_timeout_s=cfg.worker_timeout_s,
         fingerprint=loader_fingerprint(cfg, domains),
+        recipe=LoaderRecipe(cfg, dp_rank, dp_world_size, num_workers, device, pin_memory),
     )
-    # What LoaderDataset needs to build this loader again in a torch worker.
-    loader.recipe = (
-        cfg,
-        dict(
-            dp_rank=dp_rank,
-            dp_world_size=dp_world_size,
-            num_workers=num_workers,
-            device=device,
-            pin_memory=pin_memory,
-        ),
-    )
-    return loader
 
 
 def get_eval_loaders(

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from wf_data.extras import requires
+
 __all__ = ["host_array", "to_jax", "to_torch"]
 
 # Kinds DLPack and both frameworks represent: bool, signed/unsigned int, float, complex.
@@ -83,7 +85,8 @@ def to_torch(
     Without CUDA, pinning is skipped with a warning (as ``torch.utils.data.DataLoader`` does).
     Torch tensors in the batch pass through, moved to ``device`` when elsewhere.
     """
-    import torch
+    with requires("torch", feature="to_torch"):
+        import torch
 
     target = torch.device("cpu" if device is None else device)
     if target.type == "cuda" and not torch.cuda.is_available():
@@ -133,10 +136,14 @@ def to_jax(batch: Any, sharding: Any = None, *, global_batch_size: int | None = 
     the sharding per key, as given. ``global_batch_size`` fixes the global leading dimension
     (default: inferred by JAX, local rows x processes along the batch axis). Without
     ``jax_enable_x64``, JAX stores 64-bit dtypes as 32-bit; the batch schema is int32 anyway.
+    The arrays keep the mesh's axis types: on Explicit axes (``jax.make_mesh``'s default from
+    JAX 0.10) they are typed ``int32[B@data, L]`` for explicit-sharding model code; ordinary
+    model code needs a mesh made with ``axis_types=(AxisType.Auto,)``.
     """
-    import jax
-    import jax.numpy as jnp
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    with requires("jax", feature="to_jax"):
+        import jax
+        import jax.numpy as jnp
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     if isinstance(sharding, Mesh):
         axis = "data" if "data" in sharding.axis_names else sharding.axis_names[0]

@@ -14,13 +14,16 @@ process only; workers read rows from plans they are handed. `ProcessMap` pulls `
 batches ahead at a fixed lag, so an EXP3 update reaches the batch `prefetch + 1` steps later,
 whatever the worker count, and its state always describes the last batch handed out.
 
-The config factory (`get_loader`, `get_eval_loaders`) lives in `wf_data.data.deliver.factory`; both
-names stay importable from here.
+The config factory (`get_loader`, `get_eval_loaders`) lives in `wf_data.data.deliver.factory`; it
+hands each loader its `LoaderRecipe`, what builds the loader again in another process (a torch
+`DataLoader` worker: `wf_data.integrations.torch_dataset.LoaderDataset.from_loader`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import grain
@@ -33,8 +36,11 @@ from wf_data.data.deliver.loader_state import (
     PendingLosses,
     by_domain,
     check_fingerprint,
+    check_progress,
+    check_seal,
     check_state,
     from_domains,
+    seal,
     stats_summary,
 )
 from wf_data.data.mix.mixing import MixPlans
@@ -76,6 +82,30 @@ def loader_pipeline(
     )
 
 
+@dataclass(frozen=True)
+class LoaderRecipe:
+    """What `get_loader` built a loader from: its resolved data config and the arguments that
+    hold for every process of a data-parallel rank (not the torch worker's `step_shard`, nor
+    the framework, which the consumer chooses)."""
+
+    config: Any
+    dp_rank: int = 0
+    dp_world_size: int = 1
+    num_workers: int | None = None
+    device: Any = None
+    pin_memory: bool | None = None
+
+    def loader_kwargs(self) -> dict[str, Any]:
+        """The `get_loader` keyword arguments besides the config."""
+        return {
+            "dp_rank": self.dp_rank,
+            "dp_world_size": self.dp_world_size,
+            "num_workers": self.num_workers,
+            "device": self.device,
+            "pin_memory": self.pin_memory,
+        }
+
+
 class DataLoader:
     """Fixed-shape batches for one data-parallel rank; a torchdata `Stateful`.
 
@@ -83,7 +113,9 @@ class DataLoader:
     `domain_ids` `(b,)` int32, `b = global_batch_size / dp_world_size`) as numpy arrays, torch
     tensors (int64 `labels`) or JAX arrays (`framework`). `step_shard=(index, count)` yields
     only global steps `s` with `s % count == index` (all steps are planned, only owned ones are
-    read). `pipeline` is the Grain dataset behind it (`loader_pipeline`).
+    read). `pipeline` is the Grain dataset behind it (`loader_pipeline`), whose mixer draws
+    with `policy`, the loader's own copy of the mixer's policy (`update_mixture` feeds it).
+    `recipe` is what built it from a config (`get_loader`), None for a loader built by hand.
     """
 
     def __init__(
@@ -103,11 +135,15 @@ class DataLoader:
         prefetch: int = 0,
         worker_timeout_s: float | None = DEFAULT_TIMEOUT_S,
         fingerprint: Mapping[str, Any] | None = None,
+        recipe: LoaderRecipe | None = None,
     ):
         _check_arguments(
             framework, global_batch_size, dp_rank, dp_world_size, num_workers, prefetch
         )
-        self.mixer, self.reader = mixer, reader
+        # The live mixture policy is the loader's own: its mixer draws with it, every
+        # (re)started iterator continues it, `update_mixture` feeds it and a state restores it.
+        self.policy = copy.deepcopy(mixer.policy)
+        self.mixer, self.reader = mixer.with_policy(self.policy), reader
         self.global_batch_size = int(global_batch_size)
         self.dp_rank, self.dp_world_size = int(dp_rank), int(dp_world_size)
         self.local_batch_size = self.global_batch_size // self.dp_world_size
@@ -115,12 +151,13 @@ class DataLoader:
         self.framework, self.device, self.pin_memory = framework, device, pin_memory
         self.jax_sharding = jax_sharding
         self.num_workers, self.prefetch = int(num_workers), int(prefetch)
+        self.recipe = recipe
         # Computed on first use (a state save or restore): it may sum every document length.
         self._fingerprint = None if fingerprint is None else dict(fingerprint)
         first = self.dp_rank * self.local_batch_size
         # Built once (an immutable recipe, as in Grain); every (re)start is a new iterator of it.
         self.pipeline = loader_pipeline(
-            mixer,
+            self.mixer,
             reader,
             global_batch_size=self.global_batch_size,
             rows=(first, first + self.local_batch_size),
@@ -145,10 +182,7 @@ class DataLoader:
 
         The mixture policy (the EXP3 bandit) carries over: it belongs to the run, not the stream.
         """
-        policy = self.mixer.live_policy.state_dict()
         self._restart()
-        if policy is not None:
-            self.mixer.live_policy.load_state_dict(policy, self.domain_names)
         self._step = 0
         self._served = np.zeros((2, self.num_domains), dtype=np.int64)  # rows, tokens
         self._pending = PendingLosses(self.domain_names)
@@ -193,12 +227,12 @@ class DataLoader:
     @property
     def mixture(self) -> dict[str, float]:
         """Current mixture weights by domain name (the ones new rows are drawn with)."""
-        return self.mixer.mixture
+        return self.mixer.mixture  # the loader's mixer, driven by `self.policy`
 
     def update_mixture(self, losses: Mapping[str | int, float] | Any) -> None:
         """Feeds per-domain mean losses to the EXP3 mixture (all ranks must pass the same):
         a mapping name (or index) -> loss, or a (K,) array with NaN for unobserved domains."""
-        self.mixer.update(losses)
+        self.mixer.update(losses)  # the loader's mixer, driven by `self.policy`
 
     def observe_losses(self, loss_sums: np.ndarray, row_counts: np.ndarray) -> None:
         """Adds (K,) per-domain loss sums and row counts, all-reduced, to the pending feedback."""
@@ -213,27 +247,34 @@ class DataLoader:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict[str, Any]:
-        """A small JSON-safe state, the same on every rank, of the last batch handed out."""
-        return {
-            "version": STATE_VERSION,
-            "fingerprint": self.fingerprint,
-            "step": self._step,
-            "pipeline": self._iterator.get_state(),
-            "stats": from_domains(self.domain_names, self._served, int),
-            "feedback": self._pending.to_state(),
-        }
+        """A small JSON-safe state, the same on every rank, of the last batch handed out,
+        sealed: `load_state_dict` refuses it once any entry was changed."""
+        return seal(
+            {
+                "version": STATE_VERSION,
+                "fingerprint": self.fingerprint,
+                "step": self._step,
+                "pipeline": self._iterator.get_state(),
+                "stats": from_domains(self.domain_names, self._served, int),
+                "feedback": self._pending.to_state(),
+            }
+        )
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores a state saved by a loader over the same data and settings.
 
-        Refuses, naming the difference, a malformed state or one from other data, tokenizer,
-        `seq_len`, packing or seed. Sources are matched by name: a changed weight, an added
-        source (it starts at its first row) or a removed one is accepted.
+        Refuses, naming the difference, a malformed state, one edited or corrupted since it
+        was saved (its seal), or one from other data, tokenizer, `seq_len`, packing or seed.
+        Sources are matched by name: a changed weight, an added source (it starts at its
+        first row) or a removed one is accepted. A state saved before states were sealed is
+        restored with a warning.
         """
         check_state(state)
-        check_fingerprint(state["fingerprint"], self.fingerprint)
         served = by_domain(state["stats"], "stats", self.domain_names, np.int64)
         pending = PendingLosses.from_state(state["feedback"], self.domain_names)
+        check_seal(state)
+        check_fingerprint(state["fingerprint"], self.fingerprint)
+        check_progress(state, self.global_batch_size)
         previous = self._iterator.get_state()
         try:
             self._restart(self._owned(state["pipeline"]))
@@ -257,12 +298,6 @@ class DataLoader:
     def stats(self) -> dict[str, float]:
         """Flat `data/...` floats for any logger: configured and realised shares, fill."""
         return stats_summary(self.domain_names, self._served, self.mixture, self.reader.seq_len)
-
-    def as_torch_dataset(self, **kwargs: Any):
-        """This loader as a torch `IterableDataset` (see `wf_data.integrations.torch_dataset`)."""
-        from wf_data.integrations.torch_dataset import LoaderDataset
-
-        return LoaderDataset.from_loader(self, **kwargs)
 
     def close(self) -> None:
         """Stops worker processes; the loader can still save its state afterwards."""

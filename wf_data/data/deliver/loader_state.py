@@ -5,15 +5,21 @@ A `DataLoader.state_dict()` is a JSON-safe dict, the same on every rank:
     {"version": 2, "fingerprint": {...settings and one entry per source...},
      "step": int, "pipeline": {...the Grain pipeline iterator's state...},
      "stats": {name: [rows, real tokens] served},
-     "feedback": {name: [loss sum, rows] pending (`PendingLosses`)}}
+     "feedback": {name: [loss sum, rows] pending (`PendingLosses`)},
+     "seal": {entry: digest of its canonical JSON, for every other entry}}
 
 Everything read back is checked here first: a malformed or foreign state is a
-`LoaderStateError` naming the entry, the value and what was expected.
+`LoaderStateError` naming the entry, the value and what was expected, and an entry edited or
+corrupted since it was saved no longer matches its seal. The seal detects accidents (a
+hand edit, a flipped byte that still parses, a tool rewriting a field), not an attacker, who
+can recompute it; the state is JSON, so nothing in it can run code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,6 +37,7 @@ _STATE_KEYS = {
     "stats": dict,
     "feedback": dict,
 }
+SEAL_KEY = "seal"
 
 __all__ = [
     "LoaderStateError",
@@ -38,8 +45,11 @@ __all__ = [
     "STATE_VERSION",
     "by_domain",
     "check_fingerprint",
+    "check_progress",
+    "check_seal",
     "check_state",
     "from_domains",
+    "seal",
     "stats_summary",
 ]
 
@@ -71,6 +81,71 @@ def check_state(state: Any) -> None:
             )
     if state["step"] < 0:
         raise LoaderStateError(f"loader state entry 'step' must be >= 0, got {state['step']}")
+
+
+def check_progress(state: Mapping[str, Any], global_batch_size: int) -> None:
+    """Raises `LoaderStateError` unless the rows of "stats" add up to "step" global batches:
+    the two entries a state holds at the top level about how far the stream went (each global
+    batch serves ``global_batch_size`` rows, whichever rank or shard saved it)."""
+    served = sum(int(pair[0]) for pair in state["stats"].values())
+    if served != state["step"] * global_batch_size:
+        raise LoaderStateError(
+            f"loader state entries 'step' and 'stats' disagree: step {state['step']} means "
+            f"{state['step'] * global_batch_size} rows served in global batches of "
+            f"{global_batch_size}, 'stats' counts {served}; the state was edited or corrupted"
+        )
+
+
+def seal(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` with its "seal" entry: the digest of every other entry (``_digest``)."""
+    state[SEAL_KEY] = {key: _digest(key, value) for key, value in state.items()}
+    return state
+
+
+def check_seal(state: Mapping[str, Any]) -> bool:
+    """Raises `LoaderStateError` naming every entry that no longer matches the state's seal
+    (edited or corrupted since it was saved), and entries added or removed since; returns
+    False, with a warning, for a state saved before states were sealed (not checked)."""
+    stored = state.get(SEAL_KEY)
+    if stored is None:
+        warnings.warn(
+            "this loader state has no seal (it was saved by a wf-data version before states "
+            "were sealed): it is restored without checking it for edits. Save a new checkpoint "
+            "to seal it",
+            UserWarning,
+            stacklevel=3,
+        )
+        return False
+    if not isinstance(stored, Mapping) or not all(isinstance(v, str) for v in stored.values()):
+        raise LoaderStateError(
+            f"loader state entry {SEAL_KEY!r} must map entry names to digests, got "
+            f"{json.dumps(stored, default=str)[:120]}"
+        )
+    entries = set(state) - {SEAL_KEY}
+    problems = [f"entry {key!r} was added" for key in sorted(entries - set(stored))]
+    problems += [f"entry {key!r} was removed" for key in sorted(set(stored) - entries)]
+    problems += [
+        f"entry {key!r} differs from what was saved"
+        for key in sorted(entries & set(stored))
+        if _digest(key, state[key]) != stored[key]
+    ]
+    if problems:
+        raise LoaderStateError(
+            "loader state was edited or corrupted after it was saved (it does not match its "
+            f"seal): {'; '.join(problems)}. Restore from an unmodified checkpoint; a state is "
+            "never changed by hand (it would change the data stream)"
+        )
+    return True
+
+
+def _digest(key: str, value: Any) -> str:
+    """BLAKE2b-128 of ``value``'s canonical JSON: unchanged by a JSON round trip (key order,
+    tuples as lists, whitespace), changed by any edit of a value."""
+    try:
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    except (TypeError, ValueError) as error:
+        raise LoaderStateError(f"loader state entry {key!r} is not JSON ({error})") from error
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def by_domain(entry: Mapping[str, Any], key: str, names: Sequence[str], dtype) -> np.ndarray:

@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
+from wf_data.data import IGNORE_INDEX
+
 __all__ = [
     "MixtureFeedback",
     "masked_row_loss",
     "per_domain_loss",
     "row_loss_from_logits",
 ]
-
-IGNORE_INDEX = -100
 
 
 def _framework(array: Any) -> str:

@@ -8,27 +8,32 @@ one domain.
 
 The domain of mixed row `j` is drawn by inverse CDF from a uniform `u_j` that is a pure
 function of `(seed, j)`, with the *policy*'s current probabilities: `StaticWeights` (fixed) or
-`Exp3Policy` (the EXP3 bandit of `wf_data.data.mix.exp3`, which learns from per-domain losses). The
-policy lives in the mixer's iterator (a copy of the dataset's) and is part of its `get_state`,
-with the row counter and each parent's state; a restored stream draws the same domains.
-Feedback reaches the live iterator through `MixPlans.update(losses)`, the one path the loader's
-`update_mixture` uses; rows drawn after an update use the new policy, never rows before.
+`Exp3Policy` (the EXP3 bandit of `wf_data.data.mix.exp3`, which learns from per-domain losses).
+The mixer draws with the policy object it is given, which its owner feeds (`policy.update`,
+`MixPlans.update`, or the loader's `update_mixture` on the policy the loader owns); rows drawn
+after an update use the new probabilities, never rows before. An iterator's `get_state` holds
+the row counter, each parent's state and the policy's state; `set_state` restores them all, so
+a restored stream draws the same domains.
+
+The mixer's iterator hands whole blocks of rows to the batcher (`next_block`): the domains of
+a block are drawn at once, and each parent that is a `BlockIterator` (our planners) gives its
+rows as one block, others row by row; the stream is the same as row by row.
 """
 
 from __future__ import annotations
 
-import copy
+import itertools
 import math
 import numbers
 import warnings
-import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import grain
 import numpy as np
 
 from wf_data.data.mix.exp3 import Exp3
+from wf_data.data.plan.blocks import RowBlock, next_rows
 
 ON_EXHAUSTED = ("restart", "stop")
 _UNIFORM_BLOCK = 4096
@@ -38,6 +43,7 @@ _MIX_STREAM_TAG = 0x6D6978  # keeps the mixing stream independent of packers see
 __all__ = [
     "Exp3Policy",
     "MixPlans",
+    "MixPolicy",
     "StaticWeights",
     "draw_domains",
     "mix_plans",
@@ -102,7 +108,13 @@ class RowUniforms:
 
     def take(self, start: int, count: int) -> np.ndarray:
         """`(count,)` float64 uniforms of rows `start .. start + count - 1`."""
-        return np.array([self[row] for row in range(start, start + count)], dtype=np.float64)
+        parts, row, stop = [], start, start + count
+        while row < stop:
+            block_index, offset = divmod(row, _UNIFORM_BLOCK)
+            part = self.block(block_index)[offset : offset + stop - row]
+            parts.append(part)
+            row += part.size
+        return parts[0].copy() if len(parts) == 1 else np.concatenate(parts or [np.empty(0)])
 
 
 def draw_domains(probabilities: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
@@ -119,11 +131,31 @@ def draw_domains(probabilities: np.ndarray, uniforms: np.ndarray) -> np.ndarray:
 # ----------------------------------------------------------------------------- policies
 
 
+class MixPolicy(Protocol):
+    """What the mixer asks of a policy. `version` changes whenever `probabilities()` may have
+    (an update, a restore), so that domains drawn ahead are redrawn."""
+
+    kind: str
+    learns: bool
+    version: int
+
+    def bind(self, names: Sequence[str]) -> None: ...
+
+    def probabilities(self) -> np.ndarray: ...
+
+    def update(self, losses: np.ndarray) -> None: ...
+
+    def state_dict(self) -> Any: ...
+
+    def load_state_dict(self, state: Any, saved_names: Sequence[str]) -> None: ...
+
+
 class StaticWeights:
     """Fixed mixture weights by domain name (finite, >= 0, positive sum; 0 disables one)."""
 
     kind = "static"
     learns = False
+    version = 0
 
     def __init__(self, weights: Mapping[str, float]):
         if not isinstance(weights, Mapping):
@@ -163,6 +195,7 @@ class Exp3Policy:
             raise TypeError(f"Exp3Policy needs an odm.Exp3 bandit, got {type(bandit).__name__}")
         self.bandit = bandit
         self._names: tuple[str, ...] = ()
+        self.version = 0
 
     def bind(self, names: Sequence[str]) -> None:
         if self.bandit.num_domains != len(names):
@@ -176,6 +209,7 @@ class Exp3Policy:
         return self.bandit.policy()
 
     def update(self, losses: np.ndarray) -> None:
+        self.version += 1
         self.bandit.update(losses)
 
     def state_dict(self) -> dict:
@@ -199,6 +233,7 @@ class Exp3Policy:
                 "step": state["step"],
                 "rewards": [float(rewards.get(name, 0.0)) for name in self._names],
             }
+        self.version += 1
         self.bandit.load_state_dict(state)
 
 
@@ -223,15 +258,17 @@ class MixPlans(grain.IterDataset):
     """An `IterDataset` of plans drawn from several domains' plan streams by a policy.
 
     `on_exhausted="restart"` starts an exhausted parent over (a fresh iterator); `"stop"` ends
-    the stream at the first row drawn from an exhausted parent. `update(losses)` feeds the
-    newest iterator's policy (keys: domain names or indices; unknown names and bool keys are
-    refused here, loss values are checked by the bandit).
+    the stream at the first row drawn from an exhausted parent. The mixer draws with `policy`
+    itself, not a copy: `update(losses)` feeds it (keys: domain names or indices; unknown names
+    and bool keys are refused here, loss values are checked by the bandit), and every iterator
+    of this mixer draws with it. `with_policy` gives the same mixer driven by another policy
+    object (the loader's own).
     """
 
     def __init__(
         self,
         parents: Mapping[str, Any],
-        policy: Any,
+        policy: MixPolicy,
         *,
         seed: int = 0,
         on_exhausted: str = "restart",
@@ -264,22 +301,19 @@ class MixPlans(grain.IterDataset):
         self.on_exhausted = on_exhausted
         policy.bind(self.names)
         self.policy = policy
-        self._live: weakref.ref | None = None
+
+    def with_policy(self, policy: MixPolicy) -> MixPlans:
+        """This mixer (same parents, seed and `on_exhausted`) drawing with `policy`."""
+        return MixPlans(self.datasets, policy, seed=self.seed, on_exhausted=self.on_exhausted)
 
     @property
     def num_domains(self) -> int:
         return len(self.names)
 
     @property
-    def live_policy(self) -> StaticWeights | Exp3Policy:
-        """The policy of the newest iterator (the one feedback reaches), else the template."""
-        iterator = self._live() if self._live is not None else None
-        return self.policy if iterator is None else iterator.policy
-
-    @property
     def mixture(self) -> dict[str, float]:
         """Current weights by domain name (the ones the next rows are drawn with)."""
-        return dict(zip(self.names, self.live_policy.probabilities().tolist(), strict=True))
+        return dict(zip(self.names, self.policy.probabilities().tolist(), strict=True))
 
     def losses_array(self, losses: Mapping[Any, float] | Any) -> np.ndarray:
         """(K,) float64 from a mapping (names or indices -> loss; NaN where absent) or array."""
@@ -306,13 +340,10 @@ class MixPlans(grain.IterDataset):
         return int(key)
 
     def update(self, losses: Mapping[Any, float] | Any) -> None:
-        """Feeds per-domain mean losses to the live iterator's policy (EXP3 only)."""
+        """Feeds per-domain mean losses to the policy (EXP3 only)."""
         if not self.policy.learns:
             raise TypeError("update_mixture needs mixing kind 'exp3'; this mixture is static")
-        iterator = self._live() if self._live is not None else None
-        if iterator is None:
-            raise RuntimeError(f"{self} has no live iterator to update: iterate it first")
-        iterator.update_policy(self.losses_array(losses))
+        self.policy.update(self.losses_array(losses))
 
     def fingerprint(self) -> dict:
         """What produced this stream, per source, for refusing a foreign state (the shape of
@@ -324,14 +355,7 @@ class MixPlans(grain.IterDataset):
         }
 
     def __iter__(self) -> MixPlansIterator:
-        iterator = MixPlansIterator(self)
-        self._live = weakref.ref(iterator)
-        return iterator
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_live"] = None
-        return state
+        return MixPlansIterator(self)
 
     def __str__(self) -> str:
         return (
@@ -346,44 +370,43 @@ def _fingerprint(dataset: Any) -> Any:
 
 
 class MixPlansIterator(grain.DatasetIterator):
-    """Draws a domain per row and pulls that parent's next plan; holds the live policy.
+    """Draws a domain per row and pulls that parent's next plan, with the mixer's policy.
 
-    State: `{"names", "row", "stopped", "domains": {name: {"restarts", "state"}}, "policy"}`.
+    Row by row (`next`) or a block of rows at once (`next_block`, the batcher's path): the same
+    rows, the same state. State: `{"names", "row", "stopped", "domains": {name: {"restarts",
+    "state"}}, "policy"}`.
     """
 
     def __init__(self, mixer: MixPlans):
         self._mixer = mixer
         self._domain_iters = [iter(ds) for ds in mixer.datasets.values()]
         super().__init__([it for it in self._domain_iters if isinstance(it, grain.DatasetIterator)])
-        self.policy = copy.deepcopy(mixer.policy)
+        self.policy = mixer.policy
         self._uniforms = RowUniforms(mixer.seed)
         self._row = 0
         self._restarts = [0] * mixer.num_domains
         self._stopped = False
-        # Domains of rows `_drawn_from ...` drawn at once with the current policy (one
-        # searchsorted per chunk, not per row); dropped when the policy changes, so rows after
-        # an update are drawn with the new one, exactly as row by row. Chunks double from
-        # `_FIRST_DRAW` while the policy holds, so per-step updates do not redraw a whole block.
+        # Domains of rows `_drawn_from ...` drawn at once with the policy at `_drawn_version`
+        # (one searchsorted per chunk, not per row); redrawn when the policy has changed since,
+        # so rows after an update are drawn with the new one, exactly as row by row. Chunks
+        # double from `_FIRST_DRAW` while the policy holds, so per-step updates do not redraw
+        # a whole block.
         self._drawn: list[int] = []
         self._drawn_from = 0
+        self._drawn_version = -1
         self._draw_size = _FIRST_DRAW
-
-    def update_policy(self, losses: np.ndarray) -> None:
-        """Feeds (K,) per-domain losses to this iterator's policy (see `MixPlans.update`)."""
-        self._forget_draws()
-        self.policy.update(losses)
-
-    def _forget_draws(self) -> None:
-        self._drawn, self._draw_size = [], _FIRST_DRAW
 
     def _domain(self, row: int) -> int:
         offset = row - self._drawn_from
+        if self._drawn_version != self.policy.version:
+            self._drawn, self._draw_size = [], _FIRST_DRAW
         if not 0 <= offset < len(self._drawn):
             block_index, offset = divmod(row, _UNIFORM_BLOCK)
             uniforms = self._uniforms.block(block_index)[offset : offset + self._draw_size]
             self._draw_size = min(2 * self._draw_size, _UNIFORM_BLOCK)
             self._drawn = draw_domains(self.policy.probabilities(), uniforms).tolist()
             self._drawn_from, offset = row, 0
+            self._drawn_version = self.policy.version
         return self._drawn[offset]
 
     def __next__(self) -> dict[str, Any]:
@@ -397,6 +420,67 @@ class MixPlansIterator(grain.DatasetIterator):
         self._row += 1
         return {**plan, "domain": domain}
 
+    def next_block(self, max_rows: int) -> RowBlock:
+        """The next `max_rows` rows as one block with `domains` (fewer only where the stream
+        stops; see `wf_data.data.plan.blocks.BlockIterator`)."""
+        if self._stopped:
+            raise StopIteration
+        if self._mixer.on_exhausted == "stop":
+            # Row by row: the stream ends at the first row of an exhausted domain, and no
+            # other domain's rows may be taken past it.
+            plans = list(itertools.islice(self, max_rows))
+            if not plans:
+                raise StopIteration
+            return RowBlock.from_rows(plans)
+        domains = draw_domains(
+            self.policy.probabilities(), self._uniforms.take(self._row, max_rows)
+        )
+        counts = np.bincount(domains, minlength=self._mixer.num_domains).tolist()
+        blocks = [self._take(domain, count) for domain, count in enumerate(counts) if count]
+        self._row += max_rows
+        if len(blocks) == 1:
+            mixed = blocks[0]
+        else:
+            # The blocks in domain order hold the rows sorted by domain (stably): row i of the
+            # stream is their row `rank[i]`.
+            rank = np.empty(max_rows, dtype=np.int64)
+            rank[np.argsort(domains, kind="stable")] = np.arange(max_rows)
+            mixed = RowBlock.concat(blocks).take(rank)
+        return RowBlock(
+            mixed.doc_ids, mixed.offsets, mixed.lengths, mixed.starts, mixed.epochs, domains
+        )
+
+    def _take(self, domain: int, count: int) -> RowBlock:
+        """The next `count` rows of `domain`, restarting its parent where it ends."""
+        try:
+            part = next_rows(self._domain_iters[domain], count)
+        except StopIteration:
+            part = RowBlock.empty()
+        if len(part) == count:  # most often: the parent had them all
+            return part
+        parts, taken = [part], len(part)
+        while taken < count:
+            try:
+                part = next_rows(self._domain_iters[domain], count - taken)
+            except StopIteration:
+                fresh = iter(self._mixer.datasets[self._mixer.names[domain]])
+                try:
+                    part = next_rows(fresh, count - taken)
+                except StopIteration:
+                    raise self._empty_domain(domain) from None
+                self._restarts[domain] += 1
+                self._domain_iters[domain] = fresh
+            parts.append(part)
+            taken += len(part)
+        return RowBlock.concat(parts)
+
+    def _empty_domain(self, domain: int) -> ValueError:
+        return ValueError(
+            f"domain {self._mixer.names[domain]!r} has no rows: cannot draw from an empty "
+            "dataset (no documents, only empty ones, or a filter that drops every plan); "
+            "remove it or give it weight 0"
+        )
+
     def _restart(self, domain: int) -> dict[str, Any]:
         name = self._mixer.names[domain]
         fresh = iter(self._mixer.datasets[name])
@@ -405,11 +489,7 @@ class MixPlansIterator(grain.DatasetIterator):
         except StopIteration:
             # Also under "stop": an empty domain would end the stream at its first draw,
             # silently, however much the other domains hold.
-            raise ValueError(
-                f"domain {name!r} has no rows: cannot draw from an empty dataset (no documents, "
-                "only empty ones, or a filter that drops every plan); remove it or give it "
-                "weight 0"
-            ) from None
+            raise self._empty_domain(domain) from None
         if self._mixer.on_exhausted == "stop":
             self._stopped = True
             raise StopIteration
@@ -449,7 +529,7 @@ class MixPlansIterator(grain.DatasetIterator):
                 self._domain_iters[index].set_state(saved["state"])
         if state.get("policy") is not None:
             self.policy.load_state_dict(state["policy"], state["names"])
-        self._forget_draws()
+        self._drawn_version = -1
 
     def __str__(self) -> str:
         return f"MixPlansIterator({self._mixer}, row={self._row})"

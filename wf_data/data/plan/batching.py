@@ -10,12 +10,14 @@
                                                      batches 0..step (cumulative),
      "domain_names": str                             JSON list of the K domain names}
 
-A partial last batch is dropped. Because a batch plan carries its own step and cumulative
-counts, whoever consumes it (the loader, after worker processes read it) knows the step and the
-statistics of the last batch delivered without any state of its own; and because it names its
-domains, a batch planned before a restore into re-weighted or added domains is read right
-(`wf_data.data.read.rows.ReadSlice`). `StepShard` (owned
-steps) is the predicate a loader `.filter`s them with.
+A batch takes its rows as one block from a parent that hands blocks over (our mixer and
+planners, `wf_data.data.plan.blocks`), else row by row. A partial last batch is dropped.
+Because a batch plan carries its own step and cumulative counts, whoever consumes it (the
+loader, after worker processes read it) knows the step and the statistics of the last batch
+delivered without any state of its own; and because it names its domains, a batch planned
+before a restore into re-weighted or added domains is read right
+(`wf_data.data.read.rows.ReadSlice`). `StepShard` (owned steps) is the predicate a loader
+`.filter`s them with.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from typing import Any
 import grain
 import numpy as np
 
-from wf_data.data.read.rows import PLAN_KEYS
+from wf_data.data.plan import PLAN_KEYS
+from wf_data.data.plan.blocks import next_rows
 
 __all__ = ["BatchPlans", "StepShard", "batch_plans"]
 
@@ -81,35 +84,27 @@ class BatchPlansIterator(grain.DatasetIterator):
     def __next__(self) -> dict[str, Any]:
         if self._ended:
             raise StopIteration
-        rows = []
-        for _ in range(self._batch_size):
-            try:
-                rows.append(next(self._plans))
-            except StopIteration:
-                # A partial batch is dropped on every rank alike: no rank waits for a batch
-                # another rank never gets.
-                self._ended = True
-                raise
-        batch = {
-            key: np.concatenate([row[key] for row in rows]).astype(np.int64, copy=False)
-            for key in PLAN_KEYS
-        }
-        batch["row_pieces"] = np.fromiter(
-            (len(row["doc_ids"]) for row in rows), np.int64, len(rows)
+        try:
+            rows = next_rows(self._plans, self._batch_size)
+        except StopIteration:
+            rows = None
+        if rows is None or len(rows) < self._batch_size:
+            # A partial batch is dropped on every rank alike: no rank waits for a batch
+            # another rank never gets.
+            self._ended = True
+            raise StopIteration
+        pieces = (array.astype(np.int64, copy=False) for array in rows.pieces())
+        batch = dict(zip(PLAN_KEYS, pieces, strict=True))
+        batch["row_pieces"] = rows.row_pieces
+        domain_ids = (
+            np.zeros(len(rows), dtype=np.int32)
+            if rows.domains is None
+            else rows.domains.astype(np.int32)
         )
-        domain_ids = np.fromiter((row.get("domain", 0) for row in rows), np.int32, len(rows))
-        if domain_ids.min() < 0 or domain_ids.max() >= self._num_domains:
-            bad = int(domain_ids[(domain_ids < 0) | (domain_ids >= self._num_domains)][0])
-            raise ValueError(
-                f"batch_plans got a plan of domain {bad}, but domain_names {list(self._names)} "
-                f"name {self._num_domains} domain(s): pass one name per domain of the mixer, "
-                "in its order (domain_names=mixer.names)"
-            )
+        row_counts = self._count_rows(domain_ids)
         batch["domain_ids"] = domain_ids
-        row_tokens = np.add.reduceat(
-            batch["lengths"], np.cumsum(batch["row_pieces"]) - batch["row_pieces"]
-        )
-        self._rows += np.bincount(domain_ids, minlength=self._num_domains)
+        row_tokens = np.add.reduceat(batch["lengths"], rows.starts[:-1] - rows.starts[0])
+        self._rows += row_counts
         self._tokens += np.bincount(
             domain_ids, weights=row_tokens, minlength=self._num_domains
         ).astype(np.int64)
@@ -119,6 +114,21 @@ class BatchPlansIterator(grain.DatasetIterator):
         batch["domain_names"] = self._names_json
         self._step += 1
         return batch
+
+    def _count_rows(self, domain_ids: np.ndarray) -> np.ndarray:
+        """(K,) rows of each domain in a batch; fails on a domain `domain_names` do not name."""
+        try:
+            counts = np.bincount(domain_ids, minlength=self._num_domains)
+        except ValueError:  # a negative domain
+            counts = None
+        if counts is None or counts.size > self._num_domains:
+            bad = int(domain_ids[(domain_ids < 0) | (domain_ids >= self._num_domains)][0])
+            raise ValueError(
+                f"batch_plans got a plan of domain {bad}, but domain_names {list(self._names)} "
+                f"name {self._num_domains} domain(s): pass one name per domain of the mixer, "
+                "in its order (domain_names=mixer.names)"
+            )
+        return counts
 
     def get_state(self) -> dict[str, Any]:
         return {

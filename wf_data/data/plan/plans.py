@@ -12,7 +12,11 @@ checkpoint; `wf_data.data.read.rows.read_rows` turns them into token rows.
   seeded order) and cut every `seq_len` tokens: 100% fill, row `i` is random access.
 - `plan_best_fit(lengths, seq_len, window_size)`: an `IterDataset`. Best-fit-decreasing over
   windows of `window_size` documents; its iterator state is `(epoch, window, row)` and a
-  restore replans one window.
+  restore replans one window. The next window is planned a slice at a time while the current
+  one is served, so no call pays for a whole window.
+
+Both iterators also hand over many rows at once as a `RowBlock` (`next_block`, see
+`wf_data.data.plan.blocks`), which is how the mixer and the batcher take them.
 
 Every token of every document is planned exactly once per epoch; a document longer than
 `seq_len` is cut into pieces. Epoch `e` visits documents in the order of a `LazyPermutation`
@@ -30,13 +34,15 @@ import json
 import numbers
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Generator
 from typing import Any
 
 import grain
 import numpy as np
 
+from wf_data.data.plan.blocks import RowBlock
 from wf_data.data.plan.permutation import LazyPermutation
+from wf_data.data.shards.documents import read_documents
 
 # Documents per best-fit window: >= 99% fill on lognormal document lengths with seq_len 2048
 # (see tools/bench.py); planning cost grows only linearly with it.
@@ -46,6 +52,9 @@ DEFAULT_WINDOW_SIZE = 4096
 CONCAT_BLOCK_TOKENS = 1 << 17
 # Documents per chunk of an epoch's order whose token offsets concat computes at a time.
 ORDER_CHUNK = 1 << 16
+# Runs of equal-length items best-fit places in one slice of a window planned ahead (tens of
+# microseconds of work).
+BEST_FIT_RUNS_PER_SLICE = 64
 
 __all__ = [
     "BestFitPlans",
@@ -290,21 +299,6 @@ class _EpochOffsets:
         return doc_ids, offsets
 
 
-def split_rows(
-    doc_ids: np.ndarray,
-    offsets: np.ndarray,
-    lengths: np.ndarray,
-    row_pieces: np.ndarray,
-    epochs: Sequence[int],
-) -> list[dict[str, Any]]:
-    """Row plans from flat piece arrays and the number of pieces of each row."""
-    bounds = np.concatenate([[0], np.cumsum(row_pieces)]).tolist()
-    return [
-        {"doc_ids": doc_ids[a:b], "offsets": offsets[a:b], "lengths": lengths[a:b], "epoch": epoch}
-        for a, b, epoch in zip(bounds[:-1], bounds[1:], epochs, strict=True)
-    ]
-
-
 class ConcatPlans(_Plans, grain.MapDataset):
     """Documents laid end to end and cut every `seq_len` tokens: 100% fill, random access.
 
@@ -343,7 +337,7 @@ class ConcatPlans(_Plans, grain.MapDataset):
         if not length:
             raise IndexError(f"{self} has no rows (no tokens)")
         # Indices wrap around, as in Grain's sources: `.repeat()` and negative indices rely on it.
-        return self.plan_rows(np.array([index % length]))[0]
+        return self.plan_block(np.array([index % length])).row(0)
 
     def __iter__(self) -> ConcatPlansIterator:
         return ConcatPlansIterator(self)
@@ -362,39 +356,50 @@ class ConcatPlans(_Plans, grain.MapDataset):
 
     def plan_rows(self, rows: np.ndarray) -> list[dict[str, Any]]:
         """Row plans of rows `rows` ((n,) int, any order), vectorised over all of them."""
+        block = self.plan_block(rows)
+        return [block.row(i) for i in range(len(block))]
+
+    def plan_block(self, rows: np.ndarray) -> RowBlock:
+        """The plans of rows `rows` ((n,) int, any order) as one block."""
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         length = len(self)
         if rows.size and (rows.min() < 0 or rows.max() >= length):
             bad = int(rows[(rows < 0) | (rows >= length)][0])
             raise IndexError(f"row {bad} out of range for {self} with {length} rows")
         if not rows.size:
-            return []
-        return split_rows(
-            *self._pieces(rows), (rows * self.seq_len // self.tokens_per_epoch).tolist()
-        )
+            return RowBlock.empty()
+        return RowBlock.from_counts(*self._pieces(rows))
 
     def _pieces(self, rows: np.ndarray):
-        """(doc_ids, offsets, lengths, row_pieces) of `rows`: flat arrays in row order."""
+        """(doc_ids, offsets, lengths, row_pieces, epochs) of `rows`: flat piece arrays in row
+        order, and the epoch of each row's first token."""
         tokens, seq_len = self.tokens_per_epoch, self.seq_len
-        span_start = rows * seq_len
-        span_stop = span_start + seq_len
-        if self.num_epochs is not None:
-            np.minimum(span_stop, self.num_epochs * tokens, out=span_stop)
-        # Cut each row's token span at epoch boundaries into (row, epoch, lo, hi) spans.
+        # Row r starts at token r * seq_len of the stream of epochs, past int64 for an endless
+        # plan's last rows: with r = q * tokens + rest, it is token rest * seq_len % tokens of
+        # epoch q * seq_len + rest * seq_len // tokens, each term well inside int64.
+        whole, rest = np.divmod(rows, tokens)
+        epoch, span_start = np.divmod(rest * seq_len, tokens)
+        epoch += whole * seq_len
+        row_epochs = epoch
+        remaining = np.full(rows.size, seq_len, dtype=np.int64)
+        if self.num_epochs is not None:  # the stream ends after num_epochs * tokens tokens
+            np.minimum(remaining, (self.num_epochs - epoch) * tokens - span_start, out=remaining)
+        # Cut each row's tokens at epoch boundaries into (row, epoch, lo, hi) spans.
         spans = []
         span_rows = np.arange(rows.size)
         while span_rows.size:
-            epoch = span_start // tokens
-            base = epoch * tokens
-            cut = np.minimum(span_stop, base + tokens)
-            spans.append((span_rows, epoch, span_start - base, cut - base))
-            more = cut < span_stop
-            span_rows, span_start, span_stop = span_rows[more], cut[more], span_stop[more]
+            cut = np.minimum(span_start + remaining, tokens)
+            spans.append((span_rows, epoch, span_start, cut))
+            remaining = remaining - (cut - span_start)
+            more = remaining > 0
+            span_rows, epoch, remaining = span_rows[more], epoch[more] + 1, remaining[more]
+            span_start = np.zeros(span_rows.size, dtype=np.int64)
         span_rows, span_epochs, span_lo, span_hi = (
             np.concatenate(part) for part in zip(*spans, strict=True)
         )
         piece_rows, piece_docs, piece_offsets, piece_stops = [], [], [], []
-        for epoch in np.unique(span_epochs).tolist():
+        epochs = np.unique(span_epochs).tolist()
+        for epoch in epochs:
             select = np.flatnonzero(span_epochs == epoch)
             lo, hi = span_lo[select], span_hi[select]
             with self._lock:  # the chunk cache is shared by Grain's reader threads
@@ -412,15 +417,19 @@ class ConcatPlans(_Plans, grain.MapDataset):
             piece_docs.append(doc_ids[k[keep]])
             piece_offsets.append(starts[keep])
             piece_stops.append(stops[keep])
-        # A row's spans were added in epoch order, which a stable sort by row keeps.
         piece_rows = np.concatenate(piece_rows)
-        by_row = np.argsort(piece_rows, kind="stable")
-        offsets = np.concatenate(piece_offsets)[by_row]
+        docs, offsets, stops = (
+            np.concatenate(part) for part in (piece_docs, piece_offsets, piece_stops)
+        )
+        if len(epochs) > 1:  # pieces came epoch by epoch, a row's in its epochs' order
+            by_row = np.argsort(piece_rows, kind="stable")
+            docs, offsets, stops = docs[by_row], offsets[by_row], stops[by_row]
         return (
-            np.concatenate(piece_docs)[by_row],
+            docs,
             offsets,
-            np.concatenate(piece_stops)[by_row] - offsets,
+            stops - offsets,
             np.bincount(piece_rows, minlength=rows.size),
+            row_epochs,
         )
 
 
@@ -434,20 +443,33 @@ class ConcatPlansIterator(grain.DatasetIterator):
         super().__init__()
         self._plans = plans
         self._row = 0
-        self._block: list[dict[str, Any]] = []
+        self._block = RowBlock.empty()
         self._block_start = 0
 
-    def __next__(self) -> dict[str, Any]:
+    def _block_index(self, rows: int) -> int:
+        """Index of the next row in `_block`, planning at least `rows` rows from it if the
+        block does not hold it. Raises `StopIteration` at the end."""
         index = self._row - self._block_start
         if not 0 <= index < len(self._block):
-            block = min(512, max(1, CONCAT_BLOCK_TOKENS // self._plans.seq_len))
-            stop = min(self._row + block, len(self._plans))
+            default = min(512, max(1, CONCAT_BLOCK_TOKENS // self._plans.seq_len))
+            stop = min(self._row + max(rows, default), len(self._plans))
             if self._row >= stop:
                 raise StopIteration
-            self._block = self._plans.plan_rows(np.arange(self._row, stop))
+            self._block = self._plans.plan_block(np.arange(self._row, stop))
             self._block_start, index = self._row, 0
+        return index
+
+    def __next__(self) -> dict[str, Any]:
+        index = self._block_index(1)  # first: it may plan the next block
         self._row += 1
-        return self._block[index]
+        return self._block.row(index)
+
+    def next_block(self, max_rows: int) -> RowBlock:
+        """The next 1 to `max_rows` rows (see `wf_data.data.plan.blocks.BlockIterator`)."""
+        index = self._block_index(max_rows)
+        stop = min(index + max_rows, len(self._block))
+        self._row += stop - index
+        return self._block.slice(index, stop)
 
     def get_state(self) -> dict[str, Any]:
         return {**self._plans.state_check(), "row": self._row}
@@ -508,34 +530,91 @@ class BestFitPlans(_Plans, grain.IterDataset):
         """(n,) int64 lengths of documents `doc_ids` (read from the source if unknown)."""
         if self.lengths is not None:
             return _check_lengths(self.lengths[doc_ids], doc_ids)
-        from wf_data.data.read.rows import read_documents
-
         tokens, _ = read_documents(self.docs, doc_ids.tolist())
         return np.fromiter((len(tokens[i]) for i in doc_ids.tolist()), np.int64, len(doc_ids))
 
-    def plan_window(self, epoch: int, window: int) -> list[dict[str, Any]]:
-        """Row plans of one window."""
+    def plan_window(self, epoch: int, window: int) -> RowBlock:
+        """Row plans of one window, in their seeded order."""
+        return _run(self.window_steps(epoch, window))
+
+    def window_steps(self, epoch: int, window: int) -> Generator[int, None, RowBlock]:
+        """`plan_window` a slice at a time: a generator that yields (an estimate of) the
+        slices left, each some tens of microseconds of work, and returns the rows."""
+        # Slices left, roughly: the order, a run of items for about every 2 documents, the rest.
+        estimate = self.window_size // (2 * BEST_FIT_RUNS_PER_SLICE) + 4
+        yield estimate
+        # One call: a permutation's fixed cost is most of it, smaller slices would cost more.
         doc_ids = self.window_docs(epoch, window)
+        yield estimate - 1
         lengths = self.window_lengths(doc_ids)
         items_doc, items_start, items_stop = _split_pieces(doc_ids, lengths, self.seq_len)
-        bins = best_fit_decreasing(items_stop - items_start, self.seq_len)
+        items_length = items_stop - items_start
+        bins, placed = yield from _best_fit_slices(items_length, self.seq_len)
+        yield 2
         num_bins = int(bins.max()) + 1 if bins.size else 0
-        # Group items by bin; within a bin keep the (decreasing size) order they were placed in.
-        placed = np.argsort(items_start - items_stop, kind="stable")
-        by_bin = placed[np.argsort(bins[placed], kind="stable")]
         row_pieces = np.bincount(bins, minlength=num_bins)
-        rows = split_rows(
-            items_doc[by_bin],
-            items_start[by_bin],
-            (items_stop - items_start)[by_bin],
+        # Rows come out in the bins' order, or a seeded one: bins come out largest item
+        # first, and shuffled every batch mixes long and short rows. Within a row, items keep
+        # the (decreasing size) order they were placed in.
+        row_of_bin = bins
+        if self.seed is not None and num_bins:
+            order = np.random.default_rng([self.seed, epoch, window]).permutation(num_bins)
+            row_pieces = row_pieces[order]
+            row_of_bin = np.empty(num_bins, dtype=np.int64)
+            row_of_bin[order] = np.arange(num_bins)
+            row_of_bin = row_of_bin[bins]
+        yield 1
+        by_row = placed[np.argsort(row_of_bin[placed], kind="stable")]
+        return RowBlock.from_counts(
+            items_doc[by_row],
+            items_start[by_row],
+            items_length[by_row],
             row_pieces,
-            [epoch] * num_bins,
+            np.full(num_bins, epoch, dtype=np.int64),
         )
-        if self.seed is None:
-            return rows
-        # Bins come out largest-item first; shuffle so every batch mixes long and short rows.
-        order = np.random.default_rng([self.seed, epoch, window]).permutation(num_bins)
-        return [rows[b] for b in order.tolist()]
+
+
+class _PlanningAhead:
+    """The next window planned a slice at a time while the current one is served, so that no
+    single call pays for a whole window (the rows are those of `plan_window`)."""
+
+    def __init__(self, plans: BestFitPlans, key: tuple[int, int]):
+        self.key = key
+        self._plans = plans
+        self._steps: Generator[int, None, RowBlock] | None = plans.window_steps(*key)
+        self._left = next(self._steps)
+        self._rows: RowBlock | None = None
+
+    def advance(self, rows_served: int, rows_left: int) -> None:
+        """Does the share of the work left that `rows_served` of `rows_served + rows_left`
+        rows of the current window call for."""
+        slices = -(-max(self._left, 1) * rows_served // max(rows_served + rows_left, 1))
+        for _ in range(slices):
+            if self._rows is not None or self._steps is None:
+                return
+            try:
+                self._left = next(self._steps)
+            except StopIteration as done:
+                self._rows = done.value
+            except Exception:  # e.g. a negative length: raised when the window is due
+                self._steps = None
+
+    def rows(self) -> RowBlock:
+        """The window's rows (finishing what is left of its planning)."""
+        if self._rows is None:
+            if self._steps is None:
+                return self._plans.plan_window(*self.key)
+            self._rows = _run(self._steps)
+        return self._rows
+
+
+def _run(steps: Generator[int, None, RowBlock]) -> RowBlock:
+    """The value a planning generator returns, run to its end."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
 
 
 class BestFitPlansIterator(grain.DatasetIterator):
@@ -547,7 +626,8 @@ class BestFitPlansIterator(grain.DatasetIterator):
         self._plans = plans
         self._epoch = self._window = self._row = 0
         self._key: tuple[int, int] | None = None
-        self._rows: list[dict[str, Any]] = []
+        self._rows = RowBlock.empty()
+        self._ahead: _PlanningAhead | None = None
 
     def _exhausted(self) -> bool:
         plans = self._plans
@@ -555,12 +635,27 @@ class BestFitPlansIterator(grain.DatasetIterator):
             plans.num_epochs is not None and self._epoch >= plans.num_epochs
         )
 
-    def _window_rows(self) -> list[dict[str, Any]]:
+    def _window_rows(self) -> RowBlock:
         key = (self._epoch, self._window)
         if self._key != key:
-            self._rows = self._plans.plan_window(*key)
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None and ahead.key == key:
+                self._rows = ahead.rows()
+            else:
+                self._rows = self._plans.plan_window(*key)
             self._key = key
         return self._rows
+
+    def _plan_ahead(self, rows_served: int) -> None:
+        """Plans a share of the next window (none at the last one of the last epoch)."""
+        if self._ahead is None:
+            plans, epoch, window = self._plans, self._epoch, self._window + 1
+            if window >= plans.windows_per_epoch:
+                epoch, window = epoch + 1, 0
+            if plans.num_epochs is not None and epoch >= plans.num_epochs:
+                return
+            self._ahead = _PlanningAhead(plans, (epoch, window))
+        self._ahead.advance(rows_served, len(self._rows) - self._row)
 
     def _advance_window(self) -> None:
         self._key = None  # the planned rows are of the window left behind
@@ -570,27 +665,44 @@ class BestFitPlansIterator(grain.DatasetIterator):
             self._epoch += 1
             self._window = 0
 
-    def __next__(self) -> dict[str, Any]:
+    def _take(self, max_rows: int) -> tuple[int, int]:
+        """Moves past the next 1 to `max_rows` rows of one window: their [start, stop) in
+        `_rows`. Raises `StopIteration` at the end."""
         # Fast path: the next row of the window already planned (all but one call per window).
-        if self._key is not None and self._row < len(self._rows):
-            self._row += 1
-            return self._rows[self._row - 1]
-        empty_windows = 0
-        while not self._exhausted():
-            rows = self._window_rows()
-            if self._row < len(rows):
-                self._row += 1
-                return rows[self._row - 1]
-            empty_windows += 1 if not rows else 0
-            if empty_windows >= self._plans.windows_per_epoch:
-                # Every window of an epoch empty (every document empty): so is every epoch,
-                # and with `num_epochs=None` this loop would never end.
-                raise StopIteration
-            epoch = self._epoch
-            self._advance_window()
-            if self._epoch != epoch:
-                empty_windows = 0  # count the windows of one epoch only
-        raise StopIteration
+        switched = self._key is None or self._row >= len(self._rows)
+        if switched:
+            empty_windows = 0
+            while True:
+                if self._exhausted():
+                    raise StopIteration
+                rows = self._window_rows()
+                if self._row < len(rows):
+                    break
+                empty_windows += 1 if not len(rows) else 0
+                if empty_windows >= self._plans.windows_per_epoch:
+                    # Every window of an epoch empty (every document empty): so is every
+                    # epoch, and with `num_epochs=None` this loop would never end.
+                    raise StopIteration
+                epoch = self._epoch
+                self._advance_window()
+                if self._epoch != epoch:
+                    empty_windows = 0  # count the windows of one epoch only
+        start = self._row
+        self._row = min(start + max_rows, len(self._rows))
+        # A call that moved to the next window has just finished planning it: the window after
+        # starts with the next call.
+        self._plan_ahead(0 if switched else self._row - start)
+        return start, self._row
+
+    def __next__(self) -> dict[str, Any]:
+        start, _ = self._take(1)  # first: it may plan the next window
+        return self._rows.row(start)
+
+    def next_block(self, max_rows: int) -> RowBlock:
+        """The next 1 to `max_rows` rows of the current window (see
+        `wf_data.data.plan.blocks.BlockIterator`)."""
+        start, stop = self._take(max_rows)
+        return self._rows.slice(start, stop)
 
     def get_state(self) -> dict[str, Any]:
         return {
@@ -643,14 +755,34 @@ def best_fit_decreasing(item_lengths: np.ndarray, capacity: int) -> np.ndarray:
     """Bin index for each item (all `<= capacity`): best-fit-decreasing bin packing.
 
     Items are placed largest first into the open bin whose remaining space is the smallest that
-    still fits (ties: lowest bin), else a new bin. Open bins live in one sorted list of keys
-    `remaining * K + bin`, so each item costs one bisect. Returns (n,) int64, bins numbered in
-    order of creation.
+    still fits (ties: lowest bin), else a new bin. Returns (n,) int64, bins numbered in order of
+    creation.
+    """
+    return _best_fit_bins(item_lengths, capacity)[0]
+
+
+def _best_fit_bins(item_lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bins (n,) int64 of `best_fit_decreasing`, the items in the order they were placed)."""
+    return _run(_best_fit_slices(item_lengths, capacity))
+
+
+def _best_fit_slices(
+    item_lengths: np.ndarray, capacity: int
+) -> Generator[int, None, tuple[np.ndarray, np.ndarray]]:
+    """`_best_fit_bins` as a generator yielding the slices left after each slice of
+    `BEST_FIT_RUNS_PER_SLICE` runs of items, returning its result.
+
+    Open bins live in one sorted list of keys `remaining * K + bin`, so a search costs one
+    bisect. Items of equal length (consecutive in the placement order) are placed a bin at a
+    time: the bin with the smallest room that fits one takes as many as fit, since what it has
+    left is then the smallest room that fits the next (nothing lies between), and a new bin
+    takes `capacity // length` of them. This places every item exactly as one by one.
     """
     item_lengths = np.asarray(item_lengths, dtype=np.int64)
     if item_lengths.size and (item_lengths.max() > capacity or item_lengths.min() < 1):
         raise ValueError(f"items must have lengths in [1, {capacity}]")
     order = np.argsort(-item_lengths, kind="stable")
+    yield -(-item_lengths.size // (2 * BEST_FIT_RUNS_PER_SLICE)) + 1
     sorted_lengths = item_lengths[order]
     bins = np.empty(item_lengths.size, dtype=np.int64)
     # Items longer than half a bin never share one: each opens its own bin, no search needed.
@@ -660,20 +792,35 @@ def best_fit_decreasing(item_lengths: np.ndarray, capacity: int) -> np.ndarray:
     remaining = capacity - sorted_lengths[:num_big]
     has_room = np.flatnonzero(remaining)
     open_keys = np.sort(remaining[has_room] * key_base + has_room).tolist()
-    assigned: list[int] = []
-    num_bins = num_big
+    small = sorted_lengths[num_big:]
+    run_starts = np.flatnonzero(np.diff(small, prepend=0))  # runs of equal lengths
+    run_counts = np.diff(run_starts, append=small.size).tolist()
+    placed_bins, placed_counts = [], []  # runs of consecutive items placed in one bin
+    add_bin, add_count, pop = placed_bins.append, placed_counts.append, open_keys.pop
     bisect_left, insort = bisect.bisect_left, bisect.insort
-    for length in sorted_lengths[num_big:].tolist():
-        j = bisect_left(open_keys, length * key_base)
-        if j == len(open_keys):
-            b = num_bins
-            num_bins += 1
-            room = capacity - length
-        else:
-            room, b = divmod(open_keys.pop(j), key_base)
-            room -= length
-        assigned.append(b)
-        if room:
-            insort(open_keys, room * key_base + b)
-    bins[order[num_big:]] = assigned
-    return bins
+    num_bins = num_big
+    run_lengths, num_runs = small[run_starts].tolist(), len(run_counts)
+    for first in range(0, num_runs, BEST_FIT_RUNS_PER_SLICE):
+        yield -(-(num_runs - first) // BEST_FIT_RUNS_PER_SLICE) + 1
+        last = first + BEST_FIT_RUNS_PER_SLICE
+        for length, count in zip(run_lengths[first:last], run_counts[first:last], strict=True):
+            probe = length * key_base  # the smallest key of a bin with room for one
+            while count:
+                j = bisect_left(open_keys, probe)
+                if j == len(open_keys):
+                    b = num_bins
+                    num_bins += 1
+                    room = capacity
+                else:
+                    room, b = divmod(pop(j), key_base)
+                take = room // length
+                if take > count:
+                    take = count
+                room -= take * length
+                add_bin(b)
+                add_count(take)
+                count -= take
+                if room:
+                    insort(open_keys, room * key_base + b)
+    bins[order[num_big:]] = np.repeat(np.array(placed_bins, dtype=np.int64), placed_counts)
+    return bins, order

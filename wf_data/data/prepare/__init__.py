@@ -3,8 +3,9 @@ manifest.json, locally (`prepare`) or on Apache Beam (`beam`), atomically and re
 
 Modules by concern: `options` (`PrepareOptions`), `inputs` (files and tasks), `records`
 (record -> document), `encoding` (document -> record bytes, the tokenizer), `parts` (task ->
-part file), `assemble` (parts -> shards -> dataset), `run` (the local runner). May import
-`workers`, `text` and `shards`.
+part file), `assemble` (parts -> shards -> dataset), `out_dir` (the build beside `--out`, the
+swap), `out_guard` (one writer at a time, failed writes in one line), `run` (the local
+runner). May import `workers`, `text` and `shards`.
 """
 
 from wf_data.data.prepare.assemble import assemble_shard, finalize

@@ -82,9 +82,10 @@ def assemble_shard(out_dir: str | os.PathLike, shard: int) -> dict:
         "tokens": int(lengths.sum()),
         "sha256": written["sha256"],
     }
-    sources.write_json_atomic(
+    atomic.write_json(
         _marker_path(_work_dir(out_dir) / file_name),
         dict(entry, key=plan["shard_keys"][shard], size=(build / file_name).stat().st_size),
+        indent=2,
     )
     return entry
 
@@ -184,10 +185,11 @@ _PLAN_SETTINGS = (
 )
 
 
-def _plan_differences(old: dict | None, new: dict) -> str:
-    """What differs between the plan of the dataset in `--out` and the new one, in words."""
+def _plan_differences(old: dict | None, new: dict) -> list[str]:
+    """What differs between the plan of the dataset in `--out` and the new one, in words
+    (nothing: the two plans make the same dataset)."""
     if old is None or "inputs" not in old or "inputs" not in new:
-        return "the inputs and settings of one of them are not recorded (.wf-prepare/plan.json)"
+        return ["the inputs and settings of one of them are not recorded (.wf-prepare/plan.json)"]
     differences = [
         f"{key} {old.get(key)!r} -> {new.get(key)!r}"
         for key in _PLAN_SETTINGS
@@ -204,8 +206,16 @@ def _plan_differences(old: dict | None, new: dict) -> str:
     ]
     if not differences and list(old_inputs) != list(new_inputs):
         differences.append("inputs in another order")
-    shown = "; ".join(differences[:5])
-    return shown + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+    return differences
+
+
+def _same_dataset(old: dict | None, new: dict) -> bool:
+    """Whether the plan recorded with a dataset (`old`) makes the dataset `new` does: the same
+    key, or every recorded input and setting equal (a plan whose key an older wf-data
+    computed from the inputs' spelling)."""
+    if old is None:
+        return False
+    return old.get("key") == new.get("key") or not _plan_differences(old, new)
 
 
 def _refuse_replacing(out_dir: pathlib.Path, plan: dict, overwrite: bool) -> None:
@@ -218,19 +228,21 @@ def _refuse_replacing(out_dir: pathlib.Path, plan: dict, overwrite: bool) -> Non
     if not (out_dir / sources.MANIFEST_NAME).exists():
         return  # an unfinished build of an older wf-data: nothing readable to lose
     old = _read_json(out_dir / WORK_DIR_NAME / "plan.json")
-    if old is not None and plan.get("key") is not None and old.get("key") == plan["key"]:
+    if _same_dataset(old, plan):
         return  # the same dataset, rebuilt (it was damaged)
+    differences = _plan_differences(old, plan)
+    shown = "; ".join(differences[:5])
+    more = f"; and {len(differences) - 5} more" if len(differences) > 5 else ""
     raise OutDirError(
         f"--out {out_dir}: holds a dataset prepared from other inputs or settings "
-        f"({_plan_differences(old, plan)}); pass --overwrite to replace it once the new one "
-        "is complete, or choose another --out"
+        f"({shown}{more}); pass --overwrite to replace it once the new one is complete, or "
+        "choose another --out"
     )
 
 
 def _up_to_date(out_dir: pathlib.Path, plan: dict) -> dict | None:
     """The manifest of `out_dir` if it holds this plan's dataset with its files intact."""
-    old = _read_json(out_dir / WORK_DIR_NAME / "plan.json")
-    if old is None or old.get("key") != plan["key"]:
+    if not _same_dataset(_read_json(out_dir / WORK_DIR_NAME / "plan.json"), plan):
         return None
     try:
         sources.DocumentSource(out_dir)  # checks manifest, file sizes and lengths

@@ -35,17 +35,19 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-import apache_beam as beam
-from apache_beam.metrics.metric import Metrics, MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions
-
 from wf_data import atomic
-from wf_data.data.prepare import assemble, encoding, parts
+from wf_data.data.prepare import assemble, encoding, out_guard, parts
 from wf_data.data.prepare import out_dir as out_dir_lib
 from wf_data.data.prepare import run as prepare_lib
 from wf_data.data.prepare.inputs import plan_chunks
 from wf_data.data.prepare.options import PrepareOptions
 from wf_data.data.shards import sources
+from wf_data.extras import requires
+
+with requires("beam", feature="wf-data prepare --runner beam"):
+    import apache_beam as beam
+    from apache_beam.metrics.metric import Metrics, MetricsFilter
+    from apache_beam.options.pipeline_options import PipelineOptions
 
 __all__ = ["build_pipeline", "run"]
 
@@ -116,6 +118,7 @@ def _build(inputs, out_dir, options, pipeline_options, overwrite):
     return pipeline, planned
 
 
+@out_guard.holding_lock
 def run(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -273,7 +276,7 @@ class _WritePart(beam.DoFn):
         finally:
             for written, _ in files:  # the writers removed their own temp files on failure
                 written.unlink(missing_ok=True)
-        sources.write_json_atomic(marker_path, dict(result, key=key))
+        atomic.write_json(marker_path, dict(result, key=key), indent=2)
         yield index, result
 
 

@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import os
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -163,12 +160,13 @@ class _BackendEncoder:
     """`TokenizerWrapper.encode_batch` for worker processes, over the bare `tokenizers` backend.
 
     It pickles as the backend's JSON, so a spawned worker starts in a fraction of a second
-    instead of importing transformers (and torch) to reload a `TokenizerWrapper`. It applies
-    the wrapper's bos/eos flags the same way; the tests check it equals `encode_batch`.
+    without reading the tokenizer files again (or importing transformers for a Hub tokenizer).
+    It applies the wrapper's bos/eos flags the same way; the tests check it equals
+    `encode_batch`.
     """
 
     def __init__(self, tokenizer: Any):
-        self.backend = tokenizer.hf_tokenizer.backend_tokenizer
+        self.backend = tokenizer.backend
         self.name, self.vocab_size = tokenizer.name, tokenizer.vocab_size
         self.bos_id, self.eos_id, self.pad_id = tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id
         self.add_bos = bool(getattr(tokenizer, "add_bos", False))
@@ -180,31 +178,6 @@ class _BackendEncoder:
     def of(cls, tokenizer: Any) -> _BackendEncoder:
         """`tokenizer` itself if it is one, else one built from the `TokenizerWrapper`."""
         return tokenizer if isinstance(tokenizer, cls) else cls(tokenizer)
-
-    _FIELDS = ("name", "vocab_size", "bos_id", "eos_id", "pad_id", "add_bos", "add_eos")
-
-    def describe(self) -> dict:
-        """A JSON-safe description: the backend's JSON, the ids and flags, the fingerprint."""
-        fields = {field: getattr(self, field) for field in self._FIELDS}
-        return dict(
-            fields,
-            backend=self.backend.to_str(),
-            fingerprint=self._fingerprint,
-            vocab_fingerprint=self._vocab_fingerprint,
-        )
-
-    @classmethod
-    def from_description(cls, description: dict) -> _BackendEncoder:
-        """Inverse of `describe`."""
-        from tokenizers import Tokenizer
-
-        encoder = cls.__new__(cls)
-        for field in cls._FIELDS:
-            setattr(encoder, field, description[field])
-        encoder.backend = Tokenizer.from_str(description["backend"])
-        encoder._fingerprint = description["fingerprint"]
-        encoder._vocab_fingerprint = description["vocab_fingerprint"]
-        return encoder
 
     def fingerprint(self) -> str:
         """The wrapped tokenizer's `fingerprint()`, taken at construction."""
@@ -242,60 +215,13 @@ class _BackendEncoder:
 
 
 def _load_tokenizer(tokenizer: Any) -> Any:
-    """A tokenizer name or path loaded as a `_BackendEncoder`; anything else unchanged.
-
-    Loading goes through transformers, which imports torch (about 600 MB resident). Unless
-    this process has imported it already, the loading runs in a short-lived process, so that
-    prepare itself stays small and its memory is the documents'.
-    """
+    """A tokenizer name or path loaded as a `_BackendEncoder`; anything else unchanged."""
     if tokenizer is None or not isinstance(tokenizer, str | os.PathLike):
         return tokenizer
-    if "transformers" in sys.modules:
-        return _load_encoder(os.fspath(tokenizer))
-    name = os.fspath(tokenizer)
-    # Loading costs seconds: keep one description per name and state of its files.
-    key = (name, _files_state(name))
-    if key not in _LOADED_TOKENIZERS:
-        # A plain subprocess, not multiprocessing: it must not re-import the caller's main.
-        process = subprocess.run(
-            [sys.executable, "-c", _LOAD_TOKENIZER, name, str(os.getpid())],
-            capture_output=True,
-            text=True,
-        )
-        if process.returncode != 0:
-            lines = process.stderr.strip().splitlines() or [f"exit status {process.returncode}"]
-            raise ValueError(f"cannot load tokenizer {name!r}: {lines[-1]}")
-        _LOADED_TOKENIZERS[key] = json.loads(process.stdout)
-    return _BackendEncoder.from_description(_LOADED_TOKENIZERS[key])
-
-
-_LOADED_TOKENIZERS: dict[tuple, dict] = {}
-
-
-def _files_state(name: str) -> tuple:
-    """(name, size, mtime) of each file of a tokenizer directory: a changed file reloads."""
-    if not os.path.isdir(name):
-        return ()
-    entries = [entry for entry in os.scandir(name) if entry.is_file()]
-    return tuple(sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries))
-
-
-_LOAD_TOKENIZER = """
-import json, os, sys
-from wf_data.data.workers import lifetime as worker_lifetime
-worker_lifetime.die_with_parent(int(sys.argv[2]))
-from wf_data.data.prepare.encoding import _load_encoder
-sys.stdout.write(json.dumps(_load_encoder(sys.argv[1]).describe()))
-sys.stdout.flush()
-os._exit(0)  # skip the slow teardown of torch and jax
-"""
-
-
-def _load_encoder(name_or_path: str) -> _BackendEncoder:
     from wf_data.data.text.tokenization import TokenizerWrapper
 
     return _BackendEncoder(
-        TokenizerWrapper.from_pretrained(name_or_path, add_bos=False, add_eos=False)
+        TokenizerWrapper.from_pretrained(os.fspath(tokenizer), add_bos=False, add_eos=False)
     )
 
 

@@ -1,7 +1,8 @@
 """Bytes and lines of `prepare`'s input files, read in bounded memory, refusing damaged files.
 
 A compressed input (`.gz`, `.zst`) is decompressed frame by frame (gzip members, zstd frames,
-concatenated ones included); a stream that is empty, ends inside a frame or is not of its
+concatenated ones included), verifying the checksums the frames carry (a `.zst` whose frames
+carry none is warned about once); a stream that is empty, ends inside a frame or is not of its
 format raises `InputFileError` naming the file: such a file has lost an unknown number of
 records, so no flag skips it. Lines come whole up to a size limit; a longer line is reported
 by its size and its bytes are dropped as they stream by, so one huge record never has to fit
@@ -10,6 +11,7 @@ in memory before it is refused.
 
 from __future__ import annotations
 
+import warnings
 import zlib
 from collections.abc import Iterator
 from typing import BinaryIO
@@ -69,8 +71,12 @@ def _decompressed(f: BinaryIO, path: str, compression: str) -> Iterator[bytes]:
             f"{path}: empty file (0 bytes) is not a {compression} stream; re-create it or "
             "leave it out of the inputs"
         )
-    decoder, offset = None, 0
+    decoder, offset, unchecked = None, 0, False
     while data:
+        if decoder is None and compression == "zstd" and not unchecked:
+            while len(data) < len(_ZSTD_MAGIC) + 1 and (more := f.read(COMPRESSED_READ_BYTES)):
+                data += more
+            unchecked = _warn_if_unchecked(data, path)
         decoder = decoder or _decoder(compression)
         try:
             out = decoder.decompress(data)
@@ -92,6 +98,28 @@ def _decompressed(f: BinaryIO, path: str, compression: str) -> Iterator[bytes]:
             f"{path}: truncated {compression} stream (it ends inside a compressed frame, after "
             f"{offset:,} bytes): the file is incomplete; re-create or re-download it"
         )
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_CHECKSUM_FLAG = 0x04  # in the frame header descriptor, the byte after the magic
+
+
+def _warn_if_unchecked(frame: bytes, path: str) -> bool:
+    """Warn (and return True) if the zstd frame at the start of `frame` carries no content
+    checksum: damage inside it can decode to other text, which nothing could detect. libzstd
+    verifies the checksum of frames that carry one (gzip members always carry a CRC-32)."""
+    if frame[: len(_ZSTD_MAGIC)] != _ZSTD_MAGIC or len(frame) <= len(_ZSTD_MAGIC):
+        return False  # a skippable frame (no content), or not zstd: the decoder says so
+    if frame[len(_ZSTD_MAGIC)] & _ZSTD_CHECKSUM_FLAG:
+        return False
+    warnings.warn(
+        f"{path}: its zstd frames carry no content checksum, so a damaged byte may decode to "
+        "other text unnoticed; compress with checksums (zstd -C, the zstd tool's default; "
+        "write_checksum=True in python-zstandard) to have them verified",
+        UserWarning,
+        stacklevel=2,
+    )
+    return True
 
 
 def lines(chunks: Iterator[bytes], max_line_bytes: int) -> Iterator[bytes | int]:

@@ -11,7 +11,6 @@ import os
 import pathlib
 import warnings
 from collections.abc import Sequence
-from typing import BinaryIO
 
 from wf_data.data.prepare import input_streams
 from wf_data.data.prepare.input_streams import InputFileError
@@ -104,20 +103,22 @@ class PrepareTask:
     first_row: int = 0
 
     def key(self) -> str:
-        """Identity of the task's input: path, size, mtime and range (for resume checks)."""
+        """Identity of the task's input: the file (its real path, however spelled: relative,
+        through a link), size, mtime and range (for resume checks)."""
         stat = os.stat(self.path)
-        text = f"{os.path.abspath(self.path)}|{stat.st_size}|{stat.st_mtime_ns}|{self}"
+        where = (self.kind, self.start, self.stop, self.first_row)
+        text = f"{os.path.realpath(self.path)}|{stat.st_size}|{stat.st_mtime_ns}|{where}"
         return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _line_starts(path: str | os.PathLike, start: int, stop: int, step: int) -> list[int]:
     """Offsets of line starts in `[start, stop)` about every `step` bytes: `start`, the first
     line start at or after each previous one plus `step`, ..., `stop`. Reads in blocks, so a
-    long line never has to fit in memory."""
+    long line never has to fit in memory (`_next_line_start`)."""
     bounds = [start]
     with open(path, "rb") as f:
         while bounds[-1] + step < stop:
-            position = _next_line_start(f, bounds[-1] + step, stop)
+            position = _next_line_start(f, bounds[-1] + step - 1)
             if position >= stop:
                 break
             bounds.append(position)
@@ -125,21 +126,19 @@ def _line_starts(path: str | os.PathLike, start: int, stop: int, step: int) -> l
     return bounds
 
 
-def _next_line_start(f: BinaryIO, position: int, stop: int) -> int:
-    """The first line start at or after `position` (`stop` when there is none before it)."""
-    f.seek(position - 1)
-    while position <= stop:
-        block = f.read(_SCAN_BYTES)
-        if not block:
-            return stop
-        newline = block.find(b"\n")
+def _next_line_start(f, offset: int) -> int:
+    """The offset after the first newline at or after `offset` (the end of the file if none).
+
+    The newline is searched in 1 MiB reads: a line of any length (a 1 GB record) costs no
+    more memory than that.
+    """
+    f.seek(offset)
+    while chunk := f.read(input_streams.READ_BYTES):
+        newline = chunk.find(b"\n")
         if newline >= 0:
-            return min(position + newline, stop)
-        position += len(block)
-    return stop
-
-
-_SCAN_BYTES = 64 << 10
+            return offset + newline + 1
+        offset += len(chunk)
+    return offset
 
 
 def plan_tasks(files: Sequence[pathlib.Path], piece_bytes: int = PIECE_BYTES) -> list[PrepareTask]:

@@ -44,7 +44,8 @@ def build_dir(out_dir: pathlib.Path) -> pathlib.Path:
     return out_dir.parent / f".{out_dir.name}.wf-building"
 
 
-def _replaced_dir(out_dir: pathlib.Path) -> pathlib.Path:
+def replaced_dir(out_dir: pathlib.Path) -> pathlib.Path:
+    """Where the old dataset goes during a two-rename swap: `.NAME.wf-replaced`."""
     return out_dir.parent / f".{out_dir.name}.wf-replaced"
 
 
@@ -52,6 +53,8 @@ def _is_dataset_file(name: str) -> bool:
     return name in (
         sources.MANIFEST_NAME,
         sources.LENGTHS_NAME,
+        sources.OFFSETS_NAME,
+        sources.CRC_NAME,
         WORK_DIR_NAME,
         "skipped.jsonl",
     ) or name.endswith((".array_record", ".tmp"))
@@ -79,13 +82,7 @@ def dataset_files_only(out_dir: pathlib.Path) -> bool:
 
 def prepare_out_dir(out_dir: pathlib.Path) -> None:
     """Finish an interrupted swap, check `out_dir` can be replaced, create its parent."""
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise OutDirError(
-            f"--out {out_dir}: cannot create {out_dir.parent} ({error.strerror}); choose a "
-            "writable location"
-        ) from None
+    create_parent(out_dir)
     recover(out_dir)
     # The build goes beside out_dir, and renaming a directory rewrites its ".." entry.
     for directory in (out_dir.parent, out_dir):
@@ -96,9 +93,20 @@ def prepare_out_dir(out_dir: pathlib.Path) -> None:
             )
 
 
+def create_parent(out_dir: pathlib.Path) -> None:
+    """Create the directory `out_dir` goes in; `OutDirError` if it cannot be."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutDirError(
+            f"--out {out_dir}: cannot create {out_dir.parent} ({error.strerror}); choose a "
+            "writable location"
+        ) from None
+
+
 def recover(out_dir: pathlib.Path) -> None:
     """Complete or undo a two-rename swap a kill interrupted, and drop a replaced dataset."""
-    replaced = _replaced_dir(out_dir)
+    replaced = replaced_dir(out_dir)
     if not replaced.exists():
         return
     if not out_dir.exists():  # killed between the two renames
@@ -119,7 +127,7 @@ def swap_in(build: pathlib.Path, out_dir: pathlib.Path) -> None:
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         os.replace(build, out_dir)
     else:
-        replaced = _replaced_dir(out_dir)
+        replaced = replaced_dir(out_dir)
         if _exchange(build, out_dir):
             os.replace(build, replaced)  # build now holds the old dataset
         else:

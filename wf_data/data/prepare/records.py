@@ -233,6 +233,47 @@ def _string_field(obj: dict, key: str, where: str, flag: str) -> str:
     return value
 
 
+SURROGATE_CHECK_CHARS = 1 << 20  # text checked for lone surrogates this much at a time
+
+
+def _lone_surrogate(text: str) -> int | None:
+    """The index of the first lone UTF-16 surrogate in `text` (None: there is none).
+
+    JSON's `\\ud800` escapes parse into such characters, which no encoding can store. ASCII
+    text has none and is known so at no cost; other text is encoded in slices, which fails
+    exactly at one (a valid pair was parsed into one character), in bounded memory.
+    """
+    if text.isascii():
+        return None
+    for start in range(0, len(text), SURROGATE_CHECK_CHARS):
+        try:
+            text[start : start + SURROGATE_CHECK_CHARS].encode("utf-8")
+        except UnicodeEncodeError as error:
+            return start + error.start
+    return None
+
+
+def _check_no_surrogate(obj: dict, document: Any, where: str, fields: RecordFields) -> None:
+    """BadInputError for a lone surrogate in `document` (the text fields of `obj`, or its
+    messages): not Unicode text, so it can be neither stored as UTF-8 nor tokenized."""
+    if isinstance(document, str):
+        if document.isascii():  # most text: no scan
+            return
+        named: Iterator[tuple[Any, str]] = ((key, obj[key]) for key in fields.text_keys)
+        label = "field {!r}"
+    else:
+        named = enumerate((message["content"] for message in document["messages"]), 1)
+        label = "message {}"
+    for key, text in named:
+        at = _lone_surrogate(text)
+        if at is not None:
+            raise BadInputError(
+                f"{where}: {label.format(key)} holds a lone UTF-16 surrogate "
+                f"\\u{ord(text[at]):04x} at character {at + 1} (a \\u escape without its pair): "
+                "not Unicode text; fix the record or skip it with --skip-bad"
+            )
+
+
 def _too_large(where: str, size: int, max_doc_bytes: int) -> BadInputError:
     return BadInputError(
         f"{where}: record of {size:,} bytes is over max_doc_bytes {max_doc_bytes:,}; raise "
@@ -256,7 +297,9 @@ def _parse_jsonl_line(raw: bytes | int, where: str, fields: RecordFields, max_do
         raise BadInputError(
             f"{where}: malformed JSON: {error.msg} at column {error.colno}"
         ) from None
-    return fields.extract(obj, where)
+    document = fields.extract(obj, where)
+    _check_no_surrogate(obj, document, where, fields)
+    return document
 
 
 def _iter_parquet(task: PrepareTask, fields: RecordFields):
@@ -278,12 +321,48 @@ def _iter_parquet(task: PrepareTask, fields: RecordFields):
             ) from None
         if batch is None:
             return
-        for values in batch.to_pylist():
+        try:
+            rows = batch.to_pylist()
+        except UnicodeDecodeError:  # a string column holding bytes that are not UTF-8
+            rows = _rows_or_errors(batch, f"{task.path}: row ", row)
+        for values in rows:
             row += 1
             yield f"{task.path}: row {row}", values
 
 
-def _parquet_value(values: dict, where: str, fields: RecordFields, max_doc_bytes: int) -> Any:
+def _rows_or_errors(batch, where: str, first_row: int) -> Iterator[dict | BadInputError]:
+    """The rows of a record batch one by one: each row's values, or a BadInputError naming
+    the row and column whose string is not UTF-8 (arrow stores what the writer gave it)."""
+    for index in range(batch.num_rows):
+        row = batch.slice(index, 1)
+        try:
+            yield row.to_pylist()[0]
+        except UnicodeDecodeError as error:
+            column = next(
+                name
+                for name, values in zip(row.schema.names, row.columns, strict=True)
+                if _undecodable(values)
+            )
+            yield BadInputError(
+                f"{where}{first_row + index + 1}: field {column!r} is not valid UTF-8 "
+                f"({error.reason} at byte {error.start}); fix the file or skip the row with "
+                "--skip-bad"
+            )
+
+
+def _undecodable(values) -> bool:
+    try:
+        values.to_pylist()
+    except UnicodeDecodeError:
+        return True
+    return False
+
+
+def _parquet_value(
+    values: dict | BadInputError, where: str, fields: RecordFields, max_doc_bytes: int
+) -> Any:
+    if isinstance(values, BadInputError):
+        raise values
     for column, value in values.items():
         if isinstance(value, bytes):  # binary columns hold UTF-8 text
             try:

@@ -37,7 +37,9 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from wf_data import atomic
 from wf_data.data.prepare import out_dir as out_dir_lib
+from wf_data.data.prepare import out_guard
 from wf_data.data.prepare.assemble import (
     SKIPPED_NAME,
     _refuse_replacing,
@@ -92,7 +94,7 @@ def _run_part(part_path: str, task: PrepareTask, key: str, options: dict, **run:
     # A stale marker must not vouch for the file about to be rewritten.
     _marker_path(pathlib.Path(part_path)).unlink(missing_ok=True)
     result = prepare_file(task, part_path, **options, **run)
-    sources.write_json_atomic(_marker_path(pathlib.Path(part_path)), dict(result, key=key))
+    atomic.write_json(_marker_path(pathlib.Path(part_path)), dict(result, key=key), indent=2)
     return result
 
 
@@ -163,7 +165,7 @@ class PreparePlan:
             skipped_bad=sum(result["skipped_bad"] for result in part_results),
         )
         _work_dir(self.out_dir).mkdir(parents=True, exist_ok=True)
-        sources.write_json_atomic(_work_dir(self.out_dir) / "plan.json", plan)
+        atomic.write_json(_work_dir(self.out_dir) / "plan.json", plan, indent=2)
 
 
 def plan_prepare(
@@ -221,13 +223,14 @@ def plan_prepare(
         "max_doc_bytes": options.max_doc_bytes,
         "piece_bytes": options.piece_bytes,
         "inputs": [
-            {"path": os.path.abspath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+            {"path": os.path.realpath(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
             for path, stat in ((path, path.stat()) for path in files)
         ],
     }
     return PreparePlan(out_dir, tasks, part_keys, part_options, tokenizer, plan)
 
 
+@out_guard.holding_lock
 def prepare(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -251,6 +254,9 @@ def prepare(
     re-run with the same inputs and options redoes only unfinished parts and shards (or nothing,
     when `out_dir` already holds that dataset intact). A dataset of other inputs or options
     in `out_dir` is replaced only with `overwrite` (`OutDirError` names the differences).
+    Another prepare writing `out_dir` meanwhile, or a write that fails (a full disk, a
+    read-only file system), is an `OutDirError` naming the pid, or the file and the fix
+    (`out_guard.writing`).
     Records over `max_doc_bytes` are bad records; long documents are tokenized in pieces, so
     memory stays bounded. With `skip_bad`, every skipped record is listed in
     `out_dir/skipped.jsonl`.

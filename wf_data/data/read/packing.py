@@ -6,9 +6,9 @@
 two halves, `.plans` and `.reader`, for mixing and the loader. Every token of every document
 appears exactly once per epoch.
 
-Iterating reads `READ_TOKENS` worth of rows per batched read, so that a record reader's
-per-call cost is amortised; the iterator state is the plan iterator's state before the next
-row to return (a few ints).
+Iterating reads up to `READ_TOKENS` worth of rows per batched read (one row first, then twice
+as many each read), so that a read's fixed cost is amortised; the iterator state is the plan
+iterator's state before the next row to return (a few ints).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ class BestFitPackedDataset(PackedDataset, grain.IterDataset):
 
 
 class PackedRowsIterator(grain.DatasetIterator):
-    """Rows of a packed dataset, read `READ_TOKENS` worth of rows at a time.
+    """Rows of a packed dataset, read up to `READ_TOKENS` worth of rows at a time.
 
     `get_state()` is the plan iterator's state before the next row to return; `set_state`
     restores it (and costs at most one best-fit window's planning).
@@ -182,7 +182,10 @@ class PackedRowsIterator(grain.DatasetIterator):
         super().__init__()
         self._packed = packed
         self._plans = iter(packed.plans)
-        self._block_rows = max(1, READ_TOKENS // packed.seq_len)
+        # Reads start at one row and double up to `READ_TOKENS` worth: a first row (or a few
+        # rows of an endless tiny source) needs no large plan.
+        self._max_block_rows = max(1, READ_TOKENS // packed.seq_len)
+        self._block_rows = 1
         self._states: list[dict] = []  # plan iterator state before each buffered row
         self._rows: dict[str, np.ndarray] = {}
         self._index = 0
@@ -206,6 +209,7 @@ class PackedRowsIterator(grain.DatasetIterator):
         if not plans:
             self._states, self._index = [], 0
             raise StopIteration
+        self._block_rows = min(2 * self._block_rows, self._max_block_rows)
         batch = _batch_of_rows(plans)
         rows = self._packed.reader(batch)
         self._rows = {key: rows[key] for key in ROW_KEYS}

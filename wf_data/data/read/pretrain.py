@@ -19,8 +19,7 @@ from wf_data.data.text.tokenization import check_source_tokenizer
 
 __all__ = ["PretrainDataset", "TokenizedDocuments"]
 
-# Tokens of recently tokenized documents a `TokenizedDocuments` keeps (int32: 64 MB): more than
-# a best-fit window of 4096 documents of a few thousand tokens.
+# Tokens a `TokenizedDocuments` keeps at least (int32: 64 MB), whatever is pinned.
 CACHE_TOKENS = 1 << 24
 
 
@@ -28,13 +27,15 @@ class TokenizedDocuments:
     """Random-access view of a `text` source as `(n,) int32` token arrays, tokenized on read.
 
     One `encode_batch` per batched read. Lengths are unknown up front (`lengths = None`), so
-    `best_fit` learns them a window at a time and `concat` refuses the source. `fingerprint`
-    covers the source and the tokenizer, so a saved state refuses a restore under another one.
+    `best_fit` learns them a window at a time (`__getitems__`) and `concat` refuses the source.
+    `fingerprint` covers the source and the tokenizer, so a saved state refuses a restore
+    under another one.
 
-    `best_fit` tokenizes a window to measure it, then reads the same documents again to build
-    rows; the most recently tokenized documents (up to `cache_tokens` tokens, default
-    `CACHE_TOKENS`, per process: a pickled copy starts empty) are kept so that, without worker
-    processes, each document is tokenized once.
+    Each document is tokenized once: the tokens `__getitems__` makes (the planner measuring a
+    window) stay until `read_pieces` has read every one of them (the rows), then go. What is
+    kept is bounded by `cache_tokens` (default `CACHE_TOKENS`) or twice the largest batched
+    read, oldest first beyond it (a reader in another process never reads this copy's
+    tokens). A pickled copy starts empty.
     """
 
     lengths = None
@@ -48,14 +49,14 @@ class TokenizedDocuments:
         digest.update(str(tokenizer.fingerprint()).encode())
         self.fingerprint = digest.hexdigest()
         self.cache_tokens = CACHE_TOKENS if cache_tokens is None else int(cache_tokens)
-        self._recent = _RecentTokens(self.cache_tokens)
+        self._kept = _KeptTokens(self.cache_tokens)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_recent": None}
+        return {**self.__dict__, "_kept": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._recent = _RecentTokens(self.cache_tokens)
+        self._kept = _KeptTokens(self.cache_tokens)
 
     def __len__(self) -> int:
         return len(self.source)
@@ -67,18 +68,33 @@ class TokenizedDocuments:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: Sequence[int]) -> list[np.ndarray]:
-        """Token arrays of records `indices` (one batched read and encode of those not kept)."""
+        """Token arrays of records `indices` (one batched read and encode of those not kept);
+        they are kept until `read_pieces` has read all their tokens."""
         indices = [int(i) for i in indices]
-        found = self._recent.get_many(indices)
-        missing = [index for index, tokens in zip(indices, found, strict=True) if tokens is None]
-        if missing:
-            fresh = dict(zip(missing, self._tokenize(missing), strict=True))
-            self._recent.put_many(fresh)
-            found = [
-                fresh[i] if tokens is None else tokens
-                for i, tokens in zip(indices, found, strict=True)
-            ]
-        return found
+        return self._kept.get_or_make(indices, self._tokenize)
+
+    def read_pieces(
+        self, indices: Sequence[int], offsets: np.ndarray, sizes: np.ndarray
+    ) -> np.ndarray:
+        """(T,) int32 tokens of pieces `[offsets[i], offsets[i] + sizes[i])` of documents
+        `indices`, back to back; documents not kept are tokenized (once, whole)."""
+        indices = np.asarray(indices, dtype=np.int64)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        documents = self._kept.get_or_make(indices.tolist(), self._tokenize, read=sizes.tolist())
+        lengths = np.fromiter(map(len, documents), np.int64, len(documents))
+        stops = offsets + sizes
+        if (stops > lengths).any():
+            bad = int(np.flatnonzero(stops > lengths)[0])
+            raise ValueError(
+                f"{self.source!r} document {int(indices[bad])} has {int(lengths[bad])} tokens "
+                f"but the plan needs [.., {int(stops[bad])}): it tokenizes differently now "
+                "(another tokenizer?)"
+            )
+        if not documents:
+            return np.zeros(0, dtype=np.int32)
+        spans = zip(documents, offsets.tolist(), stops.tolist(), strict=True)
+        return np.concatenate([tokens[start:stop] for tokens, start, stop in spans])
 
     def _tokenize(self, indices: list[int]) -> list[np.ndarray]:
         getitems = getattr(self.source, "__getitems__", None)
@@ -90,36 +106,52 @@ class TokenizedDocuments:
                     f"{type(text).__name__}; token arrays need a 'tokens' format source "
                     "(no tokenizer)"
                 )
-        return [np.asarray(ids, dtype=np.int32) for ids in self.tokenizer.encode_batch(texts)]
+        arrays = [np.asarray(ids, dtype=np.int32) for ids in self.tokenizer.encode_batch(texts)]
+        for tokens in arrays:
+            tokens.setflags(write=False)  # shared with every later reader
+        return arrays
 
 
-class _RecentTokens:
-    """Token arrays by record index, the least recently used dropped beyond `capacity`
-    tokens; safe to share between reader threads."""
+class _KeptTokens:
+    """Token arrays by record index, each with the count of its tokens not read yet; an array
+    goes when all are read, or (oldest first) when more than the capacity is kept: the larger
+    of `minimum` and twice the largest batch made. Safe to share between reader threads."""
 
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._arrays: collections.OrderedDict[int, np.ndarray] = collections.OrderedDict()
+    def __init__(self, minimum: int):
+        self.minimum = self.capacity = minimum
+        self._arrays: collections.OrderedDict[int, list] = collections.OrderedDict()
         self._tokens = 0
         self._lock = threading.Lock()
 
-    def get_many(self, indices: list[int]) -> list[np.ndarray | None]:
+    def get_or_make(self, indices, make, read=None) -> list[np.ndarray]:
+        """Arrays of `indices`, those not kept made by `make(missing)`; `read[i]` tokens of
+        `indices[i]` are counted as read (default none)."""
         with self._lock:
             found = [self._arrays.get(index) for index in indices]
-            for index, tokens in zip(indices, found, strict=True):
-                if tokens is not None:
-                    self._arrays.move_to_end(index)
-        return found
-
-    def put_many(self, arrays: dict[int, np.ndarray]) -> None:
+        missing = list(
+            dict.fromkeys(i for i, entry in zip(indices, found, strict=True) if not entry)
+        )
+        made = dict(zip(missing, make(missing), strict=True)) if missing else {}
         with self._lock:
-            for index, tokens in arrays.items():
-                if tokens.size <= self.capacity and index not in self._arrays:
-                    tokens.setflags(write=False)  # shared with every later reader
-                    self._arrays[index] = tokens
-                    self._tokens += tokens.size
+            if missing:
+                batch = sum(tokens.size for tokens in made.values())
+                self.capacity = max(self.capacity, self.minimum, 2 * batch)
+            arrays = []
+            for position, (index, entry) in enumerate(zip(indices, found, strict=True)):
+                entry = self._arrays.get(index) if entry is None else entry
+                if entry is None:
+                    entry = [made[index], made[index].size]
+                    if entry[1]:  # an empty document has nothing to read
+                        self._arrays[index] = entry
+                        self._tokens += entry[1]
+                arrays.append(entry[0])
+                if read is not None:
+                    entry[1] -= read[position]
+                    if entry[1] <= 0 and self._arrays.pop(index, None) is not None:
+                        self._tokens -= entry[0].size
             while self._tokens > self.capacity:
-                self._tokens -= self._arrays.popitem(last=False)[1].size
+                self._tokens -= self._arrays.popitem(last=False)[1][0].size
+        return arrays
 
 
 def PretrainDataset(  # noqa: N802 - a dataset constructor, named like SFTDataset

@@ -22,20 +22,17 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from wf_data.data import IGNORE_INDEX
+from wf_data.data.plan import PLAN_KEYS
+from wf_data.data.shards.documents import describe_source, read_documents
+from wf_data.data.shards.sources import take_pieces
+
 ROW_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
-PLAN_KEYS = ("doc_ids", "offsets", "lengths")
-_DOC_BITS = 40  # document index bits in the (domain, document) keys of one read
-_DOC_MASK = (1 << _DOC_BITS) - 1
-# Mean piece size from which copying a slice per piece (~0.4 us each) beats one gather of
-# every token (~2.2 ns a token, its index included).
-_SLICE_COPY_MIN_TOKENS = 200
 
 __all__ = [
     "IGNORE_INDEX",
@@ -88,8 +85,6 @@ class RowReader:
         self.sources = tuple(sources)
         self.seq_len = int(seq_len)
         self.pad_ids = tuple(int(p) for p in pad_ids)
-        # The first (domain, document) key of each domain, and one past the last domain.
-        self._domain_keys = np.arange(len(self.sources) + 1, dtype=np.int64) << _DOC_BITS
 
     def __repr__(self) -> str:
         return f"RowReader({len(self.sources)} sources, seq_len={self.seq_len})"
@@ -123,11 +118,11 @@ class RowReader:
         rows are built in memory from `allocate(nbytes) -> (nbytes,) uint8` when given (a
         worker's shared-memory slot: the rows then need no copy into it).
 
-        One read per domain of the documents the pieces name; then numpy per token and at most
-        Python per row (padded rows are filled a slice each) or per long piece (see
-        `_planned_tokens`), never per token. A plan has a few rows and tens of pieces, so
-        per-row values are Python ints and reductions call ufuncs directly: a numpy call on
-        a tiny array costs microseconds, most of a batch's fixed cost.
+        One read per domain of only the tokens the pieces name (`read_pieces` where the source
+        has it); then numpy per token and at most Python per row (padded rows and rows of
+        several domains are copied a slice each), never per token. A plan has a few rows and
+        tens of pieces, so per-row values are Python ints and reductions call ufuncs directly:
+        a numpy call on a tiny array costs microseconds, most of a batch's fixed cost.
         """
         doc_ids = np.asarray(plan["doc_ids"], dtype=np.int64)
         offsets = np.asarray(plan["offsets"], dtype=np.int64)
@@ -177,44 +172,136 @@ class RowReader:
                 f"plan rows hold {min(used)} to {max(used)} tokens: not a plan for "
                 f"seq_len={seq_len}"
             )
-        tokens, no_loss = self._planned_tokens(
-            domain_ids, row_pieces, doc_ids, offsets, sizes, piece_start, stop_tokens[-1]
+        rows = _Rows(n, seq_len, used, row_start, labels_dtype, allocate)
+        one_domain = min(domains) == max(domains)
+        for domain in sorted(set(domains)):
+            if one_domain:
+                pieces, rows_of_domain = slice(None), range(n)
+            else:
+                pieces = np.repeat(domain_ids == domain, row_pieces)
+                rows_of_domain = [row for row in range(n) if domains[row] == domain]
+            tokens, no_loss = self._domain_tokens(
+                domain, doc_ids[pieces], offsets[pieces], sizes[pieces]
+            )
+            rows.place(tokens, no_loss, rows_of_domain, self.pad_ids[domain])
+        return rows.finish(row_pieces, sizes, piece_start, row_stops, domain_ids)
+
+    def _domain_tokens(self, domain, doc_ids, offsets, sizes):
+        """(tokens (T,), positions of no-loss tokens among them or None) of one domain's
+        pieces, in order: `read_pieces` reads only those tokens; any other source is read a
+        document at a time (`read_documents`) and the pieces cut out of them."""
+        source = self.sources[domain]
+        read_pieces = getattr(source, "read_pieces", None)
+        lengths = getattr(source, "lengths", None)
+        if read_pieces is not None and lengths is None:  # it checks the pieces itself
+            return read_pieces(doc_ids, offsets, sizes), None
+        if read_pieces is not None:
+            if int(np.maximum.reduce(doc_ids)) >= len(lengths):
+                bad = int(doc_ids[doc_ids >= len(lengths)][0])
+                raise IndexError(
+                    f"record {bad} out of range for {describe_source(source)} with "
+                    f"{len(lengths)} records"
+                )
+            _check_pieces(source, doc_ids, offsets + sizes, lengths[doc_ids])
+            return read_pieces(doc_ids, offsets, sizes), None
+        wanted, which = _distinct(doc_ids)
+        flat, lengths, mask = _read_joined(source, wanted)
+        _check_pieces(source, doc_ids, offsets + sizes, lengths[which])
+        starts = (np.add.accumulate(lengths) - lengths)[which] + offsets
+        tokens = take_pieces(flat, starts, sizes)
+        if mask is None:
+            return tokens, None
+        return tokens, np.flatnonzero(take_pieces(mask, starts, sizes) == 0)
+
+
+def _check_pieces(source, doc_ids, stops, doc_lengths) -> None:
+    """Every piece ends within its document."""
+    if np.maximum.reduce(stops - doc_lengths) > 0:
+        bad = int(np.flatnonzero(stops > doc_lengths)[0])
+        raise ValueError(
+            f"{describe_source(source)} document {int(doc_ids[bad])} has {int(doc_lengths[bad])} "
+            f"tokens but the plan needs [.., {int(stops[bad])}): the source's lengths do not "
+            "match its records"
         )
-        # The fields are built in place (input, positions and segments in one (3, n, L) int32
-        # block), each in a pass or two: rows are the planned tokens in order, then padding.
-        stacked = _empty((3, n, seq_len), np.int32, allocate)
-        input_ids, positions, segments = stacked
-        labels = _empty((n, seq_len), labels_dtype, allocate)
-        padded = tokens.size != n * seq_len
-        if padded:
-            pads = [self.pad_ids[domain] for domain in domains]
-            # Python per row (a few per batch), numpy per token.
-            for row, (start, count) in enumerate(zip(row_start, used, strict=True)):
-                input_ids[row, :count] = tokens[start : start + count]
-                input_ids[row, count:] = pads[row]
-            # Flat position in the rows of a planned token = its index + this shift of its row.
-            shift = np.array([row * seq_len - start for row, start in enumerate(row_start)])
-            at = piece_start + shift.repeat(row_pieces)  # where each piece starts
-        else:
+
+
+class _Rows:
+    """The arrays of a batch being built: tokens placed row by row, then labels, positions
+    and segments from the pieces' sizes (numpy per token: `np.repeat`, no running sums)."""
+
+    def __init__(self, n, seq_len, used, row_start, labels_dtype, allocate):
+        self.n, self.seq_len, self.used, self.row_start = n, seq_len, used, row_start
+        self.padded = sum(used) != n * seq_len
+        self.input_ids = _empty((n, seq_len), np.int32, allocate)
+        self.labels = _empty((n, seq_len), labels_dtype, allocate)
+        # Positions and segments: the arrays np.repeat makes, or copied into `allocate`'s.
+        self.allocated = None if allocate is None else _empty((2, n, seq_len), np.int32, allocate)
+        self.no_loss: list[np.ndarray] = []
+
+    def place(self, tokens, no_loss, rows, pad_id) -> None:
+        """Puts a domain's planned tokens (its rows' tokens back to back) into its `rows`."""
+        input_ids, used, seq_len = self.input_ids, self.used, self.seq_len
+        if not self.padded and len(rows) == self.n:
             input_ids.reshape(-1)[:] = tokens
-            at = piece_start
+            if no_loss is not None:
+                self.no_loss.append(no_loss)
+            return
+        start, shifts = 0, []
+        for row in rows:  # Python per row, numpy per token
+            count = used[row]
+            input_ids[row, :count] = tokens[start : start + count]
+            input_ids[row, count:] = pad_id
+            shifts.append(row * seq_len - start)
+            start += count
+        if no_loss is not None:  # flat position = index among the domain's tokens + shift
+            counts = [used[row] for row in rows]
+            self.no_loss.append(no_loss + np.repeat(shifts, counts)[no_loss])
+
+    def finish(self, row_pieces, sizes, piece_start, row_stops, domain_ids):
+        """Labels, positions and segments; returns the batch."""
+        n, seq_len, used = self.n, self.seq_len, self.used
+        input_ids = self.input_ids
+        num_pieces = sizes.size
+        piece_in_row = np.arange(num_pieces) - np.repeat(
+            np.asarray(row_stops) - row_pieces, row_pieces
+        )
+        if self.padded:
+            # Flat start of each piece, and a padding run after each row's pieces (empty for
+            # a full row), so that one repeat covers every position of the rows.
+            shift = np.array([row * seq_len - start for row, start in enumerate(self.row_start)])
+            at = piece_start + np.repeat(shift, row_pieces)
+            slot = np.arange(num_pieces) + np.repeat(np.arange(n), row_pieces)
+            pad_slot = np.asarray(row_stops) + np.arange(n)
+            counts = np.empty(num_pieces + n, dtype=np.int64)
+            counts[slot], counts[pad_slot] = sizes, seq_len - np.asarray(used)
+            starts = np.empty(num_pieces + n, dtype=np.int32)
+            starts[slot], starts[pad_slot] = at, np.arange(n) * seq_len + np.asarray(used)
+            numbers = np.zeros(num_pieces + n, dtype=np.int32)  # padding: segment 0
+            numbers[slot] = piece_in_row + 1
+        else:
+            at, counts, starts, numbers = piece_start, sizes, piece_start.astype(np.int32), None
+        labels = self.labels
         labels[...] = input_ids
         flat_labels = labels.reshape(-1)
         flat_labels[at] = IGNORE_INDEX  # nothing predicts a segment's first token
-        if no_loss is not None:
-            flat_labels[no_loss + shift.repeat(used)[no_loss] if padded else no_loss] = IGNORE_INDEX
-        # A piece is a segment: positions restart at 0 and segments count 1, 2, ... along each
-        # row, as running sums of increments scattered at piece starts.
-        positions.fill(1)
-        positions.reshape(-1)[at[1:]] = 1 - sizes[:-1]  # back to 0 from the piece before
-        positions[:, 0] = 0  # a row starts with its first piece
-        segments.fill(0)
-        segments.reshape(-1)[at] = 1
-        np.add.accumulate(stacked[1:], axis=2, out=stacked[1:])
-        if padded:  # padding: labels -100, positions and segments 0
+        for no_loss in self.no_loss:
+            flat_labels[no_loss] = IGNORE_INDEX
+        positions = np.repeat(starts, counts)
+        np.subtract(_ramp(n * seq_len), positions, out=positions)
+        if numbers is None:
+            numbers = (piece_in_row + 1).astype(np.int32)
+        segments = np.repeat(numbers, counts)
+        if self.allocated is None:
+            positions, segments = positions.reshape(n, seq_len), segments.reshape(n, seq_len)
+        else:
+            self.allocated.reshape(2, -1)[0] = positions
+            self.allocated.reshape(2, -1)[1] = segments
+            positions, segments = self.allocated
+        if self.padded:  # padding: labels -100, positions 0 (segments are 0 already)
             for row, count in enumerate(used):
-                labels[row, count:] = IGNORE_INDEX
-                stacked[1:, row, count:] = 0
+                if count < seq_len:
+                    labels[row, count:] = IGNORE_INDEX
+                    positions[row, count:] = 0
         return {
             "input_ids": input_ids,
             "labels": labels,
@@ -223,68 +310,17 @@ class RowReader:
             "domain_ids": domain_ids,
         }
 
-    def _planned_tokens(
-        self, domain_ids, row_pieces, doc_ids, offsets, sizes, piece_start, num_tokens
-    ):
-        """(tokens (num_tokens,), positions of no-loss tokens or None) of every piece, in
-        piece order.
 
-        Reads each domain's documents once (`read_tokens` when the source has it, else its
-        documents concatenated) and gathers the pieces' spans from the joined buffers.
-        """
-        # One sort for all domains: (domain, document) keys, documents ascending per domain.
-        keys = np.left_shift(domain_ids, _DOC_BITS, dtype=np.int64).repeat(row_pieces)
-        keys |= doc_ids
-        wanted, which = _distinct(keys)
-        wanted_docs = wanted & _DOC_MASK
-        # Each domain's slice of the sorted keys (a domain no row names has an empty one).
-        bounds = wanted.searchsorted(self._domain_keys).tolist()
-        buffers, masks, doc_lengths = [], [], []
-        for domain, (first, stop) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-            if first < stop:
-                flat, lengths, mask = _read_joined(self.sources[domain], wanted_docs[first:stop])
-                buffers.append(flat)
-                masks.append(mask)
-                doc_lengths.append(lengths)
-        lengths = doc_lengths[0] if len(doc_lengths) == 1 else np.concatenate(doc_lengths)
-        doc_start = np.add.accumulate(lengths) - lengths  # in the joined buffers
-        doc_length = lengths[which]
-        stops = offsets + sizes
-        if np.maximum.reduce(stops - doc_length) > 0:
-            bad = int(np.flatnonzero(stops > doc_length)[0])
-            raise ValueError(
-                f"{_describe(self.sources[int(keys[bad] >> _DOC_BITS)])} document "
-                f"{int(doc_ids[bad])} has {int(doc_length[bad])} tokens but the plan needs "
-                f"[.., {int(stops[bad])}): the source's lengths do not match its records"
-            )
-        joined = buffers[0] if len(buffers) == 1 else np.concatenate(buffers)
-        span_start = doc_start[which] + offsets
-        if num_tokens >= _SLICE_COPY_MIN_TOKENS * sizes.size:  # long pieces: a slice each
-            spans = list(zip(span_start.tolist(), (span_start + sizes).tolist(), strict=True))
+_RAMP = np.arange(0, dtype=np.int32)
 
-            def take(buffer: np.ndarray) -> np.ndarray:
-                return np.concatenate([buffer[start:stop] for start, stop in spans])
 
-        else:  # short pieces: one gather, its index a running sum that jumps at piece starts
-            jumps = span_start.copy()  # from the last token of the piece before
-            jumps[1:] -= span_start[:-1] + sizes[:-1] - 1
-            gather = np.ones(num_tokens, dtype=np.int64)
-            gather[piece_start] = jumps
-            np.add.accumulate(gather, out=gather)
-
-            def take(buffer: np.ndarray) -> np.ndarray:
-                return buffer[gather]
-
-        tokens = take(joined)
-        if all(mask is None for mask in masks):
-            return tokens, None
-        joined_mask = np.concatenate(
-            [
-                np.ones(buffer.size, np.uint8) if mask is None else mask
-                for buffer, mask in zip(buffers, masks, strict=True)
-            ]
-        )
-        return tokens, np.flatnonzero(take(joined_mask) == 0)
+def _ramp(size: int) -> np.ndarray:
+    """`np.arange(size, dtype=int32)`, a view of one kept array (rebuilt when outgrown)."""
+    global _RAMP
+    if _RAMP.size < size:
+        _RAMP = np.arange(max(size, 2 * _RAMP.size), dtype=np.int32)
+        _RAMP.setflags(write=False)
+    return _RAMP[:size]
 
 
 def _empty(shape: tuple[int, ...], dtype: Any, allocate: Callable[[int], np.ndarray] | None):
@@ -418,17 +454,6 @@ class ReadSlice:
         return results
 
 
-def _describe(source: Any) -> str:
-    """The source, for error messages: its path when it has one."""
-    path = getattr(source, "path", None)
-    if path is not None:
-        return f"{type(source).__name__}({path})"
-    if isinstance(source, list | tuple):
-        return f"{type(source).__name__} of {len(source)} documents"
-    text = repr(source)
-    return text if len(text) <= 160 else text[:157] + "..."
-
-
 def _read_joined(source: Any, indices: np.ndarray):
     """Documents `indices` of `source` joined: (tokens (T,), lengths (n,), loss mask (T,)
     uint8 or None). A source with `read_tokens` (a prepared dataset) fills the buffer in one
@@ -449,76 +474,3 @@ def _read_joined(source: Any, indices: np.ndarray):
             ]
         ).astype(np.uint8, copy=False)
     return flat, lengths, mask
-
-
-def read_documents(
-    source: Any, indices: list[int]
-) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """One batched read: (index -> (n,) int tokens, index -> (n,) loss mask for dict docs)."""
-    if not indices:
-        return {}, {}
-    getitems = getattr(source, "__getitems__", None)
-    raw = getitems(indices) if getitems is not None else [source[i] for i in indices]
-    if len(raw) != len(indices):
-        raise ValueError(
-            f"{type(source).__name__}.__getitems__ returned {len(raw)} documents for "
-            f"{len(indices)} indices"
-        )
-    if _plain_token_arrays(raw):
-        return dict(zip(indices, raw, strict=True)), {}
-    tokens, masks = {}, {}
-    for index, doc in zip(indices, raw, strict=True):
-        tokens[index], mask = _as_document(doc, index, source)
-        if mask is not None:
-            masks[index] = mask
-    return tokens, masks
-
-
-def _plain_token_arrays(docs: list) -> bool:
-    """Whether every document is a 1-D integer numpy array (checked with C-level maps)."""
-    if set(map(type, docs)) != {np.ndarray} or set(map(_NDIM, docs)) != {1}:
-        return False
-    return set(map(_DTYPE_KIND, docs)) <= {"i", "u"}  # kinds: hashing dtypes is slow
-
-
-_NDIM, _DTYPE_KIND = operator.attrgetter("ndim"), operator.attrgetter("dtype.kind")
-
-
-def _as_document(doc: Any, index: int, source: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """(tokens (n,) int, loss_mask (n,) or None) from a token array or an SFT dict."""
-    if type(doc) is np.ndarray and doc.ndim == 1 and doc.dtype.kind in "iu":
-        return doc, None
-    where = f"{_describe(source)} document {index}"
-    if isinstance(doc, dict):
-        if "input_ids" not in doc:
-            raise ValueError(
-                f"{where}: dict without 'input_ids' (keys: {sorted(doc)}); expected "
-                "{'input_ids': ..., 'loss_mask': ...}"
-            )
-        tokens = np.asarray(doc["input_ids"])
-        if tokens.ndim != 1 or (tokens.size and tokens.dtype.kind not in "iu"):
-            raise TypeError(
-                f"{where}: field 'input_ids' must be a 1-D integer array, got shape "
-                f"{tokens.shape} and dtype {tokens.dtype}"
-            )
-        mask = doc.get("loss_mask")
-        if mask is not None:
-            mask = np.asarray(mask)
-            if mask.shape != tokens.shape:
-                raise ValueError(
-                    f"{where}: field 'loss_mask' has shape {mask.shape}, 'input_ids' {tokens.shape}"
-                )
-        return tokens, mask
-    if isinstance(doc, str | bytes):
-        raise TypeError(
-            f"{where} is text ({type(doc).__name__}), packing needs token ids: "
-            "tokenize it (PretrainDataset(..., tokenizer=...)) or pre-tokenize with "
-            "`wf-data prepare --tokenizer ...`"
-        )
-    array = np.asarray(doc)
-    if array.ndim != 1 or (array.size and array.dtype.kind not in "iu"):
-        raise TypeError(
-            f"{where}: expected a 1-D integer token array or a dict with 'input_ids', "
-            f"got {type(doc).__name__} with shape {array.shape} and dtype {array.dtype}"
-        )
-    return array, None

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import grain
-import jinja2
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -28,6 +27,10 @@ from wf_data.data.text.chat import (
     to_messages,
 )
 from wf_data.data.text.tokenization import TokenizerWrapper
+from wf_data.extras import requires
+
+with requires("hf", feature="SFTDataset (chat templates)"):
+    import jinja2
 
 OVERLONG_POLICIES = ("error", "truncate", "drop")
 # Show a progress bar for the length pass from this many records on (~1 s of rendering).

@@ -1,28 +1,34 @@
 """Prepared dataset directories: manifest, ArrayRecord shards and random access over them.
 
 A dataset directory holds `manifest.json`, shards `NAME-00000-of-00008.array_record` and, for the
-`tokens` format, `lengths.npy` ((N,) int64 token count per record, in global record order). Records:
+`tokens` format, `lengths.npy` ((N,) int64 token count per record, in global record order) and the
+index of memory-mapped reads (`wf_data.data.shards.mapped`): `record_offsets.npy` ((N,) int64
+file offset of each record's tokens in its shard) and `block_crc32.npy` ((B,) uint32, a CRC-32
+of every 64 KiB block of every shard). Records:
 
 - tokens: raw little-endian bytes of a uint16 or uint32 array (manifest `token_dtype`);
 - text:   UTF-8 bytes of the document text;
 - chat:   UTF-8 JSON object with at least `"messages": [{"role": str, "content": str}, ...]`.
 
 `open_dataset(path)` returns a `DocumentSource`, a Grain `RandomAccessDataSource` (by protocol)
-over all shards.
+over all shards. Token records are read from memory maps of the shards when the dataset has the
+index (version 3), else (version 2, or `memory_map=False`) with ArrayRecord's record reader.
 
 Integrity: the manifest lists every other file of the dataset with its size and sha256 (shards,
 `lengths.npy`), and its `fingerprint` is the sha256 of the rest of the manifest, so an edit of
 any field or file is detected. Opening checks what needs no scan (fingerprint, file sizes,
 lengths count; `lengths.npy` is memory-mapped); the first read of a shard checks its lengths'
-sum, and every read checks each token record's length against `lengths.npy`;
+sum, and every read checks each token record's length against `lengths.npy` (memory-mapped
+reads: its chunk's framing on its first read, and each 64 KiB block's CRC-32 on its first use);
 `verify_dataset` (`wf-data inspect --verify`) hashes every file and recomputes the lengths.
-The small writer helpers here (`write_shard`, `write_json_atomic`, `file_sha256`) are what
+The small writer helpers here (`write_shard`, `file_sha256`) are what
 `wf_data.data.prepare.run` uses, so that reading and writing agree on one encoding.
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import hashlib
 import itertools
 import json
@@ -35,10 +41,16 @@ from typing import Any
 import numpy as np
 
 from wf_data import atomic
+from wf_data.data.shards.mapped import ShardReadError
 
 MANIFEST_NAME = "manifest.json"
 LENGTHS_NAME = "lengths.npy"
-MANIFEST_VERSION = 2  # 2: fingerprint over the whole manifest, lengths.npy and sizes listed
+# 2: fingerprint over the whole manifest, lengths.npy and sizes listed; 3: token datasets may
+# list the index of memory-mapped reads ("mapped"). Both are read.
+MANIFEST_VERSION = 3
+READ_VERSIONS = (2, 3)
+OFFSETS_NAME = "record_offsets.npy"
+CRC_NAME = "block_crc32.npy"
 FORMATS = ("tokens", "text", "chat")
 TOKEN_DTYPES = ("uint16", "uint32")
 # group_size:1 makes every record its own chunk: fast random access (what Grain recommends).
@@ -67,9 +79,12 @@ def read_before_fork() -> bool:
 
 __all__ = [
     "DocumentSource",
+    "CRC_NAME",
     "InMemorySource",
     "LENGTHS_NAME",
     "MANIFEST_NAME",
+    "OFFSETS_NAME",
+    "ShardReadError",
     "compute_fingerprint",
     "decode_record",
     "encode_record",
@@ -77,12 +92,13 @@ __all__ = [
     "open_dataset",
     "read_manifest",
     "shard_name",
+    "take_pieces",
     "token_dtype_for_vocab",
     "validate_chat_messages",
     "validate_manifest",
     "verify_dataset",
-    "write_json_atomic",
     "write_manifest",
+    "write_mapped_index",
     "write_shard",
 ]
 
@@ -176,12 +192,6 @@ def decode_record(
 # --------------------------------------------------------------------------- atomic writers
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Write `obj` as deterministic JSON (sorted keys, indented) atomically (`wf_data.atomic`)."""
-    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False)
-    atomic.write_text(path, text + "\n")
-
-
 def write_shard(
     path: str | os.PathLike,
     records: Iterable[bytes],
@@ -232,10 +242,10 @@ def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
 
     if not isinstance(manifest, dict):
         fail(f"expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("version") != MANIFEST_VERSION:
+    if manifest.get("version") not in READ_VERSIONS:
         fail(
-            f"unsupported version {manifest.get('version')!r}; this wf-data reads version "
-            f"{MANIFEST_VERSION}: prepare the dataset again with `wf-data prepare`"
+            f"unsupported version {manifest.get('version')!r}; this wf-data reads versions "
+            f"{list(READ_VERSIONS)}: prepare the dataset again with `wf-data prepare`"
         )
     required = (
         "name",
@@ -258,7 +268,17 @@ def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
         _check_file_entry(manifest["lengths"], "lengths", fail)
         if manifest["lengths"]["file"] != LENGTHS_NAME:
             fail(f"lengths.file must be {LENGTHS_NAME!r}, got {manifest['lengths']['file']!r}")
+        mapped = manifest.get("mapped")
+        if mapped is not None:
+            if manifest["version"] < 3 or not isinstance(mapped, dict):
+                fail(f"mapped must be absent (version 2) or an object, got {mapped!r}")
+            for key, name in (("offsets", OFFSETS_NAME), ("block_crc32", CRC_NAME)):
+                _check_file_entry(mapped.get(key), f"mapped.{key}", fail)
+                if mapped[key]["file"] != name:
+                    fail(f"mapped.{key}.file must be {name!r}, got {mapped[key]['file']!r}")
     else:
+        if manifest.get("mapped") is not None:
+            fail(f"mapped must be null for format {manifest['format']!r}")
         if manifest["token_dtype"] is not None:
             fail(f"token_dtype must be null for format {manifest['format']!r}")
         if manifest["lengths"] is not None:
@@ -317,28 +337,76 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> dict:
     """Complete, validate and write `out_dir/manifest.json` atomically; returns the manifest.
 
     Fills in what the files on disk say: the current `version`, each shard's `bytes`, the
-    `lengths` entry (size and sha256 of `lengths.npy`, format `tokens`; else null), and the
-    `fingerprint`. Callers give the rest, shard sha256s included (computed while writing).
+    `lengths` entry (size and sha256 of `lengths.npy`, format `tokens`; else null), the
+    `mapped` index of a `tokens` dataset (`write_mapped_index`), and the `fingerprint`.
+    Callers give the rest, shard sha256s included (computed while writing).
     """
     out_dir = pathlib.Path(out_dir)
     shards = [
         dict(shard, bytes=(out_dir / shard["file"]).stat().st_size) for shard in manifest["shards"]
     ]
-    lengths = None
+    lengths = mapped = None
     if manifest.get("format") == "tokens":
-        lengths_path = out_dir / LENGTHS_NAME
-        lengths = {
-            "file": LENGTHS_NAME,
-            "bytes": lengths_path.stat().st_size,
-            "sha256": file_sha256(lengths_path),
-        }
-    manifest = dict(manifest, version=MANIFEST_VERSION, shards=shards, lengths=lengths)
+        lengths = _file_entry(out_dir / LENGTHS_NAME)
+        mapped = write_mapped_index(out_dir, shards, np.dtype(manifest["token_dtype"]))
+    manifest = dict(
+        manifest, version=MANIFEST_VERSION, shards=shards, lengths=lengths, mapped=mapped
+    )
     manifest.pop("fingerprint", None)
     manifest["fingerprint"] = compute_fingerprint(manifest)
     path = out_dir / MANIFEST_NAME
     validate_manifest(manifest, where=str(path))
-    write_json_atomic(path, manifest)
+    atomic.write_json(path, manifest, indent=2)
     return manifest
+
+
+def _file_entry(path: pathlib.Path) -> dict:
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+def write_mapped_index(
+    out_dir: str | os.PathLike, shards: list[dict], token_dtype: np.dtype
+) -> dict | None:
+    """Writes `record_offsets.npy` and `block_crc32.npy` of a `tokens` dataset (atomically) and
+    returns their manifest entry, or None (and writes nothing) when a shard is not laid out as
+    uncompressed one-record chunks (it is then read with the record reader).
+
+    Reads every shard once (in threads: hashing releases the GIL), checking its sha256 against
+    its manifest entry, so the checksums describe the bytes the manifest lists.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wf_data.data.shards import mapped
+
+    out_dir = pathlib.Path(out_dir)
+    lengths = np.load(out_dir / LENGTHS_NAME, mmap_mode="r", allow_pickle=False)
+    starts = list(itertools.accumulate((int(shard["records"]) for shard in shards), initial=0))
+    if lengths.shape != (starts[-1],):
+        raise ValueError(f"{out_dir / LENGTHS_NAME}: {lengths.shape} for {starts[-1]} records")
+
+    def index(k: int):
+        shard = shards[k]
+        return mapped.index_shard(
+            out_dir / shard["file"],
+            lengths[starts[k] : starts[k + 1]],
+            token_dtype.itemsize,
+            shard["sha256"],
+        )
+
+    workers = max(1, min(len(shards), os.cpu_count() or 1))
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            indexed = list(pool.map(index, range(len(shards))))
+    except mapped.UnrecognizedLayout:
+        for name in (OFFSETS_NAME, CRC_NAME):
+            (out_dir / name).unlink(missing_ok=True)  # of an earlier write: not listed
+        return None
+    atomic.write_npy(out_dir / OFFSETS_NAME, np.concatenate([o for o, _ in indexed]))
+    atomic.write_npy(out_dir / CRC_NAME, np.concatenate([c for _, c in indexed]))
+    return {
+        "offsets": _file_entry(out_dir / OFFSETS_NAME),
+        "block_crc32": _file_entry(out_dir / CRC_NAME),
+    }
 
 
 # --------------------------------------------------------------------------- sources
@@ -354,7 +422,7 @@ class DocumentSource:
     (and with it jax): a worker then starts in about a second instead of several.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, *, memory_map: bool = True):
         self.path = pathlib.Path(path)
         self.manifest = read_manifest(self.path)
         self.format: str = self.manifest["format"]
@@ -374,6 +442,12 @@ class DocumentSource:
         self.lengths = self._load_lengths() if self.format == "tokens" else None
         self._readers: list[Any] = [None] * len(self.shard_paths)
         self._lock = threading.Lock()
+        # Memory-mapped reads: when the dataset lists their index (and `memory_map`).
+        self.memory_map = bool(memory_map and self.manifest.get("mapped"))
+        if self.memory_map:
+            for entry in self.manifest["mapped"].values():
+                _check_size(self.path / entry["file"], entry["bytes"], self.path)
+        self._mapped = None
 
     def _load_lengths(self) -> np.ndarray:
         """`lengths.npy` memory-mapped (ranks on one host share the page cache), checked
@@ -424,6 +498,7 @@ class DocumentSource:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_readers"] = [None] * len(self.shard_paths)
+        state["_mapped"] = None
         del state["_lock"]
         # lengths can be large (8 bytes a record): the new process memory-maps the file again.
         state["lengths"] = None
@@ -434,6 +509,37 @@ class DocumentSource:
         self._lock = threading.Lock()
         if self.format == "tokens":
             self.lengths = self._load_lengths()
+
+    def _mapped_shards(self):
+        """The memory maps of the shards (`wf_data.data.shards.mapped.MappedShards`)."""
+        with self._lock:
+            if self._mapped is None:
+                from wf_data.data.shards.mapped import MappedShards
+
+                def load(entry):
+                    return np.load(self.path / entry["file"], mmap_mode="r").view(np.ndarray)
+
+                offsets = load(self.manifest["mapped"]["offsets"])
+                if offsets.shape != (len(self),) or offsets.dtype != np.int64:
+                    raise ValueError(
+                        f"{self.path / OFFSETS_NAME}: expected ({len(self)},) int64, got "
+                        f"{offsets.shape} {offsets.dtype}; prepare the dataset again"
+                    )
+                self._mapped = MappedShards(
+                    self.shard_paths,
+                    self._starts,
+                    offsets,
+                    self.lengths,
+                    load(self.manifest["mapped"]["block_crc32"]),
+                    self.token_dtype,
+                    describe_record=self._describe_record,
+                    on_open=self._check_shard_lengths,
+                )
+        return self._mapped
+
+    def _describe_record(self, index: int) -> str:
+        shard, local = self._shard_of(index)
+        return f"{self.path}: shard {self.shard_paths[shard].name} record {local}"
 
     def _reader(self, shard: int):
         reader = self._readers[shard]
@@ -446,7 +552,12 @@ class DocumentSource:
                     self._check_shard_lengths(shard)
                     global _READ_IN_PID
                     _READ_IN_PID = os.getpid()
-                    reader = ArrayRecordReader(os.fspath(self.shard_paths[shard]), READER_OPTIONS)
+                    try:
+                        reader = ArrayRecordReader(
+                            os.fspath(self.shard_paths[shard]), READER_OPTIONS
+                        )
+                    except RuntimeError as error:  # a damaged footer or index
+                        raise self._damaged(shard, None, error) from None
                     self._readers[shard] = reader
         return reader
 
@@ -490,6 +601,9 @@ class DocumentSource:
 
     def __getitems__(self, indices: Sequence[int]) -> list[Any]:
         """Records in the order of `indices` (a token record must hold its planned length)."""
+        if self.memory_map:
+            tokens, lengths = self.read_tokens(indices)
+            return np.split(tokens, np.cumsum(lengths)[:-1]) if lengths.size else []
         indices, index_list = self._locate(indices)
         records = self._read_records(index_list)
         planned = self.lengths[indices].tolist() if self.lengths is not None else [0] * len(records)
@@ -506,14 +620,36 @@ class DocumentSource:
         if self._token_dtype_le is None:
             raise TypeError(f"{self.path} holds {self.format} records, not tokens")
         indices, index_list = self._locate(indices)
-        records = self._read_records(index_list)
         lengths = self.lengths[indices]
+        if self.memory_map:
+            pieces = self._mapped_shards().read_pieces(indices, np.zeros_like(indices), lengths)
+            return pieces, lengths
+        records = self._read_records(index_list)
         expected = (lengths * self._token_dtype_le.itemsize).tolist()
         sizes = list(map(len, records))
         if sizes != expected:  # the record's own check names shard, record and the fix
             at = next(i for i, size in enumerate(sizes) if size != expected[i])
             self._decode(records[at], index_list[at], int(lengths[at]))
         return np.frombuffer(b"".join(records), dtype=self._token_dtype_le), lengths
+
+    def read_pieces(
+        self, indices: Sequence[int], offsets: np.ndarray, sizes: np.ndarray
+    ) -> np.ndarray:
+        """(T,) read-only tokens of pieces `[offsets[i], offsets[i] + sizes[i])` of documents
+        `indices` (of a `tokens` dataset), back to back in this order: only those tokens are
+        read from memory-mapped shards; the record reader reads each document once, whole.
+        The caller checks that pieces lie within their documents (lengths.npy)."""
+        if self._token_dtype_le is None:
+            raise TypeError(f"{self.path} holds {self.format} records, not tokens")
+        indices, _ = self._locate(indices)
+        offsets = np.asarray(offsets, dtype=np.int64)
+        sizes = np.asarray(sizes, dtype=np.int64)
+        if self.memory_map:
+            return self._mapped_shards().read_pieces(indices, offsets, sizes)
+        wanted, which = np.unique(indices, return_inverse=True)
+        tokens, lengths = self.read_tokens(wanted)
+        starts = np.cumsum(lengths) - lengths
+        return take_pieces(tokens, starts[which] + offsets, sizes)
 
     def _read_records(self, indices: list[int]) -> list[bytes]:
         """Records `indices` (>= 0), in request order.
@@ -531,18 +667,54 @@ class DocumentSource:
                 self._reader(shard)
         records: list[bytes] = []
         with self._lock:
-            for index, shard in zip(indices, shards, strict=True):
-                reader = readers[shard]
-                reader.seek(index - starts[shard])
-                records.append(reader.read())
+            try:
+                for index, shard in zip(indices, shards, strict=True):
+                    reader = readers[shard]
+                    reader.seek(index - starts[shard])
+                    records.append(reader.read())
+            except RuntimeError as error:  # Riegeli's report of a damaged chunk
+                raise self._damaged(shard, index - starts[shard], error) from None
         return records
 
+    def _damaged(self, shard: int, record: int | None, error: RuntimeError) -> ShardReadError:
+        """The error for a shard Riegeli cannot read; its reader is dropped, so that the
+        records of undamaged chunks stay readable."""
+        reader, self._readers[shard] = self._readers[shard], None
+        if reader is not None:
+            with contextlib.suppress(RuntimeError):  # close reports the same failure again
+                reader.close()
+        at = "" if record is None else f" record {record}"
+        return ShardReadError(
+            f"{self.path}: shard {self.shard_paths[shard].name}{at}: unreadable ({error}); "
+            f"a damaged file reads this way: check every file with `wf-data inspect "
+            f"{self.path} --verify`, then prepare the dataset again or restore it from a copy"
+        )
+
     def close(self) -> None:
-        """Close the open shard readers (they reopen lazily on the next read)."""
+        """Close the open shard readers and maps (they reopen lazily on the next read)."""
+        if self._mapped is not None:
+            self._mapped.close()
         for i, reader in enumerate(self._readers):
             if reader is not None:
                 reader.close()
                 self._readers[i] = None
+
+
+# Mean piece size from which copying a slice per piece (~0.4 us each) beats one gather of
+# every token (~2.2 ns a token, its index included).
+_SLICE_COPY_MIN_TOKENS = 200
+
+
+def take_pieces(buffer: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """`buffer[starts[i] : starts[i] + sizes[i]]` for every i, back to back: (sizes.sum(),)."""
+    total = int(sizes.sum())
+    if total >= _SLICE_COPY_MIN_TOKENS * sizes.size:  # long pieces: a slice each
+        spans = zip(starts.tolist(), (starts + sizes).tolist(), strict=True)
+        return np.concatenate([buffer[start:stop] for start, stop in spans] or [buffer[:0]])
+    # Short pieces: one gather, its index a running sum of ones that jumps at piece starts.
+    gather = np.repeat(starts - (np.cumsum(sizes) - sizes), sizes)
+    gather += np.arange(total)
+    return buffer[gather]
 
 
 class InMemorySource:
@@ -643,6 +815,12 @@ def verify_dataset(
                 problems.append(f"{LENGTHS_NAME}: sha256 does not match the manifest")
             lengths = np.load(lengths_path, allow_pickle=False)
             itemsize = np.dtype(manifest["token_dtype"]).itemsize
+        for entry in (manifest.get("mapped") or {}).values():
+            index_path = path / entry["file"]
+            if not index_path.exists():
+                problems.append(f"{entry['file']}: missing")
+            elif file_sha256(index_path) != entry["sha256"]:
+                problems.append(f"{entry['file']}: sha256 does not match the manifest")
     start = 0
     for shard in manifest["shards"]:
         shard_path, name = path / shard["file"], shard["file"]
@@ -689,6 +867,8 @@ def _compare_lengths(
     return []
 
 
-def open_dataset(path: str | os.PathLike) -> DocumentSource:
-    """Open a dataset directory written by `wf-data prepare` as a `DocumentSource`."""
-    return DocumentSource(path)
+def open_dataset(path: str | os.PathLike, *, memory_map: bool = True) -> DocumentSource:
+    """Open a dataset directory written by `wf-data prepare` as a `DocumentSource`
+    (`memory_map=False`: read token records with the record reader even where the dataset
+    has the index of memory-mapped reads)."""
+    return DocumentSource(path, memory_map=memory_map)

@@ -1,15 +1,14 @@
-"""Tokenizers for wf-data: a picklable wrapper over a transformers fast tokenizer, and the
-``tokenize`` transform that maps text documents to int32 token arrays (in
-``wf_data.data.text.tokenize_dataset``, re-exported here on first use so that importing this
-module does not import Grain and JAX).
+"""The tokenizer wrapper: ``(n,) int32`` token ids, bos/eos by flag, fingerprints for manifests.
 
 The wrapper pins down what the rest of the package relies on: token ids as ``(n,) int32``
 numpy arrays, optional bos/eos added by flag (no other special tokens), batched encoding on
 the Rust side, a fingerprint of the tokenizer files for manifests and caches, and cheap
 pickling (the path and flags travel; the tokenizer is reloaded in the worker process).
-The name ``"wf-data-demo"`` (or ``None``) is the byte-level BPE tokenizer shipped in
+A directory with a plain ``tokenizer.json`` loads with the ``tokenizers`` library alone
+(``tokenizer_files``); a Hub model name or another layout loads with transformers (the ``hf``
+extra). The name ``"wf-data-demo"`` (or ``None``) is the byte-level BPE tokenizer shipped in
 ``wf_data/assets/tokenizer/`` (trained by ``tools/train_tokenizer.py``), so everything runs
-offline.
+offline. The ``tokenize`` transform is in ``tokenize_dataset``.
 """
 
 from __future__ import annotations
@@ -19,10 +18,13 @@ import json
 import os
 import pathlib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+from wf_data.data.text import tokenizer_files
+from wf_data.extras import requires
 
 DEMO_TOKENIZER_NAME = "wf-data-demo"
 DEMO_TOKENIZER_PATH = pathlib.Path(__file__).resolve().parents[2] / "assets" / "tokenizer"
@@ -39,17 +41,44 @@ _TOKENIZER_FILES = (
     "vocab.json",
     "vocab.txt",
 )
+_SPECIALS = ("bos", "eos", "pad", "unk")
 
 
 def _resolve(name_or_path: str | os.PathLike | None) -> tuple[str, str]:
-    """Map a user-facing name to ``(name, name_or_path for AutoTokenizer)``."""
+    """Map a user-facing name to ``(name, directory or Hub name)``."""
     if name_or_path is None or str(name_or_path) == DEMO_TOKENIZER_NAME:
         return DEMO_TOKENIZER_NAME, str(DEMO_TOKENIZER_PATH)
     return str(name_or_path), str(name_or_path)
 
 
+def _load_with_transformers(name: str, path: str) -> dict[str, Any]:
+    """``TokenizerWrapper`` arguments from transformers' ``AutoTokenizer`` (offline)."""
+    with requires("hf", feature=f"loading tokenizer {name!r} (not a plain tokenizer.json)"):
+        from transformers import AutoTokenizer
+
+    try:
+        hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"cannot load tokenizer {name!r} from {path!r} offline (a local directory, a "
+            f"model already in the Hugging Face cache, or {DEMO_TOKENIZER_NAME!r}): {error}"
+        ) from error
+    if not getattr(hf_tokenizer, "is_fast", False):
+        raise ValueError(
+            f"tokenizer {name!r} is not a fast tokenizer ({type(hf_tokenizer).__name__}); "
+            "wf-data needs a tokenizers-backed (fast) tokenizer with a tokenizer.json"
+        )
+    template = getattr(hf_tokenizer, "chat_template", None)
+    return {
+        "backend": hf_tokenizer.backend_tokenizer,
+        "special_ids": {key: getattr(hf_tokenizer, f"{key}_token_id") for key in _SPECIALS},
+        "chat_template": template if isinstance(template, str) else None,
+        "hf_tokenizer": hf_tokenizer,
+    }
+
+
 class TokenizerWrapper:
-    """A transformers fast tokenizer returning ``(n,) int32`` numpy token arrays.
+    """A ``tokenizers`` tokenizer returning ``(n,) int32`` numpy token arrays.
 
     ``add_bos``/``add_eos`` put the bos/eos id at the start/end of every encoded text; no
     other special tokens are added (special-token strings inside the text are still parsed
@@ -59,20 +88,23 @@ class TokenizerWrapper:
 
     def __init__(
         self,
-        hf_tokenizer: Any,
+        backend: Any,
         *,
         name: str,
         name_or_path: str,
+        special_ids: Mapping[str, int | None],
+        chat_template: str | None = None,
+        hf_tokenizer: Any = None,
         add_bos: bool = False,
         add_eos: bool = True,
     ):
-        if not getattr(hf_tokenizer, "is_fast", False):
-            raise ValueError(
-                f"tokenizer {name!r} is not a fast tokenizer ({type(hf_tokenizer).__name__}); "
-                "wf-data needs a tokenizers-backed (fast) tokenizer with a tokenizer.json"
-            )
+        self._backend = backend
+        self._special_ids = {key: special_ids.get(key) for key in _SPECIALS}
+        self._chat_template = chat_template
         self._hf_tokenizer = hf_tokenizer
-        self._backend = hf_tokenizer.backend_tokenizer
+        # Loaded by transformers: decode as it does (it may clean up spaces); the files read
+        # without it decode the same with the backend alone.
+        self._decode = hf_tokenizer.decode if hf_tokenizer is not None else backend.decode
         self._name = name
         self._name_or_path = name_or_path
         self.add_bos = bool(add_bos)
@@ -90,19 +122,17 @@ class TokenizerWrapper:
         add_bos: bool = False,
         add_eos: bool = True,
     ) -> TokenizerWrapper:
-        """Load with ``AutoTokenizer`` from a local directory or the local HF cache (never
-        downloads). ``None`` or ``"wf-data-demo"`` loads the shipped demo tokenizer."""
-        from transformers import AutoTokenizer
+        """Load from a local directory or the local HF cache (never downloads). ``None`` or
+        ``"wf-data-demo"`` loads the shipped demo tokenizer.
 
+        A directory with a plain ``tokenizer.json`` loads with ``tokenizers`` alone; anything
+        else (a Hub name, a model-specific tokenizer class) needs transformers (``hf`` extra).
+        """
         name, path = _resolve(name_or_path)
-        try:
-            hf_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as error:
-            raise ValueError(
-                f"cannot load tokenizer {name!r} from {path!r} offline (a local directory, a "
-                f"model already in the Hugging Face cache, or {DEMO_TOKENIZER_NAME!r}): {error}"
-            ) from error
-        return cls(hf_tokenizer, name=name, name_or_path=path, add_bos=add_bos, add_eos=add_eos)
+        loaded = tokenizer_files.read_directory(path) if os.path.isdir(path) else None
+        if loaded is None:
+            loaded = _load_with_transformers(name, path)
+        return cls(**loaded, name=name, name_or_path=path, add_bos=add_bos, add_eos=add_eos)
 
     # Pickling: only the name and flags travel; the receiving process reloads the files.
     def __getstate__(self) -> dict:
@@ -137,35 +167,44 @@ class TokenizerWrapper:
         return self._name_or_path
 
     @property
+    def backend(self) -> Any:
+        """The ``tokenizers.Tokenizer`` that encodes (what prepare's workers pickle)."""
+        return self._backend
+
+    @property
     def hf_tokenizer(self) -> Any:
-        """The underlying transformers tokenizer (for chat templates and the like)."""
+        """The transformers tokenizer of the same files (chat templates, HF APIs), loaded on
+        first use: it needs the ``hf`` extra."""
+        if self._hf_tokenizer is None:
+            self._hf_tokenizer = _load_with_transformers(self._name, self._name_or_path)[
+                "hf_tokenizer"
+            ]
         return self._hf_tokenizer
 
     @property
     def chat_template(self) -> str | None:
         """The tokenizer's Jinja chat template, or ``None``."""
-        template = getattr(self._hf_tokenizer, "chat_template", None)
-        return template if isinstance(template, str) else None
+        return self._chat_template
 
     @property
     def vocab_size(self) -> int:
-        """Number of token ids, added tokens included (``len(tokenizer)``)."""
-        return len(self._hf_tokenizer)
+        """Number of token ids, added tokens included (``len(tokenizer)`` in transformers)."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
 
     @property
     def bos_id(self) -> int | None:
         """Id of the beginning-of-sequence token, or ``None``."""
-        return self._hf_tokenizer.bos_token_id
+        return self._special_ids["bos"]
 
     @property
     def eos_id(self) -> int | None:
         """Id of the end-of-sequence token, or ``None``."""
-        return self._hf_tokenizer.eos_token_id
+        return self._special_ids["eos"]
 
     @property
     def pad_id(self) -> int:
         """Id used for padding: the pad token, else the eos token, else 0."""
-        for token_id in (self._hf_tokenizer.pad_token_id, self.eos_id):
+        for token_id in (self._special_ids["pad"], self.eos_id):
             if token_id is not None:
                 return int(token_id)
         return 0
@@ -201,9 +240,7 @@ class TokenizerWrapper:
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         """Text of the token ids ``ids`` (a 1-D int array or sequence)."""
-        return self._hf_tokenizer.decode(
-            np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens
-        )
+        return self._decode(np.asarray(ids).tolist(), skip_special_tokens=skip_special_tokens)
 
     def fingerprint(self) -> str:
         """sha256 hex over the tokenizer files (sorted by name) and the bos/eos flags.
@@ -236,14 +273,9 @@ class TokenizerWrapper:
         it in the manifest and the loader compares it (``check_source_tokenizer``).
         """
         if "_vocab_fingerprint" not in self.__dict__:
-            hf = self._hf_tokenizer
-            vocab = sorted(hf.get_vocab().items(), key=lambda item: (item[1], item[0]))
-            specials = {
-                "bos": hf.bos_token_id,
-                "eos": hf.eos_token_id,
-                "pad": hf.pad_token_id,
-                "unk": hf.unk_token_id,
-            }
+            vocab = self._backend.get_vocab(with_added_tokens=True)
+            vocab = sorted(vocab.items(), key=lambda item: (item[1], item[0]))
+            specials = dict(self._special_ids)
             text = json.dumps([vocab, specials], ensure_ascii=False, sort_keys=True)
             self._vocab_fingerprint = hashlib.sha256(text.encode("utf-8")).hexdigest()
         return self._vocab_fingerprint
@@ -295,13 +327,3 @@ def check_source_tokenizer(source: Any, tokenizer: Any, *, allow_mismatch: bool 
     if not allow_mismatch:
         raise TokenizerMismatchError(message)
     warnings.warn(f"{message} (allowed by allow_tokenizer_mismatch)", stacklevel=2)
-
-
-def __getattr__(name: str) -> Any:
-    # The Grain transform lives in its own module so that loading a tokenizer (prepare
-    # workers, the CLI) does not import Grain and with it JAX, seconds at process start.
-    if name in ("TokenizeDataset", "tokenize"):
-        from wf_data.data.text import tokenize_dataset
-
-        return getattr(tokenize_dataset, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -19,12 +19,13 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import os
-import select
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from typing import TypeVar
+
+from wf_data.data.workers.fd_wait import ready
 
 _PR_SET_PDEATHSIG = 1
 T = TypeVar("T")
@@ -99,7 +100,7 @@ def _watch(owner: int, sig: int, poll_s: float) -> None:
     except (AttributeError, OSError):
         pidfd = None
     if pidfd is not None:
-        select.select([pidfd], [], [])  # readable once ``owner`` has exited
+        ready([pidfd])  # readable once ``owner`` has exited
         _die(sig)
     while not process_exited(owner):
         threading.Event().wait(poll_s)

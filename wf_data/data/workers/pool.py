@@ -17,7 +17,6 @@ import functools
 import inspect
 import os
 import pickle
-import select
 import signal
 import subprocess
 import sys
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from wf_data.data.workers.fd_wait import MAX_WAIT_S, ready
 from wf_data.data.workers.lifetime import die_with_parent
 from wf_data.data.workers.shm_ring import (
     HEADER_SIZE,
@@ -39,11 +39,13 @@ from wf_data.data.workers.shm_ring import (
     receive_message,
     send_message,
 )
-from wf_data.data.workers.zygote import STATUS_LOST, Worker, zygote
+from wf_data.data.workers.zygote import STATUS_LOST, Worker, Zygote, zygote
 
 _CLOSE_GRACE_S = 0.2
 DEFAULT_TIMEOUT_S = 300.0  # far above a healthy read, even a slow network one; see README
-_MAX_SELECT_S = 3600.0  # select() refuses timeouts near 2**63 ns: wait in chunks
+# What the zygote runs in each worker it forks: named, so that the zygote imports this module
+# by name and this module imports the zygote, not the other way round.
+WORKER_ENTRY = f"{__name__}:worker_main"
 
 
 class WorkerError(RuntimeError):
@@ -194,25 +196,21 @@ class WorkerPool:
     def _wait(self, worker: _Worker, fd: int, started: float, doing: str) -> None:
         """Blocks until pipe ``fd`` of ``worker`` is ready (readable, or writable if it is the
         task pipe); ``WorkerError`` once the worker exits or ``timeout_s`` passed since
-        ``started``. Waits in ``select`` on the pipe and the worker's pidfd: no polling."""
+        ``started``. Waits in ``poll`` on the pipe and the worker's pidfd: no busy polling."""
         writing = fd == worker.task_fd
+        pidfd = worker.process.fileno()
         while True:
-            remaining = _MAX_SELECT_S
+            remaining = MAX_WAIT_S
             if self._timeout_s is not None:
                 remaining = max(0.0, min(remaining, started + self._timeout_s - time.monotonic()))
             # The pidfd, not EOF, reports a death: a fork of this process (not ours) may hold
             # the pipe's other end.
-            readable, writable, _ = select.select(
-                [worker.process] if writing else [fd, worker.process],
-                [fd] if writing else [],
-                [],
-                remaining,
-            )
-            if writable or fd in readable:
+            found = ready([pidfd] if writing else [fd, pidfd], [fd] if writing else [], remaining)
+            if fd in found:
                 return
-            if readable:
+            if found:
                 raise self._death(worker, doing)
-            # Checked after a select, so a result that came while this process was stopped
+            # Checked after a wait, so a result that came while this process was stopped
             # still counts.
             waited_s = time.monotonic() - started
             if self._timeout_s is not None and waited_s >= self._timeout_s:
@@ -227,9 +225,7 @@ class WorkerPool:
             f"{doing} for {waited_s:.1f} s (timeout_s={self._timeout_s:g}) and was killed: fn "
             f"is stuck (a hung read, a deadlock, a stopped process) or slower than the timeout. "
             f"If this element legitimately takes longer, raise data.worker_timeout_s (or "
-            f"ProcessMap timeout_s; None waits forever). The iterator's get_state() still "
-            f"describes the last element it delivered: restore from it, or call next() again "
-            f"to restart the workers."
+            f"ProcessMap timeout_s; None waits forever).{_zygote_note(worker)} {_RESUME_HINT}"
         )
 
     def _death(self, worker: _Worker, doing: str) -> WorkerError:
@@ -239,6 +235,8 @@ class WorkerPool:
             code = None
         if code is None:
             how = "closed its result pipe"
+        elif code == STATUS_LOST and worker.process.zygote_error is not None:
+            how = "exited (its exit status is lost)"
         elif code == STATUS_LOST:
             how = "died with its zygote (exit status lost)"
         elif code < 0:
@@ -247,10 +245,26 @@ class WorkerPool:
             how = f"exited with code {code}"
         self.close()
         return WorkerError(
-            f"ProcessMap worker {worker.index} (pid {worker.process.pid}) {how} while {doing}. The "
-            f"iterator's get_state() still describes the last element it delivered: restore "
-            f"from it, or call next() again to restart the workers."
+            f"ProcessMap worker {worker.index} (pid {worker.process.pid}) {how} while {doing}."
+            f"{_zygote_note(worker)} {_RESUME_HINT}"
         )
+
+
+_RESUME_HINT = (
+    "The iterator's get_state() still describes the last element it delivered: restore from "
+    "it, or call next() again to restart the workers."
+)
+
+
+def _zygote_note(worker: _Worker) -> str:
+    """What went wrong with the zygote while reaping ``worker``, as a sentence (or nothing)."""
+    error = worker.process.zygote_error
+    return "" if error is None else f" Reaping it failed: {error}."
+
+
+def worker_zygote() -> Zygote:
+    """The zygote that forks this module's workers (started now if it is not running)."""
+    return zygote(WORKER_ENTRY)
 
 
 def _start_worker(index: int, timeout_s: float | None) -> _Worker:
@@ -258,7 +272,7 @@ def _start_worker(index: int, timeout_s: float | None) -> _Worker:
     result_read, result_write = os.pipe()
     memory_fd = os.memfd_create(f"wf-data-process-map-{index}")
     try:
-        process = zygote().spawn((task_read, result_write, memory_fd), timeout_s)
+        process = worker_zygote().spawn((task_read, result_write, memory_fd), timeout_s)
     except BaseException as error:
         for fd in (task_write, result_read, memory_fd):
             os.close(fd)
@@ -421,7 +435,7 @@ def results_together(fn, plans: list, allocate=None) -> list[dict[str, np.ndarra
 
 def _readable(fd: int) -> bool:
     """Whether a read of `fd` would not block (a message, or EOF, is waiting)."""
-    return bool(select.select([fd], [], [], 0)[0])
+    return bool(ready([fd], timeout_s=0))
 
 
 def _exception_payload(error: Exception) -> tuple[bytes, str]:

@@ -48,9 +48,9 @@ from wf_data.data.workers.pool import (
     WorkerError,
     WorkerPool,
     results_together,
+    worker_zygote,
 )
 from wf_data.data.workers.shm_ring import check_result
-from wf_data.data.workers.zygote import zygote
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
@@ -134,7 +134,7 @@ class ProcessMap(grain.IterDataset):
         self._timeout_s = None if timeout_s is None else float(timeout_s)
         self._fn_pickle = _pickle_fn(fn) if num_workers else b""
         if num_workers:
-            zygote()  # starts importing numpy now, while the caller builds the rest
+            worker_zygote()  # starts importing numpy now, while the caller builds the rest
 
     def __iter__(self) -> ProcessMapIterator:
         return ProcessMapIterator(
@@ -144,6 +144,19 @@ class ProcessMap(grain.IterDataset):
             num_workers=self._num_workers,
             lookahead=self._lookahead,
             timeout_s=self._timeout_s,
+        )
+
+    def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+        """Refuses Grain's ``mp_prefetch`` (which asks each of its workers for a slice of the
+        stream through this method), naming what to use instead."""
+        del sequential_slice
+        raise ValueError(
+            f"ProcessMap cannot run under Grain's mp_prefetch (each of its workers would take "
+            f"the slice {sl} of the stream): its parent is planned in order, in one process "
+            f"(mixing draws, batch plans, online mixture feedback), so no slice can be computed "
+            f"alone. ProcessMap already runs fn in worker processes: set its num_workers "
+            f"(ProcessMap(..., num_workers=N); for a loader, get_loader(..., num_workers=N) or "
+            f"data.num_workers) instead of mp_prefetch, and move CPU-heavy maps into its fn"
         )
 
     def __str__(self) -> str:
