@@ -236,7 +236,7 @@ class _EncodeChunk(beam.DoFn):
 
 class _WritePart(beam.DoFn):
     """A part's encoded chunks -> its part file (`prepare_file`), renamed into place; emits
-    (index, result)."""
+    (index, result). Holds one part's records (those of ~`piece_bytes` of input) at a time."""
 
     def __init__(self, tokens: bool, options: dict, jobs: list):
         self._tokens, self._options, self._jobs = tokens, options, jobs
