@@ -20,7 +20,8 @@ Each side is one small function (`loader_run`, `grain_mix_run`, `bare_concat_run
 on public APIs only (`get_loader`, `pack`, `DataLoader`, Grain's own datasets), so that a
 changed API means editing one function. Data: document lengths lognormal(6, 1.1) ("long") or
 lognormal(4, 1) ("short"), rounded and clipped to [8, 32768], uniform random token ids.
-Sections `memory`, `state` and `exp3` come from `tools/bench_loader.py`.
+Sections `memory`, `state` and `exp3` come from `tools/bench_loader.py`; `prepare` (text
+through `wf-data prepare`, its baseline the raw tokenizer) from `tools/bench_prepare.py`.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 
-from tools import bench_loader, bench_peers, bench_planning, bench_text
+from tools import bench_loader, bench_peers, bench_planning, bench_prepare, bench_text
 from tools.bench_common import (
     CACHE_DIR,
     LENGTHS,
@@ -664,6 +665,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace, dict[str, Corpus]], list[dict]
     "restore": bench_restore,
     "peers": bench_peers.bench_peers,
     "text": bench_text.bench_text,
+    "prepare": bench_prepare.section,
     **bench_planning.SECTIONS,  # first_batch, planning
     # bench_loader's `loader` section is superseded by `vs_grain` (Grain's reads now shuffled).
     **{
@@ -720,6 +722,8 @@ COLUMNS = [
     ("CPU worst step / mean", "cpu_max_over_mean", lambda ratio: f"{ratio:.1f}x"),
     ("CPU restore + first batch", "cpu_restore_ms", lambda ms: f"{ms:.1f} ms"),
     ("steps", "steps", lambda count: f"{count:,.0f}"),
+    ("CPU / wall", "cpu_per_wall", lambda ratio: f"{ratio:.2f}"),
+    ("tokens per CPU s, ratio", "cpu_ratio", lambda ratio: f"{ratio:.2f}x"),
 ]
 
 
@@ -806,6 +810,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--min-steps", type=int, default=5, help="planning: steps per round")
     parser.add_argument(
+        "--prepare-mb", type=float, default=None, help="prepare: MB of text (default 50, --quick 2)"
+    )
+    parser.add_argument(
         "--cache-dir",
         type=pathlib.Path,
         default=CACHE_DIR,
@@ -843,6 +850,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "bare_docs": 2_000 if quick else 20_000,
         "planning_docs": [100_000] if quick else [1_000_000, 10_000_000, 100_000_000],
         "planning_seconds": 0.1 if quick else 1.0,
+        "prepare_mb": 2.0 if quick else bench_prepare.DEFAULT_MB,
     }
     for key, value in defaults.items():
         if getattr(args, key) is None:

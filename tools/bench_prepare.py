@@ -229,11 +229,12 @@ def prepare_vs_raw(
 
 
 def section(args: argparse.Namespace, corpora: object = None) -> list[dict]:
-    """`tools/bench.py`'s section signature: `--quick` uses 2 MB and one round."""
+    """`tools/bench.py`'s section signature; `--quick` leaves out the Beam sides."""
     quick = getattr(args, "quick", False)
     return prepare_vs_raw(
-        megabytes=2.0 if quick else getattr(args, "prepare_mb", DEFAULT_MB),
+        megabytes=getattr(args, "prepare_mb", None) or (2.0 if quick else DEFAULT_MB),
         rounds=getattr(args, "rounds", None) or (1 if quick else 3),
+        beam=not quick,
     )
 
 
