@@ -28,7 +28,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from wf_data.data.mix.exp3 import Exp3
+from wf_data.data.mix.exp3 import Exp3, float_loss
 
 ON_EXHAUSTED = ("restart", "stop")
 _UNIFORM_BLOCK = 4096
@@ -124,6 +124,7 @@ class StaticWeights:
 
     kind = "static"
     learns = False
+    reference_due = False
 
     def __init__(self, weights: Mapping[str, float]):
         if not isinstance(weights, Mapping):
@@ -177,6 +178,14 @@ class Exp3Policy:
 
     def update(self, losses: np.ndarray) -> None:
         self.bandit.update(losses)
+
+    @property
+    def reference_due(self) -> bool:
+        """True when the bandit's ``reference_losses: auto`` wants held-out losses now."""
+        return self.bandit.reference_due
+
+    def record_reference(self, losses: np.ndarray) -> None:
+        self.bandit.record_reference(losses)
 
     def state_dict(self) -> dict:
         return self.bandit.state_dict()
@@ -289,7 +298,7 @@ class MixPlans(grain.IterDataset):
         for key, value in losses.items():
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"mixture loss of {key!r} must be a number, got {value!r}")
-            array[self._domain_index(key)] = value
+            array[self._domain_index(key)] = float_loss(value, f"domain {key!r}")
         return array
 
     def _domain_index(self, key: Any) -> int:
@@ -313,6 +322,22 @@ class MixPlans(grain.IterDataset):
         if iterator is None:
             raise RuntimeError(f"{self} has no live iterator to update: iterate it first")
         iterator.update_policy(self.losses_array(losses))
+
+    @property
+    def reference_due(self) -> bool:
+        """True when the live policy wants held-out losses (``reference_losses: auto``)."""
+        return self.live_policy.reference_due
+
+    def record_reference(self, losses: Mapping[Any, float] | Any) -> None:
+        """Hands held-out losses per domain (names or indices, or a (K,) array) to the live
+        policy's reference estimate; they change no row already drawn."""
+        if not self.live_policy.reference_due:
+            raise ValueError(f"{self}: no reference measurement is due")
+        array = np.asarray(self.losses_array(losses), dtype=np.float64)
+        if np.isnan(array).any():
+            missing = [n for n, v in zip(self.names, array, strict=True) if np.isnan(v)]
+            raise ValueError(f"held-out losses for the reference lack domains {missing}")
+        self.live_policy.record_reference(array)
 
     def fingerprint(self) -> dict:
         """What produced this stream, per source, for refusing a foreign state (the shape of

@@ -16,6 +16,17 @@ checkpoints inside its own state, so the loader never needs to know which reward
   how much ``s`` fell over the last ``window`` observations of that domain,
   ``s[n - m] - s[n]`` with ``m = min(n, window)`` (0 at the first observation). A domain that
   no longer improves, such as one of random tokens, earns nothing.
+- ``loss_change``: absolute learning progress ``|s[n - m] - s[n]|`` (ALP-GMM, Portelas et al.
+  2019; Teacher-Student Curriculum Learning, Matiisen et al. 2017): a domain whose loss rises
+  because it gets too few rows (forgetting) is rewarded like one being learned, rather than
+  pushed further down.
+- ``relative_excess`` and ``relative_decrease``: the same two on a common scale, as log ratios:
+  ``max(log(L_i / ref_i), 0)`` and ``log(s[n - m] / s[n])`` (signed). A domain 10% above its
+  reference, or 10% lower than a window ago, scores the same at 6 nats as at 1.4, so domains
+  compare whatever their loss level.
+
+The references of the excess rewards are given, or ``"auto"``: set later with `set_reference`
+(`wf_data.data.mix.reference` measures them in the run); until then the rewards are NaN.
 """
 
 from __future__ import annotations
@@ -25,9 +36,27 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["REWARDS", "ExcessLoss", "Loss", "LossDecrease", "make_reward"]
+__all__ = [
+    "REWARDS",
+    "ExcessLoss",
+    "Loss",
+    "LossChange",
+    "LossDecrease",
+    "RelativeDecrease",
+    "RelativeExcess",
+    "make_reward",
+]
 
-REWARDS = ("loss", "excess_loss", "loss_decrease")
+_TINY = 1e-12  # a loss of 0 is clamped here before a log ratio
+
+REWARDS = (
+    "loss",
+    "excess_loss",
+    "loss_decrease",
+    "loss_change",
+    "relative_excess",
+    "relative_decrease",
+)
 
 
 class Loss:
@@ -51,7 +80,8 @@ class Loss:
 
 
 class ExcessLoss(Loss):
-    """``reward = max(loss - reference, 0)`` per domain; ``reference`` is (K,) finite floats."""
+    """``reward = max(loss - reference, 0)`` per domain; ``reference`` is (K,) finite floats,
+    or ``"auto"``: set later by `set_reference` (measured in the run), NaN rewards until then."""
 
     name = "excess_loss"
 
@@ -59,19 +89,42 @@ class ExcessLoss(Loss):
         super().__init__(num_domains)
         if reference is None:
             raise ValueError(
-                "reward 'excess_loss' needs reference losses, one per domain "
-                "(mixing.reference_losses: {domain_name: loss})"
+                f"reward {self.name!r} needs reference losses, one per domain "
+                "(mixing.reference_losses: {domain_name: loss}, or auto)"
             )
+        self.reference: np.ndarray | None = None
+        if not (isinstance(reference, str) and reference == "auto"):
+            self.set_reference(reference)
+
+    def set_reference(self, reference: Any) -> None:
+        """Sets the (K,) reference losses (finite floats)."""
         values = np.asarray(reference, dtype=np.float64)
-        if values.shape != (num_domains,) or not np.isfinite(values).all():
+        if values.shape != (self.num_domains,) or not np.isfinite(values).all():
             raise ValueError(
-                f"reference losses must be {num_domains} finite floats, got {values.tolist()}"
+                f"reference losses must be {self.num_domains} finite floats, got {values.tolist()}"
             )
         self.reference = values
 
     def step(self, losses: np.ndarray) -> np.ndarray:
         """(K,) rewards: the excess over the reference, clipped at 0; NaN stays NaN."""
+        if self.reference is None:
+            return np.full(self.num_domains, np.nan)
         return np.maximum(losses - self.reference, 0.0, where=~np.isnan(losses), out=losses.copy())
+
+
+class RelativeExcess(ExcessLoss):
+    """``reward = max(log(loss / reference), 0)``: the excess as a log ratio, the same for a
+    domain 10% above a reference of 6 nats as for one 10% above a reference of 1.4."""
+
+    name = "relative_excess"
+
+    def step(self, losses: np.ndarray) -> np.ndarray:
+        """(K,) rewards: log(loss / reference) clipped at 0; NaN stays NaN."""
+        if self.reference is None:
+            return np.full(self.num_domains, np.nan)
+        with np.errstate(divide="ignore"):
+            ratio = np.log(np.maximum(losses, _TINY) / np.maximum(self.reference, _TINY))
+        return np.maximum(ratio, 0.0, where=~np.isnan(losses), out=ratio)
 
 
 class LossDecrease(Loss):
@@ -115,8 +168,14 @@ class LossDecrease(Loss):
         self._count[observed] = count
         back = np.minimum(count - 1, self.window)
         rewards = np.full(self.num_domains, np.nan)
-        rewards[observed] = self._history[observed, (count - 1 - back) % size] - smoothed
+        rewards[observed] = self._progress(
+            self._history[observed, (count - 1 - back) % size], smoothed
+        )
         return rewards
+
+    def _progress(self, before: np.ndarray, now: np.ndarray) -> np.ndarray:
+        """Reward of smoothed losses ``before`` (``window`` observations ago) and ``now``."""
+        return before - now
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-safe: the ring buffer and the per-domain observation counts."""
@@ -142,6 +201,27 @@ class LossDecrease(Loss):
         self._history, self._count = history, count
 
 
+class LossChange(LossDecrease):
+    """Absolute learning progress, ``|s[n - m] - s[n]|``: a domain whose loss falls is being
+    learned and one whose loss rises is being forgotten; both want rows. One whose loss does
+    neither (random tokens, a saturated domain) earns nothing but its noise."""
+
+    name = "loss_change"
+
+    def _progress(self, before: np.ndarray, now: np.ndarray) -> np.ndarray:
+        return np.abs(before - now)
+
+
+class RelativeDecrease(LossDecrease):
+    """Learning progress as a log ratio, ``max(log(s[n - m] / s[n]), 0)``: the share of its
+    loss a domain shed over the window, comparable across loss levels; 0 when it gains nothing."""
+
+    name = "relative_decrease"
+
+    def _progress(self, before: np.ndarray, now: np.ndarray) -> np.ndarray:
+        return np.log(np.maximum(before, _TINY) / np.maximum(now, _TINY))
+
+
 def make_reward(
     kind: str,
     num_domains: int,
@@ -155,6 +235,13 @@ def make_reward(
         return Loss(num_domains)
     if kind == "excess_loss":
         return ExcessLoss(num_domains, reference)
-    if kind == "loss_decrease":
-        return LossDecrease(num_domains, smoothing=smoothing, window=window)
+    progress = {
+        "loss_decrease": LossDecrease,
+        "loss_change": LossChange,
+        "relative_decrease": RelativeDecrease,
+    }
+    if kind in progress:
+        return progress[kind](num_domains, smoothing=smoothing, window=window)
+    if kind == "relative_excess":
+        return RelativeExcess(num_domains, reference)
     raise ValueError(f"reward must be one of {REWARDS}, got {kind!r}")
