@@ -54,6 +54,11 @@ ARMS: dict[str, dict] = {
         "update_rule": "proportional",
         "reward": "relative_decrease",
     },
+    "prop-progress-token": {
+        "kind": "exp3",
+        "update_rule": "proportional",
+        "reward": "loss_decrease_per_token",
+    },
     "prop-excess": {"kind": "exp3", "update_rule": "proportional", "reward": "excess_loss"},
     "prop-excess-auto": {
         "kind": "exp3",

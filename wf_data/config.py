@@ -135,6 +135,7 @@ class MixingConfig:
         "loss_change",
         "relative_excess",
         "relative_decrease",
+        "loss_decrease_per_token",
     ] = _EXP3.reward
     # {source: loss}, or "auto" (measured in the run); a mapping or a string, checked below.
     reference_losses: Any = field(default_factory=dict)

@@ -447,6 +447,23 @@ def test_proportional_rule_hand_computed_vector():
     np.testing.assert_allclose(bandit.policy(), [2 / 3, 1 / 3], rtol=1e-12)
 
 
+@pytest.mark.parametrize("reward", ["loss_decrease", "loss_decrease_per_token"])
+def test_proportional_rule_settles_where_the_rates_per_row_say(reward):
+    """Domains whose loss falls by c per unit of weight served: progress per token settles the
+    policy at c / sum(c) (floor aside); plain progress feeds the leader its own rows and runs
+    away to the fastest domain."""
+    rates = np.array([0.01, 0.02, 0.05])
+    bandit = Exp3(3, update_rule="proportional", reward=reward, min_weight=0.05, alpha=0.9)
+    served = np.zeros(3)
+    for _ in range(400):
+        bandit.update(100.0 - rates * served)
+        served += bandit.policy()
+    if reward == "loss_decrease_per_token":
+        np.testing.assert_allclose(bandit.policy(), rates / rates.sum(), atol=0.01)
+    else:
+        np.testing.assert_allclose(bandit.policy(), [0.05, 0.05, 0.9], atol=0.01)
+
+
 @pytest.mark.parametrize("unit", [0.1, 1 / math.log(2), 10.0])
 def test_proportional_policy_does_not_depend_on_the_unit_of_the_reward(unit):
     """Losses in nats or bits (or scaled) give the same mixture; smoothed_mean's exp does not."""
@@ -723,8 +740,12 @@ def test_22_noisy_domains_never_collapse(simulate_odm, rule, reward, max_weight)
     "overrides, match",
     [
         (["mixing.warmup_fraction=0.1"], "needs data.mixing.total_steps"),
-        (["mixing.reward=excess_loss", "~mixing.reference_losses"], "reference_losses: reward"),
+        (["mixing.reward=excess_loss"], "reference_losses: reward excess_loss needs"),
+        (["mixing.reward=relative_excess"], "reference_losses: reward relative_excess needs"),
+        (["mixing.reference_losses=auto", "mixing.reward=excess_loss"], "set data.mixing.total"),
+        (["mixing.reference_losses=[1, 2]"], r"must be \{source: loss\} or auto"),
         (["mixing.update_rule=ema"], "'ema' is not one of 'paper', 'smoothed_mean'"),
+        (["~mixing.min_weight"], "update_rule proportional needs min_weight > 0"),
         (["mixing.reward_cap=0"], "reward_cap: must be > 0"),
         (["mixing.progress_window=0"], "progress_window: must be >= 1"),
         (["mixing.loss_smoothing=1.0"], r"loss_smoothing: must be in \[0, 1\)"),

@@ -98,13 +98,14 @@ class Exp3Options:
         They require `K * min_weight <= 1 <= K * max_weight`. They also bound the warmup prior.
       warmup_steps: for the first `warmup_steps` updates the policy stays at the prior; rewards
         still accumulate (importance-weighted by the prior, the policy in force).
-      update_rule: "paper" or "smoothed_mean" (module docstring).
-      reward: "loss", "excess_loss" or "loss_decrease" (`wf_data.data.mix.rewards`).
+      update_rule: "paper", "smoothed_mean" or "proportional" (module docstring).
+      reward: one of `wf_data.data.mix.rewards.REWARDS` (documented there).
       reference_losses: (K,) reference loss per domain, for the rewards "excess_loss" and
         "relative_excess"; or "auto": measured in the run (`wf_data.data.mix.reference`), the
         trainer hands held-out losses to `record_reference` when `reference_due`.
       total_steps: updates in the whole run, for reference_losses "auto".
-      loss_smoothing, progress_window: EMA factor and window of reward "loss_decrease".
+      loss_smoothing, progress_window: EMA factor and window of the progress rewards
+        ("loss_decrease", "loss_change", "relative_decrease", "loss_decrease_per_token").
       reward_cap: the most one update may add to a domain's R before smoothing (> 0; `math.inf`
         disables it); None takes `DEFAULT_REWARD_CAP[update_rule]`.
     """
@@ -380,7 +381,7 @@ class Exp3:
                 "evaluate=...) does it)"
             )
         values = self._losses_array(losses)
-        rewards = self._reward.step(values)
+        rewards = self._reward.step(values, self.policy())
         if self._update_rule == "paper":
             self._rewards = self._paper_update(rewards)
         elif self._update_rule == "smoothed_mean":

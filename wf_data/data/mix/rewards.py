@@ -25,6 +25,14 @@ checkpoints inside its own state, so the loader never needs to know which reward
   reference, or 10% lower than a window ago, scores the same at 6 nats as at 1.4, so domains
   compare whatever their loss level.
 
+- ``loss_decrease_per_token``: learning progress per unit of sampling weight, ``(s[n - m] -
+  s[n]) / (W[n] - W[n - m])``, where ``W`` sums the domain's policy weight over the updates
+  whose rows trained the model between the two observations: the fall of the loss per row the
+  domain was given (in steps' worth of rows), an estimate of ``-dL/dn``. ``loss_decrease``
+  grows with the weight it earns (more rows, more progress), so the leading domain keeps
+  leading; per row, a domain's reward shrinks as it saturates and a starved domain is not
+  penalised for being starved, so the weights settle where the domains' marginal returns do.
+
 The references of the excess rewards are given, or ``"auto"``: set later with `set_reference`
 (`wf_data.data.mix.reference` measures them in the run); until then the rewards are NaN.
 """
@@ -42,6 +50,7 @@ __all__ = [
     "Loss",
     "LossChange",
     "LossDecrease",
+    "LossDecreasePerToken",
     "RelativeDecrease",
     "RelativeExcess",
     "make_reward",
@@ -56,6 +65,7 @@ REWARDS = (
     "loss_change",
     "relative_excess",
     "relative_decrease",
+    "loss_decrease_per_token",
 )
 
 
@@ -67,8 +77,9 @@ class Loss:
     def __init__(self, num_domains: int):
         self.num_domains = num_domains
 
-    def step(self, losses: np.ndarray) -> np.ndarray:
-        """(K,) rewards for (K,) losses (NaN = unobserved, kept NaN)."""
+    def step(self, losses: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """(K,) rewards for (K,) losses (NaN = unobserved, kept NaN); ``weights`` is the (K,)
+        policy that sampled the rows of these losses (used by `LossDecreasePerToken` only)."""
         return losses.copy()
 
     def state_dict(self) -> dict[str, Any]:
@@ -105,7 +116,7 @@ class ExcessLoss(Loss):
             )
         self.reference = values
 
-    def step(self, losses: np.ndarray) -> np.ndarray:
+    def step(self, losses: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """(K,) rewards: the excess over the reference, clipped at 0; NaN stays NaN."""
         if self.reference is None:
             return np.full(self.num_domains, np.nan)
@@ -118,7 +129,7 @@ class RelativeExcess(ExcessLoss):
 
     name = "relative_excess"
 
-    def step(self, losses: np.ndarray) -> np.ndarray:
+    def step(self, losses: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """(K,) rewards: log(loss / reference) clipped at 0; NaN stays NaN."""
         if self.reference is None:
             return np.full(self.num_domains, np.nan)
@@ -149,9 +160,10 @@ class LossDecrease(Loss):
         self._history = np.zeros((num_domains, window + 1))
         self._count = np.zeros(num_domains, dtype=np.int64)
 
-    def step(self, losses: np.ndarray) -> np.ndarray:
+    def step(self, losses: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """(K,) rewards ``s[n - m] - s[n]`` for the observed domains, NaN for the others."""
         observed = np.flatnonzero(~np.isnan(losses))
+        self._record(observed, weights)
         size = self.window + 1
         count = self._count[observed]
         newest = self._history[observed, (count - 1) % size]
@@ -169,12 +181,21 @@ class LossDecrease(Loss):
         back = np.minimum(count - 1, self.window)
         rewards = np.full(self.num_domains, np.nan)
         rewards[observed] = self._progress(
-            self._history[observed, (count - 1 - back) % size], smoothed
+            self._history[observed, (count - 1 - back) % size],
+            smoothed,
+            observed,
+            (count - 1 - back) % size,
         )
         return rewards
 
-    def _progress(self, before: np.ndarray, now: np.ndarray) -> np.ndarray:
-        """Reward of smoothed losses ``before`` (``window`` observations ago) and ``now``."""
+    def _record(self, observed: np.ndarray, weights: np.ndarray | None) -> None:
+        """Hook run before the observed domains' smoothed losses are stored."""
+
+    def _progress(
+        self, before: np.ndarray, now: np.ndarray, observed: np.ndarray, slot: np.ndarray
+    ) -> np.ndarray:
+        """Reward of smoothed losses ``before`` (``window`` observations ago, ring ``slot``) and
+        ``now`` of the ``observed`` domains."""
         return before - now
 
     def state_dict(self) -> dict[str, Any]:
@@ -208,7 +229,7 @@ class LossChange(LossDecrease):
 
     name = "loss_change"
 
-    def _progress(self, before: np.ndarray, now: np.ndarray) -> np.ndarray:
+    def _progress(self, before, now, observed, slot) -> np.ndarray:
         return np.abs(before - now)
 
 
@@ -218,8 +239,74 @@ class RelativeDecrease(LossDecrease):
 
     name = "relative_decrease"
 
-    def _progress(self, before: np.ndarray, now: np.ndarray) -> np.ndarray:
+    def _progress(self, before, now, observed, slot) -> np.ndarray:
         return np.log(np.maximum(before, _TINY) / np.maximum(now, _TINY))
+
+
+class LossDecreasePerToken(LossDecrease):
+    """Learning progress per unit of sampling weight, ``(s[n - m] - s[n]) / (W[n] - W[n - m])``.
+
+    ``W`` sums the domain's policy weight over the updates before each observation: the rows
+    (in steps' worth) that trained the model between two observations of the domain. Extra
+    state: ``served`` (K,) that sum so far, and ``served_history`` (K, window + 1), its value at
+    each stored observation. `step` needs ``weights``, the policy that sampled the step's rows.
+    """
+
+    name = "loss_decrease_per_token"
+
+    def __init__(self, num_domains: int, *, smoothing: float = 0.9, window: int = 16):
+        super().__init__(num_domains, smoothing=smoothing, window=window)
+        self._served = np.zeros(num_domains)
+        self._served_history = np.zeros((num_domains, window + 1))
+        self._served_now = np.zeros(num_domains)
+
+    def _record(self, observed: np.ndarray, weights: np.ndarray | None) -> None:
+        if weights is None:
+            raise ValueError(f"reward {self.name!r}: step needs the policy weights of the step")
+        # This step's loss comes from rows sampled now, measured before training on them: the
+        # observation sees the weights of the steps before it.
+        self._served_now = self._served.copy()
+        self._served_history[observed, self._count[observed] % (self.window + 1)] = (
+            self._served_now[observed]
+        )
+        self._served += np.asarray(weights, dtype=np.float64)
+
+    def _progress(self, before, now, observed, slot) -> np.ndarray:
+        served = self._served_now[observed] - self._served_history[observed, slot]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            rate = (before - now) / served
+        return np.where(served > 0, rate, 0.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe: `LossDecrease`'s state plus the weight served per domain."""
+        return {
+            **super().state_dict(),
+            "served": self._served.tolist(),
+            "served_history": self._served_history.tolist(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores `state_dict()` output; refuses another K or window, or non-finite values."""
+        try:
+            served = np.array(state["served"], dtype=np.float64)
+            served_history = np.array(state["served_history"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"{self.name} state: expected served and served_history, got {err}"
+            ) from None
+        if served.shape != (self.num_domains,) or served_history.shape != (
+            self.num_domains,
+            self.window + 1,
+        ):
+            raise ValueError(
+                f"{self.name} state: served shape {served.shape} / served_history shape "
+                f"{served_history.shape} do not match ({self.num_domains},) / "
+                f"({self.num_domains}, {self.window + 1})"
+            )
+        if not (np.isfinite(served).all() and np.isfinite(served_history).all()):
+            raise ValueError(f"{self.name} state: served must be finite")
+        super().load_state_dict(state)
+        self._served, self._served_history = served, served_history
 
 
 def make_reward(
@@ -239,6 +326,7 @@ def make_reward(
         "loss_decrease": LossDecrease,
         "loss_change": LossChange,
         "relative_decrease": RelativeDecrease,
+        "loss_decrease_per_token": LossDecreasePerToken,
     }
     if kind in progress:
         return progress[kind](num_domains, smoothing=smoothing, window=window)
