@@ -47,6 +47,27 @@ ARMS: dict[str, dict] = {
         "update_rule": "smoothed_mean",
         "reward": "loss_decrease",
     },
+    "prop-progress": {"kind": "exp3", "update_rule": "proportional", "reward": "loss_decrease"},
+    "prop-change": {"kind": "exp3", "update_rule": "proportional", "reward": "loss_change"},
+    "prop-relprogress": {
+        "kind": "exp3",
+        "update_rule": "proportional",
+        "reward": "relative_decrease",
+    },
+    "prop-progress-token": {
+        "kind": "exp3",
+        "update_rule": "proportional",
+        "reward": "loss_decrease_per_token",
+    },
+    "prop-excess": {"kind": "exp3", "update_rule": "proportional", "reward": "excess_loss"},
+    "prop-excess-auto": {
+        "kind": "exp3",
+        "update_rule": "proportional",
+        "reward": "excess_loss",
+        "reference_losses": "auto",
+        "warmup_fraction": 0.2,
+    },
+    "prop-relexcess": {"kind": "exp3", "update_rule": "proportional", "reward": "relative_excess"},
 }
 DOMAINS = ("prose", "code", "math", "random", "small")
 SMALL_DOCUMENTS = 40
@@ -172,9 +193,8 @@ def study_config(paths, mixing: dict, seed: int, options: StudyOptions) -> dict:
 # ----------------------------------------------------------------------------- one run
 
 
-def _train_steps(model, optimizer, loader, batches, steps: int, learns: bool) -> None:
+def _train_steps(model, optimizer, feedback, batches, steps: int, learns: bool) -> None:
     """`steps` optimizer steps; an online mixture gets each step's per-domain mean loss."""
-    from wf_data.data.mix.feedback import per_domain_loss
     from wf_data.demo import row_losses
 
     for _ in range(steps):
@@ -183,9 +203,9 @@ def _train_steps(model, optimizer, loader, batches, steps: int, learns: bool) ->
         optimizer.zero_grad()
         loss_per_row.mean().backward()
         optimizer.step()
-        if learns:  # NaN for the domains absent from the batch
-            mean_loss, _ = per_domain_loss(loss_per_row.detach(), batch["domain_ids"], len(DOMAINS))
-            loader.update_mixture(mean_loss.double().numpy())
+        if learns:
+            feedback.observe(loss_per_row.detach(), batch["domain_ids"])
+            feedback.apply()
 
 
 def run_arm(
@@ -199,11 +219,14 @@ def run_arm(
     import torch
 
     from wf_data.data.deliver.factory import get_eval_loaders, get_loader
+    from wf_data.data.mix.feedback import MixtureFeedback
     from wf_data.demo import DemoOptions, build_tiny_llama, evaluate
 
     started = time.perf_counter()
     mixing = dict(ARMS[arm])
-    if mixing.get("reward") == "excess_loss":
+    if mixing.get("reference_losses") == "auto":
+        mixing["total_steps"] = options.steps
+    elif mixing.get("reward") in ("excess_loss", "relative_excess"):
         if reference is None:
             raise ValueError(f"arm {arm!r} needs the static arm's final losses as reference")
         mixing["reference_losses"] = reference
@@ -219,12 +242,16 @@ def run_arm(
     )
     model = build_tiny_llama(loader_vocab_size(), demo_options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate)
+    # reference_losses: auto measures with the study's own evaluation.
+    feedback = MixtureFeedback(
+        loader, evaluate=lambda: evaluate(model, eval_loaders, options.eval_batches)
+    )
     batches = iter(loader)
     eval_steps, eval_loss = [0], [evaluate(model, eval_loaders, options.eval_batches)]
     done = 0
     while done < options.steps:
         chunk = min(options.eval_every, options.steps - done)
-        _train_steps(model, optimizer, loader, batches, chunk, learns=mixing["kind"] == "exp3")
+        _train_steps(model, optimizer, feedback, batches, chunk, learns=mixing["kind"] == "exp3")
         done += chunk
         eval_steps.append(done)
         eval_loss.append(evaluate(model, eval_loaders, options.eval_batches))
@@ -281,6 +308,8 @@ def summarise(results: Sequence[ArmResult]) -> list[dict]:
                 "share_mean": share.mean(axis=0),
                 "share_std": share.std(axis=0),
                 "reach": reach,
+                "seeds_run": [r.seed for r in runs],
+                "averages": final.mean(axis=1).tolist(),
             }
         )
     return rows
@@ -311,12 +340,48 @@ def format_markdown(rows: Sequence[dict], options: StudyOptions) -> str:
             + " | ".join(cells)
             + f" | **{row['average_mean']:.3f}** ± {row['average_std']:.3f} | {reach} |"
         )
+    lines += ["", "Average held-out loss per seed (the rows above, seed by seed).", ""]
+    seeds = rows[0]["seeds_run"]
+    lines += ["| seed | " + " | ".join(row["arm"] for row in rows) + " |"]
+    lines += ["|---" * (len(rows) + 1) + "|"]
+    for index, seed in enumerate(seeds):
+        cells = [f"{row['averages'][index]:.3f}" for row in rows]
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    lines.append(
+        "| mean ± std | "
+        + " | ".join(f"{row['average_mean']:.3f} ± {row['average_std']:.3f}" for row in rows)
+        + " |"
+    )
     lines += ["", "Realised token share per domain (mean ± std over seeds).", ""]
     lines += ["| arm | " + " | ".join(DOMAINS) + " |", "|---" * (len(DOMAINS) + 1) + "|"]
     for row in rows:
         cells = _spread(row["share_mean"], row["share_std"])
         lines.append(f"| {row['arm']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+DOCS_BEGIN = "<!-- mixing-study:begin (written by tools/mixing_study.py --docs) -->"
+DOCS_END = "<!-- mixing-study:end -->"
+
+
+def write_docs(path: str | os.PathLike, table: str, seeds: Sequence[int]) -> Path:
+    """Replaces the text between `DOCS_BEGIN` and `DOCS_END` in `path` with `table`, headed
+    by the date, the machine and the seeds."""
+    import datetime
+    import platform
+
+    path = Path(path)
+    text = path.read_text()
+    if DOCS_BEGIN not in text or DOCS_END not in text:
+        raise ValueError(f"{path}: no {DOCS_BEGIN!r} ... {DOCS_END!r} section to replace")
+    head, rest = text.split(DOCS_BEGIN, 1)
+    _, tail = rest.split(DOCS_END, 1)
+    stamp = (
+        f"Measured on {datetime.date.today().isoformat()}, {platform.system()} "
+        f"{platform.machine()}, {os.cpu_count()} cores, seeds {', '.join(map(str, seeds))}."
+    )
+    _write_atomic(path, f"{head}{DOCS_BEGIN}\n{stamp}\n\n{table}{DOCS_END}{tail}")
+    return path
 
 
 def plot(results: Sequence[ArmResult], path: str | os.PathLike) -> Path:
@@ -397,10 +462,18 @@ def _run_in_worker(arm, seed, paths, options, reference) -> ArmResult:
 
 
 def run_study(
-    options: StudyOptions, seeds: Sequence[int], arms: Sequence[str], jobs: int = 2, log=print
+    options: StudyOptions,
+    seeds: Sequence[int],
+    arms: Sequence[str],
+    jobs: int = 2,
+    log=print,
+    cache_dir: str | os.PathLike | None = None,
 ) -> list[ArmResult]:
     """Every arm for every seed on `jobs` processes; the static arms run first, as they are
-    the excess_loss arms' reference. Results come in (seed, arm) order."""
+    the excess rewards' reference. Results come in (seed, arm) order.
+
+    With `cache_dir`, each finished run is kept there as JSON and reused by a later call with
+    the same arm settings, seed and options (a study can be extended arm by arm)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
@@ -414,25 +487,58 @@ def run_study(
     )
     with pool:
         for phase in (["static"], online):
-            submitted = {
-                (seed, arm): pool.submit(
-                    _run_in_worker,
-                    arm,
-                    seed,
-                    paths,
-                    options,
-                    results[seed, "static"].eval_loss[-1] if arm != "static" else None,
-                )
-                for seed in seeds
-                for arm in phase
-            }
-            for (seed, arm), future in submitted.items():
-                results[seed, arm] = result = future.result()
+            submitted = {}
+            for seed in seeds:
+                for arm in phase:
+                    reference = results[seed, "static"].eval_loss[-1] if arm != "static" else None
+                    cached = _cached_run(cache_dir, arm, seed, options, reference)
+                    submitted[seed, arm] = cached or pool.submit(
+                        _run_in_worker, arm, seed, paths, options, reference
+                    )
+            for (seed, arm), job in submitted.items():
+                result = job if isinstance(job, ArmResult) else job.result()
+                results[seed, arm] = result
+                if not isinstance(job, ArmResult):
+                    _cache_run(cache_dir, result, options, reference_of(results, seed, arm))
                 log(
                     f"seed {seed} {arm:<18} average held-out {result.average()[-1]:.3f}  "
-                    f"({result.seconds:.0f} s)"
+                    f"({result.seconds:.0f} s{', cached' if isinstance(job, ArmResult) else ''})"
                 )
     return [results[seed, arm] for seed in seeds for arm in ARMS if arm in arms or arm == "static"]
+
+
+def reference_of(results, seed: int, arm: str) -> dict[str, float] | None:
+    """The static arm's final held-out losses, the reference an online arm of `seed` ran with."""
+    return results[seed, "static"].eval_loss[-1] if arm != "static" else None
+
+
+def _cache_key(arm: str, seed: int, options: StudyOptions, reference) -> dict:
+    return {
+        "arm": arm,
+        "mixing": ARMS[arm],
+        "seed": seed,
+        "options": dataclasses.asdict(options),
+        "reference": reference,
+    }
+
+
+def _cached_run(cache_dir, arm, seed, options, reference) -> ArmResult | None:
+    if cache_dir is None:
+        return None
+    path = Path(cache_dir) / f"{arm}-seed{seed}.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["key"] != json.loads(json.dumps(_cache_key(arm, seed, options, reference))):
+        return None
+    return ArmResult(**saved["result"])
+
+
+def _cache_run(cache_dir, result: ArmResult, options: StudyOptions, reference) -> None:
+    if cache_dir is not None:
+        key = _cache_key(result.arm, result.seed, options, reference)
+        entry = {"key": key, "result": dataclasses.asdict(result)}
+        _write_atomic(Path(cache_dir) / f"{result.arm}-seed{result.seed}.json", json.dumps(entry))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -445,10 +551,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--jobs", type=int, default=2, help="runs side by side (1 thread each)")
     parser.add_argument("--out-dir", default="outputs", help="where the table, JSON and plot go")
+    parser.add_argument(
+        "--cache-dir", default=None, help="keep each run here and reuse it when nothing changed"
+    )
+    parser.add_argument("--docs", default=None, help="also write the tables into this page")
     args = parser.parse_args(argv)
     options = dataclasses.replace(defaults, steps=args.steps, eval_every=args.eval_every)
     started = time.perf_counter()
-    results = run_study(options, args.seeds, args.arms, jobs=args.jobs)
+    results = run_study(options, args.seeds, args.arms, jobs=args.jobs, cache_dir=args.cache_dir)
     table = format_markdown(summarise(results), options)
     print("\n" + table)
     out_dir = Path(args.out_dir)
@@ -457,6 +567,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out_dir / "mixing_study.json",
         json.dumps([dataclasses.asdict(r) for r in results], indent=1),
     )
+    if args.docs:
+        print(f"docs: {write_docs(args.docs, table, args.seeds)}")
     print(f"plot: {plot(results, out_dir / 'mixing_study.png')}")
     print(f"{len(results)} runs in {time.perf_counter() - started:.0f} s")
     return 0

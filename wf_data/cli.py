@@ -399,12 +399,25 @@ def add_demo_parser(subparsers: Any) -> None:
         description="Prepares the embedded three-domain corpus (cached), trains a tiny "
         "random-init Llama on CPU with the EXP3 mixture fed by the per-domain loss, shows the "
         "weights move, saves and restores model + optimizer + loader, checks that the next "
-        "batches are identical, and prints a summary.",
+        "batches are identical, and prints a summary. With --compare it also trains the same "
+        "model on the static mixture and prints both arms' held-out losses.",
     )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 150)")
     parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 256)")
     parser.add_argument("--batch-size", type=int, default=None, help="global batch (default 8)")
+    parser.add_argument("--seed", type=int, default=None, help="data and model seed (default 0)")
     parser.add_argument("--out", default=None, help="checkpoint directory (default: a temp dir)")
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also train a static arm (same seed, model init and tokens) and say which won",
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="demo data-config overrides for every arm, e.g. mixing.alpha=0.8",
+    )
     parser.set_defaults(func=run_demo_command)
 
 
@@ -415,9 +428,15 @@ def run_demo_command(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "seq_len": args.seq_len,
         "global_batch_size": args.batch_size,
+        "seed": args.seed,
         "out_dir": args.out,
     }
-    summary = run_demo(DemoOptions(**{k: v for k, v in given.items() if v is not None}))
+    options = DemoOptions(
+        **{k: v for k, v in given.items() if v is not None},
+        compare=args.compare,
+        overrides=tuple(args.overrides),
+    )
+    summary = run_demo(options)
     return 0 if summary["resume_identical"] else 1
 
 

@@ -28,6 +28,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from wf_data.data.mix.exp3 import Exp3Options
+
+_EXP3 = Exp3Options()  # the bandit's defaults, written once there
+
 NUM_WORKERS_ENV = "WF_DATA_NUM_WORKERS"
 DATA_ROOT_ENV = "WF_DATA_ROOT"
 DEFAULT_DATA_ROOT = "data"
@@ -113,30 +117,36 @@ class SourceConfig:
 class MixingConfig:
     """How rows are drawn across sources: fixed weights, or online EXP3 (Online Data Mixing).
 
-    The EXP3 parameters are those of ``wf_data.data.mix.exp3.Exp3`` (built by
-    ``odm.bandit_from_config``); ``kind="static"`` uses none of them. ``update_rule``: the
-    paper's importance-weighted EXP3 or the authors' repository variant ``smoothed_mean``;
-    ``reward``: the loss, its excess over ``reference_losses`` (``{source: loss}``), or its
-    decrease (learning progress, EMA ``loss_smoothing`` over ``progress_window`` observations);
-    ``alpha`` smooths the rewards. The policy stays at the prior for ``warmup_steps`` updates,
-    or ``warmup_fraction`` of ``total_steps``; ``min_weight`` / ``max_weight`` bound it;
-    ``reward_cap`` bounds what one step adds to a reward (``None``: the rule's default, see
-    ``odm.DEFAULT_REWARD_CAP``). ``update_every`` optimizer steps between mixture updates.
+    The EXP3 settings and their defaults are those of ``wf_data.data.mix.exp3.Exp3Options``
+    (documented there; ``bandit_from_config`` builds the bandit); ``kind="static"`` uses none
+    of them. ``reference_losses``: ``{source: loss}``, or ``auto`` (measured in the run, see
+    ``wf_data.data.mix.reference``; needs a warm-up and ``total_steps``). The policy stays at
+    the prior for ``warmup_steps`` updates, or ``warmup_fraction`` of ``total_steps``.
+    ``update_every``: optimizer steps between mixture updates.
     """
 
     kind: Literal["static", "exp3"] = "static"
-    alpha: float = 0.9
-    update_rule: Literal["paper", "smoothed_mean"] = "paper"
-    reward: Literal["loss", "excess_loss", "loss_decrease"] = "loss"
-    reference_losses: dict[str, float] = field(default_factory=dict)
-    loss_smoothing: float = 0.9
-    progress_window: int = 16
-    warmup_steps: int = 0
+    alpha: float = _EXP3.alpha
+    update_rule: Literal["paper", "smoothed_mean", "proportional"] = _EXP3.update_rule
+    reward: Literal[
+        "loss",
+        "excess_loss",
+        "loss_decrease",
+        "loss_change",
+        "relative_excess",
+        "relative_decrease",
+        "loss_decrease_per_token",
+    ] = _EXP3.reward
+    # {source: loss}, or "auto" (measured in the run); a mapping or a string, checked below.
+    reference_losses: Any = field(default_factory=dict)
+    loss_smoothing: float = _EXP3.loss_smoothing
+    progress_window: int = _EXP3.progress_window
+    warmup_steps: int = _EXP3.warmup_steps
     warmup_fraction: float | None = None
-    total_steps: int | None = None
-    min_weight: float | None = None
-    max_weight: float | None = None
-    reward_cap: float | None = None
+    total_steps: int | None = _EXP3.total_steps
+    min_weight: float | None = _EXP3.min_weight
+    max_weight: float | None = _EXP3.max_weight
+    reward_cap: float | None = _EXP3.reward_cap
     update_every: int = 1
 
 
@@ -416,7 +426,8 @@ def _check_override_key(node: DictConfig, key: str, line: str) -> Any:
                     _unknown_key_message(f"{path}.{part}", hint) + f" (from override {line!r})"
                 )
             hint = fields[part]
-        elif typing.get_origin(hint) is dict:
+        elif typing.get_origin(hint) is dict or (hint is Any and isinstance(current, DictConfig)):
+            # An `Any` field holding a mapping (mixing.reference_losses) reads like a dict.
             names = list(current) if isinstance(current, DictConfig) else []
             if part not in names:
                 raise ConfigError(
@@ -424,7 +435,7 @@ def _check_override_key(node: DictConfig, key: str, line: str) -> Any:
                     f"{', '.join(map(str, names)) or 'none'}); to add one use "
                     f"'+{line}'"
                 )
-            hint = typing.get_args(hint)[1]
+            hint = Any if hint is Any else typing.get_args(hint)[1]
         else:
             raise ConfigError(
                 f"override {line!r}: {path} holds a single value "
@@ -677,6 +688,44 @@ def _validate_source(source: SourceConfig, path: str, kind: str) -> None:
         )
 
 
+def _validate_reference(mixing: MixingConfig, path: str) -> None:
+    """``reference_losses``: ``{source: loss}`` or ``auto``; given if an excess reward needs it."""
+    reference = mixing.reference_losses
+    if isinstance(reference, str):
+        if reference != "auto":
+            raise ConfigError(
+                f"{path}.reference_losses: must be {{source: loss}} or auto, got {reference!r}"
+            )
+        if mixing.total_steps is None or (
+            mixing.warmup_steps < 2 and mixing.warmup_fraction is None
+        ):
+            raise ConfigError(
+                f"{path}.reference_losses: auto measures the held-out loss during a static "
+                f"warm-up and extrapolates it to the end of the run: set {path}.total_steps and "
+                f"{path}.warmup_steps >= 2 (or warmup_fraction), got total_steps="
+                f"{mixing.total_steps}, warmup_steps={mixing.warmup_steps}"
+            )
+    elif isinstance(reference, Mapping):
+        for name, value in reference.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(
+                    f"{path}.reference_losses.{name}: must be a number, got {value!r}"
+                )
+    else:
+        raise ConfigError(
+            f"{path}.reference_losses: must be {{source: loss}} or auto, got {reference!r}"
+        )
+    if (
+        mixing.kind == "exp3"
+        and mixing.reward in ("excess_loss", "relative_excess")
+        and not reference
+    ):
+        raise ConfigError(
+            f"{path}.reference_losses: reward {mixing.reward} needs a reference loss per "
+            "source, e.g. {web: 2.9, code: 1.4} (a reference model's held-out loss), or auto"
+        )
+
+
 def _validate_mixing(mixing: MixingConfig, num_enabled: int) -> None:
     path = f"{ROOT_KEY}.mixing"
     if not 0.0 <= mixing.alpha <= 1.0:
@@ -701,12 +750,13 @@ def _validate_mixing(mixing: MixingConfig, num_enabled: int) -> None:
             )
     if mixing.reward_cap is not None and not mixing.reward_cap > 0:
         raise ConfigError(f"{path}.reward_cap: must be > 0 (.inf: no cap), got {mixing.reward_cap}")
-    if mixing.kind == "exp3" and mixing.reward == "excess_loss" and not mixing.reference_losses:
-        raise ConfigError(
-            f"{path}.reference_losses: reward excess_loss needs a reference loss per source, "
-            "e.g. {web: 2.9, code: 1.4} (a reference model's held-out loss)"
-        )
+    _validate_reference(mixing, path)
     low, high = mixing.min_weight, mixing.max_weight
+    if mixing.kind == "exp3" and mixing.update_rule == "proportional" and not (low or 0.0) > 0:
+        raise ConfigError(
+            f"{path}.min_weight: update_rule proportional needs min_weight > 0 (a domain that "
+            f"gains nothing sits at that floor, which keeps it observed), got {low}"
+        )
     for key, bound in (("min_weight", low), ("max_weight", high)):
         if bound is not None and not 0.0 <= bound <= 1.0:
             raise ConfigError(f"{path}.{key}: must be in [0, 1], got {bound}")

@@ -11,11 +11,15 @@ import dataclasses
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from wf_data import atomic
+from wf_data.config import load_data_config
 from wf_data.data.deliver.factory import get_eval_loaders, get_loader
 from wf_data.data.mix.feedback import MixtureFeedback, row_loss_from_logits
 from wf_data.data.prepare.demo_corpus import ensure_demo_data
@@ -28,7 +32,12 @@ with requires("torch", "hf", feature="wf-data demo"):
 
 @dataclasses.dataclass
 class DemoOptions:
-    """Knobs of the demo run; the defaults finish in a few minutes on 2 cores."""
+    """Knobs of the demo run; the defaults finish in a few minutes on 2 cores.
+
+    ``compare``: also train a static arm (same seed, model init and token budget) and print
+    both arms' held-out losses. ``overrides``: data-config overrides for every arm
+    (``"mixing.alpha=0.8"``).
+    """
 
     steps: int = 150
     resume_check_steps: int = 5
@@ -41,6 +50,8 @@ class DemoOptions:
     eval_batch_size: int = 2
     seed: int = 0
     out_dir: str | None = None
+    compare: bool = False
+    overrides: tuple[str, ...] = ()
 
 
 def build_tiny_llama(vocab_size: int, options: DemoOptions) -> torch.nn.Module:
@@ -84,9 +95,11 @@ def _train_steps(model, optimizer, feedback, batches, steps, bar=None, record=No
         loss = loss_per_row.mean()
         optimizer.zero_grad()
         loss.backward()
-        feedback.observe(loss_per_row.detach(), batch["domain_ids"])
+        if feedback is not None:  # None: a static mixture, nothing to feed back
+            feedback.observe(loss_per_row.detach(), batch["domain_ids"])
         optimizer.step()
-        feedback.apply()
+        if feedback is not None:
+            feedback.apply()
         if record is not None:
             record.append(batch["input_ids"].clone())
         if bar is not None:
@@ -132,20 +145,98 @@ def load_training_state(model, optimizer, state: dict) -> None:
     )
 
 
-def _make_run(options: DemoOptions):
+@dataclasses.dataclass
+class Arm:
+    """One training run of the demo: what it trains with and what it measured.
+
+    ``history``: ``(step, {domain: weight})`` every sixth of the run; ``eval_after``: held-out
+    loss per domain after ``options.steps`` steps.
+    """
+
+    name: str
+    overrides: list[str]
+    loader: Any
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    feedback: MixtureFeedback | None
+    history: list[tuple[int, dict[str, float]]] = dataclasses.field(default_factory=list)
+    eval_after: dict[str, float] = dataclasses.field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+def _make_arm(name: str, options: DemoOptions, eval_loaders, mixing: Sequence[str]) -> Arm:
+    """A fresh loader, model (same init for a given seed), optimizer and feedback.
+
+    ``mixing``: overrides that make this arm (``mixing.kind=static``); the demo config's
+    mixing otherwise. Feedback measures the held-out losses that ``reference_losses: auto`` asks
+    for with the demo's own evaluation.
+    """
     overrides = [
         f"seq_len={options.seq_len}",
         f"global_batch_size={options.global_batch_size}",
         f"seed={options.seed}",
-        "mixing.kind=exp3",
+        *options.overrides,
+        *mixing,
     ]
-    loader = get_loader("demo", framework="torch", overrides=overrides)
+    cfg = load_data_config("demo", overrides)
+    loader = get_loader(cfg, framework="torch")
     from wf_data.data.text.tokenization import TokenizerWrapper
 
     vocab_size = TokenizerWrapper.from_pretrained(None).vocab_size
     model = build_tiny_llama(vocab_size, options)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate)
-    return loader, model, optimizer, MixtureFeedback(loader), overrides
+    feedback = None
+    if cfg.mixing.kind == "exp3":
+        feedback = MixtureFeedback(
+            loader, evaluate=lambda: evaluate(model, eval_loaders, options.eval_batches)
+        )
+    return Arm(name, overrides, loader, model, optimizer, feedback)
+
+
+def train_arm(arm: Arm, options: DemoOptions, eval_loaders, batches=None) -> Any:
+    """Trains ``options.steps`` steps, records the mixture and the final held-out losses;
+    returns the batch iterator (the run goes on from there)."""
+    batches = iter(arm.loader) if batches is None else batches
+    arm.history.append((0, arm.loader.mixture))
+    started = time.perf_counter()
+    report_every = max(1, options.steps // 6)
+    with tqdm(total=options.steps, desc=f"training ({arm.name})", unit="step") as bar:
+        for done in range(0, options.steps, report_every):
+            steps = min(report_every, options.steps - done)
+            _train_steps(arm.model, arm.optimizer, arm.feedback, batches, steps, bar)
+            arm.history.append((done + steps, arm.loader.mixture))
+    arm.train_seconds = time.perf_counter() - started
+    arm.eval_after = evaluate(arm.model, eval_loaders, options.eval_batches)
+    return batches
+
+
+def resume_check(arm: Arm, batches, options: DemoOptions, eval_loaders, checkpoint: Path) -> bool:
+    """Saves model + optimizer + loader, trains on, restores all three into fresh objects and
+    checks that the next ``resume_check_steps`` batches are identical."""
+    if checkpoint.exists():
+        shutil.rmtree(checkpoint)
+    save_with_dcp(checkpoint, arm.loader, training_state(arm.model, arm.optimizer))
+    expected: list[torch.Tensor] = []
+    _train_steps(
+        arm.model, arm.optimizer, arm.feedback, batches, options.resume_check_steps, None, expected
+    )
+    # A fresh process would do exactly this: new loader, model and optimizer, then restore.
+    fresh = _make_arm(arm.name, options, eval_loaders, [])
+    state = training_state(fresh.model, fresh.optimizer)
+    load_with_dcp(checkpoint, fresh.loader, state)
+    load_training_state(fresh.model, fresh.optimizer, state)
+    resumed: list[torch.Tensor] = []
+    _train_steps(
+        fresh.model,
+        fresh.optimizer,
+        fresh.feedback,
+        iter(fresh.loader),
+        options.resume_check_steps,
+        None,
+        resumed,
+    )
+    fresh.loader.close()
+    return all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=True))
 
 
 def _print_weights(history: list[tuple[int, dict[str, float]]]) -> None:
@@ -157,81 +248,90 @@ def _print_weights(history: list[tuple[int, dict[str, float]]]) -> None:
 
 
 def run_demo(options: DemoOptions | None = None) -> dict:
-    """Runs the demo and returns its summary (also printed)."""
+    """Runs the demo and returns its summary (also printed).
+
+    The online arm trains with the demo config's mixing, is checkpointed and resumed; with
+    ``options.compare`` a static arm (the sources' weights, same seed, model init and token
+    budget) trains too and both arms' held-out losses are printed side by side.
+    """
     options = options or DemoOptions()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     started = time.perf_counter()
     print("Preparing the demo corpus (cached after the first run)...")
     data_root = ensure_demo_data()
     print(f"  shards in {data_root}")
 
-    loader, model, optimizer, feedback, overrides = _make_run(options)
-    eval_overrides = [*overrides, f"global_batch_size={options.eval_batch_size}"]
+    eval_overrides = [
+        f"seq_len={options.seq_len}",
+        f"seed={options.seed}",
+        *options.overrides,
+        f"global_batch_size={options.eval_batch_size}",
+    ]
     eval_loaders = get_eval_loaders("demo", framework="torch", overrides=eval_overrides)
-    eval_before = evaluate(model, eval_loaders, options.eval_batches)
-    history = [(0, loader.mixture)]
-    batches = iter(loader)
-    train_started = time.perf_counter()
-    report_every = max(1, options.steps // 6)
-    with tqdm(total=options.steps, desc="training", unit="step") as bar:
-        for done in range(0, options.steps, report_every):
-            steps = min(report_every, options.steps - done)
-            _train_steps(model, optimizer, feedback, batches, steps, bar)
-            history.append((done + steps, loader.mixture))
-    train_seconds = time.perf_counter() - train_started
-    _print_weights(history)
+    online = _make_arm("online", options, eval_loaders, [])
+    eval_before = evaluate(online.model, eval_loaders, options.eval_batches)
+    batches = train_arm(online, options, eval_loaders)
+    _print_weights(online.history)
+    stats = online.loader.stats()
+    state_bytes = len(str(online.loader.state_dict()))
 
     out_dir = Path(options.out_dir or tempfile.mkdtemp(prefix="wf-data-demo-"))
     checkpoint = out_dir / f"step-{options.steps}"
-    if checkpoint.exists():
-        shutil.rmtree(checkpoint)
-    save_with_dcp(checkpoint, loader, training_state(model, optimizer))
-    stats = loader.stats()
-    tokens_served = stats["data/tokens_served"]
-    expected: list[torch.Tensor] = []
-    _train_steps(model, optimizer, feedback, batches, options.resume_check_steps, record=expected)
-
-    # A fresh process would do exactly this: new loader, model and optimizer, then restore.
-    loader2, model2, optimizer2, feedback2, _ = _make_run(options)
-    state = training_state(model2, optimizer2)
-    load_with_dcp(checkpoint, loader2, state)
-    load_training_state(model2, optimizer2, state)
-    resumed: list[torch.Tensor] = []
-    _train_steps(
-        model2, optimizer2, feedback2, iter(loader2), options.resume_check_steps, record=resumed
-    )
-    identical = all(torch.equal(a, b) for a, b in zip(expected, resumed, strict=True))
+    identical = resume_check(online, batches, options, eval_loaders, checkpoint)
     print(
         f"\nResume check: {options.resume_check_steps} batches after restoring step "
         f"{options.steps}: {'IDENTICAL' if identical else 'DIFFERENT'}"
     )
-    eval_after = evaluate(model, eval_loaders, options.eval_batches)
     summary = {
         "steps": options.steps,
-        "mixing": _mixing_settings(overrides),
-        "tokens_served": tokens_served,
-        "train_tokens_per_s": tokens_served / train_seconds,
+        "mixing": _mixing_settings(online.overrides),
+        "tokens_served": stats["data/tokens_served"],
+        "train_tokens_per_s": stats["data/tokens_served"] / online.train_seconds,
         "fill": stats["data/fill"],
-        "initial_weights": history[0][1],
-        "final_weights": history[-1][1],
-        "token_share": {n: stats[f"data/token_share/{n}"] for n in loader.domain_names},
+        "initial_weights": online.history[0][1],
+        "final_weights": online.history[-1][1],
+        "token_share": {n: stats[f"data/token_share/{n}"] for n in online.loader.domain_names},
         "eval_loss_before": eval_before,
-        "eval_loss_after": eval_after,
+        "eval_loss_after": online.eval_after,
         "resume_identical": identical,
         "checkpoint": str(checkpoint),
-        "state_bytes": len(str(loader.state_dict())),
-        "seconds": time.perf_counter() - started,
+        "state_bytes": state_bytes,
     }
-    _print_summary(summary, loader.domain_names)
-    for closable in (loader, loader2, *eval_loaders.values()):
-        closable.close()
+    online.loader.close()
+    if options.compare:
+        static = _make_arm("static", options, eval_loaders, ["mixing.kind=static"])
+        train_arm(static, options, eval_loaders)
+        static.loader.close()
+        summary["static_eval_loss_after"] = static.eval_after
+        summary["comparison"] = compare_arms(online.eval_after, static.eval_after)
+    summary["seconds"] = time.perf_counter() - started
+    atomic.write_json(out_dir / "summary.json", summary)  # for scripts comparing seeds
+    _print_summary(summary, online.loader.domain_names)
+    for loader in eval_loaders.values():
+        loader.close()
     return summary
+
+
+def compare_arms(online: dict[str, float], static: dict[str, float]) -> dict[str, Any]:
+    """Per-domain and average held-out loss of both arms, online minus static, and the winner
+    (the arm with the lower average; a tie below 0.0005 nats is called a tie)."""
+    names = list(online)
+    average_online = float(np.mean([online[n] for n in names]))
+    average_static = float(np.mean([static[n] for n in names]))
+    difference = average_online - average_static
+    winner = "tie" if abs(difference) < 5e-4 else ("online" if difference < 0 else "static")
+    return {
+        "online": dict(online),
+        "static": dict(static),
+        "difference": {n: online[n] - static[n] for n in names},
+        "average_online": average_online,
+        "average_static": average_static,
+        "average_difference": difference,
+        "winner": winner,
+    }
 
 
 def _mixing_settings(overrides) -> str:
     """'exp3 smoothed_mean/excess_loss' (or 'static'): what the demo's config mixes with."""
-    from wf_data.config import load_data_config
-
     mixing = load_data_config("demo", overrides).mixing
     return "static" if mixing.kind == "static" else f"exp3 {mixing.update_rule}/{mixing.reward}"
 
@@ -257,3 +357,24 @@ def _print_summary(summary: dict, names) -> None:
         f"{'identical' if summary['resume_identical'] else 'DIFFERENT'}, checkpoint "
         f"{summary['checkpoint']}, {summary['seconds']:.0f} s in all"
     )
+    if "comparison" in summary:
+        _print_comparison(summary["comparison"], summary["steps"])
+
+
+def _print_comparison(comparison: dict, steps: int) -> None:
+    names = list(comparison["online"])
+    print(f"\nHeld-out loss after {steps} steps, same seed, model init and tokens (lower wins)")
+    print(f"{'arm':<20}" + "".join(f"{n:>8}" for n in names) + f"{'average':>9}")
+    for arm in ("online", "static", "difference"):
+        label = "online minus static" if arm == "difference" else arm
+        values = comparison[arm]
+        average = comparison[f"average_{arm}"]
+        sign = "+" if arm == "difference" else ""
+        print(
+            f"{label:<20}"
+            + "".join(f"{values[n]:>{sign}8.3f}" for n in names)
+            + f"{average:>{sign}9.3f}"
+        )
+    winner = comparison["winner"]
+    verdict = "a tie" if winner == "tie" else f"{winner} mixing wins"
+    print(f"{verdict} (average held-out loss {comparison['average_difference']:+.3f})")

@@ -11,29 +11,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 
 
 @pytest.mark.slow
-def test_quick_study_runs_arms_and_writes_table_json_and_plot(demo_cache, tmp_path, capsys):
+def test_quick_study_runs_arms_and_writes_table_json_plot_and_docs(demo_cache, tmp_path, capsys):
     import mixing_study
 
-    argv = ["--steps", "4", "--eval-every", "4", "--seeds", "0", "--out-dir", str(tmp_path)]
-    argv += ["--jobs", "1", "--arms", "static", "smoothed-excess"]
+    page = tmp_path / "mixing.md"
+    page.write_text(f"# Mixing\n\n{mixing_study.DOCS_BEGIN}\nold\n{mixing_study.DOCS_END}\nafter\n")
+    argv = ["--steps", "10", "--eval-every", "5", "--seeds", "0", "--out-dir", str(tmp_path)]
+    argv += ["--jobs", "1", "--arms", "static", "prop-excess-auto"]
+    argv += ["--cache-dir", str(tmp_path / "cache"), "--docs", str(page)]
     assert mixing_study.main(argv) == 0
     table = (tmp_path / "mixing_study.md").read_text()
-    for arm in ("static", "smoothed-excess"):
+    for arm in ("static", "prop-excess-auto"):
         assert f"| {arm} |" in table
+    assert "| mean ± std |" in table  # the per-seed table
+    text = page.read_text()
+    assert (
+        table in text and "old" not in text and text.endswith(f"{mixing_study.DOCS_END}\nafter\n")
+    )
+    assert "seeds 0." in text and "cores" in text
     assert (tmp_path / "mixing_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = json.loads((tmp_path / "mixing_study.json").read_text())
-    assert [run["arm"] for run in runs] == ["static", "smoothed-excess"]
+    assert [run["arm"] for run in runs] == ["static", "prop-excess-auto"]
     for run in runs:
-        assert run["eval_steps"] == [0, 4]
+        assert run["eval_steps"] == [0, 5, 10]
         assert set(run["token_share"]) == set(mixing_study.DOMAINS)
         assert sum(run["token_share"].values()) == pytest.approx(1.0)
         assert all(np.isfinite(v) for losses in run["eval_loss"] for v in losses.values())
-    static, excess = runs
+    static, auto = runs
     # Same seed, same model init: the first evaluation is identical across arms.
-    assert static["eval_loss"][0] == excess["eval_loss"][0]
+    assert static["eval_loss"][0] == auto["eval_loss"][0]
     assert static["final_weights"] == pytest.approx({d: 0.2 for d in mixing_study.DOMAINS})
-    assert excess["final_weights"] != static["final_weights"]  # the bandit moved
+    # Warm-up of 2 updates (20% of 10), references measured after updates 1 and 2, then moved.
+    assert auto["final_weights"] != static["final_weights"]
     assert "runs in" in capsys.readouterr().out
+
+    # Again: both runs come from the cache, with the same results.
+    assert mixing_study.main(argv) == 0
+    assert capsys.readouterr().out.count(", cached)") == 2
+    assert json.loads((tmp_path / "mixing_study.json").read_text()) == runs
 
 
 def test_steps_to_reach_and_summary():

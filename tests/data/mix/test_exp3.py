@@ -353,6 +353,40 @@ def test_simulation_moves_weight_to_the_slow_learning_domain(simulate_odm, seed)
     np.testing.assert_array_equal(again.policy, exp3.policy)
 
 
+def demo_mixing_options(**changes):
+    """The demo config's EXP3 settings (the default setting) as `Exp3` keyword arguments."""
+    import dataclasses
+
+    from wf_data.config import load_data_config
+    from wf_data.data.mix.exp3 import Exp3Options
+
+    mixing = load_data_config("demo", check_paths=False).mixing
+    options = {f.name: getattr(mixing, f.name) for f in dataclasses.fields(Exp3Options)}
+    options.pop("reference_losses")  # none in the demo config: its reward needs none
+    return {**options, **changes}
+
+
+@pytest.mark.parametrize("reward", ["default", "relative_decrease"])
+@pytest.mark.parametrize("seed", range(6))
+def test_study_simulation_keeps_the_unlearnable_domain_at_its_floor(simulate_odm, reward, seed):
+    """The study's five domains as curves (120 steps of 8 rows): under the demo's default
+    setting, and under the log-ratio reward, `random` (no progress) gets at most 1.5 times its
+    floor of the tokens, and the average loss ends below the static run's."""
+    options = demo_mixing_options(**({} if reward == "default" else {"reward": reward}))
+    domains = simulate_odm.study_domains()
+    runs = {
+        mixer: simulate_odm.simulate(
+            domains, mixer=mixer, steps=120, batch_size=8, seed=seed, **options
+        )
+        for mixer in ("exp3", "static")
+    }
+    rows = runs["exp3"].rows_seen[-1]
+    share = rows / rows.sum()
+    assert share[domains.names.index("random")] <= 1.5 * options["min_weight"], share
+    final = {mixer: domains.expected_loss(run.rows_seen[-1]).mean() for mixer, run in runs.items()}
+    assert final["exp3"] < final["static"]
+
+
 @pytest.mark.slow
 def test_simulation_main_prints_table_and_writes_png(simulate_odm, tmp_path, capsys):
     out = tmp_path / "plots" / "odm.png"
@@ -398,6 +432,58 @@ def test_smoothed_mean_rule_hand_computed_vector():
     assert eps_2 < 1 / 3 and pi[2] > pi[1] > pi[0]
 
 
+def test_proportional_rule_hand_computed_vector():
+    # K = 3, alpha = 0.5, reward = loss, floor 0.05. R = 0.5 * [1, 2, 0] = [0.5, 1, 0]: domain 2
+    # earns nothing and sits at the floor; the others share 0.95 as 1 : 2.
+    bandit = Exp3(3, alpha=0.5, update_rule="proportional", min_weight=0.05, prior=[2, 1, 1])
+    np.testing.assert_allclose(bandit.policy(), [0.5, 0.25, 0.25])  # no positive R: the prior
+    bandit.update([1.0, 2.0, np.nan])
+    np.testing.assert_allclose(bandit.rewards, [0.5, 1.0, 0.0], rtol=1e-15)
+    np.testing.assert_allclose(bandit.policy(), [0.95 / 3, 1.9 / 3, 0.05], rtol=1e-12)
+    # Rewards are signed: a negative one pulls R down, and R <= 0 weighs nothing.
+    bandit = Exp3(2, alpha=0.5, update_rule="proportional", min_weight=0.1, reward_cap=1.0)
+    bandit.update([3.0, 0.5])  # the cap: 3 counts as 1
+    np.testing.assert_allclose(bandit.rewards, [0.5, 0.25], rtol=1e-15)
+    np.testing.assert_allclose(bandit.policy(), [2 / 3, 1 / 3], rtol=1e-12)
+
+
+@pytest.mark.parametrize("reward", ["loss_decrease", "loss_decrease_per_token"])
+def test_proportional_rule_settles_where_the_rates_per_row_say(reward):
+    """Domains whose loss falls by c per unit of weight served: progress per token settles the
+    policy at c / sum(c) (floor aside); plain progress feeds the leader its own rows and runs
+    away to the fastest domain."""
+    rates = np.array([0.01, 0.02, 0.05])
+    bandit = Exp3(3, update_rule="proportional", reward=reward, min_weight=0.05, alpha=0.9)
+    served = np.zeros(3)
+    for _ in range(400):
+        bandit.update(100.0 - rates * served)
+        served += bandit.policy()
+    if reward == "loss_decrease_per_token":
+        np.testing.assert_allclose(bandit.policy(), rates / rates.sum(), atol=0.01)
+    else:
+        np.testing.assert_allclose(bandit.policy(), [0.05, 0.05, 0.9], atol=0.01)
+
+
+@pytest.mark.parametrize("unit", [0.1, 1 / math.log(2), 10.0])
+def test_proportional_policy_does_not_depend_on_the_unit_of_the_reward(unit):
+    """Losses in nats or bits (or scaled) give the same mixture; smoothed_mean's exp does not."""
+    rows = fixed_losses(4, 30, seed=3)
+    policies = {}
+    for scale in (1.0, unit):
+        bandit = Exp3(4, update_rule="proportional", min_weight=0.02, reward_cap=math.inf)
+        for row in rows:
+            bandit.update(as_array(row) * scale)
+        policies[scale] = bandit.policy()
+    np.testing.assert_allclose(policies[unit], policies[1.0], rtol=1e-12)
+
+
+def test_proportional_rule_needs_a_floor():
+    with pytest.raises(ValueError, match="needs min_weight > 0"):
+        Exp3(3, update_rule="proportional")
+    with pytest.raises(ValueError, match="needs min_weight > 0"):
+        Exp3(3, update_rule="proportional", min_weight=0.0)
+
+
 def test_smoothed_mean_eps_clock_counts_warmup_steps():
     warm = Exp3(3, alpha=0.5, update_rule="smoothed_mean", warmup_steps=4)
     cold = Exp3(3, alpha=0.5, update_rule="smoothed_mean")
@@ -414,10 +500,15 @@ def test_smoothed_mean_eps_clock_counts_warmup_steps():
     np.testing.assert_allclose(warm.policy(), (1 - 3 * eps_6) * share + eps_6, rtol=1e-12)
 
 
-@pytest.mark.parametrize("rule", ["paper", "smoothed_mean"])
-@pytest.mark.parametrize("reward", ["loss", "excess_loss", "loss_decrease"])
+@pytest.mark.parametrize("rule", ["paper", "smoothed_mean", "proportional"])
+@pytest.mark.parametrize(
+    "reward",
+    ["loss", "excess_loss", "loss_decrease", "loss_change", "relative_excess", "relative_decrease"],
+)
 def test_state_round_trip_every_rule_and_reward(rule, reward):
     kwargs = dict(update_rule=rule, reward=reward, reference_losses=[1.0, 2.0, 0.5, 1.5], alpha=0.8)
+    if rule == "proportional":
+        kwargs["min_weight"] = 0.02
     rows = fixed_losses(4, 60, seed=5)
     bandit = Exp3(4, **kwargs)
     for row in rows[:25]:
@@ -539,6 +630,23 @@ def test_reward_cap_defaults_and_validation():
 # --- bandit_from_config -----------------------------------------------------------------------
 
 
+def test_exp3_defaults_are_written_once():
+    """`MixingConfig` takes every bandit default from `Exp3Options`; `Exp3` uses them too."""
+    import dataclasses
+
+    from wf_data.config import MixingConfig
+    from wf_data.data.mix.exp3 import Exp3Options, bandit_from_config
+
+    config = MixingConfig()
+    for field in dataclasses.fields(Exp3Options):
+        if field.name != "reference_losses":  # {} in the config schema: no reference
+            assert getattr(config, field.name) == field.default, field.name
+    from_config = bandit_from_config(MixingConfig(kind="exp3"), 3).state_dict()
+    assert from_config == Exp3(3).state_dict()
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['alhpa'\]"):
+        Exp3(3, alhpa=0.5)
+
+
 def test_bandit_from_config_reads_every_field():
     from wf_data.config import MixingConfig
     from wf_data.data.mix.exp3 import bandit_from_config
@@ -576,6 +684,19 @@ def test_bandit_from_config_reads_every_field():
         bandit_from_config(MixingConfig(reward="excess_loss"), 2, domain_names=["a", "b"])
     with pytest.raises(ValueError, match="total_steps"):
         bandit_from_config(MixingConfig(warmup_fraction=0.1), 2)
+    auto = bandit_from_config(
+        MixingConfig(
+            reward="relative_excess",
+            reference_losses="auto",
+            warmup_fraction=0.2,
+            total_steps=50,
+        ),
+        2,
+    )
+    assert auto.warmup_steps == 10 and auto.reference_losses is None
+    for _ in range(5):
+        auto.update([2.0, 1.0])
+    assert auto.reference_due
 
 
 @pytest.mark.parametrize(
@@ -619,8 +740,12 @@ def test_22_noisy_domains_never_collapse(simulate_odm, rule, reward, max_weight)
     "overrides, match",
     [
         (["mixing.warmup_fraction=0.1"], "needs data.mixing.total_steps"),
-        (["mixing.reward=excess_loss", "~mixing.reference_losses"], "reference_losses: reward"),
+        (["mixing.reward=excess_loss"], "reference_losses: reward excess_loss needs"),
+        (["mixing.reward=relative_excess"], "reference_losses: reward relative_excess needs"),
+        (["mixing.reference_losses=auto", "mixing.reward=excess_loss"], "set data.mixing.total"),
+        (["mixing.reference_losses=[1, 2]"], r"must be \{source: loss\} or auto"),
         (["mixing.update_rule=ema"], "'ema' is not one of 'paper', 'smoothed_mean'"),
+        (["~mixing.min_weight"], "update_rule proportional needs min_weight > 0"),
         (["mixing.reward_cap=0"], "reward_cap: must be > 0"),
         (["mixing.progress_window=0"], "progress_window: must be >= 1"),
         (["mixing.loss_smoothing=1.0"], r"loss_smoothing: must be in \[0, 1\)"),
@@ -679,3 +804,18 @@ def test_mixture_update_refuses_bool_keys_and_string_values_end_to_end():
     mixer.update({"a": 2.0, 1: 3.0})
     assert mixer.policy.bandit.step == 1 and (mixer.policy.bandit.rewards > 0).all()
     assert iterator is not None
+
+
+@pytest.mark.parametrize("losses", [{0: 10**400}, {"b": 10**400}, [1.0, 10**400, 2.0]])
+def test_a_loss_beyond_float64_is_a_named_error_not_an_overflow(losses):
+    """`loader.update_mixture` with an integer no float64 holds (issue 19, case 5): a
+    ValueError naming the domain, not Python's raw OverflowError; nothing is applied."""
+    from tests.data.deliver.test_loader import make_loader
+
+    loader = make_loader("exp3")
+    next(loader)
+    with pytest.raises(ValueError, match=r"domain .* loss of about 10\*\*400 \(int\) does not fit"):
+        loader.update_mixture(losses)
+    assert loader.mixer.policy.bandit.step == 0
+    loader.update_mixture([1.0, 2.0, 3.0])
+    assert loader.mixer.policy.bandit.step == 1

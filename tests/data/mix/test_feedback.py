@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from wf_data.data.deliver.loader import DataLoader
 from wf_data.data.mix.exp3 import Exp3
 from wf_data.data.mix.feedback import (
     MixtureFeedback,
@@ -19,6 +20,7 @@ from wf_data.data.mix.feedback import (
     per_domain_loss,
     row_loss_from_logits,
 )
+from wf_data.data.mix.mixing import Exp3Policy, mix_plans
 
 NUM_DOMAINS = 5
 
@@ -248,6 +250,77 @@ def test_feedback_takes_numpy_and_jax_and_refuses_non_loaders():
     assert loader.state_dict()["feedback"] == {"a": [4.0, 2.0], "b": [0.0, 0.0], "c": [2.0, 1.0]}
     with pytest.raises(TypeError, match="observe_losses"):
         MixtureFeedback(Exp3(3))
+
+
+def auto_reference_loader():
+    """A numpy loader whose EXP3 mixture measures its references (warm-up 4 of 12 updates)."""
+    from tests.data.deliver.test_loader import GLOBAL_BATCH, mixing
+
+    static, reader = mixing("static")
+    bandit = Exp3(
+        3,
+        prior=[0.5, 0.3, 0.2],
+        update_rule="proportional",
+        reward="relative_excess",
+        reference_losses="auto",
+        warmup_steps=4,
+        total_steps=12,
+        min_weight=0.05,
+    )
+    mixer = mix_plans(static.datasets, Exp3Policy(bandit), seed=1)
+    return DataLoader(mixer, reader, global_batch_size=GLOBAL_BATCH, framework="numpy")
+
+
+def held_out(calls):
+    """An evaluate function that logs its calls and answers falling losses by name."""
+
+    def evaluate():
+        calls.append(len(calls))
+        return {"a": 6.0 / (1 + len(calls)), "b": 3.0, "c": 2.0 - 0.5 * len(calls)}
+
+    return evaluate
+
+
+def feed(loader, feedback, steps):
+    batches = []
+    for _ in range(steps):
+        batch = next(loader)
+        batches.append(batch["input_ids"])
+        row_loss = 4.0 - batch["domain_ids"] - 0.1 * loader.step
+        feedback.observe(row_loss, batch["domain_ids"])
+        feedback.apply()
+    return batches
+
+
+def test_feedback_measures_auto_references_when_due_and_resumes_exactly():
+    loader, calls = auto_reference_loader(), []
+    feedback = MixtureFeedback(loader, evaluate=held_out(calls))
+    feed(loader, feedback, 3)  # the first measurement is due after update 2
+    assert calls == [0]
+    state = loader.state_dict()  # between the two measurements
+    expected = feed(loader, feedback, 7)
+    assert calls == [0, 1]
+    bandit = loader.mixer.policy.bandit
+    assert bandit.reference_losses is not None and bandit.policy()[1] == pytest.approx(0.05)
+
+    restored, restored_calls = auto_reference_loader(), [0]
+    restored.load_state_dict(state)
+    resumed = feed(restored, MixtureFeedback(restored, evaluate=held_out(restored_calls)), 7)
+    assert restored_calls == [0, 1]  # only the second measurement, after the restore
+    for got, want in zip(resumed, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert restored.mixture == loader.mixture
+
+
+def test_feedback_without_evaluate_fails_at_the_update_after_a_missed_measurement():
+    loader = auto_reference_loader()
+    feedback = MixtureFeedback(loader)
+    feed(loader, feedback, 2)
+    assert loader.reference_due
+    with pytest.raises(RuntimeError, match=r"evaluate=\.\.\.\) does it"):
+        feed(loader, feedback, 1)
+    with pytest.raises(TypeError, match="evaluate must be callable"):
+        MixtureFeedback(loader, evaluate="losses")
 
 
 # --- two gloo processes ------------------------------------------------------------------------

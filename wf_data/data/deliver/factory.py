@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from wf_data.data.deliver.loader import DataLoader, LoaderRecipe
+from wf_data.data.mix.exp3 import bandit_from_config
 from wf_data.data.mix.mixing import Exp3Policy, MixPlans, StaticWeights, mix_plans, validate_weights
 from wf_data.data.read.packing import PackedDataset
 from wf_data.data.read.rows import RowReader
@@ -195,26 +196,15 @@ def build_mixer(
 
     Finite epochs end the stream when a domain runs out; otherwise domains start over.
     """
-    from wf_data.data.mix import exp3 as odm
-
     names = list(domains)
     if cfg.mixing.kind == "exp3":
-        prior = validate_weights(names, weights)
-        from_config = getattr(odm, "bandit_from_config", None)  # odm's branch adds it
-        if from_config is not None:
-            bandit = from_config(
-                cfg.mixing, len(names), prior=prior, seed=cfg.seed, domain_names=names
-            )
-        else:
-            bandit = odm.Exp3(
-                len(names),
-                alpha=cfg.mixing.alpha,
-                prior=prior,
-                seed=cfg.seed,
-                min_weight=cfg.mixing.min_weight,
-                max_weight=cfg.mixing.max_weight,
-                warmup_steps=cfg.mixing.warmup_steps,
-            )
+        bandit = bandit_from_config(
+            cfg.mixing,
+            len(names),
+            prior=validate_weights(names, weights),
+            seed=cfg.seed,
+            domain_names=names,
+        )
         policy = Exp3Policy(bandit)
     else:
         policy = StaticWeights(weights)

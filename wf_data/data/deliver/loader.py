@@ -234,6 +234,17 @@ class DataLoader:
         a mapping name (or index) -> loss, or a (K,) array with NaN for unobserved domains."""
         self.mixer.update(losses)  # the loader's mixer, driven by `self.policy`
 
+    @property
+    def reference_due(self) -> bool:
+        """True when the mixture's ``reference_losses: auto`` wants the held-out loss per
+        domain now (`MixtureFeedback(loader, evaluate=...)` measures it)."""
+        return self.mixer.reference_due
+
+    def record_reference(self, losses: Mapping[str | int, float] | Any) -> None:
+        """Hands the held-out loss per domain that `reference_due` asks for to the mixture (the
+        same on every rank): a mapping name (or index) -> loss, or a (K,) array."""
+        self.mixer.record_reference(losses)
+
     def observe_losses(self, loss_sums: np.ndarray, row_counts: np.ndarray) -> None:
         """Adds (K,) per-domain loss sums and row counts, all-reduced, to the pending feedback."""
         self._pending.add(loss_sums, row_counts)

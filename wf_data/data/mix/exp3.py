@@ -6,8 +6,8 @@ configuration and the sequence of `update` calls: every data-parallel rank fed t
 (all-reduced) losses holds the same policy, and a restored state continues exactly.
 
 Each update turns the step's losses into rewards r (`wf_data.data.mix.rewards`: the loss itself,
-the excess loss over a reference, or learning progress), then applies one of two rules
-(K domains, prior mixture p, R starting at 0, n updates so far):
+the excess loss over a reference, or learning progress, in nats or as log ratios), then applies
+one of three rules (K domains, prior mixture p, R starting at 0, n updates so far):
 
 ``update_rule="paper"`` (the paper's algorithm, the default):
 
@@ -21,6 +21,11 @@ the excess loss over a reference, or learning progress), then applies one of two
     pi = (1 - K eps_n) R / sum(R) + eps_n
     update: R_i <- alpha R_i + (1 - alpha) min(exp(r_i), cap)     for every observed domain i
 
+``update_rule="proportional"`` (weights in proportion to the smoothed reward itself):
+
+    pi = max(R, 0) / sum(max(R, 0))    (the prior while no R is positive), then min_weight > 0
+    update: R_i <- alpha R_i + (1 - alpha) clip(r_i, -cap, cap)   for every observed domain i
+
 The paper form is an unbiased EXP3: the reward of a domain is divided by the probability of
 having sampled it (importance weighting), accumulated, and turned into weights through a
 softmax whose temperature eps shrinks as 1/sqrt(t), so early on the exploration term K eps_t
@@ -30,7 +35,11 @@ weights proportional to R itself rather than to exp(eps R); its exploration is u
 domain, not K eps p) and decays with log10 K rather than ln K, so the policy leaves the prior
 at the first update and exploitation dominates within a few steps. It reacts much faster, and
 is as sensitive to the scale of r as exp makes it: a domain whose reward is one nat higher
-gets e times the exploitation weight.
+gets e times the exploitation weight, and one whose reward is 0 still gets exp(0) = 1. The
+proportional form is invariant to the unit of r (nats, bits, a ratio): a domain whose reward is
+twice another's gets twice its weight, and one that earns nothing (no progress, no excess) sits
+at `min_weight`, the floor that keeps it observed and stands in for exploration. Its R is signed,
+so a domain's noise averages out rather than accumulating as reward.
 
 Source of the smoothed-mean rule: `SmoothedMeanWeightUpdater.group_update` as found in the
 public code index (an orchestrator script built on the authors' code; the indexed versions of
@@ -49,6 +58,7 @@ the final policy. `reward_cap` bounds what one update can add to R, so that one 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import warnings
@@ -57,12 +67,13 @@ from typing import Any
 
 import numpy as np
 
-from wf_data.data.mix.rewards import REWARDS, make_reward
+from wf_data.data.mix.reference import ReferenceEstimate
+from wf_data.data.mix.rewards import REWARDS, ExcessLoss, make_reward
 
-__all__ = ["DEFAULT_REWARD_CAP", "UPDATE_RULES", "Exp3", "bandit_from_config"]
+__all__ = ["DEFAULT_REWARD_CAP", "UPDATE_RULES", "Exp3", "Exp3Options", "bandit_from_config"]
 
 _STATE_VERSION = 2
-UPDATE_RULES = ("paper", "smoothed_mean")
+UPDATE_RULES = ("paper", "smoothed_mean", "proportional")
 
 # What one update may add to R before smoothing, per rule, when `reward_cap` is None.
 # paper: r / pi. A cross-entropy loss stays below ln(vocab) ~ 12 nats even at init and an observed
@@ -71,7 +82,45 @@ UPDATE_RULES = ("paper", "smoothed_mean")
 # smoothed_mean: exp(r). A loss above 10 nats is a model near its random init (ln 32k = 10.4),
 # where every domain is unlearned alike, so those count as 10; a bigger cap lets one spike
 # outweigh typical rewards (e^2..e^4) by more than e^6 and pin its domain for ~100 steps.
-DEFAULT_REWARD_CAP = {"paper": 1e4, "smoothed_mean": math.exp(10.0)}
+DEFAULT_REWARD_CAP = {"paper": 1e4, "smoothed_mean": math.exp(10.0), "proportional": 10.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class Exp3Options:
+    """The settings of an `Exp3` bandit besides its domains, prior and seed. Each default is
+    written here only: `wf_data.config.MixingConfig` takes its defaults from this class.
+
+    Args:
+      alpha: reward smoothing in [0, 1] (the rules' alpha).
+      min_weight, max_weight: optional bounds on every policy entry, applied after the formula
+        by clipping and renormalising the unclipped entries until the bounds hold (the result
+        is `clip(c * pi, min_weight, max_weight)` with the scalar c that makes it sum to 1).
+        They require `K * min_weight <= 1 <= K * max_weight`. They also bound the warmup prior.
+      warmup_steps: for the first `warmup_steps` updates the policy stays at the prior; rewards
+        still accumulate (importance-weighted by the prior, the policy in force).
+      update_rule: "paper", "smoothed_mean" or "proportional" (module docstring).
+      reward: one of `wf_data.data.mix.rewards.REWARDS` (documented there).
+      reference_losses: (K,) reference loss per domain, for the rewards "excess_loss" and
+        "relative_excess"; or "auto": measured in the run (`wf_data.data.mix.reference`), the
+        trainer hands held-out losses to `record_reference` when `reference_due`.
+      total_steps: updates in the whole run, for reference_losses "auto".
+      loss_smoothing, progress_window: EMA factor and window of the progress rewards
+        ("loss_decrease", "loss_change", "relative_decrease", "loss_decrease_per_token").
+      reward_cap: the most one update may add to a domain's R before smoothing (> 0; `math.inf`
+        disables it); None takes `DEFAULT_REWARD_CAP[update_rule]`.
+    """
+
+    alpha: float = 0.9
+    update_rule: str = "paper"
+    reward: str = "loss"
+    reference_losses: Any = None
+    loss_smoothing: float = 0.9
+    progress_window: int = 16
+    warmup_steps: int = 0
+    total_steps: int | None = None
+    min_weight: float | None = None
+    max_weight: float | None = None
+    reward_cap: float | None = None
 
 
 class Exp3:
@@ -79,44 +128,29 @@ class Exp3:
 
     Args:
       num_domains: K >= 1.
-      alpha: reward smoothing in [0, 1] (the rules' alpha).
       prior: (K,) non-negative weights (normalised here); uniform when None. The policy during
         warmup, and the paper rule's exploration mixture.
       seed: kept for API symmetry with the mixing transforms; the bandit itself never samples.
-      min_weight, max_weight: optional bounds on every policy entry, applied after the formula
-        by clipping and renormalising the unclipped entries until the bounds hold (the result
-        is `clip(c * pi, min_weight, max_weight)` with the scalar c that makes it sum to 1).
-        They require `K * min_weight <= 1 <= K * max_weight`. They also bound the warmup prior.
-      warmup_steps: for the first `warmup_steps` updates the policy stays at the prior; rewards
-        still accumulate (importance-weighted by the prior, the policy in force).
-      update_rule: "paper" or "smoothed_mean" (module docstring).
-      reward: "loss", "excess_loss" or "loss_decrease" (`wf_data.data.mix.rewards`).
-      reference_losses: (K,) reference loss per domain, for reward "excess_loss".
-      loss_smoothing, progress_window: EMA factor and window of reward "loss_decrease".
-      reward_cap: the most one update may add to a domain's R before smoothing (> 0; `math.inf`
-        disables it); None takes `DEFAULT_REWARD_CAP[update_rule]`.
+      options: `Exp3Options` fields by name (alpha, update_rule, reward, min_weight, ...); the
+        ones not given take its defaults.
 
     `policy()` is cached and recomputed only after `update`; `policy()` + `update()` of a (K,)
     array cost about 20 microseconds for K = 22 (pure numpy, no Python loop over domains).
     """
 
     def __init__(
-        self,
-        num_domains: int,
-        *,
-        alpha: float = 0.9,
-        prior: Any = None,
-        seed: int = 0,
-        min_weight: float | None = None,
-        max_weight: float | None = None,
-        warmup_steps: int = 0,
-        update_rule: str = "paper",
-        reward: str = "loss",
-        reference_losses: Any = None,
-        loss_smoothing: float = 0.9,
-        progress_window: int = 16,
-        reward_cap: float | None = None,
+        self, num_domains: int, *, prior: Any = None, seed: int = 0, **options: Any
     ) -> None:
+        try:
+            settings = Exp3Options(**options)
+        except TypeError:
+            unknown = sorted(set(options) - {f.name for f in dataclasses.fields(Exp3Options)})
+            raise TypeError(
+                f"Exp3: unknown option(s) {unknown}; valid: "
+                f"{[f.name for f in dataclasses.fields(Exp3Options)]}"
+            ) from None
+        alpha, warmup_steps = settings.alpha, settings.warmup_steps
+        update_rule, reward, reward_cap = settings.update_rule, settings.reward, settings.reward_cap
         if isinstance(num_domains, bool) or not isinstance(num_domains, numbers.Integral):
             raise TypeError(f"Exp3: num_domains must be an int, got {type(num_domains).__name__}")
         if num_domains < 1:
@@ -144,10 +178,20 @@ class Exp3:
         self._reward = make_reward(
             reward,
             self._k,
-            reference=reference_losses,
-            smoothing=loss_smoothing,
-            window=progress_window,
+            reference=settings.reference_losses,
+            smoothing=settings.loss_smoothing,
+            window=settings.progress_window,
         )
+        self._auto_reference = None
+        if isinstance(settings.reference_losses, str):
+            if not isinstance(self._reward, ExcessLoss):
+                raise ValueError(
+                    f"Exp3: reference_losses={settings.reference_losses!r} is for the rewards "
+                    f"excess_loss and relative_excess, not {reward!r}"
+                )
+            self._auto_reference = ReferenceEstimate(
+                self._k, self._warmup_steps, settings.total_steps
+            )
         cap = DEFAULT_REWARD_CAP[update_rule] if reward_cap is None else float(reward_cap)
         if not cap > 0:  # also refuses NaN
             raise ValueError(f"Exp3: reward_cap must be > 0 (math.inf: no cap), got {reward_cap}")
@@ -155,7 +199,14 @@ class Exp3:
         self._prior = _validate_prior(prior, self._k)
         self._prior_positive = bool((self._prior > 0).all())
         self._policy_positive = True
-        self._min_weight, self._max_weight = _validate_bounds(min_weight, max_weight, self._k)
+        self._min_weight, self._max_weight = _validate_bounds(
+            settings.min_weight, settings.max_weight, self._k
+        )
+        if update_rule == "proportional" and not (self._min_weight or 0.0) > 0.0:
+            raise ValueError(
+                "Exp3: update_rule 'proportional' needs min_weight > 0: a domain whose reward "
+                f"is 0 gets the floor, which keeps its loss observed; got {settings.min_weight}"
+            )
         self._rewards = np.zeros(self._k, dtype=np.float64)
         self._step = 0
         self._policy: np.ndarray | None = None
@@ -231,6 +282,29 @@ class Exp3:
         log_k = math.log(k) if self._update_rule == "paper" else math.log10(k)
         return min(1.0 / k, math.sqrt(log_k / (k * s)))
 
+    # -- reference losses measured in the run ------------------------------------------------
+
+    @property
+    def reference_due(self) -> bool:
+        """True when ``reference_losses: auto`` wants the held-out losses after this update."""
+        return self._auto_reference is not None and self._auto_reference.due(self._step)
+
+    def record_reference(self, losses: Any) -> None:
+        """Hands over the (K,) held-out losses that `reference_due` asks for; once the last is
+        in, the excess rewards use the estimated reference (`ReferenceEstimate`)."""
+        if self._auto_reference is None:
+            raise ValueError("Exp3.record_reference: this bandit's reference_losses are not auto")
+        self._auto_reference.record(self._step, losses)
+        value = self._auto_reference.value
+        if value is not None:
+            self._reward.set_reference(value)
+
+    @property
+    def reference_losses(self) -> np.ndarray | None:
+        """(K,) reference losses of an excess reward (a copy), None while not yet measured."""
+        reference = getattr(self._reward, "reference", None)
+        return None if reference is None else reference.copy()
+
     # -- the bandit ---------------------------------------------------------------------------
 
     def policy(self) -> np.ndarray:
@@ -246,8 +320,10 @@ class Exp3:
             self._policy_positive = self._prior_positive
         elif self._update_rule == "paper":
             pi = self._paper_policy()
-        else:
+        elif self._update_rule == "smoothed_mean":
             pi = self._smoothed_mean_policy()
+        else:
+            pi = self._proportional_policy()
         if self._min_weight is not None or self._max_weight is not None:
             lo = 0.0 if self._min_weight is None else self._min_weight
             hi = 1.0 if self._max_weight is None else self._max_weight
@@ -278,6 +354,12 @@ class Exp3:
         self._policy_positive = True  # unused by this rule: nothing is importance-weighted
         return (1.0 - self._k * eps) * share + eps
 
+    def _proportional_policy(self) -> np.ndarray:
+        # No exploration term: min_weight (required > 0) keeps every domain observed.
+        gains = np.maximum(self._rewards, 0.0)
+        total = gains.sum()
+        return gains / total if total > 0 else self._prior.copy()
+
     def update(self, losses: Mapping[int, float] | Any) -> None:
         """Feed back one step's mean loss per domain and advance the step counter.
 
@@ -292,12 +374,20 @@ class Exp3:
         R is unchanged); so is a domain whose policy weight is 0 under the paper rule (its
         importance weight is undefined), and one whose reward overflows with no cap.
         """
+        if self.reference_due:
+            raise RuntimeError(
+                f"Exp3.update: reference_losses: auto wants the held-out loss per domain after "
+                f"update {self._step}: call record_reference first (MixtureFeedback(loader, "
+                "evaluate=...) does it)"
+            )
         values = self._losses_array(losses)
-        rewards = self._reward.step(values)
+        rewards = self._reward.step(values, self.policy())
         if self._update_rule == "paper":
             self._rewards = self._paper_update(rewards)
-        else:
+        elif self._update_rule == "smoothed_mean":
             self._rewards = self._smoothed_mean_update(rewards)
+        else:
+            self._rewards = self._proportional_update(rewards)
         self._step += 1
         self._policy = None
 
@@ -326,6 +416,12 @@ class Exp3:
         if infinite.any():  # exp overflowed with no cap
             self._warn_rejected(values, np.ones(self._k), infinite, stacklevel=4)
         return np.where(np.isnan(rewards) | infinite, self._rewards, rewards)
+
+    def _proportional_update(self, values: np.ndarray) -> np.ndarray:
+        # Signed: a domain's noise averages out in R instead of accumulating as positive reward.
+        gains = np.clip(values, -self._reward_cap, self._reward_cap)
+        rewards = self._alpha * self._rewards + (1.0 - self._alpha) * gains
+        return np.where(np.isnan(rewards), self._rewards, rewards)
 
     def _update_with_zero_weights(self, values: np.ndarray, pi: np.ndarray) -> np.ndarray:
         """The paper update when some policy entries are 0 (a prior with zeros, no exploration)."""
@@ -408,6 +504,11 @@ class Exp3:
             "reward_state": self._reward.state_dict(),
             "step": self._step,
             "rewards": self._rewards.tolist(),
+            **(
+                {"reference_estimate": self._auto_reference.state_dict()}
+                if self._auto_reference is not None
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -456,6 +557,10 @@ class Exp3:
         if step < 0:
             raise ValueError(f"Exp3.load_state_dict: step must be >= 0, got {step}")
         self._reward.load_state_dict(state.get("reward_state", {}))
+        if self._auto_reference is not None:
+            self._auto_reference.load_state_dict(state.get("reference_estimate", {"measured": {}}))
+            if self._auto_reference.value is not None:
+                self._reward.set_reference(self._auto_reference.value)
         self._rewards = rewards
         self._step = step
         self._policy = None
@@ -484,42 +589,39 @@ def bandit_from_config(
     ``total_steps`` when a fraction is set. Attributes a config lacks take Exp3's defaults.
     """
 
-    def get(name: str, default: Any = None) -> Any:
-        return getattr(mixing_cfg, name, default)
-
-    warmup = get("warmup_steps", 0)
-    fraction = get("warmup_fraction")
+    options = {
+        field.name: getattr(mixing_cfg, field.name)
+        for field in dataclasses.fields(Exp3Options)
+        if hasattr(mixing_cfg, field.name)
+    }
+    fraction = getattr(mixing_cfg, "warmup_fraction", None)
     if fraction is not None:
-        total = get("total_steps")
+        total = getattr(mixing_cfg, "total_steps", None)
         if total is None:
             raise ValueError(
                 f"mixing.warmup_fraction={fraction} needs mixing.total_steps (the length of the "
                 "run) to count steps; set it, or give warmup_steps instead"
             )
-        warmup = int(round(float(fraction) * int(total)))
-    return Exp3(
-        num_domains,
-        alpha=get("alpha", 0.9),
-        prior=prior,
-        seed=seed,
-        min_weight=get("min_weight"),
-        max_weight=get("max_weight"),
-        warmup_steps=warmup,
-        update_rule=get("update_rule", "paper"),
-        reward=get("reward", "loss"),
-        reference_losses=_reference_array(get("reference_losses"), num_domains, domain_names),
-        loss_smoothing=get("loss_smoothing", 0.9),
-        progress_window=get("progress_window", 16),
-        reward_cap=get("reward_cap"),
+        options["warmup_steps"] = int(round(float(fraction) * int(total)))
+    options["reference_losses"] = _reference_array(
+        options.get("reference_losses"), num_domains, domain_names
     )
+    return Exp3(num_domains, prior=prior, seed=seed, **options)
 
 
 def _reference_array(
     reference: Any, num_domains: int, names: Sequence[str] | None
 ) -> np.ndarray | None:
-    """Reference losses by name (a mapping, needs ``names``) or in domain order: (K,) or None."""
+    """Reference losses by name (a mapping, needs ``names``) or in domain order: (K,), None,
+    or "auto" (measured in the run) as given."""
     if reference is None or (isinstance(reference, Mapping) and not reference):
         return None
+    if isinstance(reference, str):
+        if reference != "auto":
+            raise ValueError(
+                f"mixing.reference_losses must be {{domain: loss}} or auto, got {reference!r}"
+            )
+        return reference
     if not isinstance(reference, Mapping):
         return np.asarray(reference, dtype=np.float64)
     if names is None:
@@ -535,7 +637,8 @@ def _reference_array(
 
 
 def _loss_value(value: Any, where: str) -> float:
-    """A loss given as a Python/numpy/0-d tensor real number; TypeError otherwise."""
+    """A loss given as a Python/numpy/0-d tensor real number; TypeError otherwise, ValueError
+    for an integer beyond float64 (no loss computation gives one: a caller's bug)."""
     if hasattr(value, "item") and getattr(value, "shape", None) == ():
         value = value.item()  # numpy scalar, 0-d array or tensor
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
@@ -543,7 +646,19 @@ def _loss_value(value: Any, where: str) -> float:
             f"Exp3.update: {where} loss must be a real number, got {value!r} "
             f"({type(value).__name__})"
         )
-    return float(value)
+    return float_loss(value, where)
+
+
+def float_loss(value: numbers.Real, where: str) -> float:
+    """`float(value)`, or ValueError naming `where` when it does not fit a float64."""
+    try:
+        return float(value)
+    except OverflowError:
+        digits = int(value).bit_length() * math.log10(2)
+        raise ValueError(
+            f"Exp3.update: {where} loss of about 10**{digits:.0f} ({type(value).__name__}) does "
+            "not fit a float64 (largest 1.8e308); pass the mean loss as a float"
+        ) from None
 
 
 def _losses_from_array(losses: Any, k: int) -> np.ndarray:

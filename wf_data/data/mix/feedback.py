@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import numbers
 import sys
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -272,19 +273,35 @@ class MixtureFeedback:
     loses nothing. `apply()` (e.g. every `mixing.update_every` optimizer steps, on every rank)
     hands the mean loss of each observed domain to `loader.update_mixture` and clears it.
 
+    `evaluate`: a function returning the held-out loss per domain (`{name: loss}`, the same on
+    every rank; e.g. a mean over a few batches of each of `get_eval_loaders`), for mixtures with
+    ``reference_losses: auto``: `apply()` calls it when the mixture asks (`loader.reference_due`,
+    twice per run) and hands the result to `loader.record_reference`. Without it such a mixture
+    fails at its first update after the measurement it needed.
+
     `loader` is a `wf_data.data.DataLoader` (or any object with `num_domains`,
-    `observe_losses(loss_sums, row_counts)` and `apply_observed()`).
+    `observe_losses(loss_sums, row_counts)` and `apply_observed()`, plus `reference_due` and
+    `record_reference(losses)` when `evaluate` is given).
     """
 
-    def __init__(self, loader: Any, *, process_group: Any = None) -> None:
+    def __init__(
+        self,
+        loader: Any,
+        *,
+        process_group: Any = None,
+        evaluate: Callable[[], Mapping[str, float]] | None = None,
+    ) -> None:
         for name in ("observe_losses", "apply_observed"):
             if not callable(getattr(loader, name, None)):
                 raise TypeError(
                     f"MixtureFeedback needs a loader with {name}(), got {type(loader).__name__}"
                 )
+        if evaluate is not None and not callable(evaluate):
+            raise TypeError(f"MixtureFeedback: evaluate must be callable, got {evaluate!r}")
         self.loader = loader
         self.num_domains = _check_num_domains(loader.num_domains)
         self.process_group = process_group
+        self.evaluate = evaluate
 
     def observe(self, row_loss: Any, domain_ids: Any) -> None:
         """Adds (B,) row losses of (B,) domains (any framework) to the pending feedback.
@@ -300,8 +317,11 @@ class MixtureFeedback:
         self.loader.observe_losses(both[0], both[1])
 
     def apply(self) -> None:
-        """Updates the mixture with the pending mean losses (none observed: no update)."""
+        """Updates the mixture with the pending mean losses (none observed: no update), then
+        measures the held-out losses if the mixture's reference asks for them now."""
         self.loader.apply_observed()
+        if self.evaluate is not None and self.loader.reference_due:
+            self.loader.record_reference(self.evaluate())
 
     def __repr__(self) -> str:
         return f"MixtureFeedback(num_domains={self.num_domains})"

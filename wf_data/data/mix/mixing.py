@@ -32,7 +32,7 @@ from typing import Any, Protocol
 import grain
 import numpy as np
 
-from wf_data.data.mix.exp3 import Exp3
+from wf_data.data.mix.exp3 import Exp3, float_loss
 from wf_data.data.plan.blocks import RowBlock, next_rows
 
 ON_EXHAUSTED = ("restart", "stop")
@@ -156,6 +156,7 @@ class StaticWeights:
     kind = "static"
     learns = False
     version = 0
+    reference_due = False
 
     def __init__(self, weights: Mapping[str, float]):
         if not isinstance(weights, Mapping):
@@ -211,6 +212,14 @@ class Exp3Policy:
     def update(self, losses: np.ndarray) -> None:
         self.version += 1
         self.bandit.update(losses)
+
+    @property
+    def reference_due(self) -> bool:
+        """True when the bandit's ``reference_losses: auto`` wants held-out losses now."""
+        return self.bandit.reference_due
+
+    def record_reference(self, losses: np.ndarray) -> None:
+        self.bandit.record_reference(losses)
 
     def state_dict(self) -> dict:
         return self.bandit.state_dict()
@@ -323,7 +332,7 @@ class MixPlans(grain.IterDataset):
         for key, value in losses.items():
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"mixture loss of {key!r} must be a number, got {value!r}")
-            array[self._domain_index(key)] = value
+            array[self._domain_index(key)] = float_loss(value, f"domain {key!r}")
         return array
 
     def _domain_index(self, key: Any) -> int:
@@ -344,6 +353,22 @@ class MixPlans(grain.IterDataset):
         if not self.policy.learns:
             raise TypeError("update_mixture needs mixing kind 'exp3'; this mixture is static")
         self.policy.update(self.losses_array(losses))
+
+    @property
+    def reference_due(self) -> bool:
+        """True when the live policy wants held-out losses (``reference_losses: auto``)."""
+        return self.policy.reference_due
+
+    def record_reference(self, losses: Mapping[Any, float] | Any) -> None:
+        """Hands held-out losses per domain (names or indices, or a (K,) array) to the live
+        policy's reference estimate; they change no row already drawn."""
+        if not self.policy.reference_due:
+            raise ValueError(f"{self}: no reference measurement is due")
+        array = np.asarray(self.losses_array(losses), dtype=np.float64)
+        if np.isnan(array).any():
+            missing = [n for n, v in zip(self.names, array, strict=True) if np.isnan(v)]
+            raise ValueError(f"held-out losses for the reference lack domains {missing}")
+        self.policy.record_reference(array)
 
     def fingerprint(self) -> dict:
         """What produced this stream, per source, for refusing a foreign state (the shape of
