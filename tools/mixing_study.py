@@ -360,27 +360,34 @@ def format_markdown(rows: Sequence[dict], options: StudyOptions) -> str:
     return "\n".join(lines) + "\n"
 
 
-DOCS_BEGIN = "<!-- mixing-study:begin (written by tools/mixing_study.py --docs) -->"
-DOCS_END = "<!-- mixing-study:end -->"
+def docs_markers(seeds: Sequence[int]) -> tuple[str, str]:
+    """The comments around the tables of one seed set in a docs page: a page holds one
+    section per seed set (the seeds settings were chosen on, and the confirmation seeds)."""
+    label = " ".join(map(str, seeds))
+    return (
+        f"<!-- mixing-study:begin seeds {label} (written by tools/mixing_study.py --docs) -->",
+        f"<!-- mixing-study:end seeds {label} -->",
+    )
 
 
 def write_docs(path: str | os.PathLike, table: str, seeds: Sequence[int]) -> Path:
-    """Replaces the text between `DOCS_BEGIN` and `DOCS_END` in `path` with `table`, headed
-    by the date, the machine and the seeds."""
+    """Replaces the text between the `docs_markers(seeds)` in `path` with `table`, headed by
+    the date, the machine and the seeds."""
     import datetime
     import platform
 
     path = Path(path)
     text = path.read_text()
-    if DOCS_BEGIN not in text or DOCS_END not in text:
-        raise ValueError(f"{path}: no {DOCS_BEGIN!r} ... {DOCS_END!r} section to replace")
-    head, rest = text.split(DOCS_BEGIN, 1)
-    _, tail = rest.split(DOCS_END, 1)
+    begin, end = docs_markers(seeds)
+    if begin not in text or end not in text:
+        raise ValueError(f"{path}: no {begin!r} ... {end!r} section to replace")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
     stamp = (
         f"Measured on {datetime.date.today().isoformat()}, {platform.system()} "
         f"{platform.machine()}, {os.cpu_count()} cores, seeds {', '.join(map(str, seeds))}."
     )
-    _write_atomic(path, f"{head}{DOCS_BEGIN}\n{stamp}\n\n{table}{DOCS_END}{tail}")
+    _write_atomic(path, f"{head}{begin}\n{stamp}\n\n{table}{end}{tail}")
     return path
 
 

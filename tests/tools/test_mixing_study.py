@@ -15,7 +15,8 @@ def test_quick_study_runs_arms_and_writes_table_json_plot_and_docs(demo_cache, t
     import mixing_study
 
     page = tmp_path / "mixing.md"
-    page.write_text(f"# Mixing\n\n{mixing_study.DOCS_BEGIN}\nold\n{mixing_study.DOCS_END}\nafter\n")
+    begin, end = mixing_study.docs_markers([0])
+    page.write_text(f"# Mixing\n\n{begin}\nold\n{end}\nafter\n")
     argv = ["--steps", "10", "--eval-every", "5", "--seeds", "0", "--out-dir", str(tmp_path)]
     argv += ["--jobs", "1", "--arms", "static", "prop-excess-auto"]
     argv += ["--cache-dir", str(tmp_path / "cache"), "--docs", str(page)]
@@ -25,9 +26,7 @@ def test_quick_study_runs_arms_and_writes_table_json_plot_and_docs(demo_cache, t
         assert f"| {arm} |" in table
     assert "| mean ± std |" in table  # the per-seed table
     text = page.read_text()
-    assert (
-        table in text and "old" not in text and text.endswith(f"{mixing_study.DOCS_END}\nafter\n")
-    )
+    assert table in text and "old" not in text and text.endswith(f"{end}\nafter\n")
     assert "seeds 0." in text and "cores" in text
     assert (tmp_path / "mixing_study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     runs = json.loads((tmp_path / "mixing_study.json").read_text())
