@@ -50,7 +50,7 @@ SUFFIXES = {"python": ".py", "bash": ".sh"}
 SKIPPED = {
     "README.md": 2,  # pip install from the package index; the demo and the whole test suite
     "docs/benchmarks.md": 1,  # the benchmark run itself (minutes)
-    "docs/mixing.md": 1,  # the mixing study (minutes)
+    "docs/mixing.md": 2,  # the mixing study and the demo's comparison (minutes)
     "docs/prepare.md": 1,  # Beam on a Dataflow cluster
     "docs/scaling.md": 2,  # the planning benchmark (minutes); torchrun on 2 processes
 }

@@ -201,7 +201,8 @@ def test_dataset_state_round_trip_in_rows_mode(demo_config):
 def test_exp3_refuses_torch_workers_and_takes_feedback_without(demo_cache):
     from wf_data.config import load_data_config
 
-    config = load_data_config("demo", ["seq_len=64", "global_batch_size=4"])
+    # reward = the loss itself: the source with the highest loss earns the most rows.
+    config = load_data_config("demo", ["seq_len=64", "global_batch_size=4", "mixing.reward=loss"])
     dataset = LoaderDataset(config)
     with pytest.raises(RuntimeError, match="loader's own worker processes"):
         next(iter(TorchDataLoader(dataset, batch_size=None, num_workers=1)))
@@ -209,7 +210,6 @@ def test_exp3_refuses_torch_workers_and_takes_feedback_without(demo_cache):
     next(iterator)
     before = dict(dataset.loader.mixture)
     for _ in range(3):
-        # Above the demo's reference losses for prose only: excess_loss rewards prose alone.
         dataset.update_mixture({"prose": 9.0, "code": 0.1, "math": 0.1})
         next(iterator)
     after = dataset.loader.mixture
