@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wf_data.data.mix.exp3 import Exp3
+from wf_data.data.mix.exp3 import UPDATE_RULES, Exp3
+from wf_data.data.mix.rewards import REWARDS
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -517,19 +518,8 @@ def test_smoothed_mean_eps_clock_counts_warmup_steps():
     np.testing.assert_allclose(warm.policy(), (1 - 3 * eps_6) * share + eps_6, rtol=1e-12)
 
 
-@pytest.mark.parametrize("rule", ["paper", "smoothed_mean", "proportional"])
-@pytest.mark.parametrize(
-    "reward",
-    [
-        "loss",
-        "excess_loss",
-        "loss_decrease",
-        "loss_change",
-        "relative_excess",
-        "relative_decrease",
-        "loss_decrease_per_token",
-    ],
-)
+@pytest.mark.parametrize("rule", UPDATE_RULES)
+@pytest.mark.parametrize("reward", REWARDS)
 def test_state_round_trip_every_rule_and_reward(rule, reward):
     kwargs = dict(update_rule=rule, reward=reward, reference_losses=[1.0, 2.0, 0.5, 1.5], alpha=0.8)
     if rule == "proportional":
