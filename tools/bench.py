@@ -335,7 +335,7 @@ def grain_mix_run(corpus: Corpus, args, *, batches: int, seconds: float) -> Timi
 def bench_vs_grain(args, corpora: dict[str, Corpus]) -> list[dict]:
     """Loader (best_fit + EXP3 updated every batch, torch) vs plain Grain shuffle->BestFit->mix."""
     rows = []
-    for label, target in (("long", ">= 25x"), ("short", ">= 50x")):
+    for label, target in (("long", ">= 50x"), ("short", ">= 80x")):
         corpus = corpora[label]
         config = loader_config(corpus, args)
         results = interleaved(
