@@ -115,3 +115,27 @@ def test_resume_with_workers_redoes_only_unfinished_parts(tmp_path, tiny_tokeniz
     assert calls[0] == "part-000002.array_record" and len(calls) == total_parts - 2
     _run([tmp_path / "in"], tmp_path / "clean", **dict(options, workers=1))
     assert _files(tmp_path / "out") == _files(tmp_path / "clean")
+
+
+def test_saved_encoder_loads_as_json_and_encodes_alike(tiny_tokenizer, tmp_path):
+    """What workers start from: the tokenizer's JSON and a few fields (nothing unpickled)."""
+    from wf_data.data.prepare.encoding import _BackendEncoder, _load_tokenizer
+
+    encoder = _load_tokenizer(tiny_tokenizer)
+    path, fields = encoder.save(tmp_path / "encoder.json")
+    json.loads(pathlib.Path(path).read_text())  # JSON, not a pickle
+    loaded = _BackendEncoder.load(path, fields)
+    texts = _texts(3, 20)
+    assert [ids.tolist() for ids in loaded.encode_batch(texts)] == [
+        ids.tolist() for ids in encoder.encode_batch(texts)
+    ]
+    assert loaded.fingerprint() == encoder.fingerprint()
+    assert loaded.vocab_fingerprint() == encoder.vocab_fingerprint()
+
+
+def test_workers_leave_no_scratch_files(one_file, tmp_path, tiny_tokenizer, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(prepare_module.tempfile, "tempdir", str(scratch))
+    _run([one_file], tmp_path / "out", workers=2, tokenizer=tiny_tokenizer)
+    assert list(scratch.iterdir()) == []

@@ -179,6 +179,23 @@ class _BackendEncoder:
         """`tokenizer` itself if it is one, else one built from the `TokenizerWrapper`."""
         return tokenizer if isinstance(tokenizer, cls) else cls(tokenizer)
 
+    def save(self, path: str | os.PathLike) -> tuple[str, dict[str, Any]]:
+        """Writes the backend's JSON to `path`; returns what `load` takes: the path and the
+        other fields (a few ids and names)."""
+        self.backend.save(os.fspath(path))
+        fields = {key: value for key, value in vars(self).items() if key != "backend"}
+        return os.fspath(path), fields
+
+    @classmethod
+    def load(cls, path: str, fields: dict[str, Any]) -> _BackendEncoder:
+        """The encoder `save` wrote (JSON only: nothing read from disk is unpickled)."""
+        from tokenizers import Tokenizer
+
+        encoder = cls.__new__(cls)
+        encoder.backend = Tokenizer.from_file(path)
+        vars(encoder).update(fields)
+        return encoder
+
     def fingerprint(self) -> str:
         """The wrapped tokenizer's `fingerprint()`, taken at construction."""
         return self._fingerprint

@@ -33,6 +33,7 @@ import multiprocessing
 import os
 import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -76,12 +77,12 @@ SKIPPED_SHOWN = 20  # skipped records in the returned summary (and printed by th
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(tokenizer: Any, parent_pid: int) -> None:
+def _init_worker(saved_encoder: tuple[str, dict] | None, parent_pid: int) -> None:
     # A worker of a killed prepare must not live on.
     worker_lifetime.die_with_parent(parent_pid)
     # One tokenizer thread per worker process: the processes are the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER["tokenizer"] = tokenizer
+    _WORKER["tokenizer"] = None if saved_encoder is None else _BackendEncoder.load(*saved_encoder)
 
 
 def _encode_in_worker(chunk: PrepareTask, options: dict) -> EncodedChunk:
@@ -284,8 +285,9 @@ def prepare(
 
     bar = _Progress(progress)
     pool = None
+    scratch = tempfile.TemporaryDirectory(prefix="wf-prepare-")
     try:
-        pool = _make_pool(workers, tokenizer)
+        pool = _make_pool(workers, tokenizer, pathlib.Path(scratch.name))
         part_results = _run_parts(
             out_dir,
             tasks,
@@ -306,6 +308,7 @@ def prepare(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        scratch.cleanup()
         bar.close()
     manifest = finalize(out_dir, overwrite)
     manifest["summary"] = _summary(started, bar, out_dir, len(todo_shards))
@@ -363,18 +366,26 @@ def _run_parts(out_dir, tasks, part_keys, tokenizer, options, pool, workers, bar
     return results
 
 
-def _make_pool(workers: int, tokenizer: Any) -> futures.ProcessPoolExecutor | None:
+def _make_pool(
+    workers: int, tokenizer: Any, scratch: pathlib.Path
+) -> futures.ProcessPoolExecutor | None:
     """A spawn-context process pool of `workers` (None for 1: everything runs in-process).
 
-    Workers die with this process (`worker_lifetime`), so a kill -9 leaves none behind.
+    Workers die with this process (`worker_lifetime`), so a kill -9 leaves none behind. Each
+    loads the tokenizer from a JSON file in `scratch`: the executor starts its workers one
+    after the other, each blocking until the last has read its arguments, and a tokenizer among
+    them (hundreds of KB) would hold that until the worker has imported and unpickled it.
     """
     if workers <= 1:
         return None
+    saved = None
+    if tokenizer:
+        saved = _BackendEncoder.of(tokenizer).save(scratch / "tokenizer-for-workers.json")
     return futures.ProcessPoolExecutor(
         max_workers=workers,
         mp_context=multiprocessing.get_context("spawn"),
         initializer=_init_worker,
-        initargs=(_BackendEncoder.of(tokenizer) if tokenizer else None, os.getpid()),
+        initargs=(saved, os.getpid()),
     )
 
 
