@@ -28,7 +28,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from wf_data.data.mix.exp3 import Exp3Options
+from wf_data.data.mix.exp3 import UPDATE_RULES, Exp3Options
+from wf_data.data.mix.rewards import REWARDS
 
 _EXP3 = Exp3Options()  # the bandit's defaults, written once there
 
@@ -127,16 +128,8 @@ class MixingConfig:
 
     kind: Literal["static", "exp3"] = "static"
     alpha: float = _EXP3.alpha
-    update_rule: Literal["paper", "smoothed_mean", "proportional"] = _EXP3.update_rule
-    reward: Literal[
-        "loss",
-        "excess_loss",
-        "loss_decrease",
-        "loss_change",
-        "relative_excess",
-        "relative_decrease",
-        "loss_decrease_per_token",
-    ] = _EXP3.reward
+    update_rule: Literal[UPDATE_RULES] = _EXP3.update_rule
+    reward: Literal[REWARDS] = _EXP3.reward
     # {source: loss}, or "auto" (measured in the run); a mapping or a string, checked below.
     reference_losses: Any = field(default_factory=dict)
     loss_smoothing: float = _EXP3.loss_smoothing
