@@ -234,8 +234,9 @@ class LossChange(LossDecrease):
 
 
 class RelativeDecrease(LossDecrease):
-    """Learning progress as a log ratio, ``max(log(s[n - m] / s[n]), 0)``: the share of its
-    loss a domain shed over the window, comparable across loss levels; 0 when it gains nothing."""
+    """Learning progress as a log ratio, ``log(s[n - m] / s[n])`` (signed): the share of its
+    loss a domain shed over the window, comparable across loss levels; 0 when it gains nothing,
+    negative when its loss rises."""
 
     name = "relative_decrease"
 
