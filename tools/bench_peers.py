@@ -27,12 +27,12 @@ import io
 import itertools
 import os
 import pathlib
-import statistics
 import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from tools.bench_common import Timing, interleaved, summarize
 from wf_data.data.shards.sources import open_dataset
 
 __all__ = ["bench_peers"]
@@ -59,20 +59,27 @@ def bench_peers(args, corpora) -> list[dict]:
         except ImportError as error:
             missing[name] = f"not installed ({error.name}): {how}"
     sides["numpy memmap random chunks (bound, tokens only)"] = lambda: _memmap_chunks(corpus, args)
-    timings: dict[str, list[tuple[float, float, float]]] = {name: [] for name in sides}
-    for _ in range(args.rounds):
-        for name, side in sides.items():
-            timings[name].append(_time(side, batches))
+    timings = interleaved(
+        {name: lambda side=side: _time(side, batches) for name, side in sides.items()}, args.rounds
+    )
     baseline = timings.get("litdata TokensLoader (tokens only)")
-    rows = [_row(name, runs, baseline) for name, runs in timings.items()]
-    if baseline:
-        rows[0]["target"] = ">= 1.0x"  # get_loader concat at least litdata's speed
+    loader_side = next(iter(sides))
+    rows = [
+        summarize(
+            name,
+            runs,
+            baseline,
+            # get_loader concat at least litdata's speed
+            ">= 1.0x" if baseline and name == loader_side else None,
+        )
+        for name, runs in timings.items()
+    ]
     rows += [{"name": f"{name}: {why}"} for name, why in missing.items()]
     return rows
 
 
-def _time(make: Callable[[], Iterator[dict]], batches: int) -> tuple[float, float, float]:
-    """(real tokens after the first batch, their seconds, seconds to the first batch)."""
+def _time(make: Callable[[], Iterator[dict]], batches: int) -> Timing:
+    """One round of a side: `batches` batches after the first (each says its real tokens)."""
     start = time.perf_counter()
     iterator = make()
     next(iterator)
@@ -80,26 +87,7 @@ def _time(make: Callable[[], Iterator[dict]], batches: int) -> tuple[float, floa
     tokens, begin = 0, time.perf_counter()
     for _ in range(batches):
         tokens += next(iterator)["tokens"]
-    return tokens, time.perf_counter() - begin, first
-
-
-def _row(name: str, runs: list[tuple[float, float, float]], baseline) -> dict:
-    speeds = [tokens / seconds for tokens, seconds, _ in runs]
-    firsts = [1e3 * first for _, _, first in runs]
-    row = {
-        "name": name,
-        "rounds": len(runs),
-        "tokens_per_s": statistics.median(speeds),
-        "spread": (min(speeds), max(speeds)),
-        "first_ms": statistics.median(firsts),
-        "first_spread": (min(firsts), max(firsts)),
-    }
-    if baseline:
-        base = [tokens / seconds for tokens, seconds, _ in baseline]
-        row["ratio"] = row["tokens_per_s"] / statistics.median(base)
-        paired = [ours / theirs for ours, theirs in zip(speeds, base, strict=True)]
-        row["ratio_spread"] = (min(paired), max(paired))
-    return row
+    return Timing(tokens, time.perf_counter() - begin, first)
 
 
 # --------------------------------------------------------------------------- our sides
