@@ -204,22 +204,35 @@ class LossDecrease(Loss):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores `state_dict()` output; refuses another K or window, or non-finite values."""
+        history, count = self._state_arrays(
+            state,
+            history=((self.num_domains, self.window + 1), np.float64),
+            count=((self.num_domains,), np.int64),
+        )
+        if not np.isfinite(history).all() or (count < 0).any():
+            raise ValueError(f"{self.name} state: history must be finite and counts >= 0")
+        self._history, self._count = history, count
+
+    def _state_arrays(self, state: Mapping[str, Any], **spec: Any) -> list[np.ndarray]:
+        """The arrays `spec` names in `state` (name=(shape, dtype)), each of its shape."""
         try:
-            history = np.array(state["history"], dtype=np.float64)
-            count = np.array(state["count"], dtype=np.int64)
+            arrays = [np.array(state[key], dtype=dtype) for key, (_, dtype) in spec.items()]
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
-                f"loss_decrease state: expected history and count, got {err}"
+                f"{self.name} state: expected {' and '.join(spec)}, got {err}"
             ) from None
-        expected = (self.num_domains, self.window + 1)
-        if history.shape != expected or count.shape != (self.num_domains,):
-            raise ValueError(
-                f"loss_decrease state: history shape {history.shape} / count shape {count.shape} "
-                f"do not match {expected} (num_domains, progress_window + 1)"
+        if any(
+            array.shape != shape for array, (shape, _) in zip(arrays, spec.values(), strict=True)
+        ):
+            found = " / ".join(
+                f"{key} shape {a.shape}" for key, a in zip(spec, arrays, strict=True)
             )
-        if not np.isfinite(history).all() or (count < 0).any():
-            raise ValueError("loss_decrease state: history must be finite and counts >= 0")
-        self._history, self._count = history, count
+            wanted = " / ".join(str(shape) for shape, _ in spec.values())
+            raise ValueError(
+                f"{self.name} state: {found} do not match {wanted} (from num_domains and "
+                "progress_window)"
+            )
+        return arrays
 
 
 class LossChange(LossDecrease):
@@ -288,22 +301,11 @@ class LossDecreasePerToken(LossDecrease):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restores `state_dict()` output; refuses another K or window, or non-finite values."""
-        try:
-            served = np.array(state["served"], dtype=np.float64)
-            served_history = np.array(state["served_history"], dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(
-                f"{self.name} state: expected served and served_history, got {err}"
-            ) from None
-        if served.shape != (self.num_domains,) or served_history.shape != (
-            self.num_domains,
-            self.window + 1,
-        ):
-            raise ValueError(
-                f"{self.name} state: served shape {served.shape} / served_history shape "
-                f"{served_history.shape} do not match ({self.num_domains},) / "
-                f"({self.num_domains}, {self.window + 1})"
-            )
+        served, served_history = self._state_arrays(
+            state,
+            served=((self.num_domains,), np.float64),
+            served_history=((self.num_domains, self.window + 1), np.float64),
+        )
         if not (np.isfinite(served).all() and np.isfinite(served_history).all()):
             raise ValueError(f"{self.name} state: served must be finite")
         super().load_state_dict(state)
