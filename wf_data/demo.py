@@ -19,7 +19,7 @@ import numpy as np
 from tqdm import tqdm
 
 from wf_data import atomic
-from wf_data.config import load_data_config
+from wf_data.config import MixingConfig, load_data_config
 from wf_data.data.deliver.factory import get_eval_loaders, get_loader
 from wf_data.data.mix.feedback import MixtureFeedback, row_loss_from_logits
 from wf_data.data.prepare.demo_corpus import ensure_demo_data
@@ -149,12 +149,12 @@ def load_training_state(model, optimizer, state: dict) -> None:
 class Arm:
     """One training run of the demo: what it trains with and what it measured.
 
-    ``history``: ``(step, {domain: weight})`` every sixth of the run; ``eval_after``: held-out
-    loss per domain after ``options.steps`` steps.
+    ``mixing``: the arm's mixing settings; ``history``: ``(step, {domain: weight})`` every
+    sixth of the run; ``eval_after``: held-out loss per domain after ``options.steps`` steps.
     """
 
     name: str
-    overrides: list[str]
+    mixing: MixingConfig
     loader: Any
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -190,7 +190,7 @@ def _make_arm(name: str, options: DemoOptions, eval_loaders, mixing: Sequence[st
         feedback = MixtureFeedback(
             loader, evaluate=lambda: evaluate(model, eval_loaders, options.eval_batches)
         )
-    return Arm(name, overrides, loader, model, optimizer, feedback)
+    return Arm(name, cfg.mixing, loader, model, optimizer, feedback)
 
 
 def train_arm(arm: Arm, options: DemoOptions, eval_loaders, batches=None) -> Any:
@@ -283,7 +283,7 @@ def run_demo(options: DemoOptions | None = None) -> dict:
     )
     summary = {
         "steps": options.steps,
-        "mixing": _mixing_settings(online.overrides),
+        "mixing": _mixing_settings(online.mixing),
         "tokens_served": stats["data/tokens_served"],
         "train_tokens_per_s": stats["data/tokens_served"] / online.train_seconds,
         "fill": stats["data/fill"],
@@ -330,9 +330,8 @@ def compare_arms(online: dict[str, float], static: dict[str, float]) -> dict[str
     }
 
 
-def _mixing_settings(overrides) -> str:
-    """'exp3 smoothed_mean/excess_loss' (or 'static'): what the demo's config mixes with."""
-    mixing = load_data_config("demo", overrides).mixing
+def _mixing_settings(mixing: MixingConfig) -> str:
+    """'exp3 smoothed_mean/excess_loss' (or 'static'): what an arm mixes with."""
     return "static" if mixing.kind == "static" else f"exp3 {mixing.update_rule}/{mixing.reward}"
 
 
