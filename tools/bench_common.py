@@ -2,7 +2,7 @@
 
 A section is a function `(args, corpora) -> list[dict]` (see `tools/bench.py`); its rows are
 made by `summarize` (tokens/s, first batch, ratio to a baseline) or written directly with the
-keys of `tools.bench.COLUMNS`. Sections in any module build on this one, never on
+keys of `COLUMNS`. Sections in any module build on this one, never on
 `tools/bench.py`, so that no two bench modules import each other.
 """
 
@@ -208,3 +208,70 @@ class SyntheticDocuments(LengthsOnly):
 
     def __getitems__(self, indices) -> list[np.ndarray]:
         return [self._tokens[:length] for length in self.lengths[np.asarray(indices)].tolist()]
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _rate(value: float) -> str:
+    return f"{value / 1e6:.2f}M"
+
+
+def _range(low_high: tuple[float, float], fmt: Callable[[float], str]) -> str:
+    return f"{fmt(low_high[0])}-{fmt(low_high[1])}"
+
+
+# (header, result key, format): a section's rows may leave any key out ("-").
+COLUMNS = [
+    ("run", "name", str),
+    ("documents", "documents", lambda count: f"{count:,}"),
+    ("real tokens/s (median)", "tokens_per_s", _rate),
+    ("min-max", "spread", lambda spread: _range(spread, _rate)),
+    ("ratio (median)", "ratio", lambda ratio: f"{ratio:.2f}x"),
+    ("per-round ratios", "ratio_spread", lambda spread: _range(spread, lambda r: f"{r:.2f}x")),
+    ("target", "target", str),
+    ("first batch (median)", "first_ms", lambda ms: f"{ms:.1f} ms"),
+    ("first batch min-max", "first_spread", lambda spread: _range(spread, lambda ms: f"{ms:.1f}")),
+    ("fill", "fill", lambda fill: f"{100 * fill:.2f}%"),
+    ("truncated", "truncated_pct", lambda pct: f"{pct:.2f}%"),
+    ("state size", "state_bytes", lambda size: f"{size:.0f} B" if size else "-"),
+    ("rounds", "rounds", str),
+    ("batches", "batches", lambda count: f"{count:,}"),
+    ("RSS before", "rss_before_mb", lambda mb: f"{mb:.1f} MB"),
+    ("RSS after", "rss_after_mb", lambda mb: f"{mb:.1f} MB"),
+    ("RSS growth", "growth", lambda growth: f"{100 * growth:+.2f}%"),
+    ("restore + first batch", "restore_ms", lambda ms: f"{ms:.1f} ms"),
+    ("min-max", "restore_spread", lambda spread: _range(spread, lambda ms: f"{ms:.1f}")),
+    ("build", "build_ms", lambda ms: f"{ms:.1f} ms"),
+    ("load_state_dict", "restore_ms_part", lambda ms: f"{ms:.1f} ms"),
+    ("first next()", "first_ms_part", lambda ms: f"{ms:.1f} ms"),
+    ("per batch", "us_per_batch", lambda us: f"{us:.1f} us"),
+    ("planning share", "planning_pct", lambda pct: f"{pct:.0f}%"),
+    ("us / global row", "us_per_row", lambda us: f"{us:.2f}"),
+    ("min-max", "us_per_row_spread", lambda spread: _range(spread, lambda us: f"{us:.2f}")),
+    ("ms / step", "ms_per_step", lambda ms: f"{ms:.2f}"),
+    ("worst step / mean", "max_over_mean", lambda ratio: f"{ratio:.1f}x"),
+    ("min-max", "max_over_mean_spread", lambda s: _range(s, lambda r: f"{r:.1f}x")),
+    ("CPU us / global row", "cpu_us_per_row", lambda us: f"{us:.2f}"),
+    ("CPU worst step / mean", "cpu_max_over_mean", lambda ratio: f"{ratio:.1f}x"),
+    ("CPU restore + first batch", "cpu_restore_ms", lambda ms: f"{ms:.1f} ms"),
+    ("steps", "steps", lambda count: f"{count:,.0f}"),
+    ("CPU / wall", "cpu_per_wall", lambda ratio: f"{ratio:.2f}"),
+    ("tokens per CPU s, ratio", "cpu_ratio", lambda ratio: f"{ratio:.2f}x"),
+    ("load", "load", lambda load: f"{load:.1f}"),
+]
+
+
+def format_table(title: str, rows: list[dict]) -> str:
+    """A markdown table of a section's results (the `COLUMNS` its rows have)."""
+    columns = [c for c in COLUMNS if any(c[1] in row for row in rows)]
+    lines = [
+        f"### {title}",
+        "",
+        "| " + " | ".join(header for header, _, _ in columns) + " |",
+        "| --- |" + " ---: |" * (len(columns) - 1),
+    ]
+    for row in rows:
+        cells = [fmt(row[key]) if key in row else "-" for _, key, fmt in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -241,33 +241,6 @@ def section(args: argparse.Namespace, corpora: object = None) -> list[dict]:
 # --------------------------------------------------------------------------- standalone
 
 
-def _rate(value: float) -> str:
-    return f"{value / 1e6:.2f}M"
-
-
-def format_rows(rows: list[dict]) -> str:
-    """A markdown table of `prepare_vs_raw` rows."""
-    lines = [
-        "| run | tokens/s (median) | min-max | CPU/wall | ratio (median) | per-round ratios "
-        "| target | tokens per CPU s, ratio | load |",
-        "| --- |" + " ---: |" * 8,
-    ]
-    for row in rows:
-        ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
-        cpu_ratio = f"{row['cpu_ratio']:.2f}x" if "ratio" in row else "-"
-        spread = (
-            f"{row['ratio_spread'][0]:.2f}x-{row['ratio_spread'][1]:.2f}x"
-            if "ratio" in row
-            else "-"
-        )
-        lines.append(
-            f"| {row['name']} | {_rate(row['tokens_per_s'])} | {_rate(row['spread'][0])}-"
-            f"{_rate(row['spread'][1])} | {row['cpu_per_wall']:.2f} | {ratio} | {spread} | "
-            f"{row.get('target', '-')} | {cpu_ratio} | {row['load']:.1f} |"
-        )
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the section and print its table (or, with `--side`, time one side as a child)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -290,14 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = prepare_vs_raw(args.mb, args.workers, args.rounds, beam=not args.no_beam)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    # Imported here: spawned prepare workers re-import this script and must stay light.
+    from tools.bench_common import format_table
+
+    print(format_table("prepare vs the raw tokenizer", rows))
     print(
-        f"### prepare vs the raw tokenizer\n\n{datetime.date.today()}, {platform.node()}: "
+        f"\n{datetime.date.today()}, {platform.node()}: "
         f"{os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), load average "
         f"{load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end; {args.mb:g} MB of text in one "
         f"jsonl file, {rows[0]['documents']:,} documents; {args.rounds} interleaved rounds, "
-        f"{time.perf_counter() - began:.0f} s\n"
+        f"{time.perf_counter() - began:.0f} s"
     )
-    print(format_rows(rows))
     return 0
 
 
